@@ -1,0 +1,99 @@
+"""Decisions about a call: plain values in, plain values out (no Celery, no httpx, no SQL).
+
+- :func:`decide_outcome`: a provider's call state -> complete it, fail it (and how), or keep polling.
+- :func:`decide_error`: a provider error raised while placing a call -> what to do next.
+- :func:`next_poll_delay`: the growing interval between polls of a placed call.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from providers.base import CallState, CallStatus
+from providers.errors import (
+    ProviderError,
+    ProviderOutcomeUnknownError,
+    ProviderPermanentError,
+    ProviderRetryableError,
+)
+
+# Failure kinds understood by handle_failed_call().
+BUSY = "busy"
+NO_ANSWER = "no_answer"
+VOICEMAIL = "voicemail"
+PROVIDER_ERROR = "provider_error"
+RATE_LIMITED = "rate_limited"
+PERMANENT = "permanent"
+CANCELED = "canceled"
+
+
+@dataclass(frozen=True)
+class Complete:
+    """The call ended with a conversation: write history and usage."""
+
+
+@dataclass(frozen=True)
+class Fail:
+    """The call ended without one: hand it to handle_failed_call with this kind."""
+
+    kind: str
+    error: str | None = None
+    retry_after_seconds: int | None = None
+
+
+@dataclass(frozen=True)
+class KeepPolling:
+    """The call has not ended yet."""
+
+
+@dataclass(frozen=True)
+class Reconcile:
+    """The create may have reached the provider: look the call up before anything is re-sent."""
+
+
+Decision = Complete | Fail | KeepPolling
+ErrorDecision = Fail | Reconcile
+
+_FAIL_KIND_BY_STATE = {
+    CallState.BUSY: BUSY,
+    CallState.NO_ANSWER: NO_ANSWER,
+    CallState.VOICEMAIL: VOICEMAIL,
+    CallState.FAILED_RETRYABLE: PROVIDER_ERROR,
+    CallState.FAILED_PERMANENT: PERMANENT,
+    CallState.CANCELED: CANCELED,
+}
+
+
+def decide_outcome(status: CallStatus) -> Decision:
+    """Map a polled or webhook-reported call state to the next step."""
+    if not status.state.is_terminal:
+        return KeepPolling()
+    if status.state is CallState.COMPLETED:
+        return Complete()
+    if status.state is CallState.FAILED_RETRYABLE and status.answered:
+        # Somebody talked to the assistant before the failure: never dial them again for it.
+        return Complete()
+    return Fail(_FAIL_KIND_BY_STATE[status.state], status.ended_reason)
+
+
+def decide_error(exc: ProviderError) -> ErrorDecision:
+    """What to do after ``create_call`` raised ``exc``."""
+    if isinstance(exc, ProviderOutcomeUnknownError):
+        return Reconcile()
+    if isinstance(exc, ProviderPermanentError):
+        return Fail(PERMANENT, _error_text(exc))
+    if isinstance(exc, ProviderRetryableError) and exc.http_status == 429:
+        retry_after = math.ceil(exc.retry_after) if exc.retry_after else None
+        return Fail(RATE_LIMITED, _error_text(exc), retry_after)
+    return Fail(PROVIDER_ERROR, _error_text(exc))
+
+
+def next_poll_delay(poll_count: int, initial: float, factor: float, maximum: float) -> float:
+    """Seconds before poll number ``poll_count + 1``: ``initial * factor**n``, capped."""
+    return float(min(maximum, initial * factor ** max(0, poll_count)))
+
+
+def _error_text(exc: ProviderError) -> str:
+    code = exc.code or (f"http_{exc.http_status}" if exc.http_status else type(exc).__name__)
+    return f"{exc.provider or 'provider'}: {code}"

@@ -1,0 +1,35 @@
+"""Build the provider-neutral call request from the rows a dispatch loads."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any
+
+from providers.base import CallRequest
+
+
+def build_call_request(call: Mapping[str, Any]) -> CallRequest:
+    """A :class:`CallRequest` for the loaded assignment/queue/template row."""
+    variables = _string_variables(call.get("custom_variables") or {})
+    if call.get("recipient_name"):
+        variables.setdefault("recipient_name", str(call["recipient_name"]))
+    return CallRequest(
+        correlation_id=str(call["assignment_id"]),
+        queue_id=str(call["queue_id"]),
+        to_number=str(call["recipient_phone"]),
+        recipient_name=call.get("recipient_name"),
+        recipient_email=call.get("recipient_email"),
+        script=call.get("script"),
+        first_message=call.get("first_message"),
+        variables=variables,
+        template_name=call.get("template_name"),
+    )
+
+
+def _string_variables(raw: Mapping[str, Any]) -> dict[str, str]:
+    """Providers take string values; nested JSON values are sent as JSON text."""
+    out: dict[str, str] = {}
+    for key, value in raw.items():
+        out[str(key)] = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+    return out

@@ -1,0 +1,146 @@
+"""The ``callq`` command line.
+
+    callq db upgrade                 apply pending migrations to DATABASE_URL
+    callq queue                      queue counts, oldest due call, provider slots and health
+    callq demo [--calls N]           the whole system on this machine against the simulator
+    callq simulate-providers         the Vapi/SynthFlow simulator (--port, --seed, --config)
+    callq webhooks                   the provider webhook endpoint
+    callq worker|beat|flower [...]   Celery processes with callq's app (extra args go to Celery)
+
+Errors end with a non-zero exit and one readable line on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+import psycopg
+
+from providers.errors import CallqError
+from worker.settings import get_settings
+
+CELERY_COMMANDS = {
+    "worker": ["worker", "-Q", "dispatch,track,maintenance", "--without-gossip", "--without-mingle"],
+    "beat": ["beat"],
+    "flower": ["flower"],
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``callq`` script; returns the exit status."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] in CELERY_COMMANDS:
+        return _celery(args[0], args[1:])
+    parser = _parser()
+    ns = parser.parse_args(args)
+    if not hasattr(ns, "func"):
+        parser.print_help()
+        return 2
+    try:
+        return int(ns.func(ns) or 0)
+    except CallqError as exc:
+        print(f"callq: error: {exc}", file=sys.stderr)
+        return 2
+    except psycopg.Error as exc:
+        print(f"callq: database error: {_first_line(exc)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="callq", description="callq: outbound AI call fleet")
+    sub = parser.add_subparsers(metavar="command")
+
+    db = sub.add_parser("db", help="database migrations")
+    db_sub = db.add_subparsers(metavar="action")
+    up = db_sub.add_parser("upgrade", help="apply pending migrations")
+    up.set_defaults(func=_db_upgrade)
+
+    queue = sub.add_parser("queue", help="show queue and provider state")
+    queue.set_defaults(func=_queue)
+
+    demo = sub.add_parser("demo", help="run the whole system against the simulator")
+    demo.add_argument("--calls", type=int, default=40, help="calls to schedule (default 40)")
+    demo.add_argument("--timeout", type=float, default=180.0, help="seconds to wait at most")
+    demo.add_argument("--seed", type=int, default=7)
+    demo.set_defaults(func=_demo)
+
+    sim = sub.add_parser("simulate-providers", help="run the provider simulator")
+    sim.add_argument("--host", default="127.0.0.1")
+    sim.add_argument("--port", type=int, default=8765)
+    sim.add_argument("--seed", type=int, default=None)
+    sim.add_argument("--config", default=None, help="JSON file with simulator settings")
+    sim.set_defaults(func=_simulate)
+
+    hooks = sub.add_parser("webhooks", help="serve provider webhooks")
+    hooks.add_argument("--host", default=None)
+    hooks.add_argument("--port", type=int, default=None)
+    hooks.set_defaults(func=_webhooks)
+    return parser
+
+
+def _db_upgrade(_: argparse.Namespace) -> int:
+    from models.migrate import upgrade
+
+    applied = upgrade(get_settings().require_database_url())
+    print(f"applied {len(applied)} migration(s)" + (f": {', '.join(applied)}" if applied else ""))
+    return 0
+
+
+def _queue(_: argparse.Namespace) -> int:
+    from worker.status import print_queue
+
+    print_queue(get_settings().require_database_url())
+    return 0
+
+
+def _demo(ns: argparse.Namespace) -> int:
+    from worker.demo import run_demo
+
+    return run_demo(calls=ns.calls, timeout=ns.timeout, seed=ns.seed)
+
+
+def _simulate(ns: argparse.Namespace) -> int:
+    from providers.simulator.__main__ import main as sim_main
+
+    extra = ["--host", ns.host, "--port", str(ns.port)]
+    if ns.seed is not None:
+        extra += ["--seed", str(ns.seed)]
+    if ns.config:
+        extra += ["--config", ns.config]
+    return int(sim_main(extra) or 0)
+
+
+def _webhooks(ns: argparse.Namespace) -> int:
+    from worker.webhooks import serve
+
+    s = get_settings()
+    s.require_database_url()
+    server = serve(ns.host or s.webhook_host, s.webhook_port if ns.port is None else ns.port)
+    host, port = server.server_address[:2]
+    print(f"callq webhooks listening on http://{host!s}:{port}/webhooks/<provider_id>", flush=True)
+    try:
+        server.serve_forever()
+    finally:
+        server.server_close()
+    return 0
+
+
+def _celery(command: str, extra: list[str]) -> int:
+    """Replace this process with Celery running callq's app (signals reach Celery directly)."""
+    argv = [sys.executable, "-m", "celery", "-A", "worker", *CELERY_COMMANDS[command], *extra]
+    os.execv(sys.executable, argv)
+    return 0  # pragma: no cover - execv does not return
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,59 @@
+"""LISTEN/NOTIFY wake-up: a call scheduled for now is claimed without waiting for beat's tick.
+
+``schedule_call`` runs ``pg_notify('callq_queue', '')`` for a call due now. A thread in the beat
+process listens and sends one ``callq.poll`` per burst of notifications. Beat's periodic poll
+stays on as the fallback (Supabase's transaction pooler does not carry LISTEN).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import psycopg
+
+from worker import logs
+
+CHANNEL = "callq_queue"
+log = logs.get_logger("callq.listener")
+
+
+def start_listener(database_url: str, *, coalesce_seconds: float = 0.005) -> threading.Thread:
+    """Start the daemon thread that turns notifications into poll tasks."""
+    thread = threading.Thread(
+        target=_run_forever, args=(database_url, coalesce_seconds), name="callq-listener",
+        daemon=True,
+    )
+    thread.start()
+    return thread
+
+
+def _run_forever(database_url: str, coalesce_seconds: float) -> None:
+    backoff = 0.5
+    while True:
+        try:
+            _listen(database_url, coalesce_seconds)
+        except psycopg.Error as exc:
+            log.warning("listener.disconnected", error=type(exc).__name__, retry_in=backoff)
+            time.sleep(backoff)
+            backoff = min(backoff * 2, 30.0)
+
+
+def _listen(database_url: str, coalesce_seconds: float) -> None:
+    from worker.tasks import poll
+
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute(f"LISTEN {CHANNEL}")
+        log.info("listener.started")
+        # A notification may have been missed while disconnected: poll once on (re)connect.
+        poll.apply_async()
+        while True:
+            got = False
+            for _ in conn.notifies(timeout=1.0, stop_after=1):
+                got = True
+            if not got:
+                continue
+            # Drain the burst, then wake the fleet once.
+            for _ in conn.notifies(timeout=coalesce_seconds):
+                pass
+            poll.apply_async()

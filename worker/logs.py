@@ -1,0 +1,47 @@
+"""Structured logs: one JSON object per event, with the call's ids bound, never its PII."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any
+
+import structlog
+
+_configured = False
+
+
+def configure_logging(level: str = "INFO", as_json: bool = True) -> None:
+    """Route stdlib and structlog records through one renderer (idempotent)."""
+    global _configured
+    if _configured:
+        return
+    _configured = True
+    renderer: Any = (
+        structlog.processors.JSONRenderer() if as_json else structlog.dev.ConsoleRenderer()
+    )
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
+        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        cache_logger_on_first_use=True,
+    )
+
+
+def get_logger(name: str) -> Any:
+    """A structlog logger; log stable event names with ids as fields."""
+    return structlog.get_logger(name)
+
+
+def bind(**ids: object) -> None:
+    """Bind ids (task, queue, assignment, provider) to every log line of this task."""
+    structlog.contextvars.bind_contextvars(**{k: str(v) for k, v in ids.items() if v is not None})
+
+
+def clear() -> None:
+    structlog.contextvars.clear_contextvars()

@@ -1,0 +1,93 @@
+"""Per-process resources: the database pool and one provider adapter per provider row."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+from typing import Any
+from uuid import UUID
+
+from models.queries import Database
+from providers.base import Provider, ProviderConfig
+from providers.registry import build_provider
+from worker.settings import Settings, get_settings
+
+_lock = threading.Lock()
+_db: Database | None = None
+_providers: dict[str, tuple[str, Provider]] = {}
+
+
+def database(settings: Settings | None = None) -> Database:
+    """This process's database pool, created on first use (after any fork)."""
+    global _db
+    if _db is None:
+        with _lock:
+            if _db is None:
+                s = settings or get_settings()
+                _db = Database(s.require_database_url(), max_size=s.db_pool_size)
+    return _db
+
+
+def provider_config(row: dict[str, Any]) -> ProviderConfig:
+    """The adapter configuration for a provider row loaded by ``models.queries``."""
+    s = get_settings()
+    config = dict(row.get("config") or {})
+    config.setdefault("connect_timeout", s.http_connect_timeout_seconds)
+    config.setdefault("read_timeout", s.http_read_timeout_seconds)
+    if s.webhook_public_url:
+        config.setdefault("webhook_url", f"{s.webhook_public_url.rstrip('/')}/webhooks/{row['provider_id']}")
+    return ProviderConfig.from_row(
+        {
+            "id": str(row["provider_id"]),
+            "name": row["provider_name"],
+            "provider_type": row["provider_type"],
+            "api_key": row.get("api_key"),
+            "api_secret": row.get("api_secret"),
+            "base_url": row.get("base_url"),
+            "max_concurrent_calls": row.get("max_concurrent_calls"),
+            "capabilities": row.get("capabilities") or {},
+            "config": config,
+        }
+    )
+
+
+def provider_for(row: dict[str, Any]) -> Provider:
+    """The cached adapter for this provider row; rebuilt when the row's settings change."""
+    key = str(row["provider_id"])
+    fingerprint = _fingerprint(row)
+    with _lock:
+        cached = _providers.get(key)
+        if cached is not None and cached[0] == fingerprint:
+            return cached[1]
+        provider = build_provider(provider_config(row))
+        if cached is not None:
+            cached[1].close()
+        _providers[key] = (fingerprint, provider)
+        return provider
+
+
+def provider_by_id(provider_id: UUID | str) -> tuple[dict[str, Any], Provider] | None:
+    """Load an active provider row by id and return it with its adapter."""
+    for row in database().active_providers():
+        if str(row["provider_id"]) == str(provider_id):
+            return row, provider_for(row)
+    return None
+
+
+def reset() -> None:
+    """Close everything (process shutdown, tests)."""
+    global _db
+    with _lock:
+        for _, provider in _providers.values():
+            provider.close()
+        _providers.clear()
+        if _db is not None:
+            _db.close()
+            _db = None
+
+
+def _fingerprint(row: dict[str, Any]) -> str:
+    fields = ("provider_type", "api_key", "api_secret", "base_url", "config", "capabilities")
+    blob = json.dumps({f: row.get(f) for f in fields}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()

@@ -1,0 +1,54 @@
+"""``callq queue``: the queue and the providers at a glance, as plain-text tables."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import psycopg
+
+COUNTS = "SELECT status, count(*) FROM call_queue GROUP BY status ORDER BY status"
+OLDEST_DUE = """
+SELECT id, priority, scheduled_time, now() - scheduled_time AS waiting
+FROM call_queue WHERE status = 'queued' AND scheduled_time <= now()
+ORDER BY scheduled_time LIMIT 1
+"""
+PROVIDERS = """
+SELECT p.name, p.provider_type, p.is_active, p.priority, p.max_concurrent_calls,
+       a.current_calls, a.available_slots, a.status, a.consecutive_failures,
+       round(a.latency_ms::numeric, 1), a.circuit_open_until > now(), a.last_check
+FROM call_service_providers p LEFT JOIN provider_availability a ON a.provider_id = p.id
+ORDER BY p.priority, p.name
+"""
+
+
+def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """Left-aligned columns separated by two spaces, with a rule under the headers."""
+    cells = [[("" if v is None else str(v)) for v in row] for row in rows]
+    widths = [max([len(h), *(len(r[i]) for r in cells)]) for i, h in enumerate(headers)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True))]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in cells]
+    return "\n".join(lines)
+
+
+def queue_report(conn: psycopg.Connection[Any]) -> str:
+    """The three tables of ``callq queue`` as one string."""
+    counts = conn.execute(COUNTS).fetchall()
+    oldest = conn.execute(OLDEST_DUE).fetchall()
+    providers = conn.execute(PROVIDERS).fetchall()
+    parts = ["Queue by status", format_table(["status", "calls"], counts) if counts else "(empty)"]
+    parts += ["", "Oldest due call"]
+    parts.append(
+        format_table(["queue id", "priority", "scheduled", "waiting"], oldest) if oldest else "(none)"
+    )
+    parts += ["", "Providers"]
+    headers = ["name", "type", "active", "priority", "max", "in use", "free", "health",
+               "failures", "latency ms", "circuit open", "last check"]
+    parts.append(format_table(headers, providers) if providers else "(none)")
+    return "\n".join(parts)
+
+
+def print_queue(database_url: str) -> None:
+    with psycopg.connect(database_url) as conn:
+        print(queue_report(conn))

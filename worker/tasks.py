@@ -1,0 +1,279 @@
+"""Celery tasks. Each is thin: load by id, ask ``dispatch``, call a provider, persist, enqueue.
+
+Arguments are ids and small counters only: they show up in Flower and in broker dumps.
+
+    poll        claim due calls, assign providers, enqueue one dispatch per call
+    dispatch    gate (mark_call_dialing), create the call at the provider, enqueue track
+    track       poll the provider until the call ends, then complete or fail it
+    reconcile   after an outcome-unknown create: look the call up before anything is re-sent
+    webhook     a provider said something changed: track once, now
+    health_check, reap, rollover   maintenance on beat
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from datetime import timedelta
+from typing import Any
+from uuid import UUID
+
+from dispatch.policy import (
+    PROVIDER_ERROR,
+    Complete,
+    Fail,
+    KeepPolling,
+    Reconcile,
+    decide_error,
+    decide_outcome,
+    next_poll_delay,
+)
+from dispatch.request import build_call_request
+from models.queries import touch_poll
+from providers.base import CallStatus, Provider
+from providers.errors import ProviderError
+from worker import logs, runtime
+from worker.celery_app import app
+from worker.settings import get_settings
+
+log = logs.get_logger("callq.worker")
+WORKER_ID = f"{socket.gethostname()}:{os.getpid()}"
+
+
+@app.task(name="callq.poll", ignore_result=True)
+def poll() -> int:
+    """Claim due calls in batches and enqueue a dispatch for each one assigned."""
+    s = get_settings()
+    db = runtime.database()
+    total = 0
+    for _ in range(s.claim_max_batches):
+        assigned = db.claim_and_assign(s.claim_batch_size, WORKER_ID, s.lease_seconds)
+        for item in assigned:
+            dispatch.apply_async((str(item.assignment_id),))
+        total += len(assigned)
+        if len(assigned) < s.claim_batch_size:
+            break
+    if total:
+        log.info("calls.assigned", count=total)
+    return total
+
+
+@app.task(name="callq.dispatch", ignore_result=True)
+def dispatch(assignment_id: str) -> str:
+    """Place one assigned call. A second delivery of the same task dials no one."""
+    db = runtime.database()
+    call = db.load_call(assignment_id)
+    if call is None or call["state"] != "assigned":
+        log.info("call.dispatch_skipped", reason="not_assigned")
+        return "skipped"
+    logs.bind(queue_id=call["queue_id"], provider=call["provider_name"])
+    provider = runtime.provider_for(call)
+    request = build_call_request(call)
+    if not db.mark_dialing(assignment_id):
+        log.info("call.dispatch_skipped", reason="already_dialing")
+        return "skipped"
+    try:
+        handle = provider.create_call(request)
+    except ProviderError as exc:
+        return _after_create_error(assignment_id, exc)
+    except Exception:
+        # Anything unexpected after the request may have left: treat the outcome as unknown.
+        log.exception("call.create_crashed")
+        reconcile.apply_async((assignment_id, 0), countdown=get_settings().reconcile_delay_seconds)
+        return "reconcile"
+    db.mark_placed(assignment_id, handle.provider_call_id)
+    log.info("call.placed")
+    _schedule_track(assignment_id, 0)
+    return "placed"
+
+
+def _after_create_error(assignment_id: str, exc: ProviderError) -> str:
+    decision = decide_error(exc)
+    if isinstance(decision, Reconcile):
+        log.warning("call.create_outcome_unknown", error=str(exc))
+        reconcile.apply_async((assignment_id, 0), countdown=get_settings().reconcile_delay_seconds)
+        return "reconcile"
+    result = _fail(assignment_id, decision)
+    log.warning("call.create_failed", kind=decision.kind, result=result, error=str(exc))
+    return result
+
+
+@app.task(name="callq.track", ignore_result=True)
+def track(assignment_id: str, poll_count: int | None = 0) -> str:
+    """Poll a placed call; ``poll_count`` None is a one-off check (webhook) outside the chain."""
+    db = runtime.database()
+    call = db.load_call(assignment_id)
+    if call is None or call["state"] != "placed":
+        return "not_placed"
+    logs.bind(queue_id=call["queue_id"], provider=call["provider_name"])
+    provider = runtime.provider_for(call)
+    try:
+        status = provider.get_call(str(call["provider_call_id"]))
+    except ProviderError as exc:
+        log.warning("call.poll_failed", error=str(exc))
+        return _continue_tracking(assignment_id, poll_count)
+    decision = decide_outcome(status)
+    if isinstance(decision, KeepPolling):
+        return _continue_tracking(assignment_id, poll_count)
+    return _finish(assignment_id, status, decision)
+
+
+def _finish(assignment_id: str, status: CallStatus, decision: Complete | Fail) -> str:
+    db = runtime.database()
+    if isinstance(decision, Complete):
+        db.complete(
+            assignment_id,
+            duration_seconds=status.duration_seconds,
+            recording_url=status.recording_url,
+            transcript=status.transcript,
+            cost=status.cost,
+            provider_call_id=status.provider_call_id,
+            started_at=status.started_at,
+            ended_at=status.ended_at,
+        )
+        log.info("call.completed", duration_seconds=status.duration_seconds)
+        return "completed"
+    result = db.fail(
+        assignment_id,
+        decision.kind,
+        decision.error,
+        duration_seconds=status.duration_seconds,
+        provider_call_id=status.provider_call_id,
+    )
+    log.info("call.ended_unanswered", kind=decision.kind, result=result)
+    return result
+
+
+def _continue_tracking(assignment_id: str, poll_count: int | None) -> str:
+    if poll_count is None:
+        return "checked"
+    s = get_settings()
+    delay = next_poll_delay(
+        poll_count + 1, s.track_initial_delay_seconds, s.track_backoff_factor,
+        s.track_max_delay_seconds,
+    )
+    return _schedule_track(assignment_id, poll_count, delay)
+
+
+def _schedule_track(assignment_id: str, poll_count: int, delay: float | None = None) -> str:
+    """Advance the poll token and enqueue the next poll; a stale chain stops here."""
+    s = get_settings()
+    if delay is None:
+        delay = s.track_initial_delay_seconds
+    token = touch_poll(runtime.database(), assignment_id, poll_count, delay)
+    if token is None:
+        return "superseded"
+    track.apply_async((assignment_id, token), countdown=delay)
+    return "tracking"
+
+
+@app.task(name="callq.reconcile", ignore_result=True)
+def reconcile(assignment_id: str, lookup: int = 0) -> str:
+    """Find a call whose create had an unknown outcome; re-send only when it is not there."""
+    s = get_settings()
+    db = runtime.database()
+    call = db.load_call(assignment_id)
+    if call is None or call["state"] != "dialing":
+        return "not_dialing"
+    logs.bind(queue_id=call["queue_id"], provider=call["provider_name"])
+    provider = runtime.provider_for(call)
+    since = call["dialing_at"] - timedelta(minutes=2)
+    try:
+        found = provider.find_call(build_call_request(call), since)
+    except ProviderError as exc:
+        log.warning("call.reconcile_lookup_failed", error=str(exc))
+        found = None
+        if lookup + 1 >= s.reconcile_lookups:
+            # The provider cannot tell us: keep asking rather than risk a second dial.
+            reconcile.apply_async((assignment_id, lookup), countdown=s.track_max_delay_seconds)
+            return "lookup_failed"
+    if found is not None:
+        db.mark_placed(assignment_id, found.provider_call_id)
+        log.info("call.reconciled", found=True)
+        _schedule_track(assignment_id, 0, 0)
+        return "found"
+    if lookup + 1 < s.reconcile_lookups:
+        reconcile.apply_async((assignment_id, lookup + 1), countdown=s.reconcile_delay_seconds)
+        return "retry_lookup"
+    result = db.fail(assignment_id, PROVIDER_ERROR, "create outcome unknown; not found at provider")
+    log.warning("call.reconciled", found=False, result=result)
+    return result
+
+
+@app.task(name="callq.webhook", ignore_result=True)
+def webhook(provider_id: str, provider_call_id: str) -> str:
+    """A provider reported a change: re-read the call from its API (the source of truth)."""
+    assignment_id = runtime.database().assignment_for_provider_call(provider_id, provider_call_id)
+    if assignment_id is None:
+        return "unknown_call"
+    return str(track(str(assignment_id), None))
+
+
+@app.task(name="callq.health_check", ignore_result=True)
+def health_check() -> dict[str, str]:
+    """Probe every active provider and record status, latency and failures."""
+    db = runtime.database()
+    results: dict[str, str] = {}
+    for row in db.active_providers():
+        provider: Provider = runtime.provider_for(row)
+        try:
+            health = provider.check_health()
+            ok, latency, detail = health.ok, health.latency_ms, health.detail
+        except Exception as exc:  # a probe must never kill the maintenance queue
+            ok, latency, detail = False, 0.0, type(exc).__name__
+        results[str(row["provider_id"])] = db.record_health(
+            row["provider_id"], ok, latency, None if ok else detail
+        )
+    return results
+
+
+@app.task(name="callq.reap", ignore_result=True)
+def reap() -> dict[str, int]:
+    """Give back expired claims, restart lost tracking, fix slot counts."""
+    db = runtime.database()
+    counts: dict[str, int] = {}
+    for row in db.reap():
+        counts[row.action] = counts.get(row.action, 0) + 1
+        if row.action == "reconcile" and row.assignment_id is not None:
+            _resume(row.assignment_id)
+    counts["slots_fixed"] = db.reconcile_slots()
+    if any(counts.values()):
+        log.info("leases.reaped", **counts)
+    return counts
+
+
+def _resume(assignment_id: UUID) -> None:
+    call = runtime.database().load_call(assignment_id)
+    if call is None:
+        return
+    if call["state"] == "dialing":
+        reconcile.apply_async((str(assignment_id), 0))
+    elif call["state"] == "placed":
+        track.apply_async((str(assignment_id), _current_poll_count(assignment_id)))
+
+
+def _current_poll_count(assignment_id: UUID) -> int:
+    value: Any = runtime.database().scalar(
+        "SELECT poll_count FROM call_assignments WHERE id = %s", (str(assignment_id),)
+    )
+    return int(value or 0)
+
+
+@app.task(name="callq.rollover", ignore_result=True)
+def rollover() -> int:
+    """Open the next usage period for subscriptions whose period ended."""
+    return runtime.database().rollover()
+
+
+@app.task(name="callq.noop", ignore_result=True)
+def noop() -> None:
+    """Does nothing: the benchmark's measure of the engine's own limit."""
+
+
+def _fail(assignment_id: str, decision: Fail) -> str:
+    return runtime.database().fail(
+        assignment_id,
+        decision.kind,
+        decision.error,
+        retry_after_seconds=decision.retry_after_seconds,
+    )
