@@ -5,9 +5,9 @@
     CallqError
       ConfigError                    a setting or provider row is wrong: fix the configuration
       ProviderError(provider, http_status, code, retry_after)
-        ProviderRetryableError       rate limited, unavailable, or refused before the request arrived
+        ProviderRetryableError       rate limited, or refused before the request arrived
         ProviderPermanentError       invalid number, bad request, bad credentials: do not retry
-        ProviderOutcomeUnknownError  the create may have reached the provider: reconcile, never re-send
+        ProviderOutcomeUnknownError  the create may have arrived: reconcile, never re-send
       WebhookError
         WebhookAuthError             the request is not authenticated: answer 401
         WebhookPayloadError          the body is malformed: answer 400

@@ -1,0 +1,76 @@
+"""Small helpers shared by the adapters (pure functions)."""
+
+from __future__ import annotations
+
+import hmac
+import json
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+from providers.errors import WebhookPayloadError
+
+
+def lower_headers(headers: Mapping[str, str]) -> dict[str, str]:
+    """Header names lower-cased; WSGI ``HTTP_X_Y`` names also become ``x-y``."""
+    out: dict[str, str] = {}
+    for name, value in headers.items():
+        key = name.lower()
+        if key.startswith("http_"):
+            key = key[5:].replace("_", "-")
+        out[key] = value
+    return out
+
+
+def parse_time(value: object) -> datetime | None:
+    """An aware UTC datetime from ISO 8601 text, epoch seconds or epoch milliseconds."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, int | float) or (isinstance(value, str) and value.strip().isdigit()):
+        number = float(value)
+        if number > 1e11:  # milliseconds
+            number /= 1000.0
+        return datetime.fromtimestamp(number, UTC)
+    if not isinstance(value, str):
+        return None
+    try:
+        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+def iso(value: datetime) -> str:
+    """ISO 8601 in UTC with milliseconds and a ``Z`` suffix, as Vapi writes it."""
+    return value.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def as_float(value: object) -> float | None:
+    """A float, or None for missing/unparseable values."""
+    if value is None or isinstance(value, bool):
+        return None
+    try:
+        return float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+
+
+def as_text(value: object) -> str | None:
+    """A non-empty string, or None."""
+    return value if isinstance(value, str) and value else None
+
+
+def json_object(body: bytes) -> dict[str, Any]:
+    """Decode a webhook body that must be a JSON object."""
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise WebhookPayloadError("body is not JSON") from exc
+    if not isinstance(data, dict):
+        raise WebhookPayloadError("body is not a JSON object")
+    return data
+
+
+def secrets_equal(given: str, expected: str) -> bool:
+    """Constant-time comparison of two secrets or signatures."""
+    return hmac.compare_digest(given.encode(), expected.encode())
