@@ -1,0 +1,147 @@
+"""The running system: real worker and beat processes, real database and broker, the simulator.
+
+Every test ends by checking the invariants: each call terminal, each answered call dialed once,
+no provider slot still held.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import Any
+
+import psycopg
+import pytest
+
+from providers.simulator import Simulator
+from tests.e2e.conftest import (
+    all_terminal,
+    creates_by_queue,
+    slots_held,
+    status_counts,
+    wait_until,
+)
+from worker.fleet import Fleet
+from worker.seed import Seeded, schedule_calls
+
+pytestmark = pytest.mark.e2e
+
+
+def _rabbitmq_url() -> str:
+    url = os.environ.get("TEST_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672//")
+    try:
+        socket.create_connection(("127.0.0.1", 5672), timeout=1).close()
+    except OSError:
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail("CI=true but RabbitMQ does not answer on 127.0.0.1:5672")
+        pytest.skip("RabbitMQ is not running on this machine (runs in CI)")
+    return url
+
+
+@pytest.mark.parametrize("broker", ["redis", "rabbitmq"])
+def test_batch_reaches_right_terminal_states(
+    broker: str,
+    conn: psycopg.Connection[Any],
+    seeded: Seeded,
+    sim: Simulator,
+    fleet: Fleet,
+) -> None:
+    if broker == "rabbitmq":
+        fleet.env = {**fleet.env, "CALLQ_BROKER_URL": _rabbitmq_url()}
+    sim.configure({"outcomes_by_suffix": {"9001": "busy", "9002": "failed_permanent"}})
+    answered = schedule_calls(conn, seeded, 16)
+    later = schedule_calls(conn, seeded, 4, delay_seconds=2, priority=1, start=100)
+    busy = schedule_calls(conn, seeded, 2, suffix="9001", start=200)
+    invalid = schedule_calls(conn, seeded, 1, suffix="9002", start=300)
+    ids = answered + later + busy + invalid
+
+    fleet.start_worker()
+    fleet.start_beat()
+    wait_until(lambda: all_terminal(conn, ids), timeout=120, what="every call terminal")
+
+    assert status_counts(conn, ids) == {"completed": 20, "failed": 3}
+    history = conn.execute(
+        "SELECT q.id, h.status, h.provider_id, h.provider_call_id, h.duration_seconds,"
+        " h.transcript IS NOT NULL, q.attempts FROM call_queue q"
+        " JOIN call_history h ON h.queue_id = q.id WHERE q.id = ANY(%s)",
+        (ids,),
+    ).fetchall()
+    by_id = {row[0]: row for row in history}
+    assert len(by_id) == len(ids), "every call has exactly one history row"
+    for qid in answered + later:
+        _, status, provider_id, provider_call_id, duration, has_transcript, _ = by_id[qid]
+        assert status == "completed"
+        assert provider_id in seeded.provider_ids.values()
+        assert provider_call_id and duration is not None and has_transcript
+    for qid in busy:
+        assert by_id[qid][1] == "failed" and by_id[qid][6] == 3  # max_attempts
+    assert by_id[invalid[0]][6] == 1  # a permanent failure is not retried
+
+    retries = conn.execute(
+        "SELECT count(*) FROM call_retries WHERE queue_id = ANY(%s)", (busy,)
+    ).fetchone()
+    assert retries is not None and retries[0] == 3
+    usage = conn.execute(
+        "SELECT calls_made, minutes_used FROM user_call_usage WHERE user_id = %s",
+        (seeded.user_id,),
+    ).fetchone()
+    assert usage is not None and usage[0] == 20 and usage[1] >= 20
+    dials = creates_by_queue(sim)
+    assert all(dials.get(str(q)) == 1 for q in answered + later)
+    assert slots_held(conn) == 0
+
+
+def test_provider_outage_fails_calls_over(
+    conn: psycopg.Connection[Any], seeded: Seeded, sim: Simulator, fleet: Fleet
+) -> None:
+    sim.configure({"outage": {"vapi": "5xx"}})
+    ids = schedule_calls(conn, seeded, 12)
+    fleet.start_worker()
+    fleet.start_beat()
+    wait_until(lambda: all_terminal(conn, ids), timeout=120, what="every call terminal")
+
+    assert status_counts(conn, ids) == {"completed": 12}
+    providers = conn.execute(
+        "SELECT DISTINCT provider_id FROM call_history WHERE queue_id = ANY(%s)", (ids,)
+    ).fetchall()
+    assert {row[0] for row in providers} == {seeded.provider_ids["synthflow"]}
+    failed_over = conn.execute(
+        "SELECT count(*) FROM call_retries WHERE queue_id = ANY(%s) AND provider_id = %s",
+        (ids, seeded.provider_ids["vapi"]),
+    ).fetchone()
+    assert failed_over is not None and failed_over[0] >= 1
+    assert slots_held(conn) == 0
+
+
+def test_worker_killed_mid_call_loses_nothing_and_dials_once(
+    conn: psycopg.Connection[Any], seeded: Seeded, sim: Simulator, fleet: Fleet
+) -> None:
+    sim.configure({"latency_ms": 300})
+    ids = schedule_calls(conn, seeded, 20)
+    fleet.start_worker("doomed")
+    fleet.start_beat()
+    wait_until(
+        lambda: sim.stats().get("total_creates", 0) >= 3, timeout=60, what="calls being placed"
+    )
+    fleet.kill("doomed")
+    fleet.start_worker("survivor")
+    wait_until(lambda: all_terminal(conn, ids), timeout=150, what="every call terminal")
+
+    assert status_counts(conn, ids) == {"completed": 20}
+    dials = creates_by_queue(sim)
+    assert {str(q): dials.get(str(q)) for q in ids} == {str(q): 1 for q in ids}
+    assert slots_held(conn) == 0
+
+
+def test_duplicate_beats_dial_no_one_twice(
+    conn: psycopg.Connection[Any], seeded: Seeded, sim: Simulator, fleet: Fleet
+) -> None:
+    ids = schedule_calls(conn, seeded, 30)
+    fleet.start_worker()
+    fleet.start_beat("beat-1")
+    fleet.start_beat("beat-2")
+    wait_until(lambda: all_terminal(conn, ids), timeout=120, what="every call terminal")
+
+    dials = creates_by_queue(sim)
+    assert {str(q): dials.get(str(q)) for q in ids} == {str(q): 1 for q in ids}
+    assert slots_held(conn) == 0

@@ -1,0 +1,102 @@
+"""dispatch.policy: call states and provider errors -> the next step."""
+
+from __future__ import annotations
+
+import pytest
+
+from dispatch.policy import (
+    Complete,
+    Fail,
+    KeepPolling,
+    Reconcile,
+    decide_error,
+    decide_outcome,
+    next_poll_delay,
+)
+from dispatch.request import build_call_request
+from providers.base import CallState, CallStatus
+from providers.errors import (
+    ProviderOutcomeUnknownError,
+    ProviderPermanentError,
+    ProviderRetryableError,
+)
+
+
+def status(state: CallState, *, answered: bool = False, reason: str | None = None) -> CallStatus:
+    return CallStatus(provider_call_id="c1", state=state, answered=answered, ended_reason=reason)
+
+
+@pytest.mark.parametrize("state", [CallState.QUEUED, CallState.RINGING, CallState.IN_PROGRESS])
+def test_live_calls_keep_polling(state: CallState) -> None:
+    assert decide_outcome(status(state)) == KeepPolling()
+
+
+@pytest.mark.parametrize(
+    ("state", "kind"),
+    [
+        (CallState.BUSY, "busy"),
+        (CallState.NO_ANSWER, "no_answer"),
+        (CallState.VOICEMAIL, "voicemail"),
+        (CallState.FAILED_RETRYABLE, "provider_error"),
+        (CallState.FAILED_PERMANENT, "permanent"),
+        (CallState.CANCELED, "canceled"),
+    ],
+)
+def test_unanswered_endings_fail_with_their_kind(state: CallState, kind: str) -> None:
+    decision = decide_outcome(status(state, reason="why"))
+    assert decision == Fail(kind, "why")
+
+
+def test_completed_call_completes() -> None:
+    assert decide_outcome(status(CallState.COMPLETED)) == Complete()
+
+
+def test_answered_call_that_failed_later_is_never_redialed() -> None:
+    assert decide_outcome(status(CallState.FAILED_RETRYABLE, answered=True)) == Complete()
+
+
+def test_outcome_unknown_create_reconciles_instead_of_resending() -> None:
+    exc = ProviderOutcomeUnknownError("read timeout", provider="vapi")
+    assert decide_error(exc) == Reconcile()
+
+
+def test_rate_limit_carries_retry_after_rounded_up() -> None:
+    exc = ProviderRetryableError("429", provider="vapi", http_status=429, retry_after=2.2)
+    assert decide_error(exc) == Fail("rate_limited", "vapi: http_429", 3)
+
+
+def test_connect_error_fails_over_as_provider_error() -> None:
+    exc = ProviderRetryableError("refused", provider="synthflow", code="connect_error")
+    assert decide_error(exc) == Fail("provider_error", "synthflow: connect_error")
+
+
+def test_permanent_error_fails_the_call() -> None:
+    exc = ProviderPermanentError("bad", provider="vapi", http_status=400, code="invalid_number")
+    decision = decide_error(exc)
+    assert isinstance(decision, Fail) and decision.kind == "permanent"
+
+
+def test_poll_delay_grows_and_is_capped() -> None:
+    delays = [next_poll_delay(n, 2.0, 2.0, 30.0) for n in range(6)]
+    assert delays == [2.0, 4.0, 8.0, 16.0, 30.0, 30.0]
+
+
+def test_request_carries_ids_and_string_variables() -> None:
+    req = build_call_request(
+        {
+            "assignment_id": "a-1",
+            "queue_id": "q-1",
+            "recipient_phone": "+15551234567",
+            "recipient_name": "John",
+            "custom_variables": {"company_name": "Acme", "seats": 3, "tags": ["a"]},
+            "script": "Hello {{company_name}}",
+        }
+    )
+    assert (req.correlation_id, req.queue_id) == ("a-1", "q-1")
+    assert req.variables == {
+        "company_name": "Acme",
+        "seats": "3",
+        "tags": '["a"]',
+        "recipient_name": "John",
+    }
+    assert "+15551234567" not in repr(req)
