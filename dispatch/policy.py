@@ -1,6 +1,6 @@
 """Decisions about a call: plain values in, plain values out (no Celery, no httpx, no SQL).
 
-- :func:`decide_outcome`: a provider's call state -> complete it, fail it (and how), or keep polling.
+- :func:`decide_outcome`: a provider's call state -> complete, fail (which kind) or keep polling.
 - :func:`decide_error`: a provider error raised while placing a call -> what to do next.
 - :func:`next_poll_delay`: the growing interval between polls of a placed call.
 """

@@ -23,7 +23,13 @@ from providers.errors import CallqError
 from worker.settings import get_settings
 
 CELERY_COMMANDS = {
-    "worker": ["worker", "-Q", "dispatch,track,maintenance", "--without-gossip", "--without-mingle"],
+    "worker": [
+        "worker",
+        "-Q",
+        "dispatch,track,maintenance",
+        "--without-gossip",
+        "--without-mingle",
+    ],
     "beat": ["beat"],
     "flower": ["flower"],
 }

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import random
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -30,8 +31,13 @@ from worker.status import format_table
 TERMINAL = ("completed", "failed", "canceled")
 # Outcomes the simulator gives each call: mostly answered, some busy / no answer / voicemail.
 DEMO_SIM_CONFIG: dict[str, Any] = {
-    "outcome_mix": {"completed": 0.7, "busy": 0.1, "no_answer": 0.1, "voicemail": 0.05,
-                    "failed": 0.05},
+    "outcome_mix": {
+        "completed": 0.7,
+        "busy": 0.1,
+        "no_answer": 0.1,
+        "voicemail": 0.05,
+        "failed": 0.05,
+    },
     "duration_seconds": [1, 4],
     "ring_seconds": [0.2, 1.0],
 }
@@ -70,7 +76,9 @@ def run_demo(*, calls: int = 40, timeout: float = 180.0, seed: int = 7) -> int:
         sim.start(port=0)
         fleet = Fleet(
             env={"DATABASE_URL": db_url, "CALLQ_BROKER_URL": broker_url, **DEMO_ENV},
-            log_dir=Path(os.environ.get("CALLQ_DEMO_LOGS", "/tmp/callq-demo-logs")),
+            log_dir=Path(
+                os.environ.get("CALLQ_DEMO_LOGS") or tempfile.mkdtemp(prefix="callq-demo-logs-")
+            ),
         )
         try:
             with psycopg.connect(db_url, autocommit=True) as conn:
@@ -95,7 +103,7 @@ def _retry_fast(conn: psycopg.Connection[Any]) -> None:
     conn.execute("SELECT set_config('callq.retry_delay_scale', '0.01', false)")
     dbname = conn.execute("SELECT current_database()").fetchone()
     assert dbname is not None
-    conn.execute(f'ALTER DATABASE "{dbname[0]}" SET callq.retry_delay_scale = \'0.01\'')
+    conn.execute(f"ALTER DATABASE \"{dbname[0]}\" SET callq.retry_delay_scale = '0.01'")
 
 
 def _schedule(
@@ -105,7 +113,11 @@ def _schedule(
     for i in range(calls):
         later = rng.random() < 0.3
         ids += schedule_calls(
-            conn, seeded, 1, start=i, priority=rng.randint(1, 9),
+            conn,
+            seeded,
+            1,
+            start=i,
+            priority=rng.randint(1, 9),
             delay_seconds=rng.uniform(5, 20) if later else 0.0,
         )
     return ids

@@ -54,7 +54,8 @@ class EmbeddedPostgres:
                 "no DATABASE_URL set and pgserver is not installed (pip install 'callq[embedded]')"
             ) from exc
         self.datadir.mkdir(parents=True, exist_ok=True)
-        self._server = pgserver.get_server(str(self.datadir), cleanup_mode="stop")
+        get_server = pgserver.get_server  # type: ignore[attr-defined]
+        self._server = get_server(str(self.datadir), cleanup_mode="stop")
         return str(self._server.get_uri())
 
     def stop(self) -> None:

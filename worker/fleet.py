@@ -15,6 +15,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -30,12 +31,16 @@ class Fleet:
     def _spawn(self, name: str, args: list[str]) -> subprocess.Popen[bytes]:
         env = {**os.environ, **self.env}
         env.setdefault("PYTHONPATH", str(REPO))
-        out: int | object = subprocess.DEVNULL
+        out: Any = subprocess.DEVNULL
         if self.log_dir is not None:
             self.log_dir.mkdir(parents=True, exist_ok=True)
             out = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 - closed with the process
         proc = subprocess.Popen(
-            args, env=env, cwd=str(REPO), stdout=out, stderr=subprocess.STDOUT,  # type: ignore[arg-type]
+            args,
+            env=env,
+            cwd=str(REPO),
+            stdout=out,
+            stderr=subprocess.STDOUT,
             start_new_session=True,
         )
         self.procs[name] = proc
@@ -51,9 +56,27 @@ class Fleet:
         extra: list[str] | None = None,
     ) -> subprocess.Popen[bytes]:
         """A Celery worker process named ``name`` (its node name is ``name@localhost``)."""
-        args = [sys.executable, "-m", "celery", "-A", "worker", "worker", "-Q", queues,
-                "-P", pool, "-c", str(concurrency), "-n", f"{name}@%h", "--loglevel", "WARNING",
-                "--without-gossip", "--without-mingle", *(extra or [])]
+        args = [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "worker",
+            "worker",
+            "-Q",
+            queues,
+            "-P",
+            pool,
+            "-c",
+            str(concurrency),
+            "-n",
+            f"{name}@%h",
+            "--loglevel",
+            "WARNING",
+            "--without-gossip",
+            "--without-mingle",
+            *(extra or []),
+        ]
         return self._spawn(name, args)
 
     def start_beat(self, name: str = "beat") -> subprocess.Popen[bytes]:

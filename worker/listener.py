@@ -21,7 +21,9 @@ log = logs.get_logger("callq.listener")
 def start_listener(database_url: str, *, coalesce_seconds: float = 0.005) -> threading.Thread:
     """Start the daemon thread that turns notifications into poll tasks."""
     thread = threading.Thread(
-        target=_run_forever, args=(database_url, coalesce_seconds), name="callq-listener",
+        target=_run_forever,
+        args=(database_url, coalesce_seconds),
+        name="callq-listener",
         daemon=True,
     )
     thread.start()

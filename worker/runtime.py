@@ -36,7 +36,9 @@ def provider_config(row: dict[str, Any]) -> ProviderConfig:
     config.setdefault("connect_timeout", s.http_connect_timeout_seconds)
     config.setdefault("read_timeout", s.http_read_timeout_seconds)
     if s.webhook_public_url:
-        config.setdefault("webhook_url", f"{s.webhook_public_url.rstrip('/')}/webhooks/{row['provider_id']}")
+        config.setdefault(
+            "webhook_url", f"{s.webhook_public_url.rstrip('/')}/webhooks/{row['provider_id']}"
+        )
     return ProviderConfig.from_row(
         {
             "id": str(row["provider_id"]),

@@ -91,8 +91,10 @@ def _provider(
 ) -> uuid.UUID:
     if kind == "vapi":
         url, key = f"{base}/vapi", SIM_VAPI_KEY
-        config: dict[str, Any] = {"assistant_id": str(uuid.uuid4()),
-                                  "phone_number_id": str(uuid.uuid4())}
+        config: dict[str, Any] = {
+            "assistant_id": str(uuid.uuid4()),
+            "phone_number_id": str(uuid.uuid4()),
+        }
     else:
         url, key = f"{base}/synthflow/v2", SIM_SYNTHFLOW_KEY
         config = {"model_id": str(uuid.uuid4()), "creates_per_second": 1000}
@@ -103,15 +105,22 @@ def _provider(
         "INSERT INTO call_service_providers (name, provider_type, api_key, api_secret, base_url,"
         " max_concurrent_calls, priority, config) VALUES (%s, %s, %s, NULL, %s, %s, %s, %s)"
         " RETURNING id",
-        (f"{kind.title()} (simulator) {uuid.uuid4().hex[:6]}", kind, key, url, max_calls, priority,
-         json.dumps(config)),
+        (
+            f"{kind.title()} (simulator) {uuid.uuid4().hex[:6]}",
+            kind,
+            key,
+            url,
+            max_calls,
+            priority,
+            json.dumps(config),
+        ),
     )
     conn.execute(
         "INSERT INTO provider_availability (provider_id, current_calls, available_slots, status)"
         " VALUES (%s, 0, %s, 'online') ON CONFLICT (provider_id) DO NOTHING",
         (provider_id, max_calls),
     )
-    return provider_id
+    return uuid.UUID(str(provider_id))
 
 
 def schedule_calls(
@@ -134,9 +143,16 @@ def schedule_calls(
                     conn,
                     "SELECT schedule_call(%s, %s, %s, %s, NULL,"
                     " now() + make_interval(secs => %s), %s, %s, %s)",
-                    (seeded.user_id, seeded.template_id, f"Customer {i}", phone, delay_seconds,
-                     priority, json.dumps({"company_name": "Acme Inc"}),
-                     json.dumps({"source": "demo", "n": i})),
+                    (
+                        seeded.user_id,
+                        seeded.template_id,
+                        f"Customer {i}",
+                        phone,
+                        delay_seconds,
+                        priority,
+                        json.dumps({"company_name": "Acme Inc"}),
+                        json.dumps({"source": "demo", "n": i}),
+                    ),
                 )
             )
     return ids
@@ -149,6 +165,6 @@ def demo_phone(i: int, suffix: str | None = None) -> str:
 
 
 def _one(conn: psycopg.Connection[Any], query: str, params: Sequence[Any]) -> Any:
-    row = conn.execute(query, params).fetchone()  # type: ignore[arg-type]
+    row = conn.execute(query, params).fetchone()
     assert row is not None
     return row[0]

@@ -40,11 +40,25 @@ def queue_report(conn: psycopg.Connection[Any]) -> str:
     parts = ["Queue by status", format_table(["status", "calls"], counts) if counts else "(empty)"]
     parts += ["", "Oldest due call"]
     parts.append(
-        format_table(["queue id", "priority", "scheduled", "waiting"], oldest) if oldest else "(none)"
+        format_table(["queue id", "priority", "scheduled", "waiting"], oldest)
+        if oldest
+        else "(none)"
     )
     parts += ["", "Providers"]
-    headers = ["name", "type", "active", "priority", "max", "in use", "free", "health",
-               "failures", "latency ms", "circuit open", "last check"]
+    headers = [
+        "name",
+        "type",
+        "active",
+        "priority",
+        "max",
+        "in use",
+        "free",
+        "health",
+        "failures",
+        "latency ms",
+        "circuit open",
+        "last check",
+    ]
     parts.append(format_table(headers, providers) if providers else "(none)")
     return "\n".join(parts)
 

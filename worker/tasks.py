@@ -149,7 +149,9 @@ def _continue_tracking(assignment_id: str, poll_count: int | None) -> str:
         return "checked"
     s = get_settings()
     delay = next_poll_delay(
-        poll_count + 1, s.track_initial_delay_seconds, s.track_backoff_factor,
+        poll_count + 1,
+        s.track_initial_delay_seconds,
+        s.track_backoff_factor,
         s.track_max_delay_seconds,
     )
     return _schedule_track(assignment_id, poll_count, delay)

@@ -54,8 +54,14 @@ def broker_url(redis_url: str) -> Iterator[str]:
 
 @pytest.fixture
 def sim() -> Iterator[Simulator]:
-    simulator = Simulator(config={"seed": 1, "outcome_mix": {"completed": 1.0},
-                                  "duration_seconds": [0.2, 0.6], "ring_seconds": [0.05, 0.2]})
+    simulator = Simulator(
+        config={
+            "seed": 1,
+            "outcome_mix": {"completed": 1.0},
+            "duration_seconds": [0.2, 0.6],
+            "ring_seconds": [0.05, 0.2],
+        }
+    )
     simulator.start(port=0)
     yield simulator
     simulator.stop()
@@ -64,7 +70,9 @@ def sim() -> Iterator[Simulator]:
 @pytest.fixture
 def conn(db_url: str) -> Iterator[psycopg.Connection[Any]]:
     with psycopg.connect(db_url, autocommit=True) as connection:
-        connection.execute(f"ALTER DATABASE {connection.info.dbname} SET callq.retry_delay_scale = '0.002'")
+        connection.execute(
+            f"ALTER DATABASE {connection.info.dbname} SET callq.retry_delay_scale = '0.002'"
+        )
         yield connection
 
 

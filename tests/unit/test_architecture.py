@@ -1,4 +1,4 @@
-"""The folders are the architecture: dependencies point worker -> dispatch -> (providers, models)."""
+"""The folders are the architecture: imports point worker -> dispatch -> (providers, models)."""
 
 from __future__ import annotations
 
