@@ -1,0 +1,279 @@
+"""Claim path vs the database's limit, measured with pgbench on one server in one run.
+
+Four workloads, each at 2 and 8 concurrent clients, each on a freshly filled queue:
+
+    ours single   SELECT assign_call_to_provider(q.queue_id, get_best_available_provider())
+                  FROM get_next_call_in_queue() q           (claim one + choose + assign)
+    bare single   UPDATE bare_queue SET status='claimed' ... WHERE id = (SELECT id ... ORDER BY
+                  priority, scheduled_time, created_at LIMIT 1 FOR UPDATE SKIP LOCKED)
+    ours batch    SELECT count(*) FROM claim_and_assign_calls(50, 'bench', 60)
+    bare batch    the same UPDATE with LIMIT 50
+
+``bare_queue`` is ``call_queue``'s twin: same columns, defaults, CHECKs, indexes (so the same index
+churn) and storage/autovacuum options, but no triggers, foreign keys, providers or assignments.
+The rate is rows moved out of ``queued`` (counted in the table afterwards) per second of pgbench
+run time; pgbench (C) keeps the client out of the measurement.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psycopg
+
+from bench.common import PG_BIN, ScratchDB, log, url_parts
+
+SCRIPTS = {
+    "ours_single": (
+        "SELECT assign_call_to_provider(q.queue_id, get_best_available_provider())"
+        " FROM get_next_call_in_queue() q;\n"
+    ),
+    "bare_single": (
+        "UPDATE bare_queue SET status = 'claimed', claimed_by = 'bench', claimed_at = now(),"
+        " lease_expires_at = now() + interval '60 seconds' WHERE id = (SELECT id FROM bare_queue"
+        " WHERE status = 'queued' AND scheduled_time <= now()"
+        " ORDER BY priority, scheduled_time, created_at LIMIT 1 FOR UPDATE SKIP LOCKED);\n"
+    ),
+    "ours_batch": "SELECT count(*) FROM claim_and_assign_calls(50, 'bench', 60);\n",
+    "bare_batch": (
+        "WITH c AS (SELECT id FROM bare_queue WHERE status = 'queued' AND scheduled_time <= now()"
+        " ORDER BY priority, scheduled_time, created_at LIMIT 50 FOR UPDATE SKIP LOCKED)"
+        " UPDATE bare_queue b SET status = 'claimed', claimed_by = 'bench', claimed_at = now(),"
+        " lease_expires_at = now() + interval '60 seconds' FROM c WHERE b.id = c.id;\n"
+    ),
+}
+
+FILL = """
+INSERT INTO {table} (user_id, template_id, recipient_name, recipient_phone, priority,
+                     scheduled_time, custom_variables, created_at)
+SELECT %(user_id)s, %(template_id)s, 'Bench ' || g, '+1555' || lpad((g %% 10000000)::text, 7, '0'),
+       1 + (g %% 10), now() - interval '10 minutes' + g * interval '1 microsecond',
+       '{{"company_name": "Acme"}}'::jsonb, now() - interval '10 minutes'
+FROM generate_series(1, %(n)s) g
+"""
+
+
+@dataclass
+class ClaimResult:
+    workload: str
+    clients: int
+    seconds: float
+    rows: int
+    transactions: int
+    failed: int
+    filled: int
+
+    @property
+    def rate(self) -> float:
+        return self.rows / self.seconds if self.seconds else 0.0
+
+    @property
+    def exhausted(self) -> bool:
+        return self.rows >= self.filled
+
+
+def _setup(conn: psycopg.Connection[Any], max_slots: int) -> tuple[Any, Any]:
+    from worker.seed import seed_demo
+
+    seeded = seed_demo(
+        conn, sim_base_url="http://127.0.0.1:9", max_concurrent_calls=max_slots, call_limit=None
+    )
+    # The twin table: same shape and indexes, same storage options, nothing else.
+    conn.execute(
+        "CREATE TABLE bare_queue (LIKE call_queue INCLUDING DEFAULTS INCLUDING CONSTRAINTS"
+        " INCLUDING INDEXES INCLUDING STORAGE)"
+    )
+    opts = conn.execute(
+        "SELECT reloptions FROM pg_class WHERE oid = 'public.call_queue'::regclass"
+    ).fetchone()
+    if opts and opts[0]:
+        conn.execute(f"ALTER TABLE bare_queue SET ({', '.join(opts[0])})")
+    return seeded.user_id, seeded.template_id
+
+
+def _refill(url: str, table: str, n: int, user_id: Any, template_id: Any, max_slots: int) -> None:
+    with psycopg.connect(url, autocommit=True) as conn:
+        if table == "call_queue":
+            conn.execute("TRUNCATE call_queue CASCADE")
+            conn.execute(
+                "UPDATE provider_availability pa SET current_calls = 0, available_slots = %s,"
+                " status = 'online', consecutive_failures = 0, circuit_open_until = NULL",
+                (max_slots,),
+            )
+        else:
+            conn.execute("TRUNCATE bare_queue")
+        conn.execute(
+            FILL.format(table=table), {"user_id": user_id, "template_id": template_id, "n": n}
+        )
+        conn.execute(f"VACUUM ANALYZE {table}")
+        conn.execute("VACUUM ANALYZE provider_availability")
+        conn.execute("CHECKPOINT")
+
+
+def _count(url: str, table: str) -> int:
+    with psycopg.connect(url, autocommit=True) as conn:
+        row = conn.execute(f"SELECT count(*) FROM {table} WHERE status <> 'queued'").fetchone()
+        return int(row[0]) if row else 0
+
+
+def _pgbench(url: str, script: str, clients: int, seconds: int) -> tuple[int, int, str]:
+    parts = url_parts(url)
+    with tempfile.NamedTemporaryFile("w", suffix=".sql", delete=False) as f:
+        f.write(script)
+        path = f.name
+    os.chmod(path, 0o644)
+    args = [
+        str(PG_BIN / "pgbench"),
+        "-n",
+        "-M",
+        "prepared",
+        "-c",
+        str(clients),
+        "-j",
+        str(min(clients, 2)),
+        "-T",
+        str(seconds),
+        "-f",
+        path,
+        "-h",
+        parts.get("host", "127.0.0.1"),
+        "-p",
+        parts.get("port", "5432"),
+        "-U",
+        parts.get("user", "postgres"),
+        parts["dbname"],
+    ]
+    env = {**os.environ}
+    if parts.get("password"):
+        env["PGPASSWORD"] = parts["password"]
+    try:
+        out = subprocess.run(args, capture_output=True, text=True, timeout=seconds + 120, env=env)
+    finally:
+        Path(path).unlink(missing_ok=True)
+    text = out.stdout + out.stderr
+    tx = re.search(r"number of transactions actually processed: (\d+)", text)
+    failed = re.search(r"number of failed transactions: (\d+)", text)
+    if out.returncode not in (0, 2) or tx is None:
+        raise RuntimeError(f"pgbench failed ({out.returncode}): {text[-2000:]}")
+    return int(tx.group(1)), int(failed.group(1)) if failed else 0, text
+
+
+def run(*, quick: bool = False, admin_url: str | None = None) -> dict[str, Any]:
+    """Run the claim benchmark; returns a JSON-able dict with every figure."""
+    seconds = 4 if quick else 10
+    clients_list = (2, 8)
+    # Rows per fill: well above what the workload can claim in ``seconds`` on this machine.
+    fill = {"single": 8_000 * seconds, "batch": 40_000 * seconds}
+    # Enough free slots that assignment never starves: one per queued row, split over the two
+    # providers (claim_and_assign_calls' cost grows with the free slots; see bench/FINDINGS.md).
+    max_slots = max(fill.values()) // 2 + 1000
+    db = ScratchDB(admin_url) if admin_url else ScratchDB()
+    log(f"claim: scratch database {db.name}")
+    db.create()
+    results: list[ClaimResult] = []
+    try:
+        with psycopg.connect(db.url, autocommit=True) as conn:
+            user_id, template_id = _setup(conn, max_slots)
+        for kind in ("single", "batch"):
+            for clients in clients_list:
+                for side in ("bare", "ours"):
+                    workload = f"{side}_{kind}"
+                    table = "call_queue" if side == "ours" else "bare_queue"
+                    n = fill[kind]
+                    _refill(db.url, table, n, user_id, template_id, max_slots)
+                    t0 = time.monotonic()
+                    tx, failed, _ = _pgbench(db.url, SCRIPTS[workload], clients, seconds)
+                    wall = time.monotonic() - t0
+                    rows = _count(db.url, table)
+                    r = ClaimResult(workload, clients, float(seconds), rows, tx, failed, n)
+                    results.append(r)
+                    log(
+                        f"claim: {workload:12s} c={clients}: {r.rate:9.0f} rows/s "
+                        f"({tx} tx, {failed} failed, {wall:.1f}s wall"
+                        f"{', QUEUE EMPTIED' if r.exhausted else ''})"
+                    )
+                    if side == "ours" and kind == "single":
+                        _check_consistency(db.url)
+    finally:
+        db.drop()
+    out: dict[str, Any] = {
+        "seconds_per_run": seconds,
+        "runs": [r.__dict__ | {"rate": r.rate} for r in results],
+    }
+    ratios = {}
+    for kind in ("single", "batch"):
+        for clients in clients_list:
+            ours = next(r for r in results if r.workload == f"ours_{kind}" and r.clients == clients)
+            bare = next(r for r in results if r.workload == f"bare_{kind}" and r.clients == clients)
+            ratios[f"{kind}_c{clients}"] = {
+                "ours": ours.rate,
+                "bare": bare.rate,
+                "ratio": ours.rate / bare.rate if bare.rate else float("nan"),
+                "exhausted": ours.exhausted or bare.exhausted,
+            }
+    out["ratios"] = ratios
+    return out
+
+
+def _check_consistency(url: str) -> None:
+    """Every claimed row of ours has exactly one live assignment and a taken slot."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT (SELECT count(*) FROM call_queue WHERE status = 'assigned'),"
+            " (SELECT count(*) FROM call_queue WHERE status = 'claimed'),"
+            " (SELECT count(*) FROM call_assignments WHERE state = 'assigned'),"
+            " (SELECT coalesce(sum(current_calls), 0) FROM provider_availability)"
+        ).fetchone()
+    assert row is not None
+    assigned, claimed, assignments, slots = (int(x) for x in row)
+    if not (assigned == assignments == slots) or claimed:
+        log(
+            f"claim: INCONSISTENT after single claims: assigned={assigned} claimed={claimed}"
+            f" assignments={assignments} slots={slots}"
+        )
+
+
+def slot_sensitivity(
+    slots_list: tuple[int, ...] = (100, 10_000, 100_000), repeats: int = 5
+) -> dict[str, float]:
+    """Median ms of one ``claim_and_assign_calls(50)`` (one client) by free slots per provider."""
+    out: dict[str, float] = {}
+    db = ScratchDB()
+    db.create()
+    try:
+        for slots in slots_list:
+            with psycopg.connect(db.url, autocommit=True) as conn:
+                conn.execute("DROP TABLE IF EXISTS bare_queue")
+                conn.execute(
+                    "TRUNCATE call_queue, call_service_providers, provider_availability CASCADE"
+                )
+                user_id, template_id = _setup(conn, slots + 50 * repeats)
+            _refill(db.url, "call_queue", 20_000, user_id, template_id, slots + 50 * repeats)
+            times = []
+            with psycopg.connect(db.url, autocommit=True) as conn:
+                for _ in range(repeats):
+                    t0 = time.perf_counter()
+                    conn.execute("SELECT count(*) FROM claim_and_assign_calls(50, 'b', 60)")
+                    times.append((time.perf_counter() - t0) * 1000)
+            out[str(slots)] = sorted(times)[len(times) // 2]
+            log(f"claim: {slots} free slots per provider: {out[str(slots)]:.1f} ms per claim of 50")
+    finally:
+        db.drop()
+    return out
+
+
+if __name__ == "__main__":
+    import json
+    import sys
+
+    if "--slots" in sys.argv:
+        print(json.dumps(slot_sensitivity(), indent=2))
+    else:
+        print(json.dumps(run(quick="--quick" in sys.argv), indent=2, default=str))
