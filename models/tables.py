@@ -1,0 +1,350 @@
+"""Typed SQLAlchemy 2.0 models of the 13 callq tables.
+
+The SQL in ``supabase/migrations`` is the source of truth; these models mirror it for the worker
+and admin scripts, and ``tests/integration/test_db_models.py`` fails when the two drift.
+Constraints, policies and functions live only in SQL.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+
+from sqlalchemy import (
+    ARRAY,
+    BigInteger,
+    Boolean,
+    Computed,
+    DateTime,
+    ForeignKey,
+    Integer,
+    Numeric,
+    SmallInteger,
+    Text,
+    Uuid,
+    text,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+NOW = text("now()")
+UUID_DEFAULT = text("gen_random_uuid()")
+EMPTY_OBJECT = text("'{}'::jsonb")
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {
+        uuid.UUID: Uuid(as_uuid=True),
+        datetime: DateTime(timezone=True),
+        str: Text(),
+        dict[str, Any]: JSONB(),
+        Any: JSONB(),
+    }
+
+
+def _pk() -> Mapped[uuid.UUID]:
+    return mapped_column(primary_key=True, server_default=UUID_DEFAULT)
+
+
+def _created() -> Mapped[datetime]:
+    return mapped_column(server_default=NOW)
+
+
+def _updated() -> Mapped[datetime]:
+    return mapped_column(server_default=NOW)
+
+
+class User(Base):
+    __tablename__ = "users"
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True)  # = auth.users.id
+    email: Mapped[str | None]
+    full_name: Mapped[str | None]
+    phone: Mapped[str | None]
+    avatar_url: Mapped[str | None]
+    company_name: Mapped[str | None]
+    timezone: Mapped[str] = mapped_column(server_default=text("'UTC'"))
+    is_admin: Mapped[bool] = mapped_column(Boolean, server_default=text("false"))
+    metadata_: Mapped[dict[str, Any]] = mapped_column("metadata", server_default=EMPTY_OBJECT)
+    created_at: Mapped[datetime] = _created()
+    updated_at: Mapped[datetime] = _updated()
+
+
+class SubscriptionPlan(Base):
+    __tablename__ = "subscription_plans"
+
+    id: Mapped[uuid.UUID] = _pk()
+    name: Mapped[str] = mapped_column(unique=True)
+    description: Mapped[str | None]
+    price: Mapped[Decimal] = mapped_column(Numeric(10, 2), server_default=text("0"))
+    currency: Mapped[str] = mapped_column(server_default=text("'USD'"))
+    billing_interval: Mapped[str] = mapped_column(server_default=text("'month'"))
+    call_limit: Mapped[int | None] = mapped_column(Integer)
+    minute_limit: Mapped[int | None] = mapped_column(Integer)
+    max_concurrent_calls: Mapped[int] = mapped_column(Integer, server_default=text("1"))
+    features: Mapped[dict[str, Any]] = mapped_column(server_default=EMPTY_OBJECT)
+    is_active: Mapped[bool] = mapped_column(Boolean, server_default=text("true"))
+    created_at: Mapped[datetime] = _created()
+    updated_at: Mapped[datetime] = _updated()
+
+
+class UserSubscription(Base):
+    __tablename__ = "user_subscriptions"
+
+    id: Mapped[uuid.UUID] = _pk()
+    user_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
+    plan_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("subscription_plans.id", ondelete="RESTRICT")
+    )
+    status: Mapped[str] = mapped_column(server_default=text("'active'"))
+    current_period_start: Mapped[datetime] = mapped_column(server_default=NOW)
+    current_period_end: Mapped[datetime] = mapped_column(
+        server_default=text("(now() + '1 mon'::interval)")
+    )
+    cancel_at_period_end: Mapped[bool] = mapped_column(Boolean, server_default=text("false"))
+    canceled_at: Mapped[datetime | None]
+    external_customer_id: Mapped[str | None]
+    external_subscription_id: Mapped[str | None] = mapped_column(unique=True)
+    created_at: Mapped[datetime] = _created()
+    updated_at: Mapped[datetime] = _updated()
+
+
+class UserCallUsage(Base):
+    __tablename__ = "user_call_usage"
+
+    id: Mapped[uuid.UUID] = _pk()
+    user_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
+    subscription_id: Mapped[uuid.UUID | None] = mapped_column(
+        ForeignKey("user_subscriptions.id", ondelete="SET NULL")
+    )
+    period_start: Mapped[datetime]
+    period_end: Mapped[datetime]
+    calls_made: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    minutes_used: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    calls_limit: Mapped[int | None] = mapped_column(Integer)
+    minutes_limit: Mapped[int | None] = mapped_column(Integer)
+    calls_remaining: Mapped[int | None] = mapped_column(
+        Integer,
+        Computed(
+            "CASE WHEN calls_limit IS NULL THEN NULL "
+            "ELSE greatest(calls_limit - calls_made, 0) END",
+            persisted=True,
+        ),
+    )
+    minutes_remaining: Mapped[int | None] = mapped_column(
+        Integer,
+        Computed(
+            "CASE WHEN minutes_limit IS NULL THEN NULL "
+            "ELSE greatest(minutes_limit - minutes_used, 0) END",
+            persisted=True,
+        ),
+    )
+    created_at: Mapped[datetime] = _created()
+    updated_at: Mapped[datetime] = _updated()
+
+
+class CallTemplate(Base):
+    __tablename__ = "call_templates"
+
+    id: Mapped[uuid.UUID] = _pk()
+    created_by: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
+    name: Mapped[str]
+    description: Mapped[str | None]
+    category: Mapped[str | None]
+    tags: Mapped[list[str]] = mapped_column(ARRAY(Text), server_default=text("'{}'"))
+    script: Mapped[str]
+    variables: Mapped[Any] = mapped_column(JSONB, server_default=text("'[]'::jsonb"))
+    first_message: Mapped[str | None]
+    is_public: Mapped[bool] = mapped_column(Boolean, server_default=text("false"))
+    usage_count: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    created_at: Mapped[datetime] = _created()
+    updated_at: Mapped[datetime] = _updated()
+
+
+class CallHistory(Base):
+    __tablename__ = "call_history"
+
+    id: Mapped[uuid.UUID] = _pk()
+    user_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
+    template_id: Mapped[uuid.UUID | None] = mapped_column(
+        ForeignKey("call_templates.id", ondelete="SET NULL")
+    )
+    queue_id: Mapped[uuid.UUID | None] = mapped_column(
+        ForeignKey("call_queue.id", ondelete="SET NULL"), unique=True
+    )
+    assignment_id: Mapped[uuid.UUID | None] = mapped_column(
+        ForeignKey("call_assignments.id", ondelete="SET NULL"), unique=True
+    )
+    provider_id: Mapped[uuid.UUID | None] = mapped_column(
+        ForeignKey("call_service_providers.id", ondelete="SET NULL")
+    )
+    recipient_name: Mapped[str]
+    recipient_phone: Mapped[str]
+    recipient_email: Mapped[str | None]
+    status: Mapped[str]
+    started_at: Mapped[datetime | None]
+    ended_at: Mapped[datetime | None]
+    duration_seconds: Mapped[Decimal | None] = mapped_column(Numeric(12, 3))
+    recording_url: Mapped[str | None]
+    transcript: Mapped[str | None]
+    cost: Mapped[Decimal | None] = mapped_column(Numeric(12, 4))
+    provider_call_id: Mapped[str | None]
+    attempts: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    error: Mapped[str | None]
+    metadata_: Mapped[dict[str, Any]] = mapped_column("metadata", server_default=EMPTY_OBJECT)
+    created_at: Mapped[datetime] = _created()
+    updated_at: Mapped[datetime] = _updated()
+
+
+class TemplateFavorite(Base):
+    __tablename__ = "template_favorites"
+
+    id: Mapped[uuid.UUID] = _pk()
+    user_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
+    template_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("call_templates.id", ondelete="CASCADE")
+    )
+    created_at: Mapped[datetime] = _created()
+
+
+class CallFeedback(Base):
+    __tablename__ = "call_feedback"
+
+    id: Mapped[uuid.UUID] = _pk()
+    call_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("call_history.id", ondelete="CASCADE"))
+    user_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
+    rating: Mapped[int] = mapped_column(SmallInteger)
+    comment: Mapped[str | None]
+    created_at: Mapped[datetime] = _created()
+    updated_at: Mapped[datetime] = _updated()
+
+
+class CallServiceProvider(Base):
+    __tablename__ = "call_service_providers"
+
+    id: Mapped[uuid.UUID] = _pk()
+    name: Mapped[str] = mapped_column(unique=True)
+    provider_type: Mapped[str]
+    api_key: Mapped[str]  # may be "env:NAME"; never readable by anon/authenticated
+    api_secret: Mapped[str | None]
+    base_url: Mapped[str]
+    max_concurrent_calls: Mapped[int] = mapped_column(Integer, server_default=text("10"))
+    priority: Mapped[int] = mapped_column(Integer, server_default=text("5"))
+    capabilities: Mapped[dict[str, Any]] = mapped_column(server_default=EMPTY_OBJECT)
+    config: Mapped[dict[str, Any]] = mapped_column(server_default=EMPTY_OBJECT)
+    is_active: Mapped[bool] = mapped_column(Boolean, server_default=text("true"))
+    created_at: Mapped[datetime] = _created()
+    updated_at: Mapped[datetime] = _updated()
+
+
+class CallQueue(Base):
+    __tablename__ = "call_queue"
+
+    id: Mapped[uuid.UUID] = _pk()
+    user_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
+    template_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("call_templates.id"))
+    recipient_name: Mapped[str]
+    recipient_phone: Mapped[str]
+    recipient_email: Mapped[str | None]
+    status: Mapped[str] = mapped_column(server_default=text("'queued'"))
+    priority: Mapped[int] = mapped_column(Integer, server_default=text("5"))
+    scheduled_time: Mapped[datetime] = mapped_column(server_default=NOW)
+    attempts: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    max_attempts: Mapped[int] = mapped_column(Integer, server_default=text("3"))
+    custom_variables: Mapped[dict[str, Any]] = mapped_column(server_default=EMPTY_OBJECT)
+    metadata_: Mapped[dict[str, Any]] = mapped_column("metadata", server_default=EMPTY_OBJECT)
+    idempotency_key: Mapped[str | None]
+    last_error: Mapped[str | None]
+    excluded_provider_ids: Mapped[list[uuid.UUID]] = mapped_column(
+        ARRAY(Uuid(as_uuid=True)), server_default=text("'{}'")
+    )
+    required_capabilities: Mapped[dict[str, Any] | None]
+    claimed_by: Mapped[str | None]
+    claimed_at: Mapped[datetime | None]
+    lease_expires_at: Mapped[datetime | None]
+    created_at: Mapped[datetime] = _created()
+    updated_at: Mapped[datetime] = _updated()
+    completed_at: Mapped[datetime | None]
+
+
+class ProviderAvailability(Base):
+    __tablename__ = "provider_availability"
+
+    id: Mapped[uuid.UUID] = _pk()
+    provider_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("call_service_providers.id", ondelete="CASCADE"), unique=True
+    )
+    current_calls: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    available_slots: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    status: Mapped[str] = mapped_column(server_default=text("'online'"))
+    last_check: Mapped[datetime | None]
+    consecutive_failures: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    latency_ms: Mapped[Decimal | None] = mapped_column(Numeric(12, 3))
+    circuit_open_until: Mapped[datetime | None]
+    last_error: Mapped[str | None]
+    total_calls: Mapped[int] = mapped_column(BigInteger, server_default=text("0"))
+    successful_calls: Mapped[int] = mapped_column(BigInteger, server_default=text("0"))
+    failed_calls: Mapped[int] = mapped_column(BigInteger, server_default=text("0"))
+    created_at: Mapped[datetime] = _created()
+    updated_at: Mapped[datetime] = _updated()
+
+
+class CallAssignment(Base):
+    __tablename__ = "call_assignments"
+
+    id: Mapped[uuid.UUID] = _pk()
+    queue_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("call_queue.id", ondelete="CASCADE"))
+    provider_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("call_service_providers.id", ondelete="RESTRICT")
+    )
+    provider_call_id: Mapped[str | None]
+    state: Mapped[str] = mapped_column(server_default=text("'assigned'"))
+    attempt: Mapped[int] = mapped_column(Integer, server_default=text("1"))
+    assigned_at: Mapped[datetime] = mapped_column(server_default=NOW)
+    dialing_at: Mapped[datetime | None]
+    placed_at: Mapped[datetime | None]
+    ended_at: Mapped[datetime | None]
+    last_polled_at: Mapped[datetime | None]
+    next_poll_at: Mapped[datetime | None]
+    poll_count: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    outcome: Mapped[str | None]
+    error: Mapped[str | None]
+    created_at: Mapped[datetime] = _created()
+    updated_at: Mapped[datetime] = _updated()
+
+
+class CallRetry(Base):
+    __tablename__ = "call_retries"
+
+    id: Mapped[uuid.UUID] = _pk()
+    queue_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("call_queue.id", ondelete="CASCADE"))
+    assignment_id: Mapped[uuid.UUID | None] = mapped_column(
+        ForeignKey("call_assignments.id", ondelete="SET NULL"), unique=True
+    )
+    provider_id: Mapped[uuid.UUID | None] = mapped_column(
+        ForeignKey("call_service_providers.id", ondelete="SET NULL")
+    )
+    attempt: Mapped[int] = mapped_column(Integer)
+    reason: Mapped[str]
+    error: Mapped[str | None]
+    next_attempt_at: Mapped[datetime | None]
+    created_at: Mapped[datetime] = _created()
+
+
+ALL_MODELS: tuple[type[Base], ...] = (
+    User,
+    SubscriptionPlan,
+    UserSubscription,
+    UserCallUsage,
+    CallTemplate,
+    CallHistory,
+    TemplateFavorite,
+    CallFeedback,
+    CallServiceProvider,
+    CallQueue,
+    ProviderAvailability,
+    CallAssignment,
+    CallRetry,
+)

@@ -1,0 +1,239 @@
+-- callq initial schema: user profiles, plans, subscriptions, usage, templates, history,
+-- favorites, feedback. Queue and provider tables follow in 20240101000100; functions in
+-- 20240101000200; grants and RLS policies in 20240101000300. Every table gets RLS enabled here
+-- (default deny) so no table is ever exposed between migrations.
+
+-- updated_at maintenance shared by every table that has the column.
+CREATE OR REPLACE FUNCTION public.set_updated_at() RETURNS trigger
+LANGUAGE plpgsql
+SET search_path = ''
+AS $$
+BEGIN
+  NEW.updated_at := now();
+  RETURN NEW;
+END
+$$;
+
+-- 1. users: the profile that extends auth.users (one row per auth user, same id).
+CREATE TABLE public.users (
+  id uuid PRIMARY KEY REFERENCES auth.users (id) ON DELETE CASCADE,
+  email text,
+  full_name text,
+  phone text CHECK (phone IS NULL OR phone ~ '^\+[1-9][0-9]{6,14}$'),
+  avatar_url text,
+  company_name text,
+  timezone text NOT NULL DEFAULT 'UTC',
+  is_admin boolean NOT NULL DEFAULT false,
+  metadata jsonb NOT NULL DEFAULT '{}'::jsonb CHECK (jsonb_typeof(metadata) = 'object'),
+  created_at timestamptz NOT NULL DEFAULT now(),
+  updated_at timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX users_email_idx ON public.users (email);
+
+-- 2. subscription_plans: price, interval, limits (NULL limit = unlimited), features.
+CREATE TABLE public.subscription_plans (
+  id uuid PRIMARY KEY DEFAULT gen_random_uuid(),
+  name text NOT NULL UNIQUE CHECK (length(btrim(name)) > 0),
+  description text,
+  price numeric(10, 2) NOT NULL DEFAULT 0 CHECK (price >= 0),
+  currency text NOT NULL DEFAULT 'USD' CHECK (currency ~ '^[A-Z]{3}$'),
+  billing_interval text NOT NULL DEFAULT 'month' CHECK (billing_interval IN ('month', 'year')),
+  call_limit integer CHECK (call_limit >= 0),
+  minute_limit integer CHECK (minute_limit >= 0),
+  max_concurrent_calls integer NOT NULL DEFAULT 1 CHECK (max_concurrent_calls >= 1),
+  features jsonb NOT NULL DEFAULT '{}'::jsonb CHECK (jsonb_typeof(features) = 'object'),
+  is_active boolean NOT NULL DEFAULT true,
+  created_at timestamptz NOT NULL DEFAULT now(),
+  updated_at timestamptz NOT NULL DEFAULT now()
+);
+
+-- 3. user_subscriptions: a user's plan and billing period; at most one live one per user.
+CREATE TABLE public.user_subscriptions (
+  id uuid PRIMARY KEY DEFAULT gen_random_uuid(),
+  user_id uuid NOT NULL REFERENCES public.users (id) ON DELETE CASCADE,
+  -- a plan with subscribers cannot be deleted (deactivate it instead)
+  plan_id uuid NOT NULL REFERENCES public.subscription_plans (id) ON DELETE RESTRICT,
+  status text NOT NULL DEFAULT 'active'
+    CHECK (status IN ('trialing', 'active', 'past_due', 'canceled', 'expired')),
+  current_period_start timestamptz NOT NULL DEFAULT now(),
+  current_period_end timestamptz NOT NULL DEFAULT (now() + interval '1 month'),
+  cancel_at_period_end boolean NOT NULL DEFAULT false,
+  canceled_at timestamptz,
+  external_customer_id text,
+  external_subscription_id text UNIQUE,
+  created_at timestamptz NOT NULL DEFAULT now(),
+  updated_at timestamptz NOT NULL DEFAULT now(),
+  CHECK (current_period_end > current_period_start)
+);
+CREATE UNIQUE INDEX user_subscriptions_one_live_idx
+  ON public.user_subscriptions (user_id) WHERE status IN ('trialing', 'active');
+CREATE INDEX user_subscriptions_user_idx ON public.user_subscriptions (user_id);
+CREATE INDEX user_subscriptions_plan_idx ON public.user_subscriptions (plan_id);
+CREATE INDEX user_subscriptions_period_end_idx
+  ON public.user_subscriptions (current_period_end) WHERE status IN ('trialing', 'active');
+
+-- 4. user_call_usage: calls and minutes per user per billing period, with what is left.
+CREATE TABLE public.user_call_usage (
+  id uuid PRIMARY KEY DEFAULT gen_random_uuid(),
+  user_id uuid NOT NULL REFERENCES public.users (id) ON DELETE CASCADE,
+  -- usage outlives a deleted subscription row (billing records)
+  subscription_id uuid REFERENCES public.user_subscriptions (id) ON DELETE SET NULL,
+  period_start timestamptz NOT NULL,
+  period_end timestamptz NOT NULL,
+  calls_made integer NOT NULL DEFAULT 0 CHECK (calls_made >= 0),
+  minutes_used integer NOT NULL DEFAULT 0 CHECK (minutes_used >= 0),
+  calls_limit integer CHECK (calls_limit >= 0),
+  minutes_limit integer CHECK (minutes_limit >= 0),
+  calls_remaining integer GENERATED ALWAYS AS
+    (CASE WHEN calls_limit IS NULL THEN NULL ELSE greatest(calls_limit - calls_made, 0) END) STORED,
+  minutes_remaining integer GENERATED ALWAYS AS
+    (CASE WHEN minutes_limit IS NULL THEN NULL ELSE greatest(minutes_limit - minutes_used, 0) END)
+    STORED,
+  created_at timestamptz NOT NULL DEFAULT now(),
+  updated_at timestamptz NOT NULL DEFAULT now(),
+  UNIQUE (user_id, period_start),
+  CHECK (period_end > period_start)
+);
+CREATE INDEX user_call_usage_subscription_idx ON public.user_call_usage (subscription_id);
+
+-- 5. call_templates: scripts; public ones are visible to every signed-in user.
+CREATE TABLE public.call_templates (
+  id uuid PRIMARY KEY DEFAULT gen_random_uuid(),
+  -- NULL = a system template (created by ops); a user's templates go with the user
+  created_by uuid REFERENCES public.users (id) ON DELETE CASCADE,
+  name text NOT NULL CHECK (length(btrim(name)) BETWEEN 1 AND 200),
+  description text,
+  category text,
+  tags text[] NOT NULL DEFAULT '{}',
+  script text NOT NULL,
+  -- declared variables: ["company_name", ...] or {"company_name": {"required": true}, ...}
+  variables jsonb NOT NULL DEFAULT '[]'::jsonb
+    CHECK (jsonb_typeof(variables) IN ('array', 'object')),
+  first_message text,
+  is_public boolean NOT NULL DEFAULT false,
+  usage_count integer NOT NULL DEFAULT 0 CHECK (usage_count >= 0),
+  created_at timestamptz NOT NULL DEFAULT now(),
+  updated_at timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX call_templates_created_by_idx ON public.call_templates (created_by);
+CREATE INDEX call_templates_public_idx ON public.call_templates (category) WHERE is_public;
+CREATE INDEX call_templates_tags_idx ON public.call_templates USING gin (tags);
+
+-- 6. call_history: one row per finished call (queue item). FKs to the queue, providers and
+-- assignments are added in 20240101000100 once those tables exist.
+CREATE TABLE public.call_history (
+  id uuid PRIMARY KEY DEFAULT gen_random_uuid(),
+  user_id uuid NOT NULL REFERENCES public.users (id) ON DELETE CASCADE,
+  -- history keeps the call when its template is deleted
+  template_id uuid REFERENCES public.call_templates (id) ON DELETE SET NULL,
+  queue_id uuid,
+  assignment_id uuid,
+  provider_id uuid,
+  recipient_name text NOT NULL,
+  recipient_phone text NOT NULL CHECK (recipient_phone ~ '^\+[1-9][0-9]{6,14}$'),
+  recipient_email text,
+  status text NOT NULL
+    CHECK (status IN ('completed', 'failed', 'canceled', 'busy', 'no_answer', 'voicemail')),
+  started_at timestamptz,
+  ended_at timestamptz,
+  duration_seconds numeric(12, 3) CHECK (duration_seconds >= 0),
+  recording_url text,
+  transcript text,
+  cost numeric(12, 4) CHECK (cost >= 0),
+  provider_call_id text,
+  attempts integer NOT NULL DEFAULT 0 CHECK (attempts >= 0),
+  error text,
+  metadata jsonb NOT NULL DEFAULT '{}'::jsonb,
+  created_at timestamptz NOT NULL DEFAULT now(),
+  updated_at timestamptz NOT NULL DEFAULT now(),
+  CHECK (ended_at IS NULL OR started_at IS NULL OR ended_at >= started_at)
+);
+-- a user's history, newest first
+CREATE INDEX call_history_user_created_idx ON public.call_history (user_id, created_at DESC);
+-- one history row per queue item and per assignment: what makes completion idempotent
+CREATE UNIQUE INDEX call_history_queue_idx ON public.call_history (queue_id);
+CREATE UNIQUE INDEX call_history_assignment_idx ON public.call_history (assignment_id);
+CREATE INDEX call_history_template_idx ON public.call_history (template_id);
+CREATE INDEX call_history_provider_idx ON public.call_history (provider_id);
+
+-- 7. template_favorites
+CREATE TABLE public.template_favorites (
+  id uuid PRIMARY KEY DEFAULT gen_random_uuid(),
+  user_id uuid NOT NULL REFERENCES public.users (id) ON DELETE CASCADE,
+  template_id uuid NOT NULL REFERENCES public.call_templates (id) ON DELETE CASCADE,
+  created_at timestamptz NOT NULL DEFAULT now(),
+  UNIQUE (user_id, template_id)
+);
+CREATE INDEX template_favorites_template_idx ON public.template_favorites (template_id);
+
+-- 8. call_feedback: one rating per user per call.
+CREATE TABLE public.call_feedback (
+  id uuid PRIMARY KEY DEFAULT gen_random_uuid(),
+  call_id uuid NOT NULL REFERENCES public.call_history (id) ON DELETE CASCADE,
+  user_id uuid NOT NULL REFERENCES public.users (id) ON DELETE CASCADE,
+  rating smallint NOT NULL CHECK (rating BETWEEN 1 AND 5),
+  comment text CHECK (comment IS NULL OR length(comment) <= 5000),
+  created_at timestamptz NOT NULL DEFAULT now(),
+  updated_at timestamptz NOT NULL DEFAULT now(),
+  UNIQUE (call_id, user_id)
+);
+CREATE INDEX call_feedback_user_idx ON public.call_feedback (user_id);
+
+CREATE TRIGGER users_updated_at BEFORE UPDATE ON public.users
+  FOR EACH ROW EXECUTE FUNCTION public.set_updated_at();
+CREATE TRIGGER subscription_plans_updated_at BEFORE UPDATE ON public.subscription_plans
+  FOR EACH ROW EXECUTE FUNCTION public.set_updated_at();
+CREATE TRIGGER user_subscriptions_updated_at BEFORE UPDATE ON public.user_subscriptions
+  FOR EACH ROW EXECUTE FUNCTION public.set_updated_at();
+CREATE TRIGGER user_call_usage_updated_at BEFORE UPDATE ON public.user_call_usage
+  FOR EACH ROW EXECUTE FUNCTION public.set_updated_at();
+CREATE TRIGGER call_templates_updated_at BEFORE UPDATE ON public.call_templates
+  FOR EACH ROW EXECUTE FUNCTION public.set_updated_at();
+CREATE TRIGGER call_history_updated_at BEFORE UPDATE ON public.call_history
+  FOR EACH ROW EXECUTE FUNCTION public.set_updated_at();
+CREATE TRIGGER call_feedback_updated_at BEFORE UPDATE ON public.call_feedback
+  FOR EACH ROW EXECUTE FUNCTION public.set_updated_at();
+
+-- Supabase convention: a profile row appears when an auth user is created.
+CREATE OR REPLACE FUNCTION public.handle_new_user() RETURNS trigger
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = ''
+AS $$
+BEGIN
+  INSERT INTO public.users (id, email, full_name, avatar_url)
+  VALUES (
+    NEW.id,
+    NEW.email,
+    NEW.raw_user_meta_data ->> 'full_name',
+    NEW.raw_user_meta_data ->> 'avatar_url'
+  )
+  ON CONFLICT (id) DO NOTHING;
+  RETURN NEW;
+END
+$$;
+
+CREATE TRIGGER on_auth_user_created AFTER INSERT ON auth.users
+  FOR EACH ROW EXECUTE FUNCTION public.handle_new_user();
+
+-- Admin = public.users.is_admin (set only by service_role/SQL; users cannot update the column).
+-- SECURITY DEFINER so policies can consult users without recursing into its own RLS.
+CREATE OR REPLACE FUNCTION public.is_admin() RETURNS boolean
+LANGUAGE sql STABLE
+SECURITY DEFINER
+SET search_path = ''
+AS $$
+  SELECT coalesce(
+    (SELECT u.is_admin FROM public.users u WHERE u.id = auth.uid()),
+    false
+  )
+$$;
+
+ALTER TABLE public.users ENABLE ROW LEVEL SECURITY;
+ALTER TABLE public.subscription_plans ENABLE ROW LEVEL SECURITY;
+ALTER TABLE public.user_subscriptions ENABLE ROW LEVEL SECURITY;
+ALTER TABLE public.user_call_usage ENABLE ROW LEVEL SECURITY;
+ALTER TABLE public.call_templates ENABLE ROW LEVEL SECURITY;
+ALTER TABLE public.call_history ENABLE ROW LEVEL SECURITY;
+ALTER TABLE public.template_favorites ENABLE ROW LEVEL SECURITY;
+ALTER TABLE public.call_feedback ENABLE ROW LEVEL SECURITY;

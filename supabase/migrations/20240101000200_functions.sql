@@ -1,0 +1,894 @@
+-- The queue's functions. Ordering convention everywhere: lower priority number first (1 = most
+-- urgent), then earlier scheduled_time, then earlier created_at.
+--
+-- Lock order (to stay deadlock free): call_queue row -> call_assignments row ->
+-- provider_availability row. claim_and_assign_calls locks availability first but takes queue
+-- rows only with SKIP LOCKED, so it never waits on a queue row.
+--
+-- Only schedule_call (called by app users) and is_admin (used by policies) are SECURITY
+-- DEFINER; the worker functions run with the caller's rights (service_role or callq_worker,
+-- which hold the table privileges and RLS policies given in 20240101000300).
+
+-- Live assignment states (hold a provider slot).
+-- ('assigned', 'dialing', 'placed')
+
+-- Give one slot back to a provider: never below 0 calls, never above max free slots.
+CREATE OR REPLACE FUNCTION public.free_provider_slot(p_provider_id uuid) RETURNS void
+LANGUAGE sql
+SET search_path = ''
+AS $$
+  UPDATE public.provider_availability pa
+     SET current_calls = pa.current_calls - 1,
+         available_slots = greatest(least(pa.available_slots + 1,
+                                          p.max_concurrent_calls - (pa.current_calls - 1)), 0)
+    FROM public.call_service_providers p
+   WHERE pa.provider_id = p_provider_id AND p.id = pa.provider_id AND pa.current_calls > 0;
+$$;
+
+-- ---------------------------------------------------------------------------------------------
+-- schedule_call: validate and enqueue. SECURITY DEFINER because app users may not write the
+-- queue directly; as role authenticated it only acts for auth.uid().
+CREATE OR REPLACE FUNCTION public.schedule_call(
+  p_user_id uuid,
+  p_template_id uuid,
+  p_recipient_name text,
+  p_recipient_phone text,
+  p_recipient_email text DEFAULT NULL,
+  p_scheduled_time timestamptz DEFAULT NULL,
+  p_priority int DEFAULT 5,
+  p_custom_variables jsonb DEFAULT '{}',
+  p_metadata jsonb DEFAULT '{}',
+  p_idempotency_key text DEFAULT NULL
+) RETURNS uuid
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = ''
+AS $$
+DECLARE
+  v_role text := coalesce(nullif(current_setting('role', true), 'none'), session_user::text);
+  v_sub record;
+  v_used integer;
+  v_pending integer;
+  v_id uuid;
+  v_when timestamptz := greatest(coalesce(p_scheduled_time, now()), now());
+  v_priority integer := coalesce(p_priority, 5);
+  v_vars jsonb := coalesce(p_custom_variables, '{}'::jsonb);
+  v_meta jsonb := coalesce(p_metadata, '{}'::jsonb);
+BEGIN
+  -- Authorization first, so an app user learns nothing about other users.
+  IF v_role IN ('anon', 'authenticated')
+     AND (auth.uid() IS NULL OR p_user_id IS DISTINCT FROM auth.uid()) THEN
+    RAISE EXCEPTION USING ERRCODE = 'CQ008',
+      MESSAGE = 'not_authorized: cannot schedule calls for another user';
+  END IF;
+
+  IF p_user_id IS NULL OR NOT EXISTS (SELECT 1 FROM public.users u WHERE u.id = p_user_id) THEN
+    RAISE EXCEPTION USING ERRCODE = 'CQ001', MESSAGE = 'user_not_found: ' || coalesce(p_user_id::text, 'NULL');
+  END IF;
+
+  -- A retried request returns the first call's id (before the limit check: the first call
+  -- may have used the last allowance).
+  IF p_idempotency_key IS NOT NULL THEN
+    SELECT q.id INTO v_id FROM public.call_queue q
+     WHERE q.user_id = p_user_id AND q.idempotency_key = p_idempotency_key;
+    IF FOUND THEN
+      RETURN v_id;
+    END IF;
+  END IF;
+
+  -- The live subscription, locked so concurrent schedules of one user count each other.
+  SELECT s.id, s.current_period_start, s.current_period_end, pl.call_limit
+    INTO v_sub
+    FROM public.user_subscriptions s
+    JOIN public.subscription_plans pl ON pl.id = s.plan_id
+   WHERE s.user_id = p_user_id AND s.status IN ('active', 'trialing')
+     AND s.current_period_end > now()
+   ORDER BY s.current_period_end DESC
+   LIMIT 1
+     FOR NO KEY UPDATE OF s;
+  IF NOT FOUND THEN
+    RAISE EXCEPTION USING ERRCODE = 'CQ002', MESSAGE = 'no_active_subscription: ' || p_user_id;
+  END IF;
+
+  IF v_sub.call_limit IS NOT NULL THEN
+    SELECT coalesce(max(u.calls_made), 0) INTO v_used
+      FROM public.user_call_usage u
+     WHERE u.user_id = p_user_id AND u.period_start = v_sub.current_period_start;
+    SELECT count(*) INTO v_pending
+      FROM public.call_queue q
+     WHERE q.user_id = p_user_id
+       AND q.status IN ('queued', 'claimed', 'assigned', 'dialing', 'in_progress');
+    IF v_used + v_pending >= v_sub.call_limit THEN
+      RAISE EXCEPTION USING ERRCODE = 'CQ003',
+        MESSAGE = format('call_limit_reached: %s of %s calls used or pending this period',
+                         v_used + v_pending, v_sub.call_limit);
+    END IF;
+  END IF;
+
+  IF p_template_id IS NULL OR NOT EXISTS (
+       SELECT 1 FROM public.call_templates t
+        WHERE t.id = p_template_id AND (t.is_public OR t.created_by = p_user_id)) THEN
+    RAISE EXCEPTION USING ERRCODE = 'CQ004', MESSAGE = 'template_not_found: ' || coalesce(p_template_id::text, 'NULL');
+  END IF;
+
+  IF p_recipient_phone IS NULL OR p_recipient_phone !~ '^\+[1-9][0-9]{6,14}$' THEN
+    RAISE EXCEPTION USING ERRCODE = 'CQ005',
+      MESSAGE = 'invalid_phone: recipient_phone must be E.164 (+ then 7 to 15 digits)';
+  END IF;
+
+  IF v_priority NOT BETWEEN 1 AND 10 THEN
+    RAISE EXCEPTION USING ERRCODE = 'CQ006', MESSAGE = 'invalid_priority: must be 1..10, got ' || v_priority;
+  END IF;
+
+  IF jsonb_typeof(v_vars) <> 'object' THEN
+    RAISE EXCEPTION USING ERRCODE = 'CQ007', MESSAGE = 'invalid_custom_variables: must be a JSON object';
+  END IF;
+
+  IF p_recipient_name IS NULL OR length(btrim(p_recipient_name)) NOT BETWEEN 1 AND 200 THEN
+    RAISE EXCEPTION USING ERRCODE = 'CQ009', MESSAGE = 'invalid_recipient: name must be 1..200 characters';
+  END IF;
+  IF p_recipient_email IS NOT NULL
+     AND p_recipient_email !~ '^[^@[:space:]]+@[^@[:space:]]+\.[^@[:space:]]+$' THEN
+    RAISE EXCEPTION USING ERRCODE = 'CQ009', MESSAGE = 'invalid_recipient: malformed email';
+  END IF;
+
+  IF jsonb_typeof(v_meta) <> 'object' THEN
+    RAISE EXCEPTION USING ERRCODE = 'CQ010', MESSAGE = 'invalid_metadata: must be a JSON object';
+  END IF;
+
+  INSERT INTO public.call_queue (user_id, template_id, recipient_name, recipient_phone,
+                                 recipient_email, priority, scheduled_time, custom_variables,
+                                 metadata, idempotency_key)
+  VALUES (p_user_id, p_template_id, btrim(p_recipient_name), p_recipient_phone,
+          p_recipient_email, v_priority, v_when, v_vars, v_meta, p_idempotency_key)
+  ON CONFLICT (user_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
+  RETURNING id INTO v_id;
+
+  IF v_id IS NULL THEN  -- a concurrent request with the same key won
+    SELECT q.id INTO v_id FROM public.call_queue q
+     WHERE q.user_id = p_user_id AND q.idempotency_key = p_idempotency_key;
+    RETURN v_id;
+  END IF;
+
+  IF v_when <= now() THEN
+    PERFORM pg_notify('callq_queue', '');  -- wake the dispatchers; no PII in the payload
+  END IF;
+  RETURN v_id;
+END
+$$;
+
+-- ---------------------------------------------------------------------------------------------
+-- claim_due_calls: claim up to p_limit due calls (status -> claimed, with a lease).
+CREATE OR REPLACE FUNCTION public.claim_due_calls(
+  p_limit int DEFAULT 50,
+  p_worker text DEFAULT NULL,
+  p_lease_seconds int DEFAULT 60
+) RETURNS TABLE (queue_id uuid, user_id uuid, template_id uuid, priority int,
+                 scheduled_time timestamptz, attempts int)
+LANGUAGE sql
+SET search_path = ''
+AS $$
+  WITH due AS (
+    SELECT q.id
+      FROM public.call_queue q
+     WHERE q.status = 'queued' AND q.scheduled_time <= now()
+     ORDER BY q.priority, q.scheduled_time, q.created_at
+     LIMIT greatest(p_limit, 0)
+       FOR UPDATE SKIP LOCKED
+  )
+  UPDATE public.call_queue q
+     SET status = 'claimed', claimed_by = p_worker, claimed_at = now(),
+         lease_expires_at = now() + make_interval(secs => p_lease_seconds)
+    FROM due
+   WHERE q.id = due.id
+  RETURNING q.id, q.user_id, q.template_id, q.priority, q.scheduled_time, q.attempts;
+$$;
+
+-- get_next_call_in_queue: claim the single next due call (60 s lease); zero rows when none.
+CREATE OR REPLACE FUNCTION public.get_next_call_in_queue()
+RETURNS TABLE (queue_id uuid, user_id uuid, template_id uuid, priority int,
+               scheduled_time timestamptz, attempts int)
+LANGUAGE sql
+SET search_path = ''
+AS $$
+  SELECT * FROM public.claim_due_calls(1, NULL, 60);
+$$;
+
+-- ---------------------------------------------------------------------------------------------
+-- get_best_available_provider: active, circuit closed, not offline, with a free slot and the
+-- required capabilities, not excluded; lowest priority number, then lowest load.
+CREATE OR REPLACE FUNCTION public.get_best_available_provider(
+  p_required_capabilities jsonb DEFAULT NULL,
+  p_exclude uuid[] DEFAULT NULL
+) RETURNS uuid
+LANGUAGE sql STABLE
+SET search_path = ''
+AS $$
+  SELECT p.id
+    FROM public.call_service_providers p
+    JOIN public.provider_availability pa ON pa.provider_id = p.id
+   WHERE p.is_active
+     AND pa.status <> 'offline'
+     AND (pa.circuit_open_until IS NULL OR pa.circuit_open_until <= now())
+     AND pa.available_slots > 0
+     AND (p_required_capabilities IS NULL OR p.capabilities @> p_required_capabilities)
+     AND (p_exclude IS NULL OR NOT (p.id = ANY (p_exclude)))
+   ORDER BY p.priority,
+            pa.current_calls::numeric / p.max_concurrent_calls,
+            pa.status = 'degraded',
+            p.id
+   LIMIT 1;
+$$;
+
+-- ---------------------------------------------------------------------------------------------
+-- assign_call_to_provider: take a slot, insert the assignment, queue -> assigned.
+-- NULL and no change when the call is not queued/claimed or the provider has no free slot.
+CREATE OR REPLACE FUNCTION public.assign_call_to_provider(p_queue_id uuid, p_provider_id uuid)
+RETURNS uuid
+LANGUAGE plpgsql
+SET search_path = ''
+AS $$
+DECLARE
+  v_q record;
+  v_id uuid;
+BEGIN
+  SELECT q.status, q.attempts, q.lease_expires_at INTO v_q
+    FROM public.call_queue q WHERE q.id = p_queue_id FOR UPDATE;
+  IF NOT FOUND OR v_q.status NOT IN ('queued', 'claimed') THEN
+    RETURN NULL;
+  END IF;
+
+  UPDATE public.provider_availability pa
+     SET current_calls = pa.current_calls + 1,
+         available_slots = pa.available_slots - 1,
+         total_calls = pa.total_calls + 1
+   WHERE pa.provider_id = p_provider_id
+     AND pa.available_slots > 0
+     AND EXISTS (SELECT 1 FROM public.call_service_providers p
+                  WHERE p.id = p_provider_id AND p.is_active);
+  IF NOT FOUND THEN
+    RETURN NULL;
+  END IF;
+
+  INSERT INTO public.call_assignments (queue_id, provider_id, state, attempt)
+  VALUES (p_queue_id, p_provider_id, 'assigned', v_q.attempts + 1)
+  RETURNING id INTO v_id;
+
+  UPDATE public.call_queue q
+     SET status = 'assigned',
+         claimed_at = coalesce(q.claimed_at, now()),
+         lease_expires_at = greatest(coalesce(q.lease_expires_at, now()), now() + interval '60 seconds')
+   WHERE q.id = p_queue_id;
+  RETURN v_id;
+END
+$$;
+
+-- ---------------------------------------------------------------------------------------------
+-- claim_and_assign_calls: the worker's hot path. Set-based:
+--   1. lock the eligible providers' availability rows once (in id order) and count free slots;
+--   2. claim up to min(p_limit, free slots) due calls with SKIP LOCKED;
+--   3. calls without exclusions or capability needs (the common case) are paired with slots
+--      ranked by (provider priority, load after taking the slot) in one statement: one UPDATE of
+--      availability, one INSERT of assignments, one UPDATE of the queue rows;
+--   4. the few calls with exclusions/capabilities are placed one by one on what is left.
+-- Calls that got no provider are not modified (they stay queued).
+CREATE OR REPLACE FUNCTION public.claim_and_assign_calls(
+  p_limit int DEFAULT 50,
+  p_worker text DEFAULT NULL,
+  p_lease_seconds int DEFAULT 60
+) RETURNS TABLE (queue_id uuid, assignment_id uuid, provider_id uuid)
+LANGUAGE plpgsql
+SET search_path = ''
+AS $$
+#variable_conflict use_column
+DECLARE
+  v_free integer;
+  v_ids uuid[];
+  v_special uuid[];
+  v_lease interval := make_interval(secs => p_lease_seconds);
+  v_pid uuid;
+  v_aid uuid;
+  v_row record;
+BEGIN
+  SELECT coalesce(sum(x.available_slots), 0) INTO v_free FROM (
+    SELECT pa.available_slots
+      FROM public.provider_availability pa
+      JOIN public.call_service_providers p ON p.id = pa.provider_id
+     WHERE p.is_active AND pa.status <> 'offline'
+       AND (pa.circuit_open_until IS NULL OR pa.circuit_open_until <= now())
+     ORDER BY pa.provider_id
+       FOR NO KEY UPDATE OF pa
+  ) x;
+  IF v_free = 0 OR p_limit <= 0 THEN
+    RETURN;
+  END IF;
+
+  SELECT array_agg(d.id ORDER BY d.priority, d.scheduled_time, d.created_at),
+         array_agg(d.id) FILTER (WHERE cardinality(d.excluded_provider_ids) > 0
+                                   OR d.required_capabilities IS NOT NULL)
+    INTO v_ids, v_special
+    FROM (
+      SELECT q.id, q.priority, q.scheduled_time, q.created_at, q.excluded_provider_ids,
+             q.required_capabilities
+        FROM public.call_queue q
+       WHERE q.status = 'queued' AND q.scheduled_time <= now()
+       ORDER BY q.priority, q.scheduled_time, q.created_at
+       LIMIT least(p_limit, v_free)
+         FOR UPDATE SKIP LOCKED
+    ) d;
+  IF v_ids IS NULL THEN
+    RETURN;
+  END IF;
+
+  RETURN QUERY
+  WITH eligible AS (
+    SELECT pa.provider_id, pa.current_calls, pa.available_slots, p.priority,
+           p.max_concurrent_calls
+      FROM public.provider_availability pa
+      JOIN public.call_service_providers p ON p.id = pa.provider_id
+     WHERE p.is_active AND pa.status <> 'offline' AND pa.available_slots > 0
+       AND (pa.circuit_open_until IS NULL OR pa.circuit_open_until <= now())
+  ), slots AS (
+    SELECT e.provider_id,
+           row_number() OVER (ORDER BY e.priority,
+                                       (e.current_calls + n)::numeric / e.max_concurrent_calls,
+                                       e.provider_id, n) AS rn
+      FROM eligible e, generate_series(1, e.available_slots) AS n
+  ), calls AS (
+    SELECT c.id, c.ord AS ord0, row_number() OVER (ORDER BY c.ord) AS rn
+      FROM unnest(v_ids) WITH ORDINALITY AS c(id, ord)
+     WHERE v_special IS NULL OR NOT (c.id = ANY (v_special))
+  ), matched AS (
+    SELECT c.id AS queue_id, s.provider_id, gen_random_uuid() AS assignment_id
+      FROM calls c JOIN slots s ON s.rn = c.rn
+  ), take AS (
+    UPDATE public.provider_availability pa
+       SET current_calls = pa.current_calls + m.n,
+           available_slots = pa.available_slots - m.n,
+           total_calls = pa.total_calls + m.n
+      FROM (SELECT matched.provider_id, count(*)::int AS n FROM matched
+             GROUP BY matched.provider_id) m
+     WHERE pa.provider_id = m.provider_id
+    RETURNING pa.provider_id
+  ), ins AS (
+    INSERT INTO public.call_assignments (id, queue_id, provider_id, state, attempt)
+    SELECT m.assignment_id, m.queue_id, m.provider_id, 'assigned', q.attempts + 1
+      FROM matched m JOIN public.call_queue q ON q.id = m.queue_id
+    RETURNING call_assignments.id
+  ), upd AS (
+    UPDATE public.call_queue q
+       SET status = 'assigned', claimed_by = p_worker, claimed_at = now(),
+           lease_expires_at = now() + v_lease
+      FROM matched m
+     WHERE q.id = m.queue_id
+    RETURNING q.id
+  )
+  -- (data-modifying CTEs always run to completion, referenced or not)
+  SELECT m.queue_id, m.assignment_id, m.provider_id FROM matched m;
+
+  IF v_special IS NOT NULL THEN
+    FOR v_row IN
+      SELECT q.id, q.excluded_provider_ids, q.required_capabilities
+        FROM unnest(v_ids) WITH ORDINALITY AS c(id, ord)
+        JOIN public.call_queue q ON q.id = c.id
+       WHERE c.id = ANY (v_special)
+       ORDER BY c.ord
+    LOOP
+      v_pid := public.get_best_available_provider(v_row.required_capabilities,
+                                                  v_row.excluded_provider_ids);
+      CONTINUE WHEN v_pid IS NULL;
+      v_aid := public.assign_call_to_provider(v_row.id, v_pid);
+      CONTINUE WHEN v_aid IS NULL;
+      UPDATE public.call_queue q
+         SET claimed_by = p_worker, claimed_at = now(), lease_expires_at = now() + v_lease
+       WHERE q.id = v_row.id;
+      queue_id := v_row.id;
+      assignment_id := v_aid;
+      provider_id := v_pid;
+      RETURN NEXT;
+    END LOOP;
+  END IF;
+END
+$$;
+
+-- ---------------------------------------------------------------------------------------------
+-- mark_call_dialing: assigned -> dialing, counts the attempt. FALSE when already past
+-- assigned (or released): the caller must not dial. The never-dial-twice gate.
+CREATE OR REPLACE FUNCTION public.mark_call_dialing(p_assignment_id uuid) RETURNS boolean
+LANGUAGE plpgsql
+SET search_path = ''
+AS $$
+DECLARE
+  v_qid uuid;
+BEGIN
+  SELECT a.queue_id INTO v_qid FROM public.call_assignments a WHERE a.id = p_assignment_id;
+  IF NOT FOUND THEN
+    RETURN false;
+  END IF;
+  PERFORM 1 FROM public.call_queue q WHERE q.id = v_qid FOR UPDATE;
+
+  UPDATE public.call_assignments a
+     SET state = 'dialing', dialing_at = now()
+   WHERE a.id = p_assignment_id AND a.state = 'assigned';
+  IF NOT FOUND THEN
+    RETURN false;
+  END IF;
+
+  UPDATE public.call_queue q
+     SET status = 'dialing', attempts = q.attempts + 1,
+         lease_expires_at = now() + interval '120 seconds'
+   WHERE q.id = v_qid;
+  RETURN true;
+END
+$$;
+
+-- mark_call_placed: dialing -> placed; queue -> in_progress; first poll in 15 s.
+-- TRUE also when repeated with the same provider call id (a retried request).
+CREATE OR REPLACE FUNCTION public.mark_call_placed(p_assignment_id uuid, p_provider_call_id text)
+RETURNS boolean
+LANGUAGE plpgsql
+SET search_path = ''
+AS $$
+DECLARE
+  v_a record;
+BEGIN
+  SELECT a.queue_id, a.state, a.provider_call_id INTO v_a
+    FROM public.call_assignments a WHERE a.id = p_assignment_id;
+  IF NOT FOUND THEN
+    RETURN false;
+  END IF;
+  PERFORM 1 FROM public.call_queue q WHERE q.id = v_a.queue_id FOR UPDATE;
+
+  UPDATE public.call_assignments a
+     SET state = 'placed', placed_at = now(), provider_call_id = p_provider_call_id,
+         next_poll_at = now() + interval '15 seconds'
+   WHERE a.id = p_assignment_id AND a.state = 'dialing';
+  IF NOT FOUND THEN
+    RETURN EXISTS (SELECT 1 FROM public.call_assignments a
+                    WHERE a.id = p_assignment_id AND a.state = 'placed'
+                      AND a.provider_call_id IS NOT DISTINCT FROM p_provider_call_id);
+  END IF;
+
+  UPDATE public.call_queue q
+     SET status = 'in_progress', lease_expires_at = now() + interval '1 hour'
+   WHERE q.id = v_a.queue_id;
+  RETURN true;
+END
+$$;
+
+-- Add a provider to a call's exclusion list; if that would exclude every active provider,
+-- clear the list instead so the call is not stranded.
+CREATE OR REPLACE FUNCTION public.exclude_provider(p_excluded uuid[], p_provider_id uuid)
+RETURNS uuid[]
+LANGUAGE sql STABLE
+SET search_path = ''
+AS $$
+  SELECT CASE
+    WHEN p_provider_id IS NULL THEN p_excluded
+    WHEN NOT EXISTS (
+      SELECT 1 FROM public.call_service_providers p
+       WHERE p.is_active AND p.id <> p_provider_id AND NOT (p.id = ANY (p_excluded)))
+      THEN '{}'::uuid[]
+    WHEN p_provider_id = ANY (p_excluded) THEN p_excluded
+    ELSE array_append(p_excluded, p_provider_id)
+  END;
+$$;
+
+-- release_assignment: for calls proven never dialed. Frees the slot, assignment -> released,
+-- queue -> queued (due now) with attempts unchanged (an attempt counted by mark_call_dialing is
+-- given back). Reasons starting with "provider" (e.g. provider_error, provider_unavailable) or
+-- equal to circuit_open / rate_limited exclude the provider from the next attempt.
+CREATE OR REPLACE FUNCTION public.release_assignment(p_assignment_id uuid, p_reason text)
+RETURNS boolean
+LANGUAGE plpgsql
+SET search_path = ''
+AS $$
+DECLARE
+  v_a record;
+  v_prev text;
+BEGIN
+  SELECT a.queue_id, a.provider_id INTO v_a
+    FROM public.call_assignments a WHERE a.id = p_assignment_id;
+  IF NOT FOUND THEN
+    RETURN false;
+  END IF;
+  PERFORM 1 FROM public.call_queue q WHERE q.id = v_a.queue_id FOR UPDATE;
+
+  SELECT a.state INTO v_prev FROM public.call_assignments a
+   WHERE a.id = p_assignment_id FOR UPDATE;
+  IF v_prev NOT IN ('assigned', 'dialing') THEN
+    RETURN false;
+  END IF;
+  UPDATE public.call_assignments a
+     SET state = 'released', ended_at = now(), outcome = 'released', error = p_reason
+   WHERE a.id = p_assignment_id;
+
+  PERFORM public.free_provider_slot(v_a.provider_id);
+
+  UPDATE public.call_queue q
+     SET status = 'queued',
+         attempts = CASE WHEN v_prev = 'dialing' THEN greatest(q.attempts - 1, 0) ELSE q.attempts END,
+         claimed_by = NULL, claimed_at = NULL, lease_expires_at = NULL,
+         last_error = p_reason,
+         excluded_provider_ids = CASE
+           WHEN p_reason LIKE 'provider%' OR p_reason IN ('circuit_open', 'rate_limited')
+             THEN public.exclude_provider(q.excluded_provider_ids, v_a.provider_id)
+           ELSE q.excluded_provider_ids END
+   WHERE q.id = v_a.queue_id AND q.status IN ('claimed', 'assigned', 'dialing');
+  RETURN true;
+END
+$$;
+
+-- ---------------------------------------------------------------------------------------------
+-- Usage: one call and ceil(duration / 60) minutes added to the user's current period.
+CREATE OR REPLACE FUNCTION public.add_call_usage(p_user_id uuid, p_duration_seconds numeric)
+RETURNS void
+LANGUAGE plpgsql
+SET search_path = ''
+AS $$
+DECLARE
+  v_sub record;
+  v_start timestamptz;
+  v_end timestamptz;
+BEGIN
+  SELECT s.id, s.current_period_start, s.current_period_end, pl.call_limit, pl.minute_limit
+    INTO v_sub
+    FROM public.user_subscriptions s
+    JOIN public.subscription_plans pl ON pl.id = s.plan_id
+   WHERE s.user_id = p_user_id AND s.status IN ('active', 'trialing', 'past_due')
+   ORDER BY s.current_period_end DESC
+   LIMIT 1;
+  IF FOUND THEN
+    v_start := v_sub.current_period_start;
+    v_end := v_sub.current_period_end;
+  ELSE  -- no subscription: account the calendar month
+    v_start := date_trunc('month', now());
+    v_end := v_start + interval '1 month';
+  END IF;
+
+  INSERT INTO public.user_call_usage AS u (user_id, subscription_id, period_start, period_end,
+                                           calls_made, minutes_used, calls_limit, minutes_limit)
+  VALUES (p_user_id, v_sub.id, v_start, v_end, 1,
+          ceil(coalesce(p_duration_seconds, 0) / 60.0)::int, v_sub.call_limit, v_sub.minute_limit)
+  ON CONFLICT (user_id, period_start) DO UPDATE
+     SET calls_made = u.calls_made + 1,
+         minutes_used = u.minutes_used + EXCLUDED.minutes_used;
+END
+$$;
+
+-- complete_call: history row, slot freed, usage and provider stats, queue -> completed.
+-- Idempotent per assignment: a second call for an ended assignment returns the existing
+-- history id (NULL if the assignment ended without history, e.g. released) and changes nothing.
+CREATE OR REPLACE FUNCTION public.complete_call(
+  p_assignment_id uuid,
+  p_duration_seconds numeric DEFAULT NULL,
+  p_recording_url text DEFAULT NULL,
+  p_transcript text DEFAULT NULL,
+  p_cost numeric DEFAULT NULL,
+  p_provider_call_id text DEFAULT NULL,
+  p_started_at timestamptz DEFAULT NULL,
+  p_ended_at timestamptz DEFAULT NULL,
+  p_status text DEFAULT 'completed'
+) RETURNS uuid
+LANGUAGE plpgsql
+SET search_path = ''
+AS $$
+DECLARE
+  v_a record;
+  v_q record;
+  v_hid uuid;
+  v_state text;
+  v_qstatus text;
+BEGIN
+  IF p_status IS NULL OR p_status NOT IN ('completed', 'failed', 'canceled', 'busy', 'no_answer',
+                                          'voicemail') THEN
+    RAISE EXCEPTION USING ERRCODE = 'CQ012', MESSAGE = 'invalid_status: ' || coalesce(p_status, 'NULL');
+  END IF;
+
+  SELECT a.queue_id INTO v_a FROM public.call_assignments a WHERE a.id = p_assignment_id;
+  IF NOT FOUND THEN
+    RAISE EXCEPTION USING ERRCODE = 'CQ011', MESSAGE = 'assignment_not_found: ' || p_assignment_id;
+  END IF;
+  SELECT q.* INTO v_q FROM public.call_queue q WHERE q.id = v_a.queue_id FOR UPDATE;
+  SELECT a.* INTO v_a FROM public.call_assignments a WHERE a.id = p_assignment_id FOR UPDATE;
+
+  IF v_a.state NOT IN ('assigned', 'dialing', 'placed') THEN
+    SELECT h.id INTO v_hid FROM public.call_history h
+     WHERE h.assignment_id = p_assignment_id;
+    RETURN v_hid;
+  END IF;
+
+  v_state := CASE p_status WHEN 'canceled' THEN 'canceled'
+                           WHEN 'failed' THEN 'failed' ELSE 'completed' END;
+  v_qstatus := v_state;
+
+  UPDATE public.call_assignments a
+     SET state = v_state, ended_at = coalesce(p_ended_at, now()), outcome = p_status,
+         provider_call_id = coalesce(a.provider_call_id, p_provider_call_id), next_poll_at = NULL
+   WHERE a.id = p_assignment_id;
+
+  PERFORM public.free_provider_slot(v_a.provider_id);
+  UPDATE public.provider_availability pa
+     SET successful_calls = pa.successful_calls + CASE WHEN v_state = 'completed' THEN 1 ELSE 0 END,
+         failed_calls = pa.failed_calls + CASE WHEN v_state = 'failed' THEN 1 ELSE 0 END
+   WHERE pa.provider_id = v_a.provider_id;
+
+  INSERT INTO public.call_history (user_id, template_id, queue_id, assignment_id, provider_id,
+                                   recipient_name, recipient_phone, recipient_email, status,
+                                   started_at, ended_at, duration_seconds, recording_url,
+                                   transcript, cost, provider_call_id, attempts, metadata)
+  VALUES (v_q.user_id, v_q.template_id, v_q.id, p_assignment_id, v_a.provider_id,
+          v_q.recipient_name, v_q.recipient_phone, v_q.recipient_email, p_status,
+          coalesce(p_started_at, v_a.placed_at, v_a.dialing_at),
+          coalesce(p_ended_at, now()), p_duration_seconds, p_recording_url, p_transcript, p_cost,
+          coalesce(v_a.provider_call_id, p_provider_call_id), greatest(v_q.attempts, 1),
+          v_q.metadata)
+  RETURNING id INTO v_hid;
+
+  IF v_state <> 'canceled' THEN
+    PERFORM public.add_call_usage(v_q.user_id, p_duration_seconds);
+  END IF;
+
+  UPDATE public.call_queue q
+     SET status = v_qstatus, completed_at = now(), lease_expires_at = NULL
+   WHERE q.id = v_q.id;
+  RETURN v_hid;
+END
+$$;
+
+-- ---------------------------------------------------------------------------------------------
+-- record_provider_health: a health probe or call result. A success closes the circuit and
+-- marks the provider online; failures mark it degraded and, from the 5th in a row, open the
+-- circuit for 30 s (no new calls until then; then one success closes it again).
+CREATE OR REPLACE FUNCTION public.record_provider_health(
+  p_provider_id uuid,
+  p_ok boolean,
+  p_latency_ms numeric,
+  p_error text DEFAULT NULL
+) RETURNS text
+LANGUAGE sql
+SET search_path = ''
+AS $$
+  UPDATE public.provider_availability pa
+     SET last_check = now(),
+         latency_ms = coalesce(greatest(p_latency_ms, 0), pa.latency_ms),
+         consecutive_failures = CASE WHEN p_ok THEN 0 ELSE pa.consecutive_failures + 1 END,
+         status = CASE WHEN p_ok THEN 'online'
+                       WHEN pa.status = 'offline' THEN 'offline'
+                       ELSE 'degraded' END,
+         circuit_open_until = CASE
+           WHEN p_ok THEN NULL
+           WHEN pa.consecutive_failures + 1 >= 5 THEN now() + interval '30 seconds'
+           ELSE pa.circuit_open_until END,
+         last_error = CASE WHEN p_ok THEN pa.last_error ELSE p_error END
+   WHERE pa.provider_id = p_provider_id
+  RETURNING pa.status;
+$$;
+
+-- handle_failed_call: see docs/contracts.md. Returns 'retry_scheduled', 'failed', 'canceled'
+-- or 'noop' (assignment already ended: a duplicate webhook/poll changes nothing).
+-- Backoff: base * 2^(attempts-1), capped at 1 h, times a jitter factor in [0.8, 1.2);
+-- base 300 s for busy/no_answer/voicemail, 30 s for provider_error (provider excluded next
+-- time), rate_limited: p_retry_after_seconds (or 15 s) plus up to 20 % jitter.
+CREATE OR REPLACE FUNCTION public.handle_failed_call(
+  p_assignment_id uuid,
+  p_failure_kind text,
+  p_error text DEFAULT NULL,
+  p_retry_after_seconds int DEFAULT NULL,
+  p_duration_seconds numeric DEFAULT NULL,
+  p_provider_call_id text DEFAULT NULL
+) RETURNS text
+LANGUAGE plpgsql
+SET search_path = ''
+AS $$
+DECLARE
+  v_a record;
+  v_q record;
+  v_delay double precision;
+  v_next timestamptz;
+  v_final boolean;
+  v_hstatus text;
+BEGIN
+  IF p_failure_kind IS NULL OR p_failure_kind NOT IN ('busy', 'no_answer', 'voicemail',
+      'provider_error', 'rate_limited', 'permanent', 'canceled') THEN
+    RAISE EXCEPTION USING ERRCODE = 'CQ013',
+      MESSAGE = 'invalid_failure_kind: ' || coalesce(p_failure_kind, 'NULL');
+  END IF;
+
+  SELECT a.queue_id INTO v_a FROM public.call_assignments a WHERE a.id = p_assignment_id;
+  IF NOT FOUND THEN
+    RAISE EXCEPTION USING ERRCODE = 'CQ011', MESSAGE = 'assignment_not_found: ' || p_assignment_id;
+  END IF;
+  SELECT q.* INTO v_q FROM public.call_queue q WHERE q.id = v_a.queue_id FOR UPDATE;
+  SELECT a.* INTO v_a FROM public.call_assignments a WHERE a.id = p_assignment_id FOR UPDATE;
+  IF v_a.state NOT IN ('assigned', 'dialing', 'placed') THEN
+    RETURN 'noop';
+  END IF;
+
+  UPDATE public.call_assignments a
+     SET state = CASE WHEN p_failure_kind = 'canceled' THEN 'canceled' ELSE 'failed' END,
+         ended_at = now(), outcome = p_failure_kind, error = p_error, next_poll_at = NULL,
+         provider_call_id = coalesce(a.provider_call_id, p_provider_call_id)
+   WHERE a.id = p_assignment_id;
+
+  PERFORM public.free_provider_slot(v_a.provider_id);
+  IF p_failure_kind <> 'canceled' THEN
+    UPDATE public.provider_availability pa SET failed_calls = pa.failed_calls + 1
+     WHERE pa.provider_id = v_a.provider_id;
+  END IF;
+  IF p_failure_kind = 'provider_error' THEN
+    PERFORM public.record_provider_health(v_a.provider_id, false, NULL, p_error);
+  ELSIF p_failure_kind = 'rate_limited' THEN
+    UPDATE public.provider_availability pa
+       SET status = CASE WHEN pa.status = 'online' THEN 'degraded' ELSE pa.status END
+     WHERE pa.provider_id = v_a.provider_id;
+  END IF;
+
+  v_final := p_failure_kind IN ('permanent', 'canceled') OR v_q.attempts >= v_q.max_attempts;
+  IF NOT v_final THEN
+    v_delay := CASE p_failure_kind
+      WHEN 'rate_limited' THEN coalesce(p_retry_after_seconds, 15) * (1 + random() * 0.2)
+      ELSE least(
+             (CASE WHEN p_failure_kind = 'provider_error' THEN 30 ELSE 300 END)
+               * power(2, greatest(v_q.attempts, 1) - 1),
+             3600) * (0.8 + random() * 0.4)
+    END;
+    v_next := now() + make_interval(secs => v_delay);
+  END IF;
+
+  INSERT INTO public.call_retries (queue_id, assignment_id, provider_id, attempt, reason, error,
+                                   next_attempt_at)
+  VALUES (v_q.id, p_assignment_id, v_a.provider_id, greatest(v_q.attempts, v_a.attempt),
+          p_failure_kind, p_error, v_next);
+
+  IF NOT v_final THEN
+    UPDATE public.call_queue q
+       SET status = 'queued', scheduled_time = v_next, last_error = coalesce(p_error, p_failure_kind),
+           claimed_by = NULL, claimed_at = NULL, lease_expires_at = NULL,
+           excluded_provider_ids = CASE WHEN p_failure_kind = 'provider_error'
+             THEN public.exclude_provider(q.excluded_provider_ids, v_a.provider_id)
+             ELSE q.excluded_provider_ids END
+     WHERE q.id = v_q.id;
+    RETURN 'retry_scheduled';
+  END IF;
+
+  v_hstatus := CASE WHEN p_failure_kind IN ('busy', 'no_answer', 'voicemail', 'canceled')
+                    THEN p_failure_kind ELSE 'failed' END;
+  INSERT INTO public.call_history (user_id, template_id, queue_id, assignment_id, provider_id,
+                                   recipient_name, recipient_phone, recipient_email, status,
+                                   started_at, ended_at, duration_seconds, provider_call_id,
+                                   attempts, error, metadata)
+  VALUES (v_q.user_id, v_q.template_id, v_q.id, p_assignment_id, v_a.provider_id,
+          v_q.recipient_name, v_q.recipient_phone, v_q.recipient_email, v_hstatus,
+          coalesce(v_a.placed_at, v_a.dialing_at), now(), p_duration_seconds,
+          coalesce(v_a.provider_call_id, p_provider_call_id), v_q.attempts,
+          coalesce(p_error, p_failure_kind), v_q.metadata);
+
+  UPDATE public.call_queue q
+     SET status = CASE WHEN p_failure_kind = 'canceled' THEN 'canceled' ELSE 'failed' END,
+         last_error = coalesce(p_error, p_failure_kind), completed_at = now(),
+         lease_expires_at = NULL
+   WHERE q.id = v_q.id;
+  RETURN CASE WHEN p_failure_kind = 'canceled' THEN 'canceled' ELSE 'failed' END;
+END
+$$;
+
+-- ---------------------------------------------------------------------------------------------
+-- reap_expired_leases: claimed rows past their lease -> queued ('requeued'); assigned (never
+-- dialed) assignments past the lease -> released ('released'); dialing rows past the lease and
+-- placed rows whose poll is overdue are returned as 'reconcile' (the worker asks the provider).
+CREATE OR REPLACE FUNCTION public.reap_expired_leases()
+RETURNS TABLE (queue_id uuid, assignment_id uuid, action text)
+LANGUAGE plpgsql
+SET search_path = ''
+AS $$
+#variable_conflict use_column
+DECLARE
+  v_row record;
+BEGIN
+  RETURN QUERY
+  WITH expired AS (
+    SELECT q.id FROM public.call_queue q
+     WHERE q.status = 'claimed' AND q.lease_expires_at < now()
+       FOR UPDATE SKIP LOCKED
+  )
+  UPDATE public.call_queue q
+     SET status = 'queued', claimed_by = NULL, claimed_at = NULL, lease_expires_at = NULL
+    FROM expired WHERE q.id = expired.id
+  RETURNING q.id, NULL::uuid, 'requeued'::text;
+
+  FOR v_row IN
+    SELECT a.id AS aid, q.id AS qid
+      FROM public.call_queue q
+      JOIN public.call_assignments a ON a.queue_id = q.id AND a.state = 'assigned'
+     WHERE q.status = 'assigned' AND q.lease_expires_at < now()
+       FOR UPDATE OF q SKIP LOCKED
+  LOOP
+    IF public.release_assignment(v_row.aid, 'lease_expired') THEN
+      queue_id := v_row.qid;
+      assignment_id := v_row.aid;
+      action := 'released';
+      RETURN NEXT;
+    END IF;
+  END LOOP;
+
+  RETURN QUERY
+  SELECT q.id, a.id, 'reconcile'::text
+    FROM public.call_queue q
+    JOIN public.call_assignments a ON a.queue_id = q.id
+   WHERE (q.status = 'dialing' AND a.state = 'dialing' AND q.lease_expires_at < now())
+      OR (q.status = 'in_progress' AND a.state = 'placed'
+          AND (a.next_poll_at < now() OR q.lease_expires_at < now()));
+END
+$$;
+
+-- reconcile_provider_slots: current_calls := live assignments per provider (and free slots
+-- accordingly). Locks the availability rows first, then counts in a fresh snapshot, so
+-- assignments committed while waiting are counted. Returns the number of rows corrected.
+CREATE OR REPLACE FUNCTION public.reconcile_provider_slots() RETURNS integer
+LANGUAGE plpgsql
+SET search_path = ''
+AS $$
+DECLARE
+  v_n integer;
+BEGIN
+  PERFORM 1 FROM public.provider_availability pa ORDER BY pa.provider_id FOR NO KEY UPDATE;
+  WITH live AS (
+    SELECT p.id, p.max_concurrent_calls,
+           (SELECT count(*) FROM public.call_assignments a
+             WHERE a.provider_id = p.id AND a.state IN ('assigned', 'dialing', 'placed'))::int AS n
+      FROM public.call_service_providers p
+  )
+  UPDATE public.provider_availability pa
+     SET current_calls = live.n,
+         available_slots = greatest(live.max_concurrent_calls - live.n, 0)
+    FROM live
+   WHERE pa.provider_id = live.id
+     AND (pa.current_calls <> live.n
+          OR pa.available_slots <> greatest(live.max_concurrent_calls - live.n, 0));
+  GET DIAGNOSTICS v_n = ROW_COUNT;
+  RETURN v_n;
+END
+$$;
+
+-- rollover_usage_periods: for live subscriptions whose period ended, advance the period (by
+-- whole billing intervals until it contains now) and create its usage row. Returns the number
+-- of subscriptions rolled over.
+CREATE OR REPLACE FUNCTION public.rollover_usage_periods() RETURNS integer
+LANGUAGE plpgsql
+SET search_path = ''
+AS $$
+DECLARE
+  v_s record;
+  v_step interval;
+  v_start timestamptz;
+  v_end timestamptz;
+  v_n integer := 0;
+BEGIN
+  FOR v_s IN
+    SELECT s.id, s.user_id, s.current_period_end, pl.billing_interval, pl.call_limit,
+           pl.minute_limit
+      FROM public.user_subscriptions s
+      JOIN public.subscription_plans pl ON pl.id = s.plan_id
+     WHERE s.status IN ('active', 'trialing') AND s.current_period_end <= now()
+       FOR NO KEY UPDATE OF s SKIP LOCKED
+  LOOP
+    v_step := CASE v_s.billing_interval WHEN 'year' THEN interval '1 year' ELSE interval '1 month' END;
+    v_start := v_s.current_period_end;
+    v_end := v_start + v_step;
+    WHILE v_end <= now() LOOP
+      v_start := v_end;
+      v_end := v_end + v_step;
+    END LOOP;
+    UPDATE public.user_subscriptions s
+       SET current_period_start = v_start, current_period_end = v_end
+     WHERE s.id = v_s.id;
+    INSERT INTO public.user_call_usage (user_id, subscription_id, period_start, period_end,
+                                        calls_limit, minutes_limit)
+    VALUES (v_s.user_id, v_s.id, v_start, v_end, v_s.call_limit, v_s.minute_limit)
+    ON CONFLICT (user_id, period_start) DO NOTHING;
+    v_n := v_n + 1;
+  END LOOP;
+  RETURN v_n;
+END
+$$;

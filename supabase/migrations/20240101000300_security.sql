@@ -1,0 +1,202 @@
+-- Privileges and Row Level Security.
+--
+-- Roles:
+--   anon           no access to any callq table or function.
+--   authenticated  app users through the Supabase API: own rows only (policies below),
+--                  EXECUTE on schedule_call. Admins are authenticated users whose
+--                  public.users.is_admin is true (public.is_admin()); they may read and manage
+--                  everything except provider credentials, which no API role can read.
+--   service_role   Supabase's backend role (BYPASSRLS): everything.
+--   callq_worker   the worker fleet's group role (NOLOGIN). Ops grant it to the worker's login
+--                  role:  CREATE ROLE callq_app LOGIN PASSWORD '...'; GRANT callq_worker TO callq_app;
+--                  (or run the worker as service_role / postgres on Supabase). It holds table
+--                  privileges, a permissive policy on each table, and EXECUTE on the worker's
+--                  functions.
+
+DO $$
+BEGIN
+  IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'callq_worker') THEN
+    BEGIN
+      CREATE ROLE callq_worker NOLOGIN;
+    EXCEPTION WHEN duplicate_object OR unique_violation THEN
+      NULL;
+    END;
+  END IF;
+END
+$$;
+
+GRANT USAGE ON SCHEMA public TO anon, authenticated, service_role, callq_worker;
+GRANT USAGE ON SCHEMA auth TO callq_worker;
+
+-- ---------------------------------------------------------------------------------------------
+-- Table privileges. Supabase's default privileges grant everything to anon/authenticated; start
+-- from nothing and grant what the policies below are meant to allow.
+REVOKE ALL ON public.users, public.subscription_plans, public.user_subscriptions,
+  public.user_call_usage, public.call_templates, public.call_history, public.template_favorites,
+  public.call_feedback, public.call_service_providers, public.call_queue,
+  public.provider_availability, public.call_assignments, public.call_retries
+  FROM PUBLIC, anon, authenticated;
+
+GRANT ALL ON public.users, public.subscription_plans, public.user_subscriptions,
+  public.user_call_usage, public.call_templates, public.call_history, public.template_favorites,
+  public.call_feedback, public.call_service_providers, public.call_queue,
+  public.provider_availability, public.call_assignments, public.call_retries
+  TO service_role;
+
+GRANT SELECT, INSERT, UPDATE, DELETE ON public.users, public.subscription_plans,
+  public.user_subscriptions, public.user_call_usage, public.call_templates, public.call_history,
+  public.template_favorites, public.call_feedback, public.call_service_providers,
+  public.call_queue, public.provider_availability, public.call_assignments, public.call_retries
+  TO callq_worker;
+
+-- authenticated: rows are filtered by the policies; columns limited here.
+GRANT SELECT, DELETE ON public.users TO authenticated;
+GRANT UPDATE (email, full_name, phone, avatar_url, company_name, timezone, metadata)
+  ON public.users TO authenticated;   -- never is_admin
+GRANT SELECT, INSERT, UPDATE, DELETE ON public.subscription_plans TO authenticated;  -- writes: admins
+GRANT SELECT, INSERT, UPDATE, DELETE ON public.user_subscriptions TO authenticated;  -- writes: admins
+GRANT SELECT, INSERT, UPDATE, DELETE ON public.user_call_usage TO authenticated;     -- writes: admins
+GRANT SELECT, INSERT, UPDATE, DELETE ON public.call_templates TO authenticated;
+GRANT SELECT, INSERT, UPDATE, DELETE ON public.call_history TO authenticated;        -- writes: admins
+GRANT SELECT, INSERT, DELETE ON public.template_favorites TO authenticated;
+GRANT SELECT, INSERT, UPDATE, DELETE ON public.call_feedback TO authenticated;
+GRANT SELECT, UPDATE, DELETE ON public.call_queue TO authenticated;  -- users: read + cancel
+GRANT SELECT, INSERT, UPDATE, DELETE ON public.provider_availability TO authenticated;  -- admins
+GRANT SELECT, INSERT, UPDATE, DELETE ON public.call_assignments TO authenticated;       -- admins
+GRANT SELECT, INSERT, UPDATE, DELETE ON public.call_retries TO authenticated;           -- admins
+-- Providers: admins may manage them, but api_key/api_secret are write-only for every API role.
+GRANT SELECT (id, name, provider_type, base_url, max_concurrent_calls, priority, capabilities,
+              config, is_active, created_at, updated_at)
+  ON public.call_service_providers TO authenticated;
+GRANT INSERT, UPDATE, DELETE ON public.call_service_providers TO authenticated;
+
+-- Providers without credentials, for dashboards (RLS of the caller applies).
+CREATE VIEW public.call_service_providers_public WITH (security_invoker = true) AS
+  SELECT id, name, provider_type, base_url, max_concurrent_calls, priority, capabilities, config,
+         is_active, created_at, updated_at
+    FROM public.call_service_providers;
+REVOKE ALL ON public.call_service_providers_public FROM PUBLIC, anon, authenticated;
+GRANT SELECT ON public.call_service_providers_public TO authenticated, service_role, callq_worker;
+
+-- ---------------------------------------------------------------------------------------------
+-- Policies. auth.uid() is wrapped in a sub-select so it is evaluated once per statement.
+
+-- The worker role sees and changes everything (service_role bypasses RLS).
+DO $$
+DECLARE
+  t text;
+BEGIN
+  FOREACH t IN ARRAY ARRAY['users', 'subscription_plans', 'user_subscriptions',
+    'user_call_usage', 'call_templates', 'call_history', 'template_favorites', 'call_feedback',
+    'call_service_providers', 'call_queue', 'provider_availability', 'call_assignments',
+    'call_retries']
+  LOOP
+    EXECUTE format('CREATE POLICY worker_all ON public.%I FOR ALL TO callq_worker '
+                   'USING (true) WITH CHECK (true)', t);
+    EXECUTE format('CREATE POLICY admin_all ON public.%I FOR ALL TO authenticated '
+                   'USING ((SELECT public.is_admin())) WITH CHECK ((SELECT public.is_admin()))', t);
+  END LOOP;
+END
+$$;
+
+-- users: own profile (read, update the granted columns, delete).
+CREATE POLICY users_select_own ON public.users FOR SELECT TO authenticated
+  USING (id = (SELECT auth.uid()));
+CREATE POLICY users_update_own ON public.users FOR UPDATE TO authenticated
+  USING (id = (SELECT auth.uid())) WITH CHECK (id = (SELECT auth.uid()));
+CREATE POLICY users_delete_own ON public.users FOR DELETE TO authenticated
+  USING (id = (SELECT auth.uid()));
+
+-- plans: the active catalogue is readable by every signed-in user.
+CREATE POLICY plans_select_active ON public.subscription_plans FOR SELECT TO authenticated
+  USING (is_active);
+
+-- subscriptions, usage, history: own rows, read only (written by billing / the functions).
+CREATE POLICY subscriptions_select_own ON public.user_subscriptions FOR SELECT TO authenticated
+  USING (user_id = (SELECT auth.uid()));
+CREATE POLICY usage_select_own ON public.user_call_usage FOR SELECT TO authenticated
+  USING (user_id = (SELECT auth.uid()));
+CREATE POLICY history_select_own ON public.call_history FOR SELECT TO authenticated
+  USING (user_id = (SELECT auth.uid()));
+
+-- templates: public ones to everyone signed in, private ones to their creator; creators write.
+CREATE POLICY templates_select ON public.call_templates FOR SELECT TO authenticated
+  USING (is_public OR created_by = (SELECT auth.uid()));
+CREATE POLICY templates_insert_own ON public.call_templates FOR INSERT TO authenticated
+  WITH CHECK (created_by = (SELECT auth.uid()));
+CREATE POLICY templates_update_own ON public.call_templates FOR UPDATE TO authenticated
+  USING (created_by = (SELECT auth.uid())) WITH CHECK (created_by = (SELECT auth.uid()));
+CREATE POLICY templates_delete_own ON public.call_templates FOR DELETE TO authenticated
+  USING (created_by = (SELECT auth.uid()));
+
+-- favorites: own rows, of templates the user can see.
+CREATE POLICY favorites_select_own ON public.template_favorites FOR SELECT TO authenticated
+  USING (user_id = (SELECT auth.uid()));
+CREATE POLICY favorites_insert_own ON public.template_favorites FOR INSERT TO authenticated
+  WITH CHECK (user_id = (SELECT auth.uid())
+              AND EXISTS (SELECT 1 FROM public.call_templates t WHERE t.id = template_id));
+CREATE POLICY favorites_delete_own ON public.template_favorites FOR DELETE TO authenticated
+  USING (user_id = (SELECT auth.uid()));
+
+-- feedback: own rows, on own calls.
+CREATE POLICY feedback_select_own ON public.call_feedback FOR SELECT TO authenticated
+  USING (user_id = (SELECT auth.uid()));
+CREATE POLICY feedback_insert_own ON public.call_feedback FOR INSERT TO authenticated
+  WITH CHECK (user_id = (SELECT auth.uid())
+              AND EXISTS (SELECT 1 FROM public.call_history h
+                           WHERE h.id = call_id AND h.user_id = (SELECT auth.uid())));
+CREATE POLICY feedback_update_own ON public.call_feedback FOR UPDATE TO authenticated
+  USING (user_id = (SELECT auth.uid()))
+  WITH CHECK (user_id = (SELECT auth.uid())
+              AND EXISTS (SELECT 1 FROM public.call_history h
+                           WHERE h.id = call_id AND h.user_id = (SELECT auth.uid())));
+CREATE POLICY feedback_delete_own ON public.call_feedback FOR DELETE TO authenticated
+  USING (user_id = (SELECT auth.uid()));
+
+-- queue: own rows readable; a queued (not yet claimed) call may be canceled, nothing else.
+CREATE POLICY queue_select_own ON public.call_queue FOR SELECT TO authenticated
+  USING (user_id = (SELECT auth.uid()));
+CREATE POLICY queue_cancel_own ON public.call_queue FOR UPDATE TO authenticated
+  USING (user_id = (SELECT auth.uid()) AND status = 'queued')
+  WITH CHECK (user_id = (SELECT auth.uid()) AND status = 'canceled');
+
+-- providers, availability, assignments, retries: admins (admin_all) and the worker only.
+
+-- ---------------------------------------------------------------------------------------------
+-- Function privileges: nothing to PUBLIC (Supabase's defaults also grant anon/authenticated).
+REVOKE ALL ON FUNCTION
+  public.set_updated_at(), public.handle_new_user(), public.sync_provider_slots(),
+  public.is_admin(), public.free_provider_slot(uuid),
+  public.schedule_call(uuid, uuid, text, text, text, timestamptz, int, jsonb, jsonb, text),
+  public.claim_due_calls(int, text, int), public.get_next_call_in_queue(),
+  public.get_best_available_provider(jsonb, uuid[]), public.assign_call_to_provider(uuid, uuid),
+  public.claim_and_assign_calls(int, text, int), public.mark_call_dialing(uuid),
+  public.mark_call_placed(uuid, text), public.exclude_provider(uuid[], uuid),
+  public.release_assignment(uuid, text), public.add_call_usage(uuid, numeric),
+  public.complete_call(uuid, numeric, text, text, numeric, text, timestamptz, timestamptz, text),
+  public.record_provider_health(uuid, boolean, numeric, text),
+  public.handle_failed_call(uuid, text, text, int, numeric, text),
+  public.reap_expired_leases(), public.reconcile_provider_slots(),
+  public.rollover_usage_periods()
+  FROM PUBLIC, anon, authenticated;
+
+-- the policies call is_admin() as the querying role
+GRANT EXECUTE ON FUNCTION public.is_admin() TO authenticated, service_role, callq_worker;
+
+GRANT EXECUTE ON FUNCTION
+  public.schedule_call(uuid, uuid, text, text, text, timestamptz, int, jsonb, jsonb, text)
+  TO authenticated, service_role, callq_worker;
+
+GRANT EXECUTE ON FUNCTION
+  public.free_provider_slot(uuid),
+  public.claim_due_calls(int, text, int), public.get_next_call_in_queue(),
+  public.get_best_available_provider(jsonb, uuid[]), public.assign_call_to_provider(uuid, uuid),
+  public.claim_and_assign_calls(int, text, int), public.mark_call_dialing(uuid),
+  public.mark_call_placed(uuid, text), public.exclude_provider(uuid[], uuid),
+  public.release_assignment(uuid, text), public.add_call_usage(uuid, numeric),
+  public.complete_call(uuid, numeric, text, text, numeric, text, timestamptz, timestamptz, text),
+  public.record_provider_health(uuid, boolean, numeric, text),
+  public.handle_failed_call(uuid, text, text, int, numeric, text),
+  public.reap_expired_leases(), public.reconcile_provider_slots(),
+  public.rollover_usage_periods()
+  TO service_role, callq_worker;
