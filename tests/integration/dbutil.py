@@ -1,0 +1,129 @@
+"""Helpers for the database tests: connections, fixtures rows, running as an API role."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import psycopg
+
+Conn = psycopg.Connection[tuple[Any, ...]]
+
+
+def connect(url: str) -> Conn:
+    return psycopg.connect(url, autocommit=True)
+
+
+def one(conn: Conn, query: str, params: Any = None) -> Any:
+    row = conn.execute(query, params).fetchone()  # type: ignore[arg-type]
+    assert row is not None
+    return row[0]
+
+
+def make_plan(conn: Conn, call_limit: int | None = 100, name: str | None = None) -> uuid.UUID:
+    return one(
+        conn,
+        "INSERT INTO subscription_plans (name, price, call_limit, minute_limit)"
+        " VALUES (%s, 10, %s, 1000) RETURNING id",
+        (name or f"plan-{uuid.uuid4().hex[:8]}", call_limit),
+    )
+
+
+def make_user(
+    conn: Conn,
+    *,
+    admin: bool = False,
+    subscribed: bool = True,
+    call_limit: int | None = 100,
+) -> uuid.UUID:
+    """An auth user (the trigger creates the profile), optionally with a live subscription."""
+    uid = uuid.uuid4()
+    conn.execute(
+        "INSERT INTO auth.users (id, email, raw_user_meta_data) VALUES (%s, %s, %s)",
+        (uid, f"{uid.hex[:8]}@example.com", json.dumps({"full_name": "Test User"})),
+    )
+    if admin:
+        conn.execute("UPDATE users SET is_admin = true WHERE id = %s", (uid,))
+    if subscribed:
+        plan = make_plan(conn, call_limit)
+        conn.execute(
+            "INSERT INTO user_subscriptions (user_id, plan_id) VALUES (%s, %s)", (uid, plan)
+        )
+    return uid
+
+
+def make_template(conn: Conn, owner: uuid.UUID | None, *, public: bool = False) -> uuid.UUID:
+    return one(
+        conn,
+        "INSERT INTO call_templates (created_by, name, script, is_public, variables)"
+        " VALUES (%s, 'Reminder', 'Hello {{name}}', %s, '[\"name\"]') RETURNING id",
+        (owner, public),
+    )
+
+
+def make_provider(
+    conn: Conn,
+    *,
+    max_calls: int = 10,
+    priority: int = 1,
+    capabilities: dict[str, Any] | None = None,
+    active: bool = True,
+    availability: bool = True,
+) -> uuid.UUID:
+    pid = one(
+        conn,
+        "INSERT INTO call_service_providers (name, provider_type, api_key, api_secret, base_url,"
+        " max_concurrent_calls, priority, capabilities, is_active)"
+        " VALUES (%s, 'vapi', 'secret-key', 'secret-secret', 'https://api.example.com', %s, %s,"
+        " %s, %s) RETURNING id",
+        (
+            f"prov-{uuid.uuid4().hex[:8]}",
+            max_calls,
+            priority,
+            json.dumps(capabilities or {}),
+            active,
+        ),
+    )
+    if availability:
+        conn.execute(
+            "INSERT INTO provider_availability (provider_id, current_calls, available_slots,"
+            " status) VALUES (%s, 0, %s, 'online')",
+            (pid, max_calls),
+        )
+    return pid
+
+
+def schedule(conn: Conn, user: uuid.UUID, template: uuid.UUID, **kw: Any) -> uuid.UUID:
+    args = {
+        "p_user_id": user,
+        "p_template_id": template,
+        "p_recipient_name": "John Doe",
+        "p_recipient_phone": "+15551234567",
+    }
+    args.update({f"p_{k}": v for k, v in kw.items()})
+    names = ", ".join(f"{k} => %({k})s" for k in args)
+    return one(conn, f"SELECT schedule_call({names})", args)  # type: ignore[arg-type]
+
+
+def slots(conn: Conn, provider: uuid.UUID) -> tuple[int, int]:
+    row = conn.execute(
+        "SELECT current_calls, available_slots FROM provider_availability WHERE provider_id = %s",
+        (provider,),
+    ).fetchone()
+    assert row is not None
+    return int(row[0]), int(row[1])
+
+
+@contextmanager
+def as_role(conn: Conn, role: str, user: uuid.UUID | None = None) -> Iterator[Conn]:
+    """Run inside a transaction as an API role with Supabase-style JWT claims; rolled back."""
+    claims: dict[str, Any] = {"role": role}
+    if user is not None:
+        claims["sub"] = str(user)
+    with conn.transaction(force_rollback=True):
+        conn.execute(f"SET LOCAL ROLE {role}")  # type: ignore[arg-type]
+        conn.execute("SELECT set_config('request.jwt.claims', %s, true)", (json.dumps(claims),))
+        yield conn
