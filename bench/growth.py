@@ -13,6 +13,8 @@ the same rows; the figure is the median client-side time of the statement (one c
     claim batch    SELECT count(*) FROM claim_and_assign_calls(50, 'bench', 60)
     history        the user's newest 50 history rows (as the table owner)
     history RLS    the same as role authenticated with the user's JWT claims (RLS policy)
+    history API    as role authenticated with no WHERE (what PostgREST sends for
+                   ``/call_history?order=created_at.desc&limit=50``): RLS alone filters
     schedule_call  one schedule_call for the large tenant (its plan has a call limit, so the
                    pending-call count runs)
 """
@@ -32,6 +34,11 @@ HISTORY_SQL = (
     " WHERE user_id = %s ORDER BY created_at DESC LIMIT 50"
 )
 HISTORY_RLS_SQL = (
+    "SELECT id, recipient_name, status, started_at, duration_seconds, cost FROM call_history"
+    " WHERE user_id = %s ORDER BY created_at DESC LIMIT 50"
+)
+# What PostgREST sends for ``/call_history?order=created_at.desc&limit=50``: no filter, RLS only.
+HISTORY_API_SQL = (
     "SELECT id, recipient_name, status, started_at, duration_seconds, cost FROM call_history"
     " ORDER BY created_at DESC LIMIT 50"
 )
@@ -134,7 +141,8 @@ def _measure(url: str, seeded: Any, iterations: int) -> dict[str, dict[str, floa
             None,
         ),
         "history": (HISTORY_SQL, (seeded.user_id,), None),
-        "history_rls": (HISTORY_RLS_SQL, None, rls_setup),
+        "history_rls": (HISTORY_RLS_SQL, (seeded.user_id,), rls_setup),
+        "history_api_rls_only": (HISTORY_API_SQL, None, rls_setup),
         "schedule_call": (sched, (seeded.user_id, seeded.template_id), None),
     }
     out: dict[str, dict[str, float]] = {}
