@@ -618,27 +618,26 @@ def test_rollover_usage_periods(conn: Conn) -> None:
 def test_check_constraints(conn: Conn, setup: Any) -> None:
     user, tpl = setup
     p = make_provider(conn, max_calls=1)
+    ins = "INSERT INTO call_queue (user_id, template_id, recipient_name, recipient_phone"
     bad = [
         ("UPDATE provider_availability SET available_slots = -1", "23514"),
         ("UPDATE provider_availability SET current_calls = -1", "23514"),
         ("UPDATE provider_availability SET status = 'sleepy'", "23514"),
         (
-            "INSERT INTO call_queue (user_id, template_id, recipient_name, recipient_phone, priority)"
-            f" VALUES ('{user}', '{tpl}', 'x', '+15551234567', 11)",
+            ins + f", priority) VALUES ('{user}', '{tpl}', 'x', '+15551234567', 11)",
             "23514",
         ),
         (
-            "INSERT INTO call_queue (user_id, template_id, recipient_name, recipient_phone)"
-            f" VALUES ('{user}', '{tpl}', 'x', '555')",
+            ins + f") VALUES ('{user}', '{tpl}', 'x', '555')",
             "23514",
         ),
         (
-            "INSERT INTO call_queue (user_id, template_id, recipient_name, recipient_phone, status)"
-            f" VALUES ('{user}', '{tpl}', 'x', '+15551234567', 'lost')",
+            ins + f", status) VALUES ('{user}', '{tpl}', 'x', '+15551234567', 'lost')",
             "23514",
         ),
         (
-            f"INSERT INTO call_assignments (queue_id, provider_id) VALUES ('{uuid.uuid4()}', '{p}')",
+            "INSERT INTO call_assignments (queue_id, provider_id)"
+            f" VALUES ('{uuid.uuid4()}', '{p}')",
             "23503",
         ),
     ]

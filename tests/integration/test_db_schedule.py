@@ -191,6 +191,5 @@ def test_authenticated_user_schedules_only_for_self(conn: Conn) -> None:
 def test_anon_cannot_execute(conn: Conn) -> None:
     user = make_user(conn)
     tpl = make_template(conn, user, public=True)
-    with as_role(conn, "anon", user):
-        with pytest.raises(psycopg.errors.InsufficientPrivilege):
-            schedule(conn, user, tpl)
+    with as_role(conn, "anon", user), pytest.raises(psycopg.errors.InsufficientPrivilege):
+        schedule(conn, user, tpl)
