@@ -1,0 +1,345 @@
+"""Row Level Security, basejump style: set the role and JWT claims, try the operation, assert
+what is visible or what happened. Roles: anon, user A, user B, admin, service_role."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+import pytest
+
+from .dbutil import Conn, as_role, connect, make_plan, make_provider, make_template, make_user, one
+
+
+@dataclass
+class World:
+    a: uuid.UUID
+    b: uuid.UUID
+    admin: uuid.UUID
+    ids: dict[str, dict[str, set[uuid.UUID]]]  # table -> owner ("a", "b", "other") -> ids
+    a_queue: uuid.UUID
+    b_queue: uuid.UUID
+    a_history: uuid.UUID
+    b_history: uuid.UUID
+    b_public_template: uuid.UUID
+    b_private_template: uuid.UUID
+    provider: uuid.UUID
+
+
+TABLES = [
+    "users",
+    "subscription_plans",
+    "user_subscriptions",
+    "user_call_usage",
+    "call_templates",
+    "call_history",
+    "template_favorites",
+    "call_feedback",
+    "call_service_providers",
+    "call_queue",
+    "provider_availability",
+    "call_assignments",
+    "call_retries",
+]
+
+
+def _ids(conn: Conn, query: str, params: Any = None) -> set[uuid.UUID]:
+    return {r[0] for r in conn.execute(query, params)}  # type: ignore[arg-type]
+
+
+def _build(conn: Conn) -> World:
+    a, b, admin = make_user(conn), make_user(conn), make_user(conn, admin=True)
+    make_plan(conn, name="retired")
+    conn.execute("UPDATE subscription_plans SET is_active = false WHERE name = 'retired'")
+    provider = make_provider(conn)
+    tpl: dict[tuple[uuid.UUID, bool], uuid.UUID] = {}
+    queue: dict[uuid.UUID, uuid.UUID] = {}
+    history: dict[uuid.UUID, uuid.UUID] = {}
+    for u in (a, b):
+        for public in (False, True):
+            tpl[(u, public)] = make_template(conn, u, public=public)
+        done = one(conn, "SELECT schedule_call(%s, %s, 'R', '+15551234567')", (u, tpl[(u, False)]))
+        aid = one(conn, "SELECT assign_call_to_provider(%s, %s)", (done, provider))
+        one(conn, "SELECT mark_call_dialing(%s)", (aid,))
+        if u == a:
+            one(conn, "SELECT handle_failed_call(%s, 'busy')", (aid,))  # a retry row
+            aid = one(
+                conn,
+                "SELECT id FROM call_assignments WHERE queue_id = %s AND state = 'failed'",
+                (done,),
+            )
+            conn.execute("UPDATE call_queue SET scheduled_time = now() WHERE id = %s", (done,))
+            aid = one(conn, "SELECT assign_call_to_provider(%s, %s)", (done, provider))
+            one(conn, "SELECT mark_call_dialing(%s)", (aid,))
+        history[u] = one(conn, "SELECT complete_call(%s, 42)", (aid,))
+        queue[u] = one(
+            conn, "SELECT schedule_call(%s, %s, 'Q', '+15551234567')", (u, tpl[(u, True)])
+        )
+        conn.execute(
+            "INSERT INTO template_favorites (user_id, template_id) VALUES (%s, %s)",
+            (u, tpl[(u, True)]),
+        )
+        conn.execute(
+            "INSERT INTO call_feedback (call_id, user_id, rating) VALUES (%s, %s, 5)",
+            (history[u], u),
+        )
+    ids: dict[str, dict[str, set[uuid.UUID]]] = {}
+    owner_col = {
+        "users": "id",
+        "user_subscriptions": "user_id",
+        "user_call_usage": "user_id",
+        "call_templates": "created_by",
+        "call_history": "user_id",
+        "template_favorites": "user_id",
+        "call_feedback": "user_id",
+        "call_queue": "user_id",
+    }
+    for table in TABLES:
+        col = owner_col.get(table)
+        all_ids = _ids(conn, f"SELECT id FROM {table}")
+        assert all_ids, f"no rows in {table}"
+        per: dict[str, set[uuid.UUID]] = {"all": all_ids}
+        if col:
+            per["a"] = _ids(conn, f"SELECT id FROM {table} WHERE {col} = %s", (a,))
+            per["b"] = _ids(conn, f"SELECT id FROM {table} WHERE {col} = %s", (b,))
+            assert per["a"] and per["b"], table
+        ids[table] = per
+    ids["subscription_plans"]["active"] = _ids(
+        conn, "SELECT id FROM subscription_plans WHERE is_active"
+    )
+    ids["call_templates"]["public"] = _ids(conn, "SELECT id FROM call_templates WHERE is_public")
+    return World(
+        a, b, admin, ids, queue[a], queue[b], history[a], history[b],
+        tpl[(b, True)], tpl[(b, False)], provider,
+    )  # fmt: skip
+
+
+@pytest.fixture
+def world_conn(db_url: str) -> Any:
+    with connect(db_url) as conn:
+        yield _build(conn), conn
+
+
+def expected_visible(world: World, who: str, table: str) -> set[uuid.UUID] | None:
+    """What ``who`` sees with SELECT id; None = permission denied."""
+    per = world.ids[table]
+    if who == "anon":
+        return None
+    if who in ("admin", "service_role"):
+        return per["all"]
+    if table == "subscription_plans":
+        return per["active"]
+    if table == "call_templates":
+        return per[who] | per["public"]
+    if table in ("call_service_providers", "provider_availability", "call_assignments",
+                 "call_retries"):  # fmt: skip
+        return set()
+    return per[who]
+
+
+def _as(world: World, who: str) -> tuple[str, uuid.UUID | None]:
+    return {
+        "anon": ("anon", None),
+        "a": ("authenticated", world.a),
+        "b": ("authenticated", world.b),
+        "admin": ("authenticated", world.admin),
+        "service_role": ("service_role", None),
+    }[who]
+
+
+def attempt(conn: Conn, query: str, params: Any = None) -> int | str:
+    """Row count, or the SQLSTATE of the error (rolled back to a savepoint)."""
+    try:
+        with conn.transaction():
+            cur = conn.execute(query, params)  # type: ignore[arg-type]
+            return cur.rowcount
+    except psycopg.Error as exc:
+        return str(exc.sqlstate)
+
+
+WHO = ["anon", "a", "b", "admin", "service_role"]
+
+
+@pytest.mark.parametrize("who", WHO)
+def test_select_matrix(world_conn: tuple[World, Conn], who: str) -> None:
+    world, conn = world_conn
+    role, uid = _as(world, who)
+    with as_role(conn, role, uid):
+        for table in TABLES:
+            expected = expected_visible(world, who, table)
+            try:
+                with conn.transaction():
+                    got: set[uuid.UUID] | None = _ids(conn, f"SELECT id FROM {table}")
+            except psycopg.errors.InsufficientPrivilege:
+                got = None
+            assert got == expected, (who, table)
+
+
+@pytest.mark.parametrize("who", ["anon", "a", "admin"])
+def test_provider_credentials_are_never_readable_by_api_roles(
+    world_conn: tuple[World, Conn], who: str
+) -> None:
+    world, conn = world_conn
+    role, uid = _as(world, who)
+    with as_role(conn, role, uid):
+        for query in (
+            "SELECT api_key FROM call_service_providers",
+            "SELECT api_secret FROM call_service_providers",
+            "SELECT * FROM call_service_providers",
+            "SELECT p FROM call_service_providers p",
+        ):
+            assert attempt(conn, query) == "42501", query
+        view = attempt(conn, "SELECT name FROM call_service_providers_public")
+        assert view == ("42501" if who == "anon" else (1 if who == "admin" else 0))
+    with as_role(conn, "service_role"):
+        assert one(conn, "SELECT api_key FROM call_service_providers") == "secret-key"
+
+
+def test_user_writes(world_conn: tuple[World, Conn]) -> None:
+    w, conn = world_conn
+    a, b = w.a, w.b
+    with as_role(conn, "authenticated", a):
+        # profile: own only, never is_admin
+        assert attempt(conn, "UPDATE users SET full_name = 'A' WHERE id = %s", (a,)) == 1
+        assert attempt(conn, "UPDATE users SET full_name = 'A' WHERE id = %s", (b,)) == 0
+        assert attempt(conn, "UPDATE users SET is_admin = true WHERE id = %s", (a,)) == "42501"
+        assert attempt(conn, "INSERT INTO users (id) VALUES (%s)", (uuid.uuid4(),)) == "42501"
+        # subscriptions, usage, history: read only
+        assert attempt(conn, "UPDATE user_subscriptions SET status = 'active'") == 0
+        assert attempt(conn, "UPDATE user_call_usage SET calls_made = 0") == 0
+        assert attempt(conn, "DELETE FROM call_history") == 0
+        assert (
+            attempt(
+                conn,
+                "INSERT INTO user_subscriptions (user_id, plan_id)"
+                " SELECT %s, id FROM subscription_plans LIMIT 1",
+                (a,),
+            )
+            == "42501"
+        )
+        # templates: create/change own, never others'
+        ins = "INSERT INTO call_templates (created_by, name, script) VALUES (%s, 'n', 's')"
+        assert attempt(conn, ins, (a,)) == 1
+        assert attempt(conn, ins, (b,)) == "42501"
+        assert (
+            attempt(
+                conn, "UPDATE call_templates SET name = 'x' WHERE id = %s", (w.b_public_template,)
+            )
+            == 0
+        )
+        assert attempt(conn, "UPDATE call_templates SET created_by = %s WHERE created_by = %s",
+                       (b, a)) == "42501"  # fmt: skip
+        assert attempt(conn, "DELETE FROM call_templates WHERE created_by = %s", (b,)) == 0
+        # favorites: own, of visible templates
+        fav = "INSERT INTO template_favorites (user_id, template_id) VALUES (%s, %s)"
+        assert attempt(conn, fav, (a, w.b_public_template)) == 1
+        assert attempt(conn, fav, (a, w.b_private_template)) == "42501"
+        assert attempt(conn, fav, (b, w.b_public_template)) == "42501"
+        # feedback: own, on own calls
+        assert attempt(conn, "UPDATE call_feedback SET rating = 1") == 1
+        assert attempt(conn, "UPDATE call_feedback SET rating = 9") == "23514"
+        fb = "INSERT INTO call_feedback (call_id, user_id, rating) VALUES (%s, %s, 4)"
+        assert attempt(conn, fb, (w.b_history, a)) == "42501"
+        assert attempt(conn, "DELETE FROM call_feedback") == 1
+        assert attempt(conn, fb, (w.a_history, a)) == 1
+        # queue: no direct insert; cancel own queued call only
+        assert (
+            attempt(
+                conn,
+                "INSERT INTO call_queue (user_id, template_id, recipient_name, recipient_phone)"
+                " SELECT %s, template_id, 'x', '+15551234567' FROM call_queue LIMIT 1",
+                (a,),
+            )
+            == "42501"
+        )
+        assert attempt(conn, "UPDATE call_queue SET priority = 1 WHERE id = %s", (w.a_queue,)) == (
+            "42501"
+        )
+        assert (
+            attempt(conn, "UPDATE call_queue SET status = 'completed' WHERE id = %s", (w.a_queue,))
+            == "42501"
+        )
+        cancel = "UPDATE call_queue SET status = 'canceled' WHERE id = %s"
+        assert attempt(conn, cancel, (w.b_queue,)) == 0
+        assert attempt(conn, "DELETE FROM call_queue") == 0
+        assert attempt(conn, cancel, (w.a_queue,)) == 1
+        assert attempt(conn, cancel, (w.a_queue,)) == 0  # no longer queued
+        # operational tables: nothing
+        assert attempt(conn, "UPDATE provider_availability SET available_slots = 100") == 0
+        assert attempt(conn, "UPDATE call_service_providers SET priority = 1") == 0
+        assert attempt(conn, "DELETE FROM call_assignments") == 0
+        assert (
+            attempt(
+                conn,
+                "INSERT INTO call_service_providers (name, provider_type, api_key, base_url)"
+                " VALUES ('evil', 'vapi', 'k', 'https://evil')",
+            )
+            == "42501"
+        )
+        # worker functions are not for users
+        for fn in (
+            "SELECT * FROM claim_and_assign_calls()",
+            "SELECT * FROM get_next_call_in_queue()",
+            "SELECT complete_call(gen_random_uuid())",
+            "SELECT reconcile_provider_slots()",
+        ):
+            assert attempt(conn, fn) == "42501", fn
+
+
+def test_admin_manages_operational_tables(world_conn: tuple[World, Conn]) -> None:
+    w, conn = world_conn
+    with as_role(conn, "authenticated", w.admin):
+        assert (
+            attempt(
+                conn,
+                "INSERT INTO call_service_providers (name, provider_type, api_key, base_url)"
+                " VALUES ('new', 'synthflow', 'k', 'https://api.synthflow.com')",
+            )
+            == 1
+        )
+        assert attempt(conn, "UPDATE call_service_providers SET priority = 3 WHERE id = %s",
+                       (w.provider,)) == 1  # fmt: skip
+        assert attempt(conn, "UPDATE provider_availability SET status = 'degraded'") == 1
+        assert attempt(conn, "UPDATE call_templates SET category = 'x'") == len(
+            w.ids["call_templates"]["all"]
+        )
+        # admin does not make itself less or more than is_admin: column is not updatable
+        assert attempt(conn, "UPDATE users SET is_admin = false") == "42501"
+
+
+def test_anon_can_do_nothing(world_conn: tuple[World, Conn]) -> None:
+    _w, conn = world_conn
+    with as_role(conn, "anon"):
+        assert attempt(conn, "INSERT INTO call_templates (name, script) VALUES ('n', 's')") == (
+            "42501"
+        )
+        assert attempt(conn, "UPDATE call_queue SET status = 'canceled'") == "42501"
+        assert attempt(conn, "SELECT public.is_admin()") == "42501"
+
+
+def test_service_role_and_worker_role_see_everything(world_conn: tuple[World, Conn]) -> None:
+    w, conn = world_conn
+    for role in ("service_role", "callq_worker"):
+        with as_role(conn, role):
+            for table in TABLES:
+                assert _ids(conn, f"SELECT id FROM {table}") == w.ids[table]["all"], (role, table)
+            assert attempt(conn, "SELECT reconcile_provider_slots()") == 1
+            assert attempt(conn, "SELECT * FROM claim_and_assign_calls(1)") >= 0
+            assert one(conn, "SELECT api_key FROM call_service_providers") == "secret-key"
+
+
+def test_functions_are_pinned_and_definer_only_where_needed(db_url: str) -> None:
+    with connect(db_url) as conn:
+        rows = conn.execute(
+            "SELECT p.proname, p.prosecdef, p.proconfig, has_function_privilege('public',"
+            " p.oid, 'EXECUTE') FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace"
+            " WHERE n.nspname = 'public'"
+        ).fetchall()
+    assert len(rows) >= 20
+    definers = {name for name, secdef, _, _ in rows if secdef}
+    assert definers == {"schedule_call", "handle_new_user", "is_admin"}
+    for name, _, config, public_exec in rows:
+        assert config and any(c.startswith("search_path=") for c in config), name
+        assert not public_exec, name
