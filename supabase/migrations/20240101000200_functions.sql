@@ -168,19 +168,20 @@ CREATE OR REPLACE FUNCTION public.claim_due_calls(
 LANGUAGE sql
 SET search_path = ''
 AS $$
-  WITH due AS (
-    SELECT q.id
-      FROM public.call_queue q
-     WHERE q.status = 'queued' AND q.scheduled_time <= now()
-     ORDER BY q.priority, q.scheduled_time, q.created_at
-     LIMIT greatest(p_limit, 0)
-       FOR UPDATE SKIP LOCKED
-  )
+  -- "id = ANY (ARRAY(...))" rather than a join to a CTE: SQL functions are planned
+  -- generically, and a join against an unknown-size CTE is planned as a hash join over a
+  -- sequential scan of the whole queue; ANY(array) keeps it a primary-key index scan.
   UPDATE public.call_queue q
      SET status = 'claimed', claimed_by = p_worker, claimed_at = now(),
          lease_expires_at = now() + make_interval(secs => p_lease_seconds)
-    FROM due
-   WHERE q.id = due.id
+   WHERE q.id = ANY (ARRAY(
+           SELECT d.id
+             FROM public.call_queue d
+            WHERE d.status = 'queued' AND d.scheduled_time <= now()
+            ORDER BY d.priority, d.scheduled_time, d.created_at
+            LIMIT greatest(p_limit, 0)
+              FOR UPDATE SKIP LOCKED))
+     AND q.status = 'queued'
   RETURNING q.id, q.user_id, q.template_id, q.priority, q.scheduled_time, q.attempts;
 $$;
 
@@ -333,7 +334,8 @@ BEGIN
            row_number() OVER (ORDER BY e.priority,
                                        (e.current_calls + n)::numeric / e.max_concurrent_calls,
                                        e.provider_id, n) AS rn
-      FROM eligible e, generate_series(1, e.available_slots) AS n
+      -- a provider's slots rank in increasing n, so at most one per call is ever needed
+      FROM eligible e, generate_series(1, least(e.available_slots, cardinality(v_ids))) AS n
   ), calls AS (
     SELECT c.id, c.ord AS ord0, row_number() OVER (ORDER BY c.ord) AS rn
       FROM unnest(v_ids) WITH ORDINALITY AS c(id, ord)
