@@ -1,0 +1,269 @@
+"""End to end against the engine's limit; latency of a call scheduled for now; worker memory.
+
+All on one :class:`bench.stack.Stack` (scratch database, own Redis, simulator answering at once
+with zero call duration, one worker process with the project's default pool and concurrency and
+one beat process):
+
+* **engine baseline**: ``callq.noop`` tasks published to the ``dispatch`` queue of the same broker
+  and consumed by the same worker; rate = tasks / (time from first publish to queue drained,
+  unacknowledged included).
+* **ours**: ``count`` calls scheduled through ``schedule_call`` in one transaction (one NOTIFY at
+  commit); rate = calls / (time from the commit to the last create request at the simulator).
+* **latency**: commit of ``schedule_call`` -> create request arrival at the simulator (its own
+  wall-clock record, matched to the queue id through the assignment id), one call at a time
+  (idle), then at a steady rate of half the measured throughput.
+* **memory**: RSS of a fresh worker (process tree) after 1,000 and after 50,000 calls.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from typing import Any
+
+import psutil
+import redis
+
+from bench.common import log, median, percentile
+from bench.stack import Stack
+
+
+def _celery_client(broker_url: str) -> Any:
+    from celery import Celery
+
+    app = Celery("callq-bench", broker=broker_url)
+    app.conf.update(task_serializer="json", accept_content=["json"], task_ignore_result=True,
+                    broker_connection_retry_on_startup=True)
+    return app
+
+
+def _queue_depth(r: redis.Redis, queue: str = "dispatch") -> int:
+    return int(r.llen(queue)) + int(r.hlen("unacked"))
+
+
+def _wait_drained(r: redis.Redis, timeout: float) -> float | None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if _queue_depth(r) == 0:
+            return time.time()
+        time.sleep(0.01)
+    return None
+
+
+def noop_rate(stack: Stack, count: int) -> dict[str, Any]:
+    """Publish ``count`` no-op tasks and time the drain through the running worker."""
+    app = _celery_client(stack.redis.url)
+    r = redis.Redis.from_url(stack.redis.url)
+    try:
+        # Warm-up: the worker is connected and consuming.
+        with app.producer_or_acquire() as producer:
+            for _ in range(50):
+                app.send_task("callq.noop", queue="dispatch", routing_key="dispatch",
+                              producer=producer)
+        if _wait_drained(r, 60) is None:
+            raise RuntimeError("noop warm-up did not drain")
+        t0 = time.time()
+        with app.producer_or_acquire() as producer:
+            for _ in range(count):
+                app.send_task("callq.noop", queue="dispatch", routing_key="dispatch",
+                              producer=producer)
+        published = time.time()
+        done = _wait_drained(r, 600)
+        if done is None:
+            raise RuntimeError("noop tasks did not drain in 600 s")
+    finally:
+        app.close()
+        r.close()
+    return {"count": count, "seconds": done - t0, "rate": count / (done - t0),
+            "publish_rate": count / max(published - t0, 1e-9)}
+
+
+def _arrivals(stack: Stack) -> dict[str, float]:
+    """queue id -> wall time of its first create request at the simulator."""
+    assert stack.sim is not None
+    times = stack.sim.stats(times=True).get("create_times", {})
+    if not times:
+        return {}
+    with stack.connect() as conn:
+        rows = conn.execute(
+            "SELECT id::text, queue_id::text FROM call_assignments WHERE id = ANY(%s::uuid[])",
+            (list(times),),
+        ).fetchall()
+    out: dict[str, float] = {}
+    for aid, qid in rows:
+        first = min(t["wall"] for t in times[aid])
+        out[qid] = min(first, out.get(qid, first))
+    return out
+
+
+def ours_rate(stack: Stack, count: int, start: int) -> dict[str, Any]:
+    """Schedule ``count`` calls due now in one transaction; time to the last create request."""
+    assert stack.sim is not None
+    before = stack.sim.stats()["total_creates"]
+    ids = stack.schedule(count, start=start)
+    t_commit = time.time()
+    ids_s = {str(i) for i in ids}
+    end = time.monotonic() + 600
+    while time.monotonic() < end:
+        if stack.sim.stats()["total_creates"] - before >= count:
+            break
+        time.sleep(0.05)
+    arrivals = _arrivals(stack)
+    got = [arrivals[q] for q in ids_s if q in arrivals]
+    if len(got) < count:
+        log(f"e2e: only {len(got)} of {count} calls reached the simulator")
+    last = max(got) if got else time.time()
+    return {"count": count, "arrived": len(got), "seconds": last - t_commit,
+            "rate": len(got) / (last - t_commit), "ids": ids}
+
+
+def latency(stack: Stack, *, idle_calls: int, load_rate: float, load_seconds: float,
+            start: int) -> dict[str, Any]:
+    """Commit -> create latency, idle (one at a time) and under a steady schedule rate."""
+    assert stack.sim is not None
+    commits: dict[str, float] = {}
+    with stack.connect() as conn:
+        for i in range(idle_calls):
+            before = stack.sim.stats()["total_creates"]
+            qid, t = stack.schedule_one(conn, start + i)
+            commits[qid] = t
+            end = time.monotonic() + 10
+            while time.monotonic() < end and stack.sim.stats()["total_creates"] <= before:
+                time.sleep(0.002)
+            time.sleep(0.05)
+    idle_ids = set(commits)
+    # Steady load: a pacing thread schedules at load_rate for load_seconds.
+    load_commits: dict[str, float] = {}
+    n_load = int(load_rate * load_seconds)
+
+    def pace() -> None:
+        with stack.connect() as conn:
+            t0 = time.monotonic()
+            for k in range(n_load):
+                due = t0 + k / load_rate
+                delay = due - time.monotonic()
+                if delay > 0:
+                    time.sleep(delay)
+                qid, t = stack.schedule_one(conn, start + idle_calls + k)
+                load_commits[qid] = t
+
+    th = threading.Thread(target=pace, daemon=True)
+    th.start()
+    th.join(load_seconds + 120)
+    end = time.monotonic() + 120
+    while time.monotonic() < end:
+        arrivals = _arrivals(stack)
+        if all(q in arrivals for q in load_commits):
+            break
+        time.sleep(0.5)
+    arrivals = _arrivals(stack)
+
+    def summary(ids: set[str], commits_: dict[str, float]) -> dict[str, Any]:
+        lat = [(arrivals[q] - commits_[q]) * 1000 for q in ids if q in arrivals]
+        return {"calls": len(ids), "arrived": len(lat), "p50_ms": median(lat),
+                "p99_ms": percentile(lat, 99), "max_ms": max(lat) if lat else float("nan")}
+
+    return {"idle": summary(idle_ids, commits),
+            "load": summary(set(load_commits), load_commits) | {"rate": load_rate}}
+
+
+def rss_of(pid: int) -> int:
+    """Resident bytes of a process and its children."""
+    proc = psutil.Process(pid)
+    total = proc.memory_info().rss
+    for child in proc.children(recursive=True):
+        with contextlib.suppress(psutil.NoSuchProcess):
+            total += child.memory_info().rss
+    return total
+
+
+def memory(
+    stack: Stack, *, first: int, total: int, start: int, chunk: int = 1000
+) -> dict[str, Any]:
+    """RSS of a fresh worker after ``first`` and after ``total`` calls placed and completed."""
+    assert stack.sim is not None
+    stack.fleet.stop("worker")
+    proc = stack.fleet.start_worker("worker")
+    time.sleep(3)
+    done = 0
+    samples: dict[str, Any] = {}
+    t0 = time.monotonic()
+    baseline_creates = stack.sim.stats()["total_creates"]
+    while done < total:
+        n = min(chunk, first - done if done < first else total - done)
+        ids = stack.schedule(n, start=start + done)
+        ok, _ = stack.wait_settled(ids, timeout=300)
+        if not ok:
+            log(f"memory: chunk at {done} did not settle: {stack.counts(ids)}")
+            break
+        done += n
+        if done == first:
+            time.sleep(1)
+            samples["first"] = {"calls": done, "rss": rss_of(proc.pid)}
+            log(f"memory: {done} calls, worker RSS {samples['first']['rss'] / 2**20:.1f} MiB")
+        if done % 10_000 == 0:
+            log(f"memory: {done} calls, worker RSS {rss_of(proc.pid) / 2**20:.1f} MiB "
+                f"({time.monotonic() - t0:.0f}s)")
+    time.sleep(1)
+    samples["last"] = {"calls": done, "rss": rss_of(proc.pid)}
+    samples["creates"] = stack.sim.stats()["total_creates"] - baseline_creates
+    first_rss = samples.get("first", {}).get("rss") or samples["last"]["rss"]
+    samples["growth"] = samples["last"]["rss"] / first_rss - 1
+    samples["seconds"] = time.monotonic() - t0
+    log(f"memory: {done} calls, worker RSS {samples['last']['rss'] / 2**20:.1f} MiB, "
+        f"growth {samples['growth'] * 100:.1f}%")
+    return samples
+
+
+def run(*, quick: bool = False) -> dict[str, Any]:
+    n_noop = 2000 if quick else 6000
+    n_calls = 1000 if quick else 3000
+    out: dict[str, Any] = {}
+    stack = Stack(max_concurrent_calls=2 * n_calls,
+                  env_overrides={"CALLQ_POLL_INTERVAL_SECONDS": "1.0"})
+    stack.start()
+    log(f"e2e: stack up (db {stack.db.name if stack.db else '?'}, redis {stack.redis.url}, "
+        f"sim {stack.sim.base_url if stack.sim else '?'}, logs {stack.log_dir})")
+    try:
+        stack.fleet.start_worker("worker")
+        stack.fleet.start_beat("beat")
+        time.sleep(4)
+        # Warm-up through the whole path.
+        warm = stack.schedule(20, start=900_000)
+        ok, _ = stack.wait_settled(warm, 60)
+        if not ok:
+            raise RuntimeError(f"warm-up calls did not settle: {stack.counts(warm)}\n"
+                               + stack.tail_logs())
+        noop = noop_rate(stack, n_noop)
+        log(f"e2e: noop tasks {noop['rate']:.0f}/s ({noop['count']} in {noop['seconds']:.1f}s)")
+        ours = ours_rate(stack, n_calls, start=0)
+        log(f"e2e: calls {ours['rate']:.0f}/s ({ours['arrived']} in {ours['seconds']:.1f}s)")
+        ok, secs = stack.wait_settled(ours.pop("ids"), 300)
+        log(f"e2e: batch settled={ok} after {secs:.1f}s more")
+        noop2 = noop_rate(stack, n_noop)
+        log(f"e2e: noop tasks again {noop2['rate']:.0f}/s")
+        out["throughput"] = {
+            "noop": noop, "noop_after": noop2, "ours": ours,
+            "ratio": ours["rate"] / max(noop["rate"], noop2["rate"]),
+        }
+        load_rate = max(5.0, min(100.0, 0.5 * ours["rate"]))
+        lat = latency(stack, idle_calls=20 if quick else 60, load_rate=load_rate,
+                      load_seconds=10 if quick else 30, start=100_000)
+        out["latency"] = lat
+        log(f"e2e: latency idle p50 {lat['idle']['p50_ms']:.1f} ms p99 "
+            f"{lat['idle']['p99_ms']:.1f} ms; at {load_rate:.0f}/s p50 "
+            f"{lat['load']['p50_ms']:.1f} ms p99 {lat['load']['p99_ms']:.1f} ms")
+        out["memory"] = memory(stack, first=500 if quick else 1000,
+                               total=5000 if quick else 50_000, start=200_000)
+        out["final_counts"] = {k: v for k, v in stack.counts().items() if k != "dialed_twice_ids"}
+    finally:
+        stack.stop()
+    return out
+
+
+if __name__ == "__main__":
+    import json
+    import sys
+
+    print(json.dumps(run(quick="--quick" in sys.argv), indent=2, default=str))

@@ -1,0 +1,214 @@
+"""A whole callq system on this machine for one benchmark or drill, started and stopped by us.
+
+Scratch database on the machine's PostgreSQL (or a PostgreSQL of our own), a Redis of our own,
+the simulator as a child process (or in-process), real worker and beat processes via
+:class:`worker.fleet.Fleet`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psycopg
+
+from bench.common import (
+    OwnPostgres,
+    ScratchDB,
+    Simulator,
+    fleet_env,
+    own_redis,
+)
+
+TERMINAL = ("completed", "failed", "canceled")
+IN_FLIGHT = ("claimed", "assigned", "dialing", "in_progress")
+
+SIM_INSTANT = {
+    "seed": 1,
+    "outcome_mix": {"completed": 1.0},
+    "answer_at_once": True,
+    "call_seconds": 0,
+    "queue_seconds": 0,
+    "ring_seconds": 0,
+    "latency_ms": 0,
+    "record_times": True,
+}
+
+
+@dataclass
+class Stack:
+    """Database + own Redis + simulator + fleet; :meth:`stop` undoes everything it started."""
+
+    sim_config: dict[str, Any] = field(default_factory=lambda: dict(SIM_INSTANT))
+    env_overrides: dict[str, Any] = field(default_factory=dict)
+    max_concurrent_calls: int = 1000
+    own_postgres: bool = False
+    log_dir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="callq-bench-")))
+    keep_logs: bool = False
+
+    db: ScratchDB | None = None
+    pg: OwnPostgres | None = None
+    redis: Any = None
+    sim: Simulator | None = None
+    fleet: Any = None
+    seeded: Any = None
+    url: str = ""
+
+    def start(self) -> Stack:
+        from worker.fleet import Fleet
+        from worker.seed import seed_demo
+
+        try:
+            if self.own_postgres:
+                self.pg = OwnPostgres()
+                admin = self.pg.start()
+                self.db = ScratchDB(admin)
+            else:
+                self.db = ScratchDB()
+            self.db.create()
+            self.url = self.db.url
+            self.redis = own_redis()
+            self.sim = Simulator(log_path=self.log_dir / "simulator.log")
+            self.sim.start(self.sim_config)
+            with self.connect() as conn:
+                # Retry back-offs in seconds rather than minutes (drills with failures).
+                conn.execute(
+                    f"ALTER DATABASE {self.db.name} SET callq.retry_delay_scale = '0.002'"
+                )
+                self.seeded = seed_demo(
+                    conn, sim_base_url=self.sim.base_url,
+                    max_concurrent_calls=self.max_concurrent_calls,
+                )
+            env = fleet_env(self.url, self.redis.url, **self.env_overrides)
+            self.fleet = Fleet(env=env, log_dir=self.log_dir)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def connect(self) -> psycopg.Connection[Any]:
+        return psycopg.connect(self.url, autocommit=True, connect_timeout=10)
+
+    def stop(self) -> None:
+        if self.fleet is not None:
+            with contextlib.suppress(Exception):
+                self.fleet.stop()
+        if self.sim is not None:
+            self.sim.stop()
+        if self.redis is not None:
+            with contextlib.suppress(Exception):
+                self.redis.stop()
+            shutil.rmtree(self.redis.datadir, ignore_errors=True)
+        if self.db is not None:
+            self.db.drop()
+        if self.pg is not None:
+            self.pg.destroy()
+        if not self.keep_logs:
+            shutil.rmtree(self.log_dir, ignore_errors=True)
+
+    def __enter__(self) -> Stack:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- scheduling ------------------------------------------------------------------------------
+
+    def schedule(self, count: int, *, start: int = 0, delay_seconds: float = 0.0,
+                 suffix: str | None = None) -> list[uuid.UUID]:
+        """``count`` calls through ``schedule_call`` in one transaction (one NOTIFY at commit)."""
+        from worker.seed import schedule_calls
+
+        with self.connect() as conn:
+            return schedule_calls(conn, self.seeded, count, start=start,
+                                  delay_seconds=delay_seconds, suffix=suffix)
+
+    def schedule_one(self, conn: psycopg.Connection[Any], i: int) -> tuple[str, float]:
+        """One call due now, autocommit; returns (queue id, wall time right after the commit)."""
+        row = conn.execute(
+            "SELECT schedule_call(%s, %s, %s, %s, NULL, NULL, 5, %s, '{}'::jsonb)",
+            (self.seeded.user_id, self.seeded.template_id, f"Customer {i}",
+             f"+1555{(i // 10000) % 1000:03d}{i % 10000:04d}", '{"company_name": "Acme"}'),
+        ).fetchone()
+        t = time.time()
+        assert row is not None
+        return str(row[0]), t
+
+    # -- counting --------------------------------------------------------------------------------
+
+    def counts(self, ids: list[Any] | None = None) -> dict[str, Any]:
+        """scheduled, terminal, queued, lost, dialed more than once, slots held, statuses."""
+        with self.connect() as conn:
+            if ids is None:
+                rows = conn.execute(
+                    "SELECT id::text, status FROM call_queue"
+                ).fetchall()
+            else:
+                rows = conn.execute(
+                    "SELECT id::text, status FROM call_queue WHERE id = ANY(%s)", (list(ids),)
+                ).fetchall()
+            slots = conn.execute(
+                "SELECT coalesce(sum(current_calls), 0) FROM provider_availability"
+            ).fetchone()
+            live = conn.execute(
+                "SELECT count(*) FROM call_assignments WHERE state IN ('assigned','dialing',"
+                "'placed')"
+            ).fetchone()
+        by_status: dict[str, int] = {}
+        for _, status in rows:
+            by_status[status] = by_status.get(status, 0) + 1
+        assert self.sim is not None
+        dials = self.sim.stats().get("creates_by_queue", {})
+        wanted = {qid for qid, _ in rows}
+        twice = sorted(q for q, n in dials.items() if n > 1 and q in wanted)
+        scheduled = len(ids) if ids is not None else len(rows)
+        terminal = sum(by_status.get(s, 0) for s in TERMINAL)
+        queued = by_status.get("queued", 0)
+        return {
+            "scheduled": scheduled,
+            "terminal": terminal,
+            "queued": queued,
+            "in_flight": sum(by_status.get(s, 0) for s in IN_FLIGHT),
+            "lost": scheduled - terminal - queued,
+            "dialed_more_than_once": len(twice),
+            "dialed_twice_ids": twice[:10],
+            "slots_held": int(slots[0]) if slots else -1,
+            "live_assignments": int(live[0]) if live else -1,
+            "by_status": by_status,
+            "dialed": sum(1 for q in wanted if dials.get(q, 0) >= 1),
+            "missing_rows": scheduled - len(rows),
+        }
+
+    def settled(self, ids: list[Any]) -> bool:
+        """Every call terminal and no slot held (database only: cheap to poll)."""
+        with self.connect() as conn:
+            row = conn.execute(
+                "SELECT (SELECT count(*) FROM call_queue WHERE id = ANY(%s)"
+                " AND status IN ('completed', 'failed', 'canceled')),"
+                " (SELECT coalesce(sum(current_calls), 0) FROM provider_availability)",
+                (list(ids),),
+            ).fetchone()
+        return row is not None and int(row[0]) == len(ids) and int(row[1]) == 0
+
+    def wait_settled(self, ids: list[Any], timeout: float) -> tuple[bool, float]:
+        t0 = time.monotonic()
+        end = t0 + timeout
+        while time.monotonic() < end:
+            if self.settled(ids):
+                return True, time.monotonic() - t0
+            time.sleep(0.5)
+        return False, time.monotonic() - t0
+
+    def tail_logs(self, lines: int = 20) -> str:
+        out = []
+        for path in sorted(self.log_dir.glob("*.log")):
+            text = path.read_text(errors="replace").splitlines()[-lines:]
+            out.append(f"--- {path.name} ---\n" + "\n".join(text))
+        return "\n".join(out)
+
