@@ -102,12 +102,12 @@ class Database:
 
     def scalar(self, query: str, params: tuple[Any, ...] = ()) -> Any:
         with self._ensure_open().connection() as conn:
-            row = conn.execute(query, params).fetchone()  # type: ignore[arg-type]
+            row = conn.execute(query, params).fetchone()
             return None if row is None else row[0]
 
     def rows(self, query: str, params: tuple[Any, ...] = ()) -> list[dict[str, Any]]:
         with self._ensure_open().connection() as conn, conn.cursor(row_factory=dict_row) as cur:
-            cur.execute(query, params)  # type: ignore[arg-type]
+            cur.execute(query, params)
             return list(cur.fetchall())
 
     # -- named operations -------------------------------------------------------------------
@@ -139,7 +139,7 @@ class Database:
         duration_seconds: float | None,
         recording_url: str | None,
         transcript: str | None,
-        cost: Decimal | None,
+        cost: float | Decimal | None,
         provider_call_id: str | None,
         started_at: datetime | None,
         ended_at: datetime | None,
