@@ -33,8 +33,12 @@ def _celery_client(broker_url: str) -> Any:
     from celery import Celery
 
     app = Celery("callq-bench", broker=broker_url)
-    app.conf.update(task_serializer="json", accept_content=["json"], task_ignore_result=True,
-                    broker_connection_retry_on_startup=True)
+    app.conf.update(
+        task_serializer="json",
+        accept_content=["json"],
+        task_ignore_result=True,
+        broker_connection_retry_on_startup=True,
+    )
     return app
 
 
@@ -59,15 +63,17 @@ def noop_rate(stack: Stack, count: int) -> dict[str, Any]:
         # Warm-up: the worker is connected and consuming.
         with app.producer_or_acquire() as producer:
             for _ in range(50):
-                app.send_task("callq.noop", queue="dispatch", routing_key="dispatch",
-                              producer=producer)
+                app.send_task(
+                    "callq.noop", queue="dispatch", routing_key="dispatch", producer=producer
+                )
         if _wait_drained(r, 60) is None:
             raise RuntimeError("noop warm-up did not drain")
         t0 = time.time()
         with app.producer_or_acquire() as producer:
             for _ in range(count):
-                app.send_task("callq.noop", queue="dispatch", routing_key="dispatch",
-                              producer=producer)
+                app.send_task(
+                    "callq.noop", queue="dispatch", routing_key="dispatch", producer=producer
+                )
         published = time.time()
         done = _wait_drained(r, 600)
         if done is None:
@@ -75,8 +81,12 @@ def noop_rate(stack: Stack, count: int) -> dict[str, Any]:
     finally:
         app.close()
         r.close()
-    return {"count": count, "seconds": done - t0, "rate": count / (done - t0),
-            "publish_rate": count / max(published - t0, 1e-9)}
+    return {
+        "count": count,
+        "seconds": done - t0,
+        "rate": count / (done - t0),
+        "publish_rate": count / max(published - t0, 1e-9),
+    }
 
 
 def _arrivals(stack: Stack) -> dict[str, float]:
@@ -114,12 +124,18 @@ def ours_rate(stack: Stack, count: int, start: int) -> dict[str, Any]:
     if len(got) < count:
         log(f"e2e: only {len(got)} of {count} calls reached the simulator")
     last = max(got) if got else time.time()
-    return {"count": count, "arrived": len(got), "seconds": last - t_commit,
-            "rate": len(got) / (last - t_commit), "ids": ids}
+    return {
+        "count": count,
+        "arrived": len(got),
+        "seconds": last - t_commit,
+        "rate": len(got) / (last - t_commit),
+        "ids": ids,
+    }
 
 
-def latency(stack: Stack, *, idle_calls: int, load_rate: float, load_seconds: float,
-            start: int) -> dict[str, Any]:
+def latency(
+    stack: Stack, *, idle_calls: int, load_rate: float, load_seconds: float, start: int
+) -> dict[str, Any]:
     """Commit -> create latency, idle (one at a time) and under a steady schedule rate."""
     assert stack.sim is not None
     commits: dict[str, float] = {}
@@ -161,11 +177,18 @@ def latency(stack: Stack, *, idle_calls: int, load_rate: float, load_seconds: fl
 
     def summary(ids: set[str], commits_: dict[str, float]) -> dict[str, Any]:
         lat = [(arrivals[q] - commits_[q]) * 1000 for q in ids if q in arrivals]
-        return {"calls": len(ids), "arrived": len(lat), "p50_ms": median(lat),
-                "p99_ms": percentile(lat, 99), "max_ms": max(lat) if lat else float("nan")}
+        return {
+            "calls": len(ids),
+            "arrived": len(lat),
+            "p50_ms": median(lat),
+            "p99_ms": percentile(lat, 99),
+            "max_ms": max(lat) if lat else float("nan"),
+        }
 
-    return {"idle": summary(idle_ids, commits),
-            "load": summary(set(load_commits), load_commits) | {"rate": load_rate}}
+    return {
+        "idle": summary(idle_ids, commits),
+        "load": summary(set(load_commits), load_commits) | {"rate": load_rate},
+    }
 
 
 def rss_of(pid: int) -> int:
@@ -203,16 +226,20 @@ def memory(
             samples["first"] = {"calls": done, "rss": rss_of(proc.pid)}
             log(f"memory: {done} calls, worker RSS {samples['first']['rss'] / 2**20:.1f} MiB")
         if done % 10_000 == 0:
-            log(f"memory: {done} calls, worker RSS {rss_of(proc.pid) / 2**20:.1f} MiB "
-                f"({time.monotonic() - t0:.0f}s)")
+            log(
+                f"memory: {done} calls, worker RSS {rss_of(proc.pid) / 2**20:.1f} MiB "
+                f"({time.monotonic() - t0:.0f}s)"
+            )
     time.sleep(1)
     samples["last"] = {"calls": done, "rss": rss_of(proc.pid)}
     samples["creates"] = stack.sim.stats()["total_creates"] - baseline_creates
     first_rss = samples.get("first", {}).get("rss") or samples["last"]["rss"]
     samples["growth"] = samples["last"]["rss"] / first_rss - 1
     samples["seconds"] = time.monotonic() - t0
-    log(f"memory: {done} calls, worker RSS {samples['last']['rss'] / 2**20:.1f} MiB, "
-        f"growth {samples['growth'] * 100:.1f}%")
+    log(
+        f"memory: {done} calls, worker RSS {samples['last']['rss'] / 2**20:.1f} MiB, "
+        f"growth {samples['growth'] * 100:.1f}%"
+    )
     return samples
 
 
@@ -220,11 +247,14 @@ def run(*, quick: bool = False) -> dict[str, Any]:
     n_noop = 2000 if quick else 6000
     n_calls = 1000 if quick else 3000
     out: dict[str, Any] = {}
-    stack = Stack(max_concurrent_calls=2 * n_calls,
-                  env_overrides={"CALLQ_POLL_INTERVAL_SECONDS": "1.0"})
+    stack = Stack(
+        max_concurrent_calls=2 * n_calls, env_overrides={"CALLQ_POLL_INTERVAL_SECONDS": "1.0"}
+    )
     stack.start()
-    log(f"e2e: stack up (db {stack.db.name if stack.db else '?'}, redis {stack.redis.url}, "
-        f"sim {stack.sim.base_url if stack.sim else '?'}, logs {stack.log_dir})")
+    log(
+        f"e2e: stack up (db {stack.db.name if stack.db else '?'}, redis {stack.redis.url}, "
+        f"sim {stack.sim.base_url if stack.sim else '?'}, logs {stack.log_dir})"
+    )
     try:
         stack.fleet.start_worker("worker")
         stack.fleet.start_beat("beat")
@@ -233,8 +263,9 @@ def run(*, quick: bool = False) -> dict[str, Any]:
         warm = stack.schedule(20, start=900_000)
         ok, _ = stack.wait_settled(warm, 60)
         if not ok:
-            raise RuntimeError(f"warm-up calls did not settle: {stack.counts(warm)}\n"
-                               + stack.tail_logs())
+            raise RuntimeError(
+                f"warm-up calls did not settle: {stack.counts(warm)}\n" + stack.tail_logs()
+            )
         noop = noop_rate(stack, n_noop)
         log(f"e2e: noop tasks {noop['rate']:.0f}/s ({noop['count']} in {noop['seconds']:.1f}s)")
         ours = ours_rate(stack, n_calls, start=0)
@@ -244,18 +275,28 @@ def run(*, quick: bool = False) -> dict[str, Any]:
         noop2 = noop_rate(stack, n_noop)
         log(f"e2e: noop tasks again {noop2['rate']:.0f}/s")
         out["throughput"] = {
-            "noop": noop, "noop_after": noop2, "ours": ours,
+            "noop": noop,
+            "noop_after": noop2,
+            "ours": ours,
             "ratio": ours["rate"] / max(noop["rate"], noop2["rate"]),
         }
         load_rate = max(5.0, min(100.0, 0.5 * ours["rate"]))
-        lat = latency(stack, idle_calls=20 if quick else 60, load_rate=load_rate,
-                      load_seconds=10 if quick else 30, start=100_000)
+        lat = latency(
+            stack,
+            idle_calls=20 if quick else 60,
+            load_rate=load_rate,
+            load_seconds=10 if quick else 30,
+            start=100_000,
+        )
         out["latency"] = lat
-        log(f"e2e: latency idle p50 {lat['idle']['p50_ms']:.1f} ms p99 "
+        log(
+            f"e2e: latency idle p50 {lat['idle']['p50_ms']:.1f} ms p99 "
             f"{lat['idle']['p99_ms']:.1f} ms; at {load_rate:.0f}/s p50 "
-            f"{lat['load']['p50_ms']:.1f} ms p99 {lat['load']['p99_ms']:.1f} ms")
-        out["memory"] = memory(stack, first=500 if quick else 1000,
-                               total=5000 if quick else 50_000, start=200_000)
+            f"{lat['load']['p50_ms']:.1f} ms p99 {lat['load']['p99_ms']:.1f} ms"
+        )
+        out["memory"] = memory(
+            stack, first=500 if quick else 1000, total=5000 if quick else 50_000, start=200_000
+        )
         out["final_counts"] = {k: v for k, v in stack.counts().items() if k != "dialed_twice_ids"}
     finally:
         stack.stop()

@@ -49,6 +49,7 @@ class Stack:
     env_overrides: dict[str, Any] = field(default_factory=dict)
     max_concurrent_calls: int = 1000
     own_postgres: bool = False
+    admin_url: str | None = None
     log_dir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="callq-bench-")))
     keep_logs: bool = False
 
@@ -70,7 +71,7 @@ class Stack:
                 admin = self.pg.start()
                 self.db = ScratchDB(admin)
             else:
-                self.db = ScratchDB()
+                self.db = ScratchDB(self.admin_url) if self.admin_url else ScratchDB()
             self.db.create()
             self.url = self.db.url
             self.redis = own_redis()
@@ -78,11 +79,10 @@ class Stack:
             self.sim.start(self.sim_config)
             with self.connect() as conn:
                 # Retry back-offs in seconds rather than minutes (drills with failures).
-                conn.execute(
-                    f"ALTER DATABASE {self.db.name} SET callq.retry_delay_scale = '0.002'"
-                )
+                conn.execute(f"ALTER DATABASE {self.db.name} SET callq.retry_delay_scale = '0.002'")
                 self.seeded = seed_demo(
-                    conn, sim_base_url=self.sim.base_url,
+                    conn,
+                    sim_base_url=self.sim.base_url,
                     max_concurrent_calls=self.max_concurrent_calls,
                 )
             env = fleet_env(self.url, self.redis.url, **self.env_overrides)
@@ -120,21 +120,28 @@ class Stack:
 
     # -- scheduling ------------------------------------------------------------------------------
 
-    def schedule(self, count: int, *, start: int = 0, delay_seconds: float = 0.0,
-                 suffix: str | None = None) -> list[uuid.UUID]:
+    def schedule(
+        self, count: int, *, start: int = 0, delay_seconds: float = 0.0, suffix: str | None = None
+    ) -> list[uuid.UUID]:
         """``count`` calls through ``schedule_call`` in one transaction (one NOTIFY at commit)."""
         from worker.seed import schedule_calls
 
         with self.connect() as conn:
-            return schedule_calls(conn, self.seeded, count, start=start,
-                                  delay_seconds=delay_seconds, suffix=suffix)
+            return schedule_calls(
+                conn, self.seeded, count, start=start, delay_seconds=delay_seconds, suffix=suffix
+            )
 
     def schedule_one(self, conn: psycopg.Connection[Any], i: int) -> tuple[str, float]:
         """One call due now, autocommit; returns (queue id, wall time right after the commit)."""
         row = conn.execute(
             "SELECT schedule_call(%s, %s, %s, %s, NULL, NULL, 5, %s, '{}'::jsonb)",
-            (self.seeded.user_id, self.seeded.template_id, f"Customer {i}",
-             f"+1555{(i // 10000) % 1000:03d}{i % 10000:04d}", '{"company_name": "Acme"}'),
+            (
+                self.seeded.user_id,
+                self.seeded.template_id,
+                f"Customer {i}",
+                f"+1555{(i // 10000) % 1000:03d}{i % 10000:04d}",
+                '{"company_name": "Acme"}',
+            ),
         ).fetchone()
         t = time.time()
         assert row is not None
@@ -146,9 +153,7 @@ class Stack:
         """scheduled, terminal, queued, lost, dialed more than once, slots held, statuses."""
         with self.connect() as conn:
             if ids is None:
-                rows = conn.execute(
-                    "SELECT id::text, status FROM call_queue"
-                ).fetchall()
+                rows = conn.execute("SELECT id::text, status FROM call_queue").fetchall()
             else:
                 rows = conn.execute(
                     "SELECT id::text, status FROM call_queue WHERE id = ANY(%s)", (list(ids),)
@@ -211,4 +216,3 @@ class Stack:
             text = path.read_text(errors="replace").splitlines()[-lines:]
             out.append(f"--- {path.name} ---\n" + "\n".join(text))
         return "\n".join(out)
-

@@ -1,0 +1,735 @@
+"""Fault drills: break the running system on purpose and count what was lost or dialed twice.
+
+    .venv/bin/python -m bench.drills [name ...] [--quick] [--json FILE]
+
+Each drill starts its own stack (scratch database, a Redis of its own, the simulator, real worker
+and beat processes), schedules a batch, injects its fault, waits (bounded) for the system to
+settle, and prints:
+
+    scheduled   calls scheduled
+    terminal    calls in a terminal state (completed, failed, canceled)
+    lost        calls neither terminal nor queued at the end
+    dialed>1    calls the simulator saw more than one create request for (its own record, by
+                queue id; every call is answered, so each must be dialed exactly once)
+    slots held  sum of provider_availability.current_calls at the end
+
+Every drill must end with 0 lost, 0 dialed more than once, 0 slots held. Servers that are
+stopped or restarted are our own (own Redis, own PostgreSQL on its own port).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bench.common import log, restart_redis
+from bench.stack import Stack
+
+# Every call answered; short calls so tracking is exercised; small jitter.
+SIM_ANSWERED: dict[str, Any] = {
+    "seed": 3,
+    "outcome_mix": {"completed": 1.0},
+    "queue_seconds": 0.05,
+    "ring_seconds": 0.1,
+    "call_seconds": [0.2, 0.8],
+    "record_times": False,
+}
+# Fast leases and maintenance so recovery is quick; timeouts shorter than the simulator's hold.
+DRILL_ENV: dict[str, Any] = {
+    "CALLQ_POLL_INTERVAL_SECONDS": "0.5",
+    "CALLQ_LEASE_SECONDS": "8",
+    "CALLQ_REAPER_INTERVAL_SECONDS": "2",
+    "CALLQ_HEALTH_INTERVAL_SECONDS": "2",
+    "CALLQ_TRACK_INITIAL_DELAY_SECONDS": "0.3",
+    "CALLQ_TRACK_MAX_DELAY_SECONDS": "2",
+    "CALLQ_RECONCILE_DELAY_SECONDS": "1",
+    "CALLQ_HTTP_CONNECT_TIMEOUT_SECONDS": "1",
+    "CALLQ_HTTP_READ_TIMEOUT_SECONDS": "2",
+}
+
+
+@dataclass
+class DrillResult:
+    name: str
+    fault: str
+    scheduled: int = 0
+    terminal: int = 0
+    lost: int = 0
+    dialed_more_than_once: int = 0
+    slots_held: int = 0
+    settled: bool = False
+    seconds: float = 0.0
+    by_status: dict[str, int] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return (
+            self.error is None
+            and self.lost == 0
+            and self.dialed_more_than_once == 0
+            and self.slots_held == 0
+            and self.scheduled > 0
+        )
+
+    def take(self, counts: dict[str, Any]) -> None:
+        self.scheduled = counts["scheduled"]
+        self.terminal = counts["terminal"]
+        self.lost = counts["lost"]
+        self.dialed_more_than_once = counts["dialed_more_than_once"]
+        self.slots_held = counts["slots_held"]
+        self.by_status = counts["by_status"]
+        if counts["dialed_twice_ids"]:
+            self.extra["dialed_twice_ids"] = counts["dialed_twice_ids"]
+        if counts["missing_rows"]:
+            self.notes.append(f"{counts['missing_rows']} scheduled rows missing from call_queue")
+        if counts["live_assignments"]:
+            self.extra["live_assignments"] = counts["live_assignments"]
+
+
+@dataclass
+class DrillConfig:
+    calls: int
+    settle_timeout: float
+    admin_url: str | None = None
+    keep_logs: bool = False
+
+
+def _run_with_stack(
+    name: str,
+    fault: str,
+    cfg: DrillConfig,
+    body: Callable[[Stack, DrillResult], list[Any]],
+    *,
+    sim_config: dict[str, Any] | None = None,
+    env: dict[str, Any] | None = None,
+    own_postgres: bool = False,
+    max_concurrent_calls: int = 20,
+) -> DrillResult:
+    result = DrillResult(name, fault)
+    stack = Stack(
+        sim_config=dict(sim_config or SIM_ANSWERED),
+        env_overrides={**DRILL_ENV, **(env or {})},
+        max_concurrent_calls=max_concurrent_calls,
+        own_postgres=own_postgres,
+        admin_url=cfg.admin_url,
+        keep_logs=cfg.keep_logs,
+    )
+    t0 = time.monotonic()
+    try:
+        stack.start()
+        ids = body(stack, result)
+        ok, _ = stack.wait_settled(ids, cfg.settle_timeout)
+        result.settled = ok
+        result.take(stack.counts(ids))
+        if not result.ok:
+            result.extra["logs_tail"] = stack.tail_logs(15)
+    except Exception as exc:  # a drill reports its error rather than crashing the run
+        result.error = f"{type(exc).__name__}: {exc}"
+        try:
+            result.extra["logs_tail"] = stack.tail_logs(15)
+        except Exception as exc2:
+            result.notes.append(f"no logs: {exc2}")
+    finally:
+        result.seconds = time.monotonic() - t0
+        stack.stop()
+    return result
+
+
+def _wait_creates(stack: Stack, at_least: int, timeout: float) -> int:
+    """Wait until the simulator has seen ``at_least`` creates; return the count."""
+    assert stack.sim is not None
+    end = time.monotonic() + timeout
+    n = 0
+    while time.monotonic() < end:
+        n = int(stack.sim.stats()["total_creates"])
+        if n >= at_least:
+            return n
+        time.sleep(0.05)
+    return n
+
+
+# -- the drills -----------------------------------------------------------------------------------
+
+
+def worker_sigkill(cfg: DrillConfig) -> DrillResult:
+    """SIGKILL one of two workers while creates are in flight (slow simulator), then replace it."""
+
+    def body(stack: Stack, result: DrillResult) -> list[Any]:
+        stack.fleet.start_worker("w1")
+        stack.fleet.start_worker("w2")
+        stack.fleet.start_beat("beat")
+        time.sleep(3)
+        ids = stack.schedule(cfg.calls)
+        seen = _wait_creates(stack, max(3, cfg.calls // 4), 60)
+        stack.fleet.kill("w1")
+        result.notes.append(f"w1 SIGKILLed after {seen} creates")
+        time.sleep(2)
+        seen2 = _wait_creates(stack, cfg.calls // 2, 30)
+        stack.fleet.kill("w2")
+        result.notes.append(f"w2 SIGKILLed after {seen2} creates")
+        stack.fleet.start_worker("w3")
+        return ids
+
+    return _run_with_stack(
+        "worker_sigkill",
+        "SIGKILL worker mid-placement (x2)",
+        cfg,
+        body,
+        sim_config={**SIM_ANSWERED, "latency_ms": 150},
+    )
+
+
+def redis_restart(cfg: DrillConfig) -> DrillResult:
+    """Restart our Redis (no persistence: every queued and unacked message is lost) mid-run."""
+
+    def body(stack: Stack, result: DrillResult) -> list[Any]:
+        stack.fleet.start_worker("w1")
+        stack.fleet.start_beat("beat")
+        time.sleep(3)
+        ids = stack.schedule(cfg.calls)
+        seen = _wait_creates(stack, max(3, cfg.calls // 3), 60)
+        restart_redis(stack.redis)
+        result.notes.append(f"redis restarted (all messages lost) after {seen} creates")
+        return ids
+
+    return _run_with_stack(
+        "redis_restart",
+        "Redis restarted mid-run (own redis)",
+        cfg,
+        body,
+        sim_config={**SIM_ANSWERED, "latency_ms": 50},
+    )
+
+
+def postgres_restart(cfg: DrillConfig) -> DrillResult:
+    """Restart our own PostgreSQL (immediate stop = crash) mid-run."""
+
+    def body(stack: Stack, result: DrillResult) -> list[Any]:
+        assert stack.pg is not None
+        stack.fleet.start_worker("w1")
+        stack.fleet.start_beat("beat")
+        time.sleep(3)
+        ids = stack.schedule(cfg.calls)
+        seen = _wait_creates(stack, max(3, cfg.calls // 3), 60)
+        t = time.monotonic()
+        stack.pg.stop("immediate")
+        time.sleep(3)
+        stack.pg.start()
+        result.notes.append(
+            f"postgres crashed (-m immediate), down {time.monotonic() - t:.1f}s, after {seen}"
+            " creates"
+        )
+        return ids
+
+    return _run_with_stack(
+        "postgres_restart",
+        "PostgreSQL crash-restarted mid-run (own server)",
+        cfg,
+        body,
+        own_postgres=True,
+        sim_config={**SIM_ANSWERED, "latency_ms": 50},
+    )
+
+
+def provider_down(cfg: DrillConfig) -> DrillResult:
+    """Vapi refuses connections, then answers 500, then times out (the create still lands), then
+    comes back; SynthFlow stays up."""
+    phase = 4.0
+
+    def body(stack: Stack, result: DrillResult) -> list[Any]:
+        assert stack.sim is not None
+        stack.fleet.start_worker("w1")
+        stack.fleet.start_beat("beat")
+        time.sleep(3)
+        stack.sim.configure(
+            {
+                "timeout_seconds": 4,  # > the worker's read timeout (2 s): outcome unknown
+                "timeout_creates_call": True,
+                "outages": [
+                    {"provider": "vapi", "start": 0, "end": phase, "mode": "refuse"},
+                    {"provider": "vapi", "start": phase, "end": 2 * phase, "mode": "500"},
+                    {"provider": "vapi", "start": 2 * phase, "end": 3 * phase, "mode": "timeout"},
+                ],
+            }
+        )
+        t0 = time.monotonic()
+        ids: list[Any] = []
+        # Calls keep arriving through every phase and after it.
+        for k in range(4):
+            ids += stack.schedule(cfg.calls // 4, start=k * 10_000)
+            time.sleep(max(0.0, t0 + (k + 1) * phase - time.monotonic()))
+        counters = stack.sim.stats()["counters"]
+        result.extra["sim_counters"] = {
+            k: v for k, v in counters.items() if k.startswith(("outage", "creates", "rejected"))
+        }
+        return ids
+
+    return _run_with_stack(
+        "provider_down", "Vapi: refused, then 5xx, then timeouts, then back", cfg, body
+    )
+
+
+def provider_429(cfg: DrillConfig) -> DrillResult:
+    """Vapi answers 429 beyond 2 concurrent calls (Retry-After 1 s)."""
+
+    def body(stack: Stack, result: DrillResult) -> list[Any]:
+        stack.fleet.start_worker("w1")
+        stack.fleet.start_beat("beat")
+        time.sleep(3)
+        ids = stack.schedule(cfg.calls)
+        return ids
+
+    res = _run_with_stack(
+        "provider_429",
+        "Vapi answers 429 above 2 concurrent calls",
+        cfg,
+        body,
+        sim_config={**SIM_ANSWERED, "max_concurrent": {"vapi": 2}, "retry_after_seconds": 1},
+    )
+    return res
+
+
+def two_beats(cfg: DrillConfig) -> DrillResult:
+    """Two beat processes (two pollers, two LISTEN wake-ups) and two workers."""
+
+    def body(stack: Stack, result: DrillResult) -> list[Any]:
+        stack.fleet.start_worker("w1")
+        stack.fleet.start_worker("w2")
+        stack.fleet.start_beat("beat1")
+        stack.fleet.start_beat("beat2")
+        time.sleep(3)
+        ids = []
+        for k in range(5):  # several bursts: both listeners wake for each
+            ids += stack.schedule(cfg.calls // 5, start=k * 10_000)
+            time.sleep(0.5)
+        return ids
+
+    return _run_with_stack("two_beats", "two beat processes", cfg, body)
+
+
+def duplicate_task(cfg: DrillConfig) -> DrillResult:
+    """Every dispatch task delivered twice at once, and every placed call tracked twice more."""
+
+    def body(stack: Stack, result: DrillResult) -> list[Any]:
+        from bench.e2e import _celery_client
+
+        assert stack.sim is not None
+        stack.fleet.start_worker("w1", concurrency=16)
+        stack.fleet.start_worker("w2", concurrency=16)
+        time.sleep(3)
+        ids = stack.schedule(cfg.calls)
+        # Claim and assign as beat's poll would, then deliver each dispatch twice.
+        with stack.connect() as conn:
+            rows = conn.execute(
+                "SELECT assignment_id::text FROM claim_and_assign_calls(%s, 'drill', 60)",
+                (cfg.calls,),
+            ).fetchall()
+        aids = [r[0] for r in rows]
+        app = _celery_client(stack.redis.url)
+        try:
+            with app.producer_or_acquire() as producer:
+                for aid in aids:
+                    for _ in range(2):
+                        app.send_task(
+                            "callq.dispatch",
+                            args=(aid,),
+                            queue="dispatch",
+                            routing_key="dispatch",
+                            producer=producer,
+                        )
+            _wait_creates(stack, len(aids), 60)
+            with app.producer_or_acquire() as producer:
+                for aid in aids:
+                    for _ in range(2):  # one-off checks, as a webhook would send
+                        app.send_task(
+                            "callq.track",
+                            args=(aid, None),
+                            queue="track",
+                            routing_key="track",
+                            producer=producer,
+                        )
+        finally:
+            app.close()
+        result.notes.append(f"{len(aids)} assignments dispatched twice, tracked twice more")
+        stack.fleet.start_beat("beat")  # the reaper and the poller for what is left
+        return ids
+
+    return _run_with_stack(
+        "duplicate_task",
+        "callq.dispatch delivered twice per assignment",
+        cfg,
+        body,
+        max_concurrent_calls=max(20, cfg.calls),
+    )
+
+
+# -- bad input ------------------------------------------------------------------------------------
+
+E164 = re.compile(r"\+[1-9][0-9]{6,14}")
+EMAIL = re.compile(r"[^@\s]+@[^@\s]+\.[^@\s]+")
+
+
+def bad_input(cfg: DrillConfig, examples: int | None = None) -> DrillResult:
+    """Hypothesis-generated invalid ``schedule_call`` arguments: each must be refused with an
+    SQLSTATE of class CQ (or 22 for malformed types); no row may be written."""
+    import psycopg
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    n = examples or max(2000, cfg.calls * 20)
+    result = DrillResult("bad_input", f"{n} generated invalid schedule_call argument sets")
+    from bench.common import ScratchDB
+
+    db = ScratchDB(cfg.admin_url) if cfg.admin_url else ScratchDB()
+    t0 = time.monotonic()
+    tried = 0
+    codes: dict[str, int] = {}
+    unexpected: list[str] = []
+    accepted: list[str] = []
+    wrong_code: dict[str, int] = {}
+    try:
+        db.create()
+        from worker.seed import seed_demo
+
+        with psycopg.connect(db.url, autocommit=True) as conn:
+            good = seed_demo(conn, sim_base_url="http://127.0.0.1:9")
+            capped = seed_demo(conn, sim_base_url="http://127.0.0.1:9", call_limit=0)
+            other = seed_demo(conn, sim_base_url="http://127.0.0.1:9")
+            nosub = uuid.uuid4()
+            conn.execute(
+                "INSERT INTO auth.users (id, email) VALUES (%s, %s)",
+                (nosub, f"nosub-{nosub.hex[:8]}@example.com"),
+            )
+            before = _rows(conn)
+
+            valid = {
+                "user": str(good.user_id),
+                "template": str(good.template_id),
+                "name": "Valid Name",
+                "phone": "+15550001111",
+                "email": None,
+                "when": None,
+                "priority": 5,
+                "vars": "{}",
+                "meta": "{}",
+                "role": None,
+            }
+            ascii_text = st.text(
+                alphabet=st.characters(min_codepoint=32, max_codepoint=126), max_size=30
+            )
+            any_text = st.text(
+                alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"),
+                max_size=40,
+            )
+            non_object = st.one_of(
+                st.lists(st.integers(), max_size=3),
+                st.integers(),
+                st.floats(allow_nan=False, allow_infinity=False),
+                st.text(max_size=10),
+                st.booleans(),
+            ).map(json.dumps)
+            cases = st.one_of(
+                st.uuids().map(lambda u: ("CQ001", {"user": str(u)})),
+                st.just(("CQ001", {"user": None})),
+                st.just(("CQ002", {"user": str(nosub)})),
+                st.just(
+                    ("CQ003", {"user": str(capped.user_id), "template": str(capped.template_id)})
+                ),
+                st.uuids().map(lambda u: ("CQ004", {"template": str(u)})),
+                st.just(("CQ004", {"template": str(other.template_id)})),
+                st.just(("CQ004", {"template": None})),
+                any_text.filter(lambda s: not E164.fullmatch(s)).map(
+                    lambda s: ("CQ005", {"phone": s})
+                ),
+                st.just(("CQ005", {"phone": None})),
+                st.one_of(st.integers(max_value=0), st.integers(min_value=11))
+                .filter(lambda p: -(2**31) <= p < 2**31)
+                .map(lambda p: ("CQ006", {"priority": p})),
+                non_object.map(lambda v: ("CQ007", {"vars": v})),
+                st.one_of(
+                    st.text(alphabet=" ", max_size=5),
+                    st.text(
+                        min_size=201,
+                        max_size=260,
+                        alphabet=st.characters(min_codepoint=97, max_codepoint=122),
+                    ),
+                ).map(lambda s: ("CQ009", {"name": s})),
+                st.just(("CQ009", {"name": None})),
+                ascii_text.filter(lambda s: not EMAIL.fullmatch(s)).map(
+                    lambda s: ("CQ009", {"email": s})
+                ),
+                non_object.map(lambda v: ("CQ010", {"meta": v})),
+                st.uuids().map(lambda u: ("CQ008", {"role": str(u)})),
+                ascii_text.filter(lambda s: not _is_uuid(s)).map(lambda s: ("22", {"user": s})),
+                ascii_text.filter(lambda s: not _is_uuid(s)).map(lambda s: ("22", {"template": s})),
+                st.text(alphabet="{[,:\"'}x ", min_size=1, max_size=12)
+                .filter(lambda s: not _is_json(s))
+                .map(lambda s: ("22", {"vars": s})),
+                ascii_text.filter(lambda s: not _is_ts(s)).map(lambda s: ("22", {"when": s})),
+            )
+
+            call_sql = (
+                "SELECT schedule_call(%s::uuid, %s::uuid, %s, %s, %s, %s::timestamptz,"
+                " %s::int, %s::jsonb, %s::jsonb)"
+            )
+
+            @settings(
+                max_examples=n,
+                database=None,
+                deadline=None,
+                derandomize=True,
+                suppress_health_check=list(HealthCheck),
+            )
+            @given(cases)
+            def attempt(case: tuple[str, dict[str, Any]]) -> None:
+                nonlocal tried
+                expected, change = case
+                args = {**valid, **change}
+                tried += 1
+                try:
+                    with conn.transaction():
+                        if args["role"] is not None:
+                            claims = json.dumps({"sub": args["role"], "role": "authenticated"})
+                            conn.execute("SET LOCAL ROLE authenticated")
+                            conn.execute(
+                                "SELECT set_config('request.jwt.claims', %s, true)", (claims,)
+                            )
+                        conn.execute(
+                            call_sql,
+                            (
+                                args["user"],
+                                args["template"],
+                                args["name"],
+                                args["phone"],
+                                args["email"],
+                                args["when"],
+                                args["priority"],
+                                args["vars"],
+                                args["meta"],
+                            ),
+                        )
+                    accepted.append(f"{expected}: {change!r}"[:200])
+                except psycopg.Error as exc:
+                    code = exc.sqlstate or "none"
+                    codes[code] = codes.get(code, 0) + 1
+                    if not (code.startswith("CQ") or code.startswith("22")):
+                        unexpected.append(
+                            f"{code} for {expected}: {str(exc).splitlines()[0]}"[:200]
+                        )
+                    elif not code.startswith(expected):
+                        key = f"expected {expected}, got {code}"
+                        wrong_code[key] = wrong_code.get(key, 0) + 1
+
+            attempt()
+            written = _rows(conn) - before
+    except Exception as exc:
+        result.error = f"{type(exc).__name__}: {exc}"
+        written = -1
+    finally:
+        db.drop()
+    result.seconds = time.monotonic() - t0
+    result.scheduled = 0
+    result.extra = {
+        "tried": tried,
+        "rows_written": written,
+        "accepted": len(accepted),
+        "accepted_examples": accepted[:10],
+        "codes": dict(sorted(codes.items())),
+        "unexpected_sqlstate": unexpected[:10],
+        "unexpected_count": len(unexpected),
+        "other_refusal_code": wrong_code,
+    }
+    result.settled = True
+    return result
+
+
+def _rows(conn: Any) -> int:
+    row = conn.execute("SELECT count(*) FROM call_queue").fetchone()
+    return int(row[0]) if row else 0
+
+
+def _is_uuid(s: str) -> bool:
+    try:
+        uuid.UUID(s)
+    except ValueError:
+        return False
+    return True
+
+
+def _is_json(s: str) -> bool:
+    try:
+        json.loads(s)
+    except ValueError:
+        return False
+    return True
+
+
+def _is_ts(s: str) -> bool:
+    # Anything PostgreSQL might parse as a timestamp is excluded: digits, and words like
+    # 'now', 'today', 'epoch', 'infinity', 'allballs', month/day names.
+    low = s.strip().lower()
+    return (
+        (not low)
+        or any(ch.isdigit() for ch in low)
+        or any(
+            w in low
+            for w in (
+                "now",
+                "today",
+                "tomorrow",
+                "yesterday",
+                "epoch",
+                "infinity",
+                "allballs",
+                "jan",
+                "feb",
+                "mar",
+                "apr",
+                "may",
+                "jun",
+                "jul",
+                "aug",
+                "sep",
+                "oct",
+                "nov",
+                "dec",
+                "mon",
+                "tue",
+                "wed",
+                "thu",
+                "fri",
+                "sat",
+                "sun",
+                "z",
+                "utc",
+                "gmt",
+                "am",
+                "pm",
+                "t",
+            )
+        )
+    )
+
+
+def bad_input_ok(r: DrillResult) -> bool:
+    e = r.extra
+    return (
+        r.error is None
+        and e.get("rows_written") == 0
+        and e.get("accepted") == 0
+        and e.get("unexpected_count") == 0
+        and e.get("tried", 0) > 0
+    )
+
+
+DRILLS: dict[str, Callable[[DrillConfig], DrillResult]] = {
+    "worker_sigkill": worker_sigkill,
+    "redis_restart": redis_restart,
+    "postgres_restart": postgres_restart,
+    "provider_down": provider_down,
+    "provider_429": provider_429,
+    "two_beats": two_beats,
+    "duplicate_task": duplicate_task,
+    "bad_input": bad_input,
+}
+
+
+def passed(r: DrillResult) -> bool:
+    return bad_input_ok(r) if r.name == "bad_input" else r.ok
+
+
+def format_table(results: list[DrillResult]) -> str:
+    head = (
+        "| drill | fault | scheduled | terminal | lost | dialed >1 | slots held | time | result |"
+    )
+    lines = [head, "|---|---|---:|---:|---:|---:|---:|---:|---|"]
+    for r in results:
+        if r.name == "bad_input":
+            e = r.extra
+            lines.append(
+                f"| {r.name} | {r.fault} | tried {e.get('tried', 0)} | refused "
+                f"{e.get('tried', 0) - e.get('accepted', 0)} | rows written "
+                f"{e.get('rows_written')} | accepted {e.get('accepted')} | other SQLSTATE "
+                f"{e.get('unexpected_count')} | {r.seconds:.0f}s | "
+                f"{'PASS' if passed(r) else 'FAIL'} |"
+            )
+            continue
+        lines.append(
+            f"| {r.name} | {r.fault} | {r.scheduled} | {r.terminal} | {r.lost} | "
+            f"{r.dialed_more_than_once} | {r.slots_held} | {r.seconds:.0f}s | "
+            f"{'PASS' if passed(r) else 'FAIL' + (' (error)' if r.error else '')} |"
+        )
+    return "\n".join(lines)
+
+
+def run(
+    names: list[str] | None = None, *, quick: bool = False, admin_url: str | None = None
+) -> list[DrillResult]:
+    cfg = DrillConfig(
+        calls=40 if quick else 200,
+        settle_timeout=90 if quick else 240,
+        admin_url=admin_url,
+        keep_logs=bool(os.environ.get("BENCH_KEEP_LOGS")),
+    )
+    results = []
+    for name in names or list(DRILLS):
+        log(f"drill {name}: start")
+        r = DRILLS[name](cfg)
+        log(
+            f"drill {name}: {'PASS' if passed(r) else 'FAIL'} scheduled={r.scheduled} "
+            f"terminal={r.terminal} lost={r.lost} dialed>1={r.dialed_more_than_once} "
+            f"slots={r.slots_held} ({r.seconds:.0f}s) {r.error or ''} {'; '.join(r.notes)}"
+        )
+        if r.name == "bad_input":
+            log(f"drill bad_input: {json.dumps(r.extra)[:800]}")
+        results.append(r)
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.drills",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "names", nargs="*", metavar="name", help=f"drills to run (default all): {', '.join(DRILLS)}"
+    )
+    parser.add_argument("--quick", action="store_true", help="smaller batches, shorter waits")
+    parser.add_argument("--json", type=Path, default=None, help="write the results here")
+    ns = parser.parse_args(argv)
+    bad = [n for n in ns.names if n not in DRILLS]
+    if bad:
+        parser.error(f"unknown drill(s): {', '.join(bad)}")
+    results = run(ns.names or None, quick=ns.quick)
+    print(format_table(results))
+    for r in results:
+        if not passed(r):
+            print(
+                f"\n{r.name} FAILED: {r.error or ''} by_status={r.by_status} notes={r.notes}"
+                f" extra={ {k: v for k, v in r.extra.items() if k != 'logs_tail'} }"
+            )
+            if r.extra.get("logs_tail"):
+                print(r.extra["logs_tail"][-3000:])
+    if ns.json:
+        ns.json.parent.mkdir(parents=True, exist_ok=True)
+        ns.json.write_text(
+            json.dumps([asdict(r) | {"passed": passed(r)} for r in results], indent=2, default=str)
+        )
+    return 0 if all(passed(r) for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
