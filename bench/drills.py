@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.common import log, restart_redis
+from bench.common import REPO, log, restart_redis
 from bench.stack import Stack
 
 # Every call answered; short calls so tracking is exercised; small jitter.
@@ -708,7 +708,9 @@ def main(argv: list[str] | None = None) -> int:
         "names", nargs="*", metavar="name", help=f"drills to run (default all): {', '.join(DRILLS)}"
     )
     parser.add_argument("--quick", action="store_true", help="smaller batches, shorter waits")
-    parser.add_argument("--json", type=Path, default=None, help="write the results here")
+    parser.add_argument("--json", type=Path, default=REPO / "bench" / "results" / "drills.json",
+                        help="write the results here (default bench/results/drills.json, which"
+                        " bench.run puts in RESULTS.md)")
     ns = parser.parse_args(argv)
     bad = [n for n in ns.names if n not in DRILLS]
     if bad:

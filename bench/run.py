@@ -1,0 +1,246 @@
+"""Run every benchmark, print one table, write bench/results/latest.json and bench/RESULTS.md.
+
+    .venv/bin/python -m bench.run [--quick] [--only claim,growth,e2e] [--drills]
+
+Figures are measured against a baseline in the same run on the same machine (ratios), with the
+absolute numbers beside them. ``--drills`` also runs the fault drills (``bench.drills``) and puts
+their table in RESULTS.md; without it, the drill table of the last ``python -m bench.drills`` run
+(bench/results/drills.json) is included when present.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+from typing import Any
+
+from bench.common import REPO, log
+
+RESULTS_DIR = REPO / "bench" / "results"
+RESULTS_MD = REPO / "bench" / "RESULTS.md"
+
+Row = tuple[str, str, str, str, str, str]
+
+
+def _f(x: Any, digits: int = 0, unit: str = "") -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "n/a"
+    return f"{x:,.{digits}f}{unit}"
+
+
+def _met(ok: bool | None) -> str:
+    return "n/a" if ok is None else ("yes" if ok else "**no**")
+
+
+def rows_from(results: dict[str, Any]) -> list[Row]:
+    rows: list[Row] = []
+    claim = results.get("claim")
+    if claim and "ratios" in claim:
+        names = {"single": "claim + assign, single (get_next + assign)",
+                 "batch": "claim + assign, batch of 50 (claim_and_assign_calls)"}
+        for key, v in claim["ratios"].items():
+            kind, clients = key.split("_c")
+            ratio = v["ratio"]
+            note = " (queue emptied)" if v.get("exhausted") else ""
+            rows.append((f"{names[kind]}, {clients} clients, rows/s{note}", _f(v["ours"]),
+                         _f(v["bare"]), _f(ratio, 2), ">= 0.5", _met(ratio >= 0.5)))
+    e2e = results.get("e2e") or {}
+    thr = e2e.get("throughput")
+    if thr:
+        noop = max(thr["noop"]["rate"], thr["noop_after"]["rate"])
+        rows.append(("end to end: schedule_call -> create at simulator, calls/s vs no-op tasks/s",
+                     _f(thr["ours"]["rate"]), _f(noop), _f(thr["ratio"], 2), ">= 0.5",
+                     _met(thr["ratio"] >= 0.5)))
+    lat = e2e.get("latency")
+    if lat:
+        for phase, label in (("idle", "idle, one call at a time"),
+                             ("load", f"under load ({_f(lat['load'].get('rate'))} calls/s)")):
+            v = lat[phase]
+            rows.append((f"latency commit -> create, {label}, p50 ms", _f(v["p50_ms"], 1), "",
+                         "", "<= 100 ms", _met(v["p50_ms"] <= 100 if v["arrived"] else None)))
+            rows.append((f"latency commit -> create, {label}, p99 ms", _f(v["p99_ms"], 1), "",
+                         "", "<= 500 ms", _met(v["p99_ms"] <= 500 if v["arrived"] else None)))
+    growth = results.get("growth")
+    if growth and "ratios" in growth:
+        small, large = (str(s) for s in growth["sizes"])
+        labels = {
+            "claim_single": "claim latency, get_next_call_in_queue()",
+            "claim_batch50": "claim latency, claim_and_assign_calls(50)",
+            "history": "one user's history (newest 50), as owner",
+            "history_rls": "one user's history, as the user (RLS) with WHERE user_id",
+            "history_api_rls_only": "one user's history, as the user, RLS only (PostgREST)",
+            "schedule_call": "schedule_call for a large tenant (plan with call limit)",
+        }
+        for name, ratio in growth["ratios"].items():
+            rows.append((
+                f"growth: {labels.get(name, name)}, ms at {int(large):,} rows vs {int(small):,}",
+                _f(growth[large][name]["median_ms"], 2), _f(growth[small][name]["median_ms"], 2),
+                _f(ratio, 2), "<= 1.5", _met(ratio <= 1.5),
+            ))
+    mem = e2e.get("memory")
+    if mem and "last" in mem:
+        first = mem.get("first", mem["last"])
+        rows.append((
+            f"worker RSS MiB after {mem['last']['calls']:,} calls vs after {first['calls']:,}",
+            _f(mem["last"]["rss"] / 2**20, 1), _f(first["rss"] / 2**20, 1),
+            _f(1 + mem["growth"], 3), "< 1.10", _met(mem["growth"] < 0.10),
+        ))
+    return rows
+
+
+def table(rows: list[Row], markdown: bool) -> str:
+    head: Row = ("benchmark", "ours", "baseline", "ratio", "target", "met?")
+    if markdown:
+        out = ["| " + " | ".join(head) + " |", "|---|---:|---:|---:|---|---|"]
+        out += ["| " + " | ".join(r) + " |" for r in rows]
+        return "\n".join(out)
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(6)]
+    fmt = "  ".join(f"{{:{'<' if i == 0 else '>'}{w}}}" for i, w in enumerate(widths))
+    lines = [fmt.format(*head), fmt.format(*("-" * w for w in widths))]
+    lines += [fmt.format(*r) for r in rows]
+    return "\n".join(lines)
+
+
+def machine() -> dict[str, Any]:
+    import psutil
+
+    pg = subprocess.run(["psql", "-h", "127.0.0.1", "-U", "postgres", "-Atc", "show server_version"],
+                        capture_output=True, text=True, check=False).stdout.strip()
+    return {"cpus": os.cpu_count(), "memory_gb": round(psutil.virtual_memory().total / 2**30),
+            "python": platform.python_version(), "postgresql": pg or "?",
+            "platform": platform.platform()}
+
+
+def write_markdown(results: dict[str, Any], rows: list[Row], drills: list[dict[str, Any]] | None,
+                   command: str) -> None:
+    m = results["machine"]
+    parts = [
+        "# callq benchmark and drill results",
+        "",
+        f"Produced by `{command}` on {results['finished']} "
+        f"({m['cpus']} cores, {m['memory_gb']} GB, PostgreSQL {m['postgresql']}, "
+        f"Python {m['python']}); {results['seconds']:.0f} s. Each ratio compares figures "
+        "measured in the same run on the same machine; the absolute numbers drift between "
+        "runs on a shared machine. How each figure is measured: `bench/claim.py`, "
+        "`bench/growth.py`, `bench/e2e.py` (docstrings). Raw figures: "
+        "`bench/results/latest.json` (not committed).",
+        "",
+        table(rows, markdown=True),
+        "",
+    ]
+    claim = results.get("claim") or {}
+    if claim.get("slot_sensitivity"):
+        parts += ["claim_and_assign_calls(50), one client, ms by free slots per provider: "
+                  + ", ".join(f"{k}: {v:.1f}" for k, v in claim["slot_sensitivity"].items()), ""]
+    if drills:
+        from bench.drills import DrillResult, format_table
+
+        objs = []
+        for d in drills:
+            r = DrillResult(d["name"], d["fault"])
+            for k, v in d.items():
+                if hasattr(r, k):
+                    setattr(r, k, v)
+            objs.append(r)
+        parts += ["## Fault drills", "",
+                  f"`{drills[0].get('command', '.venv/bin/python -m bench.drills')}`"
+                  f" ({drills[0].get('finished', '')}):", "", format_table(objs), ""]
+        for d in drills:
+            if d.get("notes"):
+                parts.append(f"- {d['name']}: {'; '.join(d['notes'])}")
+        parts.append("")
+    findings = REPO / "bench" / "FINDINGS.md"
+    if findings.exists():
+        parts += ["Findings (what misses a target and why): `bench/FINDINGS.md`.", ""]
+    RESULTS_MD.write_text("\n".join(parts))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="a smoke run of a few minutes")
+    parser.add_argument("--only", default="claim,growth,e2e",
+                        help="comma-separated subset of claim,growth,e2e")
+    parser.add_argument("--drills", action="store_true", help="run the fault drills too")
+    parser.add_argument("--no-markdown", action="store_true", help="do not rewrite RESULTS.md")
+    ns = parser.parse_args(argv)
+    only = {x.strip() for x in ns.only.split(",") if x.strip()}
+    command = ".venv/bin/python -m bench.run" + (" --quick" if ns.quick else "") + (
+        f" --only {ns.only}" if only != {"claim", "growth", "e2e"} else "") + (
+        " --drills" if ns.drills else "")
+    t0 = time.monotonic()
+    results: dict[str, Any] = {"quick": ns.quick, "started": time.strftime("%Y-%m-%d %H:%M UTC",
+                                                                             time.gmtime()),
+                               "machine": machine()}
+    if "claim" in only:
+        from bench import claim
+
+        log("== claim path vs bare SKIP LOCKED claim (pgbench)")
+        results["claim"] = claim.run(quick=ns.quick)
+        results["claim"]["slot_sensitivity"] = claim.slot_sensitivity(
+            (100, 10_000) if ns.quick else (100, 10_000, 100_000))
+    if "growth" in only:
+        from bench import growth
+
+        log("== growth: small vs large tables")
+        results["growth"] = growth.run(quick=ns.quick)
+    if "e2e" in only:
+        from bench import e2e
+
+        log("== end to end, latency, memory (real fleet)")
+        try:
+            results["e2e"] = e2e.run(quick=ns.quick)
+        except Exception as exc:  # report what was measured, and why the rest is missing
+            log(f"e2e failed: {type(exc).__name__}: {exc}")
+            results["e2e"] = {"error": f"{type(exc).__name__}: {exc}"}
+    drills: list[dict[str, Any]] | None = None
+    if ns.drills:
+        from dataclasses import asdict
+
+        from bench import drills as drills_mod
+
+        log("== fault drills")
+        res = drills_mod.run(quick=ns.quick)
+        drills = [asdict(r) | {"passed": drills_mod.passed(r), "command": command,
+                               "finished": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+                  for r in res]
+        for d in drills:
+            d.get("extra", {}).pop("logs_tail", None)
+        RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+        (RESULTS_DIR / "drills.json").write_text(json.dumps(drills, indent=2, default=str))
+    elif (RESULTS_DIR / "drills.json").exists():
+        drills = json.loads((RESULTS_DIR / "drills.json").read_text())
+    results["seconds"] = time.monotonic() - t0
+    results["finished"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    rows = rows_from(results)
+    print(table(rows, markdown=False))
+    if results.get("e2e", {}).get("error"):
+        print(f"\nend-to-end benchmark failed: {results['e2e']['error']}")
+    if drills:
+        print()
+        from bench.drills import DrillResult, format_table
+
+        objs = []
+        for d in drills:
+            r = DrillResult(d["name"], d["fault"])
+            for k, v in d.items():
+                if hasattr(r, k):
+                    setattr(r, k, v)
+            objs.append(r)
+        print(format_table(objs))
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    (RESULTS_DIR / "latest.json").write_text(json.dumps(results, indent=2, default=str))
+    if not ns.no_markdown:
+        write_markdown(results, rows, drills, command)
+        log(f"wrote {RESULTS_MD.relative_to(REPO)} and bench/results/latest.json")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
