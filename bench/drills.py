@@ -708,9 +708,13 @@ def main(argv: list[str] | None = None) -> int:
         "names", nargs="*", metavar="name", help=f"drills to run (default all): {', '.join(DRILLS)}"
     )
     parser.add_argument("--quick", action="store_true", help="smaller batches, shorter waits")
-    parser.add_argument("--json", type=Path, default=REPO / "bench" / "results" / "drills.json",
-                        help="write the results here (default bench/results/drills.json, which"
-                        " bench.run puts in RESULTS.md)")
+    parser.add_argument(
+        "--json",
+        type=Path,
+        default=REPO / "bench" / "results" / "drills.json",
+        help="write the results here (default bench/results/drills.json, which"
+        " bench.run puts in RESULTS.md)",
+    )
     ns = parser.parse_args(argv)
     bad = [n for n in ns.names if n not in DRILLS]
     if bad:

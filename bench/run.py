@@ -15,7 +15,6 @@ import json
 import math
 import os
 import platform
-import subprocess
 import sys
 import time
 from typing import Any
@@ -42,30 +41,65 @@ def rows_from(results: dict[str, Any]) -> list[Row]:
     rows: list[Row] = []
     claim = results.get("claim")
     if claim and "ratios" in claim:
-        names = {"single": "claim + assign, single (get_next + assign)",
-                 "batch": "claim + assign, batch of 50 (claim_and_assign_calls)"}
+        names = {
+            "single": "claim + assign, single (get_next + assign)",
+            "batch": "claim + assign, batch of 50 (claim_and_assign_calls)",
+        }
         for key, v in claim["ratios"].items():
             kind, clients = key.split("_c")
             ratio = v["ratio"]
             note = " (queue emptied)" if v.get("exhausted") else ""
-            rows.append((f"{names[kind]}, {clients} clients, rows/s{note}", _f(v["ours"]),
-                         _f(v["bare"]), _f(ratio, 2), ">= 0.5", _met(ratio >= 0.5)))
+            rows.append(
+                (
+                    f"{names[kind]}, {clients} clients, rows/s{note}",
+                    _f(v["ours"]),
+                    _f(v["bare"]),
+                    _f(ratio, 2),
+                    ">= 0.5",
+                    _met(ratio >= 0.5),
+                )
+            )
     e2e = results.get("e2e") or {}
     thr = e2e.get("throughput")
     if thr:
         noop = max(thr["noop"]["rate"], thr["noop_after"]["rate"])
-        rows.append(("end to end: schedule_call -> create at simulator, calls/s vs no-op tasks/s",
-                     _f(thr["ours"]["rate"]), _f(noop), _f(thr["ratio"], 2), ">= 0.5",
-                     _met(thr["ratio"] >= 0.5)))
+        rows.append(
+            (
+                "end to end: schedule_call -> create at simulator, calls/s vs no-op tasks/s",
+                _f(thr["ours"]["rate"]),
+                _f(noop),
+                _f(thr["ratio"], 2),
+                ">= 0.5",
+                _met(thr["ratio"] >= 0.5),
+            )
+        )
     lat = e2e.get("latency")
     if lat:
-        for phase, label in (("idle", "idle, one call at a time"),
-                             ("load", f"under load ({_f(lat['load'].get('rate'))} calls/s)")):
+        for phase, label in (
+            ("idle", "idle, one call at a time"),
+            ("load", f"under load ({_f(lat['load'].get('rate'))} calls/s)"),
+        ):
             v = lat[phase]
-            rows.append((f"latency commit -> create, {label}, p50 ms", _f(v["p50_ms"], 1), "",
-                         "", "<= 100 ms", _met(v["p50_ms"] <= 100 if v["arrived"] else None)))
-            rows.append((f"latency commit -> create, {label}, p99 ms", _f(v["p99_ms"], 1), "",
-                         "", "<= 500 ms", _met(v["p99_ms"] <= 500 if v["arrived"] else None)))
+            rows.append(
+                (
+                    f"latency commit -> create, {label}, p50 ms",
+                    _f(v["p50_ms"], 1),
+                    "",
+                    "",
+                    "<= 100 ms",
+                    _met(v["p50_ms"] <= 100 if v["arrived"] else None),
+                )
+            )
+            rows.append(
+                (
+                    f"latency commit -> create, {label}, p99 ms",
+                    _f(v["p99_ms"], 1),
+                    "",
+                    "",
+                    "<= 500 ms",
+                    _met(v["p99_ms"] <= 500 if v["arrived"] else None),
+                )
+            )
     growth = results.get("growth")
     if growth and "ratios" in growth:
         small, large = (str(s) for s in growth["sizes"])
@@ -78,19 +112,29 @@ def rows_from(results: dict[str, Any]) -> list[Row]:
             "schedule_call": "schedule_call for a large tenant (plan with call limit)",
         }
         for name, ratio in growth["ratios"].items():
-            rows.append((
-                f"growth: {labels.get(name, name)}, ms at {int(large):,} rows vs {int(small):,}",
-                _f(growth[large][name]["median_ms"], 2), _f(growth[small][name]["median_ms"], 2),
-                _f(ratio, 2), "<= 1.5", _met(ratio <= 1.5),
-            ))
+            rows.append(
+                (
+                    f"growth: {labels.get(name, name)}, ms at {int(large):,} rows vs {int(small):,}",
+                    _f(growth[large][name]["median_ms"], 2),
+                    _f(growth[small][name]["median_ms"], 2),
+                    _f(ratio, 2),
+                    "<= 1.5",
+                    _met(ratio <= 1.5),
+                )
+            )
     mem = e2e.get("memory")
     if mem and "last" in mem:
         first = mem.get("first", mem["last"])
-        rows.append((
-            f"worker RSS MiB after {mem['last']['calls']:,} calls vs after {first['calls']:,}",
-            _f(mem["last"]["rss"] / 2**20, 1), _f(first["rss"] / 2**20, 1),
-            _f(1 + mem["growth"], 3), "< 1.10", _met(mem["growth"] < 0.10),
-        ))
+        rows.append(
+            (
+                f"worker RSS MiB after {mem['last']['calls']:,} calls vs after {first['calls']:,}",
+                _f(mem["last"]["rss"] / 2**20, 1),
+                _f(first["rss"] / 2**20, 1),
+                _f(1 + mem["growth"], 3),
+                "< 1.10",
+                _met(mem["growth"] < 0.10),
+            )
+        )
     return rows
 
 
@@ -109,16 +153,28 @@ def table(rows: list[Row], markdown: bool) -> str:
 
 def machine() -> dict[str, Any]:
     import psutil
+    import psycopg
 
-    pg = subprocess.run(["psql", "-h", "127.0.0.1", "-U", "postgres", "-Atc", "show server_version"],
-                        capture_output=True, text=True, check=False).stdout.strip()
-    return {"cpus": os.cpu_count(), "memory_gb": round(psutil.virtual_memory().total / 2**30),
-            "python": platform.python_version(), "postgresql": pg or "?",
-            "platform": platform.platform()}
+    from bench.common import ADMIN_URL
+
+    try:
+        with psycopg.connect(ADMIN_URL, connect_timeout=5) as conn:
+            row = conn.execute("SHOW server_version").fetchone()
+            pg = str(row[0]).split()[0] if row else ""
+    except psycopg.Error:
+        pg = ""
+    return {
+        "cpus": os.cpu_count(),
+        "memory_gb": round(psutil.virtual_memory().total / 2**30),
+        "python": platform.python_version(),
+        "postgresql": pg or "?",
+        "platform": platform.platform(),
+    }
 
 
-def write_markdown(results: dict[str, Any], rows: list[Row], drills: list[dict[str, Any]] | None,
-                   command: str) -> None:
+def write_markdown(
+    results: dict[str, Any], rows: list[Row], drills: list[dict[str, Any]] | None, command: str
+) -> None:
     m = results["machine"]
     parts = [
         "# callq benchmark and drill results",
@@ -136,8 +192,11 @@ def write_markdown(results: dict[str, Any], rows: list[Row], drills: list[dict[s
     ]
     claim = results.get("claim") or {}
     if claim.get("slot_sensitivity"):
-        parts += ["claim_and_assign_calls(50), one client, ms by free slots per provider: "
-                  + ", ".join(f"{k}: {v:.1f}" for k, v in claim["slot_sensitivity"].items()), ""]
+        parts += [
+            "claim_and_assign_calls(50), one client, ms by free slots per provider: "
+            + ", ".join(f"{k}: {v:.1f}" for k, v in claim["slot_sensitivity"].items()),
+            "",
+        ]
     if drills:
         from bench.drills import DrillResult, format_table
 
@@ -148,9 +207,15 @@ def write_markdown(results: dict[str, Any], rows: list[Row], drills: list[dict[s
                 if hasattr(r, k):
                     setattr(r, k, v)
             objs.append(r)
-        parts += ["## Fault drills", "",
-                  f"`{drills[0].get('command', '.venv/bin/python -m bench.drills')}`"
-                  f" ({drills[0].get('finished', '')}):", "", format_table(objs), ""]
+        parts += [
+            "## Fault drills",
+            "",
+            f"`{drills[0].get('command', '.venv/bin/python -m bench.drills')}`"
+            f" ({drills[0].get('finished', '')}):",
+            "",
+            format_table(objs),
+            "",
+        ]
         for d in drills:
             if d.get("notes"):
                 parts.append(f"- {d['name']}: {'; '.join(d['notes'])}")
@@ -162,29 +227,39 @@ def write_markdown(results: dict[str, Any], rows: list[Row], drills: list[dict[s
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.run",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--quick", action="store_true", help="a smoke run of a few minutes")
-    parser.add_argument("--only", default="claim,growth,e2e",
-                        help="comma-separated subset of claim,growth,e2e")
+    parser.add_argument(
+        "--only", default="claim,growth,e2e", help="comma-separated subset of claim,growth,e2e"
+    )
     parser.add_argument("--drills", action="store_true", help="run the fault drills too")
     parser.add_argument("--no-markdown", action="store_true", help="do not rewrite RESULTS.md")
     ns = parser.parse_args(argv)
     only = {x.strip() for x in ns.only.split(",") if x.strip()}
-    command = ".venv/bin/python -m bench.run" + (" --quick" if ns.quick else "") + (
-        f" --only {ns.only}" if only != {"claim", "growth", "e2e"} else "") + (
-        " --drills" if ns.drills else "")
+    command = (
+        ".venv/bin/python -m bench.run"
+        + (" --quick" if ns.quick else "")
+        + (f" --only {ns.only}" if only != {"claim", "growth", "e2e"} else "")
+        + (" --drills" if ns.drills else "")
+    )
     t0 = time.monotonic()
-    results: dict[str, Any] = {"quick": ns.quick, "started": time.strftime("%Y-%m-%d %H:%M UTC",
-                                                                             time.gmtime()),
-                               "machine": machine()}
+    results: dict[str, Any] = {
+        "quick": ns.quick,
+        "started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "machine": machine(),
+    }
     if "claim" in only:
         from bench import claim
 
         log("== claim path vs bare SKIP LOCKED claim (pgbench)")
         results["claim"] = claim.run(quick=ns.quick)
         results["claim"]["slot_sensitivity"] = claim.slot_sensitivity(
-            (100, 10_000) if ns.quick else (100, 10_000, 100_000))
+            (100, 10_000) if ns.quick else (100, 10_000, 100_000)
+        )
     if "growth" in only:
         from bench import growth
 
@@ -207,9 +282,15 @@ def main(argv: list[str] | None = None) -> int:
 
         log("== fault drills")
         res = drills_mod.run(quick=ns.quick)
-        drills = [asdict(r) | {"passed": drills_mod.passed(r), "command": command,
-                               "finished": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
-                  for r in res]
+        drills = [
+            asdict(r)
+            | {
+                "passed": drills_mod.passed(r),
+                "command": command,
+                "finished": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            }
+            for r in res
+        ]
         for d in drills:
             d.get("extra", {}).pop("logs_tail", None)
         RESULTS_DIR.mkdir(parents=True, exist_ok=True)
