@@ -50,6 +50,8 @@ PROVIDER = "vapi"
 BASE_URL = "https://api.vapi.ai"
 DEFAULT_MODEL = {"provider": "openai", "model": "gpt-4o-mini"}
 WEBHOOK_TOLERANCE_SECONDS = 300.0
+_PAGE = 100
+_MAX_PAGES = 10
 _MAX_TEXT = 40  # customer.name/email/externalId and call name limits in CreateCallDTO
 
 STATUS_MAP: dict[str, CallState] = {
@@ -348,16 +350,23 @@ class VapiProvider:
         return data
 
     def find_call(self, req: CallRequest, since: datetime) -> CallStatus | None:
-        """List calls created after ``since`` and match our correlation id."""
-        params: dict[str, Any] = {"createdAtGt": iso(since), "limit": 100}
+        """List calls created after ``since`` (newest first, paged by ``createdAtLt``) and match
+        our correlation id."""
+        params: dict[str, Any] = {"createdAtGt": iso(since), "limit": _PAGE}
         phone_number_id = self.config.setting("phone_number_id")
         if phone_number_id:
             params["phoneNumberId"] = phone_number_id
-        response = self._sender.request("GET", f"{self.base_url}/call", params=params)
-        calls = self._sender.json(response)
-        for call in calls if isinstance(calls, list) else []:
-            if isinstance(call, Mapping) and matches(call, req):
-                return parse_call(call)
+        for _ in range(_MAX_PAGES):
+            response = self._sender.request("GET", f"{self.base_url}/call", params=params)
+            data = self._sender.json(response)
+            calls = [c for c in data if isinstance(c, Mapping)] if isinstance(data, list) else []
+            for call in calls:
+                if matches(call, req):
+                    return parse_call(call)
+            oldest = min((str(c.get("createdAt", "")) for c in calls), default="")
+            if len(calls) < _PAGE or not oldest:
+                return None
+            params["createdAtLt"] = oldest
         return None
 
     def cancel_call(self, provider_call_id: str) -> bool:
