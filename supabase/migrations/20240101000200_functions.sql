@@ -265,13 +265,18 @@ END
 $$;
 
 -- ---------------------------------------------------------------------------------------------
--- claim_and_assign_calls: the worker's hot path. Set-based:
---   1. lock the eligible providers' availability rows once (in id order) and count free slots;
---   2. claim up to min(p_limit, free slots) due calls with SKIP LOCKED;
---   3. calls without exclusions or capability needs (the common case) are paired with slots
---      ranked by (provider priority, load after taking the slot) in one statement: one UPDATE of
---      availability, one INSERT of assignments, one UPDATE of the queue rows;
---   4. the few calls with exclusions/capabilities are placed one by one on what is left.
+-- claim_and_assign_calls: the worker's hot path, set-based (no per-row loop in the common case):
+--   1. count the eligible providers' free slots (plain read) and claim up to
+--      min(p_limit, free slots) due calls with SKIP LOCKED;
+--   2. pair the calls without exclusions or capability needs (the common case) with slots
+--      ranked by (provider priority, load after taking the slot): one INSERT of assignments,
+--      one UPDATE of the queue rows, then one UPDATE taking the slots
+--      ("available_slots >= n", re-checked on the latest row version). Taking the slots last
+--      keeps the provider rows locked only from there to commit, so concurrent workers
+--      serialise on as little as possible. If another worker took the slots meanwhile, the
+--      block is rolled back (savepoint) and redone with the provider rows locked first (done
+--      from the start when the batch has calls of step 3, which lock providers one by one);
+--   3. the few calls with exclusions/capabilities are placed one by one on what is left.
 -- Calls that got no provider are not modified (they stay queued).
 CREATE OR REPLACE FUNCTION public.claim_and_assign_calls(
   p_limit int DEFAULT 50,
@@ -286,21 +291,24 @@ DECLARE
   v_free integer;
   v_ids uuid[];
   v_special uuid[];
+  v_mq uuid[];
+  v_mp uuid[];
+  v_ma uuid[];
+  v_taken integer;
   v_lease interval := make_interval(secs => p_lease_seconds);
   v_pid uuid;
   v_aid uuid;
   v_row record;
 BEGIN
-  SELECT coalesce(sum(x.available_slots), 0) INTO v_free FROM (
-    SELECT pa.available_slots
-      FROM public.provider_availability pa
-      JOIN public.call_service_providers p ON p.id = pa.provider_id
-     WHERE p.is_active AND pa.status <> 'offline'
-       AND (pa.circuit_open_until IS NULL OR pa.circuit_open_until <= now())
-     ORDER BY pa.provider_id
-       FOR NO KEY UPDATE OF pa
-  ) x;
-  IF v_free = 0 OR p_limit <= 0 THEN
+  IF p_limit <= 0 THEN
+    RETURN;
+  END IF;
+  SELECT coalesce(sum(pa.available_slots), 0) INTO v_free
+    FROM public.provider_availability pa
+    JOIN public.call_service_providers p ON p.id = pa.provider_id
+   WHERE p.is_active AND pa.status <> 'offline'
+     AND (pa.circuit_open_until IS NULL OR pa.circuit_open_until <= now());
+  IF v_free = 0 THEN
     RETURN;
   END IF;
 
@@ -321,52 +329,79 @@ BEGIN
     RETURN;
   END IF;
 
-  RETURN QUERY
-  WITH eligible AS (
-    SELECT pa.provider_id, pa.current_calls, pa.available_slots, p.priority,
-           p.max_concurrent_calls
-      FROM public.provider_availability pa
-      JOIN public.call_service_providers p ON p.id = pa.provider_id
-     WHERE p.is_active AND pa.status <> 'offline' AND pa.available_slots > 0
-       AND (pa.circuit_open_until IS NULL OR pa.circuit_open_until <= now())
-  ), slots AS (
-    SELECT e.provider_id,
-           row_number() OVER (ORDER BY e.priority,
-                                       (e.current_calls + n)::numeric / e.max_concurrent_calls,
-                                       e.provider_id, n) AS rn
-      -- a provider's slots rank in increasing n, so at most one per call is ever needed
-      FROM eligible e, generate_series(1, least(e.available_slots, cardinality(v_ids))) AS n
-  ), calls AS (
-    SELECT c.id, c.ord AS ord0, row_number() OVER (ORDER BY c.ord) AS rn
-      FROM unnest(v_ids) WITH ORDINALITY AS c(id, ord)
-     WHERE v_special IS NULL OR NOT (c.id = ANY (v_special))
-  ), matched AS (
-    SELECT c.id AS queue_id, s.provider_id, gen_random_uuid() AS assignment_id
-      FROM calls c JOIN slots s ON s.rn = c.rn
-  ), take AS (
-    UPDATE public.provider_availability pa
-       SET current_calls = pa.current_calls + m.n,
-           available_slots = pa.available_slots - m.n,
-           total_calls = pa.total_calls + m.n
-      FROM (SELECT matched.provider_id, count(*)::int AS n FROM matched
-             GROUP BY matched.provider_id) m
-     WHERE pa.provider_id = m.provider_id
-    RETURNING pa.provider_id
-  ), ins AS (
-    INSERT INTO public.call_assignments (id, queue_id, provider_id, state, attempt)
-    SELECT m.assignment_id, m.queue_id, m.provider_id, 'assigned', q.attempts + 1
-      FROM matched m JOIN public.call_queue q ON q.id = m.queue_id
-    RETURNING call_assignments.id
-  ), upd AS (
-    UPDATE public.call_queue q
-       SET status = 'assigned', claimed_by = p_worker, claimed_at = now(),
-           lease_expires_at = now() + v_lease
-      FROM matched m
-     WHERE q.id = m.queue_id
-    RETURNING q.id
-  )
-  -- (data-modifying CTEs always run to completion, referenced or not)
-  SELECT m.queue_id, m.assignment_id, m.provider_id FROM matched m;
+  FOR v_try IN 1..2 LOOP
+    BEGIN
+      -- pessimistic (retry, or calls to place one by one after the batch): hold every
+      -- eligible provider row, taken in id order, while matching
+      IF v_try = 2 OR v_special IS NOT NULL THEN
+        PERFORM 1
+          FROM public.provider_availability pa
+          JOIN public.call_service_providers p ON p.id = pa.provider_id
+         WHERE p.is_active AND pa.status <> 'offline'
+           AND (pa.circuit_open_until IS NULL OR pa.circuit_open_until <= now())
+         ORDER BY pa.provider_id
+           FOR NO KEY UPDATE OF pa;
+      END IF;
+
+      WITH eligible AS (
+        SELECT pa.provider_id, pa.current_calls, pa.available_slots, p.priority,
+               p.max_concurrent_calls
+          FROM public.provider_availability pa
+          JOIN public.call_service_providers p ON p.id = pa.provider_id
+         WHERE p.is_active AND pa.status <> 'offline' AND pa.available_slots > 0
+           AND (pa.circuit_open_until IS NULL OR pa.circuit_open_until <= now())
+      ), slots AS (
+        SELECT e.provider_id,
+               row_number() OVER (ORDER BY e.priority,
+                                           (e.current_calls + n)::numeric / e.max_concurrent_calls,
+                                           e.provider_id, n) AS rn
+          -- a provider's slots rank in increasing n, so at most one per call is ever needed
+          FROM eligible e, generate_series(1, least(e.available_slots, cardinality(v_ids))) AS n
+      ), calls AS (
+        SELECT c.id, row_number() OVER (ORDER BY c.ord) AS rn
+          FROM unnest(v_ids) WITH ORDINALITY AS c(id, ord)
+         WHERE v_special IS NULL OR NOT (c.id = ANY (v_special))
+      )
+      SELECT array_agg(c.id ORDER BY c.rn), array_agg(s.provider_id ORDER BY c.rn),
+             array_agg(gen_random_uuid())
+        INTO v_mq, v_mp, v_ma
+        FROM calls c JOIN slots s ON s.rn = c.rn;
+      EXIT WHEN v_mq IS NULL;
+
+      INSERT INTO public.call_assignments (id, queue_id, provider_id, state, attempt)
+      SELECT m.aid, m.qid, m.pid, 'assigned', q.attempts + 1
+        FROM unnest(v_ma, v_mq, v_mp) AS m(aid, qid, pid)
+        JOIN public.call_queue q ON q.id = m.qid;
+
+      UPDATE public.call_queue q
+         SET status = 'assigned', claimed_by = p_worker, claimed_at = now(),
+             lease_expires_at = now() + v_lease
+       WHERE q.id = ANY (v_mq);
+
+      -- lock in provider id order (deadlock free with other multi-provider claimers)
+      PERFORM 1 FROM public.provider_availability pa
+       WHERE pa.provider_id = ANY (v_mp) ORDER BY pa.provider_id FOR NO KEY UPDATE;
+      UPDATE public.provider_availability pa
+         SET current_calls = pa.current_calls + m.n,
+             available_slots = pa.available_slots - m.n,
+             total_calls = pa.total_calls + m.n
+        FROM (SELECT u.pid, count(*)::int AS n FROM unnest(v_mp) AS u(pid) GROUP BY u.pid) m
+       WHERE pa.provider_id = m.pid AND pa.available_slots >= m.n;
+      GET DIAGNOSTICS v_taken = ROW_COUNT;
+      IF v_taken < (SELECT count(DISTINCT u.pid) FROM unnest(v_mp) AS u(pid)) THEN
+        RAISE EXCEPTION USING ERRCODE = 'CQ099', MESSAGE = 'slot_race: retry with locks';
+      END IF;
+      EXIT;
+    EXCEPTION WHEN SQLSTATE 'CQ099' THEN
+      v_mq := NULL;
+      v_mp := NULL;
+      v_ma := NULL;
+    END;
+  END LOOP;
+
+  IF v_mq IS NOT NULL THEN
+    RETURN QUERY SELECT m.qid, m.aid, m.pid FROM unnest(v_mq, v_ma, v_mp) AS m(qid, aid, pid);
+  END IF;
 
   IF v_special IS NOT NULL THEN
     FOR v_row IN
