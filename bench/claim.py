@@ -21,8 +21,9 @@ import os
 import re
 import subprocess
 import tempfile
+import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +70,7 @@ class ClaimResult:
     transactions: int
     failed: int
     filled: int
+    waits: dict[str, float] = field(default_factory=dict)
 
     @property
     def rate(self) -> float:
@@ -121,6 +123,45 @@ def _count(url: str, table: str) -> int:
     with psycopg.connect(url, autocommit=True) as conn:
         row = conn.execute(f"SELECT count(*) FROM {table} WHERE status <> 'queued'").fetchone()
         return int(row[0]) if row else 0
+
+
+class WaitSampler:
+    """Samples pg_stat_activity of the benchmark database every 10 ms: where backends wait."""
+
+    def __init__(self, url: str, dbname: str) -> None:
+        self.url, self.dbname = url, dbname
+        self.counts: dict[str, int] = {}
+        self.samples = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        with psycopg.connect(self.url, autocommit=True) as conn:
+            while not self._stop.is_set():
+                rows = conn.execute(
+                    "SELECT coalesce(wait_event_type || ':' || wait_event, 'CPU'), count(*)"
+                    " FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()"
+                    " AND state = 'active' GROUP BY 1",
+                    (self.dbname,),
+                ).fetchall()
+                self.samples += 1
+                for key, n in rows:
+                    self.counts[key] = self.counts.get(key, 0) + int(n)
+                time.sleep(0.01)
+
+    def __enter__(self) -> WaitSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def top(self, n: int = 4) -> dict[str, float]:
+        """Share of sampled active backends per wait event (CPU = not waiting)."""
+        total = sum(self.counts.values()) or 1
+        best = sorted(self.counts.items(), key=lambda kv: -kv[1])[:n]
+        return {k: round(v / total, 3) for k, v in best}
 
 
 def _pgbench(url: str, script: str, clients: int, seconds: int) -> tuple[int, int, str]:
@@ -189,15 +230,17 @@ def run(*, quick: bool = False, admin_url: str | None = None) -> dict[str, Any]:
                     n = fill[kind]
                     _refill(db.url, table, n, user_id, template_id, max_slots)
                     t0 = time.monotonic()
-                    tx, failed, _ = _pgbench(db.url, SCRIPTS[workload], clients, seconds)
+                    with WaitSampler(db.url, db.name) as sampler:
+                        tx, failed, _ = _pgbench(db.url, SCRIPTS[workload], clients, seconds)
                     wall = time.monotonic() - t0
                     rows = _count(db.url, table)
                     r = ClaimResult(workload, clients, float(seconds), rows, tx, failed, n)
+                    r.waits = sampler.top()
                     results.append(r)
                     log(
                         f"claim: {workload:12s} c={clients}: {r.rate:9.0f} rows/s "
                         f"({tx} tx, {failed} failed, {wall:.1f}s wall"
-                        f"{', QUEUE EMPTIED' if r.exhausted else ''})"
+                        f"{', QUEUE EMPTIED' if r.exhausted else ''}) waits {r.waits}"
                     )
                     if side == "ours" and kind == "single":
                         _check_consistency(db.url)
@@ -241,7 +284,7 @@ def _check_consistency(url: str) -> None:
 
 
 def slot_sensitivity(
-    slots_list: tuple[int, ...] = (100, 10_000, 100_000), repeats: int = 5
+    slots_list: tuple[int, ...] = (100, 10_000, 100_000), repeats: int = 15
 ) -> dict[str, float]:
     """Median ms of one ``claim_and_assign_calls(50)`` (one client) by free slots per provider."""
     out: dict[str, float] = {}
@@ -254,10 +297,12 @@ def slot_sensitivity(
                 conn.execute(
                     "TRUNCATE call_queue, call_service_providers, provider_availability CASCADE"
                 )
-                user_id, template_id = _setup(conn, slots + 50 * repeats)
-            _refill(db.url, "call_queue", 20_000, user_id, template_id, slots + 50 * repeats)
+                user_id, template_id = _setup(conn, slots + 50 * (repeats + 3))
+            _refill(db.url, "call_queue", 20_000, user_id, template_id, slots + 50 * (repeats + 3))
             times = []
             with psycopg.connect(db.url, autocommit=True) as conn:
+                for _ in range(3):  # warm: plpgsql compile, plan cache
+                    conn.execute("SELECT count(*) FROM claim_and_assign_calls(50, 'b', 60)")
                 for _ in range(repeats):
                     t0 = time.perf_counter()
                     conn.execute("SELECT count(*) FROM claim_and_assign_calls(50, 'b', 60)")

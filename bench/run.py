@@ -114,7 +114,8 @@ def rows_from(results: dict[str, Any]) -> list[Row]:
         for name, ratio in growth["ratios"].items():
             rows.append(
                 (
-                    f"growth: {labels.get(name, name)}, ms at {int(large):,} rows vs {int(small):,}",
+                    f"growth: {labels.get(name, name)}, ms at {int(large):,} rows"
+                    f" vs {int(small):,}",
                     _f(growth[large][name]["median_ms"], 2),
                     _f(growth[small][name]["median_ms"], 2),
                     _f(ratio, 2),

@@ -1,0 +1,79 @@
+"""CI-sized fault drills (``bench.drills`` with small batches): real worker and beat processes,
+a Redis of the drill's own, the simulator, and a scratch database on the test server.
+
+Each asserts the drill's zero counts (nothing lost, nobody dialed twice, no slot held), never a
+timing. The long variants: ``.venv/bin/python -m bench.drills``.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+
+import pytest
+
+from bench import drills
+from bench.common import PG_BIN
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(150)]
+
+
+@pytest.fixture
+def cfg(pg_admin_url: str) -> drills.DrillConfig:
+    return drills.DrillConfig(calls=20, settle_timeout=60, admin_url=pg_admin_url)
+
+
+def _assert_clean(r: drills.DrillResult) -> None:
+    detail = (
+        f"{r.name}: error={r.error} by_status={r.by_status} notes={r.notes} "
+        f"extra={ {k: v for k, v in r.extra.items() if k != 'logs_tail'} }\n"
+        f"{r.extra.get('logs_tail', '')[-4000:]}"
+    )
+    assert r.error is None, detail
+    assert r.scheduled > 0, detail
+    assert r.lost == 0, detail
+    assert r.dialed_more_than_once == 0, detail
+    assert r.slots_held == 0, detail
+    assert r.terminal == r.scheduled, detail
+
+
+@pytest.mark.parametrize(
+    "name", ["worker_sigkill", "redis_restart", "two_beats", "duplicate_task", "provider_429"]
+)
+def test_drill_loses_nothing_and_dials_once(name: str, cfg: drills.DrillConfig) -> None:
+    _assert_clean(drills.DRILLS[name](cfg))
+
+
+def test_drill_provider_down_then_back(cfg: drills.DrillConfig) -> None:
+    _assert_clean(drills.provider_down(cfg))
+
+
+def _can_run_own_postgres() -> bool:
+    if not (PG_BIN / "initdb").exists():
+        return False
+    if os.geteuid() != 0:
+        return True
+    try:
+        pwd.getpwnam("postgres")
+    except KeyError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(
+    not _can_run_own_postgres(),
+    reason="needs PostgreSQL server binaries (and, as root, a postgres OS user)",
+)
+def test_drill_postgres_restart(cfg: drills.DrillConfig) -> None:
+    cfg.admin_url = None  # the drill starts and crashes a PostgreSQL of its own
+    _assert_clean(drills.postgres_restart(cfg))
+
+
+def test_drill_bad_input_is_refused(cfg: drills.DrillConfig) -> None:
+    r = drills.bad_input(cfg, examples=400)
+    e = r.extra
+    assert r.error is None, r.error
+    assert e["tried"] >= 300
+    assert e["rows_written"] == 0
+    assert e["accepted"] == 0, e["accepted_examples"]
+    assert e["unexpected_count"] == 0, e["unexpected_sqlstate"]
