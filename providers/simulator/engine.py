@@ -177,10 +177,10 @@ class Engine:
         with self._lock:
             self._expire(now)
             active = sum(1 for cid in self._active if self.calls[cid].provider == provider)
-        if active >= int(cap):
+            if active < int(cap):
+                return False
             self.counters["rejected_429"] += 1
             return True
-        return False
 
     # -- calls -----------------------------------------------------------------------------------
 
@@ -294,6 +294,11 @@ class Engine:
             call = self.calls.get(call_id)
             if call is None or call.end_at <= now:
                 self._active.discard(call_id)
+
+    def count(self, name: str) -> None:
+        """Increment a counter shown under ``counters`` in the stats."""
+        with self._lock:
+            self.counters[name] += 1
 
     def stats(self, *, times: bool = False) -> dict[str, Any]:
         """Counters for ``GET /_sim/stats``."""
