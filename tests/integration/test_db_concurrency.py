@@ -186,3 +186,49 @@ def test_concurrent_schedules_respect_the_call_limit(db_url: str) -> None:
 
     _run_threads(go)
     assert Counter(results) == {"ok": 5, "CQ003": WORKERS * 3 - 5}
+
+
+def test_claim_and_assign_losing_a_slot_race_leaves_the_call_untouched(db_url: str) -> None:
+    """The batch takes provider slots last; if another transaction takes them meanwhile, the
+    batch is redone with the provider rows locked and the call stays queued, unchanged."""
+    with connect(db_url) as conn:
+        user = make_user(conn, call_limit=None)
+        tpl = make_template(conn, user)
+        provider = make_provider(conn, max_calls=1)
+        qid = one(conn, "SELECT schedule_call(%s, %s, 'R', '+15551234567')", (user, tpl))
+        before = conn.execute("SELECT * FROM call_queue WHERE id = %s", (qid,)).fetchone()
+    result: list[Any] = []
+    with psycopg.connect(db_url) as rival, connect(db_url) as claimer, connect(db_url) as obs:
+        # the rival takes the only slot but has not committed yet
+        rival.execute(
+            "UPDATE provider_availability SET current_calls = 1, available_slots = 0"
+            " WHERE provider_id = %s",
+            (provider,),
+        )
+        pid = one(claimer, "SELECT pg_backend_pid()")
+        t = threading.Thread(
+            target=lambda: result.append(
+                claimer.execute("SELECT * FROM claim_and_assign_calls(10)").fetchall()
+            )
+        )
+        t.start()
+        # wait (with a deadline) until the claimer blocks on the rival's row lock
+        waited = 0
+        while one(obs, "SELECT wait_event_type IS DISTINCT FROM 'Lock' FROM pg_stat_activity"
+                  " WHERE pid = %s", (pid,)):  # fmt: skip
+            waited += 1
+            assert waited < 10_000, "claimer never blocked"
+            obs.execute("SELECT pg_sleep(0.001)")
+        rival.commit()
+        t.join(timeout=30)
+    assert result == [[]]
+    with connect(db_url) as conn:
+        assert conn.execute("SELECT * FROM call_queue WHERE id = %s", (qid,)).fetchone() == before
+        assert one(conn, "SELECT count(*) FROM call_assignments") == 0
+        assert (
+            one(
+                conn,
+                "SELECT (current_calls, available_slots)::text FROM provider_availability",
+            )
+            == "(1,0)"
+        )
