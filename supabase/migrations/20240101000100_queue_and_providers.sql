@@ -76,6 +76,9 @@ CREATE INDEX call_queue_user_created_idx ON public.call_queue (user_id, created_
 -- The reaper: in-flight rows by lease.
 CREATE INDEX call_queue_lease_idx ON public.call_queue (lease_expires_at)
   WHERE status IN ('claimed', 'assigned', 'dialing', 'in_progress');
+-- schedule_call's plan limit counts a user's live calls: only live rows are in this index.
+CREATE INDEX call_queue_user_live_idx ON public.call_queue (user_id)
+  WHERE status IN ('queued', 'claimed', 'assigned', 'dialing', 'in_progress');
 CREATE UNIQUE INDEX call_queue_idempotency_idx
   ON public.call_queue (user_id, idempotency_key) WHERE idempotency_key IS NOT NULL;
 CREATE INDEX call_queue_template_idx ON public.call_queue (template_id);

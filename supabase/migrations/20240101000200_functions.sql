@@ -558,7 +558,7 @@ $$;
 
 -- ---------------------------------------------------------------------------------------------
 -- Usage: one call and ceil(duration / 60) minutes added to the user's current period.
-CREATE OR REPLACE FUNCTION public.add_call_usage(p_user_id uuid, p_duration_seconds numeric)
+CREATE OR REPLACE FUNCTION public.add_call_usage(p_user_id uuid, p_duration_seconds double precision)
 RETURNS void
 LANGUAGE plpgsql
 SET search_path = ''
@@ -586,7 +586,7 @@ BEGIN
   INSERT INTO public.user_call_usage AS u (user_id, subscription_id, period_start, period_end,
                                            calls_made, minutes_used, calls_limit, minutes_limit)
   VALUES (p_user_id, v_sub.id, v_start, v_end, 1,
-          ceil(coalesce(p_duration_seconds, 0) / 60.0)::int, v_sub.call_limit, v_sub.minute_limit)
+          ceil(coalesce(p_duration_seconds, 0)::numeric / 60)::int, v_sub.call_limit, v_sub.minute_limit)
   ON CONFLICT (user_id, period_start) DO UPDATE
      SET calls_made = u.calls_made + 1,
          minutes_used = u.minutes_used + EXCLUDED.minutes_used;
@@ -598,10 +598,10 @@ $$;
 -- history id (NULL if the assignment ended without history, e.g. released) and changes nothing.
 CREATE OR REPLACE FUNCTION public.complete_call(
   p_assignment_id uuid,
-  p_duration_seconds numeric DEFAULT NULL,
+  p_duration_seconds double precision DEFAULT NULL,
   p_recording_url text DEFAULT NULL,
   p_transcript text DEFAULT NULL,
-  p_cost numeric DEFAULT NULL,
+  p_cost double precision DEFAULT NULL,
   p_provider_call_id text DEFAULT NULL,
   p_started_at timestamptz DEFAULT NULL,
   p_ended_at timestamptz DEFAULT NULL,
@@ -680,7 +680,7 @@ $$;
 CREATE OR REPLACE FUNCTION public.record_provider_health(
   p_provider_id uuid,
   p_ok boolean,
-  p_latency_ms numeric,
+  p_latency_ms double precision,
   p_error text DEFAULT NULL
 ) RETURNS text
 LANGUAGE sql
@@ -712,7 +712,7 @@ CREATE OR REPLACE FUNCTION public.handle_failed_call(
   p_failure_kind text,
   p_error text DEFAULT NULL,
   p_retry_after_seconds int DEFAULT NULL,
-  p_duration_seconds numeric DEFAULT NULL,
+  p_duration_seconds double precision DEFAULT NULL,
   p_provider_call_id text DEFAULT NULL
 ) RETURNS text
 LANGUAGE plpgsql

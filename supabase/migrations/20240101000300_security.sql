@@ -4,8 +4,10 @@
 --   anon           no access to any callq table or function.
 --   authenticated  app users through the Supabase API: own rows only (policies below),
 --                  EXECUTE on schedule_call. Admins are authenticated users whose
---                  public.users.is_admin is true (public.is_admin()); they may read and manage
---                  everything except provider credentials, which no API role can read.
+--                  public.users.is_admin is true (public.is_admin()); they manage plans,
+--                  templates, providers, availability, assignments and retries, but never read
+--                  provider credentials (no API role can), and see only their own rows of the
+--                  per-user tables (use service_role for support tooling).
 --   service_role   Supabase's backend role (BYPASSRLS): everything.
 --   callq_worker   the worker fleet's group role (NOLOGIN). Ops grant it to the worker's login
 --                  role:  CREATE ROLE callq_app LOGIN PASSWORD '...'; GRANT callq_worker TO callq_app;
@@ -82,6 +84,11 @@ GRANT SELECT ON public.call_service_providers_public TO authenticated, service_r
 -- Policies. auth.uid() is wrapped in a sub-select so it is evaluated once per statement.
 
 -- The worker role sees and changes everything (service_role bypasses RLS).
+-- Admins manage the operational tables (plans, templates, providers, availability, assignments,
+-- retries). They get no extra policy on the per-user tables: permissive policies are OR-ed, and
+-- "user_id = auth.uid() OR is_admin()" cannot use the user_id indexes, which would turn every
+-- user's unfiltered API read into a sequential scan. Support tooling that must read other
+-- users' data uses service_role.
 DO $$
 DECLARE
   t text;
@@ -93,6 +100,10 @@ BEGIN
   LOOP
     EXECUTE format('CREATE POLICY worker_all ON public.%I FOR ALL TO callq_worker '
                    'USING (true) WITH CHECK (true)', t);
+  END LOOP;
+  FOREACH t IN ARRAY ARRAY['subscription_plans', 'call_templates', 'call_service_providers',
+    'provider_availability', 'call_assignments', 'call_retries']
+  LOOP
     EXECUTE format('CREATE POLICY admin_all ON public.%I FOR ALL TO authenticated '
                    'USING ((SELECT public.is_admin())) WITH CHECK ((SELECT public.is_admin()))', t);
   END LOOP;
@@ -172,10 +183,11 @@ REVOKE ALL ON FUNCTION
   public.get_best_available_provider(jsonb, uuid[]), public.assign_call_to_provider(uuid, uuid),
   public.claim_and_assign_calls(int, text, int), public.mark_call_dialing(uuid),
   public.mark_call_placed(uuid, text), public.exclude_provider(uuid[], uuid),
-  public.release_assignment(uuid, text), public.add_call_usage(uuid, numeric),
-  public.complete_call(uuid, numeric, text, text, numeric, text, timestamptz, timestamptz, text),
-  public.record_provider_health(uuid, boolean, numeric, text),
-  public.handle_failed_call(uuid, text, text, int, numeric, text),
+  public.release_assignment(uuid, text), public.add_call_usage(uuid, double precision),
+  public.complete_call(uuid, double precision, text, text, double precision, text,
+    timestamptz, timestamptz, text),
+  public.record_provider_health(uuid, boolean, double precision, text),
+  public.handle_failed_call(uuid, text, text, int, double precision, text),
   public.reap_expired_leases(), public.reconcile_provider_slots(),
   public.rollover_usage_periods()
   FROM PUBLIC, anon, authenticated;
@@ -193,10 +205,11 @@ GRANT EXECUTE ON FUNCTION
   public.get_best_available_provider(jsonb, uuid[]), public.assign_call_to_provider(uuid, uuid),
   public.claim_and_assign_calls(int, text, int), public.mark_call_dialing(uuid),
   public.mark_call_placed(uuid, text), public.exclude_provider(uuid[], uuid),
-  public.release_assignment(uuid, text), public.add_call_usage(uuid, numeric),
-  public.complete_call(uuid, numeric, text, text, numeric, text, timestamptz, timestamptz, text),
-  public.record_provider_health(uuid, boolean, numeric, text),
-  public.handle_failed_call(uuid, text, text, int, numeric, text),
+  public.release_assignment(uuid, text), public.add_call_usage(uuid, double precision),
+  public.complete_call(uuid, double precision, text, text, double precision, text,
+    timestamptz, timestamptz, text),
+  public.record_provider_health(uuid, boolean, double precision, text),
+  public.handle_failed_call(uuid, text, text, int, double precision, text),
   public.reap_expired_leases(), public.reconcile_provider_slots(),
   public.rollover_usage_periods()
   TO service_role, callq_worker;

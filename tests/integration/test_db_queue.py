@@ -648,3 +648,25 @@ def test_check_constraints(conn: Conn, setup: Any) -> None:
     before = one(conn, "SELECT updated_at FROM call_templates WHERE id = %s", (tpl,))
     conn.execute("UPDATE call_templates SET name = 'renamed' WHERE id = %s", (tpl,))
     assert one(conn, "SELECT updated_at FROM call_templates WHERE id = %s", (tpl,)) > before
+
+
+def test_numeric_arguments_accept_python_floats_ints_and_decimals(conn: Conn, setup: Any) -> None:
+    from decimal import Decimal
+
+    p = make_provider(conn)
+    _, a1 = placed_call(conn, setup, p)
+    _, a2 = placed_call(conn, setup, p)
+    _, a3 = placed_call(conn, setup, p)
+    assert one(conn, "SELECT complete_call(p_assignment_id => %s, p_duration_seconds => %s,"
+               " p_cost => %s)", (a1, 61.5, 0.0125))  # fmt: skip
+    assert one(conn, "SELECT complete_call(%s, %s, NULL, NULL, %s)", (a2, Decimal("30"), 1))
+    assert one(conn, "SELECT handle_failed_call(p_assignment_id => %s, p_failure_kind => 'busy',"
+               " p_duration_seconds => %s)", (a3, 4.2)) == "retry_scheduled"  # fmt: skip
+    assert one(conn, "SELECT record_provider_health(%s, %s, %s, %s)", (p, True, 12.5, None)) == (
+        "online"
+    )
+    row = conn.execute(
+        "SELECT duration_seconds, cost FROM call_history WHERE assignment_id = %s", (a1,)
+    ).fetchone()
+    assert row is not None and (float(row[0]), float(row[1])) == (61.5, 0.0125)
+    assert one(conn, "SELECT minutes_used FROM user_call_usage") == 2 + 1
