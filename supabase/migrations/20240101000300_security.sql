@@ -28,7 +28,15 @@ END
 $$;
 
 GRANT USAGE ON SCHEMA public TO anon, authenticated, service_role, callq_worker;
-GRANT USAGE ON SCHEMA auth TO callq_worker;
+-- auth.uid() for the worker's own sessions (not needed by the worker functions themselves);
+-- where the migration owner may not grant on schema auth, skip rather than fail the push.
+DO $$
+BEGIN
+  GRANT USAGE ON SCHEMA auth TO callq_worker;
+EXCEPTION WHEN insufficient_privilege THEN
+  RAISE NOTICE 'callq: could not grant USAGE on schema auth to callq_worker: %', SQLERRM;
+END
+$$;
 
 -- ---------------------------------------------------------------------------------------------
 -- Table privileges. Supabase's default privileges grant everything to anon/authenticated; start
