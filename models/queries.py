@@ -16,22 +16,26 @@ from uuid import UUID
 from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool
 
-CLAIM_AND_ASSIGN = "SELECT queue_id, assignment_id, provider_id FROM claim_and_assign_calls(%s, %s, %s)"
+CLAIM_AND_ASSIGN = (
+    "SELECT queue_id, assignment_id, provider_id FROM claim_and_assign_calls(%s, %s, %s)"
+)
 MARK_DIALING = "SELECT mark_call_dialing(%s)"
 MARK_PLACED = "SELECT mark_call_placed(%s, %s)"
-RELEASE = "SELECT release_assignment(%s, %s)"
+RELEASE = "SELECT release_assignment(%s::uuid, %s::text)"
 COMPLETE = (
-    "SELECT complete_call(p_assignment_id => %s, p_duration_seconds => %s, p_recording_url => %s,"
-    " p_transcript => %s, p_cost => %s, p_provider_call_id => %s, p_started_at => %s,"
-    " p_ended_at => %s)"
+    "SELECT complete_call(p_assignment_id => %s::uuid, p_duration_seconds => %s::numeric,"
+    " p_recording_url => %s::text, p_transcript => %s::text, p_cost => %s::numeric,"
+    " p_provider_call_id => %s::text, p_started_at => %s::timestamptz,"
+    " p_ended_at => %s::timestamptz)"
 )
 FAIL = (
-    "SELECT handle_failed_call(p_assignment_id => %s, p_failure_kind => %s, p_error => %s,"
-    " p_retry_after_seconds => %s, p_duration_seconds => %s, p_provider_call_id => %s)"
+    "SELECT handle_failed_call(p_assignment_id => %s::uuid, p_failure_kind => %s::text,"
+    " p_error => %s::text, p_retry_after_seconds => %s::int, p_duration_seconds => %s::numeric,"
+    " p_provider_call_id => %s::text)"
 )
 REAP = "SELECT queue_id, assignment_id, action FROM reap_expired_leases()"
 RECONCILE_SLOTS = "SELECT reconcile_provider_slots()"
-RECORD_HEALTH = "SELECT record_provider_health(%s, %s, %s, %s)"
+RECORD_HEALTH = "SELECT record_provider_health(%s::uuid, %s::boolean, %s::numeric, %s::text)"
 ROLLOVER = "SELECT rollover_usage_periods()"
 
 # One read that gathers what a dispatch or a poll needs: assignment, queue row, template, provider.

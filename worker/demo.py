@@ -38,8 +38,8 @@ DEMO_SIM_CONFIG: dict[str, Any] = {
         "voicemail": 0.05,
         "failed": 0.05,
     },
-    "duration_seconds": [1, 4],
-    "ring_seconds": [0.2, 1.0],
+    "call_seconds": [1.0, 4.0],
+    "ring_seconds": 0.5,
 }
 # Fast demo settings: tick every second, poll calls often, retry unanswered calls after seconds.
 DEMO_ENV = {

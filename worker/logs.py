@@ -17,6 +17,11 @@ def configure_logging(level: str = "INFO", as_json: bool = True) -> None:
     if _configured:
         return
     _configured = True
+    logging.basicConfig(
+        level=logging.getLevelName(level.upper()),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+    )
     renderer: Any = (
         structlog.processors.JSONRenderer() if as_json else structlog.dev.ConsoleRenderer()
     )

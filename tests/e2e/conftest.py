@@ -45,7 +45,7 @@ def wait_until(
 @pytest.fixture
 def broker_url(redis_url: str) -> Iterator[str]:
     """A Redis database of its own for this test's broker traffic, emptied before and after."""
-    url = redis_url.rsplit("/", 1)[0] + "/7" if redis_url.count("/") >= 3 else redis_url + "/7"
+    url = redis_url.rsplit("/", 1)[0] + "/7"
     client = redis.Redis.from_url(url)
     client.flushdb()
     yield url
@@ -58,8 +58,9 @@ def sim() -> Iterator[Simulator]:
         config={
             "seed": 1,
             "outcome_mix": {"completed": 1.0},
-            "duration_seconds": [0.2, 0.6],
-            "ring_seconds": [0.05, 0.2],
+            "queue_seconds": 0.05,
+            "ring_seconds": 0.1,
+            "call_seconds": [0.2, 0.6],
         }
     )
     simulator.start(port=0)

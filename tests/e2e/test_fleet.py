@@ -94,7 +94,7 @@ def test_batch_reaches_right_terminal_states(
 def test_provider_outage_fails_calls_over(
     conn: psycopg.Connection[Any], seeded: Seeded, sim: Simulator, fleet: Fleet
 ) -> None:
-    sim.configure({"outage": {"vapi": "5xx"}})
+    sim.configure({"outages": [{"start": 0, "end": 3600, "mode": "500", "provider": "vapi"}]})
     ids = schedule_calls(conn, seeded, 12)
     fleet.start_worker()
     fleet.start_beat()
