@@ -54,6 +54,7 @@ DRILL_ENV: dict[str, Any] = {
     "CALLQ_RECONCILE_DELAY_SECONDS": "1",
     "CALLQ_HTTP_CONNECT_TIMEOUT_SECONDS": "1",
     "CALLQ_HTTP_READ_TIMEOUT_SECONDS": "2",
+    "CALLQ_LOG_LEVEL": "INFO",
 }
 
 
@@ -134,6 +135,7 @@ def _run_with_stack(
         result.settled = ok
         result.take(stack.counts(ids))
         if not result.ok:
+            result.extra["stuck"] = stack.diagnose(ids)
             result.extra["logs_tail"] = stack.tail_logs(15)
     except Exception as exc:  # a drill reports its error rather than crashing the run
         result.error = f"{type(exc).__name__}: {exc}"

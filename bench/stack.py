@@ -210,6 +210,42 @@ class Stack:
             time.sleep(0.5)
         return False, time.monotonic() - t0
 
+    def diagnose(self, ids: list[Any], limit: int = 10) -> list[dict[str, Any]]:
+        """The calls that are not terminal: queue row, latest assignment, creates seen."""
+        assert self.sim is not None
+        dials = self.sim.stats().get("creates_by_queue", {})
+        with self.connect() as conn:
+            rows = conn.execute(
+                "SELECT q.id::text, q.status, q.attempts, q.lease_expires_at < now() AS lease_over,"
+                " q.claimed_by, q.last_error, a.state, a.provider_call_id IS NOT NULL,"
+                " a.poll_count, a.next_poll_at < now() AS poll_overdue, a.updated_at"
+                " FROM call_queue q LEFT JOIN LATERAL (SELECT * FROM call_assignments a"
+                "  WHERE a.queue_id = q.id ORDER BY a.created_at DESC LIMIT 1) a ON true"
+                " WHERE q.id = ANY(%s) AND q.status NOT IN ('completed','failed','canceled')"
+                " LIMIT %s",
+                (list(ids), limit),
+            ).fetchall()
+        keys = (
+            "queue_id",
+            "status",
+            "attempts",
+            "lease_over",
+            "claimed_by",
+            "last_error",
+            "assignment_state",
+            "has_provider_call_id",
+            "poll_count",
+            "poll_overdue",
+            "assignment_updated_at",
+        )
+        out = []
+        for r in rows:
+            d = dict(zip(keys, r, strict=True))
+            d["creates_seen"] = dials.get(d["queue_id"], 0)
+            d["assignment_updated_at"] = str(d["assignment_updated_at"])
+            out.append(d)
+        return out
+
     def tail_logs(self, lines: int = 20) -> str:
         out = []
         for path in sorted(self.log_dir.glob("*.log")):
