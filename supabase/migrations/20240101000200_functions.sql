@@ -303,6 +303,12 @@ BEGIN
   IF p_limit <= 0 THEN
     RETURN;
   END IF;
+  -- The claim's commit need not wait for its WAL flush: the provider rows stay locked until
+  -- commit, so a synchronous flush would serialise every worker on disk latency. Losing an
+  -- unflushed claim in a server crash is harmless (the calls are simply queued again and the
+  -- slots never taken), and nothing is dialed before mark_call_dialing commits synchronously,
+  -- which flushes the WAL up to and including this claim. (Transaction-local setting.)
+  PERFORM set_config('synchronous_commit', 'off', true);
   SELECT coalesce(sum(pa.available_slots), 0) INTO v_free
     FROM public.provider_availability pa
     JOIN public.call_service_providers p ON p.id = pa.provider_id
