@@ -558,6 +558,7 @@ BEGIN
              THEN public.exclude_provider(q.excluded_provider_ids, v_a.provider_id)
            ELSE q.excluded_provider_ids END
    WHERE q.id = v_a.queue_id AND q.status IN ('claimed', 'assigned', 'dialing');
+  PERFORM pg_notify('callq_queue', '');  -- due again now (identical notifications coalesce)
   RETURN true;
 END
 $$;

@@ -185,3 +185,21 @@ def test_failed_migration_is_rolled_back_and_not_recorded(
             one(conn, "SELECT count(*) FROM supabase_migrations.schema_migrations")
             == len(list_migrations()) - 1
         )
+
+
+def test_hot_tables_have_their_storage_and_autovacuum_settings(db_url: str) -> None:
+    with connect(db_url) as conn:
+        opts = {
+            name: dict(o.split("=", 1) for o in (reloptions or []))
+            for name, reloptions in conn.execute(
+                "SELECT relname, reloptions FROM pg_class WHERE relname IN"
+                " ('call_queue', 'call_assignments', 'provider_availability')"
+                " AND relnamespace = 'public'::regnamespace"
+            )
+        }
+    assert set(opts) == {"call_queue", "call_assignments", "provider_availability"}
+    for name, o in opts.items():
+        assert o["autovacuum_vacuum_scale_factor"] == "0", name
+        assert 1000 <= int(o["autovacuum_vacuum_threshold"]) <= 5000, name
+        assert o["autovacuum_vacuum_cost_delay"] == "0", name
+        assert 50 <= int(o["fillfactor"]) <= 80, name

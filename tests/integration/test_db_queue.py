@@ -670,3 +670,21 @@ def test_numeric_arguments_accept_python_floats_ints_and_decimals(conn: Conn, se
     ).fetchone()
     assert row is not None and (float(row[0]), float(row[1])) == (61.5, 0.0125)
     assert one(conn, "SELECT minutes_used FROM user_call_usage") == 2 + 1
+
+
+def test_release_wakes_the_dispatchers(conn: Conn, setup: Any, db_url: str) -> None:
+    p = make_provider(conn)
+    _, aid = assigned_call(conn, setup, p)
+    with connect(db_url) as listener:
+        listener.execute("LISTEN callq_queue")
+        one(conn, "SELECT release_assignment(%s, 'shutdown')", (aid,))
+        got = list(listener.notifies(timeout=5, stop_after=1))
+        assert [n.payload for n in got] == [""]
+
+
+def test_claims_with_nothing_to_do(conn: Conn, setup: Any) -> None:
+    schedule(conn, *setup)
+    assert conn.execute("SELECT * FROM claim_due_calls(0)").fetchall() == []
+    make_provider(conn)
+    assert conn.execute("SELECT * FROM claim_and_assign_calls(0)").fetchall() == []
+    assert one(conn, "SELECT count(*) FROM call_queue WHERE status = 'queued'") == 1
