@@ -1,0 +1,64 @@
+"""Flower shows the fleet's workers, queues and tasks, and task arguments hold only ids."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+import httpx
+import psycopg
+import pytest
+
+from providers.simulator import Simulator
+from tests.e2e.conftest import all_terminal, wait_until
+from worker.embedded import free_port, wait_for_port
+from worker.fleet import Fleet
+from worker.seed import Seeded, schedule_calls
+
+pytestmark = pytest.mark.e2e
+
+
+def test_flower_lists_workers_and_tasks_without_personal_data(
+    conn: psycopg.Connection[Any], seeded: Seeded, sim: Simulator, fleet: Fleet
+) -> None:
+    port = free_port()
+    fleet.env = {**fleet.env, "FLOWER_UNAUTHENTICATED_API": "true"}
+    fleet.start_worker("flowerwatch")
+    fleet.start_beat()
+    fleet.start(
+        "flower",
+        [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "worker",
+            "flower",
+            f"--port={port}",
+            "--address=127.0.0.1",
+        ],
+    )
+    wait_for_port(port, 60)
+    base = f"http://127.0.0.1:{port}"
+
+    def worker_listed() -> bool:
+        workers = httpx.get(f"{base}/api/workers?refresh=1", timeout=20).json()
+        return any(name.startswith("flowerwatch@") for name in workers)
+
+    wait_until(worker_listed, timeout=60, what="the worker in Flower")
+    ids = schedule_calls(conn, seeded, 5)
+    wait_until(lambda: all_terminal(conn, ids), timeout=90, what="calls terminal")
+
+    def tasks_seen() -> dict[str, Any]:
+        tasks: dict[str, Any] = httpx.get(f"{base}/api/tasks", timeout=10).json()
+        names = {t.get("name") for t in tasks.values()}
+        return tasks if {"callq.dispatch", "callq.track"} <= names else {}
+
+    tasks = wait_until(tasks_seen, timeout=60, what="dispatch and track tasks in Flower")
+    blob = json.dumps(tasks)
+    assert "+1555" not in blob and "Customer " not in blob and "sim-vapi-key" not in blob
+    dispatch_args = {t["args"] for t in tasks.values() if t.get("name") == "callq.dispatch"}
+    assert dispatch_args and all(args.startswith("('") and len(args) < 60 for args in dispatch_args)
+    page = httpx.get(f"{base}/workers", timeout=10)
+    assert page.status_code == 200 and "flowerwatch@" in page.text
