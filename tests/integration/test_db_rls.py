@@ -368,3 +368,144 @@ def test_user_policies_stay_indexable(world_conn: tuple[World, Conn]) -> None:
         ):  # fmt: skip
             plan = "\n".join(r[0] for r in conn.execute(f"EXPLAIN {query}"))
             assert index in plan, plan
+
+
+# One valid new row per table, owned by %(uid)s; the expected outcome per role:
+# a row count (1) or the SQLSTATE (42501 = no privilege or the row violates the policies).
+INSERTS: dict[str, tuple[str, dict[str, int | str]]] = {
+    "users": (
+        "INSERT INTO users (id) VALUES (%(spare_user)s)",
+        {"a": "42501", "admin": "42501"},
+    ),
+    "subscription_plans": (
+        "INSERT INTO subscription_plans (name) VALUES ('plan-' || gen_random_uuid())",
+        {"a": "42501", "admin": 1},
+    ),
+    "user_subscriptions": (
+        "INSERT INTO user_subscriptions (user_id, plan_id, status)"
+        " SELECT %(uid)s, id, 'canceled' FROM subscription_plans LIMIT 1",
+        {"a": "42501", "admin": "42501"},
+    ),
+    "user_call_usage": (
+        "INSERT INTO user_call_usage (user_id, period_start, period_end)"
+        " VALUES (%(uid)s, now() - interval '9 months', now() - interval '8 months')",
+        {"a": "42501", "admin": "42501"},
+    ),
+    "call_templates": (
+        "INSERT INTO call_templates (created_by, name, script) VALUES (%(uid)s, 'n', 's')",
+        {"a": 1, "admin": 1},
+    ),
+    "call_history": (
+        "INSERT INTO call_history (user_id, recipient_name, recipient_phone, status)"
+        " VALUES (%(uid)s, 'R', '+15551234567', 'completed')",
+        {"a": "42501", "admin": "42501"},
+    ),
+    "template_favorites": (
+        "INSERT INTO template_favorites (user_id, template_id)"
+        " SELECT %(uid)s, id FROM call_templates WHERE is_public"
+        " AND id NOT IN (SELECT template_id FROM template_favorites WHERE user_id = %(uid)s)"
+        " LIMIT 1",
+        {"a": 1, "admin": 1},
+    ),
+    "call_service_providers": (
+        "INSERT INTO call_service_providers (name, provider_type, api_key, base_url)"
+        " VALUES ('p-' || gen_random_uuid(), 'vapi', 'k', 'https://x')",
+        {"a": "42501", "admin": 1},
+    ),
+    "call_queue": (
+        "INSERT INTO call_queue (user_id, template_id, recipient_name, recipient_phone)"
+        " SELECT %(uid)s, id, 'R', '+15551234567' FROM call_templates"
+        " WHERE created_by = %(uid)s LIMIT 1",
+        {"a": "42501", "admin": "42501"},
+    ),
+    "provider_availability": (
+        "INSERT INTO provider_availability (provider_id, available_slots) VALUES (%(spare)s, 3)",
+        {"a": "42501", "admin": 1},
+    ),
+    "call_assignments": (
+        "INSERT INTO call_assignments (queue_id, provider_id, state)"
+        " VALUES (%(queue)s, %(provider)s, 'released')",
+        {"a": "42501", "admin": 1},
+    ),
+    "call_retries": (
+        "INSERT INTO call_retries (queue_id, attempt, reason) VALUES (%(queue)s, 9, 'busy')",
+        {"a": "42501", "admin": 1},
+    ),
+}
+
+
+@pytest.mark.parametrize("who", ["anon", "a", "admin", "service_role"])
+def test_insert_matrix(world_conn: tuple[World, Conn], who: str) -> None:
+    world, conn = world_conn
+    spare = make_provider(conn, availability=False)
+    spare_user = make_user(conn, subscribed=False)
+    conn.execute("DELETE FROM users WHERE id = %s", (spare_user,))  # auth user without profile
+    role, uid = _as(world, who)
+    params = {
+        "uid": uid or world.a,
+        "spare": spare,
+        "spare_user": spare_user,
+        "queue": world.a_queue,
+        "provider": world.provider,
+    }
+    got: dict[str, int | str] = {}
+    with as_role(conn, role, uid):
+        for table, (statement, _) in INSERTS.items():
+            got[table] = attempt(conn, statement, params)
+    expected = {
+        table: ("42501" if who == "anon" else 1 if who == "service_role" else outcomes[who])
+        for table, (_, outcomes) in INSERTS.items()
+    }
+    assert got == expected
+
+
+UPDATES: dict[str, str] = {
+    "users": "UPDATE users SET full_name = full_name",
+    "subscription_plans": "UPDATE subscription_plans SET description = description",
+    "user_subscriptions": "UPDATE user_subscriptions SET cancel_at_period_end = false",
+    "user_call_usage": "UPDATE user_call_usage SET calls_limit = calls_limit",
+    "call_templates": "UPDATE call_templates SET description = description",
+    "call_history": "UPDATE call_history SET error = error",
+    "template_favorites": "UPDATE template_favorites SET created_at = created_at",
+    "call_feedback": "UPDATE call_feedback SET comment = comment",
+    "call_service_providers": "UPDATE call_service_providers SET priority = priority",
+    "call_queue": "UPDATE call_queue SET status = 'canceled' WHERE status = 'queued'",
+    "provider_availability": "UPDATE provider_availability SET latency_ms = latency_ms",
+    "call_assignments": "UPDATE call_assignments SET error = error",
+    "call_retries": "UPDATE call_retries SET error = error",
+}
+
+
+@pytest.mark.parametrize("who", ["anon", "a", "admin", "service_role"])
+def test_update_matrix(world_conn: tuple[World, Conn], who: str) -> None:
+    world, conn = world_conn
+    queued = {
+        k: int(one(conn, "SELECT count(*) FROM call_queue WHERE status = 'queued'" + w, p))
+        for k, w, p in (
+            ("all", "", None),
+            ("a", " AND user_id = %s", (world.a,)),
+        )
+    }
+    role, uid = _as(world, who)
+    with as_role(conn, role, uid):
+        got = {table: attempt(conn, statement) for table, statement in UPDATES.items()}
+
+    def everything(table: str) -> int:
+        return queued["all"] if table == "call_queue" else len(world.ids[table]["all"])
+
+    if who == "anon":
+        expected: dict[str, int | str] = dict.fromkeys(UPDATES, "42501")
+    elif who == "service_role":
+        expected = {table: everything(table) for table in UPDATES}
+    else:
+        expected = dict.fromkeys(UPDATES, 0)
+        expected["template_favorites"] = "42501"  # favorites are added and removed, not edited
+        expected["users"] = 1  # own profile
+        if who == "a":
+            expected["call_templates"] = len(world.ids["call_templates"]["a"])
+            expected["call_feedback"] = 1
+            expected["call_queue"] = queued["a"]  # cancel own queued calls
+        else:
+            for table in ADMIN_TABLES:
+                expected[table] = everything(table)
+    assert got == expected
