@@ -144,10 +144,10 @@ def latency(
             before = stack.sim.stats()["total_creates"]
             qid, t = stack.schedule_one(conn, start + i)
             commits[qid] = t
+            time.sleep(0.3)  # one at a time: wait (bounded) for the create before the next
             end = time.monotonic() + 10
             while time.monotonic() < end and stack.sim.stats()["total_creates"] <= before:
-                time.sleep(0.002)
-            time.sleep(0.05)
+                time.sleep(0.1)
     idle_ids = set(commits)
     # Steady load: a pacing thread schedules at load_rate for load_seconds.
     load_commits: dict[str, float] = {}
@@ -202,7 +202,7 @@ def rss_of(pid: int) -> int:
 
 
 def memory(
-    stack: Stack, *, first: int, total: int, start: int, chunk: int = 1000
+    stack: Stack, *, first: int, total: int, start: int, chunk: int = 2000
 ) -> dict[str, Any]:
     """RSS of a fresh worker after ``first`` and after ``total`` calls placed and completed."""
     assert stack.sim is not None
@@ -212,14 +212,15 @@ def memory(
     done = 0
     samples: dict[str, Any] = {}
     t0 = time.monotonic()
-    baseline_creates = stack.sim.stats()["total_creates"]
     while done < total:
         n = min(chunk, first - done if done < first else total - done)
         ids = stack.schedule(n, start=start + done)
         ok, _ = stack.wait_settled(ids, timeout=300)
         if not ok:
-            log(f"memory: chunk at {done} did not settle: {stack.counts(ids)}")
+            log(f"memory: chunk at {done} did not settle: {stack.counts(ids)['by_status']}")
+            samples["error"] = f"chunk at {done} calls did not settle"
             break
+        stack.sim.reset()  # all ended: keep the simulator small
         done += n
         if done == first:
             time.sleep(1)
@@ -232,7 +233,6 @@ def memory(
             )
     time.sleep(1)
     samples["last"] = {"calls": done, "rss": rss_of(proc.pid)}
-    samples["creates"] = stack.sim.stats()["total_creates"] - baseline_creates
     first_rss = samples.get("first", {}).get("rss") or samples["last"]["rss"]
     samples["growth"] = samples["last"]["rss"] / first_rss - 1
     samples["seconds"] = time.monotonic() - t0
@@ -276,6 +276,8 @@ def run(*, quick: bool = False) -> dict[str, Any]:
         ids = ours.pop("ids")
         ok, secs = stack.wait_settled(ids, 120)
         ours["settled"] = ok
+        if ok:
+            stack.sim.reset()  # every call ended: forget them (smaller stats from here on)
         log(
             f"e2e: batch settled={ok} after {secs:.1f}s more"
             + ("" if ok else f" (NOT settled: {stack.counts(ids)['by_status']})")
