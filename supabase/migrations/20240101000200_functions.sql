@@ -459,7 +459,9 @@ BEGIN
 
   UPDATE public.call_queue q
      SET status = 'dialing', attempts = q.attempts + 1,
-         lease_expires_at = now() + interval '120 seconds'
+         -- the dialing lease is as long as the claim lease the worker asked for
+         lease_expires_at = now() + coalesce(q.lease_expires_at - q.claimed_at,
+                                             interval '120 seconds')
    WHERE q.id = v_qid;
   RETURN true;
 END
@@ -777,6 +779,10 @@ BEGIN
                * power(2, greatest(v_q.attempts, 1) - 1),
              3600) * (0.8 + random() * 0.4)
     END;
+    -- callq.retry_delay_scale (a database or session setting, default 1) shortens every wait
+    -- for demos and tests: ALTER DATABASE ... SET callq.retry_delay_scale = '0.01'.
+    v_delay := v_delay * coalesce(
+      nullif(current_setting('callq.retry_delay_scale', true), '')::double precision, 1);
     v_next := now() + make_interval(secs => v_delay);
   END IF;
 
@@ -862,7 +868,8 @@ BEGIN
     JOIN public.call_assignments a ON a.queue_id = q.id
    WHERE (q.status = 'dialing' AND a.state = 'dialing' AND q.lease_expires_at < now())
       OR (q.status = 'in_progress' AND a.state = 'placed'
-          AND (a.next_poll_at < now() OR q.lease_expires_at < now()));
+          -- a poll 15 s overdue means its tracking chain was lost (broker restart, dead worker)
+          AND a.next_poll_at < now() - interval '15 seconds');
 END
 $$;
 

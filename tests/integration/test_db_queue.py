@@ -533,10 +533,16 @@ def test_reap_expired_leases(conn: Conn, setup: Any) -> None:
         ([claimed, q_assigned, q_dialing],),
     )
     conn.execute(
-        "UPDATE call_assignments SET next_poll_at = now() - interval '1 second' WHERE id = %s",
+        "UPDATE call_assignments SET next_poll_at = now() - interval '16 seconds' WHERE id = %s",
         (a_placed,),
     )
-    assert slots(conn, p) == (4, 6)
+    # a poll that is only a little late is left alone: its chain is probably just busy
+    q_late, a_late = placed_call(conn, setup, p)
+    conn.execute(
+        "UPDATE call_assignments SET next_poll_at = now() - interval '5 seconds' WHERE id = %s",
+        (a_late,),
+    )
+    assert slots(conn, p) == (5, 5)
     rows = set(conn.execute("SELECT queue_id, assignment_id, action FROM reap_expired_leases()"))
     assert rows == {
         (claimed, None, "requeued"),
@@ -546,7 +552,8 @@ def test_reap_expired_leases(conn: Conn, setup: Any) -> None:
     }
     assert status(conn, claimed) == "queued" and status(conn, q_assigned) == "queued"
     assert status(conn, q_fresh) == "assigned"
-    assert slots(conn, p) == (3, 7)
+    assert status(conn, q_late) == "in_progress"
+    assert slots(conn, p) == (4, 6)
 
 
 def test_reconcile_provider_slots(conn: Conn, setup: Any) -> None:
@@ -688,3 +695,33 @@ def test_claims_with_nothing_to_do(conn: Conn, setup: Any) -> None:
     make_provider(conn)
     assert conn.execute("SELECT * FROM claim_and_assign_calls(0)").fetchall() == []
     assert one(conn, "SELECT count(*) FROM call_queue WHERE status = 'queued'") == 1
+
+
+def test_retry_delay_scale_shortens_backoff(conn: Conn, setup: Any) -> None:
+    p = make_provider(conn)
+    q, a = assigned_call(conn, setup, p)
+    one(conn, "SELECT mark_call_dialing(%s)", (a,))
+    conn.execute("SELECT set_config('callq.retry_delay_scale', '0.01', false)")
+    assert one(conn, "SELECT handle_failed_call(%s, 'busy')", (a,)) == "retry_scheduled"
+    wait = one(
+        conn,
+        "SELECT extract(epoch FROM scheduled_time - now()) FROM call_queue WHERE id = %s",
+        (q,),
+    )
+    assert 0 < float(wait) <= 300 * 1.2 * 0.01 + 0.5  # 300 s base, jitter up to 1.2
+
+
+def test_dialing_lease_follows_the_claim_lease(conn: Conn, setup: Any) -> None:
+    p = make_provider(conn)
+    schedule(conn, *setup)
+    row = conn.execute(
+        "SELECT queue_id, assignment_id FROM claim_and_assign_calls(1, 'w', 7)"
+    ).fetchone()
+    assert row is not None and row[1] is not None
+    one(conn, "SELECT mark_call_dialing(%s)", (row[1],))
+    lease = one(
+        conn,
+        "SELECT extract(epoch FROM lease_expires_at - now()) FROM call_queue WHERE id = %s",
+        (row[0],),
+    )
+    assert 5 < float(lease) <= 7
