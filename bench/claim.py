@@ -43,6 +43,8 @@ SCRIPTS = {
         " ORDER BY priority, scheduled_time, created_at LIMIT 1 FOR UPDATE SKIP LOCKED);\n"
     ),
     "ours_batch": "SELECT count(*) FROM claim_and_assign_calls(50, 'bench', 60);\n",
+    # informative: the worker's hot path with a batch of one (claims straight to 'assigned')
+    "ourscaa_single": "SELECT count(*) FROM claim_and_assign_calls(1, 'bench', 60);\n",
     "bare_batch": (
         "WITH c AS (SELECT id FROM bare_queue WHERE status = 'queued' AND scheduled_time <= now()"
         " ORDER BY priority, scheduled_time, created_at LIMIT 50 FOR UPDATE SKIP LOCKED)"
@@ -224,9 +226,10 @@ def run(*, quick: bool = False, admin_url: str | None = None) -> dict[str, Any]:
             user_id, template_id = _setup(conn, max_slots)
         for kind in ("single", "batch"):
             for clients in clients_list:
-                for side in ("bare", "ours"):
+                sides = ("bare", "ours", "ourscaa") if kind == "single" else ("bare", "ours")
+                for side in sides:
                     workload = f"{side}_{kind}"
-                    table = "call_queue" if side == "ours" else "bare_queue"
+                    table = "bare_queue" if side == "bare" else "call_queue"
                     n = fill[kind]
                     _refill(db.url, table, n, user_id, template_id, max_slots)
                     t0 = time.monotonic()
@@ -242,7 +245,7 @@ def run(*, quick: bool = False, admin_url: str | None = None) -> dict[str, Any]:
                         f"({tx} tx, {failed} failed, {wall:.1f}s wall"
                         f"{', QUEUE EMPTIED' if r.exhausted else ''}) waits {r.waits}"
                     )
-                    if side == "ours" and kind == "single":
+                    if side != "bare" and kind == "single":
                         _check_consistency(db.url)
     finally:
         db.drop()
@@ -260,7 +263,19 @@ def run(*, quick: bool = False, admin_url: str | None = None) -> dict[str, Any]:
                 "bare": bare.rate,
                 "ratio": ours.rate / bare.rate if bare.rate else float("nan"),
                 "exhausted": ours.exhausted or bare.exhausted,
+                "waits_ours": ours.waits,
+                "waits_bare": bare.waits,
             }
+            caa = [r for r in results if r.workload == f"ourscaa_{kind}" and r.clients == clients]
+            if caa:
+                ratios[f"caa1_c{clients}"] = {
+                    "ours": caa[0].rate,
+                    "bare": bare.rate,
+                    "ratio": caa[0].rate / bare.rate if bare.rate else float("nan"),
+                    "exhausted": caa[0].exhausted or bare.exhausted,
+                    "waits_ours": caa[0].waits,
+                    "waits_bare": bare.waits,
+                }
     out["ratios"] = ratios
     return out
 

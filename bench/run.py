@@ -42,7 +42,8 @@ def rows_from(results: dict[str, Any]) -> list[Row]:
     claim = results.get("claim")
     if claim and "ratios" in claim:
         names = {
-            "single": "claim + assign, single (get_next + assign)",
+            "single": "claim + assign, single (get_next + best provider + assign)",
+            "caa1": "claim + assign, single via claim_and_assign_calls(1) (informative)",
             "batch": "claim + assign, batch of 50 (claim_and_assign_calls)",
         }
         for key, v in claim["ratios"].items():
