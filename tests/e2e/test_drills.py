@@ -20,7 +20,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.timeout(150)]
 
 @pytest.fixture
 def cfg(pg_admin_url: str) -> drills.DrillConfig:
-    return drills.DrillConfig(calls=20, settle_timeout=60, admin_url=pg_admin_url, fast_leases=True)
+    return drills.DrillConfig(calls=20, settle_timeout=60, admin_url=pg_admin_url)
 
 
 def _assert_clean(r: drills.DrillResult) -> None:
