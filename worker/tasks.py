@@ -91,6 +91,11 @@ def _after_create_error(assignment_id: str, exc: ProviderError) -> str:
     decision = decide_error(exc)
     if isinstance(decision, Reconcile):
         log.warning("call.create_outcome_unknown", error=str(exc))
+        # Count it against the provider's health so a failing provider's circuit opens and new
+        # calls go elsewhere while this one waits for proof either way.
+        call = runtime.database().load_call(assignment_id)
+        if call is not None:
+            runtime.database().record_health(call["provider_id"], False, 0.0, "create_unknown")
         reconcile.apply_async((assignment_id, 0), countdown=get_settings().reconcile_delay_seconds)
         return "reconcile"
     result = _fail(assignment_id, decision)
