@@ -712,7 +712,7 @@ def test_retry_delay_scale_shortens_backoff(conn: Conn, setup: Any) -> None:
 
 
 def test_dialing_lease_follows_the_claim_lease(conn: Conn, setup: Any) -> None:
-    p = make_provider(conn)
+    make_provider(conn)
     schedule(conn, *setup)
     row = conn.execute(
         "SELECT queue_id, assignment_id FROM claim_and_assign_calls(1, 'w', 7)"
