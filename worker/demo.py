@@ -124,7 +124,9 @@ def _schedule(
 
 
 def _watch(conn: psycopg.Connection[Any], ids: list[Any], timeout: float) -> bool:
+    """Print a progress line whenever the counts change; True once every call is terminal."""
     deadline = time.monotonic() + timeout
+    last = ""
     while True:
         counts = dict(
             conn.execute(
@@ -133,12 +135,14 @@ def _watch(conn: psycopg.Connection[Any], ids: list[Any], timeout: float) -> boo
             ).fetchall()
         )
         line = "  ".join(f"{k}={counts[k]}" for k in sorted(counts))
-        print(f"\r[{time.strftime('%H:%M:%S')}] {line}".ljust(100), end="", flush=True)
+        if line != last:
+            print(f"[{time.strftime('%H:%M:%S')}] {line}", flush=True)
+            last = line
         done = sum(counts.get(k, 0) for k in TERMINAL)
         if done == len(ids):
             return True
         if time.monotonic() > deadline:
-            print(f"\ntimed out with {len(ids) - done} calls not terminal", file=sys.stderr)
+            print(f"timed out with {len(ids) - done} calls not terminal", file=sys.stderr)
             return False
         time.sleep(0.5)
 
@@ -147,20 +151,23 @@ def summary(conn: psycopg.Connection[Any], ids: list[Any]) -> str:
     """Calls by final status and provider, with attempts, minutes and cost."""
     rows = conn.execute(
         """
-        SELECT q.status, coalesce(p.name, '-') AS provider, count(*) AS calls,
+        SELECT q.status, coalesce(h.status, '-') AS outcome, coalesce(p.name, '-') AS provider,
+               count(*) AS calls,
                sum(q.attempts) AS attempts, coalesce(sum(h.duration_seconds), 0) AS seconds,
                coalesce(sum(h.cost), 0) AS cost
         FROM call_queue q
         LEFT JOIN call_history h ON h.queue_id = q.id
         LEFT JOIN call_service_providers p ON p.id = h.provider_id
         WHERE q.id = ANY(%s)
-        GROUP BY 1, 2 ORDER BY 1, 2
+        GROUP BY 1, 2, 3 ORDER BY 1, 2, 3
         """,
         (ids,),
     ).fetchall()
     slots = conn.execute("SELECT coalesce(sum(current_calls), 0) FROM provider_availability")
     held = slots.fetchone()
-    table = format_table(["status", "provider", "calls", "attempts", "seconds", "cost"], rows)
+    table = format_table(
+        ["status", "outcome", "provider", "calls", "attempts", "seconds", "cost $"], rows
+    )
     return f"Summary\n{table}\nprovider slots still held: {held[0] if held else 0}"
 
 

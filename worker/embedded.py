@@ -15,6 +15,7 @@ import socket
 import subprocess
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,7 @@ class EmbeddedPostgres:
     _server: Any = None
 
     def start(self) -> str:
+        warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
         try:
             import pgserver
         except ImportError as exc:  # pragma: no cover - depends on the install
