@@ -34,7 +34,7 @@ def test_demo_runs_every_call_to_a_terminal_state(empty_db_url: str, redis_url: 
     assert "provider slots still held: 0" in out
     summary = out.split("Summary", 1)[1].splitlines()[3:]
     calls = sum(
-        int(line.split()[3]) for line in summary if line.split()[:1] in (["completed"], ["failed"])
+        int(line.split()[-4]) for line in summary if line.split()[:1] in (["completed"], ["failed"])
     )
     assert calls == 12
     assert "+1555" not in out
