@@ -193,6 +193,12 @@ def write_markdown(
         "",
     ]
     claim = results.get("claim") or {}
+    if claim.get("bare_commit"):
+        parts += [
+            "Bare baselines' commit mode (matched to the functions compared): "
+            + ", ".join(f"{k}: {v}" for k, v in claim["bare_commit"].items()),
+            "",
+        ]
     if claim.get("slot_sensitivity"):
         parts += [
             "claim_and_assign_calls(50), one client, ms by free slots per provider: "
