@@ -15,7 +15,7 @@ COPY docker/entrypoint.sh /usr/local/bin/callq-entrypoint
 RUN pip install . && useradd --create-home --uid 10001 callq && chmod 0755 /usr/local/bin/callq-entrypoint
 
 USER callq
-ENV CALLQ_MIGRATIONS_DIR=/app/supabase
+ENV CALLQ_SUPABASE_DIR=/app/supabase
 EXPOSE 5555 8080 8765
 ENTRYPOINT ["callq-entrypoint"]
 CMD ["worker"]
