@@ -173,3 +173,30 @@ def test_duplicate_beats_dial_no_one_twice(
     dials = creates_by_queue(sim)
     assert {str(q): dials.get(str(q)) for q in ids} == {str(q): 1 for q in ids}
     assert slots_held(conn) == 0
+
+
+def test_create_that_timed_out_but_placed_the_call_is_found_not_redialed(
+    conn: psycopg.Connection[Any], seeded: Seeded, sim: Simulator, fleet: Fleet
+) -> None:
+    # The provider holds each create for 1 s, answers 504, and places the call anyway.
+    sim.configure(
+        {
+            "outages": [{"start": 0, "end": 3, "mode": "timeout", "provider": "vapi"}],
+            "timeout_seconds": 1.0,
+            "timeout_creates_call": True,
+        }
+    )
+    ids = schedule_calls(conn, seeded, 6)
+    fleet.start_worker()
+    fleet.start_beat()
+    wait_until(lambda: all_terminal(conn, ids), timeout=120, what="every call terminal")
+
+    assert status_counts(conn, ids) == {"completed": 6}
+    dials = creates_by_queue(sim)
+    assert {str(q): dials.get(str(q)) for q in ids} == {str(q): 1 for q in ids}
+    vapi_calls = conn.execute(
+        "SELECT count(*) FROM call_history WHERE queue_id = ANY(%s) AND provider_id = %s",
+        (ids, seeded.provider_ids["vapi"]),
+    ).fetchone()
+    assert vapi_calls is not None and vapi_calls[0] >= 1  # found at Vapi, not re-sent elsewhere
+    assert slots_held(conn) == 0

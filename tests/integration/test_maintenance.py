@@ -1,0 +1,94 @@
+"""Maintenance tasks run in-process against a real database: health checks and the circuit."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg
+import pytest
+
+from providers.simulator import Simulator
+from worker import runtime
+from worker.seed import Seeded, seed_demo
+from worker.settings import get_settings
+
+
+@pytest.fixture
+def sim() -> Iterator[Simulator]:
+    simulator = Simulator().start(port=0)
+    yield simulator
+    simulator.stop()
+
+
+@pytest.fixture
+def worker_db(db_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    monkeypatch.setenv("DATABASE_URL", db_url)
+    get_settings.cache_clear()
+    runtime.reset()
+    yield db_url
+    runtime.reset()
+    get_settings.cache_clear()
+
+
+@pytest.fixture
+def seeded(worker_db: str, sim: Simulator) -> Seeded:
+    with psycopg.connect(worker_db, autocommit=True) as conn:
+        return seed_demo(conn, sim_base_url=sim.base_url)
+
+
+def availability(db_url: str, provider_id: Any) -> tuple[Any, ...]:
+    with psycopg.connect(db_url) as conn:
+        row = conn.execute(
+            "SELECT status, consecutive_failures, coalesce(circuit_open_until > now(), false),"
+            " latency_ms IS NOT NULL"
+            " FROM provider_availability WHERE provider_id = %s",
+            (provider_id,),
+        ).fetchone()
+    assert row is not None
+    return tuple(row)
+
+
+def test_failing_provider_opens_its_circuit_and_is_probed_back(
+    worker_db: str, seeded: Seeded, sim: Simulator
+) -> None:
+    from worker.tasks import health_check
+
+    vapi = seeded.provider_ids["vapi"]
+    synthflow = seeded.provider_ids["synthflow"]
+    health_check.run()
+    assert availability(worker_db, vapi) == ("online", 0, False, True)
+
+    sim.configure({"outages": [{"start": 0, "end": 3600, "mode": "500", "provider": "vapi"}]})
+    for _ in range(5):
+        health_check.run()
+    status, failures, circuit_open, _ = availability(worker_db, vapi)
+    assert failures == 5 and circuit_open and status == "degraded"
+    assert availability(worker_db, synthflow)[:3] == ("online", 0, False)
+    with psycopg.connect(worker_db) as conn:
+        best = conn.execute("SELECT get_best_available_provider()").fetchone()
+    assert best is not None and best[0] == synthflow  # out of rotation
+
+    sim.configure({"outages": []})
+    health_check.run()  # the probe goes on while the circuit is open
+    assert availability(worker_db, vapi)[:3] == ("online", 0, False)
+
+
+def test_reap_fixes_slot_counts(worker_db: str, seeded: Seeded) -> None:
+    from worker.tasks import reap
+
+    vapi = seeded.provider_ids["vapi"]
+    with psycopg.connect(worker_db, autocommit=True) as conn:
+        conn.execute(
+            "UPDATE provider_availability SET current_calls = 3, available_slots = 7"
+            " WHERE provider_id = %s",
+            (vapi,),
+        )
+    assert reap.run()["slots_fixed"] == 1
+    with psycopg.connect(worker_db) as conn:
+        row = conn.execute(
+            "SELECT current_calls, available_slots FROM provider_availability"
+            " WHERE provider_id = %s",
+            (vapi,),
+        ).fetchone()
+    assert row is not None and tuple(row) == (0, 10)
