@@ -32,8 +32,8 @@ worker_prefetch_multiplier = 1
 worker_concurrency = _s.worker_concurrency
 worker_pool = _s.worker_pool
 worker_hijack_root_logger = False
-worker_send_task_events = True
-task_send_sent_event = True
+worker_send_task_events = _s.task_events
+task_send_sent_event = _s.task_events
 
 task_default_queue = "dispatch"
 task_queues = (
@@ -44,6 +44,7 @@ task_queues = (
 task_routes = {
     "callq.poll": {"queue": "dispatch"},
     "callq.dispatch": {"queue": "dispatch"},
+    "callq.dispatch_batch": {"queue": "dispatch"},
     "callq.track": {"queue": "track"},
     "callq.reconcile": {"queue": "track"},
     "callq.webhook": {"queue": "track"},

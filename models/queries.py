@@ -52,6 +52,12 @@ JOIN call_service_providers p ON p.id = a.provider_id
 LEFT JOIN call_templates t ON t.id = q.template_id
 WHERE a.id = %s
 """
+# The dial gate and the load in one round trip: ``won`` is mark_call_dialing's answer; the other
+# columns are read from the statement's snapshot (before the gate's own update).
+GATE_AND_LOAD = (
+    "SELECT g.won, c.* FROM (SELECT mark_call_dialing(%s::uuid) AS won) g"
+    " LEFT JOIN LATERAL (" + LOAD_CALL.replace("%s", "%s::uuid") + ") c ON true"
+)
 LOAD_PROVIDERS = """
 SELECT id AS provider_id, name AS provider_name, provider_type, api_key, api_secret, base_url,
        max_concurrent_calls, capabilities, config
@@ -123,6 +129,13 @@ class Database:
     def load_call(self, assignment_id: UUID | str) -> dict[str, Any] | None:
         rows = self.rows(LOAD_CALL, (str(assignment_id),))
         return rows[0] if rows else None
+
+    def gate_and_load(self, assignment_id: UUID | str) -> dict[str, Any] | None:
+        """Win the dial gate and load the call; None when another task already won it."""
+        rows = self.rows(GATE_AND_LOAD, (str(assignment_id), str(assignment_id)))
+        if not rows or not rows[0]["won"] or rows[0]["assignment_id"] is None:
+            return None
+        return rows[0]
 
     def active_providers(self) -> list[dict[str, Any]]:
         return self.rows(LOAD_PROVIDERS)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 from uuid import UUID
 
@@ -16,6 +17,7 @@ from worker.settings import Settings, get_settings
 _lock = threading.Lock()
 _db: Database | None = None
 _providers: dict[str, tuple[str, Provider]] = {}
+_executor: ThreadPoolExecutor | None = None
 
 
 def database(settings: Settings | None = None) -> Database:
@@ -27,6 +29,17 @@ def database(settings: Settings | None = None) -> Database:
                 s = settings or get_settings()
                 _db = Database(s.require_database_url(), max_size=s.db_pool_size)
     return _db
+
+
+def executor() -> ThreadPoolExecutor:
+    """Threads that place the calls of one dispatch chunk concurrently."""
+    global _executor
+    if _executor is None:
+        with _lock:
+            if _executor is None:
+                threads = get_settings().dispatch_threads
+                _executor = ThreadPoolExecutor(threads, thread_name_prefix="callq-dispatch")
+    return _executor
 
 
 def provider_config(row: dict[str, Any]) -> ProviderConfig:
@@ -79,8 +92,11 @@ def provider_by_id(provider_id: UUID | str) -> tuple[dict[str, Any], Provider] |
 
 def reset() -> None:
     """Close everything (process shutdown, tests)."""
-    global _db
+    global _db, _executor
     with _lock:
+        if _executor is not None:
+            _executor.shutdown(wait=True)
+            _executor = None
         for _, provider in _providers.values():
             provider.close()
         _providers.clear()

@@ -47,6 +47,12 @@ class Settings(BaseSettings):
     visibility_timeout_seconds: int = Field(default=3600, ge=60)
     worker_concurrency: int = Field(default=16, ge=1)
     worker_pool: str = "threads"
+    # Task events cost a broker message each; Flower switches them on while it watches.
+    task_events: bool = False
+    # Claimed calls are sent to the workers in chunks (one message per chunk) and placed
+    # concurrently inside the chunk.
+    dispatch_chunk_size: int = Field(default=10, ge=1, le=500)
+    dispatch_threads: int = Field(default=16, ge=1, le=256)
 
     # Providers
     http_connect_timeout_seconds: float = Field(default=5.0, gt=0)

@@ -42,48 +42,69 @@ WORKER_ID = f"{socket.gethostname()}:{os.getpid()}"
 
 @app.task(name="callq.poll", ignore_result=True)
 def poll() -> int:
-    """Claim due calls in batches and enqueue a dispatch for each one assigned."""
+    """Claim due calls in batches and send them to the workers in chunks of ids."""
     s = get_settings()
     db = runtime.database()
     total = 0
     for _ in range(s.claim_max_batches):
         assigned = db.claim_and_assign(s.claim_batch_size, WORKER_ID, s.lease_seconds)
-        for item in assigned:
-            dispatch.apply_async((str(item.assignment_id),))
-        total += len(assigned)
-        if len(assigned) < s.claim_batch_size:
+        ids = [str(item.assignment_id) for item in assigned]
+        for start in range(0, len(ids), s.dispatch_chunk_size):
+            dispatch_batch.apply_async((ids[start : start + s.dispatch_chunk_size],))
+        total += len(ids)
+        if len(ids) < s.claim_batch_size:
             break
     if total:
         log.info("calls.assigned", count=total)
     return total
 
 
+@app.task(name="callq.dispatch_batch", ignore_result=True)
+def dispatch_batch(assignment_ids: list[str]) -> dict[str, int]:
+    """Place a chunk of assigned calls concurrently; each goes through the same gate."""
+    results: dict[str, int] = {}
+    for result in runtime.executor().map(_dispatch_bound, assignment_ids):
+        results[result] = results.get(result, 0) + 1
+    return results
+
+
+def _dispatch_bound(assignment_id: str) -> str:
+    logs.bind(assignment_id=assignment_id)
+    try:
+        return _dispatch_one(assignment_id)
+    finally:
+        logs.clear()
+
+
 @app.task(name="callq.dispatch", ignore_result=True)
 def dispatch(assignment_id: str) -> str:
     """Place one assigned call. A second delivery of the same task dials no one."""
+    return _dispatch_one(assignment_id)
+
+
+def _dispatch_one(assignment_id: str) -> str:
     db = runtime.database()
-    call = db.load_call(assignment_id)
-    if call is None or call["state"] != "assigned":
-        log.info("call.dispatch_skipped", reason="not_assigned")
+    call = db.gate_and_load(assignment_id)
+    if call is None:
+        log.info("call.dispatch_skipped", reason="gate_closed")
         return "skipped"
     logs.bind(queue_id=call["queue_id"], provider=call["provider_name"])
-    provider = runtime.provider_for(call)
-    request = build_call_request(call)
-    if not db.mark_dialing(assignment_id):
-        log.info("call.dispatch_skipped", reason="already_dialing")
-        return "skipped"
     try:
+        provider = runtime.provider_for(call)
+        request = build_call_request(call)
         handle = provider.create_call(request)
     except ProviderError as exc:
         return _after_create_error(assignment_id, exc)
     except Exception:
-        # Anything unexpected after the request may have left: treat the outcome as unknown.
+        # Anything unexpected after the gate: the request may have left, so treat the outcome
+        # as unknown and look the call up before anything is re-sent.
         log.exception("call.create_crashed")
         reconcile.apply_async((assignment_id, 0), countdown=get_settings().reconcile_delay_seconds)
         return "reconcile"
     db.mark_placed(assignment_id, handle.provider_call_id)
     log.info("call.placed")
-    _schedule_track(assignment_id, 0)
+    # mark_call_placed starts the poll counter at 0: the first poll holds token 0.
+    track.apply_async((assignment_id, 0), countdown=get_settings().track_initial_delay_seconds)
     return "placed"
 
 
