@@ -95,6 +95,8 @@ def test_batch_reaches_right_terminal_states(
     dials = creates_by_queue(sim)
     assert all(dials.get(str(q)) == 1 for q in answered + later)
     assert slots_held(conn) == 0
+    logs = "".join(p.read_text(errors="replace") for p in fleet.log_dir.glob("*.log"))  # type: ignore[union-attr]
+    assert "call.placed" in logs and "+1555" not in logs and "Customer " not in logs
 
 
 def test_refused_provider_fails_calls_over(
