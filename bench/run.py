@@ -192,6 +192,13 @@ def write_markdown(
         table(rows, markdown=True),
         "",
     ]
+    stamps = [
+        f"{k}: {results[k]['measured']}"
+        for k in ("claim", "growth", "e2e")
+        if isinstance(results.get(k), dict) and results[k].get("measured")
+    ]
+    if stamps:
+        parts += ["Measured: " + "; ".join(stamps) + ".", ""]
     claim = results.get("claim") or {}
     if claim.get("bare_commit"):
         parts += [
@@ -246,6 +253,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--drills", action="store_true", help="run the fault drills too")
     parser.add_argument("--no-markdown", action="store_true", help="do not rewrite RESULTS.md")
+    parser.add_argument(
+        "--merge",
+        action="store_true",
+        help="keep the sections not run from the last bench/results/latest.json",
+    )
     ns = parser.parse_args(argv)
     only = {x.strip() for x in ns.only.split(",") if x.strip()}
     command = (
@@ -260,6 +272,27 @@ def main(argv: list[str] | None = None) -> int:
         "started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "machine": machine(),
     }
+    latest = RESULTS_DIR / "latest.json"
+    if ns.merge and latest.exists():
+        previous = json.loads(latest.read_text())
+        for section in ("claim", "growth", "e2e"):
+            if section not in only and section in previous:
+                results[section] = previous[section]
+
+    def now() -> str:
+        return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+
+    def save(partial: bool = True) -> None:
+        results["seconds"] = time.monotonic() - t0
+        results["finished"] = now()
+        RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+        latest.write_text(json.dumps(results, indent=2, default=str))
+        if not ns.no_markdown:
+            write_markdown(results, rows_from(results), drills, command)
+
+    drills: list[dict[str, Any]] | None = None
+    if (RESULTS_DIR / "drills.json").exists():
+        drills = json.loads((RESULTS_DIR / "drills.json").read_text())
     if "claim" in only:
         from bench import claim
 
@@ -268,11 +301,15 @@ def main(argv: list[str] | None = None) -> int:
         results["claim"]["slot_sensitivity"] = claim.slot_sensitivity(
             (100, 10_000) if ns.quick else (100, 10_000, 100_000)
         )
+        results["claim"]["measured"] = f"{now()} ({command})"
+        save()
     if "growth" in only:
         from bench import growth
 
         log("== growth: small vs large tables")
         results["growth"] = growth.run(quick=ns.quick)
+        results["growth"]["measured"] = f"{now()} ({command})"
+        save()
     if "e2e" in only:
         from bench import e2e
 
@@ -282,7 +319,8 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as exc:  # report what was measured, and why the rest is missing
             log(f"e2e failed: {type(exc).__name__}: {exc}")
             results["e2e"] = {"error": f"{type(exc).__name__}: {exc}"}
-    drills: list[dict[str, Any]] | None = None
+        results["e2e"]["measured"] = f"{now()} ({command})"
+        save()
     if ns.drills:
         from dataclasses import asdict
 
@@ -303,10 +341,7 @@ def main(argv: list[str] | None = None) -> int:
             d.get("extra", {}).pop("logs_tail", None)
         RESULTS_DIR.mkdir(parents=True, exist_ok=True)
         (RESULTS_DIR / "drills.json").write_text(json.dumps(drills, indent=2, default=str))
-    elif (RESULTS_DIR / "drills.json").exists():
-        drills = json.loads((RESULTS_DIR / "drills.json").read_text())
-    results["seconds"] = time.monotonic() - t0
-    results["finished"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    save()
     rows = rows_from(results)
     print(table(rows, markdown=False))
     if results.get("e2e", {}).get("error"):
@@ -323,10 +358,7 @@ def main(argv: list[str] | None = None) -> int:
                     setattr(r, k, v)
             objs.append(r)
         print(format_table(objs))
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    (RESULTS_DIR / "latest.json").write_text(json.dumps(results, indent=2, default=str))
     if not ns.no_markdown:
-        write_markdown(results, rows, drills, command)
         log(f"wrote {RESULTS_MD.relative_to(REPO)} and bench/results/latest.json")
     return 0
 
