@@ -313,8 +313,59 @@ def run(*, quick: bool = False) -> dict[str, Any]:
     return out
 
 
+def latency_sweep(
+    rates: tuple[float, ...] = (10, 25, 50, 100), seconds: float = 15
+) -> dict[str, Any]:
+    """Commit -> create latency at several steady schedule rates (fresh stack, one worker)."""
+    out: dict[str, Any] = {}
+    stack = Stack(max_concurrent_calls=2000)
+    stack.start()
+    try:
+        stack.fleet.start_worker("worker")
+        stack.fleet.start_beat("beat")
+        time.sleep(4)
+        start = 300_000
+        for rate in rates:
+            lat = latency(stack, idle_calls=0, load_rate=rate, load_seconds=seconds, start=start)
+            start += int(rate * seconds) + 10
+            out[str(rate)] = lat["load"]
+            log(
+                f"e2e: latency at {rate:.0f}/s: p50 {lat['load']['p50_ms']:.1f} ms, p99 "
+                f"{lat['load']['p99_ms']:.1f} ms ({lat['load']['arrived']} calls)"
+            )
+            stack.wait_settled([], 1)
+            time.sleep(3)
+    finally:
+        stack.stop()
+    return out
+
+
+def merge_sweep(sweep: dict[str, Any]) -> None:
+    """Put a sweep into bench/results/latest.json and re-render RESULTS.md."""
+    import json
+
+    from bench import run as run_mod
+
+    latest = run_mod.RESULTS_DIR / "latest.json"
+    results = json.loads(latest.read_text())
+    results.setdefault("e2e", {})["latency_sweep"] = sweep
+    latest.write_text(json.dumps(results, indent=2, default=str))
+    drills_path = run_mod.RESULTS_DIR / "drills.json"
+    drills = json.loads(drills_path.read_text()) if drills_path.exists() else None
+    command = results.get("e2e", {}).get("measured", "").split("(", 1)[-1].rstrip(")")
+    run_mod.write_markdown(
+        results, run_mod.rows_from(results), drills, command or ".venv/bin/python -m bench.run"
+    )
+
+
 if __name__ == "__main__":
     import json
     import sys
 
-    print(json.dumps(run(quick="--quick" in sys.argv), indent=2, default=str))
+    if "--latency-sweep" in sys.argv:
+        sweep = latency_sweep()
+        if "--merge" in sys.argv:
+            merge_sweep(sweep)
+        print(json.dumps(sweep, indent=2, default=str))
+    else:
+        print(json.dumps(run(quick="--quick" in sys.argv), indent=2, default=str))

@@ -101,6 +101,18 @@ def rows_from(results: dict[str, Any]) -> list[Row]:
                     _met(v["p99_ms"] <= 500 if v["arrived"] else None),
                 )
             )
+    sweep = e2e.get("latency_sweep") or {}
+    for rate, v in sweep.items():
+        rows.append(
+            (
+                f"latency commit -> create at a steady {float(rate):.0f} calls/s, p50 / p99 ms",
+                f"{_f(v['p50_ms'], 1)} / {_f(v['p99_ms'], 1)}",
+                "",
+                "",
+                "<= 100 / <= 500 ms",
+                _met(v["p50_ms"] <= 100 and v["p99_ms"] <= 500 if v["arrived"] else None),
+            )
+        )
     growth = results.get("growth")
     if growth and "ratios" in growth:
         small, large = (str(s) for s in growth["sizes"])
