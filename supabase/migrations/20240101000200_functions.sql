@@ -165,12 +165,17 @@ CREATE OR REPLACE FUNCTION public.claim_due_calls(
   p_lease_seconds int DEFAULT 60
 ) RETURNS TABLE (queue_id uuid, user_id uuid, template_id uuid, priority int,
                  scheduled_time timestamptz, attempts int)
-LANGUAGE sql
+LANGUAGE plpgsql
 SET search_path = ''
+-- Plan with the actual LIMIT every time: a generic plan (unknown LIMIT, estimated at 10 % of
+-- the table) walks every live row through another index and sorts them, so the claim would
+-- grow with the queue instead of reading p_limit entries of call_queue_claim_idx.
+SET plan_cache_mode = force_custom_plan
 AS $$
-  -- "id = ANY (ARRAY(...))" rather than a join to a CTE: SQL functions are planned
-  -- generically, and a join against an unknown-size CTE is planned as a hash join over a
-  -- sequential scan of the whole queue; ANY(array) keeps it a primary-key index scan.
+#variable_conflict use_column
+BEGIN
+  -- "id = ANY (ARRAY(...))" keeps the update a primary-key index scan of the chosen rows.
+  RETURN QUERY
   UPDATE public.call_queue q
      SET status = 'claimed', claimed_by = p_worker, claimed_at = now(),
          lease_expires_at = now() + make_interval(secs => p_lease_seconds)
@@ -183,6 +188,7 @@ AS $$
               FOR UPDATE SKIP LOCKED))
      AND q.status = 'queued'
   RETURNING q.id, q.user_id, q.template_id, q.priority, q.scheduled_time, q.attempts;
+END
 $$;
 
 -- get_next_call_in_queue: claim the single next due call (60 s lease); zero rows when none.
