@@ -96,7 +96,20 @@ def _by_task(raw: Path, total: int) -> dict[str, dict[str, float]]:
     }
 
 
-def run(calls: int = 2000, seconds: float = 10.0, rate: int = 200) -> dict[str, Any]:
+def _steady(stack: Stack, per_second: float, seconds: float) -> None:
+    """Schedule one call due now every 1/per_second s for ``seconds`` (own connection)."""
+    with stack.connect() as conn:
+        t0 = time.monotonic()
+        for k in range(int(per_second * seconds)):
+            delay = t0 + k / per_second - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            stack.schedule_one(conn, 500_000 + k)
+
+
+def run(
+    calls: int = 2000, seconds: float = 10.0, rate: int = 200, steady: float = 0.0
+) -> dict[str, Any]:
     spy = _py_spy()
     if spy is None:
         raise SystemExit("py-spy is not installed (.venv/bin/pip install py-spy)")
@@ -130,7 +143,10 @@ def run(calls: int = 2000, seconds: float = 10.0, rate: int = 200) -> dict[str, 
         assert stack.sim is not None
         before = stack.sim.stats()["total_creates"]
         t0 = time.time()
-        stack.schedule(calls)
+        if steady:
+            _steady(stack, steady, seconds)
+        else:
+            stack.schedule(calls)
         prof.wait(timeout=seconds + 60)
         placed = stack.sim.stats()["total_creates"] - before
         out["placed_during_profile"] = placed
@@ -152,8 +168,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--calls", type=int, default=2000)
     parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument(
+        "--steady",
+        type=float,
+        default=0.0,
+        help="schedule this many calls per second, one at a time, instead of a burst",
+    )
     ns = parser.parse_args(argv)
-    res = run(ns.calls, ns.seconds)
+    res = run(ns.calls, ns.seconds, steady=ns.steady)
     log(
         f"profile: {res['placed_during_profile']} calls placed, "
         f"{res['rate_during_profile']:.0f}/s while sampled"
