@@ -224,6 +224,44 @@ def redis_restart(cfg: DrillConfig) -> DrillResult:
     )
 
 
+def redis_restart_supervised(cfg: DrillConfig) -> DrillResult:
+    """As ``redis_restart``, with a supervisor that starts a worker again when one exits (as a
+    Docker restart policy or systemd ``Restart=always`` would)."""
+
+    def body(stack: Stack, result: DrillResult) -> list[Any]:
+        stack.fleet.start_worker("w1")
+        stack.fleet.start_beat("beat")
+        time.sleep(3)
+        ids = stack.schedule(cfg.calls)
+        seen = _wait_creates(stack, max(3, cfg.calls // 3), 60)
+        restart_redis(stack.redis)
+        result.notes.append(f"redis restarted (all messages lost) after {seen} creates")
+        restarts = 0
+        end = time.monotonic() + min(cfg.settle_timeout, 120)
+        while time.monotonic() < end and not stack.settled(ids):
+            for name in ("w1", "beat"):
+                proc = stack.fleet.procs.get(name)
+                if proc is not None and proc.poll() is not None:
+                    restarts += 1
+                    result.notes.append(f"{name} exited with {proc.returncode}; restarted")
+                    stack.fleet.procs.pop(name, None)
+                    if name == "beat":
+                        stack.fleet.start_beat(name)
+                    else:
+                        stack.fleet.start_worker(name)
+            time.sleep(1)
+        result.extra["restarts"] = restarts
+        return ids
+
+    return _run_with_stack(
+        "redis_restart_supervised",
+        "Redis restarted mid-run, processes restarted when they exit",
+        cfg,
+        body,
+        sim_config={**SIM_ANSWERED, "latency_ms": 50},
+    )
+
+
 def postgres_restart(cfg: DrillConfig) -> DrillResult:
     """Restart our own PostgreSQL (immediate stop = crash) mid-run."""
 
@@ -659,6 +697,7 @@ def bad_input_ok(r: DrillResult) -> bool:
 DRILLS: dict[str, Callable[[DrillConfig], DrillResult]] = {
     "worker_sigkill": worker_sigkill,
     "redis_restart": redis_restart,
+    "redis_restart_supervised": redis_restart_supervised,
     "postgres_restart": postgres_restart,
     "provider_down": provider_down,
     "provider_429": provider_429,
@@ -730,6 +769,9 @@ def main(argv: list[str] | None = None) -> int:
         "names", nargs="*", metavar="name", help=f"drills to run (default all): {', '.join(DRILLS)}"
     )
     parser.add_argument("--quick", action="store_true", help="smaller batches, shorter waits")
+    parser.add_argument(
+        "--append", action="store_true", help="replace only these drills' entries in the JSON file"
+    )
     parser.add_argument(
         "--json",
         type=Path,
