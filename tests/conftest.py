@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -51,11 +52,12 @@ def _to_url(info: dict[str, object]) -> str:
 
 
 @pytest.fixture(scope="session")
-def embedded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedServices]:
-    root = tmp_path_factory.mktemp("embedded")
+def embedded() -> Iterator[EmbeddedServices]:
+    # Not under pytest's basetemp: pytest deletes all but the newest three basetemps when a
+    # session starts, so a concurrent pytest run would delete a running server's data directory.
+    root = Path(tempfile.mkdtemp(prefix="callq-test-"))
     os.chmod(root, 0o755)  # pgserver runs PostgreSQL as its own OS user when we are root
-    os.chmod(root.parent, 0o755)
-    services = EmbeddedServices(root=Path(root))
+    services = EmbeddedServices(root=root)
     yield services
     services.stop()
 
