@@ -794,10 +794,23 @@ def main(argv: list[str] | None = None) -> int:
             if r.extra.get("logs_tail"):
                 print(r.extra["logs_tail"][-3000:])
     if ns.json:
-        ns.json.parent.mkdir(parents=True, exist_ok=True)
-        ns.json.write_text(
-            json.dumps([asdict(r) | {"passed": passed(r)} for r in results], indent=2, default=str)
+        command = (
+            ".venv/bin/python -m bench.drills"
+            + (" " + " ".join(ns.names) if ns.names else "")
+            + (" --quick" if ns.quick else "")
         )
+        finished = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+        out = []
+        for r in results:
+            d = asdict(r) | {"passed": passed(r), "command": command, "finished": finished}
+            d["extra"].pop("logs_tail", None)
+            out.append(d)
+        ns.json.parent.mkdir(parents=True, exist_ok=True)
+        if ns.append and ns.json.exists():
+            names = {r.name for r in results}
+            kept = [d for d in json.loads(ns.json.read_text()) if d["name"] not in names]
+            out = kept + out
+        ns.json.write_text(json.dumps(out, indent=2, default=str))
     return 0 if all(passed(r) for r in results) else 1
 
 
