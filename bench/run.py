@@ -270,7 +270,19 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="keep the sections not run from the last bench/results/latest.json",
     )
+    parser.add_argument(
+        "--render", action="store_true", help="only rewrite RESULTS.md from bench/results/*.json"
+    )
     ns = parser.parse_args(argv)
+    if ns.render:
+        results = json.loads((RESULTS_DIR / "latest.json").read_text())
+        drills_path = RESULTS_DIR / "drills.json"
+        drills_list = json.loads(drills_path.read_text()) if drills_path.exists() else None
+        command = results.get("e2e", {}).get("measured", "").split("(", 1)[-1].rstrip(")")
+        rows = rows_from(results)
+        write_markdown(results, rows, drills_list, command or ".venv/bin/python -m bench.run")
+        print(table(rows, markdown=False))
+        return 0
     only = {x.strip() for x in ns.only.split(",") if x.strip()}
     command = (
         ".venv/bin/python -m bench.run"
