@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from celery import Celery, signals
@@ -9,6 +10,36 @@ from celery import Celery, signals
 from worker import logs
 from worker.settings import get_settings
 
+
+def _survive_broker_restart() -> None:
+    """Keep the worker alive when Redis restarts while messages are unacknowledged.
+
+    kombu 5.7's Redis transport restores unacknowledged messages while it closes a connection
+    that has already failed, finds no connection info and raises AttributeError, which Celery
+    treats as unrecoverable: the worker exits (bench/FINDINGS.md #10). Losing those messages is
+    harmless here (PostgreSQL holds every call; the reaper and the poll re-create the work), so
+    a failed restore is logged and the consumer reconnects instead.
+    """
+    from kombu.transport import redis as kombu_redis
+
+    original = kombu_redis.QoS.restore_unacked
+    if getattr(original, "_callq_safe", False):
+        return
+
+    def restore_unacked(self: Any, client: Any = None) -> None:
+        try:
+            original(self, client)  # type: ignore[no-untyped-call]
+        except Exception as exc:  # the broker is gone: nothing to restore into
+            logging.getLogger("callq.worker").warning(
+                "broker.restore_unacked_failed error=%s", type(exc).__name__
+            )
+            self._delivered.clear()
+
+    restore_unacked._callq_safe = True  # type: ignore[attr-defined]
+    kombu_redis.QoS.restore_unacked = restore_unacked  # type: ignore[method-assign]
+
+
+_survive_broker_restart()
 app = Celery("callq")
 app.config_from_object("celeryconfig")
 app.conf.include = ["worker.tasks"]
