@@ -213,6 +213,10 @@ def redis_restart(cfg: DrillConfig) -> DrillResult:
         seen = _wait_creates(stack, max(3, cfg.calls // 3), 60)
         restart_redis(stack.redis)
         result.notes.append(f"redis restarted (all messages lost) after {seen} creates")
+        time.sleep(5)
+        for name, proc in stack.fleet.procs.items():
+            if proc.poll() is not None:
+                result.notes.append(f"{name} EXITED (code {proc.returncode}) after the restart")
         return ids
 
     return _run_with_stack(
