@@ -18,11 +18,13 @@ CHANNEL = "callq_queue"
 log = logs.get_logger("callq.listener")
 
 
-def start_listener(database_url: str, *, coalesce_seconds: float = 0.005) -> threading.Thread:
+def start_listener(
+    database_url: str, *, coalesce_seconds: float = 0.005, min_interval_seconds: float = 0.02
+) -> threading.Thread:
     """Start the daemon thread that turns notifications into poll tasks."""
     thread = threading.Thread(
         target=_run_forever,
-        args=(database_url, coalesce_seconds),
+        args=(database_url, coalesce_seconds, min_interval_seconds),
         name="callq-listener",
         daemon=True,
     )
@@ -30,18 +32,20 @@ def start_listener(database_url: str, *, coalesce_seconds: float = 0.005) -> thr
     return thread
 
 
-def _run_forever(database_url: str, coalesce_seconds: float) -> None:
+def _run_forever(database_url: str, coalesce_seconds: float, min_interval_seconds: float) -> None:
     backoff = 0.5
     while True:
         try:
-            _listen(database_url, coalesce_seconds)
+            _listen(database_url, coalesce_seconds, min_interval_seconds)
         except psycopg.Error as exc:
             log.warning("listener.disconnected", error=type(exc).__name__, retry_in=backoff)
             time.sleep(backoff)
             backoff = min(backoff * 2, 30.0)
 
 
-def _listen(database_url: str, coalesce_seconds: float) -> None:
+def _listen(database_url: str, coalesce_seconds: float, min_interval_seconds: float) -> None:
+    """Send one poll per burst of notifications, and at most one per ``min_interval_seconds``:
+    calls that trickle in one by one are claimed together instead of one poll task each."""
     from worker.tasks import poll
 
     with psycopg.connect(database_url, autocommit=True) as conn:
@@ -49,13 +53,15 @@ def _listen(database_url: str, coalesce_seconds: float) -> None:
         log.info("listener.started")
         # A notification may have been missed while disconnected: poll once on (re)connect.
         poll.apply_async()
+        last_sent = time.monotonic()
         while True:
             got = False
             for _ in conn.notifies(timeout=1.0, stop_after=1):
                 got = True
             if not got:
                 continue
-            # Drain the burst, then wake the fleet once.
-            for _ in conn.notifies(timeout=coalesce_seconds):
+            wait = max(coalesce_seconds, last_sent + min_interval_seconds - time.monotonic())
+            for _ in conn.notifies(timeout=wait):
                 pass
             poll.apply_async()
+            last_sent = time.monotonic()

@@ -22,7 +22,7 @@ class Settings(BaseSettings):
         default=None,
         validation_alias=AliasChoices("CALLQ_BROKER_URL", "CELERY_BROKER_URL", "BROKER_URL"),
     )
-    db_pool_size: int = Field(default=8, ge=1, le=200)
+    db_pool_size: int = Field(default=16, ge=1, le=200)
 
     # Claiming (beat + LISTEN/NOTIFY wake-ups)
     poll_interval_seconds: float = Field(default=2.0, gt=0)
