@@ -22,6 +22,10 @@ def configure_logging(level: str = "INFO", as_json: bool = True) -> None:
         stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
     )
+    # One line per task received and per task succeeded is Celery's chattiest output and costs
+    # the consumer time on every message; callq's own events say what happened to each call.
+    for name in ("celery.worker.strategy", "celery.app.trace"):
+        logging.getLogger(name).setLevel(max(logging.WARNING, logging.getLogger().level))
     renderer: Any = (
         structlog.processors.JSONRenderer() if as_json else structlog.dev.ConsoleRenderer()
     )
