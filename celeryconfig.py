@@ -46,6 +46,7 @@ task_routes = {
     "callq.dispatch": {"queue": "dispatch"},
     "callq.dispatch_batch": {"queue": "dispatch"},
     "callq.track": {"queue": "track"},
+    "callq.track_batch": {"queue": "track"},
     "callq.reconcile": {"queue": "track"},
     "callq.webhook": {"queue": "track"},
     "callq.health_check": {"queue": "maintenance"},

@@ -61,34 +61,58 @@ def poll() -> int:
     for start in range(chunk, len(ids), chunk):
         dispatch_batch.apply_async((ids[start : start + chunk],))
     log.info("calls.assigned", count=len(ids))
-    list(runtime.executor().map(_dispatch_bound, ids[:chunk]))
+    _dispatch_chunk(ids[:chunk])
     return len(ids)
 
 
 @app.task(name="callq.dispatch_batch", ignore_result=True)
 def dispatch_batch(assignment_ids: list[str]) -> dict[str, int]:
     """Place a chunk of assigned calls concurrently; each goes through the same gate."""
+    return _dispatch_chunk(assignment_ids)
+
+
+# A placed call to poll next: (assignment id, poll token, seconds from now).
+NextPoll = tuple[str, int, float]
+
+
+def _dispatch_chunk(assignment_ids: list[str]) -> dict[str, int]:
+    """Place calls concurrently, then schedule their first polls as one message."""
+    polls: list[NextPoll] = []
     results: dict[str, int] = {}
-    for result in runtime.executor().map(_dispatch_bound, assignment_ids):
+    for result in runtime.executor().map(lambda a: _dispatch_bound(a, polls), assignment_ids):
         results[result] = results.get(result, 0) + 1
+    _send_polls(polls)
     return results
 
 
-def _dispatch_bound(assignment_id: str) -> str:
+def _dispatch_bound(assignment_id: str, polls: list[NextPoll]) -> str:
     logs.bind(assignment_id=assignment_id)
     try:
-        return _dispatch_one(assignment_id)
+        return _dispatch_one(assignment_id, polls)
     finally:
         logs.clear()
+
+
+def _send_polls(polls: list[NextPoll], chunk: int = 100) -> None:
+    """One ``track_batch`` message per distinct delay (and per ``chunk`` calls)."""
+    by_delay: dict[float, list[list[Any]]] = {}
+    for assignment_id, token, delay in polls:
+        by_delay.setdefault(round(delay, 1), []).append([assignment_id, token])
+    for delay, items in by_delay.items():
+        for start in range(0, len(items), chunk):
+            track_batch.apply_async((items[start : start + chunk],), countdown=delay)
 
 
 @app.task(name="callq.dispatch", ignore_result=True)
 def dispatch(assignment_id: str) -> str:
     """Place one assigned call. A second delivery of the same task dials no one."""
-    return _dispatch_one(assignment_id)
+    polls: list[NextPoll] = []
+    result = _dispatch_one(assignment_id, polls)
+    _send_polls(polls)
+    return result
 
 
-def _dispatch_one(assignment_id: str) -> str:
+def _dispatch_one(assignment_id: str, polls: list[NextPoll]) -> str:
     db = runtime.database()
     call = db.gate_and_load(assignment_id)
     if call is None:
@@ -110,7 +134,7 @@ def _dispatch_one(assignment_id: str) -> str:
     db.mark_placed(assignment_id, handle.provider_call_id)
     log.info("call.placed")
     # mark_call_placed starts the poll counter at 0: the first poll holds token 0.
-    track.apply_async((assignment_id, 0), countdown=get_settings().track_initial_delay_seconds)
+    polls.append((assignment_id, 0, get_settings().track_initial_delay_seconds))
     return "placed"
 
 
@@ -133,6 +157,32 @@ def _after_create_error(assignment_id: str, exc: ProviderError) -> str:
 @app.task(name="callq.track", ignore_result=True)
 def track(assignment_id: str, poll_count: int | None = 0) -> str:
     """Poll a placed call; ``poll_count`` None is a one-off check (webhook) outside the chain."""
+    polls: list[NextPoll] = []
+    result = _track_one(assignment_id, poll_count, polls)
+    _send_polls(polls)
+    return result
+
+
+@app.task(name="callq.track_batch", ignore_result=True)
+def track_batch(items: list[list[Any]]) -> dict[str, int]:
+    """Poll several placed calls ([assignment id, poll token] each) concurrently."""
+    polls: list[NextPoll] = []
+    results: dict[str, int] = {}
+
+    def one(item: list[Any]) -> str:
+        logs.bind(assignment_id=item[0])
+        try:
+            return _track_one(str(item[0]), int(item[1]), polls)
+        finally:
+            logs.clear()
+
+    for result in runtime.executor().map(one, items):
+        results[result] = results.get(result, 0) + 1
+    _send_polls(polls)
+    return results
+
+
+def _track_one(assignment_id: str, poll_count: int | None, polls: list[NextPoll]) -> str:
     db = runtime.database()
     call = db.load_call(assignment_id)
     if call is None or call["state"] != "placed":
@@ -143,10 +193,10 @@ def track(assignment_id: str, poll_count: int | None = 0) -> str:
         status = provider.get_call(str(call["provider_call_id"]))
     except ProviderError as exc:
         log.warning("call.poll_failed", error=str(exc))
-        return _continue_tracking(assignment_id, poll_count)
+        return _continue_tracking(assignment_id, poll_count, polls)
     decision = decide_outcome(status)
     if isinstance(decision, KeepPolling):
-        return _continue_tracking(assignment_id, poll_count)
+        return _continue_tracking(assignment_id, poll_count, polls)
     return _finish(assignment_id, status, decision)
 
 
@@ -176,7 +226,7 @@ def _finish(assignment_id: str, status: CallStatus, decision: Complete | Fail) -
     return result
 
 
-def _continue_tracking(assignment_id: str, poll_count: int | None) -> str:
+def _continue_tracking(assignment_id: str, poll_count: int | None, polls: list[NextPoll]) -> str:
     if poll_count is None:
         return "checked"
     s = get_settings()
@@ -186,18 +236,19 @@ def _continue_tracking(assignment_id: str, poll_count: int | None) -> str:
         s.track_backoff_factor,
         s.track_max_delay_seconds,
     )
-    return _schedule_track(assignment_id, poll_count, delay)
+    return _schedule_track(assignment_id, poll_count, polls, delay)
 
 
-def _schedule_track(assignment_id: str, poll_count: int, delay: float | None = None) -> str:
-    """Advance the poll token and enqueue the next poll; a stale chain stops here."""
-    s = get_settings()
+def _schedule_track(
+    assignment_id: str, poll_count: int, polls: list[NextPoll], delay: float | None = None
+) -> str:
+    """Advance the poll token and queue the next poll; a stale chain stops here."""
     if delay is None:
-        delay = s.track_initial_delay_seconds
+        delay = get_settings().track_initial_delay_seconds
     token = touch_poll(runtime.database(), assignment_id, poll_count, delay)
     if token is None:
         return "superseded"
-    track.apply_async((assignment_id, token), countdown=delay)
+    polls.append((assignment_id, token, delay))
     return "tracking"
 
 
@@ -224,7 +275,9 @@ def reconcile(assignment_id: str, lookup: int = 0) -> str:
     if found is not None:
         db.mark_placed(assignment_id, found.provider_call_id)
         log.info("call.reconciled", found=True)
-        _schedule_track(assignment_id, 0, 0)
+        polls: list[NextPoll] = []
+        _schedule_track(assignment_id, 0, polls, 0)
+        _send_polls(polls)
         return "found"
     if lookup + 1 < s.reconcile_lookups:
         reconcile.apply_async((assignment_id, lookup + 1), countdown=s.reconcile_delay_seconds)
