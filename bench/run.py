@@ -209,6 +209,11 @@ def write_markdown(
         for k in ("claim", "growth", "e2e")
         if isinstance(results.get(k), dict) and results[k].get("measured")
     ]
+    if isinstance(results.get("e2e"), dict) and results["e2e"].get("latency_sweep"):
+        stamps.append(
+            "steady-rate latency rows: `.venv/bin/python -m bench.e2e --latency-sweep"
+            " --merge` (a fresh stack, 15 s per rate, right after the e2e run)"
+        )
     if stamps:
         parts += ["Measured: " + "; ".join(stamps) + ".", ""]
     claim = results.get("claim") or {}
@@ -289,6 +294,7 @@ def main(argv: list[str] | None = None) -> int:
         + (" --quick" if ns.quick else "")
         + (f" --only {ns.only}" if only != {"claim", "growth", "e2e"} else "")
         + (" --drills" if ns.drills else "")
+        + (" --merge" if ns.merge else "")
     )
     t0 = time.monotonic()
     results: dict[str, Any] = {
