@@ -37,18 +37,11 @@ def _assert_clean(r: drills.DrillResult) -> None:
     assert r.terminal == r.scheduled, detail
 
 
-KNOWN_REDIS_EXIT = pytest.mark.xfail(
-    strict=False,
-    reason="bench/FINDINGS.md #10: the worker exits on a Redis restart while messages are"
-    " unacknowledged (kombu 5.7 close path: AttributeError 'hostname'); calls wait for a restart",
-)
-
-
 @pytest.mark.parametrize(
     "name",
     [
         "worker_sigkill",
-        pytest.param("redis_restart", marks=KNOWN_REDIS_EXIT),
+        "redis_restart",
         "redis_restart_supervised",
         "two_beats",
         "duplicate_task",
