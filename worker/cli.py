@@ -14,7 +14,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
+import subprocess
 import sys
+import time
 from collections.abc import Sequence
 
 import psycopg
@@ -137,10 +140,42 @@ def _webhooks(ns: argparse.Namespace) -> int:
 
 
 def _celery(command: str, extra: list[str]) -> int:
-    """Replace this process with Celery running callq's app (signals reach Celery directly)."""
+    """Run Celery with callq's app. A worker is supervised: restarted when it dies on its own."""
     argv = [sys.executable, "-m", "celery", "-A", "worker", *CELERY_COMMANDS[command], *extra]
-    os.execv(sys.executable, argv)
-    return 0  # pragma: no cover - execv does not return
+    if command != "worker" or "--help" in extra:
+        os.execv(sys.executable, argv)
+    return supervise(argv)
+
+
+def supervise(argv: list[str], *, max_restarts_per_minute: int = 10) -> int:
+    """Run ``argv``; restart it after an exit we did not ask for (a crash, a broker bug).
+
+    SIGTERM and SIGINT are passed on and end supervision, so a warm shutdown stays a warm
+    shutdown. PostgreSQL holds every call, so a restarted worker just picks the work up again.
+    """
+    stopping = False
+    child: subprocess.Popen[bytes] | None = None
+
+    def forward(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+        if child is not None and child.poll() is None:
+            child.send_signal(signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    starts: list[float] = []
+    while True:
+        starts = [t for t in starts if time.monotonic() - t < 60] + [time.monotonic()]
+        child = subprocess.Popen(argv)
+        code = child.wait()
+        if stopping or code == 0:
+            return code
+        if len(starts) > max_restarts_per_minute:
+            print(f"callq: error: worker exited {len(starts)} times in a minute", file=sys.stderr)
+            return code or 1
+        print(f"callq: worker exited with code {code}; restarting", file=sys.stderr, flush=True)
+        time.sleep(1.0)
 
 
 def _first_line(exc: BaseException) -> str:

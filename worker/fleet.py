@@ -55,13 +55,11 @@ class Fleet:
         concurrency: int = 16,
         extra: list[str] | None = None,
     ) -> subprocess.Popen[bytes]:
-        """A Celery worker process named ``name`` (its node name is ``name@localhost``)."""
+        """A supervised Celery worker (``callq worker``) named ``name`` (node ``name@host``)."""
         args = [
             sys.executable,
             "-m",
-            "celery",
-            "-A",
-            "worker",
+            "worker.cli",
             "worker",
             "-Q",
             queues,
@@ -73,8 +71,6 @@ class Fleet:
             f"{name}@%h",
             "--loglevel",
             "WARNING",
-            "--without-gossip",
-            "--without-mingle",
             *(extra or []),
         ]
         return self._spawn(name, args)
