@@ -20,6 +20,7 @@ from typing import Any
 import httpx
 import tenacity
 
+from providers.base import ProviderConfig
 from providers.errors import (
     ProviderError,
     ProviderOutcomeUnknownError,
@@ -143,6 +144,28 @@ class Sender:
         self._max_attempts = max_attempts
         self._max_retry_seconds = max_retry_seconds
         self._sleep = sleep
+
+    @classmethod
+    def for_config(
+        cls,
+        provider: str,
+        client: httpx.Client,
+        config: ProviderConfig,
+        default_creates_per_second: float | None = None,
+    ) -> Sender:
+        """The bearer-authenticated sender a provider row describes (timeouts, create rate)."""
+        rate = config.setting("creates_per_second", default_creates_per_second)
+        return cls(
+            provider,
+            client,
+            headers={
+                "Authorization": f"Bearer {config.api_key.get_secret_value()}",
+                "Accept": "application/json",
+            },
+            connect_timeout=float(config.setting("connect_timeout", DEFAULT_CONNECT_TIMEOUT)),
+            read_timeout=float(config.setting("read_timeout", DEFAULT_READ_TIMEOUT)),
+            creates_per_second=float(rate) if rate else None,
+        )
 
     def request(
         self,

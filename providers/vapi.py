@@ -19,7 +19,7 @@ from typing import Any
 
 import httpx
 
-from providers._http import DEFAULT_CONNECT_TIMEOUT, DEFAULT_READ_TIMEOUT, Sender, timed
+from providers._http import Sender, timed
 from providers._util import (
     as_float,
     as_text,
@@ -306,18 +306,7 @@ class VapiProvider:
         self.base_url = (config.base_url or BASE_URL).rstrip("/")
         self._owns_client = client is None
         self._client = client or httpx.Client(http2=False)
-        rate = config.setting("creates_per_second")
-        self._sender = Sender(
-            PROVIDER,
-            self._client,
-            headers={
-                "Authorization": f"Bearer {config.api_key.get_secret_value()}",
-                "Accept": "application/json",
-            },
-            connect_timeout=float(config.setting("connect_timeout", DEFAULT_CONNECT_TIMEOUT)),
-            read_timeout=float(config.setting("read_timeout", DEFAULT_READ_TIMEOUT)),
-            creates_per_second=float(rate) if rate else None,
-        )
+        self._sender = Sender.for_config(PROVIDER, self._client, config)
 
     def __repr__(self) -> str:
         return f"VapiProvider(id={self.config.id!r}, base_url={self.base_url!r})"
