@@ -13,6 +13,25 @@ import psycopg
 Conn = psycopg.Connection[tuple[Any, ...]]
 
 
+# The 13 tables of the system description, listed independently of models/ so a test can
+# catch a model or a migration that is missing one.
+TABLES = [
+    "users",
+    "subscription_plans",
+    "user_subscriptions",
+    "user_call_usage",
+    "call_templates",
+    "call_history",
+    "template_favorites",
+    "call_feedback",
+    "call_service_providers",
+    "call_queue",
+    "provider_availability",
+    "call_assignments",
+    "call_retries",
+]
+
+
 def connect(url: str) -> Conn:
     return psycopg.connect(url, autocommit=True)
 

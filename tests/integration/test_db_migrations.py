@@ -13,23 +13,9 @@ from models.migrate import list_migrations, upgrade
 from models.session import make_engine, normalize_url
 from models.tables import ALL_MODELS, Base
 
-from .dbutil import connect, one
+from .dbutil import TABLES, connect, one
 
-EXPECTED_TABLES = {
-    "users",
-    "subscription_plans",
-    "user_subscriptions",
-    "user_call_usage",
-    "call_templates",
-    "call_history",
-    "template_favorites",
-    "call_feedback",
-    "call_service_providers",
-    "call_queue",
-    "provider_availability",
-    "call_assignments",
-    "call_retries",
-}
+EXPECTED_TABLES = set(TABLES)
 
 
 def test_upgrade_applies_everything_once_and_records_versions(empty_db_url: str) -> None:

@@ -10,7 +10,17 @@ from typing import Any
 import psycopg
 import pytest
 
-from .dbutil import Conn, as_role, connect, make_plan, make_provider, make_template, make_user, one
+from .dbutil import (
+    TABLES,
+    Conn,
+    as_role,
+    connect,
+    make_plan,
+    make_provider,
+    make_template,
+    make_user,
+    one,
+)
 
 
 @dataclass
@@ -26,23 +36,6 @@ class World:
     b_public_template: uuid.UUID
     b_private_template: uuid.UUID
     provider: uuid.UUID
-
-
-TABLES = [
-    "users",
-    "subscription_plans",
-    "user_subscriptions",
-    "user_call_usage",
-    "call_templates",
-    "call_history",
-    "template_favorites",
-    "call_feedback",
-    "call_service_providers",
-    "call_queue",
-    "provider_availability",
-    "call_assignments",
-    "call_retries",
-]
 
 
 def _ids(conn: Conn, query: str, params: Any = None) -> set[uuid.UUID]:
