@@ -21,7 +21,6 @@ CLAIM_AND_ASSIGN = (
 )
 MARK_DIALING = "SELECT mark_call_dialing(%s)"
 MARK_PLACED = "SELECT mark_call_placed(%s, %s)"
-RELEASE = "SELECT release_assignment(%s::uuid, %s::text)"
 COMPLETE = (
     "SELECT complete_call(p_assignment_id => %s::uuid, p_duration_seconds => %s::numeric,"
     " p_recording_url => %s::text, p_transcript => %s::text, p_cost => %s::numeric,"
@@ -40,7 +39,7 @@ ROLLOVER = "SELECT rollover_usage_periods()"
 
 # One read that gathers what a dispatch or a poll needs: assignment, queue row, template, provider.
 LOAD_CALL = """
-SELECT a.id AS assignment_id, a.state, a.provider_call_id, a.dialing_at, a.attempt,
+SELECT a.id AS assignment_id, a.state, a.provider_call_id, a.dialing_at, a.attempt, a.poll_count,
        q.id AS queue_id, q.status AS queue_status, q.recipient_name, q.recipient_phone,
        q.recipient_email, q.custom_variables,
        t.name AS template_name, t.script, t.first_message,
@@ -145,9 +144,6 @@ class Database:
 
     def mark_placed(self, assignment_id: UUID | str, provider_call_id: str) -> bool:
         return bool(self.scalar(MARK_PLACED, (str(assignment_id), provider_call_id)))
-
-    def release(self, assignment_id: UUID | str, reason: str) -> bool:
-        return bool(self.scalar(RELEASE, (str(assignment_id), reason)))
 
     def complete(
         self,

@@ -55,9 +55,7 @@ def _to_url(info: dict[str, object]) -> str:
 def embedded() -> Iterator[EmbeddedServices]:
     # Not under pytest's basetemp: pytest deletes all but the newest three basetemps when a
     # session starts, so a concurrent pytest run would delete a running server's data directory.
-    root = Path(tempfile.mkdtemp(prefix="callq-test-"))
-    os.chmod(root, 0o755)  # pgserver runs PostgreSQL as its own OS user when we are root
-    services = EmbeddedServices(root=root)
+    services = EmbeddedServices(root=Path(tempfile.mkdtemp(prefix="callq-test-")))
     yield services
     services.stop()
 

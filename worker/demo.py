@@ -58,7 +58,6 @@ def services() -> Iterator[tuple[str, str]]:
     """The configured database and broker URLs, or embedded ones for the duration."""
     s = get_settings()
     embedded = EmbeddedServices()
-    os.chmod(embedded.root, 0o755)
     try:
         db = s.database_url or _say("starting embedded PostgreSQL", embedded.database_url)
         broker = s.broker_url or _say("starting embedded Redis", embedded.broker_url)

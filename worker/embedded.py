@@ -118,6 +118,10 @@ class EmbeddedServices:
     postgres: EmbeddedPostgres | None = None
     redis: EmbeddedRedis | None = None
 
+    def __post_init__(self) -> None:
+        # pgserver runs PostgreSQL as its own OS user when we are root: it must reach the dir.
+        self.root.chmod(0o755)
+
     def database_url(self) -> str:
         self.postgres = EmbeddedPostgres(self.root / "pg")
         return self.postgres.start()

@@ -124,7 +124,7 @@ def _dispatch_one(assignment_id: str, polls: list[NextPoll]) -> str:
         request = build_call_request(call)
         handle = provider.create_call(request)
     except ProviderError as exc:
-        return _after_create_error(assignment_id, exc)
+        return _after_create_error(assignment_id, call["provider_id"], exc)
     except Exception:
         # Anything unexpected after the gate: the request may have left, so treat the outcome
         # as unknown and look the call up before anything is re-sent.
@@ -138,15 +138,13 @@ def _dispatch_one(assignment_id: str, polls: list[NextPoll]) -> str:
     return "placed"
 
 
-def _after_create_error(assignment_id: str, exc: ProviderError) -> str:
+def _after_create_error(assignment_id: str, provider_id: UUID, exc: ProviderError) -> str:
     decision = decide_error(exc)
     if isinstance(decision, Reconcile):
         log.warning("call.create_outcome_unknown", error=str(exc))
         # Count it against the provider's health so a failing provider's circuit opens and new
         # calls go elsewhere while this one waits for proof either way.
-        call = runtime.database().load_call(assignment_id)
-        if call is not None:
-            runtime.database().record_health(call["provider_id"], False, 0.0, "create_unknown")
+        runtime.database().record_health(provider_id, False, 0.0, "create_unknown")
         reconcile.apply_async((assignment_id, 0), countdown=get_settings().reconcile_delay_seconds)
         return "reconcile"
     result = _fail(assignment_id, decision)
@@ -336,14 +334,7 @@ def _resume(assignment_id: UUID) -> None:
     if call["state"] == "dialing":
         reconcile.apply_async((str(assignment_id), 0))
     elif call["state"] == "placed":
-        track.apply_async((str(assignment_id), _current_poll_count(assignment_id)))
-
-
-def _current_poll_count(assignment_id: UUID) -> int:
-    value: Any = runtime.database().scalar(
-        "SELECT poll_count FROM call_assignments WHERE id = %s", (str(assignment_id),)
-    )
-    return int(value or 0)
+        track.apply_async((str(assignment_id), int(call["poll_count"])))
 
 
 @app.task(name="callq.rollover", ignore_result=True)
