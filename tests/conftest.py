@@ -9,6 +9,7 @@ configured service that does not answer fails the run instead of being replaced 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import tempfile
 import uuid
@@ -21,7 +22,9 @@ from psycopg import sql
 
 from worker.embedded import EmbeddedServices
 
-TEMPLATE_DB = "callq_template"
+# One template per checkout: test sessions of two checkouts can share one server.
+_CHECKOUT = str(Path(__file__).resolve().parent).encode()
+TEMPLATE_DB = "callq_template_" + hashlib.blake2s(_CHECKOUT, digest_size=4).hexdigest()
 
 
 def _in_ci() -> bool:
