@@ -24,6 +24,8 @@ def build_call_request(call: Mapping[str, Any]) -> CallRequest:
         first_message=call.get("first_message"),
         variables=variables,
         template_name=call.get("template_name"),
+        max_duration_seconds=call.get("max_duration_seconds"),
+        caller_id=call.get("caller_id"),
     )
 
 

@@ -34,6 +34,7 @@ FAIL = (
 )
 REAP = "SELECT queue_id, assignment_id, action FROM reap_expired_leases()"
 RECONCILE_SLOTS = "SELECT reconcile_provider_slots()"
+RECONCILE_COUNTERS = "SELECT reconcile_tenant_counters()"
 RECORD_HEALTH = "SELECT record_provider_health(%s::uuid, %s::boolean, %s::numeric, %s::text)"
 ROLLOVER = "SELECT rollover_usage_periods()"
 
@@ -51,10 +52,11 @@ JOIN call_service_providers p ON p.id = a.provider_id
 LEFT JOIN call_templates t ON t.id = q.template_id
 WHERE a.id = %s
 """
-# The dial gate and the load in one round trip: ``won`` is mark_call_dialing's answer; the other
-# columns are read from the statement's snapshot (before the gate's own update).
+# The dial gate and the load in one round trip: ``won`` is mark_call_dialing's answer, with the
+# plan's terms for this dial (max duration, caller id); the other columns are read from the
+# statement's snapshot (before the gate's own update).
 GATE_AND_LOAD = (
-    "SELECT g.won, c.* FROM (SELECT mark_call_dialing(%s::uuid) AS won) g"
+    "SELECT g.won, g.max_duration_seconds, g.caller_id, c.* FROM dial_gate(%s::uuid) g"
     " LEFT JOIN LATERAL (" + LOAD_CALL.replace("%s", "%s::uuid") + ") c ON true"
 )
 LOAD_PROVIDERS = """
@@ -179,6 +181,10 @@ class Database:
 
     def reconcile_slots(self) -> int:
         return int(self.scalar(RECONCILE_SLOTS) or 0)
+
+    def reconcile_counters(self) -> int:
+        """Per-tenant counters and minute reservations := a recount; rows corrected."""
+        return int(self.scalar(RECONCILE_COUNTERS) or 0)
 
     def record_health(
         self, provider_id: UUID | str, ok: bool, latency_ms: float, error: str | None

@@ -143,6 +143,10 @@ class CallRequest:
     variables: dict[str, str] = field(default_factory=dict, repr=False)
     template_name: str | None = None
     queue_id: str | None = None
+    # the plan's cap for this call (its minute reservation); None: no cap from the plan
+    max_duration_seconds: int | None = None
+    # the outbound number (or number id) to call from; None: the provider row's default
+    caller_id: str | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True, slots=True)

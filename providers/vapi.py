@@ -105,7 +105,7 @@ def build_create_body(req: CallRequest, config: ProviderConfig) -> dict[str, Any
             f"vapi provider {config.name or config.id}: config.phone_number_id is missing"
         )
     body: dict[str, Any] = {
-        "phoneNumberId": str(phone_number_id),
+        "phoneNumberId": req.caller_id or str(phone_number_id),
         "customer": _customer(req, config),
         "name": req.correlation_id[:_MAX_TEXT],
         "assistantOverrides": _overrides(req, config),
@@ -146,9 +146,9 @@ def _overrides(req: CallRequest, config: ProviderConfig) -> dict[str, Any]:
     webhook_url = config.setting("webhook_url")
     if webhook_url:
         overrides["server"] = {"url": str(webhook_url)}
-    max_duration = config.setting("max_duration_seconds")
-    if max_duration:
-        overrides["maxDurationSeconds"] = int(max_duration)
+    caps = [int(c) for c in (config.setting("max_duration_seconds"), req.max_duration_seconds) if c]
+    if caps:  # the plan's cap for this call, or the row's, whichever is shorter (10..43200)
+        overrides["maxDurationSeconds"] = max(10, min(min(caps), 43200))
     return overrides
 
 

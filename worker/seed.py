@@ -38,8 +38,15 @@ def seed_demo(
     call_limit: int | None = None,
     webhook_secret: str | None = None,
     email: str | None = None,
+    minute_limit: int | None = None,
+    plan_concurrency: int | None = None,
 ) -> Seeded:
-    """Create one user (through ``auth.users``, as Supabase does), plan, template and providers."""
+    """Create one user (through ``auth.users``, as Supabase does), plan, template and providers.
+
+    The plan's ``max_concurrent_calls`` is ``plan_concurrency``, by default every provider slot
+    (so the plan is not what limits the demo, the tests or the benchmarks unless they ask).
+    """
+    plan_cap = plan_concurrency or max(1, max_concurrent_calls * max(len(providers), 1))
     base = sim_base_url.rstrip("/")
     user_id = uuid.uuid4()
     email = email or f"demo-{user_id.hex[:8]}@example.com"
@@ -52,9 +59,15 @@ def seed_demo(
         plan_id = _one(
             conn,
             "INSERT INTO subscription_plans (name, price, billing_interval, call_limit,"
-            " minute_limit, max_concurrent_calls, features) VALUES (%s, 49, 'month', %s, NULL, 50,"
+            " minute_limit, max_concurrent_calls, features) VALUES (%s, 49, 'month', %s, %s, %s,"
             " %s) RETURNING id",
-            (f"Demo {user_id.hex[:8]}", call_limit, json.dumps({"recording": True})),
+            (
+                f"Demo {user_id.hex[:8]}",
+                call_limit,
+                minute_limit,
+                plan_cap,
+                json.dumps({"recording": True}),
+            ),
         )
         conn.execute(
             "INSERT INTO user_subscriptions (user_id, plan_id, status) VALUES (%s, %s, 'active')",

@@ -314,7 +314,7 @@ def health_check() -> dict[str, str]:
 
 @app.task(name="callq.reap", ignore_result=True)
 def reap() -> dict[str, int]:
-    """Give back expired claims, restart lost tracking, fix slot counts."""
+    """Give back expired claims, restart lost tracking, fix slot and tenant counts."""
     db = runtime.database()
     counts: dict[str, int] = {}
     for row in db.reap():
@@ -322,6 +322,7 @@ def reap() -> dict[str, int]:
         if row.action == "reconcile" and row.assignment_id is not None:
             _resume(row.assignment_id)
     counts["slots_fixed"] = db.reconcile_slots()
+    counts["counters_fixed"] = db.reconcile_counters()
     if any(counts.values()):
         log.info("leases.reaped", **counts)
     return counts

@@ -47,7 +47,7 @@ AS $$
 DECLARE
   v_role text := coalesce(nullif(current_setting('role', true), 'none'), session_user::text);
   v_sub record;
-  v_used integer;
+  v_used record;
   v_pending integer;
   v_id uuid;
   v_when timestamptz := greatest(coalesce(p_scheduled_time, now()), now());
@@ -77,7 +77,7 @@ BEGIN
   END IF;
 
   -- The live subscription, locked so concurrent schedules of one user count each other.
-  SELECT s.id, s.current_period_start, s.current_period_end, pl.call_limit
+  SELECT s.id, s.current_period_start, s.current_period_end, pl.call_limit, pl.minute_limit
     INTO v_sub
     FROM public.user_subscriptions s
     JOIN public.subscription_plans pl ON pl.id = s.plan_id
@@ -90,18 +90,27 @@ BEGIN
     RAISE EXCEPTION USING ERRCODE = 'CQ002', MESSAGE = 'no_active_subscription: ' || p_user_id;
   END IF;
 
-  IF v_sub.call_limit IS NOT NULL THEN
-    SELECT coalesce(max(u.calls_made), 0) INTO v_used
+  -- The plan's limits (billing model, supabase/README.md), read from counters, not scans:
+  -- dials counted this period plus calls still needing a dial must stay below call_limit;
+  -- minutes billed plus minutes reserved by calls in flight must stay below minute_limit.
+  IF v_sub.call_limit IS NOT NULL OR v_sub.minute_limit IS NOT NULL THEN
+    SELECT coalesce(max(u.calls_made), 0) AS calls, coalesce(max(u.minutes_used), 0) AS minutes,
+           coalesce(max(u.minutes_reserved), 0) AS reserved
+      INTO v_used
       FROM public.user_call_usage u
      WHERE u.user_id = p_user_id AND u.period_start = v_sub.current_period_start;
-    SELECT count(*) INTO v_pending
-      FROM public.call_queue q
-     WHERE q.user_id = p_user_id
-       AND q.status IN ('queued', 'claimed', 'assigned', 'dialing', 'in_progress');
-    IF v_used + v_pending >= v_sub.call_limit THEN
+    SELECT coalesce(max(c.queued + c.claimed), 0) INTO v_pending
+      FROM public.tenant_call_counters c WHERE c.user_id = p_user_id;
+    IF v_sub.call_limit IS NOT NULL AND v_used.calls + v_pending >= v_sub.call_limit THEN
       RAISE EXCEPTION USING ERRCODE = 'CQ003',
         MESSAGE = format('call_limit_reached: %s of %s calls used or pending this period',
-                         v_used + v_pending, v_sub.call_limit);
+                         v_used.calls + v_pending, v_sub.call_limit);
+    END IF;
+    IF v_sub.minute_limit IS NOT NULL
+       AND v_used.minutes + v_used.reserved >= v_sub.minute_limit THEN
+      RAISE EXCEPTION USING ERRCODE = 'CQ030',
+        MESSAGE = format('minute_limit_reached: %s of %s minutes used or reserved this period',
+                         v_used.minutes + v_used.reserved, v_sub.minute_limit);
     END IF;
   END IF;
 
@@ -173,19 +182,19 @@ SET search_path = ''
 SET plan_cache_mode = force_custom_plan
 AS $$
 #variable_conflict use_column
+DECLARE
+  v_ids uuid[];
 BEGIN
-  -- "id = ANY (ARRAY(...))" keeps the update a primary-key index scan of the chosen rows.
+  -- fair order, plan concurrency and subscription status: see claimable_calls
+  v_ids := public.claimable_calls(p_limit);
+  IF v_ids IS NULL THEN
+    RETURN;
+  END IF;
   RETURN QUERY
   UPDATE public.call_queue q
      SET status = 'claimed', claimed_by = p_worker, claimed_at = now(),
          lease_expires_at = now() + make_interval(secs => p_lease_seconds)
-   WHERE q.id = ANY (ARRAY(
-           SELECT d.id
-             FROM public.call_queue d
-            WHERE d.status = 'queued' AND d.scheduled_time <= now()
-            ORDER BY d.priority, d.scheduled_time, d.created_at
-            LIMIT greatest(p_limit, 0)
-              FOR UPDATE SKIP LOCKED))
+   WHERE q.id = ANY (v_ids)
      AND q.status = 'queued'
   RETURNING q.id, q.user_id, q.template_id, q.priority, q.scheduled_time, q.attempts;
 END
@@ -239,11 +248,13 @@ DECLARE
   v_q record;
   v_id uuid;
 BEGIN
-  SELECT q.status, q.attempts, q.lease_expires_at INTO v_q
+  SELECT q.status, q.attempts, q.lease_expires_at, q.user_id INTO v_q
     FROM public.call_queue q WHERE q.id = p_queue_id FOR UPDATE;
   IF NOT FOUND OR v_q.status NOT IN ('queued', 'claimed') THEN
     RETURN NULL;
   END IF;
+  -- lock order: the tenant's counters (updated by the queue trigger) before provider rows
+  PERFORM 1 FROM public.tenant_call_counters c WHERE c.user_id = v_q.user_id FOR UPDATE;
 
   UPDATE public.provider_availability pa
      SET current_calls = pa.current_calls + 1,
@@ -324,22 +335,16 @@ BEGIN
     RETURN;
   END IF;
 
-  SELECT array_agg(d.id ORDER BY d.priority, d.scheduled_time, d.created_at),
-         array_agg(d.id) FILTER (WHERE cardinality(d.excluded_provider_ids) > 0
-                                   OR d.required_capabilities IS NOT NULL)
-    INTO v_ids, v_special
-    FROM (
-      SELECT q.id, q.priority, q.scheduled_time, q.created_at, q.excluded_provider_ids,
-             q.required_capabilities
-        FROM public.call_queue q
-       WHERE q.status = 'queued' AND q.scheduled_time <= now()
-       ORDER BY q.priority, q.scheduled_time, q.created_at
-       LIMIT least(p_limit, v_free)
-         FOR UPDATE SKIP LOCKED
-    ) d;
+  -- fair order, plan concurrency and subscription status: see claimable_calls (the rows come
+  -- back locked, and the tenants' counter rows too)
+  v_ids := public.claimable_calls(least(p_limit, v_free));
   IF v_ids IS NULL THEN
     RETURN;
   END IF;
+  SELECT array_agg(q.id) FILTER (WHERE cardinality(q.excluded_provider_ids) > 0
+                                   OR q.required_capabilities IS NOT NULL)
+    INTO v_special
+    FROM public.call_queue q WHERE q.id = ANY (v_ids);
 
   FOR v_try IN 1..2 LOOP
     BEGIN
@@ -443,25 +448,79 @@ $$;
 -- ---------------------------------------------------------------------------------------------
 -- mark_call_dialing: assigned -> dialing, counts the attempt. FALSE when already past
 -- assigned (or released): the caller must not dial. The never-dial-twice gate.
+-- It is also the plan's gate (billing model in supabase/README.md): the dial is counted in the
+-- period's calls_made, and with a minute limit the call reserves whole minutes (its share of
+-- what is left after the reservations of calls in flight) that become its max duration.
+-- FALSE, and not dialed, when the plan cannot pay for it:
+--   * no live subscription any more: released back to the queue (held, see claimable_calls);
+--   * minutes all reserved by calls in flight: released and due again in 30 s;
+--   * no dial or no minute left: the call ends as failed ('call_limit_reached' /
+--     'minute_limit_reached'), never dialed.
 CREATE OR REPLACE FUNCTION public.mark_call_dialing(p_assignment_id uuid) RETURNS boolean
 LANGUAGE plpgsql
 SET search_path = ''
 AS $$
 DECLARE
   v_qid uuid;
+  v_uid uuid;
+  v_usage uuid;
+  v_p record;
+  v_u record;
+  v_left integer;
+  v_min integer;
+  v_share integer;
 BEGIN
   SELECT a.queue_id INTO v_qid FROM public.call_assignments a WHERE a.id = p_assignment_id;
   IF NOT FOUND THEN
     RETURN false;
   END IF;
-  PERFORM 1 FROM public.call_queue q WHERE q.id = v_qid FOR UPDATE;
-
-  UPDATE public.call_assignments a
-     SET state = 'dialing', dialing_at = now()
-   WHERE a.id = p_assignment_id AND a.state = 'assigned';
+  SELECT q.user_id INTO v_uid FROM public.call_queue q WHERE q.id = v_qid FOR UPDATE;
+  PERFORM 1 FROM public.call_assignments a
+   WHERE a.id = p_assignment_id AND a.state = 'assigned' FOR UPDATE;
   IF NOT FOUND THEN
     RETURN false;
   END IF;
+
+  v_usage := public.lock_current_usage(v_uid);
+  IF v_usage IS NULL THEN
+    PERFORM public.release_assignment(p_assignment_id, 'subscription_inactive');
+    RETURN false;
+  END IF;
+  SELECT * INTO v_p FROM public.tenant_plan(v_uid);
+  SELECT u.calls_made, u.minutes_used, u.minutes_reserved INTO v_u
+    FROM public.user_call_usage u WHERE u.id = v_usage;
+  IF v_p.call_limit IS NOT NULL AND v_u.calls_made >= v_p.call_limit THEN
+    PERFORM public.refuse_dial(p_assignment_id, 'call_limit_reached');
+    RETURN false;
+  END IF;
+  IF v_p.minute_limit IS NOT NULL THEN
+    v_left := v_p.minute_limit - v_u.minutes_used - v_u.minutes_reserved;
+    IF v_left <= 0 AND v_u.minutes_reserved > 0 THEN
+      PERFORM public.release_assignment(p_assignment_id, 'minutes_reserved_in_flight');
+      UPDATE public.call_queue q SET scheduled_time = now() + interval '30 seconds'
+       WHERE q.id = v_qid AND q.status = 'queued';
+      RETURN false;
+    ELSIF v_left <= 0 THEN
+      PERFORM public.refuse_dial(p_assignment_id, 'minute_limit_reached');
+      RETURN false;
+    END IF;
+    -- an even share between the calls that may want minutes at the same time (this one and the
+    -- tenant's other undialed calls, at most its free concurrency), at most 720 minutes (Vapi's
+    -- 43200 s)
+    SELECT greatest(least(v_p.max_concurrent_calls - c.dialed, c.claimed + c.queued), 1)
+      INTO v_share FROM public.tenant_call_counters c WHERE c.user_id = v_uid;
+    v_min := least(greatest(v_left / coalesce(v_share, 1), 1), 720);
+  END IF;
+
+  UPDATE public.user_call_usage u
+     SET calls_made = u.calls_made + 1, minutes_reserved = u.minutes_reserved + coalesce(v_min, 0)
+   WHERE u.id = v_usage;
+  UPDATE public.call_assignments a
+     SET state = 'dialing', dialing_at = now(), usage_id = v_usage,
+         reserved_minutes = coalesce(v_min, 0),
+         -- 5 s under the reservation: a hang-up a little late still rounds within it
+         max_duration_seconds = CASE WHEN v_min IS NULL THEN NULL ELSE v_min * 60 - 5 END
+   WHERE a.id = p_assignment_id;
 
   UPDATE public.call_queue q
      SET status = 'dialing', attempts = q.attempts + 1,
@@ -550,11 +609,10 @@ BEGIN
   IF v_prev NOT IN ('assigned', 'dialing') THEN
     RETURN false;
   END IF;
+  PERFORM public.return_dial(p_assignment_id);
   UPDATE public.call_assignments a
      SET state = 'released', ended_at = now(), outcome = 'released', error = p_reason
    WHERE a.id = p_assignment_id;
-
-  PERFORM public.free_provider_slot(v_a.provider_id);
 
   UPDATE public.call_queue q
      SET status = 'queued',
@@ -566,45 +624,9 @@ BEGIN
              THEN public.exclude_provider(q.excluded_provider_ids, v_a.provider_id)
            ELSE q.excluded_provider_ids END
    WHERE q.id = v_a.queue_id AND q.status IN ('claimed', 'assigned', 'dialing');
+  PERFORM public.free_provider_slot(v_a.provider_id);  -- after the tenant's counters (lock order)
   PERFORM pg_notify('callq_queue', '');  -- due again now (identical notifications coalesce)
   RETURN true;
-END
-$$;
-
--- ---------------------------------------------------------------------------------------------
--- Usage: one call and ceil(duration / 60) minutes added to the user's current period.
-CREATE OR REPLACE FUNCTION public.add_call_usage(p_user_id uuid, p_duration_seconds double precision)
-RETURNS void
-LANGUAGE plpgsql
-SET search_path = ''
-AS $$
-DECLARE
-  v_sub record;
-  v_start timestamptz;
-  v_end timestamptz;
-BEGIN
-  SELECT s.id, s.current_period_start, s.current_period_end, pl.call_limit, pl.minute_limit
-    INTO v_sub
-    FROM public.user_subscriptions s
-    JOIN public.subscription_plans pl ON pl.id = s.plan_id
-   WHERE s.user_id = p_user_id AND s.status IN ('active', 'trialing', 'past_due')
-   ORDER BY s.current_period_end DESC
-   LIMIT 1;
-  IF FOUND THEN
-    v_start := v_sub.current_period_start;
-    v_end := v_sub.current_period_end;
-  ELSE  -- no subscription: account the calendar month
-    v_start := date_trunc('month', now());
-    v_end := v_start + interval '1 month';
-  END IF;
-
-  INSERT INTO public.user_call_usage AS u (user_id, subscription_id, period_start, period_end,
-                                           calls_made, minutes_used, calls_limit, minutes_limit)
-  VALUES (p_user_id, v_sub.id, v_start, v_end, 1,
-          ceil(coalesce(p_duration_seconds, 0)::numeric / 60)::int, v_sub.call_limit, v_sub.minute_limit)
-  ON CONFLICT (user_id, period_start) DO UPDATE
-     SET calls_made = u.calls_made + 1,
-         minutes_used = u.minutes_used + EXCLUDED.minutes_used;
 END
 $$;
 
@@ -659,11 +681,9 @@ BEGIN
          provider_call_id = coalesce(a.provider_call_id, p_provider_call_id), next_poll_at = NULL
    WHERE a.id = p_assignment_id;
 
-  PERFORM public.free_provider_slot(v_a.provider_id);
-  UPDATE public.provider_availability pa
-     SET successful_calls = pa.successful_calls + CASE WHEN v_state = 'completed' THEN 1 ELSE 0 END,
-         failed_calls = pa.failed_calls + CASE WHEN v_state = 'failed' THEN 1 ELSE 0 END
-   WHERE pa.provider_id = v_a.provider_id;
+  -- billing: the reservation is settled, the reported minutes (any outcome) are billed; the
+  -- dial itself was counted at the gate
+  PERFORM public.settle_call_usage(p_assignment_id, v_q.user_id, p_duration_seconds);
 
   INSERT INTO public.call_history (user_id, template_id, queue_id, assignment_id, provider_id,
                                    recipient_name, recipient_phone, recipient_email, status,
@@ -677,13 +697,16 @@ BEGIN
           v_q.metadata)
   RETURNING id INTO v_hid;
 
-  IF v_state <> 'canceled' THEN
-    PERFORM public.add_call_usage(v_q.user_id, p_duration_seconds);
-  END IF;
-
   UPDATE public.call_queue q
      SET status = v_qstatus, completed_at = now(), lease_expires_at = NULL
    WHERE q.id = v_q.id;
+
+  -- provider rows last (lock order: the queue trigger's tenant counters come first)
+  PERFORM public.free_provider_slot(v_a.provider_id);
+  UPDATE public.provider_availability pa
+     SET successful_calls = pa.successful_calls + CASE WHEN v_state = 'completed' THEN 1 ELSE 0 END,
+         failed_calls = pa.failed_calls + CASE WHEN v_state = 'failed' THEN 1 ELSE 0 END
+   WHERE pa.provider_id = v_a.provider_id;
   RETURN v_hid;
 END
 $$;
@@ -740,6 +763,9 @@ DECLARE
   v_next timestamptz;
   v_final boolean;
   v_hstatus text;
+  v_plan record;
+  v_usage record;
+  v_waiting integer;
 BEGIN
   IF p_failure_kind IS NULL OR p_failure_kind NOT IN ('busy', 'no_answer', 'voicemail',
       'provider_error', 'rate_limited', 'permanent', 'canceled') THEN
@@ -763,20 +789,32 @@ BEGIN
          provider_call_id = coalesce(a.provider_call_id, p_provider_call_id)
    WHERE a.id = p_assignment_id;
 
-  PERFORM public.free_provider_slot(v_a.provider_id);
-  IF p_failure_kind <> 'canceled' THEN
-    UPDATE public.provider_availability pa SET failed_calls = pa.failed_calls + 1
-     WHERE pa.provider_id = v_a.provider_id;
-  END IF;
-  IF p_failure_kind = 'provider_error' THEN
-    PERFORM public.record_provider_health(v_a.provider_id, false, NULL, p_error);
-  ELSIF p_failure_kind = 'rate_limited' THEN
-    UPDATE public.provider_availability pa
-       SET status = CASE WHEN pa.status = 'online' THEN 'degraded' ELSE pa.status END
-     WHERE pa.provider_id = v_a.provider_id;
-  END IF;
+  -- billing: the dial was counted at the gate; settle the reservation, bill reported minutes
+  PERFORM public.settle_call_usage(p_assignment_id, v_q.user_id, p_duration_seconds);
 
   v_final := p_failure_kind IN ('permanent', 'canceled') OR v_q.attempts >= v_q.max_attempts;
+  -- A retry needs a dial (and a minute) the plan still has after every call already waiting
+  -- got its own: calls accepted by schedule_call keep their first dial; retries take what is
+  -- left, otherwise the call ends with this attempt's outcome.
+  IF NOT v_final THEN
+    SELECT * INTO v_plan FROM public.tenant_plan(v_q.user_id);
+    IF FOUND AND (v_plan.call_limit IS NOT NULL OR v_plan.minute_limit IS NOT NULL) THEN
+      SELECT coalesce(max(u.calls_made), 0) AS calls,
+             coalesce(max(u.minutes_used + u.minutes_reserved), 0) AS minutes
+        INTO v_usage
+        FROM public.user_call_usage u
+       WHERE u.user_id = v_q.user_id AND u.period_start = v_plan.period_start;
+      SELECT coalesce(max(c.queued + c.claimed), 0) INTO v_waiting
+        FROM public.tenant_call_counters c WHERE c.user_id = v_q.user_id;
+      IF v_plan.call_limit IS NOT NULL AND v_usage.calls + v_waiting >= v_plan.call_limit THEN
+        v_final := true;
+        p_error := coalesce(p_error || '; ', '') || 'no retry: call_limit_reached';
+      ELSIF v_plan.minute_limit IS NOT NULL AND v_usage.minutes >= v_plan.minute_limit THEN
+        v_final := true;
+        p_error := coalesce(p_error || '; ', '') || 'no retry: minute_limit_reached';
+      END IF;
+    END IF;
+  END IF;
   IF NOT v_final THEN
     v_delay := CASE p_failure_kind
       WHEN 'rate_limited' THEN coalesce(p_retry_after_seconds, 15) * (1 + random() * 0.2)
@@ -805,6 +843,7 @@ BEGIN
              THEN public.exclude_provider(q.excluded_provider_ids, v_a.provider_id)
              ELSE q.excluded_provider_ids END
      WHERE q.id = v_q.id;
+    PERFORM public.fail_on_provider(v_a.provider_id, p_failure_kind, p_error);
     RETURN 'retry_scheduled';
   END IF;
 
@@ -825,7 +864,32 @@ BEGIN
          last_error = coalesce(p_error, p_failure_kind), completed_at = now(),
          lease_expires_at = NULL
    WHERE q.id = v_q.id;
+  PERFORM public.fail_on_provider(v_a.provider_id, p_failure_kind, p_error);
   RETURN CASE WHEN p_failure_kind = 'canceled' THEN 'canceled' ELSE 'failed' END;
+END
+$$;
+
+-- fail_on_provider: a failed attempt's effect on its provider (slot freed, failure counted,
+-- health); run last by handle_failed_call (lock order: provider rows after tenant counters).
+CREATE OR REPLACE FUNCTION public.fail_on_provider(
+  p_provider_id uuid, p_failure_kind text, p_error text
+) RETURNS void
+LANGUAGE plpgsql
+SET search_path = ''
+AS $$
+BEGIN
+  PERFORM public.free_provider_slot(p_provider_id);
+  IF p_failure_kind <> 'canceled' THEN
+    UPDATE public.provider_availability pa SET failed_calls = pa.failed_calls + 1
+     WHERE pa.provider_id = p_provider_id;
+  END IF;
+  IF p_failure_kind = 'provider_error' THEN
+    PERFORM public.record_provider_health(p_provider_id, false, NULL, p_error);
+  ELSIF p_failure_kind = 'rate_limited' THEN
+    UPDATE public.provider_availability pa
+       SET status = CASE WHEN pa.status = 'online' THEN 'degraded' ELSE pa.status END
+     WHERE pa.provider_id = p_provider_id;
+  END IF;
 END
 $$;
 
@@ -923,13 +987,22 @@ DECLARE
   v_n integer := 0;
 BEGIN
   FOR v_s IN
-    SELECT s.id, s.user_id, s.current_period_end, pl.billing_interval, pl.call_limit,
-           pl.minute_limit
+    SELECT s.id, s.user_id, s.current_period_end, s.cancel_at_period_end, pl.billing_interval,
+           pl.call_limit, pl.minute_limit
       FROM public.user_subscriptions s
       JOIN public.subscription_plans pl ON pl.id = s.plan_id
      WHERE s.status IN ('active', 'trialing') AND s.current_period_end <= now()
        FOR NO KEY UPDATE OF s SKIP LOCKED
   LOOP
+    -- cancel_at_period_end: the subscription ends here instead of renewing; the tenant's
+    -- queued calls are held (not claimed) until a live subscription exists again
+    IF v_s.cancel_at_period_end THEN
+      UPDATE public.user_subscriptions s
+         SET status = 'canceled', canceled_at = coalesce(s.canceled_at, s.current_period_end)
+       WHERE s.id = v_s.id;
+      v_n := v_n + 1;
+      CONTINUE;
+    END IF;
     v_step := CASE v_s.billing_interval WHEN 'year' THEN interval '1 year' ELSE interval '1 month' END;
     v_start := v_s.current_period_end;
     v_end := v_start + v_step;

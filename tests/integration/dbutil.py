@@ -42,12 +42,19 @@ def one(conn: Conn, query: str, params: Any = None) -> Any:
     return row[0]
 
 
-def make_plan(conn: Conn, call_limit: int | None = 100, name: str | None = None) -> uuid.UUID:
+def make_plan(
+    conn: Conn,
+    call_limit: int | None = 100,
+    name: str | None = None,
+    *,
+    minute_limit: int | None = 1000,
+    max_concurrent: int = 100,
+) -> uuid.UUID:
     return one(
         conn,
-        "INSERT INTO subscription_plans (name, price, call_limit, minute_limit)"
-        " VALUES (%s, 10, %s, 1000) RETURNING id",
-        (name or f"plan-{uuid.uuid4().hex[:8]}", call_limit),
+        "INSERT INTO subscription_plans (name, price, call_limit, minute_limit,"
+        " max_concurrent_calls) VALUES (%s, 10, %s, %s, %s) RETURNING id",
+        (name or f"plan-{uuid.uuid4().hex[:8]}", call_limit, minute_limit, max_concurrent),
     )
 
 
@@ -57,6 +64,8 @@ def make_user(
     admin: bool = False,
     subscribed: bool = True,
     call_limit: int | None = 100,
+    minute_limit: int | None = 1000,
+    max_concurrent: int = 100,
 ) -> uuid.UUID:
     """An auth user (the trigger creates the profile), optionally with a live subscription."""
     uid = uuid.uuid4()
@@ -67,7 +76,7 @@ def make_user(
     if admin:
         conn.execute("UPDATE users SET is_admin = true WHERE id = %s", (uid,))
     if subscribed:
-        plan = make_plan(conn, call_limit)
+        plan = make_plan(conn, call_limit, minute_limit=minute_limit, max_concurrent=max_concurrent)
         conn.execute(
             "INSERT INTO user_subscriptions (user_id, plan_id) VALUES (%s, %s)", (uid, plan)
         )
