@@ -1,4 +1,4 @@
-"""Build the provider-neutral call request from the rows a dispatch loads."""
+"""Build the provider-neutral call request from the call a dispatch loaded."""
 
 from __future__ import annotations
 
@@ -6,24 +6,25 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
+from models.calls import CallRow
 from providers.base import CallRequest
 
 
-def build_call_request(call: Mapping[str, Any]) -> CallRequest:
-    """A :class:`CallRequest` for the loaded assignment/queue/template row."""
-    variables = _string_variables(call.get("custom_variables") or {})
-    if call.get("recipient_name"):
-        variables.setdefault("recipient_name", str(call["recipient_name"]))
+def build_call_request(call: CallRow) -> CallRequest:
+    """A :class:`CallRequest` for the loaded assignment, queue row and template."""
+    variables = _string_variables(call.custom_variables)
+    if call.recipient_name:
+        variables.setdefault("recipient_name", call.recipient_name)
     return CallRequest(
-        correlation_id=str(call["assignment_id"]),
-        queue_id=str(call["queue_id"]),
-        to_number=str(call["recipient_phone"]),
-        recipient_name=call.get("recipient_name"),
-        recipient_email=call.get("recipient_email"),
-        script=call.get("script"),
-        first_message=call.get("first_message"),
+        correlation_id=str(call.assignment_id),
+        queue_id=str(call.queue_id),
+        to_number=call.recipient_phone,
+        recipient_name=call.recipient_name,
+        recipient_email=call.recipient_email,
+        script=call.script,
+        first_message=call.first_message,
         variables=variables,
-        template_name=call.get("template_name"),
+        template_name=call.template_name,
     )
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from uuid import uuid4
+
 import pytest
 
 from dispatch.policy import (
@@ -14,6 +16,7 @@ from dispatch.policy import (
     next_poll_delay,
 )
 from dispatch.request import build_call_request
+from models.calls import AssignmentState, CallRow, ProviderRow
 from providers.base import CallState, CallStatus
 from providers.errors import (
     ProviderOutcomeUnknownError,
@@ -82,17 +85,28 @@ def test_poll_delay_grows_and_is_capped() -> None:
 
 
 def test_request_carries_ids_and_string_variables() -> None:
-    req = build_call_request(
-        {
-            "assignment_id": "a-1",
-            "queue_id": "q-1",
-            "recipient_phone": "+15551234567",
-            "recipient_name": "John",
-            "custom_variables": {"company_name": "Acme", "seats": 3, "tags": ["a"]},
-            "script": "Hello {{company_name}}",
-        }
+    provider = ProviderRow(provider_id=uuid4(), name="Vapi", provider_type="vapi")
+    call = CallRow(
+        assignment_id=uuid4(),
+        state=AssignmentState.DIALING,
+        attempt=1,
+        poll_count=0,
+        provider_call_id=None,
+        dialing_at=None,
+        queue_id=uuid4(),
+        queue_status="dialing",
+        recipient_phone="+15551234567",
+        recipient_name="John",
+        recipient_email=None,
+        custom_variables={"company_name": "Acme", "seats": 3, "tags": ["a"]},
+        template_name=None,
+        script="Hello {{company_name}}",
+        first_message=None,
+        provider=provider,
     )
-    assert (req.correlation_id, req.queue_id) == ("a-1", "q-1")
+    req = build_call_request(call)
+    assert "+15551234567" not in repr(call) and "John" not in repr(call)
+    assert (req.correlation_id, req.queue_id) == (str(call.assignment_id), str(call.queue_id))
     assert req.variables == {
         "company_name": "Acme",
         "seats": "3",
