@@ -87,6 +87,14 @@ class CallRow:
     script: str | None = field(repr=False)
     first_message: str | None = field(repr=False)
     provider: ProviderRow
+    # What the template asks of the provider (None: the provider's own setting).
+    voicemail_detection: bool | None = None
+    voicemail_action: str | None = None
+    voicemail_message: str | None = field(default=None, repr=False)
+    record_calls: bool | None = None
+    # Limits and caller id filled at dial time (None when not set).
+    max_duration_seconds: float | None = None
+    caller_id: str | None = field(default=None, repr=False)
 
     @classmethod
     def from_row(cls, row: Mapping[str, Any]) -> CallRow:
@@ -108,4 +116,10 @@ class CallRow:
             script=row["script"],
             first_message=row["first_message"],
             provider=ProviderRow.from_row(row),
+            voicemail_detection=row.get("voicemail_detection"),
+            voicemail_action=row.get("voicemail_action"),
+            voicemail_message=row.get("voicemail_message"),
+            record_calls=row.get("record_calls"),
+            max_duration_seconds=row.get("max_duration_seconds"),
+            caller_id=row.get("caller_id"),
         )

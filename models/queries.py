@@ -42,7 +42,8 @@ LOAD_CALL = f"""
 SELECT a.id AS assignment_id, a.state, a.provider_call_id, a.dialing_at, a.attempt, a.poll_count,
        q.id AS queue_id, q.status AS queue_status, q.recipient_name, q.recipient_phone,
        q.recipient_email, q.custom_variables,
-       t.name AS template_name, t.script, t.first_message,
+       t.name AS template_name, t.script, t.first_message, t.voicemail_detection,
+       t.voicemail_action, t.voicemail_message, t.record_calls,
        {PROVIDER_COLUMNS}
 FROM call_assignments a
 JOIN call_queue q ON q.id = a.queue_id
