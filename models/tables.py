@@ -86,6 +86,7 @@ class SubscriptionPlan(Base):
     max_concurrent_calls: Mapped[int] = mapped_column(Integer, server_default=text("1"))
     features: Mapped[dict[str, Any]] = mapped_column(server_default=EMPTY_OBJECT)
     is_active: Mapped[bool] = mapped_column(Boolean, server_default=text("true"))
+    is_default: Mapped[bool] = mapped_column(Boolean, server_default=text("false"))
     created_at: Mapped[datetime] = _created()
     updated_at: Mapped[datetime] = _updated()
 
@@ -123,6 +124,7 @@ class UserCallUsage(Base):
     period_end: Mapped[datetime]
     calls_made: Mapped[int] = mapped_column(Integer, server_default=text("0"))
     minutes_used: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    minutes_reserved: Mapped[int] = mapped_column(Integer, server_default=text("0"))
     calls_limit: Mapped[int | None] = mapped_column(Integer)
     minutes_limit: Mapped[int | None] = mapped_column(Integer)
     calls_remaining: Mapped[int | None] = mapped_column(
@@ -315,6 +317,12 @@ class CallAssignment(Base):
     poll_count: Mapped[int] = mapped_column(Integer, server_default=text("0"))
     outcome: Mapped[str | None]
     error: Mapped[str | None]
+    usage_id: Mapped[uuid.UUID | None] = mapped_column(
+        ForeignKey("user_call_usage.id", ondelete="SET NULL")
+    )
+    reserved_minutes: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    max_duration_seconds: Mapped[int | None] = mapped_column(Integer)
+    caller_id: Mapped[str | None]
     created_at: Mapped[datetime] = _created()
     updated_at: Mapped[datetime] = _updated()
 
@@ -337,6 +345,18 @@ class CallRetry(Base):
     created_at: Mapped[datetime] = _created()
 
 
+class TenantCallCounters(Base):
+    __tablename__ = "tenant_call_counters"
+
+    user_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("users.id", ondelete="CASCADE"), primary_key=True
+    )
+    queued: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    claimed: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    dialed: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    updated_at: Mapped[datetime] = _updated()
+
+
 ALL_MODELS: tuple[type[Base], ...] = (
     User,
     SubscriptionPlan,
@@ -351,4 +371,5 @@ ALL_MODELS: tuple[type[Base], ...] = (
     ProviderAvailability,
     CallAssignment,
     CallRetry,
+    TenantCallCounters,
 )

@@ -13,9 +13,9 @@ from models.migrate import list_migrations, upgrade
 from models.session import make_engine, normalize_url
 from models.tables import ALL_MODELS, Base
 
-from .dbutil import TABLES, connect, one
+from .dbutil import DOMAIN_TABLES, TABLES, connect, one
 
-EXPECTED_TABLES = set(TABLES)
+EXPECTED_TABLES = set(TABLES) | set(DOMAIN_TABLES)
 
 
 def test_upgrade_applies_everything_once_and_records_versions(empty_db_url: str) -> None:
@@ -39,7 +39,7 @@ def test_upgrade_applies_everything_once_and_records_versions(empty_db_url: str)
                 "SELECT tablename FROM pg_tables WHERE schemaname = 'public' AND rowsecurity"
             )
         }
-        assert tables == EXPECTED_TABLES  # all 13, all with RLS enabled
+        assert tables == EXPECTED_TABLES  # the 13 and the domain tables, all with RLS enabled
         assert one(conn, "SELECT to_regprocedure('auth.uid()') IS NOT NULL")
 
 

@@ -300,3 +300,19 @@ def test_counters_follow_every_path_and_reconcile_fixes_drift(conn: Conn) -> Non
         "SELECT queued, claimed, dialed FROM tenant_call_counters WHERE user_id = %s", (user,)
     ).fetchone()
     assert row == (2, 1, 1)
+
+
+def test_counters_are_readable_only_by_their_tenant(conn: Conn) -> None:
+    from .dbutil import as_role
+
+    me, tpl = tenant(conn)
+    other, other_tpl = tenant(conn)
+    schedule(conn, me, tpl)
+    schedule(conn, other, other_tpl)
+    with as_role(conn, "authenticated", me):
+        rows = conn.execute("SELECT user_id, queued FROM tenant_call_counters").fetchall()
+        assert rows == [(me, 1)]
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            conn.execute("UPDATE tenant_call_counters SET queued = 0")
+    with as_role(conn, "anon"), pytest.raises(psycopg.errors.InsufficientPrivilege):
+        conn.execute("SELECT * FROM tenant_call_counters")
