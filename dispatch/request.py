@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 from typing import Any
 
-from providers.base import CallRequest
+from providers.base import CallRequest, VoicemailAction, VoicemailPolicy
 
 
 def build_call_request(call: Mapping[str, Any]) -> CallRequest:
@@ -24,7 +25,30 @@ def build_call_request(call: Mapping[str, Any]) -> CallRequest:
         first_message=call.get("first_message"),
         variables=variables,
         template_name=call.get("template_name"),
+        max_duration_seconds=_positive_int(call.get("max_duration_seconds")),
+        caller_id=call.get("caller_id") or None,
+        voicemail=voicemail_policy(call),
+        record=call.get("record_calls"),
     )
+
+
+def voicemail_policy(template: Mapping[str, Any]) -> VoicemailPolicy | None:
+    """The template's voicemail policy; None leaves the provider's agent setting in place."""
+    detect = template.get("voicemail_detection")
+    if detect is None:
+        return None
+    message = template.get("voicemail_message")
+    if template.get("voicemail_action") == VoicemailAction.LEAVE_MESSAGE and message:
+        return VoicemailPolicy(bool(detect), VoicemailAction.LEAVE_MESSAGE, str(message))
+    return VoicemailPolicy(bool(detect), VoicemailAction.HANG_UP)
+
+
+def _positive_int(value: object) -> int | None:
+    """A whole number of seconds (rounded up), or None when absent."""
+    if value is None or isinstance(value, bool):
+        return None
+    seconds = math.ceil(float(value))  # type: ignore[arg-type]
+    return max(seconds, 1)
 
 
 def _string_variables(raw: Mapping[str, Any]) -> dict[str, str]:

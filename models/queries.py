@@ -42,7 +42,8 @@ LOAD_CALL = """
 SELECT a.id AS assignment_id, a.state, a.provider_call_id, a.dialing_at, a.attempt, a.poll_count,
        q.id AS queue_id, q.status AS queue_status, q.recipient_name, q.recipient_phone,
        q.recipient_email, q.custom_variables,
-       t.name AS template_name, t.script, t.first_message,
+       t.name AS template_name, t.script, t.first_message, t.voicemail_detection,
+       t.voicemail_action, t.voicemail_message, t.record_calls,
        p.id AS provider_id, p.name AS provider_name, p.provider_type, p.api_key, p.api_secret,
        p.base_url, p.max_concurrent_calls, p.capabilities, p.config
 FROM call_assignments a

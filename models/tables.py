@@ -157,6 +157,10 @@ class CallTemplate(Base):
     script: Mapped[str]
     variables: Mapped[Any] = mapped_column(JSONB, server_default=text("'[]'::jsonb"))
     first_message: Mapped[str | None]
+    voicemail_detection: Mapped[bool | None]
+    voicemail_action: Mapped[str] = mapped_column(server_default=text("'hang_up'"))
+    voicemail_message: Mapped[str | None]
+    record_calls: Mapped[bool | None]
     is_public: Mapped[bool] = mapped_column(Boolean, server_default=text("false"))
     usage_count: Mapped[int] = mapped_column(Integer, server_default=text("0"))
     created_at: Mapped[datetime] = _created()

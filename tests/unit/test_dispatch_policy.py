@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from dispatch.policy import (
@@ -14,7 +16,7 @@ from dispatch.policy import (
     next_poll_delay,
 )
 from dispatch.request import build_call_request
-from providers.base import CallState, CallStatus
+from providers.base import CallState, CallStatus, VoicemailAction, VoicemailPolicy
 from providers.errors import (
     ProviderOutcomeUnknownError,
     ProviderPermanentError,
@@ -100,3 +102,30 @@ def test_request_carries_ids_and_string_variables() -> None:
         "recipient_name": "John",
     }
     assert "+15551234567" not in repr(req)
+
+
+@pytest.mark.parametrize(
+    ("template", "expected"),
+    [
+        ({}, None),
+        ({"voicemail_detection": None, "voicemail_action": "leave_message"}, None),
+        ({"voicemail_detection": False, "voicemail_action": "hang_up"}, VoicemailPolicy(False)),
+        ({"voicemail_detection": True, "voicemail_action": "hang_up", "voicemail_message": "x"},
+         VoicemailPolicy(True)),
+        ({"voicemail_detection": True, "voicemail_action": "leave_message",
+          "voicemail_message": "Call us"},
+         VoicemailPolicy(True, VoicemailAction.LEAVE_MESSAGE, "Call us")),
+    ],
+)  # fmt: skip
+def test_request_features_from_the_rows(
+    template: dict[str, Any], expected: VoicemailPolicy | None
+) -> None:
+    row = {"assignment_id": "a", "queue_id": "q", "recipient_phone": "+15551234567", **template}
+    req = build_call_request(
+        {**row, "max_duration_seconds": 90.2, "caller_id": "+15550001111", "record_calls": False}
+    )
+    assert req.voicemail == expected
+    assert (req.max_duration_seconds, req.caller_id, req.record) == (91, "+15550001111", False)
+    bare = build_call_request(row)
+    assert (bare.max_duration_seconds, bare.caller_id, bare.record) == (None, None, None)
+    assert "+15550001111" not in repr(req)
