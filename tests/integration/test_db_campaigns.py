@@ -195,7 +195,7 @@ def test_reupload_queues_nothing_twice(conn: Conn) -> None:
     rows = [contact(i, external_id=f"crm-{i}") for i in range(50)]
     first = upload(conn, camp, rows)
     assert all(r[1] and not r[4] for r in first)
-    again = upload(conn, camp, rows + [contact(99, external_id="crm-99")])
+    again = upload(conn, camp, [*rows, contact(99, external_id="crm-99")])
     assert [r[1] for r in again[:50]] == [r[1] for r in first]
     assert all(r[4] for r in again[:50]) and not again[50][4]
     assert queued(conn, camp) == 51
