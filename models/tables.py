@@ -84,6 +84,7 @@ class SubscriptionPlan(Base):
     call_limit: Mapped[int | None] = mapped_column(Integer)
     minute_limit: Mapped[int | None] = mapped_column(Integer)
     max_concurrent_calls: Mapped[int] = mapped_column(Integer, server_default=text("1"))
+    max_call_minutes: Mapped[int] = mapped_column(Integer, server_default=text("10"))
     features: Mapped[dict[str, Any]] = mapped_column(server_default=EMPTY_OBJECT)
     is_active: Mapped[bool] = mapped_column(Boolean, server_default=text("true"))
     is_default: Mapped[bool] = mapped_column(Boolean, server_default=text("false"))

@@ -41,6 +41,9 @@ CREATE TABLE public.subscription_plans (
   call_limit integer CHECK (call_limit >= 0),
   minute_limit integer CHECK (minute_limit >= 0),
   max_concurrent_calls integer NOT NULL DEFAULT 1 CHECK (max_concurrent_calls >= 1),
+  -- the longest one call may last (minutes): at most this is reserved per call at the dial gate
+  -- (default 10, Vapi's own default call length); 720 = Vapi's maximum (43200 s)
+  max_call_minutes integer NOT NULL DEFAULT 10 CHECK (max_call_minutes BETWEEN 1 AND 720),
   features jsonb NOT NULL DEFAULT '{}'::jsonb CHECK (jsonb_typeof(features) = 'object'),
   is_active boolean NOT NULL DEFAULT true,
   -- the plan a new signup is subscribed to (handle_new_user); at most one active default

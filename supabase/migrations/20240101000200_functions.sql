@@ -708,11 +708,11 @@ BEGIN
       RETURN false;
     END IF;
     -- an even share between the calls that may want minutes at the same time (this one and the
-    -- tenant's other undialed calls, at most its free concurrency), at most 720 minutes (Vapi's
-    -- 43200 s)
+    -- tenant's other undialed calls, at most its free concurrency), at most the plan's
+    -- max_call_minutes (default 10; 720 = Vapi's 43200 s)
     SELECT greatest(least(v_p.max_concurrent_calls - c.dialed, c.claimed + c.queued), 1)
       INTO v_share FROM public.tenant_call_counters c WHERE c.user_id = v_uid;
-    v_min := least(greatest(v_left / coalesce(v_share, 1), 1), 720);
+    v_min := least(greatest(v_left / coalesce(v_share, 1), 1), v_p.max_call_minutes, 720);
   END IF;
 
   UPDATE public.user_call_usage u

@@ -162,12 +162,13 @@ $$;
 -- The tenant's live subscription and plan (active or trialing), or no row.
 CREATE OR REPLACE FUNCTION public.tenant_plan(p_user_id uuid)
 RETURNS TABLE (subscription_id uuid, period_start timestamptz, period_end timestamptz,
-               call_limit integer, minute_limit integer, max_concurrent_calls integer)
+               call_limit integer, minute_limit integer, max_concurrent_calls integer,
+               max_call_minutes integer)
 LANGUAGE sql STABLE
 SET search_path = ''
 AS $$
   SELECT s.id, s.current_period_start, s.current_period_end, pl.call_limit, pl.minute_limit,
-         pl.max_concurrent_calls
+         pl.max_concurrent_calls, pl.max_call_minutes
     FROM public.user_subscriptions s
     JOIN public.subscription_plans pl ON pl.id = s.plan_id
    WHERE s.user_id = p_user_id AND s.status IN ('active', 'trialing')
