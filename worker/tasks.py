@@ -49,11 +49,11 @@ from dispatch.steps import (
     tally,
 )
 from models.calls import AssignmentState, CallRow
-from providers.base import CallHandle, CallStatus
+from providers.base import CallHandle, CallStatus, WebhookEvent
 from providers.errors import ProviderError
 from worker import logs, runtime
 from worker.celery_app import app
-from worker.settings import Settings, get_settings
+from worker.settings import get_settings
 
 log = logs.get_logger("callq.worker")
 WORKER_ID = f"{socket.gethostname()}:{os.getpid()}"
@@ -127,6 +127,23 @@ def webhook(provider_id: str, provider_call_id: str) -> str:
     return _then(track_chunk([(str(assignment_id), None)])[0])
 
 
+def end_from_report(provider_id: str, event: WebhookEvent) -> Step:
+    """End a call from its provider's final report (a trusted webhook) without reading it again.
+
+    Runs in the webhook server: the report's data (transcript, recording) never goes through
+    the broker. A report for a call that already ended changes nothing.
+    """
+    db = runtime.database()
+    assignment_id = db.assignment_for_provider_call(provider_id, event.provider_call_id)
+    if assignment_id is None:
+        return Skipped(SkipReason.UNKNOWN_CALL)
+    decision = decide_outcome(event.status)
+    if isinstance(decision, KeepPolling):
+        return Skipped(SkipReason.CHECKED)
+    logs.bind(assignment_id=str(assignment_id))
+    return _finish(str(assignment_id), event.status, decision)
+
+
 # -- running steps and sending what comes next ---------------------------------------------------
 
 
@@ -175,11 +192,10 @@ def dispatch_chunk(assignment_ids: Sequence[str]) -> list[Step]:
     }
     db.mark_placed(placed)
     # mark_call_placed leaves the poll token at 0: the first poll holds token 0.
-    delay = get_settings().track_initial_delay_seconds
     for call, result in zip(calls, created, strict=True):
         if isinstance(result, CallHandle):
             log.info("call.placed", **_ids(call))
-            steps.append(Placed(NextPoll(str(call.assignment_id), 0, delay)))
+            steps.append(Placed(NextPoll(str(call.assignment_id), 0, _poll_delay(call, 0))))
         else:
             steps.append(result)
     return steps
@@ -230,7 +246,10 @@ def track_chunk(items: Sequence[tuple[str, int | None]]) -> list[Step]:
     polled = runtime.map_in_context(_poll, live)
     going = {str(c.assignment_id) for c, step in zip(live, polled, strict=True) if step is None}
     steps += [step for step in polled if step is not None]
-    return steps + _poll_again([(a, token) for a, token in items if a in going])
+    again = [
+        (a, t, 0.0 if t is None else _poll_delay(calls[a], t + 1)) for a, t in items if a in going
+    ]
+    return steps + _poll_again(again)
 
 
 def _poll(call: CallRow) -> Step | None:
@@ -247,15 +266,10 @@ def _poll(call: CallRow) -> Step | None:
     return _finish(str(call.assignment_id), status, decision)
 
 
-def _poll_again(items: Sequence[tuple[str, int | None]]) -> list[Step]:
+def _poll_again(items: Sequence[tuple[str, int | None, float]]) -> list[Step]:
     """Advance the poll tokens and say when to poll next; a stale chain stops here."""
-    s = get_settings()
-    steps: list[Step] = [Skipped(SkipReason.CHECKED) for _, token in items if token is None]
-    polls = [
-        (assignment_id, token, _delay(token, s))
-        for assignment_id, token in items
-        if token is not None
-    ]
+    steps: list[Step] = [Skipped(SkipReason.CHECKED) for _, token, _ in items if token is None]
+    polls = [(a, token, delay) for a, token, delay in items if token is not None]
     advanced = runtime.database().touch_polls(polls)
     for assignment_id, _, delay in polls:
         token = advanced.get(assignment_id)
@@ -266,9 +280,14 @@ def _poll_again(items: Sequence[tuple[str, int | None]]) -> list[Step]:
     return steps
 
 
-def _delay(token: int, s: Settings) -> float:
+def _poll_delay(call: CallRow, polls_done: int) -> float:
+    """Seconds until the next poll: a growing interval, or the safety net's when the provider
+    tells us a call's end by webhook."""
+    s = get_settings()
+    if runtime.expects_webhooks(call.provider):
+        return s.track_webhook_delay_seconds
     return next_poll_delay(
-        token + 1, s.track_initial_delay_seconds, s.track_backoff_factor, s.track_max_delay_seconds
+        polls_done, s.track_initial_delay_seconds, s.track_backoff_factor, s.track_max_delay_seconds
     )
 
 

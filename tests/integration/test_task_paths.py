@@ -30,6 +30,7 @@ from dispatch.steps import (
     SkipReason,
     Step,
 )
+from providers.base import CallState, CallStatus, WebhookEvent
 from providers.simulator import Simulator
 from worker import runtime, tasks
 from worker.celery_app import app
@@ -232,3 +233,30 @@ def test_a_chunk_sends_its_first_polls_as_one_message_and_logs_its_task_id(
     assert len(placed) == 3
     assert {e.get("task_id") for e in placed} == {"task-under-test"}
     assert {e.get("assignment_id") for e in placed} == set(ids)
+
+
+def test_a_final_report_ends_the_call_without_another_read(
+    worker_db: str, seeded: Seeded, sim: Simulator
+) -> None:
+    sim.configure(LONG_CALLS)
+    [aid] = claim(worker_db, seeded)
+    assert isinstance(dispatch(aid), Placed)
+    call = runtime.database().load_call(aid)
+    assert call is not None and call.provider_call_id
+    report = WebhookEvent(
+        provider_call_id=call.provider_call_id,
+        status=CallStatus(
+            call.provider_call_id, CallState.COMPLETED, duration_seconds=61.0, answered=True
+        ),
+        event_type="end-of-call-report",
+    )
+    provider_id = str(seeded.provider_ids["vapi"])
+    reads = sim.stats()["counters"].get("call_reads_vapi", 0)
+    assert tasks.end_from_report(provider_id, report) == Ended(Outcome.COMPLETED)
+    assert call_state(worker_db, aid) == ("completed", "completed", 0)
+    assert sim.stats()["counters"].get("call_reads_vapi", 0) == reads
+    with psycopg.connect(worker_db) as conn:
+        assert conn.execute("SELECT duration_seconds FROM call_history").fetchall() == [(61,)]
+    # the polling chain ends at its next poll, without a read
+    assert track(aid, 0) == Skipped(SkipReason.NOT_PLACED)
+    assert sim.stats()["counters"].get("call_reads_vapi", 0) == reads
