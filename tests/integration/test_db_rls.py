@@ -88,6 +88,7 @@ def _build(conn: Conn) -> World:
         "template_favorites": "user_id",
         "call_feedback": "user_id",
         "call_queue": "user_id",
+        "call_events": "user_id",
     }
     for table in TABLES:
         col = owner_col.get(table)
@@ -161,6 +162,18 @@ ADMIN_TABLES = {
     "provider_availability",
     "call_assignments",
     "call_retries",
+}
+
+
+# The call-event log's writers run as its owner (see 20240101000330_events.sql).
+EVENT_DEFINERS = {
+    "call_queue_log_insert",
+    "call_queue_log_status",
+    "call_assignments_log_insert",
+    "call_assignments_log_state",
+    "users_forget_call_events",
+    "record_call_event",
+    "prune_call_events",
 }
 
 
@@ -341,7 +354,7 @@ def test_functions_are_pinned_and_definer_only_where_needed(db_url: str) -> None
         ).fetchall()
     assert len(rows) >= 20
     definers = {name for name, secdef, _, _ in rows if secdef}
-    assert definers == {"schedule_call", "handle_new_user", "is_admin"}
+    assert definers == {"schedule_call", "handle_new_user", "is_admin"} | EVENT_DEFINERS
     for name, _, config, public_exec in rows:
         assert config and any(c.startswith("search_path=") for c in config), name
         assert not public_exec, name
