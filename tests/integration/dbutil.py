@@ -29,6 +29,7 @@ TABLES = [
     "provider_availability",
     "call_assignments",
     "call_retries",
+    "call_events",
     "call_campaigns",
 ]
 # Tables the issues added beyond the description's 13 (each helper appends its own).
