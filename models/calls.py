@@ -95,6 +95,8 @@ class CallRow:
     # Limits and caller id filled at dial time (None when not set).
     max_duration_seconds: float | None = None
     caller_id: str | None = field(default=None, repr=False)
+    # The provider's creates are paced fleet-wide (reserve_provider_create before sending).
+    paced: bool = False
 
     @classmethod
     def from_row(cls, row: Mapping[str, Any]) -> CallRow:
@@ -122,4 +124,5 @@ class CallRow:
             record_calls=row.get("record_calls"),
             max_duration_seconds=row.get("max_duration_seconds"),
             caller_id=row.get("caller_id"),
+            paced=bool(row.get("paced")),
         )

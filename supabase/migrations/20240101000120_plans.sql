@@ -25,3 +25,14 @@ CREATE INDEX tenant_call_counters_waiting_idx ON public.tenant_call_counters (us
   WHERE queued > 0;
 
 ALTER TABLE public.tenant_call_counters ENABLE ROW LEVEL SECURITY;
+
+-- Fleet-wide create pacing per provider (a shared GCRA bucket): next_at is the earliest time
+-- the next create may be sent by any worker. Rows appear on first use
+-- (reserve_provider_create); the rate is the provider row's config.creates_per_second, or the
+-- provider type's documented limit (provider_creates_per_second).
+CREATE TABLE public.provider_create_pacing (
+  provider_id uuid PRIMARY KEY REFERENCES public.call_service_providers (id) ON DELETE CASCADE,
+  next_at timestamptz NOT NULL DEFAULT now()
+) WITH (fillfactor = 50);
+
+ALTER TABLE public.provider_create_pacing ENABLE ROW LEVEL SECURITY;

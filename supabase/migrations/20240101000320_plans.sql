@@ -358,15 +358,18 @@ $$;
 -- ---------------------------------------------------------------------------------------------
 -- dial_gate: mark_call_dialing, then what the adapter must send with this dial (the call's max
 -- duration from its minute reservation, the caller id); one row, won = false: do not dial.
+-- paced: the provider's creates go through reserve_provider_create first.
 CREATE OR REPLACE FUNCTION public.dial_gate(p_assignment_id uuid)
-RETURNS TABLE (won boolean, max_duration_seconds integer, caller_id text)
+RETURNS TABLE (won boolean, max_duration_seconds integer, caller_id text, paced boolean)
 LANGUAGE plpgsql
 SET search_path = ''
 AS $$
 BEGIN
   won := public.mark_call_dialing(p_assignment_id);
   IF won THEN
-    SELECT a.max_duration_seconds, a.caller_id INTO max_duration_seconds, caller_id
+    SELECT a.max_duration_seconds, a.caller_id,
+           public.provider_creates_per_second(a.provider_id) IS NOT NULL
+      INTO max_duration_seconds, caller_id, paced
       FROM public.call_assignments a WHERE a.id = p_assignment_id;
   END IF;
   RETURN NEXT;
@@ -402,6 +405,81 @@ END
 $$;
 
 -- ---------------------------------------------------------------------------------------------
+-- Fleet-wide create rate per provider. PostgreSQL rather than Redis: every worker already
+-- holds a database connection, the broker may be RabbitMQ, and one row update per create is
+-- nothing at the rates providers allow (SynthFlow documents 1 create per second).
+
+-- The documented default per provider type (creates per second); NULL: none published
+-- (Vapi's org rate limit is not published). Must equal providers/synthflow.py's
+-- DEFAULT_CREATES_PER_SECOND (a test compares them).
+CREATE OR REPLACE FUNCTION public.provider_creates_per_second(p_provider_id uuid)
+RETURNS double precision
+LANGUAGE sql STABLE
+SET search_path = ''
+AS $$
+  SELECT coalesce(
+           nullif(p.config ->> 'creates_per_second', '')::double precision,
+           CASE p.provider_type WHEN 'synthflow' THEN 1.0 END)
+    FROM public.call_service_providers p WHERE p.id = p_provider_id;
+$$;
+
+-- reserve_provider_create: the seconds this worker must wait before sending a create to the
+-- provider (0: now), its slot taken in the shared schedule (one create per 1/rate seconds,
+-- fleet-wide). NULL, and nothing taken, when the wait would exceed p_max_wait_seconds (the
+-- caller puts the call back instead of waiting past its dialing lease).
+CREATE OR REPLACE FUNCTION public.reserve_provider_create(
+  p_provider_id uuid, p_max_wait_seconds double precision
+) RETURNS double precision
+LANGUAGE plpgsql
+SET search_path = ''
+AS $$
+DECLARE
+  v_rate double precision := public.provider_creates_per_second(p_provider_id);
+  v_now timestamptz := clock_timestamp();
+  v_slot timestamptz;
+  v_wait double precision;
+BEGIN
+  IF v_rate IS NULL OR v_rate <= 0 THEN
+    RETURN 0;
+  END IF;
+  INSERT INTO public.provider_create_pacing (provider_id, next_at) VALUES (p_provider_id, v_now)
+  ON CONFLICT (provider_id) DO NOTHING;
+  SELECT greatest(c.next_at, v_now) INTO v_slot
+    FROM public.provider_create_pacing c WHERE c.provider_id = p_provider_id FOR UPDATE;
+  v_wait := extract(epoch FROM v_slot - v_now);
+  IF v_wait > greatest(p_max_wait_seconds, 0) THEN
+    RETURN NULL;
+  END IF;
+  UPDATE public.provider_create_pacing c
+     SET next_at = v_slot + make_interval(secs => 1.0 / v_rate)
+   WHERE c.provider_id = p_provider_id;
+  RETURN v_wait;
+END
+$$;
+
+-- defer_dial: a call that passed the gate but got no create slot within its bound goes back
+-- to the queue untouched by the provider (as release_assignment: dial and minutes given back,
+-- attempt not counted), due again when the slot would have come.
+CREATE OR REPLACE FUNCTION public.defer_dial(p_assignment_id uuid, p_seconds double precision)
+RETURNS boolean
+LANGUAGE plpgsql
+SET search_path = ''
+AS $$
+DECLARE
+  v_qid uuid;
+BEGIN
+  SELECT a.queue_id INTO v_qid FROM public.call_assignments a WHERE a.id = p_assignment_id;
+  IF NOT public.release_assignment(p_assignment_id, 'fleet_rate_limit') THEN
+    RETURN false;
+  END IF;
+  UPDATE public.call_queue q
+     SET scheduled_time = now() + make_interval(secs => greatest(p_seconds, 0))
+   WHERE q.id = v_qid AND q.status = 'queued';
+  RETURN true;
+END
+$$;
+
+-- ---------------------------------------------------------------------------------------------
 -- Privileges and policies of this domain.
 REVOKE ALL ON public.tenant_call_counters FROM PUBLIC, anon, authenticated;
 GRANT ALL ON public.tenant_call_counters TO service_role;
@@ -418,12 +496,21 @@ REVOKE ALL ON FUNCTION
   public.tenant_plan(uuid), public.lock_current_usage(uuid),
   public.settle_call_usage(uuid, uuid, double precision), public.return_dial(uuid),
   public.claimable_calls(integer), public.dial_gate(uuid), public.refuse_dial(uuid, text),
-  public.fail_on_provider(uuid, text, text)
+  public.fail_on_provider(uuid, text, text), public.provider_creates_per_second(uuid),
+  public.reserve_provider_create(uuid, double precision),
+  public.defer_dial(uuid, double precision)
   FROM PUBLIC, anon, authenticated;
 GRANT EXECUTE ON FUNCTION
   public.call_status_class(text), public.apply_counter_deltas(jsonb),
   public.reconcile_tenant_counters(), public.tenant_plan(uuid), public.lock_current_usage(uuid),
   public.settle_call_usage(uuid, uuid, double precision), public.return_dial(uuid),
   public.claimable_calls(integer), public.dial_gate(uuid), public.refuse_dial(uuid, text),
-  public.fail_on_provider(uuid, text, text)
+  public.fail_on_provider(uuid, text, text), public.provider_creates_per_second(uuid),
+  public.reserve_provider_create(uuid, double precision),
+  public.defer_dial(uuid, double precision)
   TO service_role, callq_worker;
+REVOKE ALL ON public.provider_create_pacing FROM PUBLIC, anon, authenticated;
+GRANT ALL ON public.provider_create_pacing TO service_role;
+GRANT SELECT, INSERT, UPDATE, DELETE ON public.provider_create_pacing TO callq_worker;
+CREATE POLICY worker_all ON public.provider_create_pacing FOR ALL TO callq_worker
+  USING (true) WITH CHECK (true);

@@ -3,6 +3,7 @@ order at claim time, subscription lifecycle, default plan on signup, counters vs
 
 from __future__ import annotations
 
+import itertools
 import json
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -316,3 +317,25 @@ def test_counters_are_readable_only_by_their_tenant(conn: Conn) -> None:
             conn.execute("UPDATE tenant_call_counters SET queued = 0")
     with as_role(conn, "anon"), pytest.raises(psycopg.errors.InsufficientPrivilege):
         conn.execute("SELECT * FROM tenant_call_counters")
+
+
+def test_create_pacing_is_shared_and_bounded(conn: Conn) -> None:
+    from providers.synthflow import DEFAULT_CREATES_PER_SECOND
+
+    p = make_provider(conn)
+    conn.execute(
+        "UPDATE call_service_providers SET provider_type = 'synthflow' WHERE id = %s", (p,)
+    )
+    # the documented default lives in SQL and in the adapter: they agree
+    assert one(conn, "SELECT provider_creates_per_second(%s)", (p,)) == DEFAULT_CREATES_PER_SECOND
+    conn.execute(
+        "UPDATE call_service_providers SET config = '{\"creates_per_second\": 4}' WHERE id = %s",
+        (p,),
+    )
+    waits = [one(conn, "SELECT reserve_provider_create(%s, 0.55)", (p,)) for _ in range(4)]
+    assert waits[0] == pytest.approx(0, abs=0.1)
+    for a, b in itertools.pairwise(waits[:3]):
+        assert b - a == pytest.approx(0.25, abs=0.1)  # one slot per 1/rate, fleet-wide
+    assert waits[3] is None  # past the bound: nothing taken, the caller defers the call
+    vapi = make_provider(conn)
+    assert one(conn, "SELECT reserve_provider_create(%s, 0)", (vapi,)) == 0  # no published rate
