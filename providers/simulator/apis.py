@@ -209,8 +209,8 @@ def _within(call: dict[str, Any], key: str, bound: float) -> bool:
 
 
 def _compare(value: float, key: str, bound: float) -> bool:
-    """One ``...Gt|Lt|Ge|Le`` bound, compared at millisecond precision as the API stores it."""
-    a, b, op = round(value * 1000), round(bound * 1000), key[-2:]
+    """One ``...Gt|Lt|Ge|Le`` bound (values are whole milliseconds; bounds may carry µs)."""
+    a, b, op = round(value * 1_000_000), round(bound * 1_000_000), key[-2:]
     return {"Gt": a > b, "Lt": a < b, "Ge": a >= b, "Le": a <= b}[op]
 
 

@@ -146,7 +146,7 @@ def vapi_messages(call: SimCall, now: float) -> list[dict[str, object]]:
         "artifact": vapi_call.get("artifact", {}), "analysis": {}, "call": vapi_call,
         "customer": vapi_call.get("customer"), "timestamp": stamp,
     }  # fmt: skip
-    for key in ("startedAt", "endedAt", "cost", "costBreakdown"):
+    for key in ("startedAt", "endedAt", "cost"):
         if key in vapi_call:
             report[key] = vapi_call[key]
     update = {

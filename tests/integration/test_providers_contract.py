@@ -6,12 +6,10 @@ Adding a provider: give it a simulator and a ``SETUPS`` entry; this test names w
 from __future__ import annotations
 
 import json
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import httpx
@@ -27,6 +25,7 @@ from providers.errors import (
 )
 from providers.registry import available_types, build_provider
 from providers.simulator import Simulator
+from tests.integration.receiver import Receiver
 
 HOOK_SECRET = "sim-webhook-secret"
 FAST = {
@@ -60,34 +59,6 @@ SETUPS = {
         "sim-synthflow-key", "/synthflow/v2", {"model_id": "m-1", "creates_per_second": 200}, False
     ),
 }
-
-
-class Receiver:
-    """Collects webhook deliveries."""
-
-    def __init__(self) -> None:
-        self.deliveries: list[tuple[dict[str, str], bytes]] = []
-        received = self.deliveries
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                received.append((dict(self.headers.items()), body))
-                self.send_response(200)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
 
 
 @pytest.fixture(scope="module")
