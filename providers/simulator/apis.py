@@ -64,6 +64,9 @@ class VapiApi:
     def is_create(self, method: str, sub: str) -> bool:
         return method == "POST" and sub == "/call"
 
+    def is_call_read(self, method: str, parts: list[str]) -> bool:
+        return method == "GET" and len(parts) == 2
+
     def open_path(self, sub: str) -> bool:
         """``monitor.controlUrl`` takes no key (as in Vapi's examples)."""
         return sub.endswith("/control")
@@ -247,6 +250,9 @@ class SynthflowApi:
 
     def is_create(self, method: str, sub: str) -> bool:
         return method == "POST" and sub == "/calls"
+
+    def is_call_read(self, method: str, parts: list[str]) -> bool:
+        return method == "GET" and len(parts) == 2
 
     def open_path(self, sub: str) -> bool:
         return False

@@ -237,6 +237,9 @@ class RetellApi:
     def is_create(self, method: str, sub: str) -> bool:
         return method == "POST" and sub == "/v2/create-phone-call"
 
+    def is_call_read(self, method: str, parts: list[str]) -> bool:
+        return method == "GET" and parts[:2] == ["v2", "get-call"]
+
     def open_path(self, sub: str) -> bool:
         return False
 

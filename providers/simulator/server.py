@@ -202,6 +202,8 @@ class Simulator:
     ) -> Response:
         parts = [p for p in sub.split("/") if p]
         params = {k: v[-1] for k, v in parse_qs(query, keep_blank_values=True).items()}
+        if api.is_call_read(method, parts):  # one call read (a poll or a webhook's re-read)
+            self.engine.count(f"call_reads_{api.name}")
         answer = api.route(method, parts, params, raw, headers)
         return answer if answer is not None else api.not_found(method, sub)
 
