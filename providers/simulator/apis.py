@@ -11,15 +11,19 @@ import json
 import math
 import time
 import uuid
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from providers.simulator import shapes
 from providers.simulator.engine import Engine, SimCall
 
-if TYPE_CHECKING:
-    from providers.simulator.webhooks import WebhookSender
-
 Response = tuple[int, Any, dict[str, str] | None]
+
+
+class Scheduler(Protocol):
+    """Queues a call's webhooks (the simulator's ``WebhookSender``)."""
+
+    def schedule(self, call: SimCall) -> None: ...
+
 
 VAPI_LIST_DATES = tuple(
     f"{field}At{op}" for field in ("created", "updated") for op in ("Gt", "Lt", "Ge", "Le")
@@ -42,7 +46,7 @@ class VapiApi:
     name = "vapi"
     prefix = "/vapi"
 
-    def __init__(self, engine: Engine, webhooks: WebhookSender) -> None:
+    def __init__(self, engine: Engine, webhooks: Scheduler) -> None:
         self.engine = engine
         self.webhooks = webhooks
 
@@ -231,7 +235,7 @@ class SynthflowApi:
     name = "synthflow"
     prefix = "/synthflow/v2"
 
-    def __init__(self, engine: Engine, webhooks: WebhookSender) -> None:
+    def __init__(self, engine: Engine, webhooks: Scheduler) -> None:
         self.engine = engine
         self.webhooks = webhooks
 

@@ -12,14 +12,11 @@ from __future__ import annotations
 
 import base64
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from providers.simulator import shapes
-from providers.simulator.apis import Response, parse_json, retry_after
+from providers.simulator.apis import Response, Scheduler, parse_json, retry_after
 from providers.simulator.engine import Engine, Features, SimCall
-
-if TYPE_CHECKING:
-    from providers.simulator.webhooks import WebhookSender
 
 # Field names of the retell-sdk request types (a contract test compares them with the SDK).
 CREATE_FIELDS = frozenset(
@@ -217,7 +214,7 @@ class RetellApi:
     name = "retell"
     prefix = "/retell"
 
-    def __init__(self, engine: Engine, webhooks: WebhookSender) -> None:
+    def __init__(self, engine: Engine, webhooks: Scheduler) -> None:
         self.engine = engine
         self.webhooks = webhooks
 
