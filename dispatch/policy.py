@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from providers.base import CallState, CallStatus
 from providers.errors import (
+    ConfigError,
     ProviderError,
     ProviderOutcomeUnknownError,
     ProviderPermanentError,
@@ -87,6 +88,18 @@ def decide_error(exc: ProviderError) -> ErrorDecision:
         retry_after = math.ceil(exc.retry_after) if exc.retry_after else None
         return Fail(RATE_LIMITED, _error_text(exc), retry_after)
     return Fail(PROVIDER_ERROR, _error_text(exc))
+
+
+def decide_pre_send_error(exc: Exception) -> Fail:
+    """What to do when placing a call failed before any request left.
+
+    A configuration error fails the call over to another provider; anything else (the call's
+    own data cannot be sent) is permanent. The reason names the error type, never its text,
+    unless it is a ``ConfigError`` (whose messages carry no values by contract).
+    """
+    if isinstance(exc, ConfigError):
+        return Fail(PROVIDER_ERROR, f"config_error: {str(exc)[:300]}")
+    return Fail(PERMANENT, f"not_sent: {type(exc).__name__}")
 
 
 def next_poll_delay(poll_count: int, initial: float, factor: float, maximum: float) -> float:

@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from datetime import datetime
 from functools import cache
 from importlib import resources
-from typing import Any
+from typing import Any, ClassVar
 
 import httpx
 
@@ -30,6 +30,7 @@ from providers._util import (
     secrets_equal,
 )
 from providers.base import (
+    REPLAY_WINDOW_SECONDS,
     CallHandle,
     CallRequest,
     CallState,
@@ -49,7 +50,6 @@ from providers.errors import (
 PROVIDER = "vapi"
 BASE_URL = "https://api.vapi.ai"
 DEFAULT_MODEL = {"provider": "openai", "model": "gpt-4o-mini"}
-WEBHOOK_TOLERANCE_SECONDS = 300.0
 _PAGE = 100
 _MAX_PAGES = 10
 _MAX_TEXT = 40  # customer.name/email/externalId and call name limits in CreateCallDTO
@@ -101,9 +101,7 @@ def build_create_body(req: CallRequest, config: ProviderConfig) -> dict[str, Any
     """The ``POST /call`` body (a ``CreateCallDTO``) for ``req``."""
     phone_number_id = config.setting("phone_number_id")
     if not phone_number_id:
-        raise ConfigError(
-            f"vapi provider {config.name or config.id}: config.phone_number_id is missing"
-        )
+        raise ConfigError(f"vapi provider {config.id}: config.phone_number_id is missing")
     body: dict[str, Any] = {
         "phoneNumberId": str(phone_number_id),
         "customer": _customer(req, config),
@@ -146,14 +144,17 @@ def _overrides(req: CallRequest, config: ProviderConfig) -> dict[str, Any]:
     webhook_url = config.setting("webhook_url")
     if webhook_url:
         overrides["server"] = {"url": str(webhook_url)}
-    max_duration = config.setting("max_duration_seconds")
+    max_duration = config.number("max_duration_seconds", None)
     if max_duration:
         overrides["maxDurationSeconds"] = int(max_duration)
     return overrides
 
 
 def _inline_assistant(req: CallRequest, config: ProviderConfig) -> dict[str, Any]:
-    model = dict(config.setting("model") or DEFAULT_MODEL)
+    configured = config.setting("model") or DEFAULT_MODEL
+    if not isinstance(configured, Mapping):
+        raise ConfigError(f"vapi provider {config.id}: config.model is not an object")
+    model = dict(configured)
     model["messages"] = [{"role": "system", "content": req.script or ""}]
     assistant: dict[str, Any] = {"model": model, "metadata": _metadata(req)}
     if req.template_name:
@@ -241,7 +242,8 @@ def verify_webhook(
     headers: Mapping[str, str], body: bytes, secret: str, *, now: float | None = None
 ) -> None:
     """Accept ``X-Vapi-Secret``, ``Authorization: Bearer`` or HMAC-SHA256 (``x-signature`` over
-    ``{timestamp}.{body}``, hex); raise :class:`WebhookAuthError` otherwise."""
+    ``{x-timestamp}.{body}``, hex). The HMAC form requires the timestamp, within
+    :data:`REPLAY_WINDOW_SECONDS` of now. Raise :class:`WebhookAuthError` otherwise."""
     h = lower_headers(headers)
     if "x-vapi-secret" in h and secrets_equal(h["x-vapi-secret"], secret):
         return
@@ -250,9 +252,9 @@ def verify_webhook(
         return
     signature = h.get("x-signature") or h.get("x-vapi-signature")
     if signature:
-        timestamp = h.get("x-timestamp", "")
+        timestamp = h.get("x-timestamp", "").strip()
         _check_timestamp(timestamp, now)
-        message = f"{timestamp}.".encode() + body if timestamp else body
+        message = timestamp.encode() + b"." + body
         expected = hmac.new(secret.encode(), message, hashlib.sha256).hexdigest()
         if secrets_equal(signature.removeprefix("sha256=").strip().lower(), expected):
             return
@@ -260,13 +262,14 @@ def verify_webhook(
 
 
 def _check_timestamp(timestamp: str, now: float | None) -> None:
-    when = as_float(timestamp)
-    if when is None:
-        return
+    """Refuse a missing, malformed or stale timestamp (seconds or milliseconds)."""
+    if not timestamp.isdigit() or len(timestamp) > 16:
+        raise WebhookAuthError("webhook timestamp missing or malformed")
+    when = float(timestamp)
     if when > 1e11:
         when /= 1000.0
-    if abs((now if now is not None else time.time()) - when) > WEBHOOK_TOLERANCE_SECONDS:
-        raise WebhookAuthError("webhook timestamp outside tolerance")
+    if abs((now if now is not None else time.time()) - when) > REPLAY_WINDOW_SECONDS:
+        raise WebhookAuthError("webhook timestamp outside the replay window")
 
 
 def parse_webhook_payload(payload: Mapping[str, Any]) -> WebhookEvent:
@@ -300,6 +303,7 @@ class VapiProvider:
     """The Vapi account described by ``config`` (see module docstring)."""
 
     provider_type = PROVIDER
+    official_base_urls: ClassVar[tuple[str, ...]] = (BASE_URL,)
 
     def __init__(self, config: ProviderConfig, client: httpx.Client | None = None) -> None:
         self.config = config
@@ -387,7 +391,7 @@ class VapiProvider:
 
     def parse_webhook(self, headers: Mapping[str, str], body: bytes) -> WebhookEvent:
         """Authenticate with the configured ``webhook_secret`` then parse the server message."""
-        secret = self.config.secret_setting("webhook_secret") or self.config.api_secret
+        secret = self.config.webhook_key()
         if secret is None:
             raise WebhookAuthError("no webhook_secret configured")
         verify_webhook(headers, body, secret.get_secret_value())

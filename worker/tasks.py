@@ -26,12 +26,13 @@ from dispatch.policy import (
     Reconcile,
     decide_error,
     decide_outcome,
+    decide_pre_send_error,
     next_poll_delay,
 )
 from dispatch.request import build_call_request
 from models.queries import touch_poll
 from providers.base import CallStatus, Provider
-from providers.errors import ProviderError
+from providers.errors import ConfigError, ProviderError
 from worker import logs, runtime
 from worker.celery_app import app
 from worker.settings import get_settings
@@ -122,9 +123,14 @@ def _dispatch_one(assignment_id: str, polls: list[NextPoll]) -> str:
     try:
         provider = runtime.provider_for(call)
         request = build_call_request(call)
+    except Exception as exc:
+        return _before_create_error(assignment_id, exc)
+    try:
         handle = provider.create_call(request)
     except ProviderError as exc:
         return _after_create_error(assignment_id, call["provider_id"], exc)
+    except ConfigError as exc:  # raised before the request is built: nothing left
+        return _before_create_error(assignment_id, exc)
     except Exception:
         # Anything unexpected after the gate: the request may have left, so treat the outcome
         # as unknown and look the call up before anything is re-sent.
@@ -136,6 +142,14 @@ def _dispatch_one(assignment_id: str, polls: list[NextPoll]) -> str:
     # mark_call_placed starts the poll counter at 0: the first poll holds token 0.
     polls.append((assignment_id, 0, get_settings().track_initial_delay_seconds))
     return "placed"
+
+
+def _before_create_error(assignment_id: str, exc: Exception) -> str:
+    """No request left: fail the call over with a reason that names no value."""
+    decision = decide_pre_send_error(exc)
+    result = _fail(assignment_id, decision)
+    log.warning("call.not_sent", kind=decision.kind, result=result, error=decision.error)
+    return result
 
 
 def _after_create_error(assignment_id: str, provider_id: UUID, exc: ProviderError) -> str:
@@ -300,10 +314,13 @@ def health_check() -> dict[str, str]:
     db = runtime.database()
     results: dict[str, str] = {}
     for row in db.active_providers():
-        provider: Provider = runtime.provider_for(row)
         try:
+            # A row the worker refuses (host, secret name) is never sent anything.
+            provider: Provider = runtime.provider_for(row)
             health = provider.check_health()
             ok, latency, detail = health.ok, health.latency_ms, health.detail
+        except ConfigError:
+            ok, latency, detail = False, 0.0, "config_error"
         except Exception as exc:  # a probe must never kill the maintenance queue
             ok, latency, detail = False, 0.0, type(exc).__name__
         results[str(row["provider_id"])] = db.record_health(

@@ -24,6 +24,7 @@ def sim() -> Iterator[Simulator]:
 @pytest.fixture
 def worker_db(db_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     monkeypatch.setenv("DATABASE_URL", db_url)
+    monkeypatch.setenv("CALLQ_PROVIDER_ALLOWED_HOSTS", "http://127.0.0.1:*")
     get_settings.cache_clear()
     runtime.reset()
     yield db_url
