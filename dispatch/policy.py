@@ -2,6 +2,7 @@
 
 - :func:`decide_outcome`: a provider's call state -> complete, fail (which kind) or keep polling.
 - :func:`decide_error`: a provider error raised while placing a call -> what to do next.
+- :func:`decide_setup_error`: an error raised before any request left -> fail over.
 - :func:`next_poll_delay`: the growing interval between polls of a placed call.
 """
 
@@ -90,16 +91,16 @@ def decide_error(exc: ProviderError) -> ErrorDecision:
     return Fail(PROVIDER_ERROR, _error_text(exc))
 
 
-def decide_pre_send_error(exc: Exception) -> Fail:
-    """What to do when placing a call failed before any request left.
+def decide_setup_error(exc: Exception) -> Fail:
+    """What to do after building the adapter or the request failed: nothing was sent, so the
+    call may go to another provider (a provider error, which excludes this one next time).
 
-    A configuration error fails the call over to another provider; anything else (the call's
-    own data cannot be sent) is permanent. The reason names the error type, never its text,
-    unless it is a ``ConfigError`` (whose messages carry no values by contract).
+    The reason names the error type; a ``ConfigError`` also says what is wrong (its messages
+    carry field names and references, never values, by contract).
     """
     if isinstance(exc, ConfigError):
         return Fail(PROVIDER_ERROR, f"config_error: {str(exc)[:300]}")
-    return Fail(PERMANENT, f"not_sent: {type(exc).__name__}")
+    return Fail(PROVIDER_ERROR, f"setup failed before any request: {type(exc).__name__}")
 
 
 def next_poll_delay(poll_count: int, initial: float, factor: float, maximum: float) -> float:

@@ -227,7 +227,7 @@ def load_providers() -> dict[str, Provider | None]:
 
     out: dict[str, Provider | None] = {}
     for row in runtime.database().active_providers():
-        provider_id = str(row["provider_id"]).lower()
+        provider_id = str(row.provider_id).lower()
         try:
             out[provider_id] = runtime.provider_for(row)
         except ConfigError as exc:  # its message names fields and references, never values

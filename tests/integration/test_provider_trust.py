@@ -54,16 +54,10 @@ def trap() -> Iterator[Trap]:
 
 
 @pytest.fixture
-def sim() -> Iterator[Simulator]:
-    simulator = Simulator().start(port=0)
-    yield simulator
-    simulator.stop()
-
-
-@pytest.fixture
 def worker_db(db_url: str, sim: Simulator, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """As the shared fixture, but only the simulator's exact origin is allowed (not the trap)."""
     monkeypatch.setenv("DATABASE_URL", db_url)
-    monkeypatch.setenv("CALLQ_PROVIDER_ALLOWED_HOSTS", sim.base_url)  # exactly the simulator
+    monkeypatch.setenv("CALLQ_PROVIDER_ALLOWED_HOSTS", sim.base_url)
     get_settings.cache_clear()
     runtime.reset()
     yield db_url
@@ -82,9 +76,9 @@ def seeded(conn: psycopg.Connection[Any], sim: Simulator) -> Seeded:
     return seed_demo(conn, sim_base_url=sim.base_url)
 
 
-def dispatch_one(conn: psycopg.Connection[Any], seeded: Seeded, provider: str) -> tuple[str, Any]:
+def place_one(conn: psycopg.Connection[Any], seeded: Seeded, provider: str) -> tuple[str, Any]:
     """Schedule one call, claim it onto ``provider`` and place it in process."""
-    from worker.tasks import _dispatch_one
+    from worker.tasks import dispatch_one
 
     others = [v for k, v in seeded.provider_ids.items() if k != provider]
     deactivate = "UPDATE call_service_providers SET is_active = false WHERE id = ANY(%s)"
@@ -92,7 +86,7 @@ def dispatch_one(conn: psycopg.Connection[Any], seeded: Seeded, provider: str) -
     [queue_id] = schedule_calls(conn, seeded, 1)
     [assigned] = runtime.database().claim_and_assign(1, "test", 60)
     conn.execute("UPDATE call_service_providers SET is_active = true WHERE id = ANY(%s)", (others,))
-    return _dispatch_one(str(assigned.assignment_id), []), queue_id
+    return dispatch_one(str(assigned.assignment_id)).label, queue_id
 
 
 def retry_errors(conn: psycopg.Connection[Any], queue_id: Any) -> list[str]:
@@ -110,7 +104,7 @@ def test_a_row_pointing_elsewhere_fails_over_and_nothing_is_sent(
     conn.execute(
         "UPDATE call_service_providers SET base_url = %s WHERE id = %s", (trap.url + "/vapi", vapi)
     )
-    result, queue_id = dispatch_one(conn, seeded, "vapi")
+    result, queue_id = place_one(conn, seeded, "vapi")
     assert result == "retry_scheduled"
     [error] = retry_errors(conn, queue_id)
     assert "config_error" in error and "base_url" in error and trap.url not in error
@@ -124,7 +118,7 @@ def test_a_row_pointing_elsewhere_fails_over_and_nothing_is_sent(
     last_error = conn.execute(
         "SELECT last_error FROM provider_availability WHERE provider_id = %s", (vapi,)
     ).fetchone()
-    assert last_error == ("config_error",)
+    assert last_error == ("ConfigError",)
     assert trap.connections == 0
     assert sim.stats()["total_creates"] == 0
 
@@ -142,7 +136,7 @@ def test_env_reference_to_the_workers_environment_is_refused(
         "UPDATE call_service_providers SET api_key = 'env:DATABASE_URL' WHERE id = %s",
         (synthflow,),
     )
-    result, queue_id = dispatch_one(conn, seeded, "synthflow")
+    result, queue_id = place_one(conn, seeded, "synthflow")
     assert result == "retry_scheduled"
     [error] = retry_errors(conn, queue_id)
     assert "env:DATABASE_URL is not an allowed secret name" in error
@@ -154,7 +148,7 @@ def test_env_reference_to_the_workers_environment_is_refused(
         ' config = config || \'{"read_timeout": "env:SOME_TIMEOUT"}\' WHERE id = %s',
         (synthflow,),
     )
-    result, queue_id = dispatch_one(conn, seeded, "synthflow")
+    result, queue_id = place_one(conn, seeded, "synthflow")
     [error] = retry_errors(conn, queue_id)
     assert "config.read_timeout" in error and "canary" not in error
     assert sim.stats()["total_creates"] == 0
