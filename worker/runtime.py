@@ -88,6 +88,15 @@ def provider_for(row: ProviderRow) -> Provider:
         return provider
 
 
+def expects_webhooks(row: ProviderRow) -> bool:
+    """True when this provider reports a call's end by webhook: it has a webhook secret, and
+    (Vapi) it is told where to post (``CALLQ_WEBHOOK_PUBLIC_URL``); SynthFlow takes its URL
+    from the agent's settings. Such calls are polled only as a safety net."""
+    if not (row.webhook_secret or row.api_secret):
+        return False
+    return row.provider_type != "vapi" or bool(get_settings().webhook_public_url)
+
+
 def map_in_context(fn: Callable[[T], R], items: Iterable[T]) -> list[R]:
     """``fn`` over ``items`` on the pool, each in a copy of the caller's context.
 

@@ -3,8 +3,10 @@
 Each delivery is authenticated by the provider's adapter (``Provider.parse_webhook``): 401 when
 that fails, 400 for a malformed body, 404 for an unknown provider, 413 for a body over the
 limit, 408 for a body that does not arrive in time. An accepted event is answered at once, then
-enqueues ``callq.webhook`` with ids; the task re-reads the call from the provider's API, so an
-event is a hint and never trusted alone.
+acted on (``dispatch.policy.decide_webhook``): a final report whose whole body is authenticated
+(Vapi's end-of-call-report) ends the call here, from its own data; a hint (SynthFlow's
+post-call, signed over the call id only) enqueues ``callq.webhook`` with ids, and that task
+re-reads the call from the provider's API.
 
 An unauthenticated request costs little: the providers' secrets are loaded off the request path
 and cached for a few seconds (:class:`Directory`), so a request does no database work and
@@ -33,7 +35,8 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from providers.base import REPLAY_WINDOW_SECONDS, Provider
+from dispatch.policy import WebhookAction, decide_webhook
+from providers.base import REPLAY_WINDOW_SECONDS, Provider, WebhookEvent
 from providers.errors import CallqError, ConfigError, WebhookAuthError, WebhookPayloadError
 from worker import logs
 from worker.settings import Settings
@@ -45,8 +48,8 @@ _CALL_ID = re.compile(r"^[A-Za-z0-9_.:\-]{1,128}$")
 
 # Loads {provider_id: adapter, or None when the row is refused} for every active provider.
 Loader = Callable[[], dict[str, Provider | None]]
-# Enqueues the re-read of one call: (provider_id, provider_call_id).
-Enqueue = Callable[[str, str], None]
+# Acts on one accepted event (blocking; runs in a worker thread after the answer is sent).
+Act = Callable[[str, WebhookEvent], None]
 
 
 class Directory:
@@ -143,7 +146,7 @@ async def read_body(request: Request, limits: Limits) -> bytes:
     return bytes(body)
 
 
-def create_app(directory: Directory, enqueue: Enqueue, limits: Limits) -> Starlette:
+def create_app(directory: Directory, act: Act, limits: Limits) -> Starlette:
     """The ASGI app: ``POST /webhooks/{provider_id}`` and ``GET /healthz``."""
     replays = Replays()
 
@@ -183,18 +186,17 @@ def create_app(directory: Directory, enqueue: Enqueue, limits: Limits) -> Starle
         digest = hashlib.sha256(body).digest()
         if not replays.first_time(f"{provider_id}/{call_id}/".encode() + digest):
             return reply(200, {"status": "duplicate"})
-        log.info("webhook.accepted", provider_id=provider_id, event_type=event.event_type)
-        # Answered first, enqueued right after: the provider never waits on our broker. A lost
-        # hint costs nothing but time: polling follows every placed call anyway.
+        # Answered first, acted on right after: the provider never waits on our broker or
+        # database. A lost event costs only time: polling follows every placed call anyway.
         response = reply(200, {"status": "accepted"})
-        response.background = BackgroundTask(_enqueue, provider_id, call_id)
+        response.background = BackgroundTask(_act, provider_id, event)
         return response
 
-    async def _enqueue(provider_id: str, call_id: str) -> None:
+    async def _act(provider_id: str, event: WebhookEvent) -> None:
         try:
-            await anyio.to_thread.run_sync(enqueue, provider_id, call_id)
+            await anyio.to_thread.run_sync(act, provider_id, event)
         except Exception as exc:
-            log.warning("webhook.enqueue_failed", provider_id=provider_id, error=type(exc).__name__)
+            log.warning("webhook.action_failed", provider_id=provider_id, error=type(exc).__name__)
 
     async def healthz(_: Request) -> Response:
         return reply(
@@ -236,11 +238,16 @@ def load_providers() -> dict[str, Provider | None]:
     return out
 
 
-def enqueue_webhook(provider_id: str, provider_call_id: str) -> None:
-    """Send ``callq.webhook(provider_id, provider_call_id)`` to the broker."""
-    from worker.tasks import webhook
+def act_on(provider_id: str, event: WebhookEvent) -> None:
+    """End the call from a final report, or enqueue ``callq.webhook`` with ids for a hint."""
+    from worker.tasks import end_from_report, webhook
 
-    webhook.apply_async((provider_id, provider_call_id))
+    action = decide_webhook(event)
+    if action is WebhookAction.FINISH:
+        end_from_report(provider_id, event)
+    elif action is WebhookAction.CHECK:
+        webhook.apply_async((provider_id, event.provider_call_id))
+    log.info("webhook.acted", provider_id=provider_id, event_type=event.event_type, action=action)
 
 
 def server(s: Settings, host: str | None = None, port: int | None = None) -> uvicorn.Server:
@@ -249,7 +256,7 @@ def server(s: Settings, host: str | None = None, port: int | None = None) -> uvi
 
     app = create_app(
         Directory(load_providers, s.webhook_secret_ttl_seconds),
-        enqueue_webhook,
+        act_on,
         Limits.from_settings(s),
     )
     config = uvicorn.Config(
