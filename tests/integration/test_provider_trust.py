@@ -78,7 +78,7 @@ def seeded(conn: psycopg.Connection[Any], sim: Simulator) -> Seeded:
 
 def place_one(conn: psycopg.Connection[Any], seeded: Seeded, provider: str) -> tuple[str, Any]:
     """Schedule one call, claim it onto ``provider`` and place it in process."""
-    from worker.tasks import dispatch_one
+    from worker.tasks import dispatch_chunk
 
     others = [v for k, v in seeded.provider_ids.items() if k != provider]
     deactivate = "UPDATE call_service_providers SET is_active = false WHERE id = ANY(%s)"
@@ -86,7 +86,8 @@ def place_one(conn: psycopg.Connection[Any], seeded: Seeded, provider: str) -> t
     [queue_id] = schedule_calls(conn, seeded, 1)
     [assigned] = runtime.database().claim_and_assign(1, "test", 60)
     conn.execute("UPDATE call_service_providers SET is_active = true WHERE id = ANY(%s)", (others,))
-    return dispatch_one(str(assigned.assignment_id)).label, queue_id
+    [step] = dispatch_chunk([str(assigned.assignment_id)])
+    return step.label, queue_id
 
 
 def retry_errors(conn: psycopg.Connection[Any], queue_id: Any) -> list[str]:
