@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from functools import cache
 from importlib import resources
-from typing import Any
+from typing import Any, ClassVar
 
 import httpx
 
@@ -30,6 +30,7 @@ from providers._util import (
     secrets_equal,
 )
 from providers.base import (
+    REPLAY_WINDOW_SECONDS,
     CallHandle,
     CallRequest,
     CallState,
@@ -51,7 +52,6 @@ from providers.errors import (
 PROVIDER = "vapi"
 BASE_URL = "https://api.vapi.ai"
 DEFAULT_MODEL = {"provider": "openai", "model": "gpt-4o-mini"}
-WEBHOOK_TOLERANCE_SECONDS = 300.0
 _PAGE = 100
 _MAX_LIMIT = 1000  # GET /call's maximum limit
 _MAX_PAGES = 20
@@ -138,9 +138,7 @@ def build_create_body(req: CallRequest, config: ProviderConfig) -> dict[str, Any
     """The ``POST /call`` body (a ``CreateCallDTO``) for ``req``."""
     phone_number_id = req.caller_id or config.setting("phone_number_id")
     if not phone_number_id:
-        raise ConfigError(
-            f"vapi provider {config.name or config.id}: config.phone_number_id is missing"
-        )
+        raise ConfigError(f"vapi provider {config.id}: config.phone_number_id is missing")
     body: dict[str, Any] = {
         "phoneNumberId": str(phone_number_id),
         "customer": _customer(req, config),
@@ -195,7 +193,8 @@ def _overrides(req: CallRequest, config: ProviderConfig) -> dict[str, Any]:
 
 def max_duration_seconds(req: CallRequest, config: ProviderConfig) -> int | None:
     """The tighter of the request's and the row's cap, within Vapi's 10..43200 seconds."""
-    caps = [int(v) for v in (req.max_duration_seconds, config.setting("max_duration_seconds")) if v]
+    row_cap = config.number("max_duration_seconds", None)
+    caps = [int(v) for v in (req.max_duration_seconds, row_cap) if v]
     if not caps:
         return None
     return max(MIN_DURATION_SECONDS, min(min(caps), MAX_DURATION_SECONDS))
@@ -214,7 +213,10 @@ def _voicemail(policy: VoicemailPolicy, config: ProviderConfig) -> dict[str, Any
 
 
 def _inline_assistant(req: CallRequest, config: ProviderConfig) -> dict[str, Any]:
-    model = dict(config.setting("model") or DEFAULT_MODEL)
+    configured = config.setting("model") or DEFAULT_MODEL
+    if not isinstance(configured, Mapping):
+        raise ConfigError(f"vapi provider {config.id}: config.model is not an object")
+    model = dict(configured)
     model["messages"] = [{"role": "system", "content": req.script or ""}]
     assistant: dict[str, Any] = {"model": model, "metadata": _metadata(req)}
     if req.template_name:
@@ -302,7 +304,8 @@ def verify_webhook(
     headers: Mapping[str, str], body: bytes, secret: str, *, now: float | None = None
 ) -> None:
     """Accept ``X-Vapi-Secret``, ``Authorization: Bearer`` or HMAC-SHA256 (``x-signature`` over
-    ``{timestamp}.{body}``, hex); raise :class:`WebhookAuthError` otherwise."""
+    ``{x-timestamp}.{body}``, hex). The HMAC form requires the timestamp, within
+    :data:`REPLAY_WINDOW_SECONDS` of now. Raise :class:`WebhookAuthError` otherwise."""
     h = lower_headers(headers)
     if "x-vapi-secret" in h and secrets_equal(h["x-vapi-secret"], secret):
         return
@@ -311,9 +314,9 @@ def verify_webhook(
         return
     signature = h.get("x-signature") or h.get("x-vapi-signature")
     if signature:
-        timestamp = h.get("x-timestamp", "")
+        timestamp = h.get("x-timestamp", "").strip()
         _check_timestamp(timestamp, now)
-        message = f"{timestamp}.".encode() + body if timestamp else body
+        message = timestamp.encode() + b"." + body
         expected = hmac.new(secret.encode(), message, hashlib.sha256).hexdigest()
         if secrets_equal(signature.removeprefix("sha256=").strip().lower(), expected):
             return
@@ -321,13 +324,14 @@ def verify_webhook(
 
 
 def _check_timestamp(timestamp: str, now: float | None) -> None:
-    when = as_float(timestamp)
-    if when is None:
-        return
+    """Refuse a missing, malformed or stale timestamp (seconds or milliseconds)."""
+    if not timestamp.isdigit() or len(timestamp) > 16:
+        raise WebhookAuthError("webhook timestamp missing or malformed")
+    when = float(timestamp)
     if when > 1e11:
         when /= 1000.0
-    if abs((now if now is not None else time.time()) - when) > WEBHOOK_TOLERANCE_SECONDS:
-        raise WebhookAuthError("webhook timestamp outside tolerance")
+    if abs((now if now is not None else time.time()) - when) > REPLAY_WINDOW_SECONDS:
+        raise WebhookAuthError("webhook timestamp outside the replay window")
 
 
 def parse_webhook_payload(payload: Mapping[str, Any]) -> WebhookEvent:
@@ -365,6 +369,7 @@ class VapiProvider:
     """The Vapi account described by ``config`` (see module docstring)."""
 
     provider_type = PROVIDER
+    official_base_urls: ClassVar[tuple[str, ...]] = (BASE_URL,)
 
     def __init__(self, config: ProviderConfig, client: httpx.Client | None = None) -> None:
         self.config = config
@@ -470,7 +475,7 @@ class VapiProvider:
 
     def parse_webhook(self, headers: Mapping[str, str], body: bytes) -> WebhookEvent:
         """Authenticate with the configured ``webhook_secret`` then parse the server message."""
-        secret = self.config.secret_setting("webhook_secret") or self.config.api_secret
+        secret = self.config.webhook_key()
         if secret is None:
             raise WebhookAuthError("no webhook_secret configured")
         verify_webhook(headers, body, secret.get_secret_value())

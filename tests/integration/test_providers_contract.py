@@ -15,6 +15,7 @@ from typing import Any
 import httpx
 import pytest
 
+from providers.allowlist import Allowlist
 from providers.base import CallRequest, CallState, CallStatus, Provider, ProviderConfig
 from providers.errors import (
     ProviderOutcomeUnknownError,
@@ -88,6 +89,10 @@ def mock_client(sim: Simulator) -> httpx.Client:
     return httpx.Client(transport=httpx.MockTransport(handler))
 
 
+# The simulator is not an official host: allowed as ops allow it (CALLQ_PROVIDER_ALLOWED_HOSTS).
+SIM_HOSTS = Allowlist.from_settings(["http://127.0.0.1:*", "http://sim.test"])
+
+
 @pytest.fixture(params=sorted(SETUPS))
 def provider_type(request: pytest.FixtureRequest) -> str:
     return str(request.param)
@@ -105,10 +110,10 @@ def make(
         row = {
             "id": f"{provider_type}-1", "name": provider_type, "provider_type": provider_type,
             "api_key": key or setup.key, "base_url": base + setup.path,
-            "config": {**setup.config, "webhook_secret": HOOK_SECRET, **config},
+            "webhook_secret": HOOK_SECRET, "config": {**setup.config, **config},
         }  # fmt: skip
         client = mock_client(sim) if request.param == "mock" else None
-        provider = build_provider(ProviderConfig.from_row(row), client)
+        provider = build_provider(ProviderConfig.from_row(row, SIM_HOSTS), client)
         built.append(provider)
         return provider
 
