@@ -399,6 +399,15 @@ class CallEvent(Base):
     detail: Mapped[dict[str, Any] | None]
 
 
+class ProviderCreatePacing(Base):
+    __tablename__ = "provider_create_pacing"
+
+    provider_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("call_service_providers.id", ondelete="CASCADE"), primary_key=True
+    )
+    next_at: Mapped[datetime] = mapped_column(server_default=NOW)
+
+
 ALL_MODELS: tuple[type[Base], ...] = (
     User,
     SubscriptionPlan,
@@ -415,5 +424,6 @@ ALL_MODELS: tuple[type[Base], ...] = (
     CallAssignment,
     CallRetry,
     TenantCallCounters,
+    ProviderCreatePacing,
     CallEvent,
 )

@@ -35,6 +35,7 @@ TABLES = [
 # Tables the issues added beyond the description's 13 (each helper appends its own).
 DOMAIN_TABLES = [
     "tenant_call_counters",  # plans (issue 9)
+    "provider_create_pacing",  # plans (issue 9)
 ]
 
 
