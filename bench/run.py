@@ -25,6 +25,7 @@ RESULTS_DIR = REPO / "bench" / "results"
 RESULTS_MD = REPO / "bench" / "RESULTS.md"
 
 Row = tuple[str, str, str, str, str, str]
+SECTIONS = ("claim", "growth", "e2e", "campaigns", "tracking")
 
 
 def _f(x: Any, digits: int = 0, unit: str = "") -> str:
@@ -159,6 +160,7 @@ def rows_from(results: dict[str, Any]) -> list[Row]:
                 "",
             )
         )
+    rows += tracking_rows(results.get("tracking") or {})
     mem = e2e.get("memory")
     if mem and "last" in mem:
         first = mem.get("first", mem["last"])
@@ -172,6 +174,52 @@ def rows_from(results: dict[str, Any]) -> list[Row]:
                 _met(mem["growth"] < 0.10),
             )
         )
+    return rows
+
+
+def tracking_rows(tr: dict[str, Any]) -> list[Row]:
+    """Long calls (bench.tracking): reads per call, history lag, CPU trickling vs together."""
+    rows: list[Row] = []
+    limits = {"polling": (10, 10.0), "webhooks": (2, 1.0)}
+    for source, (max_reads, max_lag) in limits.items():
+        v = tr.get(f"{source}_together")
+        if not v:
+            continue
+        secs = _f(tr["call_seconds"])
+        rows.append(
+            (
+                f"long calls ({secs} s), {source}: provider reads per call",
+                _f(v["reads_per_call"], 2),
+                "",
+                "",
+                f"<= {max_reads}",
+                _met(v["reads_per_call"] <= max_reads),
+            )
+        )
+        rows.append(
+            (
+                f"long calls ({secs} s), {source}: history lag p50 / p99 s",
+                f"{_f(v['lag_p50_s'], 2)} / {_f(v['lag_p99_s'], 2)}",
+                "",
+                "",
+                f"p99 < {max_lag:g} s",
+                _met(v["lag_p99_s"] < max_lag),
+            )
+        )
+        trickle = tr.get(f"{source}_trickle")
+        if trickle:
+            ratio = trickle["cpu_ms_per_call"] / v["cpu_ms_per_call"]
+            rows.append(
+                (
+                    f"long calls, {source}: worker CPU ms per call, trickling"
+                    f" ({_f(tr['trickle_rate'])}/s) vs together",
+                    _f(trickle["cpu_ms_per_call"], 1),
+                    _f(v["cpu_ms_per_call"], 1),
+                    _f(ratio, 2),
+                    "<= 1",
+                    _met(ratio <= 1),
+                )
+            )
     return rows
 
 
@@ -290,8 +338,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="a smoke run of a few minutes")
     parser.add_argument(
         "--only",
-        default="claim,growth,e2e,campaigns",
-        help="comma-separated subset of claim,growth,e2e,campaigns",
+        default=",".join(SECTIONS),
+        help=f"comma-separated subset of {','.join(SECTIONS)}",
     )
     parser.add_argument("--drills", action="store_true", help="run the fault drills too")
     parser.add_argument("--no-markdown", action="store_true", help="do not rewrite RESULTS.md")
@@ -317,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
     command = (
         ".venv/bin/python -m bench.run"
         + (" --quick" if ns.quick else "")
-        + (f" --only {ns.only}" if only != {"claim", "growth", "e2e", "campaigns"} else "")
+        + (f" --only {ns.only}" if only != set(SECTIONS) else "")
         + (" --drills" if ns.drills else "")
         + (" --merge" if ns.merge else "")
     )
@@ -330,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
     latest = RESULTS_DIR / "latest.json"
     if ns.merge and latest.exists():
         previous = json.loads(latest.read_text())
-        for section in ("claim", "growth", "e2e", "campaigns"):
+        for section in ("claim", "growth", "e2e", "campaigns", "tracking"):
             if section not in only and section in previous:
                 results[section] = previous[section]
 
@@ -382,6 +430,13 @@ def main(argv: list[str] | None = None) -> int:
             log(f"e2e failed: {type(exc).__name__}: {exc}")
             results["e2e"] = {"error": f"{type(exc).__name__}: {exc}"}
         results["e2e"]["measured"] = f"{now()} ({command})"
+        save()
+    if "tracking" in only:
+        from bench import tracking
+
+        log("== long calls: polling and webhooks")
+        results["tracking"] = tracking.run(quick=ns.quick)
+        results["tracking"]["measured"] = f"{now()} ({command})"
         save()
     if ns.drills:
         from dataclasses import asdict

@@ -49,6 +49,7 @@ class Stack:
     env_overrides: dict[str, Any] = field(default_factory=dict)
     max_concurrent_calls: int = 1000
     own_postgres: bool = False
+    webhook_secret: str | None = None  # set on the seeded providers (webhooks on)
     admin_url: str | None = None
     log_dir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="callq-bench-")))
     keep_logs: bool = False
@@ -84,6 +85,7 @@ class Stack:
                     conn,
                     sim_base_url=self.sim.base_url,
                     max_concurrent_calls=self.max_concurrent_calls,
+                    webhook_secret=self.webhook_secret,
                 )
             env = fleet_env(self.url, self.redis.url, **self.env_overrides)
             self.fleet = Fleet(env=env, log_dir=self.log_dir)
