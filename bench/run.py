@@ -17,6 +17,7 @@ import os
 import platform
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from bench.common import REPO, log
@@ -25,7 +26,7 @@ RESULTS_DIR = REPO / "bench" / "results"
 RESULTS_MD = REPO / "bench" / "RESULTS.md"
 
 Row = tuple[str, str, str, str, str, str]
-SECTIONS = ("claim", "growth", "e2e", "campaigns", "tracking")
+SECTIONS = ("claim", "growth", "e2e", "campaigns", "tracking", "webhooks")
 
 
 def _f(x: Any, digits: int = 0, unit: str = "") -> str:
@@ -161,6 +162,7 @@ def rows_from(results: dict[str, Any]) -> list[Row]:
             )
         )
     rows += tracking_rows(results.get("tracking") or {})
+    rows += webhook_rows(results.get("webhooks") or {})
     mem = e2e.get("memory")
     if mem and "last" in mem:
         first = mem.get("first", mem["last"])
@@ -223,6 +225,25 @@ def tracking_rows(tr: dict[str, Any]) -> list[Row]:
     return rows
 
 
+def webhook_rows(wh: dict[str, Any]) -> list[Row]:
+    """The webhook endpoint from one keep-alive client (bench.webhook_speed)."""
+    rows: list[Row] = []
+    for key, label in (("health", "health check"), ("status_update", "Vapi status-update")):
+        v = wh.get(key)
+        if v:
+            rows.append(
+                (
+                    f"webhook endpoint, {label}, one keep-alive client: p50 ms / requests/s",
+                    f"{_f(v['p50_ms'], 2)} / {_f(v['rps'])}",
+                    "",
+                    "",
+                    "< 5 ms / >= 500",
+                    _met(v["p50_ms"] < 5 and v["rps"] >= 500),
+                )
+            )
+    return rows
+
+
 def table(rows: list[Row], markdown: bool) -> str:
     head: Row = ("benchmark", "ours", "baseline", "ratio", "target", "met?")
     if markdown:
@@ -255,6 +276,23 @@ def machine() -> dict[str, Any]:
         "postgresql": pg or "?",
         "platform": platform.platform(),
     }
+
+
+def before_after(before: dict[str, Any], rows: list[Row]) -> list[str]:
+    """The rows of an earlier run (``--before FILE``) beside this run's, by benchmark."""
+    earlier = {r[0]: r for r in rows_from(before)}
+    out = [
+        f"Before and after: the same benchmarks in the run of {before.get('finished', '?')}"
+        " (before) and in this run (after).",
+        "",
+        "| benchmark | before | before ratio | after | after ratio | target |",
+        "|---|---:|---:|---:|---:|---|",
+    ]
+    for row in rows:
+        old = earlier.get(row[0])
+        if old is not None:
+            out.append(f"| {row[0]} | {old[1]} | {old[3]} | {row[1]} | {row[3]} | {row[4]} |")
+    return [*out, ""]
 
 
 def write_markdown(
@@ -300,6 +338,8 @@ def write_markdown(
             + ", ".join(f"{k}: {v:.1f}" for k, v in claim["slot_sensitivity"].items()),
             "",
         ]
+    if results.get("before"):
+        parts += before_after(results["before"], rows)
     if drills:
         from bench.drills import DrillResult, format_table
 
@@ -351,6 +391,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--render", action="store_true", help="only rewrite RESULTS.md from bench/results/*.json"
     )
+    parser.add_argument(
+        "--before", help="an earlier run's latest.json: its rows beside this run's in RESULTS.md"
+    )
     ns = parser.parse_args(argv)
     if ns.render:
         results = json.loads((RESULTS_DIR / "latest.json").read_text())
@@ -376,9 +419,11 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine(),
     }
     latest = RESULTS_DIR / "latest.json"
+    if ns.before:
+        results["before"] = json.loads(Path(ns.before).read_text())
     if ns.merge and latest.exists():
         previous = json.loads(latest.read_text())
-        for section in ("claim", "growth", "e2e", "campaigns", "tracking"):
+        for section in SECTIONS:
             if section not in only and section in previous:
                 results[section] = previous[section]
 
@@ -437,6 +482,13 @@ def main(argv: list[str] | None = None) -> int:
         log("== long calls: polling and webhooks")
         results["tracking"] = tracking.run(quick=ns.quick)
         results["tracking"]["measured"] = f"{now()} ({command})"
+        save()
+    if "webhooks" in only:
+        from bench import webhook_speed
+
+        log("== webhook endpoint")
+        results["webhooks"] = webhook_speed.run(quick=ns.quick)
+        results["webhooks"]["measured"] = f"{now()} ({command})"
         save()
     if ns.drills:
         from dataclasses import asdict

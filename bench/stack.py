@@ -149,6 +149,15 @@ class Stack:
         assert row is not None
         return str(row[0]), t
 
+    def warm_up(self, *, suffix: str | None = None, timeout: float = 90.0) -> None:
+        """One call through the whole path: the fleet is up (instead of a fixed warm-up sleep).
+
+        ``suffix`` picks a simulator outcome rule for the probe (one that ends it at once)."""
+        from worker.embedded import wait_until
+
+        [probe] = self.schedule(1, start=999_999, suffix=suffix)
+        wait_until(lambda: self.settled([probe]), timeout=timeout, what="the warm-up call's end")
+
     # -- counting --------------------------------------------------------------------------------
 
     def counts(self, ids: list[Any] | None = None) -> dict[str, Any]:

@@ -26,7 +26,7 @@ import psutil
 from bench.common import log, percentile
 from bench.cpu_split import _cpu
 from bench.stack import Stack
-from worker.embedded import free_port, wait_for_port, wait_until
+from worker.embedded import free_port, wait_for_port
 from worker.settings import Settings
 
 CALL_SECONDS = 60.0
@@ -87,9 +87,7 @@ def _start(run: Run, calls: int) -> tuple[Stack, psutil.Process]:
             cli = [sys.executable, "-m", "worker.cli", "webhooks", "--port", str(port)]
             stack.fleet.start("webhooks", cli)
             wait_for_port(port, 30)
-        # One call through the whole path shows the fleet is up (instead of a warm-up sleep).
-        [probe] = stack.schedule(1, suffix=PROBE_SUFFIX)
-        wait_until(lambda: stack.settled([probe]), timeout=90, what="the probe call's end")
+        stack.warm_up(suffix=PROBE_SUFFIX)
     except BaseException:
         stack.stop()
         raise

@@ -29,6 +29,9 @@ class WebhookHandler(BaseHTTPRequestHandler):
 
     protocol_version = "HTTP/1.1"
     server_version = "callq-webhooks"
+    # Headers and body go out as two writes; with Nagle's algorithm the body waits for the
+    # client's delayed ACK (about 40 ms) on a keep-alive connection.
+    disable_nagle_algorithm = True
 
     def do_GET(self) -> None:
         if self.path == "/healthz":
