@@ -45,7 +45,7 @@ task_routes = {
     "callq.poll": {"queue": "dispatch"},
     "callq.dispatch": {"queue": "dispatch"},
     "callq.dispatch_batch": {"queue": "dispatch"},
-    "callq.track": {"queue": "track"},
+    "callq.track_due": {"queue": "track"},
     "callq.track_batch": {"queue": "track"},
     "callq.reconcile": {"queue": "track"},
     "callq.webhook": {"queue": "track"},
@@ -57,6 +57,7 @@ task_routes = {
 
 beat_schedule = {
     "poll-due-calls": {"task": "callq.poll", "schedule": _s.poll_interval_seconds},
+    "track-placed-calls": {"task": "callq.track_due", "schedule": _s.track_tick_seconds},
     "provider-health": {"task": "callq.health_check", "schedule": _s.health_interval_seconds},
     "reap-expired-leases": {"task": "callq.reap", "schedule": _s.reaper_interval_seconds},
     "usage-rollover": {"task": "callq.rollover", "schedule": _s.rollover_interval_seconds},

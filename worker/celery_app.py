@@ -83,4 +83,4 @@ def _start_listener(sender: Any = None, **_: Any) -> None:
         start_listener(s.database_url, on_notify=lambda: app.send_task("callq.poll"))
 
 
-_ASSIGNMENT_TASKS = {"callq.dispatch", "callq.track", "callq.reconcile"}
+_ASSIGNMENT_TASKS = {"callq.dispatch", "callq.reconcile"}

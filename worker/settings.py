@@ -38,6 +38,9 @@ class Settings(BaseSettings):
     track_max_delay_seconds: float = Field(default=9.0, gt=0, le=30)
     track_webhook_delay_seconds: float = Field(default=30.0, gt=0, le=30)
     track_backoff_factor: float = Field(default=1.6, ge=1)
+    # Beat's tracking tick: each tick polls the placed calls whose next poll is due.
+    track_tick_seconds: float = Field(default=1.0, gt=0)
+    track_tick_limit: int = Field(default=2000, ge=1)
     reconcile_lookups: int = Field(default=3, ge=1)
     reconcile_delay_seconds: float = Field(default=5.0, ge=0)
 
