@@ -226,9 +226,9 @@ def tracking_rows(tr: dict[str, Any]) -> list[Row]:
 
 
 def webhook_rows(wh: dict[str, Any]) -> list[Row]:
-    """The webhook endpoint from one keep-alive client (bench.webhook_speed)."""
+    """The webhook endpoint from one keep-alive client (bench.webhooks)."""
     rows: list[Row] = []
-    for key, label in (("health", "health check"), ("status_update", "Vapi status-update")):
+    for key, label in (("signed", "signed delivery (200)"), ("unsigned", "unsigned (401)")):
         v = wh.get(key)
         if v:
             rows.append(
@@ -484,10 +484,10 @@ def main(argv: list[str] | None = None) -> int:
         results["tracking"]["measured"] = f"{now()} ({command})"
         save()
     if "webhooks" in only:
-        from bench import webhook_speed
+        from bench import webhooks
 
         log("== webhook endpoint")
-        results["webhooks"] = webhook_speed.run(quick=ns.quick)
+        results["webhooks"] = webhooks.run(500 if ns.quick else 2000)
         results["webhooks"]["measured"] = f"{now()} ({command})"
         save()
     if ns.drills:
