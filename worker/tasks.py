@@ -7,7 +7,7 @@ Arguments are ids and small counters only: they show up in Flower and in broker 
     track_batch     per call: poll the provider until the call ends, then complete or fail it
     reconcile       after an outcome-unknown create: look the call up before anything is re-sent
     webhook         a provider said something changed: check the call once, now
-    health_check, reap, rollover   maintenance on beat
+    health_check, reap, rollover, prune_events   maintenance on beat
 
 Each per-call step returns a ``dispatch.steps`` value (placed, polling, reconciling, ended,
 skipped); the task that ran the steps sends what comes next (one ``track_batch`` message for
@@ -361,6 +361,22 @@ def _resume(assignment_id: UUID) -> None:
 def rollover() -> int:
     """Open the next usage period for subscriptions whose period ended."""
     return runtime.database().rollover()
+
+
+@app.task(name="callq.prune_events", ignore_result=True)
+def prune_events(batch: int = 10_000, max_batches: int = 50) -> int:
+    """Apply the call-event log's retention, a batch per statement; the events deleted."""
+    db = runtime.database()
+    retention = get_settings().event_retention_days * 86400
+    deleted = 0
+    for _ in range(max_batches):
+        n = db.prune_events(retention, batch)
+        deleted += n
+        if n < batch:
+            break
+    if deleted:
+        log.info("events.pruned", deleted=deleted)
+    return deleted
 
 
 @app.task(name="callq.noop", ignore_result=True)
