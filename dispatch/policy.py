@@ -15,6 +15,7 @@ from enum import StrEnum
 
 from providers.base import CallState, CallStatus, WebhookEvent
 from providers.errors import (
+    ConfigError,
     ProviderError,
     ProviderOutcomeUnknownError,
     ProviderPermanentError,
@@ -94,7 +95,13 @@ def decide_error(exc: ProviderError) -> ErrorDecision:
 
 def decide_setup_error(exc: Exception) -> Fail:
     """What to do after building the adapter or the request failed: nothing was sent, so the
-    call may go to another provider (a provider error, which excludes this one next time)."""
+    call may go to another provider (a provider error, which excludes this one next time).
+
+    The reason names the error type; a ``ConfigError`` also says what is wrong (its messages
+    carry field names and references, never values, by contract).
+    """
+    if isinstance(exc, ConfigError):
+        return Fail(PROVIDER_ERROR, f"config_error: {str(exc)[:300]}")
     return Fail(PROVIDER_ERROR, f"setup failed before any request: {type(exc).__name__}")
 
 

@@ -35,7 +35,7 @@ FROM claim_and_assign_calls(%(limit)s, %(worker)s, %(lease_seconds)s)
 # The provider columns every provider read returns (``ProviderRow.from_row``).
 PROVIDER_COLUMNS = """
 p.id AS provider_id, p.name AS provider_name, p.provider_type, p.api_key, p.api_secret,
-p.base_url, p.max_concurrent_calls, p.capabilities, p.config
+p.webhook_secret, p.base_url, p.max_concurrent_calls, p.capabilities, p.config
 """
 
 # Everything a dispatch, a poll or a reconcile needs about assignment ``a`` (``CallRow``).

@@ -234,6 +234,7 @@ class CallServiceProvider(Base):
     provider_type: Mapped[str]
     api_key: Mapped[str]  # may be "env:NAME"; never readable by anon/authenticated
     api_secret: Mapped[str | None]
+    webhook_secret: Mapped[str | None]  # like api_key: never readable by anon/authenticated
     base_url: Mapped[str]
     max_concurrent_calls: Mapped[int] = mapped_column(Integer, server_default=text("10"))
     priority: Mapped[int] = mapped_column(Integer, server_default=text("5"))

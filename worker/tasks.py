@@ -50,7 +50,7 @@ from dispatch.steps import (
 )
 from models.calls import AssignmentState, CallRow
 from providers.base import CallHandle, CallStatus, WebhookEvent
-from providers.errors import ProviderError
+from providers.errors import ConfigError, ProviderError
 from worker import logs, runtime
 from worker.celery_app import app
 from worker.settings import get_settings
@@ -214,6 +214,9 @@ def _create(call: CallRow) -> CallHandle | Step:
         return provider.create_call(request)
     except ProviderError as exc:
         return _after_create_error(call, exc)
+    except ConfigError as exc:  # raised before a request is built (e.g. a setting missing)
+        log.warning("call.setup_failed", error=type(exc).__name__)
+        return _end(str(call.assignment_id), decide_setup_error(exc))
     except Exception:
         # Anything unexpected while sending: the request may have left, so treat the outcome
         # as unknown and look the call up before anything is re-sent.
