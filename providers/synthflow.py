@@ -42,6 +42,7 @@ from providers.errors import (
     ConfigError,
     ProviderError,
     ProviderOutcomeUnknownError,
+    ProviderUnprovenMatchError,
     WebhookAuthError,
     WebhookPayloadError,
 )
@@ -214,19 +215,30 @@ def correlation_of(item: Mapping[str, Any]) -> str | None:
 def pick_match(
     items: list[Mapping[str, Any]], req: CallRequest, since: datetime
 ) -> Mapping[str, Any] | None:
-    """The listed call made for ``req``: by echoed correlation id, else by phone and time."""
-    fallback: list[tuple[datetime, Mapping[str, Any]]] = []
+    """The listed call made for ``req``, proven by our correlation id echoed on it; else None.
+
+    A call to the same number since ``since`` that echoes no correlation id at all may be ours
+    or anyone's (another tenant dials the same number through the same agent): raise
+    :class:`ProviderUnprovenMatchError` rather than adopt it or report "not found".
+    """
+    unproven = False
     for item in items:
         echoed = correlation_of(item)
-        if echoed is not None:
-            if echoed == req.correlation_id:
-                return item
-            continue
-        phone = item.get("lead_phone_number") or item.get("phone_number_to")
-        started = parse_time(item.get("start_time"))
-        if phone == req.to_number and started is not None and started >= since:
-            fallback.append((started, item))
-    return min(fallback, key=lambda pair: pair[0])[1] if fallback else None
+        if echoed == req.correlation_id:
+            return item
+        if echoed is None and _same_number_since(item, req, since):
+            unproven = True
+    if unproven:
+        raise ProviderUnprovenMatchError(
+            "a call to the number carries no correlation id", provider=PROVIDER, code="unproven"
+        )
+    return None
+
+
+def _same_number_since(item: Mapping[str, Any], req: CallRequest, since: datetime) -> bool:
+    phone = item.get("lead_phone_number") or item.get("phone_number_to")
+    started = parse_time(item.get("start_time"))
+    return phone == req.to_number and (started is None or started >= since)
 
 
 # --- webhooks -----------------------------------------------------------------------------------
@@ -304,7 +316,9 @@ class SynthflowProvider:
         return _parsed(items[0])
 
     def find_call(self, req: CallRequest, since: datetime) -> CallStatus | None:
-        """``GET /calls?model_id=&lead_phone_number=&from_date=<ms>`` and match."""
+        """``GET /calls?model_id=&lead_phone_number=&from_date=<ms>`` and match on our
+        correlation id only (see :func:`pick_match`). The number narrows the list at the
+        provider, which has it anyway; httpx's request log, which would show it, is off."""
         params = {
             "model_id": str(self.config.setting("model_id") or ""),
             "lead_phone_number": req.to_number,

@@ -34,6 +34,7 @@ from dispatch.policy import (
     decide_error,
     decide_outcome,
     decide_setup_error,
+    decide_unproven_match,
     next_poll_delay,
 )
 from dispatch.request import build_call_request
@@ -52,7 +53,7 @@ from dispatch.steps import (
 )
 from models.calls import AssignmentState, CallRow
 from providers.base import CallHandle, CallStatus, WebhookEvent, clamp_status
-from providers.errors import ConfigError, ProviderError
+from providers.errors import ConfigError, ProviderError, ProviderUnprovenMatchError
 from worker import logs, runtime
 from worker.celery_app import app
 from worker.settings import get_settings
@@ -343,6 +344,12 @@ def reconcile_one(assignment_id: str, lookup: int) -> Step:
     since = (call.dialing_at or datetime.now(UTC)) - timedelta(minutes=2)
     try:
         found = runtime.provider_for(call.provider).find_call(build_call_request(call), since)
+    except ProviderUnprovenMatchError:
+        # A call that may be ours, or another tenant's: adopt nothing, dial nothing again.
+        log.warning("call.reconcile_unproven", last=last)
+        if last:
+            return _end(assignment_id, decide_unproven_match())
+        return Reconciling(assignment_id, lookup + 1, s.reconcile_delay_seconds)
     except ProviderError as exc:
         log.warning("call.reconcile_lookup_failed", error=str(exc))
         if last:  # the provider cannot tell us: keep asking rather than risk a second dial
