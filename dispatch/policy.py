@@ -114,9 +114,9 @@ class WebhookAction(StrEnum):
 
 
 # Final reports whose whole body is authenticated: Vapi's end-of-call-report (secret header or
-# an HMAC over the body). SynthFlow's post-call signature covers only the call id, so its body
-# is a hint and the call is re-read.
-FINAL_REPORTS = frozenset({"end-of-call-report"})
+# an HMAC over the body) and Retell's call_ended (an HMAC over the body). SynthFlow's post-call
+# signature covers only the call id, so its body is a hint and the call is re-read.
+FINAL_REPORTS = frozenset({"end-of-call-report", "call_ended"})
 HINTS = frozenset({"post-call"})
 
 

@@ -12,7 +12,7 @@ import hashlib
 import hmac
 import time
 from collections.abc import Mapping
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from functools import cache
 from importlib import resources
 from typing import Any, ClassVar
@@ -46,6 +46,7 @@ from providers.errors import (
     ConfigError,
     ProviderError,
     ProviderOutcomeUnknownError,
+    ProviderRetryableError,
     WebhookAuthError,
     WebhookPayloadError,
 )
@@ -54,7 +55,9 @@ PROVIDER = "vapi"
 BASE_URL = "https://api.vapi.ai"
 DEFAULT_MODEL = {"provider": "openai", "model": "gpt-4o-mini"}
 _PAGE = 100
-_MAX_PAGES = 10
+_MAX_LIMIT = 1000  # GET /call's maximum limit
+_MAX_PAGES = 20
+_MILLISECOND = timedelta(milliseconds=1)
 _MAX_TEXT = 40  # customer.name/email/externalId and call name limits in CreateCallDTO
 MIN_DURATION_SECONDS, MAX_DURATION_SECONDS = 10, 43200  # AssistantOverrides.maxDurationSeconds
 MAX_VOICEMAIL_MESSAGE = 1000
@@ -77,13 +80,44 @@ REASON_OVERRIDES: dict[str, CallState] = {
 }
 
 
+# Values of the SDK's CallEndedReason (vapi_server_sdk 3.0.0) that the spec copy behind the CSV
+# lacks, each reviewed (tests/unit/test_providers_vapi.py compares the map with the SDK's enum):
+REASONS_SINCE_SPEC: dict[str, CallState] = {
+    # the assistant/squad configuration cannot work: a human must fix it
+    "call.in-progress.error-configfault-model-unsupported-in-squad": CallState.FAILED_PERMANENT,
+    "call.in-progress.error-configfault-transport-unsupported-for-model": (
+        CallState.FAILED_PERMANENT
+    ),
+    "call.start.squad-version-error-validation": CallState.FAILED_PERMANENT,
+    # ElevenLabs capacity: like its "system-busy-and-requested-upgrade" twin, later may work
+    "call.in-progress.error-providerfault-eleven-labs-blocked-concurrent-requests-and-requested-upgrade": (  # noqa: E501
+        CallState.FAILED_RETRYABLE
+    ),
+    # the voice was disabled by its owner: retrying cannot bring it back
+    "call.in-progress.error-providerfault-eleven-labs-vapi-voice-disabled-by-owner": (
+        CallState.FAILED_PERMANENT
+    ),
+    "call.in-progress.error-providerfault-eleven-labs-voice-disabled-by-owner": (
+        CallState.FAILED_PERMANENT
+    ),
+    # Vapi had no worker to start the call: its own transient fault
+    "call.start.error-vapifault-worker-not-available": CallState.FAILED_RETRYABLE,
+    # the carrier released the outbound leg (congestion, a network-side drop): try later
+    "sip-outbound-carrier-released-call": CallState.FAILED_RETRYABLE,
+    # SIP 404 "unallocated number": the number does not exist
+    "sip-outbound-unallocated-number": CallState.FAILED_PERMANENT,
+}
+
+
 @cache
 def ended_reason_map() -> dict[str, CallState]:
-    """Every Vapi ``endedReason`` -> unified state (packaged CSV plus reviewed overrides)."""
+    """Every Vapi ``endedReason`` -> unified state (packaged CSV, the values added since the
+    spec copy, and reviewed overrides)."""
     text = resources.files("providers.data").joinpath("vapi-ended-reason-map.csv").read_text()
     table = {
         row["endedReason"]: CallState(row["unified"]) for row in csv.DictReader(text.splitlines())
     }
+    table.update(REASONS_SINCE_SPEC)
     table.update(REASON_OVERRIDES)
     return table
 
@@ -336,6 +370,10 @@ def parse_webhook_payload(payload: Mapping[str, Any]) -> WebhookEvent:
     return WebhookEvent(provider_call_id=status.provider_call_id, status=status, event_type=kind)
 
 
+def _time_key(value: datetime | None) -> datetime:
+    return value if value is not None else datetime.max.replace(tzinfo=UTC)
+
+
 # --- adapter ------------------------------------------------------------------------------------
 
 
@@ -383,24 +421,42 @@ class VapiProvider:
         return data
 
     def find_call(self, req: CallRequest, since: datetime) -> CallStatus | None:
-        """List calls created after ``since`` (newest first, paged by ``createdAtLt``) and match
-        our correlation id."""
+        """List calls created after ``since`` (newest first) and match our correlation id.
+
+        Pages walk back with ``createdAtLt`` = the oldest ``createdAt`` seen plus 1 ms, so calls
+        sharing that millisecond with the page's last one are read again rather than skipped;
+        ids already seen are dropped. A full page that cannot move back (it is all one
+        millisecond) is read again with a larger ``limit``. When the window holds more calls
+        than we read, this raises ``ProviderRetryableError``: keep asking, never re-send.
+        """
+        seen: set[str] = set()
         params: dict[str, Any] = {"createdAtGt": iso(since), "limit": _PAGE}
-        phone_number_id = self.config.setting("phone_number_id")
-        if phone_number_id:
-            params["phoneNumberId"] = phone_number_id
+        floor: datetime | None = None
         for _ in range(_MAX_PAGES):
-            response = self._sender.request("GET", f"{self.base_url}/call", params=params)
-            data = self._sender.json(response)
-            calls = [c for c in data if isinstance(c, Mapping)] if isinstance(data, list) else []
+            calls = self._list(params)
             for call in calls:
-                if matches(call, req):
+                if str(call.get("id")) not in seen and matches(call, req):
                     return _parsed(call)
-            oldest = min((str(c.get("createdAt", "")) for c in calls), default="")
-            if len(calls) < _PAGE or not oldest:
-                return None
-            params["createdAtLt"] = oldest
-        return None
+            seen.update(str(call.get("id")) for call in calls)
+            if len(calls) < params["limit"]:
+                return None  # the page ended before the limit: the window is exhausted
+            oldest = min((parse_time(c.get("createdAt")) for c in calls), key=_time_key)
+            if oldest is None:
+                break
+            if oldest == floor:  # a full page of one millisecond: widen it
+                if params["limit"] >= _MAX_LIMIT:
+                    break
+                params["limit"] = min(params["limit"] * 10, _MAX_LIMIT)
+            floor = oldest
+            params["createdAtLt"] = iso(oldest + _MILLISECOND)
+        raise ProviderRetryableError(
+            "too many calls in the reconcile window", provider=PROVIDER, code="reconcile_window"
+        )
+
+    def _list(self, params: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+        response = self._sender.request("GET", f"{self.base_url}/call", params=params)
+        data = self._sender.json(response)
+        return [c for c in data if isinstance(c, Mapping)] if isinstance(data, list) else []
 
     def cancel_call(self, provider_call_id: str) -> bool:
         """Scheduled calls are deleted; live ones are ended through ``monitor.controlUrl``."""

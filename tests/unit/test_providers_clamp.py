@@ -10,7 +10,7 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from providers import synthflow, vapi
+from providers import retell, synthflow, vapi
 from providers.base import (
     MAX_CALL_COST,
     MAX_CALL_SECONDS,
@@ -144,6 +144,28 @@ def test_synthflow_parse_never_crashes_and_is_sane(
     item = {**data, "call_id": call_id, "status": status}
     try:
         parsed = synthflow.parse_call(item)
+    except ValueError:
+        return
+    assert_sane(parsed)
+
+
+RETELL_KEYS = ["call_status", "disconnection_reason", "start_timestamp", "end_timestamp",
+               "duration_ms", "call_cost", "transcript", "recording_url", "call_analysis",
+               "metadata"]  # fmt: skip
+
+
+@settings(max_examples=300)
+@given(
+    data=st.dictionaries(st.sampled_from(RETELL_KEYS), json_values, max_size=10),
+    call_id=st.one_of(st.just("rt-1"), json_values),
+    status=st.sampled_from(["ended", "ongoing", "error", None]),
+)
+def test_retell_parse_never_crashes_and_is_sane(
+    data: dict[str, Any], call_id: Any, status: str | None
+) -> None:
+    item = {**data, "call_id": call_id, "call_status": status}
+    try:
+        parsed = retell.parse_call(item)
     except ValueError:
         return
     assert_sane(parsed)
