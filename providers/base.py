@@ -229,7 +229,7 @@ MAX_CALL_SECONDS = 86_400.0  # a day; Vapi caps a call at 12 hours
 MAX_CALL_COST = 10_000.0
 MAX_TEXT_CHARS = 1_000_000  # a transcript longer than this is cut
 MAX_URL_CHARS = 2_048
-_PAST_WINDOW = timedelta(days=30)
+_EARLIEST = datetime(2000, 1, 1, tzinfo=UTC)
 _FUTURE_WINDOW = timedelta(days=1)
 
 
@@ -237,8 +237,8 @@ def clamp_status(status: CallStatus, *, now: datetime | None = None) -> CallStat
     """``status`` with provider data the database will accept: finite, in range, ordered.
 
     The boundary's guarantee: a duration in ``[0, MAX_CALL_SECONDS]``, a cost in
-    ``[0, MAX_CALL_COST]``, times within a month of now, an end only with a start and never
-    before it, bounded texts; anything else becomes unknown (None). Idempotent.
+    ``[0, MAX_CALL_COST]``, times between 2000 and a day from now, an end only with a start
+    and never before it, bounded texts; anything else becomes unknown (None). Idempotent.
     """
     now = now or datetime.now(UTC)
     started = _believable_time(status.started_at, now)
@@ -277,7 +277,7 @@ def _believable_time(value: object, now: datetime) -> datetime | None:
     if not isinstance(value, datetime):
         return None
     when = value if value.tzinfo is not None else value.replace(tzinfo=UTC)
-    return when if now - _PAST_WINDOW <= when <= now + _FUTURE_WINDOW else None
+    return when if _EARLIEST <= when <= now + _FUTURE_WINDOW else None
 
 
 def _bounded(value: object, limit: int, *, cut: bool = True) -> str | None:
