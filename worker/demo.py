@@ -1,9 +1,10 @@
 """``callq demo``: the whole system on one machine, against the provider simulator.
 
-Applies migrations, seeds a user, plan, template and two providers, schedules a batch of calls
-(some now, some later, mixed priorities), runs a real Celery worker and beat, prints live progress
-and ends with a summary by status and provider. With no DATABASE_URL or broker URL configured it
-starts an embedded PostgreSQL and Redis and stops them at the end.
+Applies migrations, seeds a user, plan, template and three providers (Vapi, SynthFlow, Retell),
+schedules a batch of calls (some now, some later, mixed priorities), runs a real Celery worker
+and beat, prints live progress and ends with a summary by status and provider. With no
+DATABASE_URL or broker URL configured it starts an embedded PostgreSQL and Redis and stops
+them at the end.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from worker.settings import get_settings
 from worker.status import format_table
 
 TERMINAL = ("completed", "failed", "canceled")
+DEMO_PROVIDERS = ("vapi", "synthflow", "retell")
 # Outcomes the simulator gives each call: mostly answered, some busy / no answer / voicemail.
 DEMO_SIM_CONFIG: dict[str, Any] = {
     "outcome_mix": {
@@ -91,7 +93,10 @@ def run_demo(*, calls: int = 40, timeout: float = 180.0, seed: int = 7, keep: bo
         try:
             with connect(db_url, pooled=get_settings().database_pooler, autocommit=True) as conn:
                 _retry_fast(conn)
-                seeded = seed_demo(conn, sim_base_url=sim.base_url, max_concurrent_calls=8)
+                seeded = seed_demo(
+                    conn, sim_base_url=sim.base_url, providers=DEMO_PROVIDERS,
+                    max_concurrent_calls=8,
+                )  # fmt: skip
                 ids = _schedule(conn, seeded, calls, random.Random(seed))
                 print(f"scheduled {len(ids)} calls (some now, some in 5-20 s, priorities 1-9)")
                 fleet.start_worker()
