@@ -130,6 +130,17 @@ def decide_webhook(event: WebhookEvent) -> WebhookAction:
     return WebhookAction.IGNORE
 
 
+def decide_unproven_match() -> Fail:
+    """Reconcile saw, until its last lookup, a call that may be ours but carries no proof.
+
+    Adopting it could take another tenant's call (and its transcript); dialing again could
+    ring the person twice. The call ends, failed and not retried, saying why.
+    """
+    return Fail(
+        PERMANENT, "create outcome unknown: an unproven match at the provider; not redialed"
+    )
+
+
 def next_poll_delay(poll_count: int, initial: float, factor: float, maximum: float) -> float:
     """Seconds before poll number ``poll_count + 1``: ``initial * factor**n``, capped."""
     return float(min(maximum, initial * factor ** max(0, poll_count)))

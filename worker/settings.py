@@ -30,6 +30,13 @@ class Settings(BaseSettings):
         validation_alias=AliasChoices("CALLQ_BROKER_URL", "CELERY_BROKER_URL", "BROKER_URL"),
     )
     db_pool_size: int = Field(default=16, ge=1, le=200)
+    # Behind a transaction pooler (Supabase's port 6543, pgbouncer transaction mode): no
+    # prepared statements, no session state, no LISTEN. None: tell from the URL (port 6543 or
+    # ?pgbouncer=true).
+    database_pooler: bool | None = None
+    # A direct (not pooled) URL for LISTEN/NOTIFY; without it, LISTEN is off behind a pooler
+    # and beat's tick claims the calls.
+    listen_database_url: str | None = None
 
     # Claiming (beat + LISTEN/NOTIFY wake-ups)
     poll_interval_seconds: float = Field(default=2.0, gt=0)
@@ -52,6 +59,9 @@ class Settings(BaseSettings):
     health_interval_seconds: float = Field(default=30.0, gt=0)
     reaper_interval_seconds: float = Field(default=30.0, gt=0)
     rollover_interval_seconds: float = Field(default=3600.0, gt=0)
+    # The call-event log's retention (public.prune_call_events), applied by beat.
+    event_retention_days: float = Field(default=90.0, ge=1 / 24)
+    event_prune_interval_seconds: float = Field(default=3600.0, gt=0)
 
     # Broker
     visibility_timeout_seconds: int = Field(default=3600, ge=60)
@@ -89,6 +99,18 @@ class Settings(BaseSettings):
 
     log_level: str = "INFO"
     log_json: bool = True
+
+    def pooled(self) -> bool:
+        """Whether the database URL goes through a transaction pooler."""
+        from models.session import is_pooled
+
+        return bool(self.database_url) and is_pooled(str(self.database_url), self.database_pooler)
+
+    def listen_url(self) -> str | None:
+        """Where LISTEN runs: the direct listen URL, else the database URL unless pooled."""
+        if self.listen_database_url:
+            return self.listen_database_url
+        return None if self.pooled() else self.database_url
 
     @field_validator("provider_allowed_hosts", "provider_env_prefixes", "provider_env_names",
                      mode="before")  # fmt: skip

@@ -73,9 +73,7 @@ def sim() -> Iterator[Simulator]:
 @pytest.fixture
 def conn(db_url: str) -> Iterator[psycopg.Connection[Any]]:
     with psycopg.connect(db_url, autocommit=True) as connection:
-        connection.execute(
-            f"ALTER DATABASE {connection.info.dbname} SET callq.retry_delay_scale = '0.002'"
-        )
+        connection.execute("UPDATE ops_settings SET retry_delay_scale = 0.002")
         yield connection
 
 
