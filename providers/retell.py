@@ -27,7 +27,7 @@ from typing import Any, ClassVar
 import httpx
 
 from providers._http import Sender, timed
-from providers._util import as_float, as_text, json_object, lower_headers, parse_time
+from providers._util import as_float, as_id, as_text, json_object, lower_headers, parse_time
 from providers.base import (
     CallHandle,
     CallRequest,
@@ -37,6 +37,7 @@ from providers.base import (
     ProviderConfig,
     VoicemailPolicy,
     WebhookEvent,
+    clamp_status,
 )
 from providers.errors import (
     ConfigError,
@@ -182,9 +183,8 @@ def _agent_override(req: CallRequest, config: ProviderConfig) -> dict[str, Any]:
 
 def max_call_duration_ms(req: CallRequest, config: ProviderConfig) -> int | None:
     """The tighter of the request's and the row's cap, within Retell's 1 min..2 h."""
-    caps = [
-        float(v) for v in (req.max_duration_seconds, config.setting("max_duration_seconds")) if v
-    ]
+    row_cap = config.number("max_duration_seconds", None)
+    caps = [float(v) for v in (req.max_duration_seconds, row_cap) if v]
     if not caps:
         return None
     return max(MIN_CALL_MS, min(round(min(caps) * 1000), MAX_CALL_MS))
@@ -204,7 +204,7 @@ def voicemail_option(policy: VoicemailPolicy) -> dict[str, Any] | None:
 
 def parse_call(call: Mapping[str, Any]) -> CallStatus:
     """A ``PhoneCallResponse`` (or a list item, or a webhook's ``call``) as a ``CallStatus``."""
-    call_id = as_text(call.get("call_id"))
+    call_id = as_id(call.get("call_id"))
     if call_id is None:
         raise ValueError("call has no call_id")
     status = as_text(call.get("call_status"))
@@ -219,20 +219,30 @@ def parse_call(call: Mapping[str, Any]) -> CallStatus:
     if duration is None and started and ended:
         duration = max((ended - started).total_seconds(), 0.0)
     transcript = as_text(call.get("transcript"))
-    return CallStatus(
-        provider_call_id=call_id,
-        state=state,
-        ended_reason=reason if state.is_terminal else None,
-        started_at=started,
-        ended_at=ended,
-        duration_seconds=duration if state.is_terminal else None,
-        cost=_cost_usd(call.get("call_cost")),
-        recording_url=as_text(call.get("recording_url")),
-        transcript=transcript,
-        answered=_answered(state, status, started, transcript, duration),
-        correlation_id=correlation_of(call),
-        provider_status=status,
+    return clamp_status(
+        CallStatus(
+            provider_call_id=call_id,
+            state=state,
+            ended_reason=reason if state.is_terminal else None,
+            started_at=started,
+            ended_at=ended,
+            duration_seconds=duration if state.is_terminal else None,
+            cost=_cost_usd(call.get("call_cost")),
+            recording_url=as_text(call.get("recording_url")),
+            transcript=transcript,
+            answered=_answered(state, status, started, transcript, duration),
+            correlation_id=correlation_of(call),
+            provider_status=status,
+        )
     )
+
+
+def _parsed(call: Mapping[str, Any]) -> CallStatus:
+    """:func:`parse_call` for a call the API returned; unreadable is a provider error."""
+    try:
+        return parse_call(call)
+    except ValueError as exc:
+        raise ProviderError("call cannot be read", provider=PROVIDER, code="bad_call") from exc
 
 
 def _cost_usd(cost: object) -> float | None:
@@ -351,7 +361,7 @@ class RetellProvider:
 
     def get_call(self, provider_call_id: str) -> CallStatus:
         """``GET /v2/get-call/{call_id}``."""
-        return parse_call(self._fetch(provider_call_id))
+        return _parsed(self._fetch(provider_call_id))
 
     def _fetch(self, provider_call_id: str) -> Mapping[str, Any]:
         url = f"{self.base_url}/v2/get-call/{provider_call_id}"
@@ -375,7 +385,7 @@ class RetellProvider:
             items = data.get("items") if isinstance(data, Mapping) else None
             for item in items if isinstance(items, list) else []:
                 if isinstance(item, Mapping) and correlation_of(item) == req.correlation_id:
-                    return parse_call(item)
+                    return _parsed(item)
             key = as_text(data.get("pagination_key")) if isinstance(data, Mapping) else None
             if not (isinstance(data, Mapping) and data.get("has_more") and key):
                 return None

@@ -30,6 +30,7 @@ TABLES = [
     "call_assignments",
     "call_retries",
     "call_events",
+    "ops_settings",
     "call_campaigns",
 ]
 # Tables the issues added beyond the description's 13 (each helper appends its own).

@@ -5,6 +5,7 @@ Adding a provider: give it a simulator and a ``SETUPS`` entry; this test names w
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections.abc import Callable, Iterator
@@ -21,6 +22,7 @@ from providers.errors import (
     ProviderOutcomeUnknownError,
     ProviderPermanentError,
     ProviderRetryableError,
+    ProviderUnprovenMatchError,
     WebhookAuthError,
     WebhookPayloadError,
 )
@@ -193,19 +195,20 @@ def test_find_call(make: Callable[..., Provider], sim: Simulator) -> None:
     assert provider.find_call(req(), since) is None
 
 
-def test_find_call_by_phone_and_time_when_ids_not_echoed(
+def test_a_call_without_proof_is_never_adopted(
     make: Callable[..., Provider], sim: Simulator, provider_type: str
 ) -> None:
     if provider_type != "synthflow":
-        pytest.skip("only SynthFlow lacks a correlation field")
+        pytest.skip("only SynthFlow may not echo the correlation id")
     sim.configure({"synthflow_echo_variables": False})
     try:
         provider = make()
         since = datetime.now(UTC) - timedelta(seconds=1)
-        r = req("0881")
-        handle = provider.create_call(r)
-        found = provider.find_call(r, since)
-        assert found is not None and found.provider_call_id == handle.provider_call_id
+        theirs = req("0881")
+        ours = dataclasses.replace(req("0881"), to_number=theirs.to_number)  # one number
+        provider.create_call(theirs)
+        with pytest.raises(ProviderUnprovenMatchError):
+            provider.find_call(ours, since)
     finally:
         sim.configure({"synthflow_echo_variables": True})
 
