@@ -21,8 +21,8 @@ import psycopg
 import pytest
 
 from providers.simulator import Simulator
-from tests.e2e.conftest import all_terminal, wait_until
-from worker.embedded import free_port
+from tests.e2e.conftest import all_terminal
+from worker.embedded import free_port, wait_until
 from worker.fleet import Fleet
 from worker.seed import Seeded, schedule_calls
 
