@@ -10,7 +10,8 @@ import psycopg
 import pytest
 
 from providers.simulator import Simulator
-from tests.e2e.conftest import all_terminal, creates_by_queue, slots_held, wait_until
+from tests.e2e.conftest import all_terminal, creates_by_queue, slots_held
+from worker.embedded import wait_until
 from worker.fleet import Fleet
 from worker.seed import Seeded, schedule_calls
 
