@@ -27,7 +27,8 @@ $$;
 
 -- ---------------------------------------------------------------------------------------------
 -- schedule_call: validate and enqueue. SECURITY DEFINER because app users may not write the
--- queue directly; as role authenticated it only acts for auth.uid().
+-- queue directly; as role authenticated it only acts for auth.uid(). p_recipient_timezone: the
+-- recipient's IANA zone; NULL = the zones of the number (calling rules, 20240101000340).
 CREATE OR REPLACE FUNCTION public.schedule_call(
   p_user_id uuid,
   p_template_id uuid,
@@ -38,7 +39,8 @@ CREATE OR REPLACE FUNCTION public.schedule_call(
   p_priority int DEFAULT 5,
   p_custom_variables jsonb DEFAULT '{}',
   p_metadata jsonb DEFAULT '{}',
-  p_idempotency_key text DEFAULT NULL
+  p_idempotency_key text DEFAULT NULL,
+  p_recipient_timezone text DEFAULT NULL
 ) RETURNS uuid
 LANGUAGE plpgsql
 SECURITY DEFINER
@@ -50,7 +52,9 @@ DECLARE
   v_used integer;
   v_pending integer;
   v_id uuid;
-  v_when timestamptz := greatest(coalesce(p_scheduled_time, now()), now());
+  v_now timestamptz := public.callq_now();
+  v_when timestamptz := greatest(coalesce(p_scheduled_time, v_now), v_now);
+  v_zones text[];
   v_priority integer := coalesce(p_priority, 5);
   v_vars jsonb := coalesce(p_custom_variables, '{}'::jsonb);
   v_meta jsonb := coalesce(p_metadata, '{}'::jsonb);
@@ -136,11 +140,15 @@ BEGIN
     RAISE EXCEPTION USING ERRCODE = 'CQ010', MESSAGE = 'invalid_metadata: must be a JSON object';
   END IF;
 
+  -- calling rules: zones (CQ021, CQ023), do-not-call (CQ020), consent (CQ022)
+  v_zones := public.calling_schedule_check(p_user_id, p_template_id, p_recipient_phone,
+                                           p_recipient_timezone);
+
   INSERT INTO public.call_queue (user_id, template_id, recipient_name, recipient_phone,
                                  recipient_email, priority, scheduled_time, custom_variables,
-                                 metadata, idempotency_key)
+                                 metadata, idempotency_key, recipient_timezones)
   VALUES (p_user_id, p_template_id, btrim(p_recipient_name), p_recipient_phone,
-          p_recipient_email, v_priority, v_when, v_vars, v_meta, p_idempotency_key)
+          p_recipient_email, v_priority, v_when, v_vars, v_meta, p_idempotency_key, v_zones)
   ON CONFLICT (user_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
   RETURNING id INTO v_id;
 
@@ -150,7 +158,7 @@ BEGIN
     RETURN v_id;
   END IF;
 
-  IF v_when <= now() THEN
+  IF v_when <= v_now THEN
     PERFORM pg_notify('callq_queue', '');  -- wake the dispatchers; no PII in the payload
   END IF;
   RETURN v_id;
@@ -173,19 +181,39 @@ SET search_path = ''
 SET plan_cache_mode = force_custom_plan
 AS $$
 #variable_conflict use_column
+DECLARE
+  v_now timestamptz := public.callq_now();
+  v_ids uuid[] := '{}';
+  v_new uuid[];
+  v_held uuid[];
 BEGIN
-  -- "id = ANY (ARRAY(...))" keeps the update a primary-key index scan of the chosen rows.
+  -- A call outside its calling window is not claimed: calling_hold moves it to its next
+  -- opening. After a hold, a few more rounds (of at least 50 rows) fill the batch.
+  FOR v_round IN 1..4 LOOP
+    v_new := ARRAY(
+      SELECT d.id
+        FROM public.call_queue d
+       WHERE d.status = 'queued' AND d.scheduled_time <= v_now AND NOT (d.id = ANY (v_ids))
+       ORDER BY d.priority, d.scheduled_time, d.created_at
+       LIMIT CASE WHEN v_round = 1 THEN greatest(p_limit, 0)
+                  ELSE greatest(p_limit - cardinality(v_ids), 50) END
+         FOR UPDATE SKIP LOCKED);
+    EXIT WHEN cardinality(v_new) = 0;
+    v_held := public.calling_hold(v_new, v_now);
+    IF v_held IS NOT NULL THEN
+      v_new := ARRAY(SELECT u.id FROM unnest(v_new) WITH ORDINALITY AS u(id, n)
+                      WHERE NOT (u.id = ANY (v_held)) ORDER BY u.n);
+    END IF;
+    -- (open rows beyond the batch stay queued; their locks go at commit)
+    v_ids := v_ids || v_new[1:greatest(p_limit - cardinality(v_ids), 0)];
+    EXIT WHEN v_held IS NULL OR cardinality(v_ids) >= p_limit;
+  END LOOP;
+  -- "id = ANY (v_ids)" keeps the update a primary-key index scan of the chosen rows.
   RETURN QUERY
   UPDATE public.call_queue q
      SET status = 'claimed', claimed_by = p_worker, claimed_at = now(),
          lease_expires_at = now() + make_interval(secs => p_lease_seconds)
-   WHERE q.id = ANY (ARRAY(
-           SELECT d.id
-             FROM public.call_queue d
-            WHERE d.status = 'queued' AND d.scheduled_time <= now()
-            ORDER BY d.priority, d.scheduled_time, d.created_at
-            LIMIT greatest(p_limit, 0)
-              FOR UPDATE SKIP LOCKED))
+   WHERE q.id = ANY (v_ids)
      AND q.status = 'queued'
   RETURNING q.id, q.user_id, q.template_id, q.priority, q.scheduled_time, q.attempts;
 END
@@ -305,6 +333,11 @@ DECLARE
   v_pid uuid;
   v_aid uuid;
   v_row record;
+  v_now timestamptz := public.callq_now();
+  v_want integer;
+  v_new uuid[];
+  v_new_special uuid[];
+  v_held uuid[];
 BEGIN
   IF p_limit <= 0 THEN
     RETURN;
@@ -324,21 +357,44 @@ BEGIN
     RETURN;
   END IF;
 
-  SELECT array_agg(d.id ORDER BY d.priority, d.scheduled_time, d.created_at),
-         array_agg(d.id) FILTER (WHERE cardinality(d.excluded_provider_ids) > 0
-                                   OR d.required_capabilities IS NOT NULL)
-    INTO v_ids, v_special
-    FROM (
-      SELECT q.id, q.priority, q.scheduled_time, q.created_at, q.excluded_provider_ids,
-             q.required_capabilities
-        FROM public.call_queue q
-       WHERE q.status = 'queued' AND q.scheduled_time <= now()
-       ORDER BY q.priority, q.scheduled_time, q.created_at
-       LIMIT least(p_limit, v_free)
-         FOR UPDATE SKIP LOCKED
-    ) d;
-  IF v_ids IS NULL THEN
+  -- A call outside its calling window is not claimed: calling_hold moves it to its next
+  -- opening (one query when every call may be dialed). After a hold, a few more rounds (of at
+  -- least 50 rows; open rows beyond the batch stay queued) fill the batch.
+  v_want := least(p_limit, v_free);
+  FOR v_round IN 1..4 LOOP
+    SELECT array_agg(d.id ORDER BY d.priority, d.scheduled_time, d.created_at),
+           array_agg(d.id) FILTER (WHERE cardinality(d.excluded_provider_ids) > 0
+                                     OR d.required_capabilities IS NOT NULL)
+      INTO v_new, v_new_special
+      FROM (
+        SELECT q.id, q.priority, q.scheduled_time, q.created_at, q.excluded_provider_ids,
+               q.required_capabilities
+          FROM public.call_queue q
+         WHERE q.status = 'queued' AND q.scheduled_time <= v_now
+           AND (v_ids IS NULL OR NOT (q.id = ANY (v_ids)))
+         ORDER BY q.priority, q.scheduled_time, q.created_at
+         LIMIT CASE WHEN v_round = 1 THEN v_want
+                    ELSE greatest(v_want - coalesce(cardinality(v_ids), 0), 50) END
+           FOR UPDATE SKIP LOCKED
+      ) d;
+    EXIT WHEN v_new IS NULL;
+    v_held := public.calling_hold(v_new, v_now);
+    IF v_held IS NOT NULL OR v_round > 1 THEN
+      v_new := (ARRAY(SELECT u.id FROM unnest(v_new) WITH ORDINALITY AS u(id, n)
+                       WHERE v_held IS NULL OR NOT (u.id = ANY (v_held)) ORDER BY u.n)
+               )[1:v_want - coalesce(cardinality(v_ids), 0)];
+      v_new_special := ARRAY(SELECT u.id FROM unnest(v_new_special) AS u(id)
+                              WHERE u.id = ANY (v_new));
+    END IF;
+    v_ids := v_ids || v_new;
+    v_special := v_special || v_new_special;
+    EXIT WHEN v_held IS NULL OR coalesce(cardinality(v_ids), 0) >= v_want;
+  END LOOP;
+  IF coalesce(cardinality(v_ids), 0) = 0 THEN
     RETURN;
+  END IF;
+  IF cardinality(v_special) = 0 THEN
+    v_special := NULL;
   END IF;
 
   FOR v_try IN 1..2 LOOP
@@ -443,32 +499,55 @@ $$;
 -- ---------------------------------------------------------------------------------------------
 -- mark_call_dialing: assigned -> dialing, counts the attempt. FALSE when already past
 -- assigned (or released): the caller must not dial. The never-dial-twice gate.
+-- It re-checks the calling rules at this last moment (calling_dial_check, 20240101000340): a
+-- number on a do-not-call list or without a required consent is canceled (FALSE, never
+-- dialed); a call outside its window or over the attempt cap goes back to the queue for its
+-- next allowed time (slot released, FALSE). A dial is recorded in contact_attempts.
 CREATE OR REPLACE FUNCTION public.mark_call_dialing(p_assignment_id uuid) RETURNS boolean
 LANGUAGE plpgsql
 SET search_path = ''
 AS $$
 DECLARE
   v_qid uuid;
+  v_q record;
+  v_now timestamptz;
+  v_check record;
 BEGIN
   SELECT a.queue_id INTO v_qid FROM public.call_assignments a WHERE a.id = p_assignment_id;
   IF NOT FOUND THEN
     RETURN false;
   END IF;
-  PERFORM 1 FROM public.call_queue q WHERE q.id = v_qid FOR UPDATE;
-
-  UPDATE public.call_assignments a
-     SET state = 'dialing', dialing_at = now()
-   WHERE a.id = p_assignment_id AND a.state = 'assigned';
+  SELECT q.user_id, q.recipient_phone INTO v_q FROM public.call_queue q WHERE q.id = v_qid FOR UPDATE;
+  PERFORM 1 FROM public.call_assignments a WHERE a.id = p_assignment_id AND a.state = 'assigned';
   IF NOT FOUND THEN
     RETURN false;
   END IF;
 
+  v_now := public.callq_now();
+  SELECT * INTO v_check FROM public.calling_dial_check(v_qid, v_now);
+  IF v_check.verdict IN ('do_not_call', 'consent_missing') THEN
+    PERFORM public.handle_failed_call(p_assignment_id, 'canceled', v_check.verdict);
+    RETURN false;
+  ELSIF v_check.verdict IS NOT NULL THEN
+    PERFORM public.release_assignment(p_assignment_id, v_check.verdict);
+    UPDATE public.call_queue q
+       SET scheduled_time = v_check.not_before, hold_reason = v_check.verdict
+     WHERE q.id = v_qid;
+    RETURN false;
+  END IF;
+
+  UPDATE public.call_assignments a
+     SET state = 'dialing', dialing_at = now()
+   WHERE a.id = p_assignment_id;
+
   UPDATE public.call_queue q
-     SET status = 'dialing', attempts = q.attempts + 1,
+     SET status = 'dialing', attempts = q.attempts + 1, hold_reason = NULL,
          -- the dialing lease is as long as the claim lease the worker asked for
          lease_expires_at = now() + coalesce(q.lease_expires_at - q.claimed_at,
                                              interval '120 seconds')
    WHERE q.id = v_qid;
+  INSERT INTO public.contact_attempts (assignment_id, user_id, phone, attempted_at)
+  VALUES (p_assignment_id, v_q.user_id, v_q.recipient_phone, v_now);
   RETURN true;
 END
 $$;
@@ -553,6 +632,8 @@ BEGIN
   UPDATE public.call_assignments a
      SET state = 'released', ended_at = now(), outcome = 'released', error = p_reason
    WHERE a.id = p_assignment_id;
+  -- never dialed: the attempt does not count against the contact's cap either
+  DELETE FROM public.contact_attempts c WHERE c.assignment_id = p_assignment_id;
 
   PERFORM public.free_provider_slot(v_a.provider_id);
 
@@ -740,6 +821,7 @@ DECLARE
   v_next timestamptz;
   v_final boolean;
   v_hstatus text;
+  v_rule record;
 BEGIN
   IF p_failure_kind IS NULL OR p_failure_kind NOT IN ('busy', 'no_answer', 'voicemail',
       'provider_error', 'rate_limited', 'permanent', 'canceled') THEN
@@ -789,7 +871,10 @@ BEGIN
     -- for demos and tests: ALTER DATABASE ... SET callq.retry_delay_scale = '0.01'.
     v_delay := v_delay * coalesce(
       nullif(current_setting('callq.retry_delay_scale', true), '')::double precision, 1);
-    v_next := now() + make_interval(secs => v_delay);
+    v_next := public.callq_now() + make_interval(secs => v_delay);
+    -- calling rules: the retry goes to the next moment its window and the attempt cap allow
+    SELECT * INTO v_rule FROM public.calling_next_dial_time(v_q.id, v_next);
+    v_next := v_rule.at;
   END IF;
 
   INSERT INTO public.call_retries (queue_id, assignment_id, provider_id, attempt, reason, error,
@@ -800,6 +885,7 @@ BEGIN
   IF NOT v_final THEN
     UPDATE public.call_queue q
        SET status = 'queued', scheduled_time = v_next, last_error = coalesce(p_error, p_failure_kind),
+           hold_reason = v_rule.reason,
            claimed_by = NULL, claimed_at = NULL, lease_expires_at = NULL,
            excluded_provider_ids = CASE WHEN p_failure_kind = 'provider_error'
              THEN public.exclude_provider(q.excluded_provider_ids, v_a.provider_id)
