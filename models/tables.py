@@ -1,4 +1,4 @@
-"""Typed SQLAlchemy 2.0 models of the 13 callq tables.
+"""Typed SQLAlchemy 2.0 models of the callq tables.
 
 The SQL in ``supabase/migrations`` is the source of truth; these models mirror it for the worker
 and admin scripts, and ``tests/integration/test_db_models.py`` fails when the two drift.
@@ -159,6 +159,10 @@ class CallTemplate(Base):
     script: Mapped[str]
     variables: Mapped[Any] = mapped_column(JSONB, server_default=text("'[]'::jsonb"))
     first_message: Mapped[str | None]
+    voicemail_detection: Mapped[bool | None]
+    voicemail_action: Mapped[str] = mapped_column(server_default=text("'hang_up'"))
+    voicemail_message: Mapped[str | None]
+    record_calls: Mapped[bool | None]
     is_public: Mapped[bool] = mapped_column(Boolean, server_default=text("false"))
     requires_consent: Mapped[bool] = mapped_column(Boolean, server_default=text("false"))
     usage_count: Mapped[int] = mapped_column(Integer, server_default=text("0"))
@@ -232,12 +236,34 @@ class CallServiceProvider(Base):
     provider_type: Mapped[str]
     api_key: Mapped[str]  # may be "env:NAME"; never readable by anon/authenticated
     api_secret: Mapped[str | None]
+    webhook_secret: Mapped[str | None]  # like api_key: never readable by anon/authenticated
     base_url: Mapped[str]
     max_concurrent_calls: Mapped[int] = mapped_column(Integer, server_default=text("10"))
     priority: Mapped[int] = mapped_column(Integer, server_default=text("5"))
     capabilities: Mapped[dict[str, Any]] = mapped_column(server_default=EMPTY_OBJECT)
     config: Mapped[dict[str, Any]] = mapped_column(server_default=EMPTY_OBJECT)
     is_active: Mapped[bool] = mapped_column(Boolean, server_default=text("true"))
+    created_at: Mapped[datetime] = _created()
+    updated_at: Mapped[datetime] = _updated()
+
+
+class CallCampaign(Base):
+    __tablename__ = "call_campaigns"
+
+    id: Mapped[uuid.UUID] = _pk()
+    user_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
+    template_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("call_templates.id"))
+    name: Mapped[str]
+    status: Mapped[str] = mapped_column(server_default=text("'draft'"))
+    starts_at: Mapped[datetime | None]
+    ends_at: Mapped[datetime | None]
+    calls_per_minute: Mapped[int | None] = mapped_column(Integer)
+    max_in_flight: Mapped[int | None] = mapped_column(Integer)
+    calls_total: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    calls_canceled: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    metadata_: Mapped[dict[str, Any]] = mapped_column("metadata", server_default=EMPTY_OBJECT)
+    started_at: Mapped[datetime | None]
+    ended_at: Mapped[datetime | None]
     created_at: Mapped[datetime] = _created()
     updated_at: Mapped[datetime] = _updated()
 
@@ -259,6 +285,7 @@ class CallQueue(Base):
     custom_variables: Mapped[dict[str, Any]] = mapped_column(server_default=EMPTY_OBJECT)
     metadata_: Mapped[dict[str, Any]] = mapped_column("metadata", server_default=EMPTY_OBJECT)
     idempotency_key: Mapped[str | None]
+    campaign_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("call_campaigns.id"))
     last_error: Mapped[str | None]
     excluded_provider_ids: Mapped[list[uuid.UUID]] = mapped_column(
         ARRAY(Uuid(as_uuid=True)), server_default=text("'{}'")
@@ -339,6 +366,24 @@ class CallRetry(Base):
     created_at: Mapped[datetime] = _created()
 
 
+class CallEvent(Base):
+    """One row of the append-only call-event log (written by triggers and record_call_event)."""
+
+    __tablename__ = "call_events"
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    created_at: Mapped[datetime] = _created()
+    queue_id: Mapped[uuid.UUID]
+    user_id: Mapped[uuid.UUID]
+    kind: Mapped[str]
+    attempt: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    provider_id: Mapped[uuid.UUID | None]
+    assignment_id: Mapped[uuid.UUID | None]
+    outcome: Mapped[str | None]
+    due_at: Mapped[datetime | None]
+    detail: Mapped[dict[str, Any] | None]
+
+
 ALL_MODELS: tuple[type[Base], ...] = (
     User,
     SubscriptionPlan,
@@ -349,8 +394,10 @@ ALL_MODELS: tuple[type[Base], ...] = (
     TemplateFavorite,
     CallFeedback,
     CallServiceProvider,
+    CallCampaign,
     CallQueue,
     ProviderAvailability,
     CallAssignment,
     CallRetry,
+    CallEvent,
 )

@@ -12,10 +12,10 @@ import hashlib
 import hmac
 import time
 from collections.abc import Mapping
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from functools import cache
 from importlib import resources
-from typing import Any
+from typing import Any, ClassVar
 
 import httpx
 
@@ -30,18 +30,21 @@ from providers._util import (
     secrets_equal,
 )
 from providers.base import (
+    REPLAY_WINDOW_SECONDS,
     CallHandle,
     CallRequest,
     CallState,
     CallStatus,
     HealthStatus,
     ProviderConfig,
+    VoicemailPolicy,
     WebhookEvent,
 )
 from providers.errors import (
     ConfigError,
     ProviderError,
     ProviderOutcomeUnknownError,
+    ProviderRetryableError,
     WebhookAuthError,
     WebhookPayloadError,
 )
@@ -49,10 +52,13 @@ from providers.errors import (
 PROVIDER = "vapi"
 BASE_URL = "https://api.vapi.ai"
 DEFAULT_MODEL = {"provider": "openai", "model": "gpt-4o-mini"}
-WEBHOOK_TOLERANCE_SECONDS = 300.0
 _PAGE = 100
-_MAX_PAGES = 10
+_MAX_LIMIT = 1000  # GET /call's maximum limit
+_MAX_PAGES = 20
+_MILLISECOND = timedelta(milliseconds=1)
 _MAX_TEXT = 40  # customer.name/email/externalId and call name limits in CreateCallDTO
+MIN_DURATION_SECONDS, MAX_DURATION_SECONDS = 10, 43200  # AssistantOverrides.maxDurationSeconds
+MAX_VOICEMAIL_MESSAGE = 1000
 
 STATUS_MAP: dict[str, CallState] = {
     "scheduled": CallState.QUEUED,
@@ -72,13 +78,44 @@ REASON_OVERRIDES: dict[str, CallState] = {
 }
 
 
+# Values of the SDK's CallEndedReason (vapi_server_sdk 3.0.0) that the spec copy behind the CSV
+# lacks, each reviewed (tests/unit/test_providers_vapi.py compares the map with the SDK's enum):
+REASONS_SINCE_SPEC: dict[str, CallState] = {
+    # the assistant/squad configuration cannot work: a human must fix it
+    "call.in-progress.error-configfault-model-unsupported-in-squad": CallState.FAILED_PERMANENT,
+    "call.in-progress.error-configfault-transport-unsupported-for-model": (
+        CallState.FAILED_PERMANENT
+    ),
+    "call.start.squad-version-error-validation": CallState.FAILED_PERMANENT,
+    # ElevenLabs capacity: like its "system-busy-and-requested-upgrade" twin, later may work
+    "call.in-progress.error-providerfault-eleven-labs-blocked-concurrent-requests-and-requested-upgrade": (  # noqa: E501
+        CallState.FAILED_RETRYABLE
+    ),
+    # the voice was disabled by its owner: retrying cannot bring it back
+    "call.in-progress.error-providerfault-eleven-labs-vapi-voice-disabled-by-owner": (
+        CallState.FAILED_PERMANENT
+    ),
+    "call.in-progress.error-providerfault-eleven-labs-voice-disabled-by-owner": (
+        CallState.FAILED_PERMANENT
+    ),
+    # Vapi had no worker to start the call: its own transient fault
+    "call.start.error-vapifault-worker-not-available": CallState.FAILED_RETRYABLE,
+    # the carrier released the outbound leg (congestion, a network-side drop): try later
+    "sip-outbound-carrier-released-call": CallState.FAILED_RETRYABLE,
+    # SIP 404 "unallocated number": the number does not exist
+    "sip-outbound-unallocated-number": CallState.FAILED_PERMANENT,
+}
+
+
 @cache
 def ended_reason_map() -> dict[str, CallState]:
-    """Every Vapi ``endedReason`` -> unified state (packaged CSV plus reviewed overrides)."""
+    """Every Vapi ``endedReason`` -> unified state (packaged CSV, the values added since the
+    spec copy, and reviewed overrides)."""
     text = resources.files("providers.data").joinpath("vapi-ended-reason-map.csv").read_text()
     table = {
         row["endedReason"]: CallState(row["unified"]) for row in csv.DictReader(text.splitlines())
     }
+    table.update(REASONS_SINCE_SPEC)
     table.update(REASON_OVERRIDES)
     return table
 
@@ -99,11 +136,9 @@ def state_for(status: str | None, ended_reason: str | None) -> CallState:
 
 def build_create_body(req: CallRequest, config: ProviderConfig) -> dict[str, Any]:
     """The ``POST /call`` body (a ``CreateCallDTO``) for ``req``."""
-    phone_number_id = config.setting("phone_number_id")
+    phone_number_id = req.caller_id or config.setting("phone_number_id")
     if not phone_number_id:
-        raise ConfigError(
-            f"vapi provider {config.name or config.id}: config.phone_number_id is missing"
-        )
+        raise ConfigError(f"vapi provider {config.id}: config.phone_number_id is missing")
     body: dict[str, Any] = {
         "phoneNumberId": str(phone_number_id),
         "customer": _customer(req, config),
@@ -146,14 +181,42 @@ def _overrides(req: CallRequest, config: ProviderConfig) -> dict[str, Any]:
     webhook_url = config.setting("webhook_url")
     if webhook_url:
         overrides["server"] = {"url": str(webhook_url)}
-    max_duration = config.setting("max_duration_seconds")
-    if max_duration:
-        overrides["maxDurationSeconds"] = int(max_duration)
+    max_duration = max_duration_seconds(req, config)
+    if max_duration is not None:
+        overrides["maxDurationSeconds"] = max_duration
+    if req.voicemail is not None:
+        overrides.update(_voicemail(req.voicemail, config))
+    if req.record is not None:
+        overrides["artifactPlan"] = {"recordingEnabled": req.record}
     return overrides
 
 
+def max_duration_seconds(req: CallRequest, config: ProviderConfig) -> int | None:
+    """The tighter of the request's and the row's cap, within Vapi's 10..43200 seconds."""
+    row_cap = config.number("max_duration_seconds", None)
+    caps = [int(v) for v in (req.max_duration_seconds, row_cap) if v]
+    if not caps:
+        return None
+    return max(MIN_DURATION_SECONDS, min(min(caps), MAX_DURATION_SECONDS))
+
+
+def _voicemail(policy: VoicemailPolicy, config: ProviderConfig) -> dict[str, Any]:
+    """``voicemailDetection`` ("off" or a detection plan) and, to leave one, ``voicemailMessage``
+    (without a message Vapi hangs up on a voicemail box)."""
+    if not policy.detect:
+        return {"voicemailDetection": "off"}
+    detector = str(config.setting("voicemail_detection_provider") or "vapi")
+    out: dict[str, Any] = {"voicemailDetection": {"provider": detector}}
+    if policy.leaves_message and policy.message:
+        out["voicemailMessage"] = policy.message[:MAX_VOICEMAIL_MESSAGE]
+    return out
+
+
 def _inline_assistant(req: CallRequest, config: ProviderConfig) -> dict[str, Any]:
-    model = dict(config.setting("model") or DEFAULT_MODEL)
+    configured = config.setting("model") or DEFAULT_MODEL
+    if not isinstance(configured, Mapping):
+        raise ConfigError(f"vapi provider {config.id}: config.model is not an object")
+    model = dict(configured)
     model["messages"] = [{"role": "system", "content": req.script or ""}]
     assistant: dict[str, Any] = {"model": model, "metadata": _metadata(req)}
     if req.template_name:
@@ -241,7 +304,8 @@ def verify_webhook(
     headers: Mapping[str, str], body: bytes, secret: str, *, now: float | None = None
 ) -> None:
     """Accept ``X-Vapi-Secret``, ``Authorization: Bearer`` or HMAC-SHA256 (``x-signature`` over
-    ``{timestamp}.{body}``, hex); raise :class:`WebhookAuthError` otherwise."""
+    ``{x-timestamp}.{body}``, hex). The HMAC form requires the timestamp, within
+    :data:`REPLAY_WINDOW_SECONDS` of now. Raise :class:`WebhookAuthError` otherwise."""
     h = lower_headers(headers)
     if "x-vapi-secret" in h and secrets_equal(h["x-vapi-secret"], secret):
         return
@@ -250,9 +314,9 @@ def verify_webhook(
         return
     signature = h.get("x-signature") or h.get("x-vapi-signature")
     if signature:
-        timestamp = h.get("x-timestamp", "")
+        timestamp = h.get("x-timestamp", "").strip()
         _check_timestamp(timestamp, now)
-        message = f"{timestamp}.".encode() + body if timestamp else body
+        message = timestamp.encode() + b"." + body
         expected = hmac.new(secret.encode(), message, hashlib.sha256).hexdigest()
         if secrets_equal(signature.removeprefix("sha256=").strip().lower(), expected):
             return
@@ -260,13 +324,14 @@ def verify_webhook(
 
 
 def _check_timestamp(timestamp: str, now: float | None) -> None:
-    when = as_float(timestamp)
-    if when is None:
-        return
+    """Refuse a missing, malformed or stale timestamp (seconds or milliseconds)."""
+    if not timestamp.isdigit() or len(timestamp) > 16:
+        raise WebhookAuthError("webhook timestamp missing or malformed")
+    when = float(timestamp)
     if when > 1e11:
         when /= 1000.0
-    if abs((now if now is not None else time.time()) - when) > WEBHOOK_TOLERANCE_SECONDS:
-        raise WebhookAuthError("webhook timestamp outside tolerance")
+    if abs((now if now is not None else time.time()) - when) > REPLAY_WINDOW_SECONDS:
+        raise WebhookAuthError("webhook timestamp outside the replay window")
 
 
 def parse_webhook_payload(payload: Mapping[str, Any]) -> WebhookEvent:
@@ -293,6 +358,10 @@ def parse_webhook_payload(payload: Mapping[str, Any]) -> WebhookEvent:
     return WebhookEvent(provider_call_id=status.provider_call_id, status=status, event_type=kind)
 
 
+def _time_key(value: datetime | None) -> datetime:
+    return value if value is not None else datetime.max.replace(tzinfo=UTC)
+
+
 # --- adapter ------------------------------------------------------------------------------------
 
 
@@ -300,6 +369,7 @@ class VapiProvider:
     """The Vapi account described by ``config`` (see module docstring)."""
 
     provider_type = PROVIDER
+    official_base_urls: ClassVar[tuple[str, ...]] = (BASE_URL,)
 
     def __init__(self, config: ProviderConfig, client: httpx.Client | None = None) -> None:
         self.config = config
@@ -339,24 +409,42 @@ class VapiProvider:
         return data
 
     def find_call(self, req: CallRequest, since: datetime) -> CallStatus | None:
-        """List calls created after ``since`` (newest first, paged by ``createdAtLt``) and match
-        our correlation id."""
+        """List calls created after ``since`` (newest first) and match our correlation id.
+
+        Pages walk back with ``createdAtLt`` = the oldest ``createdAt`` seen plus 1 ms, so calls
+        sharing that millisecond with the page's last one are read again rather than skipped;
+        ids already seen are dropped. A full page that cannot move back (it is all one
+        millisecond) is read again with a larger ``limit``. When the window holds more calls
+        than we read, this raises ``ProviderRetryableError``: keep asking, never re-send.
+        """
+        seen: set[str] = set()
         params: dict[str, Any] = {"createdAtGt": iso(since), "limit": _PAGE}
-        phone_number_id = self.config.setting("phone_number_id")
-        if phone_number_id:
-            params["phoneNumberId"] = phone_number_id
+        floor: datetime | None = None
         for _ in range(_MAX_PAGES):
-            response = self._sender.request("GET", f"{self.base_url}/call", params=params)
-            data = self._sender.json(response)
-            calls = [c for c in data if isinstance(c, Mapping)] if isinstance(data, list) else []
+            calls = self._list(params)
             for call in calls:
-                if matches(call, req):
+                if str(call.get("id")) not in seen and matches(call, req):
                     return parse_call(call)
-            oldest = min((str(c.get("createdAt", "")) for c in calls), default="")
-            if len(calls) < _PAGE or not oldest:
-                return None
-            params["createdAtLt"] = oldest
-        return None
+            seen.update(str(call.get("id")) for call in calls)
+            if len(calls) < params["limit"]:
+                return None  # the page ended before the limit: the window is exhausted
+            oldest = min((parse_time(c.get("createdAt")) for c in calls), key=_time_key)
+            if oldest is None:
+                break
+            if oldest == floor:  # a full page of one millisecond: widen it
+                if params["limit"] >= _MAX_LIMIT:
+                    break
+                params["limit"] = min(params["limit"] * 10, _MAX_LIMIT)
+            floor = oldest
+            params["createdAtLt"] = iso(oldest + _MILLISECOND)
+        raise ProviderRetryableError(
+            "too many calls in the reconcile window", provider=PROVIDER, code="reconcile_window"
+        )
+
+    def _list(self, params: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+        response = self._sender.request("GET", f"{self.base_url}/call", params=params)
+        data = self._sender.json(response)
+        return [c for c in data if isinstance(c, Mapping)] if isinstance(data, list) else []
 
     def cancel_call(self, provider_call_id: str) -> bool:
         """Scheduled calls are deleted; live ones are ended through ``monitor.controlUrl``."""
@@ -387,7 +475,7 @@ class VapiProvider:
 
     def parse_webhook(self, headers: Mapping[str, str], body: bytes) -> WebhookEvent:
         """Authenticate with the configured ``webhook_secret`` then parse the server message."""
-        secret = self.config.secret_setting("webhook_secret") or self.config.api_secret
+        secret = self.config.webhook_key()
         if secret is None:
             raise WebhookAuthError("no webhook_secret configured")
         verify_webhook(headers, body, secret.get_secret_value())

@@ -1,8 +1,9 @@
 -- Calling rules (issue 10): functions, grants and RLS. Tables in 20240101000140.
 --
 -- Where each rule acts:
---   schedule_call        zone given (CQ021 if unknown) or derived from the number (CQ023 if
---                        none), do-not-call (CQ020), consent (CQ022): calling_schedule_check
+--   schedule_calls_core  zone given (CQ021 if unknown) or derived from the number (CQ023 if
+--                        none), do-not-call (CQ020), consent (CQ022), for schedule_call and
+--                        a campaign's schedule_calls alike
 --   claims               a due call outside its window is not claimed: calling_hold moves it to
 --                        its next opening (status stays queued, hold_reason set)
 --   mark_call_dialing    re-checks everything at the last moment (calling_dial_check): a listed
@@ -225,6 +226,8 @@ BEGIN
     UPDATE public.call_queue q
        SET scheduled_time = v_next.at, hold_reason = coalesce(v_next.reason, 'calling_window')
      WHERE q.id = v_id;
+    PERFORM public.record_call_event(v_id, 'held', jsonb_build_object(
+      'rule', coalesce(v_next.reason, 'calling_window'), 'until', v_next.at));
   END LOOP;
   RETURN v_closed;
 END
@@ -259,45 +262,6 @@ AS $$
                       WHERE c.user_id = p_user_id AND c.phone = p_phone
                         AND c.granted_at <= p_at
                         AND (c.revoked_at IS NULL OR c.revoked_at > p_at));
-$$;
-
--- schedule_call's rules: the call's zones (p_timezone, validated, or the number's), then
--- do-not-call and consent. Raises CQ021 / CQ023 / CQ020 / CQ022; returns the zones.
-CREATE OR REPLACE FUNCTION public.calling_schedule_check(
-  p_user_id uuid, p_template_id uuid, p_phone text, p_timezone text)
-RETURNS text[]
-LANGUAGE plpgsql STABLE
-SET search_path = ''
-AS $$
-DECLARE
-  v_zones text[];
-  v_now timestamptz := public.callq_now();
-BEGIN
-  IF p_timezone IS NOT NULL THEN
-    IF NOT EXISTS (SELECT 1 FROM public.calling_timezones t WHERE t.name = p_timezone) THEN
-      RAISE EXCEPTION USING ERRCODE = 'CQ021',
-        MESSAGE = 'invalid_timezone: recipient_timezone must be an IANA zone name such as'
-                  ' America/New_York';
-    END IF;
-    v_zones := ARRAY[p_timezone];
-  ELSE
-    v_zones := public.phone_timezones(p_phone);
-    IF v_zones IS NULL THEN
-      RAISE EXCEPTION USING ERRCODE = 'CQ023',
-        MESSAGE = 'timezone_unknown: no time zone is known for this number;'
-                  ' pass recipient_timezone';
-    END IF;
-  END IF;
-  IF public.do_not_call_listed(p_user_id, p_phone, v_now) THEN
-    RAISE EXCEPTION USING ERRCODE = 'CQ020',
-      MESSAGE = 'do_not_call: the number is on a do-not-call list';
-  END IF;
-  IF public.consent_missing(p_user_id, p_template_id, p_phone, v_now) THEN
-    RAISE EXCEPTION USING ERRCODE = 'CQ022',
-      MESSAGE = 'consent_required: the plan or template requires consent from this number';
-  END IF;
-  RETURN v_zones;
-END
 $$;
 
 -- The dial gate's rules, at p_now, for a call whose row the caller has locked. verdict NULL: dial.
@@ -496,7 +460,6 @@ REVOKE ALL ON FUNCTION
   public.calling_next_dial_time(uuid, timestamptz), public.calling_hold(uuid[], timestamptz),
   public.do_not_call_listed(uuid, text, timestamptz),
   public.consent_missing(uuid, uuid, text, timestamptz),
-  public.calling_schedule_check(uuid, uuid, text, text),
   public.calling_dial_check(uuid, timestamptz), public.add_do_not_call(text, text),
   public.grant_call_consent(text, text, uuid), public.revoke_call_consent(text, uuid)
   FROM PUBLIC, anon, authenticated;
@@ -512,6 +475,5 @@ GRANT EXECUTE ON FUNCTION
   public.calling_next_dial_time(uuid, timestamptz), public.calling_hold(uuid[], timestamptz),
   public.do_not_call_listed(uuid, text, timestamptz),
   public.consent_missing(uuid, uuid, text, timestamptz),
-  public.calling_schedule_check(uuid, uuid, text, text),
   public.calling_dial_check(uuid, timestamptz)
   TO service_role, callq_worker;

@@ -13,7 +13,7 @@ from models.migrate import list_migrations, upgrade
 from models.session import make_engine, normalize_url
 from models.tables import ALL_MODELS, Base
 
-from .dbutil import TABLES, connect, one
+from .dbutil import RULES_TABLES, TABLES, connect, one
 
 EXPECTED_TABLES = set(TABLES)
 
@@ -39,8 +39,9 @@ def test_upgrade_applies_everything_once_and_records_versions(empty_db_url: str)
                 "SELECT tablename, rowsecurity FROM pg_tables WHERE schemaname = 'public'"
             )
         }
-        assert set(tables) >= EXPECTED_TABLES  # all 13 (and the tables of later features)
-        assert all(tables.values()), tables  # every one with RLS enabled
+        # all of them (and the calling rules' reference and settings tables), all with RLS
+        assert set(tables) == EXPECTED_TABLES | set(RULES_TABLES)
+        assert all(tables.values()), tables
         assert one(conn, "SELECT to_regprocedure('auth.uid()') IS NOT NULL")
 
 

@@ -78,6 +78,7 @@ def _build(conn: Conn) -> World:
             "INSERT INTO call_feedback (call_id, user_id, rating) VALUES (%s, %s, 5)",
             (history[u], u),
         )
+        one(conn, "SELECT create_campaign(%s, %s, 'C')", (u, tpl[(u, False)]))
     ids: dict[str, dict[str, set[uuid.UUID]]] = {}
     owner_col = {
         "users": "id",
@@ -88,6 +89,8 @@ def _build(conn: Conn) -> World:
         "template_favorites": "user_id",
         "call_feedback": "user_id",
         "call_queue": "user_id",
+        "call_events": "user_id",
+        "call_campaigns": "user_id",
     }
     for table in TABLES:
         col = owner_col.get(table)
@@ -121,7 +124,7 @@ def expected_visible(world: World, who: str, table: str) -> set[uuid.UUID] | Non
     per = world.ids[table]
     if who == "anon":
         return None
-    if who == "service_role" or (who == "admin" and table in ADMIN_TABLES):
+    if who == "service_role" or (who == "admin" and table in ADMIN_TABLES | ADMIN_READ_ALL):
         return per["all"]
     if table == "subscription_plans":
         return per["active"]
@@ -161,6 +164,20 @@ ADMIN_TABLES = {
     "provider_availability",
     "call_assignments",
     "call_retries",
+}
+# per-user tables whose rows admins may read (all of them) but not write
+ADMIN_READ_ALL = {"call_campaigns"}
+
+
+# The call-event log's writers run as its owner (see 20240101000330_events.sql).
+EVENT_DEFINERS = {
+    "call_queue_log_insert",
+    "call_queue_log_status",
+    "call_assignments_log_insert",
+    "call_assignments_log_state",
+    "users_forget_call_events",
+    "record_call_event",
+    "prune_call_events",
 }
 
 
@@ -341,7 +358,14 @@ def test_functions_are_pinned_and_definer_only_where_needed(db_url: str) -> None
         ).fetchall()
     assert len(rows) >= 20
     definers = {name for name, secdef, _, _ in rows if secdef}
-    assert definers == {"schedule_call", "handle_new_user", "is_admin"}
+    assert definers == EVENT_DEFINERS | {
+        "schedule_call",
+        "handle_new_user",
+        "is_admin",
+        # campaigns: app users act on their own campaigns through these only
+        "create_campaign",
+        "schedule_calls",
+    }
     for name, _, config, public_exec in rows:
         assert config and any(c.startswith("search_path=") for c in config), name
         assert not public_exec, name
