@@ -663,3 +663,117 @@ def test_the_clock_is_not_settable_by_app_users_or_the_worker(w: World) -> None:
         assert sqlstate(conn, "UPDATE calling_settings SET test_now = NULL") == "42501"
     assert w.claim() == {}
     assert w.row(q)["hold_reason"] == "calling_window"
+
+
+# --- visibility --------------------------------------------------------------------------------
+
+
+def test_callq_queue_shows_calls_held_and_canceled_by_each_rule(w: World) -> None:
+    from worker.status import queue_report
+
+    set_clock(w.conn, datetime(2026, 7, 15, 12, 0, tzinfo=UTC))
+    w.schedule(TOKYO)
+    w.schedule(HONOLULU)
+    q = w.schedule(LONDON)
+    (aid,) = w.claim().values()
+    w.conn.execute("SELECT add_do_not_call(%s)", (LONDON,))
+    assert w.gate(aid) is False and w.row(q)["status"] == "canceled"
+    report = queue_report(w.conn)
+    assert "Held or canceled by calling rules" in report
+    lines = {
+        line.split()[0]: line.split()[1]
+        for line in report.splitlines()
+        if line[:4] in ("call", "do_n")
+    }
+    assert lines == {"calling_window": "2", "do_not_call": "1"}
+    assert "WARNING: the rules' test clock is set" in report
+    events = w.conn.execute(
+        "SELECT detail->>'rule' FROM call_events WHERE kind = 'held'"
+    ).fetchall()
+    assert events == [("calling_window",), ("calling_window",)]
+
+
+# --- the property ------------------------------------------------------------------------------
+
+PHONES = [NEW_YORK, HONOLULU, LONDON, SYDNEY, TOKYO, NORTH_DAKOTA, "+15551234567", "+61412345678"]
+ZONES = [None, None, "America/New_York", "Asia/Kolkata", "America/St_Johns", "Pacific/Chatham"]
+
+
+def _steps() -> Any:
+    from hypothesis import strategies as st
+
+    return st.lists(
+        st.one_of(
+            st.tuples(st.just("schedule"), st.sampled_from(PHONES), st.sampled_from(ZONES)),
+            st.tuples(st.just("dnc"), st.sampled_from(PHONES)),
+            st.tuples(st.just("tick"), st.integers(1, 36 * 60)),
+            st.tuples(st.just("dial"), st.integers(0, 120)),
+            st.tuples(st.just("busy")),
+        ),
+        max_size=14,
+    )
+
+
+def test_no_call_is_ever_dialed_outside_its_window_to_a_listed_number_or_over_the_cap(
+    w: World,
+) -> None:
+    """Random numbers, zones, clock jumps, do-not-call entries, claims, waits before the gate
+    and busy retries: every call the gate lets through is inside every window in every zone
+    of the call (checked with zoneinfo), not on a list, and within 3 attempts per 24 h."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    conn = w.conn
+    rules = _rules(conn)
+
+    @settings(
+        max_examples=40,
+        deadline=None,
+        suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+    )
+    @given(
+        start=st.datetimes(datetime(2026, 1, 1), datetime(2026, 12, 31), timezones=st.just(UTC)),
+        steps=_steps(),
+    )
+    def run(start: datetime, steps: list[tuple[Any, ...]]) -> None:
+        with conn.transaction(force_rollback=True):
+            clock = start
+            set_clock(conn, clock)
+            listed: set[str] = set()
+            dialed: list[uuid.UUID] = []
+            for step in steps:
+                if step[0] == "schedule" and step[1] not in listed:
+                    w.schedule(step[1], **({"recipient_timezone": step[2]} if step[2] else {}))
+                elif step[0] == "dnc":
+                    conn.execute("SELECT add_do_not_call(%s)", (step[1],))
+                    listed.add(step[1])
+                elif step[0] == "tick":
+                    clock += timedelta(minutes=step[1])
+                    set_clock(conn, clock)
+                elif step[0] == "dial":
+                    claimed = w.claim()
+                    clock += timedelta(minutes=step[1])  # the call sits before the gate
+                    set_clock(conn, clock)
+                    for qid, aid in claimed.items():
+                        if not w.gate(aid):
+                            continue
+                        row = w.row(qid)
+                        phone = one(
+                            conn, "SELECT recipient_phone FROM call_queue WHERE id = %s", (qid,)
+                        )
+                        assert oracle_open(row["recipient_timezones"], rules, clock), (phone, clock)
+                        assert phone not in listed
+                        recent = one(
+                            conn,
+                            "SELECT count(*) FROM contact_attempts WHERE phone = %s"
+                            " AND attempted_at > %s",
+                            (phone, clock - timedelta(hours=24)),
+                        )
+                        assert recent <= 3
+                        dialed.append(aid)
+                elif step[0] == "busy":
+                    for aid in dialed:
+                        conn.execute("SELECT handle_failed_call(%s, 'busy')", (aid,))
+                    dialed = []
+
+    run()
