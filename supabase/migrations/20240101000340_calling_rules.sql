@@ -298,7 +298,36 @@ END
 $$;
 
 -- ---------------------------------------------------------------------------------------------
--- For apps. add_do_not_call: as an app user, onto the caller's own list; as service_role (no
+-- For apps. CQ005 unless the number is E.164.
+CREATE OR REPLACE FUNCTION public.calling_require_e164(p_phone text) RETURNS void
+LANGUAGE plpgsql IMMUTABLE
+SET search_path = ''
+AS $$
+BEGIN
+  IF p_phone IS NULL OR p_phone !~ '^\+[1-9][0-9]{6,14}$' THEN
+    RAISE EXCEPTION USING ERRCODE = 'CQ005',
+      MESSAGE = 'invalid_phone: phone must be E.164 (+ then 7 to 15 digits)';
+  END IF;
+END
+$$;
+
+-- Whose consents an app call acts on: the app user's own (p_user_id, if given, must be them),
+-- or p_user_id for service_role and the worker. CQ008 otherwise.
+CREATE OR REPLACE FUNCTION public.calling_consent_user(p_user_id uuid) RETURNS uuid
+LANGUAGE plpgsql STABLE
+SET search_path = ''
+AS $$
+BEGIN
+  IF coalesce(auth.uid(), p_user_id) IS NULL
+     OR (auth.uid() IS NOT NULL AND p_user_id IS NOT NULL AND p_user_id <> auth.uid()) THEN
+    RAISE EXCEPTION USING ERRCODE = 'CQ008',
+      MESSAGE = 'not_authorized: consents are the calling user''s own';
+  END IF;
+  RETURN coalesce(auth.uid(), p_user_id);
+END
+$$;
+
+-- add_do_not_call: as an app user, onto the caller's own list; as service_role (no
 -- auth.uid()), onto the global list. Idempotent (a second call updates the reason). Returns
 -- the row id. CQ005 for a number that is not E.164.
 CREATE OR REPLACE FUNCTION public.add_do_not_call(p_phone text, p_reason text DEFAULT NULL)
@@ -309,10 +338,7 @@ AS $$
 DECLARE
   v_id uuid;
 BEGIN
-  IF p_phone IS NULL OR p_phone !~ '^\+[1-9][0-9]{6,14}$' THEN
-    RAISE EXCEPTION USING ERRCODE = 'CQ005',
-      MESSAGE = 'invalid_phone: phone must be E.164 (+ then 7 to 15 digits)';
-  END IF;
+  PERFORM public.calling_require_e164(p_phone);
   IF p_reason IS NOT NULL AND length(p_reason) > 500 THEN
     RAISE EXCEPTION USING ERRCODE = 'CQ024', MESSAGE = 'invalid_reason: at most 500 characters';
   END IF;
@@ -334,20 +360,12 @@ LANGUAGE plpgsql
 SET search_path = ''
 AS $$
 DECLARE
-  v_user uuid := coalesce(auth.uid(), p_user_id);
+  v_user uuid := public.calling_consent_user(p_user_id);
   v_id uuid;
 BEGIN
-  IF p_phone IS NULL OR p_phone !~ '^\+[1-9][0-9]{6,14}$' THEN
-    RAISE EXCEPTION USING ERRCODE = 'CQ005',
-      MESSAGE = 'invalid_phone: phone must be E.164 (+ then 7 to 15 digits)';
-  END IF;
+  PERFORM public.calling_require_e164(p_phone);
   IF p_source IS NULL OR length(btrim(p_source)) NOT BETWEEN 1 AND 200 THEN
     RAISE EXCEPTION USING ERRCODE = 'CQ025', MESSAGE = 'invalid_consent_source: 1..200 characters';
-  END IF;
-  IF v_user IS NULL OR (auth.uid() IS NOT NULL AND p_user_id IS DISTINCT FROM NULL
-                        AND p_user_id <> auth.uid()) THEN
-    RAISE EXCEPTION USING ERRCODE = 'CQ008',
-      MESSAGE = 'not_authorized: consent is recorded for the calling user';
   END IF;
   INSERT INTO public.call_consents (user_id, phone, source, granted_at)
   VALUES (v_user, p_phone, btrim(p_source), public.callq_now())
@@ -363,15 +381,10 @@ LANGUAGE plpgsql
 SET search_path = ''
 AS $$
 DECLARE
-  v_user uuid := coalesce(auth.uid(), p_user_id);
+  v_user uuid := public.calling_consent_user(p_user_id);
   v_now timestamptz := public.callq_now();
   v_n integer;
 BEGIN
-  IF v_user IS NULL OR (auth.uid() IS NOT NULL AND p_user_id IS DISTINCT FROM NULL
-                        AND p_user_id <> auth.uid()) THEN
-    RAISE EXCEPTION USING ERRCODE = 'CQ008',
-      MESSAGE = 'not_authorized: consent is revoked for the calling user';
-  END IF;
   UPDATE public.call_consents c
      SET revoked_at = greatest(v_now, c.granted_at)
    WHERE c.user_id = v_user AND c.phone = p_phone
@@ -461,11 +474,13 @@ REVOKE ALL ON FUNCTION
   public.do_not_call_listed(uuid, text, timestamptz),
   public.consent_missing(uuid, uuid, text, timestamptz),
   public.calling_dial_check(uuid, timestamptz), public.add_do_not_call(text, text),
-  public.grant_call_consent(text, text, uuid), public.revoke_call_consent(text, uuid)
+  public.grant_call_consent(text, text, uuid), public.revoke_call_consent(text, uuid),
+  public.calling_require_e164(text), public.calling_consent_user(uuid)
   FROM PUBLIC, anon, authenticated;
 GRANT EXECUTE ON FUNCTION
   public.callq_now(), public.phone_timezones(text), public.add_do_not_call(text, text),
-  public.grant_call_consent(text, text, uuid), public.revoke_call_consent(text, uuid)
+  public.grant_call_consent(text, text, uuid), public.revoke_call_consent(text, uuid),
+  public.calling_require_e164(text), public.calling_consent_user(uuid)
   TO authenticated, service_role, callq_worker;
 GRANT EXECUTE ON FUNCTION public.refresh_calling_timezones() TO service_role;
 GRANT EXECUTE ON FUNCTION

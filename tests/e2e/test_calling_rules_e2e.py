@@ -15,8 +15,9 @@ import psycopg
 import pytest
 
 from providers.simulator import Simulator
-from tests.e2e.conftest import creates_by_queue, slots_held, status_counts, wait_until
+from tests.e2e.conftest import creates_by_queue, slots_held, status_counts
 from tests.integration.dbutil import SHIPPED_CALLING_RULES, set_clock
+from worker.embedded import wait_until
 from worker.fleet import Fleet
 from worker.seed import Seeded
 
