@@ -127,7 +127,7 @@ CREATE TABLE public.call_templates (
   created_at timestamptz NOT NULL DEFAULT now(),
   updated_at timestamptz NOT NULL DEFAULT now(),
   CONSTRAINT call_templates_leave_message_has_text
-    CHECK (voicemail_action <> 'leave_message' OR length(btrim(voicemail_message)) > 0)
+    CHECK (voicemail_action <> 'leave_message' OR coalesce(length(btrim(voicemail_message)), 0) > 0)
 );
 CREATE INDEX call_templates_created_by_idx ON public.call_templates (created_by);
 CREATE INDEX call_templates_public_idx ON public.call_templates (category) WHERE is_public;
