@@ -276,7 +276,9 @@ $$;
 -- Candidates come from the per-tenant index (one probe per tenant and priority: a tenant's far
 -- future calls are never walked). The tenants' counter rows are then locked in user_id order
 -- and their free concurrency re-read, so concurrent claimers never exceed a plan's cap.
-CREATE OR REPLACE FUNCTION public.claimable_calls(p_limit integer) RETURNS uuid[]
+-- p_exclude: calls this claim already took in an earlier round (they count against the room).
+CREATE OR REPLACE FUNCTION public.claimable_calls(p_limit integer, p_exclude uuid[] DEFAULT NULL)
+RETURNS uuid[]
 LANGUAGE plpgsql
 SET search_path = ''
 SET plan_cache_mode = force_custom_plan
@@ -284,6 +286,7 @@ AS $$
 DECLARE
   v_cand uuid[];
   v_ids uuid[];
+  v_now timestamptz := public.callq_now();
 BEGIN
   IF p_limit IS NULL OR p_limit <= 0 THEN
     RETURN NULL;
@@ -311,7 +314,8 @@ BEGIN
              SELECT q.id, q.priority, q.scheduled_time, q.created_at
                FROM public.call_queue q
               WHERE q.user_id = t.user_id AND q.status = 'queued' AND q.priority = p.prio
-                AND q.scheduled_time <= now()
+                AND q.scheduled_time <= v_now
+                AND (p_exclude IS NULL OR NOT (q.id = ANY (p_exclude)))
               ORDER BY q.scheduled_time, q.created_at
               LIMIT t.room) x
         ) f
@@ -327,7 +331,7 @@ BEGIN
     FROM (SELECT q.id, c.ord
             FROM unnest(v_cand) WITH ORDINALITY AS c(id, ord)
             JOIN public.call_queue q ON q.id = c.id
-           WHERE q.status = 'queued' AND q.scheduled_time <= now()
+           WHERE q.status = 'queued' AND q.scheduled_time <= v_now
            ORDER BY c.ord
            LIMIT p_limit
              FOR UPDATE OF q SKIP LOCKED) l;
@@ -342,7 +346,10 @@ BEGIN
    ORDER BY c.user_id
      FOR UPDATE;
   SELECT array_agg(z.id ORDER BY z.ord) INTO v_ids
-    FROM (SELECT c.id, c.ord, pl.max_concurrent_calls - t.claimed - t.dialed AS room,
+    FROM (SELECT c.id, c.ord,
+                 pl.max_concurrent_calls - t.claimed - t.dialed
+                   - (SELECT count(*) FROM public.call_queue x
+                       WHERE x.id = ANY (p_exclude) AND x.user_id = q.user_id) AS room,
                  row_number() OVER (PARTITION BY q.user_id ORDER BY c.ord) AS k
             FROM unnest(v_ids) WITH ORDINALITY AS c(id, ord)
             JOIN public.call_queue q ON q.id = c.id
@@ -495,7 +502,7 @@ REVOKE ALL ON FUNCTION
   public.count_tenant_calls(), public.zero_tenant_counters(), public.reconcile_tenant_counters(),
   public.tenant_plan(uuid), public.lock_current_usage(uuid),
   public.settle_call_usage(uuid, uuid, double precision), public.return_dial(uuid),
-  public.claimable_calls(integer), public.dial_gate(uuid), public.refuse_dial(uuid, text),
+  public.claimable_calls(integer, uuid[]), public.dial_gate(uuid), public.refuse_dial(uuid, text),
   public.fail_on_provider(uuid, text, text), public.provider_creates_per_second(uuid),
   public.reserve_provider_create(uuid, double precision),
   public.defer_dial(uuid, double precision)
@@ -504,7 +511,7 @@ GRANT EXECUTE ON FUNCTION
   public.call_status_class(text), public.apply_counter_deltas(jsonb),
   public.reconcile_tenant_counters(), public.tenant_plan(uuid), public.lock_current_usage(uuid),
   public.settle_call_usage(uuid, uuid, double precision), public.return_dial(uuid),
-  public.claimable_calls(integer), public.dial_gate(uuid), public.refuse_dial(uuid, text),
+  public.claimable_calls(integer, uuid[]), public.dial_gate(uuid), public.refuse_dial(uuid, text),
   public.fail_on_provider(uuid, text, text), public.provider_creates_per_second(uuid),
   public.reserve_provider_create(uuid, double precision),
   public.defer_dial(uuid, double precision)
