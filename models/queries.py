@@ -42,13 +42,12 @@ LOAD_CALL = """
 SELECT a.id AS assignment_id, a.state, a.provider_call_id, a.dialing_at, a.attempt, a.poll_count,
        q.id AS queue_id, q.status AS queue_status, q.recipient_name, q.recipient_phone,
        q.recipient_email, q.custom_variables,
-       t.name AS template_name, t.script, t.first_message,
+       q.template_name, q.script, q.first_message,
        p.id AS provider_id, p.name AS provider_name, p.provider_type, p.api_key, p.api_secret,
-       p.base_url, p.max_concurrent_calls, p.capabilities, p.config
+       p.webhook_secret, p.base_url, p.max_concurrent_calls, p.capabilities, p.config
 FROM call_assignments a
 JOIN call_queue q ON q.id = a.queue_id
 JOIN call_service_providers p ON p.id = a.provider_id
-LEFT JOIN call_templates t ON t.id = q.template_id
 WHERE a.id = %s
 """
 # The dial gate and the load in one round trip: ``won`` is mark_call_dialing's answer; the other
@@ -58,8 +57,8 @@ GATE_AND_LOAD = (
     " LEFT JOIN LATERAL (" + LOAD_CALL.replace("%s", "%s::uuid") + ") c ON true"
 )
 LOAD_PROVIDERS = """
-SELECT id AS provider_id, name AS provider_name, provider_type, api_key, api_secret, base_url,
-       max_concurrent_calls, capabilities, config
+SELECT id AS provider_id, name AS provider_name, provider_type, api_key, api_secret,
+       webhook_secret, base_url, max_concurrent_calls, capabilities, config
 FROM call_service_providers WHERE is_active
 """
 FIND_ASSIGNMENT_BY_PROVIDER_CALL = """

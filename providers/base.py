@@ -54,6 +54,7 @@ class ProviderConfig(BaseModel):
     provider_type: str
     api_key: SecretStr
     api_secret: SecretStr | None = None
+    webhook_secret: SecretStr | None = None
     base_url: str | None = None
     max_concurrent_calls: int | None = None
     config: dict[str, Any] = Field(default_factory=dict)
@@ -78,6 +79,7 @@ class ProviderConfig(BaseModel):
             provider_type=str(provider_type),
             api_key=api_key,
             api_secret=_resolve_secret(get("api_secret"), "api_secret"),
+            webhook_secret=_resolve_secret(get("webhook_secret"), "webhook_secret"),
             base_url=get("base_url") or None,
             max_concurrent_calls=get("max_concurrent_calls"),
             config=dict(get("config") or {}),
@@ -91,10 +93,6 @@ class ProviderConfig(BaseModel):
             secret = _resolve_secret(value, key)
             return default if secret is None else secret.get_secret_value()
         return value
-
-    def secret_setting(self, key: str) -> SecretStr | None:
-        """A secret setting from ``config`` (e.g. ``webhook_secret``), resolved and wrapped."""
-        return _resolve_secret(self.config.get(key), key)
 
 
 def _resolve_secret(value: object, field_name: str) -> SecretStr | None:

@@ -313,7 +313,7 @@ class SynthflowProvider:
 
     def parse_webhook(self, headers: Mapping[str, str], body: bytes) -> WebhookEvent:
         """Verify ``Synthflow-Signature`` with the configured ``webhook_secret``, then parse."""
-        secret = self.config.secret_setting("webhook_secret") or self.config.api_secret
+        secret = self.config.webhook_secret
         if secret is None:
             raise WebhookAuthError("no webhook_secret configured")
         return parse_webhook_request(headers, body, secret.get_secret_value())

@@ -387,7 +387,7 @@ class VapiProvider:
 
     def parse_webhook(self, headers: Mapping[str, str], body: bytes) -> WebhookEvent:
         """Authenticate with the configured ``webhook_secret`` then parse the server message."""
-        secret = self.config.secret_setting("webhook_secret") or self.config.api_secret
+        secret = self.config.webhook_secret
         if secret is None:
             raise WebhookAuthError("no webhook_secret configured")
         verify_webhook(headers, body, secret.get_secret_value())

@@ -59,6 +59,7 @@ def provider_config(row: dict[str, Any]) -> ProviderConfig:
             "provider_type": row["provider_type"],
             "api_key": row.get("api_key"),
             "api_secret": row.get("api_secret"),
+            "webhook_secret": row.get("webhook_secret"),
             "base_url": row.get("base_url"),
             "max_concurrent_calls": row.get("max_concurrent_calls"),
             "capabilities": row.get("capabilities") or {},
@@ -106,6 +107,14 @@ def reset() -> None:
 
 
 def _fingerprint(row: dict[str, Any]) -> str:
-    fields = ("provider_type", "api_key", "api_secret", "base_url", "config", "capabilities")
+    fields = (
+        "provider_type",
+        "api_key",
+        "api_secret",
+        "webhook_secret",
+        "base_url",
+        "config",
+        "capabilities",
+    )
     blob = json.dumps({f: row.get(f) for f in fields}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()

@@ -62,7 +62,8 @@ BEGIN
       MESSAGE = 'not_authorized: cannot schedule calls for another user';
   END IF;
 
-  IF p_user_id IS NULL OR NOT EXISTS (SELECT 1 FROM public.users u WHERE u.id = p_user_id) THEN
+  IF p_user_id IS NULL OR NOT EXISTS (SELECT 1 FROM public.users u
+                                        WHERE u.id = p_user_id AND u.deleted_at IS NULL) THEN
     RAISE EXCEPTION USING ERRCODE = 'CQ001', MESSAGE = 'user_not_found: ' || coalesce(p_user_id::text, 'NULL');
   END IF;
 
@@ -587,7 +588,10 @@ BEGIN
     INTO v_sub
     FROM public.user_subscriptions s
     JOIN public.subscription_plans pl ON pl.id = s.plan_id
-   WHERE s.user_id = p_user_id AND s.status IN ('active', 'trialing', 'past_due')
+   WHERE s.user_id = p_user_id
+     AND (s.status IN ('active', 'trialing', 'past_due')
+          -- canceled (e.g. the account was closed) while a call was in flight: its period
+          OR (s.status = 'canceled' AND s.current_period_end > now()))
    ORDER BY s.current_period_end DESC
    LIMIT 1;
   IF FOUND THEN

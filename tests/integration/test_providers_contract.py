@@ -134,7 +134,7 @@ def make(
         row = {
             "id": f"{provider_type}-1", "name": provider_type, "provider_type": provider_type,
             "api_key": key or setup.key, "base_url": base + setup.path,
-            "config": {**setup.config, "webhook_secret": HOOK_SECRET, **config},
+            "webhook_secret": HOOK_SECRET, "config": {**setup.config, **config},
         }  # fmt: skip
         client = mock_client(sim) if request.param == "mock" else None
         provider = build_provider(ProviderConfig.from_row(row), client)

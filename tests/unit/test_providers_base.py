@@ -42,10 +42,10 @@ def test_from_row_resolves_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CALLQ_TEST_VAPI_KEY", SECRET)
     monkeypatch.setenv("CALLQ_TEST_HOOK", "hook-secret")
     config = ProviderConfig.from_row(
-        row(api_key="env:CALLQ_TEST_VAPI_KEY", config={"webhook_secret": "env:CALLQ_TEST_HOOK"})
+        row(api_key="env:CALLQ_TEST_VAPI_KEY", webhook_secret="env:CALLQ_TEST_HOOK")
     )
     assert config.api_key.get_secret_value() == SECRET
-    secret = config.secret_setting("webhook_secret")
+    secret = config.webhook_secret
     assert secret is not None and secret.get_secret_value() == "hook-secret"
 
 

@@ -55,10 +55,11 @@ def request(**overrides: Any) -> CallRequest:
     return CallRequest(**fields)
 
 
-def config(**settings: Any) -> ProviderConfig:
+def config(webhook_secret: str | None = None, **settings: Any) -> ProviderConfig:
     return ProviderConfig(
-        id="p", provider_type="vapi", api_key="k", config={"phone_number_id": "pn-1", **settings}
-    )
+        id="p", provider_type="vapi", api_key="k", webhook_secret=webhook_secret,
+        config={"phone_number_id": "pn-1", **settings},
+    )  # fmt: skip
 
 
 # --- the spec -----------------------------------------------------------------------------------
