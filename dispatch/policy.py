@@ -2,6 +2,7 @@
 
 - :func:`decide_outcome`: a provider's call state -> complete, fail (which kind) or keep polling.
 - :func:`decide_error`: a provider error raised while placing a call -> what to do next.
+- :func:`decide_setup_error`: an error raised before any request left -> fail over.
 - :func:`next_poll_delay`: the growing interval between polls of a placed call.
 """
 
@@ -87,6 +88,12 @@ def decide_error(exc: ProviderError) -> ErrorDecision:
         retry_after = math.ceil(exc.retry_after) if exc.retry_after else None
         return Fail(RATE_LIMITED, _error_text(exc), retry_after)
     return Fail(PROVIDER_ERROR, _error_text(exc))
+
+
+def decide_setup_error(exc: Exception) -> Fail:
+    """What to do after building the adapter or the request failed: nothing was sent, so the
+    call may go to another provider (a provider error, which excludes this one next time)."""
+    return Fail(PROVIDER_ERROR, f"setup failed before any request: {type(exc).__name__}")
 
 
 def next_poll_delay(poll_count: int, initial: float, factor: float, maximum: float) -> float:

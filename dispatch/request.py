@@ -1,30 +1,53 @@
-"""Build the provider-neutral call request from the rows a dispatch loads."""
+"""Build the provider-neutral call request from the call a dispatch loaded."""
 
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 from typing import Any
 
-from providers.base import CallRequest
+from models.calls import CallRow
+from providers.base import CallRequest, VoicemailAction, VoicemailPolicy
 
 
-def build_call_request(call: Mapping[str, Any]) -> CallRequest:
-    """A :class:`CallRequest` for the loaded assignment/queue/template row."""
-    variables = _string_variables(call.get("custom_variables") or {})
-    if call.get("recipient_name"):
-        variables.setdefault("recipient_name", str(call["recipient_name"]))
+def build_call_request(call: CallRow) -> CallRequest:
+    """A :class:`CallRequest` for the loaded assignment, queue row and template."""
+    variables = _string_variables(call.custom_variables)
+    if call.recipient_name:
+        variables.setdefault("recipient_name", call.recipient_name)
     return CallRequest(
-        correlation_id=str(call["assignment_id"]),
-        queue_id=str(call["queue_id"]),
-        to_number=str(call["recipient_phone"]),
-        recipient_name=call.get("recipient_name"),
-        recipient_email=call.get("recipient_email"),
-        script=call.get("script"),
-        first_message=call.get("first_message"),
+        correlation_id=str(call.assignment_id),
+        queue_id=str(call.queue_id),
+        to_number=call.recipient_phone,
+        recipient_name=call.recipient_name,
+        recipient_email=call.recipient_email,
+        script=call.script,
+        first_message=call.first_message,
         variables=variables,
-        template_name=call.get("template_name"),
+        template_name=call.template_name,
+        max_duration_seconds=_positive_int(call.max_duration_seconds),
+        caller_id=call.caller_id or None,
+        voicemail=voicemail_policy(call),
+        record=call.record_calls,
     )
+
+
+def voicemail_policy(call: CallRow) -> VoicemailPolicy | None:
+    """The template's voicemail policy; None leaves the provider's agent setting in place."""
+    if call.voicemail_detection is None:
+        return None
+    message = call.voicemail_message
+    if call.voicemail_action == VoicemailAction.LEAVE_MESSAGE and message:
+        return VoicemailPolicy(call.voicemail_detection, VoicemailAction.LEAVE_MESSAGE, message)
+    return VoicemailPolicy(call.voicemail_detection, VoicemailAction.HANG_UP)
+
+
+def _positive_int(value: float | None) -> int | None:
+    """A whole number of seconds (rounded up), or None when absent."""
+    if value is None or isinstance(value, bool):
+        return None
+    return max(math.ceil(float(value)), 1)
 
 
 def _string_variables(raw: Mapping[str, Any]) -> dict[str, str]:

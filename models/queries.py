@@ -1,12 +1,15 @@
-"""Named SQL the worker runs, each a thin call of a function in supabase/migrations.
+"""Named SQL the worker runs, each with a purpose line and named parameters.
 
-The concurrency-critical logic (claiming, slot accounting, idempotent completion) lives in the
-SQL functions; this module only names the statements and moves rows into plain dataclasses.
+Most statements are thin calls of the functions in ``supabase/migrations``: the
+concurrency-critical logic (claiming, slot accounting, idempotent completion) lives there. This
+module names the statements and turns their rows into typed values (``models.calls``) once,
+where they are read.
 """
 
 from __future__ import annotations
 
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
@@ -16,58 +19,111 @@ from uuid import UUID
 from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool
 
-CLAIM_AND_ASSIGN = (
-    "SELECT queue_id, assignment_id, provider_id FROM claim_and_assign_calls(%s, %s, %s)"
-)
-MARK_DIALING = "SELECT mark_call_dialing(%s)"
-MARK_PLACED = "SELECT mark_call_placed(%s, %s)"
-COMPLETE = (
-    "SELECT complete_call(p_assignment_id => %s::uuid, p_duration_seconds => %s::numeric,"
-    " p_recording_url => %s::text, p_transcript => %s::text, p_cost => %s::numeric,"
-    " p_provider_call_id => %s::text, p_started_at => %s::timestamptz,"
-    " p_ended_at => %s::timestamptz)"
-)
-FAIL = (
-    "SELECT handle_failed_call(p_assignment_id => %s::uuid, p_failure_kind => %s::text,"
-    " p_error => %s::text, p_retry_after_seconds => %s::int, p_duration_seconds => %s::numeric,"
-    " p_provider_call_id => %s::text)"
-)
-REAP = "SELECT queue_id, assignment_id, action FROM reap_expired_leases()"
-RECONCILE_SLOTS = "SELECT reconcile_provider_slots()"
-RECORD_HEALTH = "SELECT record_provider_health(%s::uuid, %s::boolean, %s::numeric, %s::text)"
-ROLLOVER = "SELECT rollover_usage_periods()"
+from models.calls import CallRow, ProviderRow
 
-# One read that gathers what a dispatch or a poll needs: assignment, queue row, template, provider.
-LOAD_CALL = """
+Params = Mapping[str, Any]
+
+# -- queries: purpose line, then the statement -------------------------------------------------
+
+# Claim due calls and put each on a provider with a free slot, in one statement.
+CLAIM_AND_ASSIGN = """
+SELECT queue_id, assignment_id, provider_id
+FROM claim_and_assign_calls(%(limit)s, %(worker)s, %(lease_seconds)s)
+"""
+
+# The provider columns every provider read returns (``ProviderRow.from_row``).
+PROVIDER_COLUMNS = """
+p.id AS provider_id, p.name AS provider_name, p.provider_type, p.api_key, p.api_secret,
+p.webhook_secret, p.base_url, p.max_concurrent_calls, p.capabilities, p.config
+"""
+
+# Everything a dispatch, a poll or a reconcile needs about one assignment (``CallRow``).
+LOAD_CALL = f"""
 SELECT a.id AS assignment_id, a.state, a.provider_call_id, a.dialing_at, a.attempt, a.poll_count,
        q.id AS queue_id, q.status AS queue_status, q.recipient_name, q.recipient_phone,
        q.recipient_email, q.custom_variables,
-       q.template_name, q.script, q.first_message,
-       p.id AS provider_id, p.name AS provider_name, p.provider_type, p.api_key, p.api_secret,
-       p.webhook_secret, p.base_url, p.max_concurrent_calls, p.capabilities, p.config
+       t.name AS template_name, t.script, t.first_message, t.voicemail_detection,
+       t.voicemail_action, t.voicemail_message, t.record_calls,
+       {PROVIDER_COLUMNS}
 FROM call_assignments a
 JOIN call_queue q ON q.id = a.queue_id
 JOIN call_service_providers p ON p.id = a.provider_id
-WHERE a.id = %s
+-- the template as it was when the call was queued (its snapshot, call_queue.template_snapshot)
+LEFT JOIN LATERAL jsonb_populate_record(NULL::call_templates, q.template_snapshot) t ON true
+WHERE a.id = %(assignment_id)s::uuid
 """
-# The dial gate and the load in one round trip: ``won`` is mark_call_dialing's answer; the other
-# columns are read from the statement's snapshot (before the gate's own update).
-GATE_AND_LOAD = (
-    "SELECT g.won, c.* FROM (SELECT mark_call_dialing(%s::uuid) AS won) g"
-    " LEFT JOIN LATERAL (" + LOAD_CALL.replace("%s", "%s::uuid") + ") c ON true"
-)
-LOAD_PROVIDERS = """
-SELECT id AS provider_id, name AS provider_name, provider_type, api_key, api_secret,
-       webhook_secret, base_url, max_concurrent_calls, capabilities, config
-FROM call_service_providers WHERE is_active
+
+# Win the dial gate and load the call in one round trip. ``won`` is mark_call_dialing's answer;
+# the other columns come from the statement's snapshot (taken before the gate's own update).
+GATE_AND_LOAD = f"""
+SELECT g.won, c.*
+FROM (SELECT mark_call_dialing(%(assignment_id)s::uuid) AS won) g
+LEFT JOIN LATERAL ({LOAD_CALL}) c ON true
 """
+
+# Every active provider (health probes, webhook authentication).
+LOAD_PROVIDERS = f"SELECT {PROVIDER_COLUMNS} FROM call_service_providers p WHERE p.is_active"
+
+# Record the provider's id for a call that was dialed: dialing -> placed.
+MARK_PLACED = "SELECT mark_call_placed(%(assignment_id)s::uuid, %(provider_call_id)s::text)"
+
+# End a call with a conversation: history, usage, provider stats, slot freed (idempotent).
+COMPLETE = """
+SELECT complete_call(
+  p_assignment_id => %(assignment_id)s::uuid,
+  p_duration_seconds => %(duration_seconds)s::float8,
+  p_recording_url => %(recording_url)s::text,
+  p_transcript => %(transcript)s::text,
+  p_cost => %(cost)s::float8,
+  p_provider_call_id => %(provider_call_id)s::text,
+  p_started_at => %(started_at)s::timestamptz,
+  p_ended_at => %(ended_at)s::timestamptz)
+"""
+
+# End a call without one: a retry with backoff, a failover, or the final failure (idempotent).
+FAIL = """
+SELECT handle_failed_call(
+  p_assignment_id => %(assignment_id)s::uuid,
+  p_failure_kind => %(kind)s::text,
+  p_error => %(error)s::text,
+  p_retry_after_seconds => %(retry_after_seconds)s::int,
+  p_duration_seconds => %(duration_seconds)s::float8,
+  p_provider_call_id => %(provider_call_id)s::text)
+"""
+
+# Advance a placed call's poll token if it still holds ``expected``, and note the next poll.
+TOUCH_POLL = """
+UPDATE call_assignments
+SET last_polled_at = now(), next_poll_at = now() + make_interval(secs => %(delay)s),
+    poll_count = poll_count + 1
+WHERE id = %(assignment_id)s::uuid AND state = 'placed' AND poll_count = %(expected)s
+RETURNING poll_count
+"""
+
+# The assignment a provider's call id belongs to (webhooks).
 FIND_ASSIGNMENT_BY_PROVIDER_CALL = """
-SELECT id FROM call_assignments WHERE provider_id = %s AND provider_call_id = %s
+SELECT id FROM call_assignments
+WHERE provider_id = %(provider_id)s::uuid AND provider_call_id = %(provider_call_id)s
 ORDER BY created_at DESC LIMIT 1
 """
 
+# Expired claims and assignments: what the reaper did, and what the worker must resume.
+REAP = "SELECT queue_id, assignment_id, action FROM reap_expired_leases()"
 
-@dataclass(frozen=True)
+# Recount every provider's slots from its live assignments.
+RECONCILE_SLOTS = "SELECT reconcile_provider_slots()"
+
+# A health probe's result: status, latency, failures in a row, circuit.
+RECORD_HEALTH = """
+SELECT record_provider_health(%(provider_id)s::uuid, %(ok)s::boolean, %(latency_ms)s::float8,
+                              %(error)s::text)
+"""
+
+# Open the next usage period of subscriptions whose period ended.
+ROLLOVER = "SELECT rollover_usage_periods()"
+
+
+@dataclass(frozen=True, slots=True)
 class Assigned:
     """One call the claim put on a provider."""
 
@@ -76,7 +132,7 @@ class Assigned:
     provider_id: UUID
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Reaped:
     """A row the reaper touched, and what the worker should do about it."""
 
@@ -104,16 +160,19 @@ class Database:
         return self._pool
 
     def close(self) -> None:
+        """Close the pool (it reopens on next use)."""
         if self._opened:
             self._pool.close()
             self._opened = False
 
-    def scalar(self, query: str, params: tuple[Any, ...] = ()) -> Any:
+    def scalar(self, query: str, params: Params | None = None) -> Any:
+        """The first column of the first row, or None."""
         with self._ensure_open().connection() as conn:
             row = conn.execute(query, params).fetchone()
             return None if row is None else row[0]
 
-    def rows(self, query: str, params: tuple[Any, ...] = ()) -> list[dict[str, Any]]:
+    def rows(self, query: str, params: Params | None = None) -> list[dict[str, Any]]:
+        """Every row, as column -> value."""
         with self._ensure_open().connection() as conn, conn.cursor(row_factory=dict_row) as cur:
             cur.execute(query, params)
             return list(cur.fetchall())
@@ -121,28 +180,31 @@ class Database:
     # -- named operations -------------------------------------------------------------------
 
     def claim_and_assign(self, limit: int, worker: str, lease_seconds: int) -> list[Assigned]:
-        rows = self.rows(CLAIM_AND_ASSIGN, (limit, worker, lease_seconds))
+        """Claim up to ``limit`` due calls and assign each to a provider."""
+        params = {"limit": limit, "worker": worker, "lease_seconds": lease_seconds}
+        rows = self.rows(CLAIM_AND_ASSIGN, params)
         return [Assigned(r["queue_id"], r["assignment_id"], r["provider_id"]) for r in rows]
 
-    def load_call(self, assignment_id: UUID | str) -> dict[str, Any] | None:
-        rows = self.rows(LOAD_CALL, (str(assignment_id),))
-        return rows[0] if rows else None
+    def load_call(self, assignment_id: UUID | str) -> CallRow | None:
+        """The call behind an assignment, or None when there is no such assignment."""
+        rows = self.rows(LOAD_CALL, {"assignment_id": str(assignment_id)})
+        return CallRow.from_row(rows[0]) if rows else None
 
-    def gate_and_load(self, assignment_id: UUID | str) -> dict[str, Any] | None:
+    def gate_and_load(self, assignment_id: UUID | str) -> CallRow | None:
         """Win the dial gate and load the call; None when another task already won it."""
-        rows = self.rows(GATE_AND_LOAD, (str(assignment_id), str(assignment_id)))
+        rows = self.rows(GATE_AND_LOAD, {"assignment_id": str(assignment_id)})
         if not rows or not rows[0]["won"] or rows[0]["assignment_id"] is None:
             return None
-        return rows[0]
+        return CallRow.from_row(rows[0])
 
-    def active_providers(self) -> list[dict[str, Any]]:
-        return self.rows(LOAD_PROVIDERS)
-
-    def mark_dialing(self, assignment_id: UUID | str) -> bool:
-        return bool(self.scalar(MARK_DIALING, (str(assignment_id),)))
+    def active_providers(self) -> list[ProviderRow]:
+        """Every active provider."""
+        return [ProviderRow.from_row(r) for r in self.rows(LOAD_PROVIDERS)]
 
     def mark_placed(self, assignment_id: UUID | str, provider_call_id: str) -> bool:
-        return bool(self.scalar(MARK_PLACED, (str(assignment_id), provider_call_id)))
+        """dialing -> placed; True also when repeated with the same provider call id."""
+        params = {"assignment_id": str(assignment_id), "provider_call_id": provider_call_id}
+        return bool(self.scalar(MARK_PLACED, params))
 
     def complete(
         self,
@@ -156,8 +218,18 @@ class Database:
         started_at: datetime | None,
         ended_at: datetime | None,
     ) -> UUID | None:
-        params = (str(assignment_id), duration_seconds, recording_url, transcript, cost)
-        result = self.scalar(COMPLETE, (*params, provider_call_id, started_at, ended_at))
+        """Complete the call; the history row's id (None when it ended without one)."""
+        params = {
+            "assignment_id": str(assignment_id),
+            "duration_seconds": duration_seconds,
+            "recording_url": recording_url,
+            "transcript": transcript,
+            "cost": cost,
+            "provider_call_id": provider_call_id,
+            "started_at": started_at,
+            "ended_at": ended_at,
+        }
+        result = self.scalar(COMPLETE, params)
         return result if result is None else UUID(str(result))
 
     def fail(
@@ -170,44 +242,50 @@ class Database:
         duration_seconds: float | None = None,
         provider_call_id: str | None = None,
     ) -> str:
-        params = (str(assignment_id), kind, error, retry_after_seconds, duration_seconds)
-        return str(self.scalar(FAIL, (*params, provider_call_id)))
+        """Fail the call; ``retry_scheduled``, ``failed``, ``canceled`` or ``noop``."""
+        params = {
+            "assignment_id": str(assignment_id),
+            "kind": kind,
+            "error": error,
+            "retry_after_seconds": retry_after_seconds,
+            "duration_seconds": duration_seconds,
+            "provider_call_id": provider_call_id,
+        }
+        return str(self.scalar(FAIL, params))
+
+    def touch_poll(self, assignment_id: UUID | str, expected: int, delay: float) -> int | None:
+        """Advance a placed call's poll token if ``expected`` is still current; else None.
+
+        The counter is a token: of two tracking chains for the same call (the reaper restarted
+        one that was only late), only the one holding the current value goes on.
+        """
+        params = {"assignment_id": str(assignment_id), "expected": expected, "delay": delay}
+        result = self.scalar(TOUCH_POLL, params)
+        return None if result is None else int(result)
+
+    def assignment_for_provider_call(
+        self, provider_id: UUID | str, provider_call_id: str
+    ) -> UUID | None:
+        """The newest assignment that holds this provider call id."""
+        params = {"provider_id": str(provider_id), "provider_call_id": provider_call_id}
+        result = self.scalar(FIND_ASSIGNMENT_BY_PROVIDER_CALL, params)
+        return None if result is None else UUID(str(result))
 
     def reap(self) -> list[Reaped]:
+        """Run the reaper once."""
         return [Reaped(r["queue_id"], r["assignment_id"], r["action"]) for r in self.rows(REAP)]
 
     def reconcile_slots(self) -> int:
+        """Recount slots; the number of provider rows corrected."""
         return int(self.scalar(RECONCILE_SLOTS) or 0)
 
     def record_health(
         self, provider_id: UUID | str, ok: bool, latency_ms: float, error: str | None
     ) -> str:
-        return str(self.scalar(RECORD_HEALTH, (str(provider_id), ok, latency_ms, error)))
+        """Record a probe or call result; the provider's status after it."""
+        params = {"provider_id": str(provider_id), "ok": ok, "latency_ms": latency_ms}
+        return str(self.scalar(RECORD_HEALTH, {**params, "error": error}))
 
     def rollover(self) -> int:
+        """Roll usage periods over; the number of subscriptions moved on."""
         return int(self.scalar(ROLLOVER) or 0)
-
-    def assignment_for_provider_call(
-        self, provider_id: UUID | str, provider_call_id: str
-    ) -> UUID | None:
-        result = self.scalar(FIND_ASSIGNMENT_BY_PROVIDER_CALL, (str(provider_id), provider_call_id))
-        return None if result is None else UUID(str(result))
-
-
-TOUCH_POLL = """
-UPDATE call_assignments
-SET last_polled_at = now(), next_poll_at = now() + make_interval(secs => %s),
-    poll_count = poll_count + 1
-WHERE id = %s AND state = 'placed' AND poll_count = %s
-RETURNING poll_count
-"""
-
-
-def touch_poll(db: Database, assignment_id: UUID | str, expected: int, delay: float) -> int | None:
-    """Advance a placed call's poll counter if ``expected`` is still current.
-
-    The counter is a token: of two tracking chains for the same call (the reaper restarted one
-    that was only late), only the one holding the current value goes on.
-    """
-    result = db.scalar(TOUCH_POLL, (delay, str(assignment_id), expected))
-    return None if result is None else int(result)

@@ -158,6 +158,10 @@ class CallTemplate(Base):
     script: Mapped[str]
     variables: Mapped[Any] = mapped_column(JSONB, server_default=text("'[]'::jsonb"))
     first_message: Mapped[str | None]
+    voicemail_detection: Mapped[bool | None]
+    voicemail_action: Mapped[str] = mapped_column(server_default=text("'hang_up'"))
+    voicemail_message: Mapped[str | None]
+    record_calls: Mapped[bool | None]
     is_public: Mapped[bool] = mapped_column(Boolean, server_default=text("false"))
     usage_count: Mapped[int] = mapped_column(Integer, server_default=text("0"))
     created_at: Mapped[datetime] = _created()
@@ -249,10 +253,8 @@ class CallQueue(Base):
     template_id: Mapped[uuid.UUID | None] = mapped_column(
         ForeignKey("call_templates.id", ondelete="SET NULL")
     )
-    # the template's snapshot taken when the call was queued (what the worker sends)
-    template_name: Mapped[str | None]
-    script: Mapped[str | None]
-    first_message: Mapped[str | None]
+    # the template row as it was when the call was queued (what the worker sends)
+    template_snapshot: Mapped[dict[str, Any] | None]
     recipient_name: Mapped[str | None]  # NULL only on a closed account's finished call
     recipient_phone: Mapped[str | None]
     recipient_email: Mapped[str | None]

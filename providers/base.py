@@ -128,9 +128,43 @@ def _read_env(var: str) -> SecretStr | None:
     return secret
 
 
+class VoicemailAction(StrEnum):
+    """What the agent does when the call reaches a voicemail box."""
+
+    HANG_UP = "hang_up"
+    LEAVE_MESSAGE = "leave_message"
+
+
+@dataclass(frozen=True, slots=True)
+class VoicemailPolicy:
+    """Voicemail handling for one call: detect or not, and then hang up or leave ``message``.
+
+    ``detect=False`` means the agent treats a voicemail box like a person (no detection).
+    """
+
+    detect: bool = True
+    action: VoicemailAction = VoicemailAction.HANG_UP
+    message: str | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.action is VoicemailAction.LEAVE_MESSAGE and not (self.message or "").strip():
+            raise ValueError("a voicemail policy that leaves a message needs its text")
+
+    @property
+    def leaves_message(self) -> bool:
+        """True when the agent should speak ``message`` after the beep."""
+        return self.detect and self.action is VoicemailAction.LEAVE_MESSAGE
+
+
 @dataclass(frozen=True, slots=True)
 class CallRequest:
-    """What to dial: provider-neutral, built by ``dispatch`` from the queue and template rows."""
+    """What to dial: provider-neutral, built by ``dispatch`` from the queue and template rows.
+
+    The optional features are ``None`` when the provider's own (agent or account) setting
+    applies: ``max_duration_seconds`` caps the call, ``caller_id`` is the provider's outbound
+    number (or number id, for Vapi) overriding the row's default, ``voicemail`` is the
+    voicemail policy, ``record`` turns the recording on or off.
+    """
 
     correlation_id: str
     to_number: str = field(repr=False)
@@ -141,6 +175,10 @@ class CallRequest:
     variables: dict[str, str] = field(default_factory=dict, repr=False)
     template_name: str | None = None
     queue_id: str | None = None
+    max_duration_seconds: int | None = None
+    caller_id: str | None = field(default=None, repr=False)
+    voicemail: VoicemailPolicy | None = None
+    record: bool | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -118,7 +118,9 @@ def build_create_body(req: CallRequest, config: ProviderConfig) -> dict[str, Any
         body["greeting"] = req.first_message
     if req.recipient_email:
         body["lead_email"] = req.recipient_email
-    from_number = config.setting("from_phone_number")
+    # max duration, voicemail handling and recording are agent settings at SynthFlow: the
+    # create body has no field for them (see providers/README.md), so they are not sent.
+    from_number = req.caller_id or config.setting("from_phone_number")
     if from_number:
         body["from_phone_number"] = str(from_number)
     return body

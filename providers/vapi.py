@@ -36,6 +36,7 @@ from providers.base import (
     CallStatus,
     HealthStatus,
     ProviderConfig,
+    VoicemailPolicy,
     WebhookEvent,
 )
 from providers.errors import (
@@ -53,6 +54,8 @@ WEBHOOK_TOLERANCE_SECONDS = 300.0
 _PAGE = 100
 _MAX_PAGES = 10
 _MAX_TEXT = 40  # customer.name/email/externalId and call name limits in CreateCallDTO
+MIN_DURATION_SECONDS, MAX_DURATION_SECONDS = 10, 43200  # AssistantOverrides.maxDurationSeconds
+MAX_VOICEMAIL_MESSAGE = 1000
 
 STATUS_MAP: dict[str, CallState] = {
     "scheduled": CallState.QUEUED,
@@ -99,7 +102,7 @@ def state_for(status: str | None, ended_reason: str | None) -> CallState:
 
 def build_create_body(req: CallRequest, config: ProviderConfig) -> dict[str, Any]:
     """The ``POST /call`` body (a ``CreateCallDTO``) for ``req``."""
-    phone_number_id = config.setting("phone_number_id")
+    phone_number_id = req.caller_id or config.setting("phone_number_id")
     if not phone_number_id:
         raise ConfigError(
             f"vapi provider {config.name or config.id}: config.phone_number_id is missing"
@@ -146,10 +149,34 @@ def _overrides(req: CallRequest, config: ProviderConfig) -> dict[str, Any]:
     webhook_url = config.setting("webhook_url")
     if webhook_url:
         overrides["server"] = {"url": str(webhook_url)}
-    max_duration = config.setting("max_duration_seconds")
-    if max_duration:
-        overrides["maxDurationSeconds"] = int(max_duration)
+    max_duration = max_duration_seconds(req, config)
+    if max_duration is not None:
+        overrides["maxDurationSeconds"] = max_duration
+    if req.voicemail is not None:
+        overrides.update(_voicemail(req.voicemail, config))
+    if req.record is not None:
+        overrides["artifactPlan"] = {"recordingEnabled": req.record}
     return overrides
+
+
+def max_duration_seconds(req: CallRequest, config: ProviderConfig) -> int | None:
+    """The tighter of the request's and the row's cap, within Vapi's 10..43200 seconds."""
+    caps = [int(v) for v in (req.max_duration_seconds, config.setting("max_duration_seconds")) if v]
+    if not caps:
+        return None
+    return max(MIN_DURATION_SECONDS, min(min(caps), MAX_DURATION_SECONDS))
+
+
+def _voicemail(policy: VoicemailPolicy, config: ProviderConfig) -> dict[str, Any]:
+    """``voicemailDetection`` ("off" or a detection plan) and, to leave one, ``voicemailMessage``
+    (without a message Vapi hangs up on a voicemail box)."""
+    if not policy.detect:
+        return {"voicemailDetection": "off"}
+    detector = str(config.setting("voicemail_detection_provider") or "vapi")
+    out: dict[str, Any] = {"voicemailDetection": {"provider": detector}}
+    if policy.leaves_message and policy.message:
+        out["voicemailMessage"] = policy.message[:MAX_VOICEMAIL_MESSAGE]
+    return out
 
 
 def _inline_assistant(req: CallRequest, config: ProviderConfig) -> dict[str, Any]:

@@ -7,7 +7,8 @@ from typing import Any
 
 from celery import Celery, signals
 
-from worker import logs
+from worker import logs, runtime
+from worker.listener import start_listener
 from worker.settings import get_settings
 
 
@@ -66,15 +67,11 @@ def _clear_task(**_: Any) -> None:
 
 @signals.worker_process_init.connect
 def _after_fork(**_: Any) -> None:
-    from worker import runtime
-
     runtime.reset()
 
 
 @signals.worker_shutdown.connect
 def _on_shutdown(**_: Any) -> None:
-    from worker import runtime
-
     runtime.reset()
 
 
@@ -82,9 +79,8 @@ def _on_shutdown(**_: Any) -> None:
 def _start_listener(sender: Any = None, **_: Any) -> None:
     s = get_settings()
     if s.listen_enabled and s.database_url:
-        from worker.listener import start_listener
-
-        start_listener(s.database_url)
+        # By name: the app never imports its tasks module (which imports the app).
+        start_listener(s.database_url, on_notify=lambda: app.send_task("callq.poll"))
 
 
 _ASSIGNMENT_TASKS = {"callq.dispatch", "callq.track", "callq.reconcile"}

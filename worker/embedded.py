@@ -16,11 +16,14 @@ import subprocess
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from providers.errors import ConfigError
+
+T = TypeVar("T")
 
 
 def free_port() -> int:
@@ -30,14 +33,30 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def wait_until(
+    check: Callable[[], T], *, timeout: float = 60.0, interval: float = 0.1, what: str = ""
+) -> T:
+    """Call ``check`` until it returns a truthy value and return it; ``TimeoutError`` (naming
+    ``what``) once ``timeout`` seconds pass. The one wait of the tests, benchmarks and drills."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"timed out after {timeout}s waiting for {what or check}")
+        time.sleep(interval)
+
+
 def wait_for_port(port: int, deadline_s: float = 15.0) -> None:
     """Block until something accepts TCP connections on ``port`` or the deadline passes."""
-    end = time.monotonic() + deadline_s
-    while time.monotonic() < end:
+
+    def accepts() -> bool:
         with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
-            return
-        time.sleep(0.05)
-    raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after {deadline_s}s")
+            return True
+        return False
+
+    wait_until(accepts, timeout=deadline_s, interval=0.05, what=f"a listener on port {port}")
 
 
 @dataclass

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 
 import psycopg
 
@@ -19,12 +20,16 @@ log = logs.get_logger("callq.listener")
 
 
 def start_listener(
-    database_url: str, *, coalesce_seconds: float = 0.005, min_interval_seconds: float = 0.02
+    database_url: str,
+    on_notify: Callable[[], object],
+    *,
+    coalesce_seconds: float = 0.005,
+    min_interval_seconds: float = 0.02,
 ) -> threading.Thread:
-    """Start the daemon thread that turns notifications into poll tasks."""
+    """Start the daemon thread that calls ``on_notify`` (send a poll) per burst of notifications."""
     thread = threading.Thread(
         target=_run_forever,
-        args=(database_url, coalesce_seconds, min_interval_seconds),
+        args=(database_url, on_notify, coalesce_seconds, min_interval_seconds),
         name="callq-listener",
         daemon=True,
     )
@@ -32,27 +37,35 @@ def start_listener(
     return thread
 
 
-def _run_forever(database_url: str, coalesce_seconds: float, min_interval_seconds: float) -> None:
+def _run_forever(
+    database_url: str,
+    on_notify: Callable[[], object],
+    coalesce_seconds: float,
+    min_interval_seconds: float,
+) -> None:
     backoff = 0.5
     while True:
         try:
-            _listen(database_url, coalesce_seconds, min_interval_seconds)
+            _listen(database_url, on_notify, coalesce_seconds, min_interval_seconds)
         except psycopg.Error as exc:
             log.warning("listener.disconnected", error=type(exc).__name__, retry_in=backoff)
             time.sleep(backoff)
             backoff = min(backoff * 2, 30.0)
 
 
-def _listen(database_url: str, coalesce_seconds: float, min_interval_seconds: float) -> None:
-    """Send one poll per burst of notifications, and at most one per ``min_interval_seconds``:
-    calls that trickle in one by one are claimed together instead of one poll task each."""
-    from worker.tasks import poll
-
+def _listen(
+    database_url: str,
+    on_notify: Callable[[], object],
+    coalesce_seconds: float,
+    min_interval_seconds: float,
+) -> None:
+    """Call ``on_notify`` once per burst of notifications, and at most once per
+    ``min_interval_seconds``: calls that trickle in one by one are claimed together."""
     with psycopg.connect(database_url, autocommit=True) as conn:
         conn.execute(f"LISTEN {CHANNEL}")
         log.info("listener.started")
         # A notification may have been missed while disconnected: poll once on (re)connect.
-        poll.apply_async()
+        on_notify()
         last_sent = time.monotonic()
         while True:
             got = False
@@ -63,5 +76,5 @@ def _listen(database_url: str, coalesce_seconds: float, min_interval_seconds: fl
             wait = max(coalesce_seconds, last_sent + min_interval_seconds - time.monotonic())
             for _ in conn.notifies(timeout=wait):
                 pass
-            poll.apply_async()
+            on_notify()
             last_sent = time.monotonic()

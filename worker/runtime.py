@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextvars
 import hashlib
 import json
 import threading
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import TypeVar
 from uuid import UUID
 
+from models.calls import ProviderRow
 from models.queries import Database
 from providers.base import Provider, ProviderConfig
 from providers.registry import build_provider
@@ -18,6 +21,8 @@ _lock = threading.Lock()
 _db: Database | None = None
 _providers: dict[str, tuple[str, Provider]] = {}
 _executor: ThreadPoolExecutor | None = None
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 def database(settings: Settings | None = None) -> Database:
@@ -42,35 +47,35 @@ def executor() -> ThreadPoolExecutor:
     return _executor
 
 
-def provider_config(row: dict[str, Any]) -> ProviderConfig:
+def provider_config(row: ProviderRow) -> ProviderConfig:
     """The adapter configuration for a provider row loaded by ``models.queries``."""
     s = get_settings()
-    config = dict(row.get("config") or {})
+    config = dict(row.config)
     config.setdefault("connect_timeout", s.http_connect_timeout_seconds)
     config.setdefault("read_timeout", s.http_read_timeout_seconds)
     if s.webhook_public_url:
         config.setdefault(
-            "webhook_url", f"{s.webhook_public_url.rstrip('/')}/webhooks/{row['provider_id']}"
+            "webhook_url", f"{s.webhook_public_url.rstrip('/')}/webhooks/{row.provider_id}"
         )
     return ProviderConfig.from_row(
         {
-            "id": str(row["provider_id"]),
-            "name": row["provider_name"],
-            "provider_type": row["provider_type"],
-            "api_key": row.get("api_key"),
-            "api_secret": row.get("api_secret"),
-            "webhook_secret": row.get("webhook_secret"),
-            "base_url": row.get("base_url"),
-            "max_concurrent_calls": row.get("max_concurrent_calls"),
-            "capabilities": row.get("capabilities") or {},
+            "id": str(row.provider_id),
+            "name": row.name,
+            "provider_type": row.provider_type,
+            "api_key": row.api_key,
+            "api_secret": row.api_secret,
+            "webhook_secret": row.webhook_secret,
+            "base_url": row.base_url,
+            "max_concurrent_calls": row.max_concurrent_calls,
+            "capabilities": row.capabilities,
             "config": config,
         }
     )
 
 
-def provider_for(row: dict[str, Any]) -> Provider:
+def provider_for(row: ProviderRow) -> Provider:
     """The cached adapter for this provider row; rebuilt when the row's settings change."""
-    key = str(row["provider_id"])
+    key = str(row.provider_id)
     fingerprint = _fingerprint(row)
     with _lock:
         cached = _providers.get(key)
@@ -83,12 +88,23 @@ def provider_for(row: dict[str, Any]) -> Provider:
         return provider
 
 
-def provider_by_id(provider_id: UUID | str) -> tuple[dict[str, Any], Provider] | None:
+def provider_by_id(provider_id: UUID | str) -> tuple[ProviderRow, Provider] | None:
     """Load an active provider row by id and return it with its adapter."""
     for row in database().active_providers():
-        if str(row["provider_id"]) == str(provider_id):
+        if str(row.provider_id) == str(provider_id):
             return row, provider_for(row)
     return None
+
+
+def map_in_context(fn: Callable[[T], R], items: Iterable[T]) -> list[R]:
+    """``fn`` over ``items`` on the pool, each in a copy of the caller's context.
+
+    The copy carries the task's log context (task id) into the pool's threads; what ``fn``
+    binds (the call's ids) stays in its own copy and never leaks into the next item.
+    """
+    pool = executor()
+    futures = [pool.submit(contextvars.copy_context().run, fn, item) for item in items]
+    return [future.result() for future in futures]
 
 
 def reset() -> None:
@@ -106,7 +122,7 @@ def reset() -> None:
             _db = None
 
 
-def _fingerprint(row: dict[str, Any]) -> str:
+def _fingerprint(row: ProviderRow) -> str:
     fields = (
         "provider_type",
         "api_key",
@@ -116,5 +132,5 @@ def _fingerprint(row: dict[str, Any]) -> str:
         "config",
         "capabilities",
     )
-    blob = json.dumps({f: row.get(f) for f in fields}, sort_keys=True, default=str)
+    blob = json.dumps({f: getattr(row, f) for f in fields}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()

@@ -2,19 +2,24 @@
 
 Arguments are ids and small counters only: they show up in Flower and in broker dumps.
 
-    poll        claim due calls, assign providers, enqueue one dispatch per call
-    dispatch    gate (mark_call_dialing), create the call at the provider, enqueue track
-    track       poll the provider until the call ends, then complete or fail it
-    reconcile   after an outcome-unknown create: look the call up before anything is re-sent
-    webhook     a provider said something changed: track once, now
+    poll            claim due calls and assign providers; place the first chunk, send the rest
+    dispatch_batch  per call: pass the gate (mark_call_dialing), create it at the provider
+    track_batch     per call: poll the provider until the call ends, then complete or fail it
+    reconcile       after an outcome-unknown create: look the call up before anything is re-sent
+    webhook         a provider said something changed: check the call once, now
     health_check, reap, rollover   maintenance on beat
+
+Each per-call step returns a ``dispatch.steps`` value (placed, polling, reconciling, ended,
+skipped); the task that ran the steps sends what comes next (one ``track_batch`` message for
+the polls of a whole chunk) and returns the count of each step's label.
 """
 
 from __future__ import annotations
 
 import os
 import socket
-from datetime import timedelta
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime, timedelta
 from typing import Any
 from uuid import UUID
 
@@ -26,11 +31,25 @@ from dispatch.policy import (
     Reconcile,
     decide_error,
     decide_outcome,
+    decide_setup_error,
     next_poll_delay,
 )
 from dispatch.request import build_call_request
-from models.queries import touch_poll
-from providers.base import CallStatus, Provider
+from dispatch.steps import (
+    Ended,
+    NextPoll,
+    Outcome,
+    Placed,
+    Polling,
+    Reconciling,
+    Skipped,
+    SkipReason,
+    Step,
+    next_polls,
+    tally,
+)
+from models.calls import AssignmentState, CallRow
+from providers.base import CallStatus
 from providers.errors import ProviderError
 from worker import logs, runtime
 from worker.celery_app import app
@@ -61,228 +80,38 @@ def poll() -> int:
     for start in range(chunk, len(ids), chunk):
         dispatch_batch.apply_async((ids[start : start + chunk],))
     log.info("calls.assigned", count=len(ids))
-    _dispatch_chunk(ids[:chunk])
+    _run_each(dispatch_one, ids[:chunk])
     return len(ids)
 
 
 @app.task(name="callq.dispatch_batch", ignore_result=True)
 def dispatch_batch(assignment_ids: list[str]) -> dict[str, int]:
     """Place a chunk of assigned calls concurrently; each goes through the same gate."""
-    return _dispatch_chunk(assignment_ids)
-
-
-# A placed call to poll next: (assignment id, poll token, seconds from now).
-NextPoll = tuple[str, int, float]
-
-
-def _dispatch_chunk(assignment_ids: list[str]) -> dict[str, int]:
-    """Place calls concurrently, then schedule their first polls as one message."""
-    polls: list[NextPoll] = []
-    results: dict[str, int] = {}
-    for result in runtime.executor().map(lambda a: _dispatch_bound(a, polls), assignment_ids):
-        results[result] = results.get(result, 0) + 1
-    _send_polls(polls)
-    return results
-
-
-def _dispatch_bound(assignment_id: str, polls: list[NextPoll]) -> str:
-    logs.bind(assignment_id=assignment_id)
-    try:
-        return _dispatch_one(assignment_id, polls)
-    finally:
-        logs.clear()
-
-
-def _send_polls(polls: list[NextPoll], chunk: int = 100) -> None:
-    """One ``track_batch`` message per distinct delay (and per ``chunk`` calls)."""
-    by_delay: dict[float, list[list[Any]]] = {}
-    for assignment_id, token, delay in polls:
-        by_delay.setdefault(round(delay, 1), []).append([assignment_id, token])
-    for delay, items in by_delay.items():
-        for start in range(0, len(items), chunk):
-            track_batch.apply_async((items[start : start + chunk],), countdown=delay)
+    return _run_each(dispatch_one, assignment_ids)
 
 
 @app.task(name="callq.dispatch", ignore_result=True)
 def dispatch(assignment_id: str) -> str:
     """Place one assigned call. A second delivery of the same task dials no one."""
-    polls: list[NextPoll] = []
-    result = _dispatch_one(assignment_id, polls)
-    _send_polls(polls)
-    return result
-
-
-def _dispatch_one(assignment_id: str, polls: list[NextPoll]) -> str:
-    db = runtime.database()
-    call = db.gate_and_load(assignment_id)
-    if call is None:
-        log.info("call.dispatch_skipped", reason="gate_closed")
-        return "skipped"
-    logs.bind(queue_id=call["queue_id"], provider=call["provider_name"])
-    try:
-        provider = runtime.provider_for(call)
-        request = build_call_request(call)
-        handle = provider.create_call(request)
-    except ProviderError as exc:
-        return _after_create_error(assignment_id, call["provider_id"], exc)
-    except Exception:
-        # Anything unexpected after the gate: the request may have left, so treat the outcome
-        # as unknown and look the call up before anything is re-sent.
-        log.exception("call.create_crashed")
-        reconcile.apply_async((assignment_id, 0), countdown=get_settings().reconcile_delay_seconds)
-        return "reconcile"
-    db.mark_placed(assignment_id, handle.provider_call_id)
-    log.info("call.placed")
-    # mark_call_placed starts the poll counter at 0: the first poll holds token 0.
-    polls.append((assignment_id, 0, get_settings().track_initial_delay_seconds))
-    return "placed"
-
-
-def _after_create_error(assignment_id: str, provider_id: UUID, exc: ProviderError) -> str:
-    decision = decide_error(exc)
-    if isinstance(decision, Reconcile):
-        log.warning("call.create_outcome_unknown", error=str(exc))
-        # Count it against the provider's health so a failing provider's circuit opens and new
-        # calls go elsewhere while this one waits for proof either way.
-        runtime.database().record_health(provider_id, False, 0.0, "create_unknown")
-        reconcile.apply_async((assignment_id, 0), countdown=get_settings().reconcile_delay_seconds)
-        return "reconcile"
-    result = _fail(assignment_id, decision)
-    log.warning("call.create_failed", kind=decision.kind, result=result, error=str(exc))
-    return result
-
-
-@app.task(name="callq.track", ignore_result=True)
-def track(assignment_id: str, poll_count: int | None = 0) -> str:
-    """Poll a placed call; ``poll_count`` None is a one-off check (webhook) outside the chain."""
-    polls: list[NextPoll] = []
-    result = _track_one(assignment_id, poll_count, polls)
-    _send_polls(polls)
-    return result
+    return _then(dispatch_one(assignment_id))
 
 
 @app.task(name="callq.track_batch", ignore_result=True)
 def track_batch(items: list[list[Any]]) -> dict[str, int]:
     """Poll several placed calls ([assignment id, poll token] each) concurrently."""
-    polls: list[NextPoll] = []
-    results: dict[str, int] = {}
-
-    def one(item: list[Any]) -> str:
-        logs.bind(assignment_id=item[0])
-        try:
-            return _track_one(str(item[0]), int(item[1]), polls)
-        finally:
-            logs.clear()
-
-    for result in runtime.executor().map(one, items):
-        results[result] = results.get(result, 0) + 1
-    _send_polls(polls)
-    return results
+    return _run_each(lambda item: track_one(str(item[0]), int(item[1])), items)
 
 
-def _track_one(assignment_id: str, poll_count: int | None, polls: list[NextPoll]) -> str:
-    db = runtime.database()
-    call = db.load_call(assignment_id)
-    if call is None or call["state"] != "placed":
-        return "not_placed"
-    logs.bind(queue_id=call["queue_id"], provider=call["provider_name"])
-    provider = runtime.provider_for(call)
-    try:
-        status = provider.get_call(str(call["provider_call_id"]))
-    except ProviderError as exc:
-        log.warning("call.poll_failed", error=str(exc))
-        return _continue_tracking(assignment_id, poll_count, polls)
-    decision = decide_outcome(status)
-    if isinstance(decision, KeepPolling):
-        return _continue_tracking(assignment_id, poll_count, polls)
-    return _finish(assignment_id, status, decision)
-
-
-def _finish(assignment_id: str, status: CallStatus, decision: Complete | Fail) -> str:
-    db = runtime.database()
-    if isinstance(decision, Complete):
-        db.complete(
-            assignment_id,
-            duration_seconds=status.duration_seconds,
-            recording_url=status.recording_url,
-            transcript=status.transcript,
-            cost=status.cost,
-            provider_call_id=status.provider_call_id,
-            started_at=status.started_at,
-            ended_at=status.ended_at,
-        )
-        log.info("call.completed", duration_seconds=status.duration_seconds)
-        return "completed"
-    result = db.fail(
-        assignment_id,
-        decision.kind,
-        decision.error,
-        duration_seconds=status.duration_seconds,
-        provider_call_id=status.provider_call_id,
-    )
-    log.info("call.ended_unanswered", kind=decision.kind, result=result)
-    return result
-
-
-def _continue_tracking(assignment_id: str, poll_count: int | None, polls: list[NextPoll]) -> str:
-    if poll_count is None:
-        return "checked"
-    s = get_settings()
-    delay = next_poll_delay(
-        poll_count + 1,
-        s.track_initial_delay_seconds,
-        s.track_backoff_factor,
-        s.track_max_delay_seconds,
-    )
-    return _schedule_track(assignment_id, poll_count, polls, delay)
-
-
-def _schedule_track(
-    assignment_id: str, poll_count: int, polls: list[NextPoll], delay: float | None = None
-) -> str:
-    """Advance the poll token and queue the next poll; a stale chain stops here."""
-    if delay is None:
-        delay = get_settings().track_initial_delay_seconds
-    token = touch_poll(runtime.database(), assignment_id, poll_count, delay)
-    if token is None:
-        return "superseded"
-    polls.append((assignment_id, token, delay))
-    return "tracking"
+@app.task(name="callq.track", ignore_result=True)
+def track(assignment_id: str, poll_count: int = 0) -> str:
+    """Poll one placed call with its poll token (the reaper restarts lost chains this way)."""
+    return _then(track_one(assignment_id, poll_count))
 
 
 @app.task(name="callq.reconcile", ignore_result=True)
 def reconcile(assignment_id: str, lookup: int = 0) -> str:
     """Find a call whose create had an unknown outcome; re-send only when it is not there."""
-    s = get_settings()
-    db = runtime.database()
-    call = db.load_call(assignment_id)
-    if call is None or call["state"] != "dialing":
-        return "not_dialing"
-    logs.bind(queue_id=call["queue_id"], provider=call["provider_name"])
-    provider = runtime.provider_for(call)
-    since = call["dialing_at"] - timedelta(minutes=2)
-    try:
-        found = provider.find_call(build_call_request(call), since)
-    except ProviderError as exc:
-        log.warning("call.reconcile_lookup_failed", error=str(exc))
-        found = None
-        if lookup + 1 >= s.reconcile_lookups:
-            # The provider cannot tell us: keep asking rather than risk a second dial.
-            reconcile.apply_async((assignment_id, lookup), countdown=s.track_max_delay_seconds)
-            return "lookup_failed"
-    if found is not None:
-        db.mark_placed(assignment_id, found.provider_call_id)
-        log.info("call.reconciled", found=True)
-        polls: list[NextPoll] = []
-        _schedule_track(assignment_id, 0, polls, 0)
-        _send_polls(polls)
-        return "found"
-    if lookup + 1 < s.reconcile_lookups:
-        reconcile.apply_async((assignment_id, lookup + 1), countdown=s.reconcile_delay_seconds)
-        return "retry_lookup"
-    result = db.fail(assignment_id, PROVIDER_ERROR, "create outcome unknown; not found at provider")
-    log.warning("call.reconciled", found=False, result=result)
-    return result
+    return _then(reconcile_one(assignment_id, lookup))
 
 
 @app.task(name="callq.webhook", ignore_result=True)
@@ -290,8 +119,200 @@ def webhook(provider_id: str, provider_call_id: str) -> str:
     """A provider reported a change: re-read the call from its API (the source of truth)."""
     assignment_id = runtime.database().assignment_for_provider_call(provider_id, provider_call_id)
     if assignment_id is None:
-        return "unknown_call"
-    return str(track(str(assignment_id), None))
+        return _then(Skipped(SkipReason.UNKNOWN_CALL))
+    return _then(track_one(str(assignment_id), None))
+
+
+# -- running steps and sending what comes next ---------------------------------------------------
+
+
+def _run_each(step: Callable[[Any], Step], items: Sequence[Any]) -> dict[str, int]:
+    """Run ``step`` for each item on the pool (in copies of this task's log context)."""
+    steps = runtime.map_in_context(step, items)
+    _send_next(steps)
+    return tally(steps)
+
+
+def _then(step: Step) -> str:
+    """Send the follow-up of one step; its label is the task's result."""
+    _send_next([step])
+    return step.label
+
+
+def _send_next(steps: Sequence[Step]) -> None:
+    """Send the follow-ups of ``steps``: one ``track_batch`` per delay, a reconcile each."""
+    _send_polls(next_polls(steps))
+    for step in steps:
+        if isinstance(step, Reconciling):
+            reconcile.apply_async((step.assignment_id, step.lookup), countdown=step.delay)
+
+
+def _send_polls(polls: list[NextPoll], chunk: int = 100) -> None:
+    """One ``track_batch`` message per distinct delay (and per ``chunk`` calls)."""
+    by_delay: dict[float, list[list[Any]]] = {}
+    for poll_ in polls:
+        by_delay.setdefault(round(poll_.delay, 1), []).append([poll_.assignment_id, poll_.token])
+    for delay, items in by_delay.items():
+        for start in range(0, len(items), chunk):
+            track_batch.apply_async((items[start : start + chunk],), countdown=delay)
+
+
+# -- the per-call steps ----------------------------------------------------------------------------
+
+
+def dispatch_one(assignment_id: str) -> Step:
+    """Pass the gate, create the call at its provider, record it."""
+    logs.bind(assignment_id=assignment_id)
+    db = runtime.database()
+    call = db.gate_and_load(assignment_id)
+    if call is None:
+        log.info("call.dispatch_skipped", reason=SkipReason.GATE_CLOSED)
+        return Skipped(SkipReason.GATE_CLOSED)
+    _bind_call(call)
+    try:
+        provider = runtime.provider_for(call.provider)
+        request = build_call_request(call)
+    except Exception as exc:  # nothing has been sent yet: fail over, never reconcile
+        log.warning("call.setup_failed", error=type(exc).__name__)
+        return _end(assignment_id, decide_setup_error(exc))
+    try:
+        handle = provider.create_call(request)
+    except ProviderError as exc:
+        return _after_create_error(call, exc)
+    except Exception:
+        # Anything unexpected while sending: the request may have left, so treat the outcome
+        # as unknown and look the call up before anything is re-sent.
+        log.exception("call.create_crashed")
+        return Reconciling(assignment_id, 0, get_settings().reconcile_delay_seconds)
+    db.mark_placed(assignment_id, handle.provider_call_id)
+    log.info("call.placed")
+    # mark_call_placed leaves the poll token at 0: the first poll holds token 0.
+    return Placed(NextPoll(assignment_id, 0, get_settings().track_initial_delay_seconds))
+
+
+def _after_create_error(call: CallRow, exc: ProviderError) -> Step:
+    decision = decide_error(exc)
+    assignment_id = str(call.assignment_id)
+    if isinstance(decision, Reconcile):
+        log.warning("call.create_outcome_unknown", error=str(exc))
+        # Count it against the provider's health so a failing provider's circuit opens and new
+        # calls go elsewhere while this one waits for proof either way.
+        runtime.database().record_health(call.provider.provider_id, False, 0.0, "create_unknown")
+        return Reconciling(assignment_id, 0, get_settings().reconcile_delay_seconds)
+    step = _end(assignment_id, decision)
+    log.warning("call.create_failed", kind=decision.kind, result=step.label, error=str(exc))
+    return step
+
+
+def track_one(assignment_id: str, token: int | None) -> Step:
+    """Poll a placed call once. ``token`` None is a one-off check outside the polling chain."""
+    logs.bind(assignment_id=assignment_id)
+    call = runtime.database().load_call(assignment_id)
+    if call is None or call.state is not AssignmentState.PLACED:
+        return Skipped(SkipReason.NOT_PLACED)
+    _bind_call(call)
+    try:
+        status = runtime.provider_for(call.provider).get_call(str(call.provider_call_id))
+    except ProviderError as exc:
+        log.warning("call.poll_failed", error=str(exc))
+        return _poll_again(assignment_id, token)
+    decision = decide_outcome(status)
+    if isinstance(decision, KeepPolling):
+        return _poll_again(assignment_id, token)
+    return _finish(assignment_id, status, decision)
+
+
+def _poll_again(assignment_id: str, token: int | None) -> Step:
+    """Advance the poll token and say when to poll next; a stale chain stops here."""
+    if token is None:
+        return Skipped(SkipReason.CHECKED)
+    s = get_settings()
+    delay = next_poll_delay(
+        token + 1, s.track_initial_delay_seconds, s.track_backoff_factor, s.track_max_delay_seconds
+    )
+    new_token = runtime.database().touch_poll(assignment_id, token, delay)
+    if new_token is None:
+        return Skipped(SkipReason.SUPERSEDED)
+    return Polling(NextPoll(assignment_id, new_token, delay))
+
+
+def _finish(assignment_id: str, status: CallStatus, decision: Complete | Fail) -> Step:
+    if isinstance(decision, Fail):
+        step = _end(
+            assignment_id,
+            decision,
+            duration_seconds=status.duration_seconds,
+            provider_call_id=status.provider_call_id,
+        )
+        log.info("call.ended_unanswered", kind=decision.kind, result=step.label)
+        return step
+    runtime.database().complete(
+        assignment_id,
+        duration_seconds=status.duration_seconds,
+        recording_url=status.recording_url,
+        transcript=status.transcript,
+        cost=status.cost,
+        provider_call_id=status.provider_call_id,
+        started_at=status.started_at,
+        ended_at=status.ended_at,
+    )
+    log.info("call.completed", duration_seconds=status.duration_seconds)
+    return Ended(Outcome.COMPLETED)
+
+
+def reconcile_one(assignment_id: str, lookup: int) -> Step:
+    """Look up a call whose create had an unknown outcome (lookup number ``lookup``)."""
+    s = get_settings()
+    logs.bind(assignment_id=assignment_id)
+    db = runtime.database()
+    call = db.load_call(assignment_id)
+    if call is None or call.state is not AssignmentState.DIALING:
+        return Skipped(SkipReason.NOT_DIALING)
+    _bind_call(call)
+    last = lookup + 1 >= s.reconcile_lookups
+    since = (call.dialing_at or datetime.now(UTC)) - timedelta(minutes=2)
+    try:
+        found = runtime.provider_for(call.provider).find_call(build_call_request(call), since)
+    except ProviderError as exc:
+        log.warning("call.reconcile_lookup_failed", error=str(exc))
+        if last:  # the provider cannot tell us: keep asking rather than risk a second dial
+            return Reconciling(assignment_id, lookup, s.track_max_delay_seconds)
+        found = None
+    if found is not None:
+        db.mark_placed(assignment_id, found.provider_call_id)
+        log.info("call.reconciled", found=True)
+        return Placed(NextPoll(assignment_id, 0, 0.0))
+    if not last:
+        return Reconciling(assignment_id, lookup + 1, s.reconcile_delay_seconds)
+    step = _end(assignment_id, Fail(PROVIDER_ERROR, "create outcome unknown; not found"))
+    log.warning("call.reconciled", found=False, result=step.label)
+    return step
+
+
+def _end(
+    assignment_id: str,
+    decision: Fail,
+    *,
+    duration_seconds: float | None = None,
+    provider_call_id: str | None = None,
+) -> Ended:
+    """Hand the call to handle_failed_call with the decision's kind."""
+    result = runtime.database().fail(
+        assignment_id,
+        decision.kind,
+        decision.error,
+        retry_after_seconds=decision.retry_after_seconds,
+        duration_seconds=duration_seconds,
+        provider_call_id=provider_call_id,
+    )
+    return Ended(Outcome(result))
+
+
+def _bind_call(call: CallRow) -> None:
+    logs.bind(queue_id=call.queue_id, provider=call.provider.name)
+
+
+# -- maintenance -----------------------------------------------------------------------------------
 
 
 @app.task(name="callq.health_check", ignore_result=True)
@@ -300,14 +321,13 @@ def health_check() -> dict[str, str]:
     db = runtime.database()
     results: dict[str, str] = {}
     for row in db.active_providers():
-        provider: Provider = runtime.provider_for(row)
         try:
-            health = provider.check_health()
+            health = runtime.provider_for(row).check_health()
             ok, latency, detail = health.ok, health.latency_ms, health.detail
         except Exception as exc:  # a probe must never kill the maintenance queue
             ok, latency, detail = False, 0.0, type(exc).__name__
-        results[str(row["provider_id"])] = db.record_health(
-            row["provider_id"], ok, latency, None if ok else detail
+        results[str(row.provider_id)] = db.record_health(
+            row.provider_id, ok, latency, None if ok else detail
         )
     return results
 
@@ -331,10 +351,10 @@ def _resume(assignment_id: UUID) -> None:
     call = runtime.database().load_call(assignment_id)
     if call is None:
         return
-    if call["state"] == "dialing":
+    if call.state is AssignmentState.DIALING:
         reconcile.apply_async((str(assignment_id), 0))
-    elif call["state"] == "placed":
-        track.apply_async((str(assignment_id), int(call["poll_count"])))
+    elif call.state is AssignmentState.PLACED:
+        track.apply_async((str(assignment_id), call.poll_count))
 
 
 @app.task(name="callq.rollover", ignore_result=True)
@@ -346,12 +366,3 @@ def rollover() -> int:
 @app.task(name="callq.noop", ignore_result=True)
 def noop() -> None:
     """Does nothing: the benchmark's measure of the engine's own limit."""
-
-
-def _fail(assignment_id: str, decision: Fail) -> str:
-    return runtime.database().fail(
-        assignment_id,
-        decision.kind,
-        decision.error,
-        retry_after_seconds=decision.retry_after_seconds,
-    )

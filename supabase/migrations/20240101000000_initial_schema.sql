@@ -115,10 +115,18 @@ CREATE TABLE public.call_templates (
   variables jsonb NOT NULL DEFAULT '[]'::jsonb
     CHECK (jsonb_typeof(variables) IN ('array', 'object')),
   first_message text,
+  -- provider call features (NULL = the provider's own agent/account setting applies)
+  voicemail_detection boolean,
+  voicemail_action text NOT NULL DEFAULT 'hang_up'
+    CHECK (voicemail_action IN ('hang_up', 'leave_message')),
+  voicemail_message text CHECK (length(voicemail_message) <= 1000),
+  record_calls boolean,
   is_public boolean NOT NULL DEFAULT false,
   usage_count integer NOT NULL DEFAULT 0 CHECK (usage_count >= 0),
   created_at timestamptz NOT NULL DEFAULT now(),
-  updated_at timestamptz NOT NULL DEFAULT now()
+  updated_at timestamptz NOT NULL DEFAULT now(),
+  CONSTRAINT call_templates_leave_message_has_text
+    CHECK (voicemail_action <> 'leave_message' OR length(btrim(voicemail_message)) > 0)
 );
 CREATE INDEX call_templates_created_by_idx ON public.call_templates (created_by);
 CREATE INDEX call_templates_public_idx ON public.call_templates (category) WHERE is_public;

@@ -38,11 +38,9 @@ CREATE TABLE public.call_queue (
   -- the template the call was scheduled with; deleting it detaches the call (SET NULL) and
   -- the call goes on with its snapshot below, so no call holds anyone's template hostage
   template_id uuid REFERENCES public.call_templates (id) ON DELETE SET NULL,
-  -- snapshot of the template taken when the call is queued (trigger in 20240101000310): what
-  -- the worker sends; a later edit or deletion of the template does not change the call
-  template_name text,
-  script text,
-  first_message text,
+  -- the template row (to_jsonb) as it was when the call was queued (trigger in
+  -- 20240101000310): what the worker sends; a later edit or deletion does not change the call
+  template_snapshot jsonb,
   -- NULL only on a finished call of a closed account (anonymised)
   recipient_name text CHECK (length(btrim(recipient_name)) BETWEEN 1 AND 200),
   recipient_phone text CHECK (recipient_phone ~ '^\+[1-9][0-9]{6,14}$'),

@@ -76,24 +76,24 @@ CREATE TRIGGER call_service_providers_guard_secrets
   FOR EACH ROW EXECUTE FUNCTION public.guard_provider_secrets();
 
 -- ---------------------------------------------------------------------------------------------
--- A queued call keeps a snapshot of its template (name, script, first message), taken when it
--- is inserted by whatever path (schedule_call, a bulk insert, ops). The worker sends the
--- snapshot, so a later edit by the template's owner cannot change another user's call, and
--- deleting the template only detaches the call (template_id ON DELETE SET NULL).
+-- A queued call keeps a snapshot of its template (the whole row, so columns added later come
+-- along), taken when it is inserted by whatever path (schedule_call, a bulk insert, ops). The
+-- worker reads the snapshot (models.queries.LOAD_CALL), so a later edit by the template's
+-- owner cannot change another user's call, and deleting the template only detaches the call
+-- (template_id ON DELETE SET NULL).
 CREATE OR REPLACE FUNCTION public.snapshot_call_template() RETURNS trigger
 LANGUAGE plpgsql
 SET search_path = ''
 AS $$
 BEGIN
-  SELECT t.name, t.script, t.first_message
-    INTO NEW.template_name, NEW.script, NEW.first_message
-    FROM public.call_templates t WHERE t.id = NEW.template_id;
+  NEW.template_snapshot := (SELECT to_jsonb(t) FROM public.call_templates t
+                             WHERE t.id = NEW.template_id);
   RETURN NEW;
 END
 $$;
 
 CREATE TRIGGER call_queue_snapshot_template BEFORE INSERT ON public.call_queue
-  FOR EACH ROW WHEN (NEW.template_id IS NOT NULL AND NEW.script IS NULL)
+  FOR EACH ROW WHEN (NEW.template_id IS NOT NULL AND NEW.template_snapshot IS NULL)
   EXECUTE FUNCTION public.snapshot_call_template();
 
 -- ---------------------------------------------------------------------------------------------
@@ -181,8 +181,7 @@ BEGIN
     -- keys a table does not have are ignored
     NEW := jsonb_populate_record(NEW, '{"recipient_name": null, "recipient_phone": null,
       "recipient_email": null, "metadata": {}, "custom_variables": {}, "idempotency_key": null,
-      "template_name": null, "script": null, "first_message": null, "transcript": null,
-      "recording_url": null}'::jsonb);
+      "template_snapshot": null, "transcript": null, "recording_url": null}'::jsonb);
   END IF;
   RETURN NEW;
 END

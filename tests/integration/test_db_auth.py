@@ -71,7 +71,7 @@ def test_deleting_a_user_cancels_its_calls_and_frees_others_templates(db_url: st
         schedule(conn, other, other_tpl)
         # a template with queued calls can be deleted: the calls keep their snapshot
         conn.execute("DELETE FROM call_templates WHERE id = %s", (other_tpl,))
-        assert one(conn, "SELECT count(*) FROM call_queue WHERE script IS NOT NULL") == 2
+        assert one(conn, "SELECT count(*) FROM call_queue WHERE template_snapshot IS NOT NULL") == 2
         # deleting a user closes the account: calls canceled, rows kept, templates gone
         conn.execute("DELETE FROM auth.users WHERE id = %s", (user,))
         assert one(conn, "SELECT status FROM call_queue WHERE id = %s", (mine,)) == "canceled"

@@ -2,39 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import psycopg
-import pytest
 
 from providers.simulator import Simulator
-from worker import runtime
-from worker.seed import Seeded, seed_demo
-from worker.settings import get_settings
-
-
-@pytest.fixture
-def sim() -> Iterator[Simulator]:
-    simulator = Simulator().start(port=0)
-    yield simulator
-    simulator.stop()
-
-
-@pytest.fixture
-def worker_db(db_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    monkeypatch.setenv("DATABASE_URL", db_url)
-    get_settings.cache_clear()
-    runtime.reset()
-    yield db_url
-    runtime.reset()
-    get_settings.cache_clear()
-
-
-@pytest.fixture
-def seeded(worker_db: str, sim: Simulator) -> Seeded:
-    with psycopg.connect(worker_db, autocommit=True) as conn:
-        return seed_demo(conn, sim_base_url=sim.base_url)
+from worker.seed import Seeded
 
 
 def availability(db_url: str, provider_id: Any) -> tuple[Any, ...]:

@@ -33,3 +33,49 @@ def test_package_imports_point_one_way(package: str) -> None:
         for path in (ROOT / package).rglob("*.py")
     }
     assert {k: v for k, v in offenders.items() if v} == {}
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imports(path: Path, modules: set[str]) -> set[str]:
+    """Our modules ``path`` imports anywhere in its body (function-level imports included)."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        names: list[str] = []
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [f"{node.module}.{alias.name}" for alias in node.names] + [node.module]
+        found |= {name for name in names if name in modules}
+    return found
+
+
+def test_no_import_cycles_between_modules() -> None:
+    """A package's ``__init__`` re-exports do not count; a module importing another that
+    imports it back (celery_app -> listener -> tasks -> celery_app) does."""
+    paths = [
+        p
+        for pkg in ("worker", "dispatch", "providers", "models")
+        for p in (ROOT / pkg).rglob("*.py")
+    ]
+    modules = {_module_name(p): p for p in paths if p.name != "__init__.py"}
+    graph = {name: _imports(path, set(modules)) for name, path in modules.items()}
+
+    def cycle_from(start: str) -> list[str] | None:
+        stack: list[tuple[str, list[str]]] = [(start, [start])]
+        seen: set[str] = set()
+        while stack:
+            node, trail = stack.pop()
+            for nxt in graph[node]:
+                if nxt == start:
+                    return [*trail, start]
+                if nxt not in seen:
+                    seen.add(nxt)
+                    stack.append((nxt, [*trail, nxt]))
+        return None
+
+    cycles = [c for name in sorted(graph) if (c := cycle_from(name))]
+    assert cycles == []

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from typing import Any
+from uuid import uuid4
+
 import pytest
 
 from dispatch.policy import (
@@ -14,7 +17,8 @@ from dispatch.policy import (
     next_poll_delay,
 )
 from dispatch.request import build_call_request
-from providers.base import CallState, CallStatus
+from models.calls import CallRow
+from providers.base import CallState, CallStatus, VoicemailAction, VoicemailPolicy
 from providers.errors import (
     ProviderOutcomeUnknownError,
     ProviderPermanentError,
@@ -81,18 +85,28 @@ def test_poll_delay_grows_and_is_capped() -> None:
     assert delays == [2.0, 4.0, 8.0, 16.0, 30.0, 30.0]
 
 
+def call_row(**columns: Any) -> CallRow:
+    """A loaded call as ``LOAD_CALL`` returns it, with ``columns`` over plain defaults."""
+    base: dict[str, Any] = dict.fromkeys(
+        ("provider_call_id", "dialing_at", "recipient_name", "recipient_email", "custom_variables",
+         "template_name", "script", "first_message", "api_key", "api_secret", "base_url",
+         "max_concurrent_calls", "capabilities", "config"),
+    )  # fmt: skip
+    base |= {"assignment_id": uuid4(), "state": "dialing", "attempt": 1, "poll_count": 0}
+    base |= {"queue_id": uuid4(), "queue_status": "dialing", "recipient_phone": "+15551234567"}
+    base |= {"provider_id": uuid4(), "provider_name": "Vapi", "provider_type": "vapi"}
+    return CallRow.from_row(base | columns)
+
+
 def test_request_carries_ids_and_string_variables() -> None:
-    req = build_call_request(
-        {
-            "assignment_id": "a-1",
-            "queue_id": "q-1",
-            "recipient_phone": "+15551234567",
-            "recipient_name": "John",
-            "custom_variables": {"company_name": "Acme", "seats": 3, "tags": ["a"]},
-            "script": "Hello {{company_name}}",
-        }
+    call = call_row(
+        recipient_name="John",
+        custom_variables={"company_name": "Acme", "seats": 3, "tags": ["a"]},
+        script="Hello {{company_name}}",
     )
-    assert (req.correlation_id, req.queue_id) == ("a-1", "q-1")
+    req = build_call_request(call)
+    assert "+15551234567" not in repr(call) and "John" not in repr(call)
+    assert (req.correlation_id, req.queue_id) == (str(call.assignment_id), str(call.queue_id))
     assert req.variables == {
         "company_name": "Acme",
         "seats": "3",
@@ -100,3 +114,28 @@ def test_request_carries_ids_and_string_variables() -> None:
         "recipient_name": "John",
     }
     assert "+15551234567" not in repr(req)
+
+
+@pytest.mark.parametrize(
+    ("template", "expected"),
+    [
+        ({}, None),
+        ({"voicemail_detection": None, "voicemail_action": "leave_message"}, None),
+        ({"voicemail_detection": False, "voicemail_action": "hang_up"}, VoicemailPolicy(False)),
+        ({"voicemail_detection": True, "voicemail_action": "hang_up", "voicemail_message": "x"},
+         VoicemailPolicy(True)),
+        ({"voicemail_detection": True, "voicemail_action": "leave_message",
+          "voicemail_message": "Call us"},
+         VoicemailPolicy(True, VoicemailAction.LEAVE_MESSAGE, "Call us")),
+    ],
+)  # fmt: skip
+def test_request_features_from_the_rows(
+    template: dict[str, Any], expected: VoicemailPolicy | None
+) -> None:
+    features = {"max_duration_seconds": 90.2, "caller_id": "+15550001111", "record_calls": False}
+    req = build_call_request(call_row(**template, **features))
+    assert req.voicemail == expected
+    assert (req.max_duration_seconds, req.caller_id, req.record) == (91, "+15550001111", False)
+    bare = build_call_request(call_row(**template))
+    assert (bare.max_duration_seconds, bare.caller_id, bare.record) == (None, None, None)
+    assert "+15550001111" not in repr(req)

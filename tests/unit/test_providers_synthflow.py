@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from datetime import UTC, datetime
 from pathlib import Path
@@ -9,7 +10,13 @@ from typing import Any
 
 import pytest
 
-from providers.base import CallRequest, CallState, ProviderConfig
+from providers.base import (
+    CallRequest,
+    CallState,
+    ProviderConfig,
+    VoicemailAction,
+    VoicemailPolicy,
+)
 from providers.errors import ConfigError, WebhookAuthError, WebhookPayloadError
 from providers.synthflow import (
     SynthflowProvider,
@@ -61,6 +68,21 @@ def test_create_body() -> None:
         "from_phone_number": "+14155550100",
     }
     assert "prompt" not in build_create_body(REQ, config(send_prompt=False))
+
+
+def test_create_body_features() -> None:
+    """The call's caller id replaces the row's; the agent-level features are not sent (the
+    create body has no field for them)."""
+    req = dataclasses.replace(
+        REQ, caller_id="+14155550199", max_duration_seconds=60, record=False,
+        voicemail=VoicemailPolicy(True, VoicemailAction.LEAVE_MESSAGE, "Call back"),
+    )  # fmt: skip
+    body = build_create_body(req, config(from_phone_number="+14155550100"))
+    assert body["from_phone_number"] == "+14155550199"
+    plain = build_create_body(REQ, config(from_phone_number="+14155550100"))
+    assert {k: v for k, v in body.items() if k != "from_phone_number"} == {
+        k: v for k, v in plain.items() if k != "from_phone_number"
+    }
 
 
 def test_create_body_needs_model_id() -> None:

@@ -15,7 +15,13 @@ from typing import Any
 
 import pytest
 
-from providers.base import CallRequest, CallState, ProviderConfig
+from providers.base import (
+    CallRequest,
+    CallState,
+    ProviderConfig,
+    VoicemailAction,
+    VoicemailPolicy,
+)
 from providers.errors import ConfigError, WebhookAuthError, WebhookPayloadError
 from providers.vapi import (
     VapiProvider,
@@ -126,6 +132,13 @@ BODY_VARIANTS = {
                             "e164_check": False}, {}),
     "inline-custom-model": ({"model": {"provider": "openai", "model": "gpt-4o"}}, {}),
     "long-email-dropped": ({}, {"recipient_email": "a" * 50 + "@example.com"}),
+    "features-leave-message": ({"assistant_id": "as-1"}, {
+        "max_duration_seconds": 95, "caller_id": "pn-9", "record": False,
+        "voicemail": VoicemailPolicy(True, VoicemailAction.LEAVE_MESSAGE, "Please call back.")}),
+    "features-hang-up-inline": ({}, {
+        "max_duration_seconds": 5, "record": True, "voicemail": VoicemailPolicy()}),
+    "features-detection-off": ({"voicemail_detection_provider": "twilio"}, {
+        "max_duration_seconds": 10**6, "voicemail": VoicemailPolicy(detect=False)}),
 }  # fmt: skip
 
 
@@ -162,6 +175,42 @@ def test_body_carries_script_variables_and_correlation() -> None:
     with_id = build_create_body(req, config(assistant_id="as-1"))
     assert with_id["assistantId"] == "as-1" and "assistant" not in with_id
     assert with_id["assistantOverrides"]["firstMessage"] == req.first_message
+
+
+def test_request_features_translate_to_assistant_overrides() -> None:
+    policy = VoicemailPolicy(True, VoicemailAction.LEAVE_MESSAGE, "Please call back.")
+    req = request(max_duration_seconds=95, caller_id="pn-9", record=False, voicemail=policy)
+    body = build_create_body(req, config(max_duration_seconds=600))
+    overrides = body["assistantOverrides"]
+    assert body["phoneNumberId"] == "pn-9"  # the call's caller id wins over the row's
+    assert overrides["maxDurationSeconds"] == 95  # the tighter of request and row
+    assert overrides["voicemailDetection"] == {"provider": "vapi"}
+    assert overrides["voicemailMessage"] == "Please call back."
+    assert overrides["artifactPlan"] == {"recordingEnabled": False}
+
+
+@pytest.mark.parametrize(
+    ("req_fields", "expected"),
+    [
+        ({}, {}),
+        ({"voicemail": VoicemailPolicy(detect=False)}, {"voicemailDetection": "off"}),
+        ({"voicemail": VoicemailPolicy()}, {"voicemailDetection": {"provider": "vapi"}}),
+        ({"max_duration_seconds": 3}, {"maxDurationSeconds": 10}),
+        ({"max_duration_seconds": 50_000}, {"maxDurationSeconds": 43_200}),
+        ({"record": True}, {"artifactPlan": {"recordingEnabled": True}}),
+    ],
+)
+def test_request_features_only_when_set(
+    req_fields: dict[str, Any], expected: dict[str, Any]
+) -> None:
+    overrides = build_create_body(request(**req_fields), config())["assistantOverrides"]
+    features = {"voicemailDetection", "voicemailMessage", "maxDurationSeconds", "artifactPlan"}
+    assert {k: v for k, v in overrides.items() if k in features} == expected
+
+
+def test_leave_message_policy_needs_text() -> None:
+    with pytest.raises(ValueError, match="text"):
+        VoicemailPolicy(True, VoicemailAction.LEAVE_MESSAGE, " ")
 
 
 def test_missing_phone_number_id_is_config_error() -> None:

@@ -1,0 +1,39 @@
+"""Fixtures for running the worker's code in this process against a real database."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import psycopg
+import pytest
+
+from providers.simulator import Simulator
+from worker import runtime
+from worker.seed import Seeded, seed_demo
+from worker.settings import get_settings
+
+
+@pytest.fixture
+def sim() -> Iterator[Simulator]:
+    """The provider simulator on a free port (both APIs), stopped afterwards."""
+    simulator = Simulator().start(port=0)
+    yield simulator
+    simulator.stop()
+
+
+@pytest.fixture
+def worker_db(db_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """This process's worker runtime pointed at the test's database (settings rebuilt)."""
+    monkeypatch.setenv("DATABASE_URL", db_url)
+    get_settings.cache_clear()
+    runtime.reset()
+    yield db_url
+    runtime.reset()
+    get_settings.cache_clear()
+
+
+@pytest.fixture
+def seeded(worker_db: str, sim: Simulator) -> Seeded:
+    """A user, plan, template and the two providers, pointed at ``sim``."""
+    with psycopg.connect(worker_db, autocommit=True) as conn:
+        return seed_demo(conn, sim_base_url=sim.base_url)

@@ -1,0 +1,223 @@
+"""The worker's per-call steps, run in this process against a real database and the simulator.
+
+No worker process: each test claims a call with the real SQL, runs the step functions of
+``worker.tasks`` directly and checks the step value they return and the rows they leave.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+from collections.abc import Iterator
+from typing import Any
+from uuid import UUID
+
+import psycopg
+import pytest
+import redis
+from structlog.contextvars import merge_contextvars
+from structlog.testing import capture_logs
+
+from dispatch.steps import (
+    Ended,
+    NextPoll,
+    Outcome,
+    Placed,
+    Polling,
+    Reconciling,
+    Skipped,
+    SkipReason,
+)
+from providers.simulator import Simulator
+from worker import runtime, tasks
+from worker.celery_app import app
+from worker.embedded import wait_until
+from worker.seed import Seeded, schedule_calls
+
+ANSWERED_AT_ONCE = {"outcome_mix": {"completed": 1.0}, "answer_at_once": True}
+LONG_CALLS = {"outcome_mix": {"completed": 1.0}, "call_seconds": 600}
+SHORT_CALLS = {"outcome_mix": {"completed": 1.0}, "call_seconds": 1.0}
+
+
+def claim(db_url: str, seeded: Seeded, count: int = 1) -> list[str]:
+    """Schedule ``count`` calls and claim them; the assignment ids."""
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        schedule_calls(conn, seeded, count)
+    assigned = runtime.database().claim_and_assign(count, "test-worker", 60)
+    assert len(assigned) == count
+    return [str(a.assignment_id) for a in assigned]
+
+
+def call_state(db_url: str, assignment_id: str) -> tuple[str, str, int]:
+    """(assignment state, queue status, slots held by every provider)."""
+    with psycopg.connect(db_url) as conn:
+        row = conn.execute(
+            "SELECT a.state, q.status, (SELECT sum(current_calls) FROM provider_availability)"
+            " FROM call_assignments a JOIN call_queue q ON q.id = a.queue_id WHERE a.id = %s",
+            (assignment_id,),
+        ).fetchone()
+    assert row is not None
+    return row[0], row[1], int(row[2])
+
+
+def queue_row(db_url: str, assignment_id: str) -> tuple[str, list[UUID], int]:
+    """(queue status, excluded providers, attempts) of the call behind an assignment."""
+    with psycopg.connect(db_url) as conn:
+        row = conn.execute(
+            "SELECT q.status, q.excluded_provider_ids, q.attempts FROM call_queue q"
+            " JOIN call_assignments a ON a.queue_id = q.id WHERE a.id = %s",
+            (assignment_id,),
+        ).fetchone()
+    assert row is not None
+    return row[0], list(row[1]), row[2]
+
+
+def test_placed_then_completed(worker_db: str, seeded: Seeded, sim: Simulator) -> None:
+    sim.configure(ANSWERED_AT_ONCE)
+    [aid] = claim(worker_db, seeded)
+    step = tasks.dispatch_one(aid)
+    assert isinstance(step, Placed) and step.first_poll.assignment_id == aid
+    assert step.first_poll.token == 0
+    assert call_state(worker_db, aid) == ("placed", "in_progress", 1)
+
+    assert tasks.track_one(aid, 0) == Ended(Outcome.COMPLETED)
+    assert call_state(worker_db, aid) == ("completed", "completed", 0)
+    with psycopg.connect(worker_db) as conn:
+        history = conn.execute("SELECT status FROM call_history").fetchall()
+    assert history == [("completed",)]
+    # a second delivery of the same dispatch dials no one
+    assert tasks.dispatch_one(aid) == Skipped(SkipReason.GATE_CLOSED)
+    assert sim.stats()["total_creates"] == 1
+
+
+def test_a_live_call_keeps_polling_and_a_stale_chain_stops(
+    worker_db: str, seeded: Seeded, sim: Simulator
+) -> None:
+    sim.configure(LONG_CALLS)
+    [aid] = claim(worker_db, seeded)
+    assert isinstance(tasks.dispatch_one(aid), Placed)
+    step = tasks.track_one(aid, 0)
+    assert isinstance(step, Polling) and step.next_poll.token == 1 and step.next_poll.delay > 0
+    # the chain that still holds token 0 (restarted by the reaper, say) is superseded
+    assert tasks.track_one(aid, 0) == Skipped(SkipReason.SUPERSEDED)
+    assert call_state(worker_db, aid) == ("placed", "in_progress", 1)
+
+
+def test_outcome_unknown_then_found(worker_db: str, seeded: Seeded, sim: Simulator) -> None:
+    # The create lands, but the answer is a 504: the worker cannot know whether it did.
+    sim.configure(
+        {
+            **LONG_CALLS,
+            "outages": [{"start": 0, "end": 3600, "mode": "timeout", "provider": "vapi"}],
+            "timeout_seconds": 0.05,
+            "timeout_creates_call": True,
+        }
+    )
+    [aid] = claim(worker_db, seeded)
+    step = tasks.dispatch_one(aid)
+    assert isinstance(step, Reconciling) and (step.assignment_id, step.lookup) == (aid, 0)
+    assert call_state(worker_db, aid)[0] == "dialing"
+
+    sim.configure({"outages": []})
+    assert tasks.reconcile_one(aid, 0) == Placed(NextPoll(aid, 0, 0.0))
+    assert call_state(worker_db, aid) == ("placed", "in_progress", 1)
+    assert sim.stats()["total_creates"] == 1  # found, never sent again
+
+
+def test_outcome_unknown_then_failed_over(worker_db: str, seeded: Seeded, sim: Simulator) -> None:
+    sim.configure(
+        {
+            "outages": [{"start": 0, "end": 3600, "mode": "timeout", "provider": "vapi"}],
+            "timeout_seconds": 0.05,
+            "timeout_creates_call": False,
+        }
+    )
+    [aid] = claim(worker_db, seeded)
+    assert isinstance(tasks.dispatch_one(aid), Reconciling)
+    sim.configure({"outages": []})
+    steps = [tasks.reconcile_one(aid, n) for n in range(3)]
+    assert steps[:2] == [Reconciling(aid, 1, 5.0), Reconciling(aid, 2, 5.0)]
+    assert steps[2] == Ended(Outcome.RETRY_SCHEDULED)
+    status, excluded, _ = queue_row(worker_db, aid)
+    assert status == "queued" and excluded == [seeded.provider_ids["vapi"]]
+    assert sim.stats()["total_creates"] == 0
+    # the retry (made due now) goes to the other provider
+    with psycopg.connect(worker_db, autocommit=True) as conn:
+        conn.execute("UPDATE call_queue SET scheduled_time = now()")
+    [retry] = runtime.database().claim_and_assign(1, "test-worker", 60)
+    assert retry.provider_id == seeded.provider_ids["synthflow"]
+
+
+def test_error_before_any_request_fails_over_without_reconciling(
+    worker_db: str, seeded: Seeded, sim: Simulator
+) -> None:
+    with psycopg.connect(worker_db, autocommit=True) as conn:
+        conn.execute(
+            "UPDATE call_service_providers SET api_key = 'env:CALLQ_SECRET_NOT_SET' WHERE id = %s",
+            (seeded.provider_ids["vapi"],),
+        )
+    [aid] = claim(worker_db, seeded)
+    assert tasks.dispatch_one(aid) == Ended(Outcome.RETRY_SCHEDULED)
+    status, excluded, attempts = queue_row(worker_db, aid)
+    assert (status, excluded, attempts) == ("queued", [seeded.provider_ids["vapi"]], 1)
+    assert call_state(worker_db, aid)[2] == 0  # the slot is free again
+    assert sim.stats()["total_creates"] == 0
+
+
+def test_webhook_checks_the_call_once(worker_db: str, seeded: Seeded, sim: Simulator) -> None:
+    sim.configure(SHORT_CALLS)
+    [aid] = claim(worker_db, seeded)
+    assert isinstance(tasks.dispatch_one(aid), Placed)
+    call = runtime.database().load_call(aid)
+    assert call is not None and call.provider_call_id
+    provider_id = str(seeded.provider_ids["vapi"])
+    assert tasks.webhook.run(provider_id, call.provider_call_id) == "checked"
+    assert tasks.webhook.run(provider_id, "no-such-call") == "unknown_call"
+
+    simulated = sim.engine.get(call.provider_call_id)
+    assert simulated is not None
+    wait_until(lambda: simulated.phase(time.time()) == "ended", timeout=10, what="the call's end")
+    assert tasks.webhook.run(provider_id, call.provider_call_id) == "completed"
+    assert call_state(worker_db, aid) == ("completed", "completed", 0)
+
+
+@pytest.fixture
+def broker(redis_url: str) -> Iterator[redis.Redis]:
+    """The Celery app publishing to a database of the test Redis; its lists are the queues."""
+    url = redis_url.rsplit("/", 1)[0] + "/9"
+    client = redis.Redis.from_url(url)
+    client.flushdb()
+    previous = app.conf.broker_url
+    app.conf.broker_url = url
+    app.close()
+    app.amqp._producer_pool = None
+    yield client
+    app.conf.broker_url = previous
+    app.close()
+    app.amqp._producer_pool = None
+    client.flushdb()
+
+
+def queued(client: redis.Redis, queue: str) -> list[tuple[str, Any]]:
+    out = []
+    for raw in client.lrange(queue, 0, -1):
+        envelope = json.loads(raw)
+        out.append((envelope["headers"]["task"], json.loads(base64.b64decode(envelope["body"]))[0]))
+    return out
+
+
+def test_a_chunk_sends_its_first_polls_as_one_message_and_logs_its_task_id(
+    worker_db: str, seeded: Seeded, sim: Simulator, broker: redis.Redis
+) -> None:
+    sim.configure(LONG_CALLS)
+    ids = claim(worker_db, seeded, 3)
+    with capture_logs(processors=[merge_contextvars]) as events:
+        result = tasks.dispatch_batch.apply(args=(ids,), task_id="task-under-test").get()
+    assert result == {"placed": 3}
+    [(name, [items])] = queued(broker, "track")
+    assert name == "callq.track_batch" and sorted(items) == sorted([[aid, 0] for aid in ids])
+    placed = [e for e in events if e["event"] == "call.placed"]
+    assert len(placed) == 3
+    assert {e.get("task_id") for e in placed} == {"task-under-test"}
+    assert {e.get("assignment_id") for e in placed} == set(ids)
