@@ -61,7 +61,7 @@ class ProviderRow:
             provider_type=row["provider_type"],
             api_key=row["api_key"],
             api_secret=row["api_secret"],
-            webhook_secret=row["webhook_secret"],
+            webhook_secret=row.get("webhook_secret"),
             base_url=row["base_url"],
             max_concurrent_calls=row["max_concurrent_calls"],
             capabilities=dict(row["capabilities"] or {}),

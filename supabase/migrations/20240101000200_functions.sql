@@ -26,6 +26,78 @@ AS $$
 $$;
 
 -- ---------------------------------------------------------------------------------------------
+-- check_call_input: the bounds on what a user may queue (supabase/README.md, Security), so a
+-- call the worker loads and sends to a provider stays small. Raises CQ018 input_too_large
+-- (custom_variables or metadata over 16384 bytes as JSON text, nested deeper than 4 levels or
+-- with more than 200 keys; an email over 254 or an idempotency key over 200 characters) or
+-- CQ019 invalid_text (a JSON key that is blank, over 64 characters or has control characters;
+-- control characters in the recipient's name or the idempotency key; a blank idempotency key).
+-- Messages name the argument and the limit, never the content.
+CREATE OR REPLACE FUNCTION public.check_call_input(
+  p_recipient_name text,
+  p_recipient_email text,
+  p_custom_variables jsonb,
+  p_metadata jsonb,
+  p_idempotency_key text
+) RETURNS void
+LANGUAGE plpgsql IMMUTABLE
+SET search_path = ''
+AS $$
+DECLARE
+  c_max_bytes constant integer := 16384;
+  c_max_depth constant integer := 4;
+  c_max_keys constant integer := 200;
+  c_max_key_length constant integer := 64;
+  v_doc record;
+  v_shape record;
+BEGIN
+  IF p_recipient_name ~ '[[:cntrl:]]' THEN
+    RAISE EXCEPTION USING ERRCODE = 'CQ019',
+      MESSAGE = 'invalid_text: recipient_name contains control characters';
+  END IF;
+  IF length(p_recipient_email) > 254 THEN
+    RAISE EXCEPTION USING ERRCODE = 'CQ018',
+      MESSAGE = 'input_too_large: recipient_email is longer than 254 characters';
+  END IF;
+  IF length(p_idempotency_key) > 200 THEN
+    RAISE EXCEPTION USING ERRCODE = 'CQ018',
+      MESSAGE = 'input_too_large: idempotency_key is longer than 200 characters';
+  END IF;
+  IF p_idempotency_key ~ '(^[[:space:]]*$)|[[:cntrl:]]' THEN
+    RAISE EXCEPTION USING ERRCODE = 'CQ019',
+      MESSAGE = 'invalid_text: idempotency_key is blank or contains control characters';
+  END IF;
+  FOR v_doc IN
+    SELECT d.name, d.doc FROM (VALUES ('custom_variables', p_custom_variables),
+                                      ('metadata', p_metadata)) AS d(name, doc)
+     WHERE d.doc IS NOT NULL
+  LOOP
+    -- the size first: nothing larger is walked
+    IF octet_length(v_doc.doc::text) > c_max_bytes THEN
+      RAISE EXCEPTION USING ERRCODE = 'CQ018',
+        MESSAGE = format('input_too_large: %s is %s bytes as JSON; at most %s',
+                         v_doc.name, octet_length(v_doc.doc::text), c_max_bytes);
+    END IF;
+    SELECT max(w.depth) AS depth, count(w.key) AS keys,
+           bool_or(length(w.key) > c_max_key_length OR w.key ~ '(^[[:space:]]*$)|[[:cntrl:]]')
+             AS bad_key
+      INTO v_shape
+      FROM public.jsonb_walk(v_doc.doc) w;
+    IF v_shape.depth > c_max_depth OR v_shape.keys > c_max_keys THEN
+      RAISE EXCEPTION USING ERRCODE = 'CQ018',
+        MESSAGE = format('input_too_large: %s nests deeper than %s levels or has more than %s '
+                         'keys', v_doc.name, c_max_depth, c_max_keys);
+    END IF;
+    IF v_shape.bad_key THEN
+      RAISE EXCEPTION USING ERRCODE = 'CQ019',
+        MESSAGE = format('invalid_text: %s has a key that is blank, longer than %s characters '
+                         'or contains control characters', v_doc.name, c_max_key_length);
+    END IF;
+  END LOOP;
+END
+$$;
+
+-- ---------------------------------------------------------------------------------------------
 -- schedule_call: validate and enqueue. SECURITY DEFINER because app users may not write the
 -- queue directly; as role authenticated it only acts for auth.uid().
 CREATE OR REPLACE FUNCTION public.schedule_call(
@@ -136,6 +208,9 @@ BEGIN
   IF jsonb_typeof(v_meta) <> 'object' THEN
     RAISE EXCEPTION USING ERRCODE = 'CQ010', MESSAGE = 'invalid_metadata: must be a JSON object';
   END IF;
+
+  PERFORM public.check_call_input(p_recipient_name, p_recipient_email, v_vars, v_meta,
+                                  p_idempotency_key);
 
   INSERT INTO public.call_queue (user_id, template_id, recipient_name, recipient_phone,
                                  recipient_email, priority, scheduled_time, custom_variables,

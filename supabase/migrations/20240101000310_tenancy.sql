@@ -3,7 +3,8 @@
 -- for auth.uid(). See supabase/README.md, "Security".
 --
 -- SQLSTATEs: CQ014 secret_in_config, CQ015 call_not_found, CQ016 call_already_ended,
--- CQ017 call_in_flight (CQ018/CQ019: schedule_call's input bounds, 20240101000200).
+-- CQ017 call_in_flight (CQ018 input_too_large, CQ019 invalid_text: check_call_input in
+-- 20240101000200, the bounds schedule_call applies).
 
 -- ---------------------------------------------------------------------------------------------
 -- Every (depth, key, value) of a JSON document, the document itself at depth 0 (key NULL);
@@ -277,12 +278,13 @@ REVOKE ALL ON FUNCTION
   public.jsonb_walk(jsonb), public.is_secret_name(text), public.guard_provider_secrets(),
   public.snapshot_call_template(), public.cancel_undialed_call(uuid, text),
   public.cancel_call(uuid), public.scrub_closed_account_call(), public.close_account(uuid),
-  public.delete_my_account(), public.handle_deleted_user()
+  public.delete_my_account(), public.handle_deleted_user(),
+  public.check_call_input(text, text, jsonb, jsonb, text)
   FROM PUBLIC, anon, authenticated;
 
 GRANT EXECUTE ON FUNCTION public.cancel_call(uuid), public.delete_my_account()
   TO authenticated, service_role, callq_worker;
 GRANT EXECUTE ON FUNCTION public.jsonb_walk(jsonb), public.is_secret_name(text),
-  public.cancel_undialed_call(uuid, text)
+  public.cancel_undialed_call(uuid, text), public.check_call_input(text, text, jsonb, jsonb, text)
   TO service_role, callq_worker;
 GRANT EXECUTE ON FUNCTION public.close_account(uuid) TO service_role;

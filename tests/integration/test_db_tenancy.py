@@ -168,7 +168,7 @@ def test_worker_reads_the_webhook_secret_column(db_url: str) -> None:
         )
     db = Database(db_url, max_size=1)
     try:
-        (row,) = [r for r in db.active_providers() if r["provider_id"] == provider]
+        (row,) = [r for r in db.active_providers() if r.provider_id == provider]
     finally:
         db.close()
     secret = provider_config(row).webhook_secret
