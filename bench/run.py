@@ -1,6 +1,6 @@
 """Run every benchmark, print one table, write bench/results/latest.json and bench/RESULTS.md.
 
-    .venv/bin/python -m bench.run [--quick] [--only claim,growth,e2e] [--drills]
+    .venv/bin/python -m bench.run [--quick] [--only claim,growth,e2e,campaigns] [--drills]
 
 Figures are measured against a baseline in the same run on the same machine (ratios), with the
 absolute numbers beside them. ``--drills`` also runs the fault drills (``bench.drills``) and puts
@@ -136,6 +136,29 @@ def rows_from(results: dict[str, Any]) -> list[Row]:
                     _met(ratio <= 1.5),
                 )
             )
+    camp = results.get("campaigns")
+    if camp and "ratio" in camp:
+        rows.append(
+            (
+                f"campaign upload: schedule_calls of {camp['rows']:,} contacts vs bare"
+                " INSERT ... SELECT, s (ratio bare/ours)",
+                _f(camp["ours_s"], 3),
+                _f(camp["bare_s"], 3),
+                _f(camp["ratio"], 2),
+                ">= 0.2 and < 2 s",
+                _met(camp["ratio"] >= 0.2 and camp["ours_s"] < 2),
+            )
+        )
+        rows.append(
+            (
+                "schedule_call, one call through the same core, ms (vs bare one-row INSERT)",
+                _f(camp["single_ms"], 2),
+                _f(camp["single_bare_ms"], 2),
+                _f(camp["single_bare_ms"] / camp["single_ms"], 2),
+                "informative",
+                "",
+            )
+        )
     mem = e2e.get("memory")
     if mem and "last" in mem:
         first = mem.get("first", mem["last"])
@@ -198,7 +221,7 @@ def write_markdown(
         f"Python {m['python']}); {results['seconds']:.0f} s. Each ratio compares figures "
         "measured in the same run on the same machine; the absolute numbers drift between "
         "runs on a shared machine. How each figure is measured: `bench/claim.py`, "
-        "`bench/growth.py`, `bench/e2e.py` (docstrings). Raw figures: "
+        "`bench/growth.py`, `bench/e2e.py`, `bench/campaigns.py` (docstrings). Raw figures: "
         "`bench/results/latest.json` (not committed).",
         "",
         table(rows, markdown=True),
@@ -206,7 +229,7 @@ def write_markdown(
     ]
     stamps = [
         f"{k}: {results[k]['measured']}"
-        for k in ("claim", "growth", "e2e")
+        for k in ("claim", "growth", "e2e", "campaigns")
         if isinstance(results.get(k), dict) and results[k].get("measured")
     ]
     if isinstance(results.get("e2e"), dict) and results["e2e"].get("latency_sweep"):
@@ -266,7 +289,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--quick", action="store_true", help="a smoke run of a few minutes")
     parser.add_argument(
-        "--only", default="claim,growth,e2e", help="comma-separated subset of claim,growth,e2e"
+        "--only",
+        default="claim,growth,e2e,campaigns",
+        help="comma-separated subset of claim,growth,e2e,campaigns",
     )
     parser.add_argument("--drills", action="store_true", help="run the fault drills too")
     parser.add_argument("--no-markdown", action="store_true", help="do not rewrite RESULTS.md")
@@ -292,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     command = (
         ".venv/bin/python -m bench.run"
         + (" --quick" if ns.quick else "")
-        + (f" --only {ns.only}" if only != {"claim", "growth", "e2e"} else "")
+        + (f" --only {ns.only}" if only != {"claim", "growth", "e2e", "campaigns"} else "")
         + (" --drills" if ns.drills else "")
         + (" --merge" if ns.merge else "")
     )
@@ -305,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
     latest = RESULTS_DIR / "latest.json"
     if ns.merge and latest.exists():
         previous = json.loads(latest.read_text())
-        for section in ("claim", "growth", "e2e"):
+        for section in ("claim", "growth", "e2e", "campaigns"):
             if section not in only and section in previous:
                 results[section] = previous[section]
 
@@ -339,6 +364,13 @@ def main(argv: list[str] | None = None) -> int:
         log("== growth: small vs large tables")
         results["growth"] = growth.run(quick=ns.quick)
         results["growth"]["measured"] = f"{now()} ({command})"
+        save()
+    if "campaigns" in only:
+        from bench import campaigns
+
+        log("== campaign upload: schedule_calls vs bare INSERT ... SELECT")
+        results["campaigns"] = campaigns.run(rows=2_000 if ns.quick else 10_000)
+        results["campaigns"]["measured"] = f"{now()} ({command})"
         save()
     if "e2e" in only:
         from bench import e2e

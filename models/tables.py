@@ -1,4 +1,4 @@
-"""Typed SQLAlchemy 2.0 models of the 13 callq tables.
+"""Typed SQLAlchemy 2.0 models of the callq tables.
 
 The SQL in ``supabase/migrations`` is the source of truth; these models mirror it for the worker
 and admin scripts, and ``tests/integration/test_db_models.py`` fails when the two drift.
@@ -245,6 +245,27 @@ class CallServiceProvider(Base):
     updated_at: Mapped[datetime] = _updated()
 
 
+class CallCampaign(Base):
+    __tablename__ = "call_campaigns"
+
+    id: Mapped[uuid.UUID] = _pk()
+    user_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
+    template_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("call_templates.id"))
+    name: Mapped[str]
+    status: Mapped[str] = mapped_column(server_default=text("'draft'"))
+    starts_at: Mapped[datetime | None]
+    ends_at: Mapped[datetime | None]
+    calls_per_minute: Mapped[int | None] = mapped_column(Integer)
+    max_in_flight: Mapped[int | None] = mapped_column(Integer)
+    calls_total: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    calls_canceled: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    metadata_: Mapped[dict[str, Any]] = mapped_column("metadata", server_default=EMPTY_OBJECT)
+    started_at: Mapped[datetime | None]
+    ended_at: Mapped[datetime | None]
+    created_at: Mapped[datetime] = _created()
+    updated_at: Mapped[datetime] = _updated()
+
+
 class CallQueue(Base):
     __tablename__ = "call_queue"
 
@@ -266,6 +287,7 @@ class CallQueue(Base):
     custom_variables: Mapped[dict[str, Any]] = mapped_column(server_default=EMPTY_OBJECT)
     metadata_: Mapped[dict[str, Any]] = mapped_column("metadata", server_default=EMPTY_OBJECT)
     idempotency_key: Mapped[str | None]
+    campaign_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("call_campaigns.id"))
     last_error: Mapped[str | None]
     excluded_provider_ids: Mapped[list[uuid.UUID]] = mapped_column(
         ARRAY(Uuid(as_uuid=True)), server_default=text("'{}'")
@@ -353,6 +375,7 @@ ALL_MODELS: tuple[type[Base], ...] = (
     TemplateFavorite,
     CallFeedback,
     CallServiceProvider,
+    CallCampaign,
     CallQueue,
     ProviderAvailability,
     CallAssignment,

@@ -56,7 +56,10 @@ CREATE TABLE public.call_queue (
   custom_variables jsonb NOT NULL DEFAULT '{}'::jsonb
     CHECK (jsonb_typeof(custom_variables) = 'object'),
   metadata jsonb NOT NULL DEFAULT '{}'::jsonb CHECK (jsonb_typeof(metadata) = 'object'),
+  -- the app's id for this contact (idempotency key): unique per user and campaign
   idempotency_key text CHECK (idempotency_key IS NULL OR length(idempotency_key) BETWEEN 1 AND 200),
+  -- the campaign the call belongs to (FK added in 20240101000150_campaigns.sql)
+  campaign_id uuid,
   last_error text,
   excluded_provider_ids uuid[] NOT NULL DEFAULT '{}',
   required_capabilities jsonb
@@ -89,8 +92,11 @@ CREATE INDEX call_queue_lease_idx ON public.call_queue (lease_expires_at)
 -- schedule_call's plan limit counts a user's live calls: only live rows are in this index.
 CREATE INDEX call_queue_user_live_idx ON public.call_queue (user_id)
   WHERE status IN ('queued', 'claimed', 'assigned', 'dialing', 'in_progress');
+-- One call per (user, campaign, key); calls without a campaign share the zero uuid.
 CREATE UNIQUE INDEX call_queue_idempotency_idx
-  ON public.call_queue (user_id, idempotency_key) WHERE idempotency_key IS NOT NULL;
+  ON public.call_queue (user_id, coalesce(campaign_id, '00000000-0000-0000-0000-000000000000'::uuid),
+                        idempotency_key)
+  WHERE idempotency_key IS NOT NULL;
 CREATE INDEX call_queue_template_idx ON public.call_queue (template_id);
 
 -- 11. provider_availability: live capacity and health, one row per provider.

@@ -26,80 +26,313 @@ AS $$
 $$;
 
 -- ---------------------------------------------------------------------------------------------
--- check_call_input: the bounds on what a user may queue (supabase/README.md, Security), so a
--- call the worker loads and sends to a provider stays small. Raises CQ018 input_too_large
--- (custom_variables or metadata over 16384 bytes as JSON text, nested deeper than 4 levels or
--- with more than 200 keys; an email over 254 or an idempotency key over 200 characters) or
--- CQ019 invalid_text (a JSON key that is blank, over 64 characters or has control characters;
--- control characters in the recipient's name or the idempotency key; a blank idempotency key).
--- Messages name the argument and the limit, never the content.
-CREATE OR REPLACE FUNCTION public.check_call_input(
-  p_recipient_name text,
-  p_recipient_email text,
-  p_custom_variables jsonb,
-  p_metadata jsonb,
-  p_idempotency_key text
-) RETURNS void
-LANGUAGE plpgsql IMMUTABLE
+-- schedule_calls_core: the one home of scheduling's checks. schedule_call (one row) and
+-- schedule_calls (a campaign's batch) both call it; app roles cannot call it directly.
+--
+-- p_calls is a JSON array of objects with the keys name, phone, email, variables, metadata,
+-- scheduled_time, priority, external_id (the idempotency key) and template_id (default
+-- p_template_id). Every row is validated in one set-based statement, the valid rows are
+-- inserted with one INSERT ... SELECT, and one row per input element comes back:
+-- (idx 1-based, queue_id, sqlstate, message, existing). existing is true when the external id
+-- was already queued for this user and campaign (or earlier in the batch): the first id comes
+-- back and nothing is queued twice. One NOTIFY per batch.
+--
+-- HOW TO ADD A CHECK: add one branch to the "violations" CTE, in the block marked
+-- "ADD CHECKS HERE":
+--     UNION ALL
+--     SELECT r.idx, <rank>, 'CQxxx', 'word: readable text' FROM rows r WHERE <rule broken>
+-- rows has one row per input element with the parsed fields (see the rows CTE); join what you
+-- need (set-based: one join for the batch, never a query per row). A row reports its
+-- lowest-ranked violation, and schedule_call raises exactly that one, so the rank is the
+-- precedence. The plan's call limit is rank 300: rows with a violation ranked below 300 never
+-- count against it, rows ranked above 300 report CQ003 instead once the allowance is used up
+-- (as a single schedule_call would), and only rows without any violation use the allowance, in
+-- input order. Messages never contain a phone number, a name or a secret.
+--   Ranks taken: 10 CQ040 malformed row, 200 CQ002, 300 CQ003, 400 CQ004, 500 CQ005,
+--   600 CQ006, 700 CQ007, 900/910 CQ009, 1000 CQ010, 1100 CQ041,
+--   1200 CQ018/CQ019 (input limits, public.call_input_violation).
+-- Whole-batch refusals (CQ008, CQ001, CQ045) are raised before any row is looked at.
+CREATE OR REPLACE FUNCTION public.schedule_calls_core(
+  p_user_id uuid,
+  p_campaign_id uuid,
+  p_template_id uuid,
+  p_calls jsonb,
+  p_all_or_nothing boolean DEFAULT false
+) RETURNS TABLE (idx integer, queue_id uuid, sqlstate text, message text, existing boolean)
+LANGUAGE plpgsql
 SET search_path = ''
 AS $$
+#variable_conflict use_column
 DECLARE
-  c_max_bytes constant integer := 16384;
-  c_max_depth constant integer := 4;
-  c_max_keys constant integer := 200;
-  c_max_key_length constant integer := 64;
-  v_doc record;
-  v_shape record;
+  v_role text := coalesce(nullif(current_setting('role', true), 'none'), session_user::text);
+  v_sub record;
+  v_subscribed boolean;
+  v_allowance bigint;  -- calls the plan still allows (NULL: unlimited)
+  v_base bigint := 0;  -- calls used or pending before this batch
+  v_idx integer[];
+  v_qid uuid[];
+  v_code text[];
+  v_msg text[];
+  v_existing boolean[];
+  v_lost boolean[];
+  v_key text[];
+  v_due integer;
 BEGIN
-  IF p_recipient_name ~ '[[:cntrl:]]' THEN
-    RAISE EXCEPTION USING ERRCODE = 'CQ019',
-      MESSAGE = 'invalid_text: recipient_name contains control characters';
+  -- Authorization first, so an app user learns nothing about other users.
+  IF v_role IN ('anon', 'authenticated')
+     AND (auth.uid() IS NULL OR p_user_id IS DISTINCT FROM auth.uid()) THEN
+    RAISE EXCEPTION USING ERRCODE = 'CQ008',
+      MESSAGE = 'not_authorized: cannot schedule calls for another user';
   END IF;
-  IF length(p_recipient_email) > 254 THEN
-    RAISE EXCEPTION USING ERRCODE = 'CQ018',
-      MESSAGE = 'input_too_large: recipient_email is longer than 254 characters';
+  IF p_user_id IS NULL OR NOT EXISTS (SELECT 1 FROM public.users u
+                                        WHERE u.id = p_user_id AND u.deleted_at IS NULL) THEN
+    RAISE EXCEPTION USING ERRCODE = 'CQ001', MESSAGE = 'user_not_found: ' || coalesce(p_user_id::text, 'NULL');
   END IF;
-  IF length(p_idempotency_key) > 200 THEN
-    RAISE EXCEPTION USING ERRCODE = 'CQ018',
-      MESSAGE = 'input_too_large: idempotency_key is longer than 200 characters';
+  IF jsonb_typeof(p_calls) IS DISTINCT FROM 'array' OR jsonb_array_length(p_calls) > 50000 THEN
+    RAISE EXCEPTION USING ERRCODE = 'CQ045',
+      MESSAGE = 'invalid_batch: p_calls must be a JSON array of at most 50000 objects';
   END IF;
-  IF p_idempotency_key ~ '(^[[:space:]]*$)|[[:cntrl:]]' THEN
-    RAISE EXCEPTION USING ERRCODE = 'CQ019',
-      MESSAGE = 'invalid_text: idempotency_key is blank or contains control characters';
+
+  -- The live subscription, locked so concurrent batches of one user count each other.
+  SELECT s.id, s.current_period_start, pl.call_limit INTO v_sub
+    FROM public.user_subscriptions s
+    JOIN public.subscription_plans pl ON pl.id = s.plan_id
+   WHERE s.user_id = p_user_id AND s.status IN ('active', 'trialing')
+     AND s.current_period_end > now()
+   ORDER BY s.current_period_end DESC
+   LIMIT 1
+     FOR NO KEY UPDATE OF s;
+  v_subscribed := FOUND;
+  IF v_subscribed AND v_sub.call_limit IS NOT NULL THEN
+    SELECT coalesce(max(u.calls_made), 0) INTO v_base
+      FROM public.user_call_usage u
+     WHERE u.user_id = p_user_id AND u.period_start = v_sub.current_period_start;
+    v_base := v_base + (SELECT count(*) FROM public.call_queue q
+                         WHERE q.user_id = p_user_id
+                           AND q.status IN ('queued', 'claimed', 'assigned', 'dialing', 'in_progress'));
+    v_allowance := v_sub.call_limit - v_base;
   END IF;
-  FOR v_doc IN
-    SELECT d.name, d.doc FROM (VALUES ('custom_variables', p_custom_variables),
-                                      ('metadata', p_metadata)) AS d(name, doc)
-     WHERE d.doc IS NOT NULL
-  LOOP
-    -- the size first: nothing larger is walked
-    IF octet_length(v_doc.doc::text) > c_max_bytes THEN
-      RAISE EXCEPTION USING ERRCODE = 'CQ018',
-        MESSAGE = format('input_too_large: %s is %s bytes as JSON; at most %s',
-                         v_doc.name, octet_length(v_doc.doc::text), c_max_bytes);
-    END IF;
-    SELECT max(w.depth) AS depth, count(w.key) AS keys,
-           bool_or(length(w.key) > c_max_key_length OR w.key ~ '(^[[:space:]]*$)|[[:cntrl:]]')
-             AS bad_key
-      INTO v_shape
-      FROM public.jsonb_walk(v_doc.doc) w;
-    IF v_shape.depth > c_max_depth OR v_shape.keys > c_max_keys THEN
-      RAISE EXCEPTION USING ERRCODE = 'CQ018',
-        MESSAGE = format('input_too_large: %s nests deeper than %s levels or has more than %s '
-                         'keys', v_doc.name, c_max_depth, c_max_keys);
-    END IF;
-    IF v_shape.bad_key THEN
-      RAISE EXCEPTION USING ERRCODE = 'CQ019',
-        MESSAGE = format('invalid_text: %s has a key that is blank, longer than %s characters '
-                         'or contains control characters', v_doc.name, c_max_key_length);
-    END IF;
-  END LOOP;
+
+  WITH input AS (
+    SELECT e.ord::integer AS idx, e.r
+      FROM jsonb_array_elements(p_calls) WITH ORDINALITY AS e(r, ord)
+  ),
+  rows AS MATERIALIZED (
+    SELECT i.idx,
+           gen_random_uuid() AS new_id,
+           CASE
+             WHEN jsonb_typeof(i.r) <> 'object' THEN 'each row must be a JSON object'
+             WHEN EXISTS (SELECT 1 FROM jsonb_object_keys(i.r) k
+                           WHERE k <> ALL (ARRAY['name', 'phone', 'email', 'variables',
+                                                 'metadata', 'scheduled_time', 'priority',
+                                                 'external_id', 'template_id'])) THEN
+               'unknown field (allowed: name, phone, email, variables, metadata, '
+               'scheduled_time, priority, external_id, template_id)'
+             WHEN i.r->>'template_id' IS NOT NULL
+                  AND i.r->>'template_id' !~* '^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$'
+               THEN 'template_id must be a uuid'
+             WHEN i.r->>'scheduled_time' IS NOT NULL AND t.ts IS NULL
+               THEN 'scheduled_time must be an ISO 8601 timestamp'
+           END AS malformed,
+           CASE WHEN i.r->>'template_id' ~* '^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$'
+                THEN (i.r->>'template_id')::uuid ELSE p_template_id END AS template_id,
+           i.r->>'name' AS name,
+           i.r->>'phone' AS phone,
+           i.r->>'email' AS email,
+           greatest(coalesce(t.ts, now()), now()) AS scheduled_time,
+           nullif(i.r->'priority', 'null'::jsonb) AS priority_json,
+           coalesce(nullif(i.r->'variables', 'null'::jsonb), '{}'::jsonb) AS variables,
+           coalesce(nullif(i.r->'metadata', 'null'::jsonb), '{}'::jsonb) AS metadata,
+           i.r->>'external_id' AS key
+      FROM input i
+      CROSS JOIN LATERAL (
+        SELECT CASE WHEN jsonb_typeof(i.r) = 'object' AND i.r->>'scheduled_time' IS NOT NULL
+                    THEN public.try_timestamptz(i.r->>'scheduled_time') END AS ts
+      ) t
+  ),
+  violations AS (
+    SELECT r.idx, 10 AS rank, 'CQ040' AS code, 'invalid_row: ' || r.malformed AS message
+      FROM rows r WHERE r.malformed IS NOT NULL
+    UNION ALL
+    SELECT r.idx, 200, 'CQ002', 'no_active_subscription: ' || p_user_id
+      FROM rows r WHERE NOT v_subscribed
+    -- rank 300, CQ003 call_limit_reached, is counted below over the rows still valid
+    UNION ALL
+    SELECT r.idx, 400, 'CQ004', 'template_not_found: ' || coalesce(r.template_id::text, 'NULL')
+      FROM rows r
+     WHERE NOT EXISTS (SELECT 1 FROM public.call_templates t
+                        WHERE t.id = r.template_id AND (t.is_public OR t.created_by = p_user_id))
+    UNION ALL
+    SELECT r.idx, 500, 'CQ005',
+           'invalid_phone: recipient_phone must be E.164 (+ then 7 to 15 digits)'
+      FROM rows r WHERE r.phone IS NULL OR r.phone !~ '^\+[1-9][0-9]{6,14}$'
+    UNION ALL
+    SELECT r.idx, 600, 'CQ006',
+           CASE WHEN jsonb_typeof(r.priority_json) = 'number' AND r.priority_json::text ~ '^-?[0-9]+$'
+                THEN 'invalid_priority: must be 1..10, got ' || r.priority_json::text
+                ELSE 'invalid_priority: must be an integer 1..10' END
+      FROM rows r
+     WHERE r.priority_json IS NOT NULL
+       AND NOT (jsonb_typeof(r.priority_json) = 'number'
+                AND r.priority_json::text ~ '^[0-9]{1,2}$'
+                AND r.priority_json::text::integer BETWEEN 1 AND 10)
+    UNION ALL
+    SELECT r.idx, 700, 'CQ007', 'invalid_custom_variables: must be a JSON object'
+      FROM rows r WHERE jsonb_typeof(r.variables) <> 'object'
+    UNION ALL
+    SELECT r.idx, 900, 'CQ009', 'invalid_recipient: name must be 1..200 characters'
+      FROM rows r WHERE r.name IS NULL OR length(btrim(r.name)) NOT BETWEEN 1 AND 200
+    UNION ALL
+    SELECT r.idx, 910, 'CQ009', 'invalid_recipient: malformed email'
+      FROM rows r
+     WHERE r.email IS NOT NULL AND r.email !~ '^[^@[:space:]]+@[^@[:space:]]+\.[^@[:space:]]+$'
+    UNION ALL
+    SELECT r.idx, 1000, 'CQ010', 'invalid_metadata: must be a JSON object'
+      FROM rows r WHERE jsonb_typeof(r.metadata) <> 'object'
+    UNION ALL
+    SELECT r.idx, 1100, 'CQ041', 'invalid_external_id: must be 1..200 characters'
+      FROM rows r WHERE r.key IS NOT NULL AND length(r.key) NOT BETWEEN 1 AND 200
+    UNION ALL
+    SELECT r.idx, 1200, b.code, b.message
+      FROM rows r
+     CROSS JOIN LATERAL public.call_input_violation(r.name, r.email, r.variables, r.metadata,
+                                                    r.key) b
+    -- ADD CHECKS HERE (one UNION ALL branch per rule; see the comment above the function)
+  ),
+  first_error AS (
+    SELECT DISTINCT ON (v.idx) v.idx, v.rank, v.code, v.message
+      FROM violations v ORDER BY v.idx, v.rank
+  ),
+  checked AS (
+    SELECT r.*, e.rank, e.code, e.message,
+           (SELECT x.id FROM public.call_queue x
+             WHERE x.user_id = p_user_id
+               AND coalesce(x.campaign_id, '00000000-0000-0000-0000-000000000000'::uuid)
+                   = coalesce(p_campaign_id, '00000000-0000-0000-0000-000000000000'::uuid)
+               AND x.idempotency_key = r.key) AS existing_id
+      FROM rows r LEFT JOIN first_error e ON e.idx = r.idx
+  ),
+  -- candidates: rows to queue unless the allowance is used up; the first of each external id
+  firsts AS (
+    SELECT c.*,
+           c.existing_id IS NULL AND c.rank IS NULL
+             AND (c.key IS NULL OR c.idx = min(c.idx) FILTER (WHERE c.existing_id IS NULL AND c.rank IS NULL)
+                                           OVER (PARTITION BY c.key)) AS first_cand,
+           min(c.idx) FILTER (WHERE c.existing_id IS NULL AND c.rank IS NULL)
+             OVER (PARTITION BY c.key) AS owner_idx
+      FROM checked c
+  ),
+  counted AS (
+    SELECT f.*,
+           v_allowance IS NOT NULL
+             AND coalesce(count(*) FILTER (WHERE f.first_cand)
+                            OVER (ORDER BY f.idx ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING),
+                          0) >= v_allowance AS exhausted
+      FROM firsts f
+  ),
+  owners AS (
+    SELECT c.*,
+           c.first_cand AND NOT c.exhausted AS ins,
+           CASE WHEN c.key IS NOT NULL THEN
+             (array_agg(c.new_id) FILTER (WHERE c.first_cand AND NOT c.exhausted)
+                OVER (PARTITION BY c.key))[1] END AS owner_id
+      FROM counted c
+  ),
+  resolved AS (
+    SELECT o.*,
+           CASE WHEN o.existing_id IS NOT NULL THEN o.existing_id
+                WHEN o.ins THEN o.new_id
+                WHEN o.owner_id IS NOT NULL AND o.idx > o.owner_idx THEN o.owner_id END AS qid,
+           o.existing_id IS NOT NULL OR (NOT o.ins AND o.owner_id IS NOT NULL AND o.idx > o.owner_idx)
+             AS existing
+      FROM owners o
+  ),
+  decided AS MATERIALIZED (
+    SELECT o.idx, o.ins, o.new_id, o.key, o.template_id, o.name, o.phone, o.email,
+           o.scheduled_time, o.priority_json, o.variables, o.metadata, o.qid, o.existing,
+           CASE WHEN o.qid IS NOT NULL THEN NULL
+                WHEN o.rank < 300 THEN o.code
+                WHEN o.exhausted THEN 'CQ003'
+                ELSE o.code END AS code,
+           CASE WHEN o.qid IS NOT NULL THEN NULL
+                WHEN o.rank < 300 THEN o.message
+                WHEN o.exhausted THEN
+                  format('call_limit_reached: %s of %s calls used or pending this period',
+                         v_base + greatest(v_allowance, 0), v_sub.call_limit)
+                ELSE o.message END AS message
+      FROM resolved o
+  ),
+  verdict AS (
+    SELECT p_all_or_nothing AND EXISTS (
+             SELECT 1 FROM decided d WHERE d.qid IS NULL AND d.code IS NOT NULL) AS refuse
+  ),
+  ins AS (
+    INSERT INTO public.call_queue (id, user_id, campaign_id, template_id, recipient_name,
+                                   recipient_phone, recipient_email, priority, scheduled_time,
+                                   custom_variables, metadata, idempotency_key)
+    SELECT d.new_id, p_user_id, p_campaign_id, d.template_id, btrim(d.name), d.phone, d.email,
+           coalesce(d.priority_json::text::integer, 5), d.scheduled_time, d.variables,
+           d.metadata, d.key
+      FROM decided d, verdict
+     WHERE d.ins AND NOT verdict.refuse
+     ORDER BY d.idx
+    ON CONFLICT DO NOTHING  -- a concurrent batch queued the same external id: looked up below
+    RETURNING id, scheduled_time
+  )
+  SELECT array_agg(d.idx ORDER BY d.idx),
+         array_agg(CASE WHEN v.refuse AND NOT d.existing THEN NULL
+                        WHEN d.ins AND i.id IS NULL THEN NULL ELSE d.qid END ORDER BY d.idx),
+         array_agg(CASE WHEN v.refuse AND d.code IS NULL AND NOT d.existing THEN 'CQ044'
+                        ELSE d.code END ORDER BY d.idx),
+         array_agg(CASE WHEN v.refuse AND d.code IS NULL AND NOT d.existing
+                        THEN 'batch_rejected: another row is invalid (p_all_or_nothing)'
+                        ELSE d.message END ORDER BY d.idx),
+         array_agg(d.existing ORDER BY d.idx),
+         array_agg(d.ins AND NOT v.refuse AND i.id IS NULL ORDER BY d.idx),
+         array_agg(d.key ORDER BY d.idx),
+         count(*) FILTER (WHERE i.scheduled_time <= now())
+    INTO v_idx, v_qid, v_code, v_msg, v_existing, v_lost, v_key, v_due
+    FROM decided d CROSS JOIN verdict v LEFT JOIN ins i ON i.id = d.new_id;
+
+  IF v_due > 0 THEN
+    PERFORM pg_notify('callq_queue', '');  -- wake the dispatchers; no PII in the payload
+  END IF;
+
+  -- Rows whose external id a concurrent batch queued first (ON CONFLICT skipped them) get that
+  -- call's id; this statement's snapshot sees the other batch's commit.
+  RETURN QUERY
+  SELECT u.idx,
+         CASE WHEN u.lost THEN
+           (SELECT x.id FROM public.call_queue x
+             WHERE x.user_id = p_user_id
+               AND coalesce(x.campaign_id, '00000000-0000-0000-0000-000000000000'::uuid)
+                   = coalesce(p_campaign_id, '00000000-0000-0000-0000-000000000000'::uuid)
+               AND x.idempotency_key = u.key)
+         ELSE u.qid END,
+         u.code, u.msg, u.existing OR u.lost
+    FROM unnest(v_idx, v_qid, v_code, v_msg, v_existing, v_lost, v_key)
+           AS u(idx, qid, code, msg, existing, lost, key)
+   ORDER BY u.idx;
+END
+$$;
+
+-- try_timestamptz: the text as a timestamptz, NULL when it is not one (a bad row of a batch is
+-- reported, not allowed to abort the batch).
+CREATE OR REPLACE FUNCTION public.try_timestamptz(p_text text) RETURNS timestamptz
+LANGUAGE plpgsql STABLE
+SET search_path = ''
+AS $$
+BEGIN
+  RETURN p_text::timestamptz;
+EXCEPTION WHEN others THEN
+  RETURN NULL;
 END
 $$;
 
 -- ---------------------------------------------------------------------------------------------
--- schedule_call: validate and enqueue. SECURITY DEFINER because app users may not write the
--- queue directly; as role authenticated it only acts for auth.uid().
+-- schedule_call: validate and enqueue one call (the checks are schedule_calls_core's). SECURITY
+-- DEFINER because app users may not write the queue directly; as role authenticated it only
+-- acts for auth.uid(). A rejected call raises its SQLSTATE and message.
 CREATE OR REPLACE FUNCTION public.schedule_call(
   p_user_id uuid,
   p_template_id uuid,
@@ -117,119 +350,20 @@ SECURITY DEFINER
 SET search_path = ''
 AS $$
 DECLARE
-  v_role text := coalesce(nullif(current_setting('role', true), 'none'), session_user::text);
-  v_sub record;
-  v_used integer;
-  v_pending integer;
-  v_id uuid;
-  v_when timestamptz := greatest(coalesce(p_scheduled_time, now()), now());
-  v_priority integer := coalesce(p_priority, 5);
-  v_vars jsonb := coalesce(p_custom_variables, '{}'::jsonb);
-  v_meta jsonb := coalesce(p_metadata, '{}'::jsonb);
+  v_r record;
 BEGIN
-  -- Authorization first, so an app user learns nothing about other users.
-  IF v_role IN ('anon', 'authenticated')
-     AND (auth.uid() IS NULL OR p_user_id IS DISTINCT FROM auth.uid()) THEN
-    RAISE EXCEPTION USING ERRCODE = 'CQ008',
-      MESSAGE = 'not_authorized: cannot schedule calls for another user';
+  SELECT * INTO v_r
+    FROM public.schedule_calls_core(
+           p_user_id, NULL, p_template_id,
+           jsonb_build_array(jsonb_build_object(
+             'name', p_recipient_name, 'phone', p_recipient_phone, 'email', p_recipient_email,
+             'scheduled_time', p_scheduled_time, 'priority', p_priority,
+             'variables', p_custom_variables, 'metadata', p_metadata,
+             'external_id', p_idempotency_key)));
+  IF v_r.sqlstate IS NOT NULL THEN
+    RAISE EXCEPTION USING ERRCODE = v_r.sqlstate, MESSAGE = v_r.message;
   END IF;
-
-  IF p_user_id IS NULL OR NOT EXISTS (SELECT 1 FROM public.users u
-                                        WHERE u.id = p_user_id AND u.deleted_at IS NULL) THEN
-    RAISE EXCEPTION USING ERRCODE = 'CQ001', MESSAGE = 'user_not_found: ' || coalesce(p_user_id::text, 'NULL');
-  END IF;
-
-  -- A retried request returns the first call's id (before the limit check: the first call
-  -- may have used the last allowance).
-  IF p_idempotency_key IS NOT NULL THEN
-    SELECT q.id INTO v_id FROM public.call_queue q
-     WHERE q.user_id = p_user_id AND q.idempotency_key = p_idempotency_key;
-    IF FOUND THEN
-      RETURN v_id;
-    END IF;
-  END IF;
-
-  -- The live subscription, locked so concurrent schedules of one user count each other.
-  SELECT s.id, s.current_period_start, s.current_period_end, pl.call_limit
-    INTO v_sub
-    FROM public.user_subscriptions s
-    JOIN public.subscription_plans pl ON pl.id = s.plan_id
-   WHERE s.user_id = p_user_id AND s.status IN ('active', 'trialing')
-     AND s.current_period_end > now()
-   ORDER BY s.current_period_end DESC
-   LIMIT 1
-     FOR NO KEY UPDATE OF s;
-  IF NOT FOUND THEN
-    RAISE EXCEPTION USING ERRCODE = 'CQ002', MESSAGE = 'no_active_subscription: ' || p_user_id;
-  END IF;
-
-  IF v_sub.call_limit IS NOT NULL THEN
-    SELECT coalesce(max(u.calls_made), 0) INTO v_used
-      FROM public.user_call_usage u
-     WHERE u.user_id = p_user_id AND u.period_start = v_sub.current_period_start;
-    SELECT count(*) INTO v_pending
-      FROM public.call_queue q
-     WHERE q.user_id = p_user_id
-       AND q.status IN ('queued', 'claimed', 'assigned', 'dialing', 'in_progress');
-    IF v_used + v_pending >= v_sub.call_limit THEN
-      RAISE EXCEPTION USING ERRCODE = 'CQ003',
-        MESSAGE = format('call_limit_reached: %s of %s calls used or pending this period',
-                         v_used + v_pending, v_sub.call_limit);
-    END IF;
-  END IF;
-
-  IF p_template_id IS NULL OR NOT EXISTS (
-       SELECT 1 FROM public.call_templates t
-        WHERE t.id = p_template_id AND (t.is_public OR t.created_by = p_user_id)) THEN
-    RAISE EXCEPTION USING ERRCODE = 'CQ004', MESSAGE = 'template_not_found: ' || coalesce(p_template_id::text, 'NULL');
-  END IF;
-
-  IF p_recipient_phone IS NULL OR p_recipient_phone !~ '^\+[1-9][0-9]{6,14}$' THEN
-    RAISE EXCEPTION USING ERRCODE = 'CQ005',
-      MESSAGE = 'invalid_phone: recipient_phone must be E.164 (+ then 7 to 15 digits)';
-  END IF;
-
-  IF v_priority NOT BETWEEN 1 AND 10 THEN
-    RAISE EXCEPTION USING ERRCODE = 'CQ006', MESSAGE = 'invalid_priority: must be 1..10, got ' || v_priority;
-  END IF;
-
-  IF jsonb_typeof(v_vars) <> 'object' THEN
-    RAISE EXCEPTION USING ERRCODE = 'CQ007', MESSAGE = 'invalid_custom_variables: must be a JSON object';
-  END IF;
-
-  IF p_recipient_name IS NULL OR length(btrim(p_recipient_name)) NOT BETWEEN 1 AND 200 THEN
-    RAISE EXCEPTION USING ERRCODE = 'CQ009', MESSAGE = 'invalid_recipient: name must be 1..200 characters';
-  END IF;
-  IF p_recipient_email IS NOT NULL
-     AND p_recipient_email !~ '^[^@[:space:]]+@[^@[:space:]]+\.[^@[:space:]]+$' THEN
-    RAISE EXCEPTION USING ERRCODE = 'CQ009', MESSAGE = 'invalid_recipient: malformed email';
-  END IF;
-
-  IF jsonb_typeof(v_meta) <> 'object' THEN
-    RAISE EXCEPTION USING ERRCODE = 'CQ010', MESSAGE = 'invalid_metadata: must be a JSON object';
-  END IF;
-
-  PERFORM public.check_call_input(p_recipient_name, p_recipient_email, v_vars, v_meta,
-                                  p_idempotency_key);
-
-  INSERT INTO public.call_queue (user_id, template_id, recipient_name, recipient_phone,
-                                 recipient_email, priority, scheduled_time, custom_variables,
-                                 metadata, idempotency_key)
-  VALUES (p_user_id, p_template_id, btrim(p_recipient_name), p_recipient_phone,
-          p_recipient_email, v_priority, v_when, v_vars, v_meta, p_idempotency_key)
-  ON CONFLICT (user_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
-  RETURNING id INTO v_id;
-
-  IF v_id IS NULL THEN  -- a concurrent request with the same key won
-    SELECT q.id INTO v_id FROM public.call_queue q
-     WHERE q.user_id = p_user_id AND q.idempotency_key = p_idempotency_key;
-    RETURN v_id;
-  END IF;
-
-  IF v_when <= now() THEN
-    PERFORM pg_notify('callq_queue', '');  -- wake the dispatchers; no PII in the payload
-  END IF;
-  RETURN v_id;
+  RETURN v_r.queue_id;
 END
 $$;
 

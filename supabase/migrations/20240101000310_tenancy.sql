@@ -3,8 +3,8 @@
 -- for auth.uid(). See supabase/README.md, "Security".
 --
 -- SQLSTATEs: CQ014 secret_in_config, CQ015 call_not_found, CQ016 call_already_ended,
--- CQ017 call_in_flight (CQ018 input_too_large, CQ019 invalid_text: check_call_input in
--- 20240101000200, the bounds schedule_call applies).
+-- CQ017 call_in_flight, CQ018 input_too_large, CQ019 invalid_text (the last two:
+-- call_input_violation, a check of schedule_calls_core in 20240101000200).
 
 -- ---------------------------------------------------------------------------------------------
 -- Every (depth, key, value) of a JSON document, the document itself at depth 0 (key NULL);
@@ -40,6 +40,85 @@ AS $$
   SELECT lower(regexp_replace(p_key, '([a-z0-9])([A-Z])', '\1_\2', 'g'))
          ~ ('(^|[^a-z])(secrets?|token|password|passwd|passphrase|api[_-]?key|authorization'
             '|bearer|credentials?|private[_-]?key|signing[_-]?key)([^a-z]|$)')
+$$;
+
+-- ---------------------------------------------------------------------------------------------
+-- call_input_violation: the first limit a call's input breaks, as (sqlstate, message); no row
+-- when it keeps them all. schedule_calls_core reports it for each row (rank 1200), so
+-- schedule_call and schedule_calls apply the same limits (supabase/README.md, Security):
+--   CQ018 input_too_large: custom_variables or metadata over 16384 bytes as JSON text, nested
+--         deeper than 4 levels or with more than 200 keys; an email over 254 characters;
+--   CQ019 invalid_text: a JSON key that is blank, over 64 characters or has control
+--         characters; control characters in the recipient's name or the idempotency key; a
+--         blank idempotency key (its length is CQ041's).
+-- Messages name the argument and the limit, never the content.
+CREATE OR REPLACE FUNCTION public.call_input_violation(
+  p_recipient_name text,
+  p_recipient_email text,
+  p_custom_variables jsonb,
+  p_metadata jsonb,
+  p_idempotency_key text
+) RETURNS TABLE (code text, message text)
+LANGUAGE plpgsql IMMUTABLE
+SET search_path = ''
+AS $$
+#variable_conflict use_column
+DECLARE
+  c_max_bytes constant integer := 16384;
+  c_max_depth constant integer := 4;
+  c_max_keys constant integer := 200;
+  c_max_key_length constant integer := 64;
+  c_bad_key constant text := '(^[[:space:]]*$)|[[:cntrl:]]';
+  v_doc record;
+  v_shape record;
+BEGIN
+  IF p_recipient_name ~ '[[:cntrl:]]' THEN
+    RETURN QUERY SELECT 'CQ019', 'invalid_text: recipient_name contains control characters';
+    RETURN;
+  ELSIF length(p_recipient_email) > 254 THEN
+    RETURN QUERY SELECT 'CQ018', 'input_too_large: recipient_email is longer than 254 characters';
+    RETURN;
+  ELSIF p_idempotency_key ~ c_bad_key THEN
+    RETURN QUERY SELECT 'CQ019',
+      'invalid_text: idempotency_key is blank or contains control characters';
+    RETURN;
+  END IF;
+  FOR v_doc IN
+    SELECT d.name, d.doc FROM (VALUES ('custom_variables', p_custom_variables),
+                                      ('metadata', p_metadata)) AS d(name, doc)
+     WHERE d.doc IS NOT NULL
+  LOOP
+    -- the size first: nothing larger is walked
+    IF octet_length(v_doc.doc::text) > c_max_bytes THEN
+      RETURN QUERY SELECT 'CQ018', format('input_too_large: %s is %s bytes as JSON; at most %s',
+                                          v_doc.name, octet_length(v_doc.doc::text), c_max_bytes);
+      RETURN;
+    END IF;
+    IF jsonb_typeof(v_doc.doc) = 'object' AND NOT jsonb_path_exists(v_doc.doc,
+         'strict $.* ? (@.type() == "object" || @.type() == "array")') THEN
+      -- a flat object (the usual case): its keys are all there is to check
+      SELECT 1 AS depth, count(*) AS keys,
+             coalesce(bool_or(length(k) > c_max_key_length OR k ~ c_bad_key), false) AS bad_key
+        INTO v_shape FROM jsonb_object_keys(v_doc.doc) AS k;
+    ELSE
+      SELECT max(w.depth) AS depth, count(w.key) AS keys,
+             coalesce(bool_or(length(w.key) > c_max_key_length OR w.key ~ c_bad_key), false)
+               AS bad_key
+        INTO v_shape FROM public.jsonb_walk(v_doc.doc) w;
+    END IF;
+    IF v_shape.depth > c_max_depth OR v_shape.keys > c_max_keys THEN
+      RETURN QUERY SELECT 'CQ018',
+        format('input_too_large: %s nests deeper than %s levels or has more than %s keys',
+               v_doc.name, c_max_depth, c_max_keys);
+      RETURN;
+    ELSIF v_shape.bad_key THEN
+      RETURN QUERY SELECT 'CQ019',
+        format('invalid_text: %s has a key that is blank, longer than %s characters or '
+               'contains control characters', v_doc.name, c_max_key_length);
+      RETURN;
+    END IF;
+  END LOOP;
+END
 $$;
 
 -- Provider rows: config holds settings, never credentials (those live in api_key, api_secret
@@ -279,12 +358,13 @@ REVOKE ALL ON FUNCTION
   public.snapshot_call_template(), public.cancel_undialed_call(uuid, text),
   public.cancel_call(uuid), public.scrub_closed_account_call(), public.close_account(uuid),
   public.delete_my_account(), public.handle_deleted_user(),
-  public.check_call_input(text, text, jsonb, jsonb, text)
+  public.call_input_violation(text, text, jsonb, jsonb, text)
   FROM PUBLIC, anon, authenticated;
 
 GRANT EXECUTE ON FUNCTION public.cancel_call(uuid), public.delete_my_account()
   TO authenticated, service_role, callq_worker;
 GRANT EXECUTE ON FUNCTION public.jsonb_walk(jsonb), public.is_secret_name(text),
-  public.cancel_undialed_call(uuid, text), public.check_call_input(text, text, jsonb, jsonb, text)
+  public.cancel_undialed_call(uuid, text),
+  public.call_input_violation(text, text, jsonb, jsonb, text)
   TO service_role, callq_worker;
 GRANT EXECUTE ON FUNCTION public.close_account(uuid) TO service_role;

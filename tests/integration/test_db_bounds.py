@@ -52,7 +52,7 @@ BIG = "Z" * (1024 * 1024)
         ({"metadata": json.dumps({"a": {"b": {"c": {"d": {"e": 1}}}}})}, "CQ018"),
         ({"custom_variables": json.dumps({f"k{i}": i for i in range(MAX_KEYS + 1)})}, "CQ018"),
         ({"recipient_email": "a" * 250 + "@example.com"}, "CQ018"),
-        ({"idempotency_key": "k" * 201}, "CQ018"),
+        ({"idempotency_key": "k" * 201}, "CQ041"),  # the campaigns' rule
         ({"custom_variables": json.dumps({"   ": "x"})}, "CQ019"),
         ({"custom_variables": json.dumps({"": "x"})}, "CQ019"),
         ({"custom_variables": json.dumps({"a\u0007b": "x"})}, "CQ019"),

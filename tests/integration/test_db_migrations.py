@@ -39,7 +39,7 @@ def test_upgrade_applies_everything_once_and_records_versions(empty_db_url: str)
                 "SELECT tablename FROM pg_tables WHERE schemaname = 'public' AND rowsecurity"
             )
         }
-        assert tables == EXPECTED_TABLES  # all 13, all with RLS enabled
+        assert tables == EXPECTED_TABLES  # all of them, all with RLS enabled
         assert one(conn, "SELECT to_regprocedure('auth.uid()') IS NOT NULL")
 
 

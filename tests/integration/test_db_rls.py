@@ -79,6 +79,7 @@ def _build(conn: Conn) -> World:
             "INSERT INTO call_feedback (call_id, user_id, rating) VALUES (%s, %s, 5)",
             (history[u], u),
         )
+        one(conn, "SELECT create_campaign(%s, %s, 'C')", (u, tpl[(u, False)]))
     ids: dict[str, dict[str, set[uuid.UUID]]] = {}
     owner_col = {
         "users": "id",
@@ -89,6 +90,7 @@ def _build(conn: Conn) -> World:
         "template_favorites": "user_id",
         "call_feedback": "user_id",
         "call_queue": "user_id",
+        "call_campaigns": "user_id",
     }
     for table in TABLES:
         col = owner_col.get(table)
@@ -122,7 +124,7 @@ def expected_visible(world: World, who: str, table: str) -> set[uuid.UUID] | Non
     per = world.ids[table]
     if who == "anon":
         return None
-    if who == "service_role" or (who == "admin" and table in ADMIN_TABLES):
+    if who == "service_role" or (who == "admin" and table in ADMIN_TABLES | ADMIN_READ_ALL):
         return per["all"]
     if table == "subscription_plans":
         return per["active"]
@@ -164,6 +166,8 @@ ADMIN_TABLES = {
     "call_assignments",
     "call_retries",
 }
+# per-user tables whose rows admins may read (all of them) but not write
+ADMIN_READ_ALL = {"call_campaigns"}
 
 
 @pytest.mark.parametrize("who", WHO)
@@ -362,6 +366,9 @@ def test_functions_are_pinned_and_definer_only_where_needed(db_url: str) -> None
         "cancel_call",
         "delete_my_account",
         "handle_deleted_user",
+        # campaigns: app users act on their own campaigns through these only
+        "create_campaign",
+        "schedule_calls",
     }
     for name, _, config, public_exec in rows:
         assert config and any(c.startswith("search_path=") for c in config), name

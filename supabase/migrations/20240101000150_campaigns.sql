@@ -1,0 +1,42 @@
+-- Campaigns: a named group of calls of one user, with a status the claim honours and optional
+-- pacing. The functions that act on them are in 20240101000350_campaigns.sql.
+
+CREATE TABLE public.call_campaigns (
+  id uuid PRIMARY KEY DEFAULT gen_random_uuid(),
+  user_id uuid NOT NULL REFERENCES public.users (id) ON DELETE CASCADE,
+  -- the default template of the campaign's calls (a row of schedule_calls may name another)
+  template_id uuid NOT NULL REFERENCES public.call_templates (id),
+  name text NOT NULL CHECK (length(btrim(name)) BETWEEN 1 AND 200),
+  status text NOT NULL DEFAULT 'draft'
+    CHECK (status IN ('draft', 'running', 'paused', 'completed', 'canceled')),
+  -- calls are claimed only between these times (either may be NULL)
+  starts_at timestamptz,
+  ends_at timestamptz,
+  -- pacing across the whole fleet (NULL: no limit)
+  calls_per_minute integer CHECK (calls_per_minute BETWEEN 1 AND 100000),
+  max_in_flight integer CHECK (max_in_flight BETWEEN 1 AND 100000),
+  -- counts kept by the functions (schedule_calls, cancel_campaign)
+  calls_total integer NOT NULL DEFAULT 0 CHECK (calls_total >= 0),
+  calls_canceled integer NOT NULL DEFAULT 0 CHECK (calls_canceled >= 0),
+  metadata jsonb NOT NULL DEFAULT '{}'::jsonb CHECK (jsonb_typeof(metadata) = 'object'),
+  started_at timestamptz,
+  ended_at timestamptz,
+  created_at timestamptz NOT NULL DEFAULT now(),
+  updated_at timestamptz NOT NULL DEFAULT now(),
+  CHECK (ends_at IS NULL OR starts_at IS NULL OR ends_at > starts_at)
+);
+CREATE INDEX call_campaigns_user_idx ON public.call_campaigns (user_id, created_at DESC);
+CREATE INDEX call_campaigns_template_idx ON public.call_campaigns (template_id);
+
+CREATE TRIGGER call_campaigns_updated_at BEFORE UPDATE ON public.call_campaigns
+  FOR EACH ROW EXECUTE FUNCTION public.set_updated_at();
+
+-- NO ACTION: a campaign with calls is not deleted on its own (deleting its user removes both).
+ALTER TABLE public.call_queue
+  ADD CONSTRAINT call_queue_campaign_id_fkey FOREIGN KEY (campaign_id)
+    REFERENCES public.call_campaigns (id);
+-- a campaign's calls by status (progress, cancel, pacing's in-flight count)
+CREATE INDEX call_queue_campaign_idx ON public.call_queue (campaign_id, status)
+  WHERE campaign_id IS NOT NULL;
+
+ALTER TABLE public.call_campaigns ENABLE ROW LEVEL SECURITY;
