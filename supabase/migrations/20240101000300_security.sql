@@ -135,16 +135,18 @@ CREATE POLICY admin_all ON public.subscription_plans FOR ALL TO authenticated
   USING ((SELECT public.is_admin())) WITH CHECK ((SELECT public.is_admin()));
 CREATE POLICY admin_update ON public.call_service_providers FOR UPDATE TO authenticated
   USING ((SELECT public.is_admin())) WITH CHECK ((SELECT public.is_admin()));
--- Admins moderate every template but create only system templates (created_by NULL) or their
--- own: never one in another user's account.
+-- Admins manage system templates (created_by NULL) and moderate public ones (edit, unpublish,
+-- delete); another user's private template is that user's data: invisible to admins too.
+-- They create only system templates or their own, never one in another user's account.
 CREATE POLICY admin_select ON public.call_templates FOR SELECT TO authenticated
-  USING ((SELECT public.is_admin()));
+  USING ((created_by IS NULL OR is_public) AND (SELECT public.is_admin()));
 CREATE POLICY admin_insert ON public.call_templates FOR INSERT TO authenticated
   WITH CHECK ((SELECT public.is_admin()) AND (created_by IS NULL OR created_by = (SELECT auth.uid())));
 CREATE POLICY admin_update ON public.call_templates FOR UPDATE TO authenticated
-  USING ((SELECT public.is_admin())) WITH CHECK ((SELECT public.is_admin()));
+  USING ((created_by IS NULL OR is_public) AND (SELECT public.is_admin()))
+  WITH CHECK ((SELECT public.is_admin()));
 CREATE POLICY admin_delete ON public.call_templates FOR DELETE TO authenticated
-  USING ((SELECT public.is_admin()));
+  USING ((created_by IS NULL OR is_public) AND (SELECT public.is_admin()));
 
 -- A closed account (users.deleted_at set) may hold a JWT until it expires: it writes nothing.
 -- (Invoker's rights: users_select_own lets a user read its own row.)

@@ -124,7 +124,7 @@ def expected_visible(world: World, who: str, table: str) -> set[uuid.UUID] | Non
     per = world.ids[table]
     if who == "anon":
         return None
-    if who == "service_role" or (who == "admin" and table in ADMIN_TABLES | ADMIN_READ_ALL):
+    if who == "service_role" or (who == "admin" and table in ADMIN_TABLES - {"call_templates"}):
         return per["all"]
     if table == "subscription_plans":
         return per["active"]
@@ -166,8 +166,6 @@ ADMIN_TABLES = {
     "call_assignments",
     "call_retries",
 }
-# per-user tables whose rows admins may read (all of them) but not write
-ADMIN_READ_ALL = {"call_campaigns"}
 
 
 @pytest.mark.parametrize("who", WHO)
@@ -322,9 +320,13 @@ def test_admin_manages_operational_tables(world_conn: tuple[World, Conn]) -> Non
         assert attempt(conn, "UPDATE provider_availability SET status = 'degraded'") == "42501"
         assert attempt(conn, "UPDATE call_assignments SET state = 'placed'") == "42501"
         assert attempt(conn, "DELETE FROM call_retries") == "42501"
+        # system and public templates (moderation), never another user's private one
+        templates = w.ids["call_templates"]
         assert attempt(conn, "UPDATE call_templates SET category = 'x'") == len(
-            w.ids["call_templates"]["all"]
+            templates["public"] | templates["admin"]
         )
+        assert attempt(conn, "SELECT 1 FROM call_templates WHERE id = %s",
+                       (w.b_private_template,)) == 0  # fmt: skip
         # admin does not make itself less or more than is_admin: column is not updatable
         assert attempt(conn, "UPDATE users SET is_admin = false") == "42501"
 
@@ -530,4 +532,6 @@ def test_update_matrix(world_conn: tuple[World, Conn], who: str) -> None:
         else:
             for table in ADMIN_TABLES - READ_ONLY_FOR_USERS:
                 expected[table] = everything(table)
+            templates = world.ids["call_templates"]
+            expected["call_templates"] = len(templates["public"] | templates["admin"])
     assert got == expected
