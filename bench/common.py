@@ -87,7 +87,8 @@ class ScratchDB:
     """A database ``callq_bench_<random>`` on a server we may share; dropped by :meth:`drop`."""
 
     admin_url: str = ADMIN_URL
-    prefix: str = "callq_bench"
+    # BENCH_DB_PREFIX: several checkouts sharing one server each use their own prefix
+    prefix: str = os.environ.get("BENCH_DB_PREFIX", "callq_bench")
     name: str = field(default="")
 
     def __post_init__(self) -> None:

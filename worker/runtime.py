@@ -88,6 +88,15 @@ def provider_for(row: ProviderRow) -> Provider:
         return provider
 
 
+def expects_webhooks(row: ProviderRow) -> bool:
+    """True when this provider reports a call's end by webhook: it has a webhook secret, and
+    (Vapi) it is told where to post (``CALLQ_WEBHOOK_PUBLIC_URL``); SynthFlow takes its URL
+    from the agent's settings. Such calls are polled only as a safety net."""
+    if not row.config.get("webhook_secret"):
+        return False
+    return row.provider_type != "vapi" or bool(get_settings().webhook_public_url)
+
+
 def provider_by_id(provider_id: UUID | str) -> tuple[ProviderRow, Provider] | None:
     """Load an active provider row by id and return it with its adapter."""
     for row in database().active_providers():

@@ -2,8 +2,9 @@
 
 Each request is authenticated by the provider's adapter (Vapi secret or HMAC, SynthFlow
 signature): 401 when that fails, 400 for a malformed body, 404 for an unknown provider. An
-accepted event only enqueues ``callq.webhook`` with ids; the task re-reads the call from the
-provider's API, so polling and webhooks share one path and an event can never be trusted alone.
+accepted final report whose whole body is authenticated (Vapi's end-of-call-report) ends the
+call here, from its own data; a hint (SynthFlow's post-call, signed over the call id only)
+enqueues ``callq.webhook`` with ids, and that task re-reads the call from the provider's API.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from dispatch.policy import WebhookAction, decide_webhook
 from providers.errors import WebhookAuthError, WebhookPayloadError
 from worker import logs, runtime
 
@@ -62,7 +64,7 @@ def handle_webhook(
     provider_id: str, headers: dict[str, str], body: bytes
 ) -> tuple[HTTPStatus, dict[str, Any]]:
     """Authenticate and parse one delivery; enqueue a re-read of the call it names."""
-    from worker.tasks import webhook
+    from worker.tasks import end_from_report, webhook
 
     found = runtime.provider_by_id(provider_id)
     if found is None:
@@ -76,9 +78,14 @@ def handle_webhook(
     except WebhookPayloadError as exc:
         log.warning("webhook.malformed", provider_id=provider_id, error=str(exc))
         return HTTPStatus.BAD_REQUEST, {"error": "malformed"}
-    if event.provider_call_id:
+    action = decide_webhook(event)
+    if action is WebhookAction.FINISH:
+        end_from_report(provider_id, event)
+    elif action is WebhookAction.CHECK and event.provider_call_id:
         webhook.apply_async((provider_id, event.provider_call_id))
-    log.info("webhook.accepted", provider_id=provider_id, event_type=event.event_type)
+    log.info(
+        "webhook.accepted", provider_id=provider_id, event_type=event.event_type, action=action
+    )
     return HTTPStatus.OK, {"status": "accepted"}
 
 

@@ -217,6 +217,8 @@ class Simulator:
     ) -> Response:
         parts = [p for p in sub.split("/") if p]
         params = {k: v[-1] for k, v in parse_qs(query).items()}
+        if method == "GET" and len(parts) == 2:  # one call read (a poll or a webhook's re-read)
+            self.engine.count(f"call_reads_{provider}")
         if provider == "vapi" and parts and parts[0] == "call":
             return self._vapi(method, parts[1:], params, raw, headers)
         if provider == "synthflow" and parts and parts[0] == "calls":

@@ -13,7 +13,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from models.queries import LOAD_CALL
+from models.queries import LOAD_CALLS
 
 from .dbutil import (
     Conn,
@@ -280,7 +280,7 @@ def test_a_queued_call_keeps_its_template_snapshot(conn: Conn, two: Any) -> None
     assert (snapshot["name"], snapshot["script"]) == ("Reminder", "Hello {{name}}")
     aid = one(conn, "SELECT assign_call_to_provider(%s, %s)", (qid, provider))
     with conn.cursor(row_factory=psycopg.rows.dict_row) as cur:
-        loaded = cur.execute(LOAD_CALL, {"assignment_id": aid}).fetchone()
+        loaded = cur.execute(LOAD_CALLS, {"assignment_ids": [str(aid)]}).fetchone()
     assert loaded is not None
     assert (loaded["template_name"], loaded["script"]) == ("Reminder", "Hello {{name}}")
 
