@@ -368,3 +368,10 @@ GRANT EXECUTE ON FUNCTION public.jsonb_walk(jsonb), public.is_secret_name(text),
   public.call_input_violation(text, text, jsonb, jsonb, text)
   TO service_role, callq_worker;
 GRANT EXECUTE ON FUNCTION public.close_account(uuid) TO service_role;
+
+-- Functions created before the roles exist (20240101000170) get their privileges here: the
+-- catalog matrix (tests/integration/test_db_privileges.py) allows anon nothing.
+REVOKE ALL ON FUNCTION public.default_lease_seconds(), public.poll_deadline_seconds()
+  FROM PUBLIC, anon;
+GRANT EXECUTE ON FUNCTION public.default_lease_seconds(), public.poll_deadline_seconds()
+  TO authenticated, service_role, callq_worker;
