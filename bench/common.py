@@ -365,6 +365,7 @@ def fleet_env(database_url: str, broker_url: str, **overrides: Any) -> dict[str,
         "CALLQ_HTTP_READ_TIMEOUT_SECONDS": "3",
         "CALLQ_LOG_LEVEL": "WARNING",
         "CALLQ_LOG_JSON": "true",
+        "CALLQ_PROVIDER_ALLOWED_HOSTS": "http://127.0.0.1:*",  # the bench's own simulator
         "PYTHONPATH": str(REPO),
     }
     env.update({k: str(v) for k, v in overrides.items()})

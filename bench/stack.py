@@ -79,7 +79,7 @@ class Stack:
             self.sim.start(self.sim_config)
             with self.connect() as conn:
                 # Retry back-offs in seconds rather than minutes (drills with failures).
-                conn.execute(f"ALTER DATABASE {self.db.name} SET callq.retry_delay_scale = '0.002'")
+                conn.execute("UPDATE ops_settings SET retry_delay_scale = 0.002")
                 self.seeded = seed_demo(
                     conn,
                     sim_base_url=self.sim.base_url,

@@ -15,6 +15,7 @@ from enum import StrEnum
 
 from providers.base import CallState, CallStatus, WebhookEvent
 from providers.errors import (
+    ConfigError,
     ProviderError,
     ProviderOutcomeUnknownError,
     ProviderPermanentError,
@@ -94,7 +95,13 @@ def decide_error(exc: ProviderError) -> ErrorDecision:
 
 def decide_setup_error(exc: Exception) -> Fail:
     """What to do after building the adapter or the request failed: nothing was sent, so the
-    call may go to another provider (a provider error, which excludes this one next time)."""
+    call may go to another provider (a provider error, which excludes this one next time).
+
+    The reason names the error type; a ``ConfigError`` also says what is wrong (its messages
+    carry field names and references, never values, by contract).
+    """
+    if isinstance(exc, ConfigError):
+        return Fail(PROVIDER_ERROR, f"config_error: {str(exc)[:300]}")
     return Fail(PROVIDER_ERROR, f"setup failed before any request: {type(exc).__name__}")
 
 
@@ -107,9 +114,9 @@ class WebhookAction(StrEnum):
 
 
 # Final reports whose whole body is authenticated: Vapi's end-of-call-report (secret header or
-# an HMAC over the body). SynthFlow's post-call signature covers only the call id, so its body
-# is a hint and the call is re-read.
-FINAL_REPORTS = frozenset({"end-of-call-report"})
+# an HMAC over the body) and Retell's call_ended (an HMAC over the body). SynthFlow's post-call
+# signature covers only the call id, so its body is a hint and the call is re-read.
+FINAL_REPORTS = frozenset({"end-of-call-report", "call_ended"})
 HINTS = frozenset({"post-call"})
 
 
@@ -121,6 +128,17 @@ def decide_webhook(event: WebhookEvent) -> WebhookAction:
     if event.event_type in HINTS:
         return WebhookAction.CHECK
     return WebhookAction.IGNORE
+
+
+def decide_unproven_match() -> Fail:
+    """Reconcile saw, until its last lookup, a call that may be ours but carries no proof.
+
+    Adopting it could take another tenant's call (and its transcript); dialing again could
+    ring the person twice. The call ends, failed and not retried, saying why.
+    """
+    return Fail(
+        PERMANENT, "create outcome unknown: an unproven match at the provider; not redialed"
+    )
 
 
 def next_poll_delay(poll_count: int, initial: float, factor: float, maximum: float) -> float:

@@ -20,6 +20,7 @@ from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool
 
 from models.calls import CallRow, ProviderRow
+from models.session import connect_kwargs, libpq_url
 
 Params = Mapping[str, Any]
 
@@ -143,6 +144,11 @@ SELECT record_provider_health(%(provider_id)s::uuid, %(ok)s::boolean, %(latency_
 # Open the next usage period of subscriptions whose period ended.
 ROLLOVER = "SELECT rollover_usage_periods()"
 
+# The call-event log's retention: delete one batch of events older than the retention.
+PRUNE_EVENTS = """
+SELECT prune_call_events(make_interval(secs => %(retention_seconds)s::float8), %(limit)s::int)
+"""
+
 
 @dataclass(frozen=True, slots=True)
 class Assigned:
@@ -165,9 +171,10 @@ class Reaped:
 class Database:
     """A small pool of psycopg connections and the named statements above."""
 
-    def __init__(self, url: str, *, max_size: int = 8) -> None:
+    def __init__(self, url: str, *, max_size: int = 8, pooled: bool | None = None) -> None:
+        kwargs = {"autocommit": True, **connect_kwargs(url, pooled)}
         self._pool = ConnectionPool(
-            url, min_size=1, max_size=max_size, open=False, kwargs={"autocommit": True}
+            libpq_url(url), min_size=1, max_size=max_size, open=False, kwargs=kwargs
         )
         self._lock = threading.Lock()
         self._opened = False
@@ -325,3 +332,8 @@ class Database:
     def rollover(self) -> int:
         """Roll usage periods over; the number of subscriptions moved on."""
         return int(self.scalar(ROLLOVER) or 0)
+
+    def prune_events(self, retention_seconds: float, limit: int) -> int:
+        """Delete one batch of expired call events; how many went."""
+        params = {"retention_seconds": retention_seconds, "limit": limit}
+        return int(self.scalar(PRUNE_EVENTS, params) or 0)

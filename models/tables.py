@@ -18,6 +18,7 @@ from sqlalchemy import (
     Boolean,
     Computed,
     DateTime,
+    Double,
     ForeignKey,
     Integer,
     Numeric,
@@ -234,7 +235,7 @@ class CallServiceProvider(Base):
     provider_type: Mapped[str]
     api_key: Mapped[str]  # may be "env:NAME"; never readable by anon/authenticated
     api_secret: Mapped[str | None]
-    webhook_secret: Mapped[str | None]  # never readable by anon/authenticated
+    webhook_secret: Mapped[str | None]  # like api_key: never readable by anon/authenticated
     base_url: Mapped[str]
     max_concurrent_calls: Mapped[int] = mapped_column(Integer, server_default=text("10"))
     priority: Mapped[int] = mapped_column(Integer, server_default=text("5"))
@@ -383,6 +384,16 @@ class CallEvent(Base):
     detail: Mapped[dict[str, Any] | None]
 
 
+class OpsSettings(Base):
+    """The one row of knobs ops turn at run time (retry_delay_scale)."""
+
+    __tablename__ = "ops_settings"
+
+    id: Mapped[bool] = mapped_column(Boolean, primary_key=True, server_default=text("true"))
+    retry_delay_scale: Mapped[float] = mapped_column(Double, server_default=text("1"))
+    updated_at: Mapped[datetime] = _updated()
+
+
 ALL_MODELS: tuple[type[Base], ...] = (
     User,
     SubscriptionPlan,
@@ -399,4 +410,5 @@ ALL_MODELS: tuple[type[Base], ...] = (
     CallAssignment,
     CallRetry,
     CallEvent,
+    OpsSettings,
 )

@@ -1,15 +1,17 @@
 """``callq demo``: the whole system on one machine, against the provider simulator.
 
-Applies migrations, seeds a user, plan, template and two providers, schedules a batch of calls
-(some now, some later, mixed priorities), runs a real Celery worker and beat, prints live progress
-and ends with a summary by status and provider. With no DATABASE_URL or broker URL configured it
-starts an embedded PostgreSQL and Redis and stops them at the end.
+Applies migrations, seeds a user, plan, template and three providers (Vapi, SynthFlow, Retell),
+schedules a batch of calls (some now, some later, mixed priorities), runs a real Celery worker
+and beat, prints live progress and ends with a summary by status and provider. With no
+DATABASE_URL or broker URL configured it starts an embedded PostgreSQL and Redis and stops
+them at the end.
 """
 
 from __future__ import annotations
 
 import os
 import random
+import socket
 import sys
 import tempfile
 import time
@@ -21,6 +23,7 @@ from typing import Any
 import psycopg
 
 from models.migrate import upgrade
+from models.session import connect
 from providers.simulator import Simulator
 from worker.embedded import EmbeddedServices
 from worker.fleet import Fleet
@@ -29,6 +32,7 @@ from worker.settings import get_settings
 from worker.status import format_table
 
 TERMINAL = ("completed", "failed", "canceled")
+DEMO_PROVIDERS = ("vapi", "synthflow", "retell")
 # Outcomes the simulator gives each call: mostly answered, some busy / no answer / voicemail.
 DEMO_SIM_CONFIG: dict[str, Any] = {
     "outcome_mix": {
@@ -66,23 +70,33 @@ def services() -> Iterator[tuple[str, str]]:
         embedded.stop()
 
 
-def run_demo(*, calls: int = 40, timeout: float = 180.0, seed: int = 7) -> int:
-    """Run the demo; 0 when every call reached a terminal state in time."""
+def run_demo(*, calls: int = 40, timeout: float = 180.0, seed: int = 7, keep: bool = False) -> int:
+    """Run the demo; 0 when every call reached a terminal state in time. ``keep``: leave the
+    stack running after the summary, with Flower and the metrics endpoint, until Ctrl-C."""
     with services() as (db_url, broker_url):
         applied = upgrade(db_url)
         print(f"migrations: {len(applied)} applied")
         sim = Simulator(config={**DEMO_SIM_CONFIG, "seed": seed})
         sim.start(port=0)
         fleet = Fleet(
-            env={"DATABASE_URL": db_url, "CALLQ_BROKER_URL": broker_url, **DEMO_ENV},
+            env={
+                "DATABASE_URL": db_url,
+                "CALLQ_BROKER_URL": broker_url,
+                # the simulator is not an official provider host: ops allow it explicitly
+                "CALLQ_PROVIDER_ALLOWED_HOSTS": sim.base_url,
+                **DEMO_ENV,
+            },
             log_dir=Path(
                 os.environ.get("CALLQ_DEMO_LOGS") or tempfile.mkdtemp(prefix="callq-demo-logs-")
             ),
         )
         try:
-            with psycopg.connect(db_url, autocommit=True) as conn:
+            with connect(db_url, pooled=get_settings().database_pooler, autocommit=True) as conn:
                 _retry_fast(conn)
-                seeded = seed_demo(conn, sim_base_url=sim.base_url, max_concurrent_calls=8)
+                seeded = seed_demo(
+                    conn, sim_base_url=sim.base_url, providers=DEMO_PROVIDERS,
+                    max_concurrent_calls=8,
+                )  # fmt: skip
                 ids = _schedule(conn, seeded, calls, random.Random(seed))
                 print(f"scheduled {len(ids)} calls (some now, some in 5-20 s, priorities 1-9)")
                 fleet.start_worker()
@@ -91,18 +105,47 @@ def run_demo(*, calls: int = 40, timeout: float = 180.0, seed: int = 7) -> int:
                 print()
                 print(summary(conn, ids))
                 print(f"\nsimulator: {sim.stats().get('total_creates', 0)} create requests")
+            if keep:
+                _keep_running(fleet, db_url)
             return 0 if ok else 1
         finally:
             fleet.stop()
             sim.stop()
 
 
+def _keep_running(fleet: Fleet, db_url: str) -> None:
+    """Start Flower and the metrics endpoint, say where they are, and wait for Ctrl-C."""
+    flower_port, metrics_port = free_port(), free_port()
+    cli = [sys.executable, "-m", "worker.cli"]
+    fleet.start("flower", [*cli, "flower", f"--port={flower_port}", "--address=127.0.0.1"])
+    fleet.start("metrics", [*cli, "metrics", "--host", "127.0.0.1", "--port", str(metrics_port)])
+    print(
+        "\nThe stack keeps running (worker, beat, simulator, Flower, metrics). Ctrl-C stops it.\n"
+        f"  Flower:   http://127.0.0.1:{flower_port}\n"
+        f"  metrics:  http://127.0.0.1:{metrics_port}/metrics\n"
+        f"  queue:    DATABASE_URL='{db_url}' callq queue",
+        flush=True,
+    )
+    try:
+        while all(p.poll() is None for p in fleet.procs.values()):
+            time.sleep(0.5)
+        print("a process of the stack exited; stopping", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("\nstopping...", flush=True)
+
+
+def free_port() -> int:
+    """A TCP port free on loopback right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
 def _retry_fast(conn: psycopg.Connection[Any]) -> None:
-    """Make handle_failed_call's backoff seconds instead of minutes for this demo database."""
-    conn.execute("SELECT set_config('callq.retry_delay_scale', '0.01', false)")
-    dbname = conn.execute("SELECT current_database()").fetchone()
-    assert dbname is not None
-    conn.execute(f"ALTER DATABASE \"{dbname[0]}\" SET callq.retry_delay_scale = '0.01'")
+    """Make handle_failed_call's backoff seconds instead of minutes for this demo database
+    (a table row, not a database setting: hosted Supabase refuses those, and a pooler loses a
+    session's)."""
+    conn.execute("UPDATE ops_settings SET retry_delay_scale = 0.01, updated_at = now()")
 
 
 def _schedule(

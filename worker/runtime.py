@@ -9,7 +9,6 @@ import threading
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
-from uuid import UUID
 
 from models.calls import ProviderRow
 from models.queries import Database
@@ -32,7 +31,9 @@ def database(settings: Settings | None = None) -> Database:
         with _lock:
             if _db is None:
                 s = settings or get_settings()
-                _db = Database(s.require_database_url(), max_size=s.db_pool_size)
+                _db = Database(
+                    s.require_database_url(), max_size=s.db_pool_size, pooled=s.database_pooler
+                )
     return _db
 
 
@@ -69,7 +70,8 @@ def provider_config(row: ProviderRow) -> ProviderConfig:
             "max_concurrent_calls": row.max_concurrent_calls,
             "capabilities": row.capabilities,
             "config": config,
-        }
+        },
+        s.provider_allowlist,
     )
 
 
@@ -92,17 +94,9 @@ def expects_webhooks(row: ProviderRow) -> bool:
     """True when this provider reports a call's end by webhook: it has a webhook secret, and
     (Vapi) it is told where to post (``CALLQ_WEBHOOK_PUBLIC_URL``); SynthFlow takes its URL
     from the agent's settings. Such calls are polled only as a safety net."""
-    if not row.config.get("webhook_secret"):
+    if not (row.webhook_secret or row.api_secret):
         return False
     return row.provider_type != "vapi" or bool(get_settings().webhook_public_url)
-
-
-def provider_by_id(provider_id: UUID | str) -> tuple[ProviderRow, Provider] | None:
-    """Load an active provider row by id and return it with its adapter."""
-    for row in database().active_providers():
-        if str(row.provider_id) == str(provider_id):
-            return row, provider_for(row)
-    return None
 
 
 def map_in_context(fn: Callable[[T], R], items: Iterable[T]) -> list[R]:

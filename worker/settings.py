@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
-from functools import lru_cache
+import json
+from functools import cached_property, lru_cache
+from typing import Annotated, Any
 
-from pydantic import AliasChoices, Field, SecretStr
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import AliasChoices, Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from providers.allowlist import DEFAULT_ENV_PREFIXES, Allowlist, parse_origin
+
+# A list read from one variable as comma-separated text (JSON lists are accepted too).
+CommaList = Annotated[list[str], NoDecode]
 
 
 class Settings(BaseSettings):
@@ -23,6 +30,13 @@ class Settings(BaseSettings):
         validation_alias=AliasChoices("CALLQ_BROKER_URL", "CELERY_BROKER_URL", "BROKER_URL"),
     )
     db_pool_size: int = Field(default=16, ge=1, le=200)
+    # Behind a transaction pooler (Supabase's port 6543, pgbouncer transaction mode): no
+    # prepared statements, no session state, no LISTEN. None: tell from the URL (port 6543 or
+    # ?pgbouncer=true).
+    database_pooler: bool | None = None
+    # A direct (not pooled) URL for LISTEN/NOTIFY; without it, LISTEN is off behind a pooler
+    # and beat's tick claims the calls.
+    listen_database_url: str | None = None
 
     # Claiming (beat + LISTEN/NOTIFY wake-ups)
     poll_interval_seconds: float = Field(default=2.0, gt=0)
@@ -45,6 +59,9 @@ class Settings(BaseSettings):
     health_interval_seconds: float = Field(default=30.0, gt=0)
     reaper_interval_seconds: float = Field(default=30.0, gt=0)
     rollover_interval_seconds: float = Field(default=3600.0, gt=0)
+    # The call-event log's retention (public.prune_call_events), applied by beat.
+    event_retention_days: float = Field(default=90.0, ge=1 / 24)
+    event_prune_interval_seconds: float = Field(default=3600.0, gt=0)
 
     # Broker
     visibility_timeout_seconds: int = Field(default=3600, ge=60)
@@ -60,15 +77,65 @@ class Settings(BaseSettings):
     # Providers
     http_connect_timeout_seconds: float = Field(default=5.0, gt=0)
     http_read_timeout_seconds: float = Field(default=15.0, gt=0)
+    # Hosts a provider row may point at besides its type's official API (the simulator, a
+    # proxy): "http://127.0.0.1:8765", "http://simulator:*" (any port), "api.example.com".
+    provider_allowed_hosts: CommaList = Field(default_factory=list)
+    # Which environment variables an "env:NAME" value in a provider row may name.
+    provider_env_prefixes: CommaList = Field(default_factory=lambda: list(DEFAULT_ENV_PREFIXES))
+    provider_env_names: CommaList = Field(default_factory=list)
 
     # Webhooks
     webhook_host: str = "127.0.0.1"
     webhook_port: int = Field(default=8080, ge=0, le=65535)
     webhook_public_url: str | None = None
-    webhook_shared_secret: SecretStr | None = None
+    # Bounds of the endpoint (worker/webhooks.py, worker/http_protocol.py).
+    webhook_max_body_bytes: int = Field(default=2 * 1024 * 1024, ge=1024)
+    webhook_max_header_bytes: int = Field(default=16 * 1024, ge=1024)
+    webhook_header_timeout_seconds: float = Field(default=5.0, gt=0)
+    webhook_body_timeout_seconds: float = Field(default=10.0, gt=0)
+    webhook_keepalive_seconds: int = Field(default=5, ge=1)
+    webhook_max_connections: int = Field(default=512, ge=1)
+    webhook_secret_ttl_seconds: float = Field(default=10.0, gt=0)
 
     log_level: str = "INFO"
     log_json: bool = True
+
+    def pooled(self) -> bool:
+        """Whether the database URL goes through a transaction pooler."""
+        from models.session import is_pooled
+
+        return bool(self.database_url) and is_pooled(str(self.database_url), self.database_pooler)
+
+    def listen_url(self) -> str | None:
+        """Where LISTEN runs: the direct listen URL, else the database URL unless pooled."""
+        if self.listen_database_url:
+            return self.listen_database_url
+        return None if self.pooled() else self.database_url
+
+    @field_validator("provider_allowed_hosts", "provider_env_prefixes", "provider_env_names",
+                     mode="before")  # fmt: skip
+    @classmethod
+    def _split(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                return json.loads(text)
+            return [part.strip() for part in text.split(",") if part.strip()]
+        return value
+
+    @field_validator("provider_allowed_hosts")
+    @classmethod
+    def _hosts(cls, value: list[str]) -> list[str]:
+        for entry in value:
+            parse_origin(entry)  # ValueError names the entry
+        return value
+
+    @cached_property
+    def provider_allowlist(self) -> Allowlist:
+        """Hosts and secret names provider rows may use (see providers/allowlist.py)."""
+        return Allowlist.from_settings(
+            self.provider_allowed_hosts, self.provider_env_prefixes, self.provider_env_names
+        )
 
     def require_database_url(self) -> str:
         """The configured database URL, or a ConfigError naming the variable."""

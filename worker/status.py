@@ -7,6 +7,8 @@ from typing import Any
 
 import psycopg
 
+from models.session import connect
+
 COUNTS = "SELECT status, count(*) FROM call_queue GROUP BY status ORDER BY status"
 OLDEST_DUE = """
 SELECT id, priority, scheduled_time, now() - scheduled_time AS waiting
@@ -63,6 +65,6 @@ def queue_report(conn: psycopg.Connection[Any]) -> str:
     return "\n".join(parts)
 
 
-def print_queue(database_url: str) -> None:
-    with psycopg.connect(database_url) as conn:
+def print_queue(database_url: str, pooled: bool | None = None) -> None:
+    with connect(database_url, pooled=pooled) as conn:
         print(queue_report(conn))

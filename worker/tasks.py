@@ -7,7 +7,7 @@ Arguments are ids and small counters only: they show up in Flower and in broker 
     track_batch     per call: poll the provider until the call ends, then complete or fail it
     reconcile       after an outcome-unknown create: look the call up before anything is re-sent
     webhook         a provider said something changed: check the call once, now
-    health_check, reap, rollover   maintenance on beat
+    health_check, reap, rollover, prune_events   maintenance on beat
 
 Each per-call step returns a ``dispatch.steps`` value (placed, polling, reconciling, ended,
 skipped); the task that ran the steps sends what comes next (one ``track_batch`` message for
@@ -23,6 +23,8 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 from uuid import UUID
 
+import psycopg
+
 from dispatch.policy import (
     PROVIDER_ERROR,
     Complete,
@@ -32,6 +34,7 @@ from dispatch.policy import (
     decide_error,
     decide_outcome,
     decide_setup_error,
+    decide_unproven_match,
     next_poll_delay,
 )
 from dispatch.request import build_call_request
@@ -49,8 +52,8 @@ from dispatch.steps import (
     tally,
 )
 from models.calls import AssignmentState, CallRow
-from providers.base import CallHandle, CallStatus, WebhookEvent
-from providers.errors import ProviderError
+from providers.base import CallHandle, CallStatus, WebhookEvent, clamp_status
+from providers.errors import ConfigError, ProviderError, ProviderUnprovenMatchError
 from worker import logs, runtime
 from worker.celery_app import app
 from worker.settings import get_settings
@@ -214,6 +217,9 @@ def _create(call: CallRow) -> CallHandle | Step:
         return provider.create_call(request)
     except ProviderError as exc:
         return _after_create_error(call, exc)
+    except ConfigError as exc:  # raised before a request is built (e.g. a setting missing)
+        log.warning("call.setup_failed", error=type(exc).__name__)
+        return _end(str(call.assignment_id), decide_setup_error(exc))
     except Exception:
         # Anything unexpected while sending: the request may have left, so treat the outcome
         # as unknown and look the call up before anything is re-sent.
@@ -292,6 +298,7 @@ def _poll_delay(call: CallRow, polls_done: int) -> float:
 
 
 def _finish(assignment_id: str, status: CallStatus, decision: Complete | Fail) -> Step:
+    status = clamp_status(status)  # plug-in adapters too: only data the database accepts
     if isinstance(decision, Fail):
         step = _end(
             assignment_id,
@@ -301,6 +308,18 @@ def _finish(assignment_id: str, status: CallStatus, decision: Complete | Fail) -
         )
         log.info("call.ended_unanswered", kind=decision.kind, result=step.label)
         return step
+    try:
+        _complete(assignment_id, status)
+    except (psycopg.errors.IntegrityError, psycopg.errors.DataError) as exc:
+        # Provider data the clamp let through and a constraint refused: end the call anyway,
+        # without that data, rather than leave it placed (and re-tracked) forever.
+        log.warning("call.provider_data_refused", sqlstate=exc.sqlstate)
+        _complete(assignment_id, CallStatus(status.provider_call_id, status.state))
+    log.info("call.completed", duration_seconds=status.duration_seconds)
+    return Ended(Outcome.COMPLETED)
+
+
+def _complete(assignment_id: str, status: CallStatus) -> None:
     runtime.database().complete(
         assignment_id,
         duration_seconds=status.duration_seconds,
@@ -311,8 +330,6 @@ def _finish(assignment_id: str, status: CallStatus, decision: Complete | Fail) -
         started_at=status.started_at,
         ended_at=status.ended_at,
     )
-    log.info("call.completed", duration_seconds=status.duration_seconds)
-    return Ended(Outcome.COMPLETED)
 
 
 def reconcile_one(assignment_id: str, lookup: int) -> Step:
@@ -327,6 +344,12 @@ def reconcile_one(assignment_id: str, lookup: int) -> Step:
     since = (call.dialing_at or datetime.now(UTC)) - timedelta(minutes=2)
     try:
         found = runtime.provider_for(call.provider).find_call(build_call_request(call), since)
+    except ProviderUnprovenMatchError:
+        # A call that may be ours, or another tenant's: adopt nothing, dial nothing again.
+        log.warning("call.reconcile_unproven", last=last)
+        if last:
+            return _end(assignment_id, decide_unproven_match())
+        return Reconciling(assignment_id, lookup + 1, s.reconcile_delay_seconds)
     except ProviderError as exc:
         log.warning("call.reconcile_lookup_failed", error=str(exc))
         if last:  # the provider cannot tell us: keep asking rather than risk a second dial
@@ -420,6 +443,22 @@ def _resume(assignment_id: UUID) -> None:
 def rollover() -> int:
     """Open the next usage period for subscriptions whose period ended."""
     return runtime.database().rollover()
+
+
+@app.task(name="callq.prune_events", ignore_result=True)
+def prune_events(batch: int = 10_000, max_batches: int = 50) -> int:
+    """Apply the call-event log's retention, a batch per statement; the events deleted."""
+    db = runtime.database()
+    retention = get_settings().event_retention_days * 86400
+    deleted = 0
+    for _ in range(max_batches):
+        n = db.prune_events(retention, batch)
+        deleted += n
+        if n < batch:
+            break
+    if deleted:
+        log.info("events.pruned", deleted=deleted)
+    return deleted
 
 
 @app.task(name="callq.noop", ignore_result=True)

@@ -1017,10 +1017,11 @@ BEGIN
                * power(2, greatest(v_q.attempts, 1) - 1),
              3600) * (0.8 + random() * 0.4)
     END;
-    -- callq.retry_delay_scale (a database or session setting, default 1) shortens every wait
-    -- for demos and tests: ALTER DATABASE ... SET callq.retry_delay_scale = '0.01'.
+    -- ops_settings.retry_delay_scale (default 1) shortens every wait for demos and tests; a
+    -- session's callq.retry_delay_scale setting overrides it.
     v_delay := v_delay * coalesce(
-      nullif(current_setting('callq.retry_delay_scale', true), '')::double precision, 1);
+      nullif(current_setting('callq.retry_delay_scale', true), '')::double precision,
+      (SELECT o.retry_delay_scale FROM public.ops_settings o), 1);
     v_next := now() + make_interval(secs => v_delay);
   END IF;
 

@@ -24,6 +24,8 @@ FAST_ENV = {
     "CALLQ_REAPER_INTERVAL_SECONDS": "1",
     "CALLQ_LEASE_SECONDS": "5",
     "CALLQ_LOG_LEVEL": "INFO",
+    # The simulator listens on a loopback port picked per test.
+    "CALLQ_PROVIDER_ALLOWED_HOSTS": "http://127.0.0.1:*",
 }
 TERMINAL = ("completed", "failed", "canceled")
 
@@ -71,9 +73,7 @@ def sim() -> Iterator[Simulator]:
 @pytest.fixture
 def conn(db_url: str) -> Iterator[psycopg.Connection[Any]]:
     with psycopg.connect(db_url, autocommit=True) as connection:
-        connection.execute(
-            f"ALTER DATABASE {connection.info.dbname} SET callq.retry_delay_scale = '0.002'"
-        )
+        connection.execute("UPDATE ops_settings SET retry_delay_scale = 0.002")
         yield connection
 
 
