@@ -61,7 +61,10 @@ def test_upgrade_from_two_threads_at_once(empty_db_url: str) -> None:
     for t in threads:
         t.join(timeout=60)
     assert not errors
-    assert sorted(len(r) for r in results) == [0, len(list_migrations())]
+    # each step takes the lock in its own transaction, so the two runners may share the work:
+    # every migration is applied exactly once, by one of them
+    applied = [version for result in results for version in result]
+    assert sorted(applied) == sorted(m.version for m in list_migrations())
 
 
 def test_libpq_socket_url_and_normalize() -> None:
