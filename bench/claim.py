@@ -30,6 +30,7 @@ from typing import Any
 import psycopg
 
 from bench.common import PG_BIN, ScratchDB, log, url_parts
+from worker.seed import daytime_zone
 
 SCRIPTS = {
     "ours_single": (
@@ -55,10 +56,10 @@ SCRIPTS = {
 
 FILL = """
 INSERT INTO {table} (user_id, template_id, recipient_name, recipient_phone, priority,
-                     scheduled_time, custom_variables, created_at)
+                     scheduled_time, custom_variables, created_at, recipient_timezones)
 SELECT %(user_id)s, %(template_id)s, 'Bench ' || g, '+1555' || lpad((g %% 10000000)::text, 7, '0'),
        1 + (g %% 10), now() - interval '10 minutes' + g * interval '1 microsecond',
-       '{{"company_name": "Acme"}}'::jsonb, now() - interval '10 minutes'
+       '{{"company_name": "Acme"}}'::jsonb, now() - interval '10 minutes', ARRAY[%(zone)s]
 FROM generate_series(1, %(n)s) g
 """
 
@@ -114,7 +115,9 @@ def _refill(url: str, table: str, n: int, user_id: Any, template_id: Any, max_sl
         else:
             conn.execute("TRUNCATE bare_queue")
         conn.execute(
-            FILL.format(table=table), {"user_id": user_id, "template_id": template_id, "n": n}
+            FILL.format(table=table),
+            # one recipient zone per call, where it is daytime: every call passes the window
+            {"user_id": user_id, "template_id": template_id, "n": n, "zone": daytime_zone()},
         )
         conn.execute(f"VACUUM ANALYZE {table}")
         conn.execute("VACUUM ANALYZE provider_availability")

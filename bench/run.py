@@ -17,6 +17,8 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from bench.common import REPO, log
@@ -25,6 +27,7 @@ RESULTS_DIR = REPO / "bench" / "results"
 RESULTS_MD = REPO / "bench" / "RESULTS.md"
 
 Row = tuple[str, str, str, str, str, str]
+SECTIONS = ("claim", "growth", "e2e", "campaigns", "tracking", "webhooks")
 
 
 def _f(x: Any, digits: int = 0, unit: str = "") -> str:
@@ -38,6 +41,15 @@ def _met(ok: bool | None) -> str:
 
 
 def rows_from(results: dict[str, Any]) -> list[Row]:
+    """Every row of the table, section by section."""
+    rows = claim_rows(results) + e2e_rows(results) + growth_rows(results)
+    rows += campaign_rows(results) + tracking_rows(results.get("tracking") or {})
+    rows += webhook_rows(results.get("webhooks") or {})
+    return rows + memory_rows(results)
+
+
+def claim_rows(results: dict[str, Any]) -> list[Row]:
+    """The claim path against the bare claim (bench.claim)."""
     rows: list[Row] = []
     claim = results.get("claim")
     if claim and "ratios" in claim:
@@ -60,6 +72,12 @@ def rows_from(results: dict[str, Any]) -> list[Row]:
                     _met(ratio >= 0.5),
                 )
             )
+    return rows
+
+
+def e2e_rows(results: dict[str, Any]) -> list[Row]:
+    """End to end and latency (bench.e2e)."""
+    rows: list[Row] = []
     e2e = results.get("e2e") or {}
     thr = e2e.get("throughput")
     if thr:
@@ -113,6 +131,12 @@ def rows_from(results: dict[str, Any]) -> list[Row]:
                 _met(v["p50_ms"] <= 100 and v["p99_ms"] <= 500 if v["arrived"] else None),
             )
         )
+    return rows
+
+
+def growth_rows(results: dict[str, Any]) -> list[Row]:
+    """Latency at a large table against a small one (bench.growth)."""
+    rows: list[Row] = []
     growth = results.get("growth")
     if growth and "ratios" in growth:
         small, large = (str(s) for s in growth["sizes"])
@@ -136,6 +160,12 @@ def rows_from(results: dict[str, Any]) -> list[Row]:
                     _met(ratio <= 1.5),
                 )
             )
+    return rows
+
+
+def campaign_rows(results: dict[str, Any]) -> list[Row]:
+    """Campaign upload (bench.campaigns)."""
+    rows: list[Row] = []
     camp = results.get("campaigns")
     if camp and "ratio" in camp:
         rows.append(
@@ -159,6 +189,13 @@ def rows_from(results: dict[str, Any]) -> list[Row]:
                 "",
             )
         )
+    return rows
+
+
+def memory_rows(results: dict[str, Any]) -> list[Row]:
+    """Worker memory growth (bench.e2e)."""
+    rows: list[Row] = []
+    e2e = results.get("e2e") or {}
     mem = e2e.get("memory")
     if mem and "last" in mem:
         first = mem.get("first", mem["last"])
@@ -172,6 +209,71 @@ def rows_from(results: dict[str, Any]) -> list[Row]:
                 _met(mem["growth"] < 0.10),
             )
         )
+    return rows
+
+
+def tracking_rows(tr: dict[str, Any]) -> list[Row]:
+    """Long calls (bench.tracking): reads per call, history lag, CPU trickling vs together."""
+    rows: list[Row] = []
+    limits = {"polling": (10, 10.0), "webhooks": (2, 1.0)}
+    for source, (max_reads, max_lag) in limits.items():
+        v = tr.get(f"{source}_together")
+        if not v:
+            continue
+        secs = _f(tr["call_seconds"])
+        rows.append(
+            (
+                f"long calls ({secs} s), {source}: provider reads per call",
+                _f(v["reads_per_call"], 2),
+                "",
+                "",
+                f"<= {max_reads}",
+                _met(v["reads_per_call"] <= max_reads),
+            )
+        )
+        rows.append(
+            (
+                f"long calls ({secs} s), {source}: history lag p50 / p99 s",
+                f"{_f(v['lag_p50_s'], 2)} / {_f(v['lag_p99_s'], 2)}",
+                "",
+                "",
+                f"p99 < {max_lag:g} s",
+                _met(v["lag_p99_s"] < max_lag),
+            )
+        )
+        trickle = tr.get(f"{source}_trickle")
+        if trickle:
+            ratio = trickle["cpu_ms_per_call"] / v["cpu_ms_per_call"]
+            rows.append(
+                (
+                    f"long calls, {source}: worker CPU ms per call, trickling"
+                    f" ({_f(tr['trickle_rate'])}/s) vs together",
+                    _f(trickle["cpu_ms_per_call"], 1),
+                    _f(v["cpu_ms_per_call"], 1),
+                    _f(ratio, 2),
+                    "<= 1",
+                    _met(ratio <= 1),
+                )
+            )
+    return rows
+
+
+def webhook_rows(wh: dict[str, Any]) -> list[Row]:
+    """The webhook endpoint from one keep-alive client (bench.webhooks)."""
+    rows: list[Row] = []
+    for key, label in (("signed", "signed delivery (200)"), ("unsigned", "unsigned (401)")):
+        v = wh.get(key)
+        if v:
+            rows.append(
+                (
+                    f"webhook endpoint, {label}, one keep-alive client: p50 ms / requests/s",
+                    f"{_f(v['p50_ms'], 2)} / {_f(v['rps'])}",
+                    "",
+                    "",
+                    "< 5 ms / >= 500",
+                    _met(v["p50_ms"] < 5 and v["rps"] >= 500),
+                )
+            )
     return rows
 
 
@@ -209,6 +311,23 @@ def machine() -> dict[str, Any]:
     }
 
 
+def before_after(before: dict[str, Any], rows: list[Row]) -> list[str]:
+    """The rows of an earlier run (``--before FILE``) beside this run's, by benchmark."""
+    earlier = {r[0]: r for r in rows_from(before)}
+    out = [
+        f"Before and after: the same benchmarks in the run of {before.get('finished', '?')}"
+        " (before) and in this run (after).",
+        "",
+        "| benchmark | before | before ratio | after | after ratio | target |",
+        "|---|---:|---:|---:|---:|---|",
+    ]
+    for row in rows:
+        old = earlier.get(row[0])
+        if old is not None:
+            out.append(f"| {row[0]} | {old[1]} | {old[3]} | {row[1]} | {row[3]} | {row[4]} |")
+    return [*out, ""]
+
+
 def write_markdown(
     results: dict[str, Any], rows: list[Row], drills: list[dict[str, Any]] | None, command: str
 ) -> None:
@@ -221,7 +340,8 @@ def write_markdown(
         f"Python {m['python']}); {results['seconds']:.0f} s. Each ratio compares figures "
         "measured in the same run on the same machine; the absolute numbers drift between "
         "runs on a shared machine. How each figure is measured: `bench/claim.py`, "
-        "`bench/growth.py`, `bench/e2e.py`, `bench/campaigns.py` (docstrings). Raw figures: "
+        "`bench/growth.py`, `bench/e2e.py`, `bench/campaigns.py`, `bench/tracking.py`, "
+        "`bench/webhooks.py` (docstrings). Raw figures: "
         "`bench/results/latest.json` (not committed).",
         "",
         table(rows, markdown=True),
@@ -229,7 +349,7 @@ def write_markdown(
     ]
     stamps = [
         f"{k}: {results[k]['measured']}"
-        for k in ("claim", "growth", "e2e", "campaigns")
+        for k in SECTIONS
         if isinstance(results.get(k), dict) and results[k].get("measured")
     ]
     if isinstance(results.get("e2e"), dict) and results["e2e"].get("latency_sweep"):
@@ -252,6 +372,8 @@ def write_markdown(
             + ", ".join(f"{k}: {v:.1f}" for k, v in claim["slot_sensitivity"].items()),
             "",
         ]
+    if results.get("before"):
+        parts += before_after(results["before"], rows)
     if drills:
         from bench.drills import DrillResult, format_table
 
@@ -281,7 +403,7 @@ def write_markdown(
     RESULTS_MD.write_text("\n".join(parts))
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m bench.run",
         description=__doc__,
@@ -290,8 +412,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="a smoke run of a few minutes")
     parser.add_argument(
         "--only",
-        default="claim,growth,e2e,campaigns",
-        help="comma-separated subset of claim,growth,e2e,campaigns",
+        default=",".join(SECTIONS),
+        help=f"comma-separated subset of {','.join(SECTIONS)}",
     )
     parser.add_argument("--drills", action="store_true", help="run the fault drills too")
     parser.add_argument("--no-markdown", action="store_true", help="do not rewrite RESULTS.md")
@@ -303,123 +425,161 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--render", action="store_true", help="only rewrite RESULTS.md from bench/results/*.json"
     )
-    ns = parser.parse_args(argv)
+    parser.add_argument(
+        "--before", help="an earlier run's latest.json: its rows beside this run's in RESULTS.md"
+    )
+    return parser
+
+
+def _claim(quick: bool) -> dict[str, Any]:
+    from bench import claim
+
+    out = claim.run(quick=quick)
+    out["slot_sensitivity"] = claim.slot_sensitivity(
+        (100, 10_000) if quick else (100, 10_000, 100_000)
+    )
+    return out
+
+
+def _growth(quick: bool) -> dict[str, Any]:
+    from bench import growth
+
+    return growth.run(quick=quick)
+
+
+def _campaigns(quick: bool) -> dict[str, Any]:
+    from bench import campaigns
+
+    return campaigns.run(rows=2_000 if quick else 10_000)
+
+
+def _e2e(quick: bool) -> dict[str, Any]:
+    from bench import e2e
+
+    try:
+        return e2e.run(quick=quick)
+    except Exception as exc:  # report what was measured, and why the rest is missing
+        log(f"e2e failed: {type(exc).__name__}: {exc}")
+        return {"error": f"{type(exc).__name__}: {exc}"}
+
+
+def _tracking(quick: bool) -> dict[str, Any]:
+    from bench import tracking
+
+    return tracking.run(quick=quick)
+
+
+def _webhooks(quick: bool) -> dict[str, Any]:
+    from bench import webhooks
+
+    return webhooks.run(500 if quick else 2000)
+
+
+# Each section: its heading in the log and what runs it, in the order they run.
+RUNS: dict[str, tuple[str, Callable[[bool], dict[str, Any]]]] = {
+    "claim": ("claim path vs bare SKIP LOCKED claim (pgbench)", _claim),
+    "growth": ("growth: small vs large tables", _growth),
+    "campaigns": ("campaign upload: schedule_calls vs bare INSERT ... SELECT", _campaigns),
+    "e2e": ("end to end, latency, memory (real fleet)", _e2e),
+    "tracking": ("long calls: polling and webhooks", _tracking),
+    "webhooks": ("webhook endpoint", _webhooks),
+}
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+
+
+def _render() -> int:
+    """Rewrite RESULTS.md from the last run's files."""
+    results = json.loads((RESULTS_DIR / "latest.json").read_text())
+    command = results.get("e2e", {}).get("measured", "").split("(", 1)[-1].rstrip(")")
+    rows = rows_from(results)
+    write_markdown(results, rows, _saved_drills(), command or ".venv/bin/python -m bench.run")
+    print(table(rows, markdown=False))
+    return 0
+
+
+def _saved_drills() -> list[dict[str, Any]] | None:
+    path = RESULTS_DIR / "drills.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _run_drills(quick: bool, command: str) -> list[dict[str, Any]]:
+    """Every fault drill; their results, also saved to bench/results/drills.json."""
+    from dataclasses import asdict
+
+    from bench import drills as drills_mod
+
+    log("== fault drills")
+    drills = [
+        asdict(r) | {"passed": drills_mod.passed(r), "command": command, "finished": _now()}
+        for r in drills_mod.run(quick=quick)
+    ]
+    for d in drills:
+        d.get("extra", {}).pop("logs_tail", None)
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    (RESULTS_DIR / "drills.json").write_text(json.dumps(drills, indent=2, default=str))
+    return drills
+
+
+def _print_drills(drills: list[dict[str, Any]]) -> None:
+    from bench.drills import DrillResult, format_table
+
+    objs = []
+    for d in drills:
+        r = DrillResult(d["name"], d["fault"])
+        for k, v in d.items():
+            if hasattr(r, k):
+                setattr(r, k, v)
+        objs.append(r)
+    print()
+    print(format_table(objs))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ns = _parser().parse_args(argv)
     if ns.render:
-        results = json.loads((RESULTS_DIR / "latest.json").read_text())
-        drills_path = RESULTS_DIR / "drills.json"
-        drills_list = json.loads(drills_path.read_text()) if drills_path.exists() else None
-        command = results.get("e2e", {}).get("measured", "").split("(", 1)[-1].rstrip(")")
-        rows = rows_from(results)
-        write_markdown(results, rows, drills_list, command or ".venv/bin/python -m bench.run")
-        print(table(rows, markdown=False))
-        return 0
+        return _render()
     only = {x.strip() for x in ns.only.split(",") if x.strip()}
     command = (
         ".venv/bin/python -m bench.run"
         + (" --quick" if ns.quick else "")
-        + (f" --only {ns.only}" if only != {"claim", "growth", "e2e", "campaigns"} else "")
+        + (f" --only {ns.only}" if only != set(SECTIONS) else "")
         + (" --drills" if ns.drills else "")
         + (" --merge" if ns.merge else "")
     )
     t0 = time.monotonic()
-    results: dict[str, Any] = {
-        "quick": ns.quick,
-        "started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "machine": machine(),
-    }
+    results: dict[str, Any] = {"quick": ns.quick, "started": _now(), "machine": machine()}
     latest = RESULTS_DIR / "latest.json"
+    if ns.before:
+        results["before"] = json.loads(Path(ns.before).read_text())
     if ns.merge and latest.exists():
         previous = json.loads(latest.read_text())
-        for section in ("claim", "growth", "e2e", "campaigns"):
-            if section not in only and section in previous:
-                results[section] = previous[section]
+        results |= {k: previous[k] for k in SECTIONS if k not in only and k in previous}
+    drills = _saved_drills()
 
-    def now() -> str:
-        return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-
-    def save(partial: bool = True) -> None:
+    def save() -> None:
         results["seconds"] = time.monotonic() - t0
-        results["finished"] = now()
+        results["finished"] = _now()
         RESULTS_DIR.mkdir(parents=True, exist_ok=True)
         latest.write_text(json.dumps(results, indent=2, default=str))
         if not ns.no_markdown:
             write_markdown(results, rows_from(results), drills, command)
 
-    drills: list[dict[str, Any]] | None = None
-    if (RESULTS_DIR / "drills.json").exists():
-        drills = json.loads((RESULTS_DIR / "drills.json").read_text())
-    if "claim" in only:
-        from bench import claim
-
-        log("== claim path vs bare SKIP LOCKED claim (pgbench)")
-        results["claim"] = claim.run(quick=ns.quick)
-        results["claim"]["slot_sensitivity"] = claim.slot_sensitivity(
-            (100, 10_000) if ns.quick else (100, 10_000, 100_000)
-        )
-        results["claim"]["measured"] = f"{now()} ({command})"
-        save()
-    if "growth" in only:
-        from bench import growth
-
-        log("== growth: small vs large tables")
-        results["growth"] = growth.run(quick=ns.quick)
-        results["growth"]["measured"] = f"{now()} ({command})"
-        save()
-    if "campaigns" in only:
-        from bench import campaigns
-
-        log("== campaign upload: schedule_calls vs bare INSERT ... SELECT")
-        results["campaigns"] = campaigns.run(rows=2_000 if ns.quick else 10_000)
-        results["campaigns"]["measured"] = f"{now()} ({command})"
-        save()
-    if "e2e" in only:
-        from bench import e2e
-
-        log("== end to end, latency, memory (real fleet)")
-        try:
-            results["e2e"] = e2e.run(quick=ns.quick)
-        except Exception as exc:  # report what was measured, and why the rest is missing
-            log(f"e2e failed: {type(exc).__name__}: {exc}")
-            results["e2e"] = {"error": f"{type(exc).__name__}: {exc}"}
-        results["e2e"]["measured"] = f"{now()} ({command})"
-        save()
+    for name, (heading, runner) in RUNS.items():
+        if name in only:
+            log(f"== {heading}")
+            results[name] = runner(ns.quick) | {"measured": f"{_now()} ({command})"}
+            save()
     if ns.drills:
-        from dataclasses import asdict
-
-        from bench import drills as drills_mod
-
-        log("== fault drills")
-        res = drills_mod.run(quick=ns.quick)
-        drills = [
-            asdict(r)
-            | {
-                "passed": drills_mod.passed(r),
-                "command": command,
-                "finished": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-            }
-            for r in res
-        ]
-        for d in drills:
-            d.get("extra", {}).pop("logs_tail", None)
-        RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-        (RESULTS_DIR / "drills.json").write_text(json.dumps(drills, indent=2, default=str))
+        drills = _run_drills(ns.quick, command)
     save()
-    rows = rows_from(results)
-    print(table(rows, markdown=False))
+    print(table(rows_from(results), markdown=False))
     if results.get("e2e", {}).get("error"):
         print(f"\nend-to-end benchmark failed: {results['e2e']['error']}")
     if drills:
-        print()
-        from bench.drills import DrillResult, format_table
-
-        objs = []
-        for d in drills:
-            r = DrillResult(d["name"], d["fault"])
-            for k, v in d.items():
-                if hasattr(r, k):
-                    setattr(r, k, v)
-            objs.append(r)
-        print(format_table(objs))
+        _print_drills(drills)
     if not ns.no_markdown:
         log(f"wrote {RESULTS_MD.relative_to(REPO)} and bench/results/latest.json")
     return 0

@@ -25,6 +25,7 @@ from bench.common import (
     fleet_env,
     own_redis,
 )
+from worker.seed import daytime_zone
 
 TERMINAL = ("completed", "failed", "canceled")
 IN_FLIGHT = ("claimed", "assigned", "dialing", "in_progress")
@@ -49,6 +50,7 @@ class Stack:
     env_overrides: dict[str, Any] = field(default_factory=dict)
     max_concurrent_calls: int = 1000
     own_postgres: bool = False
+    webhook_secret: str | None = None  # set on the seeded providers (webhooks on)
     admin_url: str | None = None
     log_dir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="callq-bench-")))
     keep_logs: bool = False
@@ -60,6 +62,8 @@ class Stack:
     fleet: Any = None
     seeded: Any = None
     url: str = ""
+    # the recipients' zone: where it is daytime now (calling rules: 08:00-21:00 local)
+    zone: str = field(default_factory=daytime_zone)
 
     def start(self) -> Stack:
         from worker.fleet import Fleet
@@ -84,6 +88,7 @@ class Stack:
                     conn,
                     sim_base_url=self.sim.base_url,
                     max_concurrent_calls=self.max_concurrent_calls,
+                    webhook_secret=self.webhook_secret,
                 )
             env = fleet_env(self.url, self.redis.url, **self.env_overrides)
             self.fleet = Fleet(env=env, log_dir=self.log_dir)
@@ -128,24 +133,40 @@ class Stack:
 
         with self.connect() as conn:
             return schedule_calls(
-                conn, self.seeded, count, start=start, delay_seconds=delay_seconds, suffix=suffix
+                conn,
+                self.seeded,
+                count,
+                start=start,
+                delay_seconds=delay_seconds,
+                suffix=suffix,
+                timezone=self.zone,
             )
 
     def schedule_one(self, conn: psycopg.Connection[Any], i: int) -> tuple[str, float]:
         """One call due now, autocommit; returns (queue id, wall time right after the commit)."""
         row = conn.execute(
-            "SELECT schedule_call(%s, %s, %s, %s, NULL, NULL, 5, %s, '{}'::jsonb)",
+            "SELECT schedule_call(%s, %s, %s, %s, NULL, NULL, 5, %s, '{}'::jsonb, NULL, %s)",
             (
                 self.seeded.user_id,
                 self.seeded.template_id,
                 f"Customer {i}",
                 f"+1555{(i // 10000) % 1000:03d}{i % 10000:04d}",
                 '{"company_name": "Acme"}',
+                self.zone,
             ),
         ).fetchone()
         t = time.time()
         assert row is not None
         return str(row[0]), t
+
+    def warm_up(self, *, suffix: str | None = None, timeout: float = 90.0) -> None:
+        """One call through the whole path: the fleet is up (instead of a fixed warm-up sleep).
+
+        ``suffix`` picks a simulator outcome rule for the probe (one that ends it at once)."""
+        from worker.embedded import wait_until
+
+        [probe] = self.schedule(1, start=999_999, suffix=suffix)
+        wait_until(lambda: self.settled([probe]), timeout=timeout, what="the warm-up call's end")
 
     # -- counting --------------------------------------------------------------------------------
 

@@ -30,6 +30,9 @@ PROVIDER_ERROR = "provider_error"
 RATE_LIMITED = "rate_limited"
 PERMANENT = "permanent"
 CANCELED = "canceled"
+FAILURE_KINDS = frozenset(
+    {BUSY, NO_ANSWER, VOICEMAIL, PROVIDER_ERROR, RATE_LIMITED, PERMANENT, CANCELED}
+)  # the same set as SQL's failure_kinds() (tests/integration/test_db_queue.py compares them)
 
 
 @dataclass(frozen=True)

@@ -122,6 +122,19 @@ WHERE a.id = x.id AND a.state = 'placed' AND a.poll_count = x.expected
 RETURNING a.id, a.poll_count
 """
 
+# Take the placed calls whose next poll is due, oldest first: their poll deadline moves ahead,
+# so no other tick takes them while they are polled; returns (assignment, poll token).
+TAKE_DUE_POLLS = """
+UPDATE call_assignments a
+SET next_poll_at = now() + make_interval(secs => poll_deadline_seconds())
+FROM (SELECT d.id FROM call_assignments d
+      WHERE d.state = 'placed' AND d.next_poll_at <= now()
+      ORDER BY d.next_poll_at LIMIT %(limit)s
+      FOR UPDATE SKIP LOCKED) due
+WHERE a.id = due.id
+RETURNING a.id, a.poll_count
+"""
+
 # The assignment a provider's call id belongs to (webhooks).
 FIND_ASSIGNMENT_BY_PROVIDER_CALL = """
 SELECT id FROM call_assignments
@@ -305,6 +318,11 @@ class Database:
         if not polls:
             return {}
         return {str(r["id"]): int(r["poll_count"]) for r in self.rows(TOUCH_POLLS, params)}
+
+    def take_due_polls(self, limit: int) -> list[tuple[str, int]]:
+        """Up to ``limit`` placed calls whose poll is due, as (assignment id, poll token)."""
+        rows = self.rows(TAKE_DUE_POLLS, {"limit": limit})
+        return [(str(r["id"]), int(r["poll_count"])) for r in rows]
 
     def assignment_for_provider_call(
         self, provider_id: UUID | str, provider_call_id: str

@@ -89,4 +89,4 @@ def _start_listener(sender: Any = None, **_: Any) -> None:
         )
 
 
-_ASSIGNMENT_TASKS = {"callq.dispatch", "callq.track", "callq.reconcile"}
+_ASSIGNMENT_TASKS = {"callq.dispatch", "callq.reconcile"}

@@ -23,7 +23,7 @@ TASK_ROUTES = {
     "callq.poll": {"queue": "dispatch"},
     "callq.dispatch": {"queue": "dispatch"},
     "callq.dispatch_batch": {"queue": "dispatch"},
-    "callq.track": {"queue": "track"},
+    "callq.track_due": {"queue": "track"},
     "callq.track_batch": {"queue": "track"},
     "callq.reconcile": {"queue": "track"},
     "callq.webhook": {"queue": "track"},
@@ -76,6 +76,7 @@ def beat_schedule(s: Settings) -> dict[str, dict[str, Any]]:
     """Beat's periodic tasks and their intervals."""
     return {
         "poll-due-calls": {"task": "callq.poll", "schedule": s.poll_interval_seconds},
+        "track-placed-calls": {"task": "callq.track_due", "schedule": s.track_tick_seconds},
         "provider-health": {"task": "callq.health_check", "schedule": s.health_interval_seconds},
         "reap-expired-leases": {"task": "callq.reap", "schedule": s.reaper_interval_seconds},
         "usage-rollover": {"task": "callq.rollover", "schedule": s.rollover_interval_seconds},

@@ -47,11 +47,15 @@ class Settings(BaseSettings):
 
     # Tracking placed calls
     track_initial_delay_seconds: float = Field(default=2.0, ge=0)
-    # Polls of a 60-s call fall at 2, 5, 10, 18, 28, 37, 46, 55 and 64 s: its end is seen
-    # within 9 s with 9 reads. A provider that sends webhooks is polled only as a safety net.
-    track_max_delay_seconds: float = Field(default=9.0, gt=0, le=30)
+    # Polls of a 60-s call fall at about 2, 5, 10, 18, 27, 35, 44, 52 and 61 s (each wait counted
+    # from the poll before, plus up to one tick): its end is seen within about 9 s with about 9
+    # reads. A provider that sends webhooks is polled only as a safety net.
+    track_max_delay_seconds: float = Field(default=8.0, gt=0, le=30)
     track_webhook_delay_seconds: float = Field(default=30.0, gt=0, le=30)
     track_backoff_factor: float = Field(default=1.6, ge=1)
+    # Beat's tracking tick: each tick polls the placed calls whose next poll is due.
+    track_tick_seconds: float = Field(default=1.0, gt=0)
+    track_tick_limit: int = Field(default=2000, ge=1)
     reconcile_lookups: int = Field(default=3, ge=1)
     reconcile_delay_seconds: float = Field(default=5.0, ge=0)
 

@@ -221,14 +221,14 @@ CREATE POLICY queue_select_own ON public.call_queue FOR SELECT TO authenticated
 REVOKE ALL ON FUNCTION
   public.set_updated_at(), public.handle_new_user(), public.sync_provider_slots(),
   public.is_admin(), public.is_open_account(), public.free_provider_slot(uuid),
-  public.schedule_call(uuid, uuid, text, text, text, timestamptz, int, jsonb, jsonb, text),
+  public.schedule_call(uuid, uuid, text, text, text, timestamptz, int, jsonb, jsonb, text, text),
   public.claim_due_calls(int, text, int), public.get_next_call_in_queue(),
   public.get_best_available_provider(jsonb, uuid[]), public.assign_call_to_provider(uuid, uuid),
   public.claim_and_assign_calls(int, text, int), public.mark_call_dialing(uuid),
   public.mark_call_placed(uuid, text), public.exclude_provider(uuid[], uuid),
   public.release_assignment(uuid, text), public.add_call_usage(uuid, double precision),
   public.complete_call(uuid, double precision, text, text, double precision, text,
-    timestamptz, timestamptz, text),
+    timestamptz, timestamptz),
   public.record_provider_health(uuid, boolean, double precision, text),
   public.handle_failed_call(uuid, text, text, int, double precision, text),
   public.reap_expired_leases(), public.reconcile_provider_slots(),
@@ -240,7 +240,7 @@ GRANT EXECUTE ON FUNCTION public.is_admin(), public.is_open_account()
   TO authenticated, service_role, callq_worker;
 
 GRANT EXECUTE ON FUNCTION
-  public.schedule_call(uuid, uuid, text, text, text, timestamptz, int, jsonb, jsonb, text)
+  public.schedule_call(uuid, uuid, text, text, text, timestamptz, int, jsonb, jsonb, text, text)
   TO authenticated, service_role, callq_worker;
 
 GRANT EXECUTE ON FUNCTION
@@ -251,7 +251,7 @@ GRANT EXECUTE ON FUNCTION
   public.mark_call_placed(uuid, text), public.exclude_provider(uuid[], uuid),
   public.release_assignment(uuid, text), public.add_call_usage(uuid, double precision),
   public.complete_call(uuid, double precision, text, text, double precision, text,
-    timestamptz, timestamptz, text),
+    timestamptz, timestamptz),
   public.record_provider_health(uuid, boolean, double precision, text),
   public.handle_failed_call(uuid, text, text, int, double precision, text),
   public.reap_expired_leases(), public.reconcile_provider_slots(),

@@ -44,7 +44,7 @@ $$;
 
 -- ---------------------------------------------------------------------------------------------
 -- call_input_violation: the first limit a call's input breaks, as (sqlstate, message); no row
--- when it keeps them all. schedule_calls_core reports it for each row (rank 1200), so
+-- when it keeps them all. schedule_calls_core reports it for each row (rank 1150), so
 -- schedule_call and schedule_calls apply the same limits (supabase/README.md, Security):
 --   CQ018 input_too_large: custom_variables or metadata over 16384 bytes as JSON text, nested
 --         deeper than 4 levels or with more than 200 keys; an email over 254 characters;

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,20 +27,6 @@ FAST_ENV = {
     "CALLQ_PROVIDER_ALLOWED_HOSTS": "http://127.0.0.1:*",
 }
 TERMINAL = ("completed", "failed", "canceled")
-
-
-def wait_until(
-    check: Callable[[], Any], *, timeout: float = 60.0, interval: float = 0.2, what: str = ""
-) -> Any:
-    """Poll ``check`` until it returns a truthy value; fail with ``what`` after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout}s waiting for {what or check}")
-        time.sleep(interval)
 
 
 @pytest.fixture
