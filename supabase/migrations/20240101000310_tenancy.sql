@@ -371,7 +371,9 @@ GRANT EXECUTE ON FUNCTION public.close_account(uuid) TO service_role;
 
 -- Functions created before the roles exist (20240101000170) get their privileges here: the
 -- catalog matrix (tests/integration/test_db_privileges.py) allows anon nothing.
-REVOKE ALL ON FUNCTION public.default_lease_seconds(), public.poll_deadline_seconds()
+REVOKE ALL ON FUNCTION public.default_lease_seconds(), public.poll_deadline_seconds(),
+  public.failure_kinds()
   FROM PUBLIC, anon;
-GRANT EXECUTE ON FUNCTION public.default_lease_seconds(), public.poll_deadline_seconds()
+GRANT EXECUTE ON FUNCTION public.default_lease_seconds(), public.poll_deadline_seconds(),
+  public.failure_kinds()
   TO authenticated, service_role, callq_worker;
