@@ -26,7 +26,7 @@ RESULTS_DIR = REPO / "bench" / "results"
 RESULTS_MD = REPO / "bench" / "RESULTS.md"
 
 Row = tuple[str, str, str, str, str, str]
-SECTIONS = ("claim", "growth", "e2e", "campaigns", "tracking", "webhooks")
+SECTIONS = ("claim", "growth", "e2e", "campaigns", "tracking", "webhooks", "pooler")
 
 
 def _f(x: Any, digits: int = 0, unit: str = "") -> str:
@@ -163,6 +163,7 @@ def rows_from(results: dict[str, Any]) -> list[Row]:
         )
     rows += tracking_rows(results.get("tracking") or {})
     rows += webhook_rows(results.get("webhooks") or {})
+    rows += pooler_rows(results.get("pooler") or {})
     mem = e2e.get("memory")
     if mem and "last" in mem:
         first = mem.get("first", mem["last"])
@@ -242,6 +243,25 @@ def webhook_rows(wh: dict[str, Any]) -> list[Row]:
                 )
             )
     return rows
+
+
+def pooler_rows(pooler: dict[str, Any]) -> list[Row]:
+    """End to end through pgbouncer (transaction mode) beside the direct connection."""
+    if "direct" not in pooler:
+        return []
+    labels = {"pooler": "LISTEN over a direct URL", "pooler_poll": "LISTEN off, 1 s tick"}
+    return [
+        (
+            f"end to end through pgbouncer (transaction mode), {label}, calls/s vs direct",
+            _f(pooler[key]["rate"]),
+            _f(pooler["direct"]["rate"]),
+            _f(pooler[key]["ratio"], 2),
+            "informative",
+            "",
+        )
+        for key, label in labels.items()
+        if key in pooler
+    ]
 
 
 def table(rows: list[Row], markdown: bool) -> str:
@@ -489,6 +509,13 @@ def main(argv: list[str] | None = None) -> int:
         log("== webhook endpoint")
         results["webhooks"] = webhooks.run(500 if ns.quick else 2000)
         results["webhooks"]["measured"] = f"{now()} ({command})"
+        save()
+    if "pooler" in only:
+        from bench import pooler
+
+        log("== end to end through a transaction pooler (pgbouncer) vs direct")
+        results["pooler"] = pooler.run(quick=ns.quick)
+        results["pooler"]["measured"] = f"{now()} ({command})"
         save()
     if ns.drills:
         from dataclasses import asdict
