@@ -327,7 +327,8 @@ def write_markdown(
         f"Python {m['python']}); {results['seconds']:.0f} s. Each ratio compares figures "
         "measured in the same run on the same machine; the absolute numbers drift between "
         "runs on a shared machine. How each figure is measured: `bench/claim.py`, "
-        "`bench/growth.py`, `bench/e2e.py`, `bench/campaigns.py` (docstrings). Raw figures: "
+        "`bench/growth.py`, `bench/e2e.py`, `bench/campaigns.py`, `bench/tracking.py`, "
+        "`bench/webhooks.py` (docstrings). Raw figures: "
         "`bench/results/latest.json` (not committed).",
         "",
         table(rows, markdown=True),
@@ -335,7 +336,7 @@ def write_markdown(
     ]
     stamps = [
         f"{k}: {results[k]['measured']}"
-        for k in ("claim", "growth", "e2e", "campaigns")
+        for k in SECTIONS
         if isinstance(results.get(k), dict) and results[k].get("measured")
     ]
     if isinstance(results.get("e2e"), dict) and results["e2e"].get("latency_sweep"):
