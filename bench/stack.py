@@ -27,6 +27,7 @@ from bench.common import (
     fleet_env,
     own_redis,
 )
+from worker.seed import daytime_zone
 
 TERMINAL = ("completed", "failed", "canceled")
 IN_FLIGHT = ("claimed", "assigned", "dialing", "in_progress")
@@ -68,6 +69,8 @@ class Stack:
     fleet: Any = None
     seeded: Any = None
     url: str = ""
+    # the recipients' zone: where it is daytime now (calling rules: 08:00-21:00 local)
+    zone: str = field(default_factory=daytime_zone)
 
     def start(self) -> Stack:
         from worker.fleet import Fleet
@@ -145,19 +148,26 @@ class Stack:
 
         with self.connect() as conn:
             return schedule_calls(
-                conn, self.seeded, count, start=start, delay_seconds=delay_seconds, suffix=suffix
+                conn,
+                self.seeded,
+                count,
+                start=start,
+                delay_seconds=delay_seconds,
+                suffix=suffix,
+                timezone=self.zone,
             )
 
     def schedule_one(self, conn: psycopg.Connection[Any], i: int) -> tuple[str, float]:
         """One call due now, autocommit; returns (queue id, wall time right after the commit)."""
         row = conn.execute(
-            "SELECT schedule_call(%s, %s, %s, %s, NULL, NULL, 5, %s, '{}'::jsonb)",
+            "SELECT schedule_call(%s, %s, %s, %s, NULL, NULL, 5, %s, '{}'::jsonb, NULL, %s)",
             (
                 self.seeded.user_id,
                 self.seeded.template_id,
                 f"Customer {i}",
                 f"+1555{(i // 10000) % 1000:03d}{i % 10000:04d}",
                 '{"company_name": "Acme"}',
+                self.zone,
             ),
         ).fetchone()
         t = time.time()

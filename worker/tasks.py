@@ -31,6 +31,7 @@ from dispatch.policy import (
     Fail,
     KeepPolling,
     Reconcile,
+    Release,
     decide_error,
     decide_outcome,
     decide_setup_error,
@@ -240,6 +241,10 @@ def _after_create_error(call: CallRow, exc: ProviderError) -> Step:
         # calls go elsewhere while this one waits for proof either way.
         runtime.database().record_health(call.provider.provider_id, False, 0.0, "create_unknown")
         return Reconciling(assignment_id, 0, get_settings().reconcile_delay_seconds)
+    if isinstance(decision, Release):
+        runtime.database().release(assignment_id, decision.reason, decision.delay_seconds)
+        log.info("call.released", reason=decision.reason, delay=decision.delay_seconds)
+        return Ended(Outcome.RELEASED)
     step = _end(assignment_id, decision)
     log.warning("call.create_failed", kind=decision.kind, result=step.label, error=str(exc))
     return step

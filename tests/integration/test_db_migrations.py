@@ -13,7 +13,7 @@ from models.migrate import list_migrations, upgrade
 from models.session import make_engine, normalize_url
 from models.tables import ALL_MODELS, Base
 
-from .dbutil import TABLES, connect, one
+from .dbutil import RULES_TABLES, TABLES, connect, one
 
 EXPECTED_TABLES = set(TABLES)
 
@@ -34,12 +34,14 @@ def test_upgrade_applies_everything_once_and_records_versions(empty_db_url: str)
         assert rows[0][1] == "initial_schema" and rows[1][1] == "queue_and_providers"
         assert all(r[2] == 1 for r in rows)
         tables = {
-            r[0]
+            r[0]: r[1]
             for r in conn.execute(
-                "SELECT tablename FROM pg_tables WHERE schemaname = 'public' AND rowsecurity"
+                "SELECT tablename, rowsecurity FROM pg_tables WHERE schemaname = 'public'"
             )
         }
-        assert tables == EXPECTED_TABLES  # all of them, all with RLS enabled
+        # all of them (and the calling rules' reference and settings tables), all with RLS
+        assert set(tables) == EXPECTED_TABLES | set(RULES_TABLES)
+        assert all(tables.values()), tables
         assert one(conn, "SELECT to_regprocedure('auth.uid()') IS NOT NULL")
 
 
