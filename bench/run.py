@@ -27,7 +27,7 @@ RESULTS_DIR = REPO / "bench" / "results"
 RESULTS_MD = REPO / "bench" / "RESULTS.md"
 
 Row = tuple[str, str, str, str, str, str]
-SECTIONS = ("claim", "growth", "e2e", "campaigns", "tracking", "webhooks", "pooler")
+SECTIONS = ("claim", "growth", "e2e", "campaigns", "tracking", "webhooks", "pooler", "events")
 
 
 def _f(x: Any, digits: int = 0, unit: str = "") -> str:
@@ -46,6 +46,7 @@ def rows_from(results: dict[str, Any]) -> list[Row]:
     rows += campaign_rows(results) + tracking_rows(results.get("tracking") or {})
     rows += webhook_rows(results.get("webhooks") or {})
     rows += pooler_rows(results.get("pooler") or {})
+    rows += event_rows(results.get("events") or {})
     return rows + memory_rows(results)
 
 
@@ -297,6 +298,24 @@ def pooler_rows(pooler: dict[str, Any]) -> list[Row]:
     ]
 
 
+def event_rows(events: dict[str, Any]) -> list[Row]:
+    """The call-event log's triggers: server CPU with them on vs off."""
+    labels = {"batch": "µs per claimed row, claim_and_assign_calls(50)",
+              "call": "µs per call, schedule to complete (5 statements)"}  # fmt: skip
+    return [
+        (
+            f"call-event triggers: server CPU {label}, on vs off",
+            _f(events[key]["on_us"]),
+            _f(events[key]["off_us"]),
+            _f(1 + events[key]["cost"], 2),
+            "informative",
+            "",
+        )
+        for key, label in labels.items()
+        if key in events
+    ]
+
+
 def table(rows: list[Row], markdown: bool) -> str:
     head: Row = ("benchmark", "ours", "baseline", "ratio", "target", "met?")
     if markdown:
@@ -501,6 +520,12 @@ def _pooler(quick: bool) -> dict[str, Any]:
     return pooler.run(quick=quick)
 
 
+def _events(quick: bool) -> dict[str, Any]:
+    from bench import events
+
+    return events.run(quick=quick)
+
+
 # Each section: its heading in the log and what runs it, in the order they run.
 RUNS: dict[str, tuple[str, Callable[[bool], dict[str, Any]]]] = {
     "claim": ("claim path vs bare SKIP LOCKED claim (pgbench)", _claim),
@@ -510,6 +535,7 @@ RUNS: dict[str, tuple[str, Callable[[bool], dict[str, Any]]]] = {
     "tracking": ("long calls: polling and webhooks", _tracking),
     "webhooks": ("webhook endpoint", _webhooks),
     "pooler": ("end to end through a transaction pooler (pgbouncer) vs direct", _pooler),
+    "events": ("call-event log: server CPU with its triggers on vs off", _events),
 }
 
 
