@@ -855,10 +855,14 @@ AS $$
 $$;
 
 -- release_assignment: for calls proven never dialed. Frees the slot, assignment -> released,
--- queue -> queued (due now) with attempts unchanged (an attempt counted by mark_call_dialing is
--- given back). Reasons starting with "provider" (e.g. provider_error, provider_unavailable) or
--- equal to circuit_open / rate_limited exclude the provider from the next attempt.
-CREATE OR REPLACE FUNCTION public.release_assignment(p_assignment_id uuid, p_reason text)
+-- queue -> queued (due now, or p_delay_seconds from now) with attempts unchanged (an attempt
+-- counted by mark_call_dialing is given back). Reasons starting with "provider" (e.g.
+-- provider_error, provider_unavailable) or equal to circuit_open / rate_limited exclude the
+-- provider from the next attempt. The worker releases with a delay a create that would wait
+-- in its client-side throttle longer than the dialing lease allows (reason client_throttle).
+CREATE OR REPLACE FUNCTION public.release_assignment(
+  p_assignment_id uuid, p_reason text, p_delay_seconds double precision DEFAULT 0
+)
 RETURNS boolean
 LANGUAGE plpgsql
 SET search_path = ''
@@ -890,6 +894,9 @@ BEGIN
   UPDATE public.call_queue q
      SET status = 'queued',
          attempts = CASE WHEN v_prev = 'dialing' THEN greatest(q.attempts - 1, 0) ELSE q.attempts END,
+         scheduled_time = CASE WHEN p_delay_seconds > 0
+           THEN greatest(q.scheduled_time, now() + make_interval(secs => p_delay_seconds))
+           ELSE q.scheduled_time END,
          claimed_by = NULL, claimed_at = NULL, lease_expires_at = NULL,
          last_error = p_reason,
          excluded_provider_ids = CASE
