@@ -93,6 +93,9 @@ def seed_demo(
 ) -> Seeded:
     """Create one user (through ``auth.users``, as Supabase does), plan, template and providers.
 
+    ``webhook_secret`` goes to the providers' ``webhook_secret`` column (a value or an
+    ``env:NAME`` reference); without it every webhook is refused and calls are polled.
+
     The plan's ``max_concurrent_calls`` is ``plan_concurrency``, by default every provider slot
     (so the plan is not what limits the demo, the tests or the benchmarks unless they ask).
     """

@@ -229,10 +229,11 @@ def _create(call: CallRow) -> CallHandle | Step:
     except ConfigError as exc:  # raised before a request is built (e.g. a setting missing)
         log.warning("call.setup_failed", error=type(exc).__name__)
         return _end(str(call.assignment_id), decide_setup_error(exc))
-    except Exception:
+    except Exception as exc:
         # Anything unexpected while sending: the request may have left, so treat the outcome
-        # as unknown and look the call up before anything is re-sent.
-        log.exception("call.create_crashed")
+        # as unknown and look the call up before anything is re-sent. Logged by type only: an
+        # exception's text may carry what was sent.
+        log.warning("call.create_crashed", error=type(exc).__name__)
         return Reconciling(str(call.assignment_id), 0, get_settings().reconcile_delay_seconds)
 
 
