@@ -27,7 +27,7 @@ RESULTS_DIR = REPO / "bench" / "results"
 RESULTS_MD = REPO / "bench" / "RESULTS.md"
 
 Row = tuple[str, str, str, str, str, str]
-SECTIONS = ("claim", "growth", "e2e", "campaigns", "tracking", "webhooks")
+SECTIONS = ("claim", "growth", "e2e", "campaigns", "tracking", "webhooks", "pooler", "events")
 
 
 def _f(x: Any, digits: int = 0, unit: str = "") -> str:
@@ -45,6 +45,8 @@ def rows_from(results: dict[str, Any]) -> list[Row]:
     rows = claim_rows(results) + e2e_rows(results) + growth_rows(results)
     rows += campaign_rows(results) + tracking_rows(results.get("tracking") or {})
     rows += webhook_rows(results.get("webhooks") or {})
+    rows += pooler_rows(results.get("pooler") or {})
+    rows += event_rows(results.get("events") or {})
     return rows + memory_rows(results)
 
 
@@ -277,6 +279,43 @@ def webhook_rows(wh: dict[str, Any]) -> list[Row]:
     return rows
 
 
+def pooler_rows(pooler: dict[str, Any]) -> list[Row]:
+    """End to end through pgbouncer (transaction mode) beside the direct connection."""
+    if "direct" not in pooler:
+        return []
+    labels = {"pooler": "LISTEN over a direct URL", "pooler_poll": "LISTEN off, 1 s tick"}
+    return [
+        (
+            f"end to end through pgbouncer (transaction mode), {label}, calls/s vs direct",
+            _f(pooler[key]["rate"]),
+            _f(pooler["direct"]["rate"]),
+            _f(pooler[key]["ratio"], 2),
+            "informative",
+            "",
+        )
+        for key, label in labels.items()
+        if key in pooler
+    ]
+
+
+def event_rows(events: dict[str, Any]) -> list[Row]:
+    """The call-event log's triggers: server CPU with them on vs off."""
+    labels = {"batch": "µs per claimed row, claim_and_assign_calls(50)",
+              "call": "µs per call, schedule to complete (5 statements)"}  # fmt: skip
+    return [
+        (
+            f"call-event triggers: server CPU {label}, on vs off",
+            _f(events[key]["on_us"]),
+            _f(events[key]["off_us"]),
+            _f(1 + events[key]["cost"], 2),
+            "informative",
+            "",
+        )
+        for key, label in labels.items()
+        if key in events
+    ]
+
+
 def table(rows: list[Row], markdown: bool) -> str:
     head: Row = ("benchmark", "ours", "baseline", "ratio", "target", "met?")
     if markdown:
@@ -478,6 +517,18 @@ def _webhooks(quick: bool) -> dict[str, Any]:
     return webhooks.run(500 if quick else 2000)
 
 
+def _pooler(quick: bool) -> dict[str, Any]:
+    from bench import pooler
+
+    return pooler.run(quick=quick)
+
+
+def _events(quick: bool) -> dict[str, Any]:
+    from bench import events
+
+    return events.run(quick=quick)
+
+
 # Each section: its heading in the log and what runs it, in the order they run.
 RUNS: dict[str, tuple[str, Callable[[bool], dict[str, Any]]]] = {
     "claim": ("claim path vs bare SKIP LOCKED claim (pgbench)", _claim),
@@ -486,6 +537,8 @@ RUNS: dict[str, tuple[str, Callable[[bool], dict[str, Any]]]] = {
     "e2e": ("end to end, latency, memory (real fleet)", _e2e),
     "tracking": ("long calls: polling and webhooks", _tracking),
     "webhooks": ("webhook endpoint", _webhooks),
+    "pooler": ("end to end through a transaction pooler (pgbouncer) vs direct", _pooler),
+    "events": ("call-event log: server CPU with its triggers on vs off", _events),
 }
 
 

@@ -19,6 +19,8 @@ from typing import Any
 import psycopg
 
 from bench.common import (
+    ADMIN_URL,
+    OwnPgbouncer,
     OwnPostgres,
     ScratchDB,
     Simulator,
@@ -54,6 +56,11 @@ class Stack:
     admin_url: str | None = None
     log_dir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="callq-bench-")))
     keep_logs: bool = False
+    # The fleet talks through a pgbouncer of ours in transaction mode; LISTEN then goes over
+    # the direct URL when listen_direct, else it is off.
+    pooler: bool = False
+    listen_direct: bool = True
+    bouncer: OwnPgbouncer | None = None
 
     db: ScratchDB | None = None
     pg: OwnPostgres | None = None
@@ -90,7 +97,13 @@ class Stack:
                     max_concurrent_calls=self.max_concurrent_calls,
                     webhook_secret=self.webhook_secret,
                 )
-            env = fleet_env(self.url, self.redis.url, **self.env_overrides)
+            fleet_url, overrides = self.url, dict(self.env_overrides)
+            if self.pooler:
+                self.bouncer = OwnPgbouncer(self.db.admin_url or ADMIN_URL).start()
+                fleet_url = self.bouncer.url(self.db.name)
+                if self.listen_direct:
+                    overrides["CALLQ_LISTEN_DATABASE_URL"] = self.url
+            env = fleet_env(fleet_url, self.redis.url, **overrides)
             self.fleet = Fleet(env=env, log_dir=self.log_dir)
         except BaseException:
             self.stop()
@@ -110,6 +123,8 @@ class Stack:
             with contextlib.suppress(Exception):
                 self.redis.stop()
             shutil.rmtree(self.redis.datadir, ignore_errors=True)
+        if self.bouncer is not None:
+            self.bouncer.stop()
         if self.db is not None:
             self.db.drop()
         if self.pg is not None:

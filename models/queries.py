@@ -37,6 +37,11 @@ PROVIDER_COLUMNS = """
 p.id AS provider_id, p.name AS provider_name, p.provider_type, p.api_key, p.api_secret,
 p.webhook_secret, p.base_url, p.max_concurrent_calls, p.capabilities, p.config
 """
+# The template as it was when the call was queued (call_queue.template_snapshot, a copy of the
+# row): a later edit or deletion of the template does not change the call.
+TEMPLATE_JOIN = (
+    "LEFT JOIN LATERAL jsonb_populate_record(NULL::call_templates, q.template_snapshot) t ON true"
+)
 
 # Everything a dispatch, a poll or a reconcile needs about assignment ``a`` (``CallRow``).
 CALL_COLUMNS = f"""
@@ -47,11 +52,11 @@ t.name AS template_name, t.script, t.first_message, t.voicemail_detection,
 t.voicemail_action, t.voicemail_message, t.record_calls,
 {PROVIDER_COLUMNS}
 """
-CALL_FROM = """
+CALL_FROM = f"""
 FROM call_assignments a
 JOIN call_queue q ON q.id = a.queue_id
 JOIN call_service_providers p ON p.id = a.provider_id
-LEFT JOIN call_templates t ON t.id = q.template_id
+{TEMPLATE_JOIN}
 """
 
 # Load the calls behind some assignments (those that exist), in one round trip.
@@ -67,7 +72,7 @@ CROSS JOIN LATERAL (SELECT mark_call_dialing(x.id) AS won) g
 JOIN call_assignments a ON a.id = x.id
 JOIN call_queue q ON q.id = a.queue_id
 JOIN call_service_providers p ON p.id = a.provider_id
-LEFT JOIN call_templates t ON t.id = q.template_id
+{TEMPLATE_JOIN}
 WHERE g.won
 ORDER BY x.n
 """
@@ -103,6 +108,11 @@ SELECT handle_failed_call(
   p_retry_after_seconds => %(retry_after_seconds)s::int,
   p_duration_seconds => %(duration_seconds)s::float8,
   p_provider_call_id => %(provider_call_id)s::text)
+"""
+
+# Give a call that was never sent back to the queue (no attempt used), due after a delay.
+RELEASE = """
+SELECT release_assignment(%(assignment_id)s::uuid, %(reason)s::text, %(delay_seconds)s::float8)
 """
 
 # Advance each placed call's poll token if it still holds the expected value, and note its
@@ -334,6 +344,11 @@ class Database:
     def reconcile_slots(self) -> int:
         """Recount slots; the number of provider rows corrected."""
         return int(self.scalar(RECONCILE_SLOTS) or 0)
+
+    def release(self, assignment_id: UUID | str, reason: str, delay_seconds: float = 0.0) -> bool:
+        """Release a call proven never sent; False when it was no longer assigned or dialing."""
+        params = {"assignment_id": str(assignment_id), "reason": reason}
+        return bool(self.scalar(RELEASE, {**params, "delay_seconds": delay_seconds}))
 
     def record_health(
         self, provider_id: UUID | str, ok: bool, latency_ms: float, error: str | None
