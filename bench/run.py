@@ -486,6 +486,9 @@ def write_markdown(
             if d.get("notes"):
                 parts.append(f"- {d['name']}: {'; '.join(d['notes'])}")
         parts.append("")
+    # sections a feature keeps beside the run's table (e.g. bench/notes/calling_rules.md)
+    for note in sorted((REPO / "bench" / "notes").glob("*.md")):
+        parts += [note.read_text().rstrip(), ""]
     findings = REPO / "bench" / "FINDINGS.md"
     if findings.exists():
         parts += ["Findings (what misses a target and why): `bench/FINDINGS.md`.", ""]
