@@ -129,6 +129,17 @@ WHERE a.id = x.id AND a.state = 'placed' AND a.poll_count = x.expected
 RETURNING a.id, a.poll_count
 """
 
+# Note what the provider reports of placed calls (ringing, in_progress) in the event log, once
+# per attempt and kind: a kind already logged for the attempt is skipped, so polling a ringing
+# call again writes nothing (one index probe per call on call_events_queue_idx).
+RECORD_PROVIDER_STATES = """
+SELECT record_call_event(a.queue_id, x.kind, '{}'::jsonb)
+FROM unnest(%(assignment_ids)s::uuid[], %(kinds)s::text[]) AS x(id, kind)
+JOIN call_assignments a ON a.id = x.id AND a.state = 'placed'
+WHERE NOT EXISTS (SELECT 1 FROM call_events e
+                  WHERE e.queue_id = a.queue_id AND e.assignment_id = a.id AND e.kind = x.kind)
+"""
+
 # Take the placed calls whose next poll is due, oldest first: their poll deadline moves ahead,
 # so no other tick takes them while they are polled; returns (assignment, poll token).
 TAKE_DUE_POLLS = """
@@ -334,6 +345,14 @@ class Database:
         if not polls:
             return {}
         return {str(r["id"]): int(r["poll_count"]) for r in self.rows(TOUCH_POLLS, params)}
+
+    def record_provider_states(self, observed: Sequence[tuple[str, str]]) -> int:
+        """Log each (assignment id, kind) the provider reported of a placed call (ringing or
+        in_progress), once per attempt and kind; returns how many events were written."""
+        if not observed:
+            return 0
+        params = {"assignment_ids": [a for a, _ in observed], "kinds": [k for _, k in observed]}
+        return len(self.rows(RECORD_PROVIDER_STATES, params))
 
     def take_due_polls(self, limit: int) -> list[tuple[str, int]]:
         """Up to ``limit`` placed calls whose poll is due, as (assignment id, poll token)."""

@@ -2,7 +2,9 @@
 
 Applies migrations, seeds a user, plan, template and three providers (Vapi, SynthFlow, Retell),
 schedules a batch of calls (some now, some later, mixed priorities), runs a real Celery worker
-and beat, prints live progress and ends with a summary by status and provider. With no
+and beat, prints live progress and ends with a summary by status and provider. One or two of
+the calls go to a recipient zone where it is night now: the calling window holds them (they
+stay queued until the local opening), as an illustration; the demo does not wait for them. With no
 DATABASE_URL or broker URL configured it starts an embedded PostgreSQL and Redis and stops
 them at the end.
 """
@@ -17,8 +19,10 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import UTC
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import psycopg
 
@@ -27,7 +31,7 @@ from models.session import connect
 from providers.simulator import Simulator
 from worker.embedded import EmbeddedServices
 from worker.fleet import Fleet
-from worker.seed import Seeded, schedule_calls, seed_demo
+from worker.seed import Seeded, night_zone, schedule_calls, seed_demo
 from worker.settings import get_settings
 from worker.status import format_table
 
@@ -97,13 +101,17 @@ def run_demo(*, calls: int = 40, timeout: float = 180.0, seed: int = 7, keep: bo
                     conn, sim_base_url=sim.base_url, providers=DEMO_PROVIDERS,
                     max_concurrent_calls=8,
                 )  # fmt: skip
-                ids = _schedule(conn, seeded, calls, random.Random(seed))
-                print(f"scheduled {len(ids)} calls (some now, some in 5-20 s, priorities 1-9)")
+                ids, night = _schedule(conn, seeded, calls, random.Random(seed))
+                print(
+                    f"scheduled {len(ids)} calls (some now, some in 5-20 s, priorities 1-9;"
+                    f" {len(night)} where it is night now)"
+                )
                 fleet.start_worker()
                 fleet.start_beat()
-                ok = _watch(conn, ids, timeout)
+                ok = _watch(conn, ids, night, timeout)
                 print()
                 print(summary(conn, ids))
+                print(held_line(conn, night))
                 print(f"\nsimulator: {sim.stats().get('total_creates', 0)} create requests")
             if keep:
                 _keep_running(fleet, db_url)
@@ -148,11 +156,18 @@ def _retry_fast(conn: psycopg.Connection[Any]) -> None:
     conn.execute("UPDATE ops_settings SET retry_delay_scale = 0.01, updated_at = now()")
 
 
+def night_calls(calls: int) -> int:
+    """How many of the demo's calls go where it is night: two, one in a small demo, none in
+    one of one or two calls."""
+    return 0 if calls < 3 else 1 if calls < 10 else 2
+
+
 def _schedule(
     conn: psycopg.Connection[Any], seeded: Seeded, calls: int, rng: random.Random
-) -> list[Any]:
+) -> tuple[list[Any], list[Any]]:
+    """Schedule the calls: (every queue id, the ids of those where it is night now)."""
     ids: list[Any] = []
-    for i in range(calls):
+    for i in range(calls - night_calls(calls)):
         later = rng.random() < 0.3
         ids += schedule_calls(
             conn,
@@ -162,11 +177,13 @@ def _schedule(
             priority=rng.randint(1, 9),
             delay_seconds=rng.uniform(5, 20) if later else 0.0,
         )
-    return ids
+    night = schedule_calls(conn, seeded, night_calls(calls), start=len(ids), timezone=night_zone())
+    return ids + night, night
 
 
-def _watch(conn: psycopg.Connection[Any], ids: list[Any], timeout: float) -> bool:
-    """Print a progress line whenever the counts change; True once every call is terminal."""
+def _watch(conn: psycopg.Connection[Any], ids: list[Any], night: list[Any], timeout: float) -> bool:
+    """Print a progress line whenever the counts change; True once every call is terminal but
+    the night ones, and those are held by the calling window (queued, ``hold_reason`` set)."""
     deadline = time.monotonic() + timeout
     last = ""
     while True:
@@ -181,10 +198,15 @@ def _watch(conn: psycopg.Connection[Any], ids: list[Any], timeout: float) -> boo
             print(f"[{time.strftime('%H:%M:%S')}] {line}", flush=True)
             last = line
         done = sum(counts.get(k, 0) for k in TERMINAL)
-        if done == len(ids):
+        held = _held(conn, night)
+        if done == len(ids) - len(night) and len(held) == len(night):
             return True
         if time.monotonic() > deadline:
-            print(f"timed out with {len(ids) - done} calls not terminal", file=sys.stderr)
+            print(
+                f"timed out with {len(ids) - len(night) - done} calls not terminal"
+                f" and {len(night) - len(held)} night calls not held",
+                file=sys.stderr,
+            )
             return False
         time.sleep(0.5)
 
@@ -211,6 +233,32 @@ def summary(conn: psycopg.Connection[Any], ids: list[Any]) -> str:
         ["status", "outcome", "provider", "calls", "attempts", "seconds", "cost $"], rows
     )
     return f"Summary\n{table}\nprovider slots still held: {held[0] if held else 0}"
+
+
+def _held(conn: psycopg.Connection[Any], ids: list[Any]) -> list[tuple[Any, ...]]:
+    """Of these calls, those a rule holds: (hold reason, until, zones) of each."""
+    if not ids:
+        return []
+    return conn.execute(
+        "SELECT hold_reason, scheduled_time, recipient_timezones FROM call_queue"
+        " WHERE id = ANY(%s) AND status = 'queued' AND hold_reason IS NOT NULL"
+        " ORDER BY scheduled_time",
+        (ids,),
+    ).fetchall()
+
+
+def held_line(conn: psycopg.Connection[Any], ids: list[Any]) -> str:
+    """The summary's line on the calls a rule holds, with their local opening."""
+    held = _held(conn, ids)
+    if not held:
+        return "held by a calling rule: 0 calls"
+    reason, until, zones = held[0]
+    zone = (zones or ["UTC"])[0]
+    local = until.astimezone(ZoneInfo(zone))
+    return (
+        f"held by a calling rule: {len(held)} calls ({reason}), queued until"
+        f" {local:%H:%M} local in {zone} ({until.astimezone(UTC):%Y-%m-%d %H:%M} UTC)"
+    )
 
 
 def _say(message: str, start: Any) -> str:

@@ -55,11 +55,22 @@ SIM_VAPI_KEY = "sim-vapi-key"
 
 def daytime_zone(now: datetime | None = None) -> str:
     """An IANA zone where the local time is closest to 14:00 at ``now`` (default: now)."""
+    return _zone_near(14, now)
+
+
+def night_zone(now: datetime | None = None) -> str:
+    """An IANA zone where the local time is closest to 02:00 at ``now`` (default: now): far
+    outside the 08:00-21:00 calling window, so a call there is held by the rule."""
+    return _zone_near(2, now)
+
+
+def _zone_near(hour: int, now: datetime | None) -> str:
     at = now or datetime.now(UTC)
 
     def distance(zone: str) -> float:
         local = at.astimezone(ZoneInfo(zone))
-        return abs(local.hour + local.minute / 60 - 14)
+        gap = abs(local.hour + local.minute / 60 - hour)
+        return min(gap, 24 - gap)
 
     return min(DAYTIME_CANDIDATES, key=distance)
 

@@ -53,7 +53,7 @@ from dispatch.steps import (
     tally,
 )
 from models.calls import AssignmentState, CallRow
-from providers.base import CallHandle, CallStatus, WebhookEvent, clamp_status
+from providers.base import CallHandle, CallState, CallStatus, WebhookEvent, clamp_status
 from providers.errors import ConfigError, ProviderError, ProviderUnprovenMatchError
 from worker import logs, runtime
 from worker.celery_app import app
@@ -284,7 +284,15 @@ def track_chunk(items: Sequence[tuple[str, int | None]]) -> list[Step]:
     calls = db.load_calls([assignment_id for assignment_id, _ in items])
     live = [c for c in calls.values() if c.state is AssignmentState.PLACED]
     steps: list[Step] = [Skipped(SkipReason.NOT_PLACED)] * (len(items) - len(live))
-    polled = runtime.map_in_context(_poll, live)
+    results = runtime.map_in_context(_poll, live)
+    polled = [step for step, _ in results]
+    observed = [
+        (str(c.assignment_id), kind)
+        for c, (step, kind) in zip(live, results, strict=True)
+        if step is None and kind is not None
+    ]
+    if observed:
+        _record_provider_states(observed)
     going = {str(c.assignment_id) for c, step in zip(live, polled, strict=True) if step is None}
     steps += [step for step in polled if step is not None]
     again = [
@@ -293,18 +301,31 @@ def track_chunk(items: Sequence[tuple[str, int | None]]) -> list[Step]:
     return steps + _poll_again(again)
 
 
-def _poll(call: CallRow) -> Step | None:
-    """Read one call's state at its provider: the step that ended it, or None if it goes on."""
+# Provider states of a call still going that the event log records (once per attempt).
+_LOGGED_STATES = frozenset({CallState.RINGING, CallState.IN_PROGRESS})
+
+
+def _poll(call: CallRow) -> tuple[Step | None, str | None]:
+    """Read one call's state at its provider: the step that ended it (or None if it goes on),
+    and the provider state to log if it goes on ringing or in progress."""
     logs.bind(**_ids(call))
     try:
         status = runtime.provider_for(call.provider).get_call(str(call.provider_call_id))
     except ProviderError as exc:
         log.warning("call.poll_failed", error=str(exc))
-        return None
+        return None, None
     decision = decide_outcome(status)
     if isinstance(decision, KeepPolling):
-        return None
-    return _finish(str(call.assignment_id), status, decision)
+        return None, (str(status.state) if status.state in _LOGGED_STATES else None)
+    return _finish(str(call.assignment_id), status, decision), None
+
+
+def _record_provider_states(observed: Sequence[tuple[str, str]]) -> None:
+    """Log ringing / in progress once per attempt; the log is not worth a lost poll."""
+    try:
+        runtime.database().record_provider_states(observed)
+    except psycopg.Error as exc:
+        log.warning("call.event_not_logged", sqlstate=exc.sqlstate)
 
 
 def _poll_again(items: Sequence[tuple[str, int | None, float]]) -> list[Step]:

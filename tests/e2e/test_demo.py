@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
+import psycopg
 import pytest
 
 pytestmark = pytest.mark.e2e
@@ -30,20 +32,39 @@ def test_demo_runs_every_call_to_a_terminal_state(empty_db_url: str, redis_url: 
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     out = result.stdout
-    assert "scheduled 12 calls" in out
+    assert "scheduled 12 calls" in out and "2 where it is night now" in out
     assert "provider slots still held: 0" in out
     summary = out.split("Summary", 1)[1].splitlines()[3:]
     calls = sum(
         int(line.split()[-4]) for line in summary if line.split()[:1] in (["completed"], ["failed"])
     )
-    assert calls == 12
+    assert calls == 10  # every call but the two the calling window holds
+    queued = [line.split() for line in summary if line.split()[:1] == ["queued"]]
+    assert [int(row[-4]) for row in queued] == [2] and [row[-3] for row in queued] == ["0"]
+    held = re.search(
+        r"held by a calling rule: 2 calls \(calling_window\), queued until (\d\d):(\d\d) local",
+        out,
+    )
+    assert held, out[-2000:]
+    assert held.group(1, 2) == ("08", "00")  # the window's local opening
     assert "+1555" not in out
+    # held, not dialed: queued with no attempt, due later, each with a 'held' event
+    with psycopg.connect(empty_db_url) as conn:
+        rows = conn.execute(
+            "SELECT q.status, q.hold_reason, q.attempts, q.scheduled_time > now(),"
+            " (SELECT count(*) FROM call_events e WHERE e.queue_id = q.id AND e.kind = 'held'),"
+            " (SELECT count(*) FROM call_events e WHERE e.queue_id = q.id AND e.kind = 'dialing')"
+            " FROM call_queue q WHERE q.hold_reason IS NOT NULL"
+        ).fetchall()
+    assert len(rows) == 2
+    for status, reason, attempts, later, held_events, dialing_events in rows:
+        assert (status, reason, attempts, later) == ("queued", "calling_window", 0, True)
+        assert held_events >= 1 and dialing_events == 0
 
 
 def test_demo_keep_serves_flower_and_metrics_until_ctrl_c(
     empty_db_url: str, redis_url: str
 ) -> None:
-    import re
     import signal
     import urllib.request
 

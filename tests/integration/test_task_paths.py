@@ -104,6 +104,62 @@ def test_placed_then_completed(worker_db: str, seeded: Seeded, sim: Simulator) -
     assert sim.stats()["total_creates"] == 1
 
 
+def events_of(db_url: str, assignment_id: str) -> list[str]:
+    """The event kinds of the call behind an assignment, in the order they were written."""
+    with psycopg.connect(db_url) as conn:
+        rows = conn.execute(
+            "SELECT e.kind FROM call_events e JOIN call_assignments a ON a.queue_id = e.queue_id"
+            " WHERE a.id = %s ORDER BY e.id",
+            (assignment_id,),
+        ).fetchall()
+    return [r[0] for r in rows]
+
+
+def test_ringing_and_in_progress_are_logged_once_each_before_the_end(
+    worker_db: str, seeded: Seeded, sim: Simulator
+) -> None:
+    # long enough phases that polls every 50 ms see each one several times
+    sim.configure(
+        {
+            "outcome_mix": {"completed": 1.0},
+            "queue_seconds": 0.0,
+            "ring_seconds": 1.5,
+            "call_seconds": 1.5,
+        }
+    )
+    [aid] = claim(worker_db, seeded)
+    placed = dispatch(aid)
+    assert isinstance(placed, Placed)
+    token = placed.first_poll.token
+    polls = 0
+
+    def poll_until_ended() -> bool:
+        nonlocal token, polls
+        step = track(aid, token)
+        polls += 1
+        kinds = events_of(worker_db, aid)
+        # never a second event of a kind, however often the same state is seen
+        assert kinds.count("ringing") <= 1 and kinds.count("in_progress") <= 1
+        if isinstance(step, Polling):
+            token = step.next_poll.token
+            return False
+        assert step == Ended(Outcome.COMPLETED)
+        return True
+
+    wait_until(poll_until_ended, timeout=30, interval=0.05, what="the call to end")
+    assert polls > 10  # each phase was seen many times
+    kinds = events_of(worker_db, aid)
+    assert kinds.count("ringing") == 1 and kinds.count("in_progress") == 1
+    assert kinds.index("placed") < kinds.index("ringing") < kinds.index("in_progress")
+    assert kinds.index("in_progress") < kinds.index("ended")
+    with psycopg.connect(worker_db) as conn:
+        attempts = conn.execute(
+            "SELECT DISTINCT e.attempt, e.assignment_id FROM call_events e"
+            " WHERE e.kind IN ('ringing', 'in_progress')"
+        ).fetchall()
+    assert attempts == [(1, UUID(aid))]
+
+
 def test_a_live_call_keeps_polling_and_a_stale_chain_stops(
     worker_db: str, seeded: Seeded, sim: Simulator
 ) -> None:
