@@ -256,8 +256,8 @@ def held_line(conn: psycopg.Connection[Any], ids: list[Any]) -> str:
     zone = (zones or ["UTC"])[0]
     local = until.astimezone(ZoneInfo(zone))
     return (
-        f"held by a calling rule: {len(held)} calls ({reason}), queued until"
-        f" {local:%H:%M} local in {zone} ({until.astimezone(UTC):%Y-%m-%d %H:%M} UTC)"
+        f"held by a calling rule: {len(held)} calls ({reason}) until {local:%H:%M}"
+        f" {zone} ({until.astimezone(UTC):%Y-%m-%d %H:%M} UTC)"
     )
 
 
