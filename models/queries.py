@@ -121,6 +121,9 @@ SELECT record_provider_health(%(provider_id)s::uuid, %(ok)s::boolean, %(latency_
 # Open the next usage period of subscriptions whose period ended.
 ROLLOVER = "SELECT rollover_usage_periods()"
 
+# Campaigns past their end or out of calls: queued calls canceled, status completed.
+CLOSE_CAMPAIGNS = "SELECT close_campaigns()"
+
 
 @dataclass(frozen=True, slots=True)
 class Assigned:
@@ -288,3 +291,7 @@ class Database:
     def rollover(self) -> int:
         """Roll usage periods over; the number of subscriptions moved on."""
         return int(self.scalar(ROLLOVER) or 0)
+
+    def close_campaigns(self) -> int:
+        """End campaigns past their end time or out of calls; the number completed."""
+        return int(self.scalar(CLOSE_CAMPAIGNS) or 0)

@@ -18,6 +18,7 @@ from sqlalchemy import (
     Boolean,
     Computed,
     DateTime,
+    Double,
     ForeignKey,
     Integer,
     Numeric,
@@ -255,6 +256,8 @@ class CallCampaign(Base):
     ends_at: Mapped[datetime | None]
     calls_per_minute: Mapped[int | None] = mapped_column(Integer)
     max_in_flight: Mapped[int | None] = mapped_column(Integer)
+    pace_tokens: Mapped[float] = mapped_column(Double, server_default=text("0"))
+    pace_at: Mapped[datetime | None]
     calls_total: Mapped[int] = mapped_column(Integer, server_default=text("0"))
     calls_canceled: Mapped[int] = mapped_column(Integer, server_default=text("0"))
     metadata_: Mapped[dict[str, Any]] = mapped_column("metadata", server_default=EMPTY_OBJECT)
@@ -282,6 +285,7 @@ class CallQueue(Base):
     metadata_: Mapped[dict[str, Any]] = mapped_column("metadata", server_default=EMPTY_OBJECT)
     idempotency_key: Mapped[str | None]
     campaign_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("call_campaigns.id"))
+    via_campaign: Mapped[bool] = mapped_column(Boolean, server_default=text("false"))
     last_error: Mapped[str | None]
     excluded_provider_ids: Mapped[list[uuid.UUID]] = mapped_column(
         ARRAY(Uuid(as_uuid=True)), server_default=text("'{}'")

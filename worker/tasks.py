@@ -334,7 +334,7 @@ def health_check() -> dict[str, str]:
 
 @app.task(name="callq.reap", ignore_result=True)
 def reap() -> dict[str, int]:
-    """Give back expired claims, restart lost tracking, fix slot counts."""
+    """Give back expired claims, restart lost tracking, fix slot counts, close campaigns."""
     db = runtime.database()
     counts: dict[str, int] = {}
     for row in db.reap():
@@ -342,6 +342,7 @@ def reap() -> dict[str, int]:
         if row.action == "reconcile" and row.assignment_id is not None:
             _resume(row.assignment_id)
     counts["slots_fixed"] = db.reconcile_slots()
+    counts["campaigns_closed"] = db.close_campaigns()
     if any(counts.values()):
         log.info("leases.reaped", **counts)
     return counts

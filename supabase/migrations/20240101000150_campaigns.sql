@@ -15,6 +15,9 @@ CREATE TABLE public.call_campaigns (
   -- pacing across the whole fleet (NULL: no limit)
   calls_per_minute integer CHECK (calls_per_minute BETWEEN 1 AND 100000),
   max_in_flight integer CHECK (max_in_flight BETWEEN 1 AND 100000),
+  -- calls_per_minute's token bucket, kept by claim_candidates under the row's lock
+  pace_tokens double precision NOT NULL DEFAULT 0,
+  pace_at timestamptz,
   -- counts kept by the functions (schedule_calls, cancel_campaign)
   calls_total integer NOT NULL DEFAULT 0 CHECK (calls_total >= 0),
   calls_canceled integer NOT NULL DEFAULT 0 CHECK (calls_canceled >= 0),
@@ -27,6 +30,10 @@ CREATE TABLE public.call_campaigns (
 );
 CREATE INDEX call_campaigns_user_idx ON public.call_campaigns (user_id, created_at DESC);
 CREATE INDEX call_campaigns_template_idx ON public.call_campaigns (template_id);
+-- the claim's lanes: running campaigns with pacing or a window (see claim_candidates)
+CREATE INDEX call_campaigns_lane_idx ON public.call_campaigns (id)
+  WHERE status = 'running' AND (calls_per_minute IS NOT NULL OR max_in_flight IS NOT NULL
+                                OR starts_at IS NOT NULL OR ends_at IS NOT NULL);
 
 CREATE TRIGGER call_campaigns_updated_at BEFORE UPDATE ON public.call_campaigns
   FOR EACH ROW EXECUTE FUNCTION public.set_updated_at();
@@ -38,5 +45,9 @@ ALTER TABLE public.call_queue
 -- a campaign's calls by status (progress, cancel, pacing's in-flight count)
 CREATE INDEX call_queue_campaign_idx ON public.call_queue (campaign_id, status)
   WHERE campaign_id IS NOT NULL;
+-- a lane of the claim: one campaign's queued calls kept out of call_queue_claim_idx
+CREATE INDEX call_queue_campaign_claim_idx
+  ON public.call_queue (campaign_id, priority, scheduled_time, created_at)
+  WHERE status = 'queued' AND via_campaign;
 
 ALTER TABLE public.call_campaigns ENABLE ROW LEVEL SECURITY;

@@ -76,6 +76,10 @@ DECLARE
   v_lost boolean[];
   v_key text[];
   v_due integer;
+  -- a campaign that is not running, or paced, keeps its calls out of the plain claim
+  v_via_campaign boolean := coalesce(
+    (SELECT public.campaign_lane(c) FROM public.call_campaigns c WHERE c.id = p_campaign_id),
+    false);
 BEGIN
   -- Authorization first, so an app user learns nothing about other users.
   IF v_role IN ('anon', 'authenticated')
@@ -262,10 +266,10 @@ BEGIN
   ins AS (
     INSERT INTO public.call_queue (id, user_id, campaign_id, template_id, recipient_name,
                                    recipient_phone, recipient_email, priority, scheduled_time,
-                                   custom_variables, metadata, idempotency_key)
+                                   custom_variables, metadata, idempotency_key, via_campaign)
     SELECT d.new_id, p_user_id, p_campaign_id, d.template_id, btrim(d.name), d.phone, d.email,
            coalesce(d.priority_json::text::integer, 5), d.scheduled_time, d.variables,
-           d.metadata, d.key
+           d.metadata, d.key, v_via_campaign
       FROM decided d, verdict
      WHERE d.ins AND NOT verdict.refuse
      ORDER BY d.idx
@@ -361,6 +365,129 @@ END
 $$;
 
 -- ---------------------------------------------------------------------------------------------
+-- claim_candidates: lock (FOR UPDATE SKIP LOCKED) and return up to p_limit due queued calls in
+-- claim order, except those in p_skip; the one place where the claim decides which calls may
+-- go. Calls of campaigns that are not running are never returned (they are via_campaign and
+-- outside call_queue_claim_idx). Calls of a running campaign with pacing or a time window
+-- (also via_campaign) come through their campaign's lane: the campaign row is locked (SKIP
+-- LOCKED: a campaign another claimer is pacing right now sits this claim out), so its limits
+-- hold across the whole fleet:
+--   calls_per_minute  a token bucket on the campaign row: refilled at calls_per_minute / 60
+--                     per second, holding at most one second's worth (at least 1), one token
+--                     per call returned;
+--   max_in_flight     the campaign's claimed, assigned, dialing and in-progress calls (plus
+--                     those of p_skip) never exceed it;
+--   starts_at/ends_at calls are returned only in between.
+-- The caller claims the returned rows in the same transaction (the locks hold until commit).
+CREATE OR REPLACE FUNCTION public.claim_candidates(
+  p_limit integer,
+  p_now timestamptz DEFAULT now(),
+  p_skip uuid[] DEFAULT NULL
+) RETURNS TABLE (id uuid, priority integer, scheduled_time timestamptz, created_at timestamptz,
+                 excluded_provider_ids uuid[], required_capabilities jsonb)
+LANGUAGE plpgsql
+SET search_path = ''
+SET plan_cache_mode = force_custom_plan
+AS $$
+#variable_conflict use_column
+DECLARE
+  v_ids uuid[];
+  v_lanes uuid[];
+  v_locked uuid[];
+BEGIN
+  IF p_limit IS NULL OR p_limit <= 0 THEN
+    RETURN;
+  END IF;
+  -- Lock the lanes first; count in the next statement, whose snapshot sees what the claimer
+  -- that held a lane before us committed.
+  v_locked := ARRAY(
+    SELECT c.id
+      FROM public.call_campaigns c
+     WHERE c.status = 'running'
+       AND (c.calls_per_minute IS NOT NULL OR c.max_in_flight IS NOT NULL
+            OR c.starts_at IS NOT NULL OR c.ends_at IS NOT NULL)
+       AND (c.starts_at IS NULL OR c.starts_at <= p_now)
+       AND (c.ends_at IS NULL OR c.ends_at > p_now)
+       FOR NO KEY UPDATE SKIP LOCKED);
+
+  WITH lanes AS MATERIALIZED (
+    SELECT c.id, c.max_in_flight, c.calls_per_minute,
+           CASE WHEN c.calls_per_minute IS NOT NULL THEN
+             least(greatest(c.calls_per_minute / 60.0, 1),
+                   c.pace_tokens + greatest(extract(epoch FROM p_now - coalesce(c.pace_at, p_now - interval '1 day')), 0)
+                                   * c.calls_per_minute / 60.0) END AS tokens
+      FROM public.call_campaigns c
+     WHERE c.id = ANY (v_locked) AND c.status = 'running'
+  ),
+  quotas AS (
+    SELECT l.id,
+           least(p_limit,
+                 floor(l.tokens)::integer,
+                 l.max_in_flight
+                   - (SELECT count(*) FROM public.call_queue f
+                       WHERE f.campaign_id = l.id
+                         AND f.status IN ('claimed', 'assigned', 'dialing', 'in_progress'))::integer
+                   - (SELECT count(*) FROM public.call_queue f
+                       WHERE p_skip IS NOT NULL AND f.id = ANY (p_skip)
+                         AND f.campaign_id = l.id)::integer) AS quota
+      FROM lanes l
+  ),
+  plain AS (
+    SELECT q.id, q.priority, q.scheduled_time, q.created_at, NULL::uuid AS lane
+      FROM public.call_queue q
+     WHERE q.status = 'queued' AND NOT q.via_campaign AND q.scheduled_time <= p_now
+       AND (p_skip IS NULL OR NOT (q.id = ANY (p_skip)))
+     ORDER BY q.priority, q.scheduled_time, q.created_at
+     LIMIT p_limit
+       FOR UPDATE SKIP LOCKED
+  ),
+  picked AS (
+    SELECT * FROM plain
+    UNION ALL
+    SELECT x.id, x.priority, x.scheduled_time, x.created_at, x.lane
+      FROM quotas l
+      CROSS JOIN LATERAL (
+        SELECT q.id, q.priority, q.scheduled_time, q.created_at, l.id AS lane
+          FROM public.call_queue q
+         WHERE q.campaign_id = l.id AND q.status = 'queued' AND q.via_campaign
+           AND q.scheduled_time <= p_now AND (p_skip IS NULL OR NOT (q.id = ANY (p_skip)))
+         ORDER BY q.priority, q.scheduled_time, q.created_at
+         LIMIT greatest(l.quota, 0)
+           FOR UPDATE SKIP LOCKED
+      ) x
+     WHERE l.quota > 0
+  ),
+  top AS (
+    SELECT p.id, p.lane FROM picked p
+     ORDER BY p.priority, p.scheduled_time, p.created_at
+     LIMIT p_limit
+  )
+  SELECT array_agg(t.id), array_agg(t.lane) FILTER (WHERE t.lane IS NOT NULL)
+    INTO v_ids, v_lanes
+    FROM top t;
+
+  -- each call taken from a paced campaign spends one token
+  IF v_lanes IS NOT NULL THEN
+    UPDATE public.call_campaigns c
+       SET pace_tokens = greatest(
+             least(greatest(c.calls_per_minute / 60.0, 1),
+                   c.pace_tokens + greatest(extract(epoch FROM p_now - coalesce(c.pace_at, p_now - interval '1 day')), 0)
+                                   * c.calls_per_minute / 60.0) - n.taken, 0),
+           pace_at = p_now
+      FROM (SELECT u.lane, count(*) AS taken FROM unnest(v_lanes) AS u(lane) GROUP BY u.lane) n
+     WHERE c.id = n.lane AND c.calls_per_minute IS NOT NULL;
+  END IF;
+
+  RETURN QUERY
+  SELECT q.id, q.priority, q.scheduled_time, q.created_at, q.excluded_provider_ids,
+         q.required_capabilities
+    FROM public.call_queue q
+   WHERE q.id = ANY (v_ids)
+   ORDER BY q.priority, q.scheduled_time, q.created_at;
+END
+$$;
+
+-- ---------------------------------------------------------------------------------------------
 -- claim_due_calls: claim up to p_limit due calls (status -> claimed, with a lease).
 CREATE OR REPLACE FUNCTION public.claim_due_calls(
   p_limit int DEFAULT 50,
@@ -382,13 +509,7 @@ BEGIN
   UPDATE public.call_queue q
      SET status = 'claimed', claimed_by = p_worker, claimed_at = now(),
          lease_expires_at = now() + make_interval(secs => p_lease_seconds)
-   WHERE q.id = ANY (ARRAY(
-           SELECT d.id
-             FROM public.call_queue d
-            WHERE d.status = 'queued' AND d.scheduled_time <= now()
-            ORDER BY d.priority, d.scheduled_time, d.created_at
-            LIMIT greatest(p_limit, 0)
-              FOR UPDATE SKIP LOCKED))
+   WHERE q.id = ANY (ARRAY(SELECT d.id FROM public.claim_candidates(p_limit, now()) d))
      AND q.status = 'queued'
   RETURNING q.id, q.user_id, q.template_id, q.priority, q.scheduled_time, q.attempts;
 END
@@ -531,15 +652,7 @@ BEGIN
          array_agg(d.id) FILTER (WHERE cardinality(d.excluded_provider_ids) > 0
                                    OR d.required_capabilities IS NOT NULL)
     INTO v_ids, v_special
-    FROM (
-      SELECT q.id, q.priority, q.scheduled_time, q.created_at, q.excluded_provider_ids,
-             q.required_capabilities
-        FROM public.call_queue q
-       WHERE q.status = 'queued' AND q.scheduled_time <= now()
-       ORDER BY q.priority, q.scheduled_time, q.created_at
-       LIMIT least(p_limit, v_free)
-         FOR UPDATE SKIP LOCKED
-    ) d;
+    FROM public.claim_candidates(least(p_limit, v_free), now()) d;
   IF v_ids IS NULL THEN
     RETURN;
   END IF;
@@ -646,18 +759,28 @@ $$;
 -- ---------------------------------------------------------------------------------------------
 -- mark_call_dialing: assigned -> dialing, counts the attempt. FALSE when already past
 -- assigned (or released): the caller must not dial. The never-dial-twice gate.
+-- A call of a campaign that was paused or canceled after the claim is not dialed: its
+-- assignment is released (the call waits in the queue, or is canceled with its campaign).
 CREATE OR REPLACE FUNCTION public.mark_call_dialing(p_assignment_id uuid) RETURNS boolean
 LANGUAGE plpgsql
 SET search_path = ''
 AS $$
 DECLARE
   v_qid uuid;
+  v_campaign uuid;
 BEGIN
   SELECT a.queue_id INTO v_qid FROM public.call_assignments a WHERE a.id = p_assignment_id;
   IF NOT FOUND THEN
     RETURN false;
   END IF;
-  PERFORM 1 FROM public.call_queue q WHERE q.id = v_qid FOR UPDATE;
+  SELECT q.campaign_id INTO v_campaign FROM public.call_queue q WHERE q.id = v_qid FOR UPDATE;
+
+  IF v_campaign IS NOT NULL AND EXISTS (
+       SELECT 1 FROM public.call_campaigns c
+        WHERE c.id = v_campaign AND c.status IN ('paused', 'canceled', 'draft')) THEN
+    PERFORM public.release_assignment(p_assignment_id, 'campaign_not_running');
+    RETURN false;
+  END IF;
 
   UPDATE public.call_assignments a
      SET state = 'dialing', dialing_at = now()
