@@ -90,7 +90,7 @@ def test_cancel_cancels_what_is_not_dialed_and_lets_calls_in_flight_finish(conn:
     _, camp = _campaign(conn, 8)
     claimed = _claim(conn)
     assert len(claimed) == 3
-    (q1, a1, _), (q2, a2, _), _ = claimed
+    (q1, a1, _), (_, a2, _), _ = claimed
     one(conn, "SELECT mark_call_dialing(%s)", (a1,))
     one(conn, "SELECT mark_call_dialing(%s)", (a2,))
     one(conn, "SELECT mark_call_placed(%s, 'p-2')", (a2,))
@@ -245,7 +245,7 @@ def test_calls_per_minute_holds_across_concurrent_claimers(db_url: str) -> None:
     fast as they can for ~2.5 s; at most 1 + 1 per elapsed second go."""
     with connect(db_url) as conn:
         make_provider(conn, max_calls=100)
-        _, camp = _campaign(conn, 50, per_minute=60)
+        _campaign(conn, 50, per_minute=60)
     got: list[int] = []
     t0 = time.monotonic()
 
