@@ -40,6 +40,8 @@ task_queues = (
     Queue("dispatch", routing_key="dispatch"),
     Queue("track", routing_key="track"),
     Queue("maintenance", routing_key="maintenance"),
+    # notifications to the apps: their own worker (callq worker -Q notify)
+    Queue("notify", routing_key="notify"),
 )
 task_routes = {
     "callq.poll": {"queue": "dispatch"},
@@ -53,6 +55,8 @@ task_routes = {
     "callq.reap": {"queue": "maintenance"},
     "callq.rollover": {"queue": "maintenance"},
     "callq.noop": {"queue": "dispatch"},
+    "callq.notify_drain": {"queue": "notify"},
+    "callq.notify_deliver": {"queue": "notify"},
 }
 
 beat_schedule = {
@@ -60,6 +64,7 @@ beat_schedule = {
     "provider-health": {"task": "callq.health_check", "schedule": _s.health_interval_seconds},
     "reap-expired-leases": {"task": "callq.reap", "schedule": _s.reaper_interval_seconds},
     "usage-rollover": {"task": "callq.rollover", "schedule": _s.rollover_interval_seconds},
+    "notify-drain": {"task": "callq.notify_drain", "schedule": _s.notify_interval_seconds},
 }
 # Beat's own schedule file is not needed: the schedule lives here.
 beat_scheduler = "celery.beat:Scheduler"

@@ -2,6 +2,7 @@
 
     callq db upgrade                 apply pending migrations to DATABASE_URL
     callq queue                      queue counts, oldest due call, provider slots and health
+    callq campaigns [--all]          each campaign's progress (counts, answer rate, minutes, cost)
     callq demo [--calls N]           the whole system on this machine against the simulator
     callq simulate-providers         the Vapi/SynthFlow simulator (--port, --seed, --config)
     callq webhooks                   the provider webhook endpoint
@@ -72,6 +73,11 @@ def _parser() -> argparse.ArgumentParser:
     queue = sub.add_parser("queue", help="show queue and provider state")
     queue.set_defaults(func=_queue)
 
+    camps = sub.add_parser("campaigns", help="show each campaign's progress")
+    camps.add_argument("--all", action="store_true", help="also campaigns that ended long ago")
+    camps.add_argument("--limit", type=int, default=50, help="newest N campaigns (default 50)")
+    camps.set_defaults(func=_campaigns)
+
     demo = sub.add_parser("demo", help="run the whole system against the simulator")
     demo.add_argument("--calls", type=int, default=40, help="calls to schedule (default 40)")
     demo.add_argument("--timeout", type=float, default=180.0, help="seconds to wait at most")
@@ -104,6 +110,14 @@ def _queue(_: argparse.Namespace) -> int:
     from worker.status import print_queue
 
     print_queue(get_settings().require_database_url())
+    return 0
+
+
+def _campaigns(ns: argparse.Namespace) -> int:
+    from worker.status import campaigns_report
+
+    with psycopg.connect(get_settings().require_database_url()) as conn:
+        print(campaigns_report(conn, all_=ns.all, limit=ns.limit))
     return 0
 
 

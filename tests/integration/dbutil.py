@@ -30,6 +30,8 @@ TABLES = [
     "call_assignments",
     "call_retries",
     "call_campaigns",
+    "notification_endpoints",
+    "call_notifications",
 ]
 
 

@@ -286,3 +286,30 @@ def test_close_campaigns_completes_and_ends(conn: Conn) -> None:
             (ending,),
         )
     assert err.value.sqlstate == "CQ043"
+
+
+def test_progress_view_counts_outcomes_minutes_and_cost(conn: Conn) -> None:
+    make_provider(conn, max_calls=10)
+    user, camp = _campaign(conn, 5)
+    (_, a1, _), (_, a2, _), (q3, a3, _), *_ = _claim(conn, 3)
+    for aid in (a1, a2, a3):
+        one(conn, "SELECT mark_call_dialing(%s)", (aid,))
+    one(conn, "SELECT complete_call(%s, 61, NULL, NULL, 0.25)", (a1,))
+    one(conn, "SELECT complete_call(%s, 30, NULL, NULL, 0.10)", (a2,))
+    conn.execute("UPDATE call_queue SET max_attempts = 1 WHERE id = %s", (q3,))
+    assert one(conn, "SELECT handle_failed_call(%s, 'busy')", (a3,)) == "failed"
+    row = conn.execute(
+        "SELECT calls, queued, in_flight, completed, failed, canceled, attempts, answered, busy,"
+        " answer_rate, minutes, cost, first_call_at IS NOT NULL, last_call_at IS NOT NULL"
+        " FROM call_campaign_progress WHERE campaign_id = %s",
+        (camp,),
+    ).fetchone()
+    assert row is not None
+    assert row[:9] == (5, 2, 0, 2, 1, 0, 3, 2, 1)
+    assert float(row[9]) == pytest.approx(0.667)
+    assert (int(row[10]), float(row[11]), row[12], row[13]) == (3, 0.35, True, True)
+    other = make_user(conn)
+    with as_role(conn, "authenticated", user):
+        assert one(conn, "SELECT calls FROM call_campaign_progress") == 5
+    with as_role(conn, "authenticated", other):
+        assert conn.execute("SELECT * FROM call_campaign_progress").fetchall() == []
