@@ -87,7 +87,8 @@ class ScratchDB:
     """A database ``callq_bench_<random>`` on a server we may share; dropped by :meth:`drop`."""
 
     admin_url: str = ADMIN_URL
-    prefix: str = "callq_bench"
+    # BENCH_DB_PREFIX: several checkouts sharing one server each use their own prefix
+    prefix: str = os.environ.get("BENCH_DB_PREFIX", "callq_bench")
     name: str = field(default="")
 
     def __post_init__(self) -> None:
@@ -364,6 +365,7 @@ def fleet_env(database_url: str, broker_url: str, **overrides: Any) -> dict[str,
         "CALLQ_HTTP_READ_TIMEOUT_SECONDS": "3",
         "CALLQ_LOG_LEVEL": "WARNING",
         "CALLQ_LOG_JSON": "true",
+        "CALLQ_PROVIDER_ALLOWED_HOSTS": "http://127.0.0.1:*",  # the bench's own simulator
         "PYTHONPATH": str(REPO),
     }
     env.update({k: str(v) for k, v in overrides.items()})

@@ -4,15 +4,18 @@
 - :func:`decide_error`: a provider error raised while placing a call -> what to do next.
 - :func:`decide_setup_error`: an error raised before any request left -> fail over.
 - :func:`next_poll_delay`: the growing interval between polls of a placed call.
+- :func:`decide_webhook`: an authenticated webhook -> end the call from it, re-read it, or wait.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from enum import StrEnum
 
-from providers.base import CallState, CallStatus
+from providers.base import CallState, CallStatus, WebhookEvent
 from providers.errors import (
+    ConfigError,
     ProviderError,
     ProviderOutcomeUnknownError,
     ProviderPermanentError,
@@ -92,8 +95,39 @@ def decide_error(exc: ProviderError) -> ErrorDecision:
 
 def decide_setup_error(exc: Exception) -> Fail:
     """What to do after building the adapter or the request failed: nothing was sent, so the
-    call may go to another provider (a provider error, which excludes this one next time)."""
+    call may go to another provider (a provider error, which excludes this one next time).
+
+    The reason names the error type; a ``ConfigError`` also says what is wrong (its messages
+    carry field names and references, never values, by contract).
+    """
+    if isinstance(exc, ConfigError):
+        return Fail(PROVIDER_ERROR, f"config_error: {str(exc)[:300]}")
     return Fail(PROVIDER_ERROR, f"setup failed before any request: {type(exc).__name__}")
+
+
+class WebhookAction(StrEnum):
+    """What an authenticated webhook delivery leads to."""
+
+    FINISH = "finish"  # the provider's final report: end the call from it, no further read
+    CHECK = "check"  # a hint: read the call once from the provider's API
+    IGNORE = "ignore"  # nothing to do now (the final report follows; polling is the safety net)
+
+
+# Final reports whose whole body is authenticated: Vapi's end-of-call-report (secret header or
+# an HMAC over the body). SynthFlow's post-call signature covers only the call id, so its body
+# is a hint and the call is re-read.
+FINAL_REPORTS = frozenset({"end-of-call-report"})
+HINTS = frozenset({"post-call"})
+
+
+def decide_webhook(event: WebhookEvent) -> WebhookAction:
+    """Vapi sends a status-update as a call ends and then its end-of-call-report: the report
+    ends the call; a status-update changes nothing (a lost report is caught by polling)."""
+    if event.event_type in FINAL_REPORTS and event.status.state.is_terminal:
+        return WebhookAction.FINISH
+    if event.event_type in HINTS:
+        return WebhookAction.CHECK
+    return WebhookAction.IGNORE
 
 
 def next_poll_delay(poll_count: int, initial: float, factor: float, maximum: float) -> float:

@@ -46,6 +46,7 @@ class ProviderRow:
     provider_type: str
     api_key: str | None = field(default=None, repr=False)
     api_secret: str | None = field(default=None, repr=False)
+    webhook_secret: str | None = field(default=None, repr=False)
     base_url: str | None = None
     max_concurrent_calls: int | None = None
     capabilities: dict[str, Any] = field(default_factory=dict)
@@ -60,6 +61,7 @@ class ProviderRow:
             provider_type=row["provider_type"],
             api_key=row["api_key"],
             api_secret=row["api_secret"],
+            webhook_secret=row.get("webhook_secret"),
             base_url=row["base_url"],
             max_concurrent_calls=row["max_concurrent_calls"],
             capabilities=dict(row["capabilities"] or {}),

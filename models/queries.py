@@ -9,7 +9,7 @@ where they are read.
 from __future__ import annotations
 
 import threading
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
@@ -34,37 +34,51 @@ FROM claim_and_assign_calls(%(limit)s, %(worker)s, %(lease_seconds)s)
 # The provider columns every provider read returns (``ProviderRow.from_row``).
 PROVIDER_COLUMNS = """
 p.id AS provider_id, p.name AS provider_name, p.provider_type, p.api_key, p.api_secret,
-p.base_url, p.max_concurrent_calls, p.capabilities, p.config
+p.webhook_secret, p.base_url, p.max_concurrent_calls, p.capabilities, p.config
 """
 
-# Everything a dispatch, a poll or a reconcile needs about one assignment (``CallRow``).
-LOAD_CALL = f"""
-SELECT a.id AS assignment_id, a.state, a.provider_call_id, a.dialing_at, a.attempt, a.poll_count,
-       q.id AS queue_id, q.status AS queue_status, q.recipient_name, q.recipient_phone,
-       q.recipient_email, q.custom_variables,
-       t.name AS template_name, t.script, t.first_message, t.voicemail_detection,
-       t.voicemail_action, t.voicemail_message, t.record_calls,
-       {PROVIDER_COLUMNS}
+# Everything a dispatch, a poll or a reconcile needs about assignment ``a`` (``CallRow``).
+CALL_COLUMNS = f"""
+a.id AS assignment_id, a.state, a.provider_call_id, a.dialing_at, a.attempt, a.poll_count,
+q.id AS queue_id, q.status AS queue_status, q.recipient_name, q.recipient_phone,
+q.recipient_email, q.custom_variables,
+t.name AS template_name, t.script, t.first_message, t.voicemail_detection,
+t.voicemail_action, t.voicemail_message, t.record_calls,
+{PROVIDER_COLUMNS}
+"""
+CALL_FROM = """
 FROM call_assignments a
 JOIN call_queue q ON q.id = a.queue_id
 JOIN call_service_providers p ON p.id = a.provider_id
 LEFT JOIN call_templates t ON t.id = q.template_id
-WHERE a.id = %(assignment_id)s::uuid
 """
 
-# Win the dial gate and load the call in one round trip. ``won`` is mark_call_dialing's answer;
-# the other columns come from the statement's snapshot (taken before the gate's own update).
+# Load the calls behind some assignments (those that exist), in one round trip.
+LOAD_CALLS = f"SELECT {CALL_COLUMNS} {CALL_FROM} WHERE a.id = ANY (%(assignment_ids)s::uuid[])"
+
+# Win the dial gate of each assignment, in the given order (callers sort the ids, so two
+# statements lock queue rows in the same order), and load the calls won, in one round trip.
+# The calls are read from the statement's snapshot, taken before the gates' own updates.
 GATE_AND_LOAD = f"""
-SELECT g.won, c.*
-FROM (SELECT mark_call_dialing(%(assignment_id)s::uuid) AS won) g
-LEFT JOIN LATERAL ({LOAD_CALL}) c ON true
+SELECT {CALL_COLUMNS}
+FROM unnest(%(assignment_ids)s::uuid[]) WITH ORDINALITY AS x(id, n)
+CROSS JOIN LATERAL (SELECT mark_call_dialing(x.id) AS won) g
+JOIN call_assignments a ON a.id = x.id
+JOIN call_queue q ON q.id = a.queue_id
+JOIN call_service_providers p ON p.id = a.provider_id
+LEFT JOIN call_templates t ON t.id = q.template_id
+WHERE g.won
+ORDER BY x.n
 """
 
 # Every active provider (health probes, webhook authentication).
 LOAD_PROVIDERS = f"SELECT {PROVIDER_COLUMNS} FROM call_service_providers p WHERE p.is_active"
 
-# Record the provider's id for a call that was dialed: dialing -> placed.
-MARK_PLACED = "SELECT mark_call_placed(%(assignment_id)s::uuid, %(provider_call_id)s::text)"
+# Record the provider's ids of calls that were dialed: dialing -> placed (in the order given).
+MARK_PLACED = """
+SELECT mark_call_placed(x.id, x.provider_call_id)
+FROM unnest(%(assignment_ids)s::uuid[], %(provider_call_ids)s::text[]) AS x(id, provider_call_id)
+"""
 
 # End a call with a conversation: history, usage, provider stats, slot freed (idempotent).
 COMPLETE = """
@@ -90,13 +104,16 @@ SELECT handle_failed_call(
   p_provider_call_id => %(provider_call_id)s::text)
 """
 
-# Advance a placed call's poll token if it still holds ``expected``, and note the next poll.
-TOUCH_POLL = """
-UPDATE call_assignments
-SET last_polled_at = now(), next_poll_at = now() + make_interval(secs => %(delay)s),
-    poll_count = poll_count + 1
-WHERE id = %(assignment_id)s::uuid AND state = 'placed' AND poll_count = %(expected)s
-RETURNING poll_count
+# Advance each placed call's poll token if it still holds the expected value, and note its
+# next poll; returns the calls advanced with their new token.
+TOUCH_POLLS = """
+UPDATE call_assignments a
+SET last_polled_at = now(), next_poll_at = now() + make_interval(secs => x.delay),
+    poll_count = a.poll_count + 1
+FROM unnest(%(assignment_ids)s::uuid[], %(expected)s::int[], %(delays)s::float8[])
+     AS x(id, expected, delay)
+WHERE a.id = x.id AND a.state = 'placed' AND a.poll_count = x.expected
+RETURNING a.id, a.poll_count
 """
 
 # The assignment a provider's call id belongs to (webhooks).
@@ -211,24 +228,32 @@ class Database:
 
     def load_call(self, assignment_id: UUID | str) -> CallRow | None:
         """The call behind an assignment, or None when there is no such assignment."""
-        rows = self.rows(LOAD_CALL, {"assignment_id": str(assignment_id)})
-        return CallRow.from_row(rows[0]) if rows else None
+        return self.load_calls([assignment_id]).get(str(assignment_id))
 
-    def gate_and_load(self, assignment_id: UUID | str) -> CallRow | None:
-        """Win the dial gate and load the call; None when another task already won it."""
-        rows = self.rows(GATE_AND_LOAD, {"assignment_id": str(assignment_id)})
-        if not rows or not rows[0]["won"] or rows[0]["assignment_id"] is None:
-            return None
-        return CallRow.from_row(rows[0])
+    def load_calls(self, assignment_ids: Sequence[UUID | str]) -> dict[str, CallRow]:
+        """The calls behind these assignments, by assignment id (missing ones left out)."""
+        rows = self.rows(LOAD_CALLS, {"assignment_ids": [str(a) for a in assignment_ids]})
+        return {str(r["assignment_id"]): CallRow.from_row(r) for r in rows}
+
+    def gate_and_load(self, assignment_ids: Sequence[UUID | str]) -> list[CallRow]:
+        """Win the dial gate of each call and load it; calls another task won are left out.
+
+        The gates are taken in sorted order, so two tasks with overlapping chunks never wait
+        on each other in a cycle.
+        """
+        ids = sorted({str(a) for a in assignment_ids})
+        return [CallRow.from_row(r) for r in self.rows(GATE_AND_LOAD, {"assignment_ids": ids})]
 
     def active_providers(self) -> list[ProviderRow]:
         """Every active provider."""
         return [ProviderRow.from_row(r) for r in self.rows(LOAD_PROVIDERS)]
 
-    def mark_placed(self, assignment_id: UUID | str, provider_call_id: str) -> bool:
-        """dialing -> placed; True also when repeated with the same provider call id."""
-        params = {"assignment_id": str(assignment_id), "provider_call_id": provider_call_id}
-        return bool(self.scalar(MARK_PLACED, params))
+    def mark_placed(self, placed: Mapping[str, str]) -> None:
+        """dialing -> placed for each assignment id -> provider call id (sorted by id)."""
+        ids = sorted(placed)
+        params = {"assignment_ids": ids, "provider_call_ids": [placed[i] for i in ids]}
+        if ids:
+            self.rows(MARK_PLACED, params)
 
     def complete(
         self,
@@ -277,15 +302,22 @@ class Database:
         }
         return str(self.scalar(FAIL, params))
 
-    def touch_poll(self, assignment_id: UUID | str, expected: int, delay: float) -> int | None:
-        """Advance a placed call's poll token if ``expected`` is still current; else None.
+    def touch_polls(self, polls: Sequence[tuple[str, int, float]]) -> dict[str, int]:
+        """Advance the poll token of each (assignment id, expected token, delay) still current.
 
         The counter is a token: of two tracking chains for the same call (the reaper restarted
-        one that was only late), only the one holding the current value goes on.
+        one that was only late), only the one holding the current value goes on. Returns the
+        new token of each call advanced.
         """
-        params = {"assignment_id": str(assignment_id), "expected": expected, "delay": delay}
-        result = self.scalar(TOUCH_POLL, params)
-        return None if result is None else int(result)
+        polls = sorted(polls)
+        params = {
+            "assignment_ids": [p[0] for p in polls],
+            "expected": [p[1] for p in polls],
+            "delays": [p[2] for p in polls],
+        }
+        if not polls:
+            return {}
+        return {str(r["id"]): int(r["poll_count"]) for r in self.rows(TOUCH_POLLS, params)}
 
     def assignment_for_provider_call(
         self, provider_id: UUID | str, provider_call_id: str

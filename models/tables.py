@@ -234,6 +234,7 @@ class CallServiceProvider(Base):
     provider_type: Mapped[str]
     api_key: Mapped[str]  # may be "env:NAME"; never readable by anon/authenticated
     api_secret: Mapped[str | None]
+    webhook_secret: Mapped[str | None]  # like api_key: never readable by anon/authenticated
     base_url: Mapped[str]
     max_concurrent_calls: Mapped[int] = mapped_column(Integer, server_default=text("10"))
     priority: Mapped[int] = mapped_column(Integer, server_default=text("5"))
@@ -400,6 +401,24 @@ class CallRetry(Base):
     created_at: Mapped[datetime] = _created()
 
 
+class CallEvent(Base):
+    """One row of the append-only call-event log (written by triggers and record_call_event)."""
+
+    __tablename__ = "call_events"
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    created_at: Mapped[datetime] = _created()
+    queue_id: Mapped[uuid.UUID]
+    user_id: Mapped[uuid.UUID]
+    kind: Mapped[str]
+    attempt: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    provider_id: Mapped[uuid.UUID | None]
+    assignment_id: Mapped[uuid.UUID | None]
+    outcome: Mapped[str | None]
+    due_at: Mapped[datetime | None]
+    detail: Mapped[dict[str, Any] | None]
+
+
 ALL_MODELS: tuple[type[Base], ...] = (
     User,
     SubscriptionPlan,
@@ -417,4 +436,5 @@ ALL_MODELS: tuple[type[Base], ...] = (
     ProviderAvailability,
     CallAssignment,
     CallRetry,
+    CallEvent,
 )

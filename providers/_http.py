@@ -154,7 +154,7 @@ class Sender:
         default_creates_per_second: float | None = None,
     ) -> Sender:
         """The bearer-authenticated sender a provider row describes (timeouts, create rate)."""
-        rate = config.setting("creates_per_second", default_creates_per_second)
+        rate = config.number("creates_per_second", default_creates_per_second)
         return cls(
             provider,
             client,
@@ -162,9 +162,9 @@ class Sender:
                 "Authorization": f"Bearer {config.api_key.get_secret_value()}",
                 "Accept": "application/json",
             },
-            connect_timeout=float(config.setting("connect_timeout", DEFAULT_CONNECT_TIMEOUT)),
-            read_timeout=float(config.setting("read_timeout", DEFAULT_READ_TIMEOUT)),
-            creates_per_second=float(rate) if rate else None,
+            connect_timeout=config.number("connect_timeout", None) or DEFAULT_CONNECT_TIMEOUT,
+            read_timeout=config.number("read_timeout", None) or DEFAULT_READ_TIMEOUT,
+            creates_per_second=rate if rate and rate > 0 else None,
         )
 
     def request(

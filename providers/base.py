@@ -6,19 +6,20 @@ Phone numbers, names, scripts and keys are kept out of every ``repr``.
 
 from __future__ import annotations
 
-import os
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
 from typing import Any, Protocol, runtime_checkable
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, create_model
-from pydantic_settings import BaseSettings
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, SecretStr, ValidationError
 
+from providers.allowlist import ENV_PREFIX, Allowlist
 from providers.errors import ConfigError
 
-ENV_PREFIX = "env:"
+# How old a signed webhook may be, and how long a delivery is remembered to refuse its replay.
+REPLAY_WINDOW_SECONDS = 300.0
 
 
 class CallState(StrEnum):
@@ -45,89 +46,99 @@ _LIVE_STATES = frozenset({CallState.QUEUED, CallState.RINGING, CallState.IN_PROG
 
 
 class ProviderConfig(BaseModel):
-    """One ``call_service_providers`` row as the adapter needs it; keys are ``SecretStr``."""
+    """One ``call_service_providers`` row as the adapter needs it; keys are ``SecretStr``.
 
-    model_config = ConfigDict(frozen=True, extra="ignore")
+    ``env:NAME`` values resolve only through the :class:`Allowlist` the row was read with.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="ignore", hide_input_in_errors=True)
 
     id: str
     name: str = ""
     provider_type: str
     api_key: SecretStr
     api_secret: SecretStr | None = None
+    webhook_secret: SecretStr | None = None
     base_url: str | None = None
     max_concurrent_calls: int | None = None
     config: dict[str, Any] = Field(default_factory=dict)
     capabilities: dict[str, Any] = Field(default_factory=dict)
+    _allowlist: Allowlist = PrivateAttr(default_factory=Allowlist)
 
     @classmethod
-    def from_row(cls, row: Mapping[str, Any] | object) -> ProviderConfig:
-        """Build from a row mapping (or ORM object); ``env:NAME`` keys come from the environment.
+    def from_row(
+        cls, row: Mapping[str, Any] | object, allowlist: Allowlist | None = None
+    ) -> ProviderConfig:
+        """Build from a row mapping (or ORM object); every ``env:NAME`` value is checked now.
 
-        Raises :class:`ConfigError` naming the field or variable, never its value.
+        Raises :class:`ConfigError` naming the provider id, the field or the reference, never a
+        value.
         """
         get = row.get if isinstance(row, Mapping) else lambda k, d=None: getattr(row, k, d)
+        allow = allowlist or Allowlist()
+        provider_id = str(get("id") or "")
         provider_type = get("provider_type")
         if not provider_type:
-            raise ConfigError("provider row has no provider_type")
-        api_key = _resolve_secret(get("api_key"), "api_key")
+            raise ConfigError(f"provider {provider_id}: no provider_type")
+        api_key = allow.resolve(get("api_key"), "api_key")
         if api_key is None:
-            raise ConfigError(f"provider {get('name') or get('id')!s}: api_key is empty")
-        return cls(
-            id=str(get("id") or ""),
-            name=str(get("name") or ""),
-            provider_type=str(provider_type),
-            api_key=api_key,
-            api_secret=_resolve_secret(get("api_secret"), "api_secret"),
-            base_url=get("base_url") or None,
-            max_concurrent_calls=get("max_concurrent_calls"),
-            config=dict(get("config") or {}),
-            capabilities=dict(get("capabilities") or {}),
-        )
+            raise ConfigError(f"provider {provider_id}: api_key is empty")
+        config = get("config") or {}
+        if not isinstance(config, Mapping):
+            raise ConfigError(f"provider {provider_id}: config is not an object")
+        for key, value in config.items():
+            if isinstance(value, str) and value.startswith(ENV_PREFIX):
+                allow.resolve(value, f"config.{key}")
+        try:
+            built = cls(
+                id=provider_id,
+                name=str(get("name") or ""),
+                provider_type=str(provider_type),
+                api_key=api_key,
+                api_secret=allow.resolve(get("api_secret"), "api_secret"),
+                webhook_secret=allow.resolve(get("webhook_secret"), "webhook_secret"),
+                base_url=get("base_url") or None,
+                max_concurrent_calls=get("max_concurrent_calls"),
+                config=dict(config),
+                capabilities=dict(get("capabilities") or {}),
+            )
+        except ValidationError as exc:
+            fields = sorted({str(e["loc"][0]) for e in exc.errors() if e.get("loc")})
+            raise ConfigError(f"provider {provider_id}: invalid {', '.join(fields)}") from None
+        built._allowlist = allow
+        return built
+
+    @property
+    def allowlist(self) -> Allowlist:
+        """The hosts and environment names this row was read with."""
+        return self._allowlist
 
     def setting(self, key: str, default: Any = None) -> Any:
         """An adapter setting from ``config`` (``env:NAME`` values resolved), or ``default``."""
         value = self.config.get(key, default)
         if isinstance(value, str) and value.startswith(ENV_PREFIX):
-            secret = _resolve_secret(value, key)
+            secret = self._allowlist.resolve(value, f"config.{key}")
             return default if secret is None else secret.get_secret_value()
         return value
 
-    def secret_setting(self, key: str) -> SecretStr | None:
-        """A secret setting from ``config`` (e.g. ``webhook_secret``), resolved and wrapped."""
-        return _resolve_secret(self.config.get(key), key)
+    def number(self, key: str, default: float | None) -> float | None:
+        """A numeric setting; a value that is not a finite number is a ConfigError naming
+        ``key``, never showing the value."""
+        value = self.setting(key, default)
+        if value is None or value == "":
+            return default
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"provider {self.id}: config.{key} is not a number") from None
+        if not math.isfinite(number):
+            raise ConfigError(f"provider {self.id}: config.{key} is not a finite number")
+        return number
 
-
-def _resolve_secret(value: object, field_name: str) -> SecretStr | None:
-    if value is None or value == "":
-        return None
-    if isinstance(value, SecretStr):
-        value = value.get_secret_value()
-    text = str(value)
-    if not text.startswith(ENV_PREFIX):
-        return SecretStr(text)
-    var = text[len(ENV_PREFIX) :].strip()
-    if not var:
-        raise ConfigError(f"{field_name}: 'env:' names no variable")
-    found = _read_env(var)
-    if found is None:
-        raise ConfigError(f"{field_name}: environment variable {var} is not set")
-    return found
-
-
-def _read_env(var: str) -> SecretStr | None:
-    """Read one variable through pydantic-settings (same rules as the worker's settings)."""
-    if var not in os.environ and var.upper() not in os.environ and var.lower() not in os.environ:
-        return None
-    model = create_model(
-        "EnvSecret",
-        __base__=BaseSettings,
-        value=(SecretStr | None, Field(default=None, validation_alias=var)),
-    )
-    settings: Any = model()
-    secret: SecretStr | None = settings.value
-    if secret is None or not secret.get_secret_value():
-        return None
-    return secret
+    def webhook_key(self) -> SecretStr | None:
+        """The secret that authenticates this provider's webhooks: the ``webhook_secret``
+        column, else ``api_secret``."""
+        return self.webhook_secret or self.api_secret
 
 
 class VoicemailAction(StrEnum):

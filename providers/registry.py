@@ -5,7 +5,9 @@ A third-party package adds a provider with, in its ``pyproject.toml``::
     [project.entry-points."callq.providers"]
     retell = "callq_retell:RetellProvider"
 
-The class is called as ``cls(config: ProviderConfig, client: httpx.Client | None)``.
+The class is called as ``cls(config: ProviderConfig, client: httpx.Client | None)``. It declares
+the base URLs of its provider's official API as ``official_base_urls`` (a tuple of strings); a
+row pointing anywhere else needs the host in ``CALLQ_PROVIDER_ALLOWED_HOSTS``.
 """
 
 from __future__ import annotations
@@ -49,7 +51,18 @@ def get_adapter(provider_type: str) -> type[Any]:
     return loaded
 
 
+def official_base_urls(adapter: type[Any]) -> tuple[str, ...]:
+    """The base URLs an adapter declares as its provider's official API (none if undeclared)."""
+    declared = getattr(adapter, "official_base_urls", ())
+    return tuple(str(url) for url in declared) if isinstance(declared, list | tuple) else ()
+
+
 def build_provider(config: ProviderConfig, client: httpx.Client | None = None) -> Provider:
-    """An adapter instance for ``config`` (optionally over an injected ``httpx.Client``)."""
+    """An adapter instance for ``config`` (optionally over an injected ``httpx.Client``).
+
+    A ``base_url`` outside the adapter's official hosts and the hosts ops allow is refused
+    here, with a :class:`ConfigError`, before the adapter exists: no request can follow.
+    """
     adapter = get_adapter(config.provider_type)
+    config.allowlist.check_base_url(config.id, config.base_url, official_base_urls(adapter))
     return cast(Provider, adapter(config, client))

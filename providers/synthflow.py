@@ -14,7 +14,7 @@ import hashlib
 import hmac
 from collections.abc import Mapping
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, ClassVar
 
 import httpx
 
@@ -39,6 +39,8 @@ from providers.errors import (
 
 PROVIDER = "synthflow"
 BASE_URL = "https://api.synthflow.ai/v2"
+# Global, US and EU workspaces (providers.md 2.1).
+OFFICIAL_BASE_URLS = (BASE_URL, "https://api.us.synthflow.ai/v2", "https://api.eu.synthflow.ai/v2")
 DEFAULT_CREATES_PER_SECOND = 1.0
 ASSIGNMENT_VAR = "callq_assignment_id"
 QUEUE_VAR = "callq_queue_id"
@@ -99,9 +101,7 @@ def build_create_body(req: CallRequest, config: ProviderConfig) -> dict[str, Any
     """The ``POST /calls`` body for ``req``; our ids travel as custom variables."""
     model_id = config.setting("model_id")
     if not model_id:
-        raise ConfigError(
-            f"synthflow provider {config.name or config.id}: config.model_id is missing"
-        )
+        raise ConfigError(f"synthflow provider {config.id}: config.model_id is missing")
     variables = dict(req.variables)
     variables[ASSIGNMENT_VAR] = req.correlation_id
     if req.queue_id:
@@ -249,6 +249,7 @@ class SynthflowProvider:
     """The SynthFlow workspace described by ``config`` (see module docstring)."""
 
     provider_type = PROVIDER
+    official_base_urls: ClassVar[tuple[str, ...]] = OFFICIAL_BASE_URLS
 
     def __init__(self, config: ProviderConfig, client: httpx.Client | None = None) -> None:
         self.config = config
@@ -315,7 +316,7 @@ class SynthflowProvider:
 
     def parse_webhook(self, headers: Mapping[str, str], body: bytes) -> WebhookEvent:
         """Verify ``Synthflow-Signature`` with the configured ``webhook_secret``, then parse."""
-        secret = self.config.secret_setting("webhook_secret") or self.config.api_secret
+        secret = self.config.webhook_key()
         if secret is None:
             raise WebhookAuthError("no webhook_secret configured")
         return parse_webhook_request(headers, body, secret.get_secret_value())

@@ -12,10 +12,10 @@ import hashlib
 import hmac
 import time
 from collections.abc import Mapping
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from functools import cache
 from importlib import resources
-from typing import Any
+from typing import Any, ClassVar
 
 import httpx
 
@@ -30,6 +30,7 @@ from providers._util import (
     secrets_equal,
 )
 from providers.base import (
+    REPLAY_WINDOW_SECONDS,
     CallHandle,
     CallRequest,
     CallState,
@@ -43,6 +44,7 @@ from providers.errors import (
     ConfigError,
     ProviderError,
     ProviderOutcomeUnknownError,
+    ProviderRetryableError,
     WebhookAuthError,
     WebhookPayloadError,
 )
@@ -50,9 +52,10 @@ from providers.errors import (
 PROVIDER = "vapi"
 BASE_URL = "https://api.vapi.ai"
 DEFAULT_MODEL = {"provider": "openai", "model": "gpt-4o-mini"}
-WEBHOOK_TOLERANCE_SECONDS = 300.0
 _PAGE = 100
-_MAX_PAGES = 10
+_MAX_LIMIT = 1000  # GET /call's maximum limit
+_MAX_PAGES = 20
+_MILLISECOND = timedelta(milliseconds=1)
 _MAX_TEXT = 40  # customer.name/email/externalId and call name limits in CreateCallDTO
 MIN_DURATION_SECONDS, MAX_DURATION_SECONDS = 10, 43200  # AssistantOverrides.maxDurationSeconds
 MAX_VOICEMAIL_MESSAGE = 1000
@@ -75,13 +78,44 @@ REASON_OVERRIDES: dict[str, CallState] = {
 }
 
 
+# Values of the SDK's CallEndedReason (vapi_server_sdk 3.0.0) that the spec copy behind the CSV
+# lacks, each reviewed (tests/unit/test_providers_vapi.py compares the map with the SDK's enum):
+REASONS_SINCE_SPEC: dict[str, CallState] = {
+    # the assistant/squad configuration cannot work: a human must fix it
+    "call.in-progress.error-configfault-model-unsupported-in-squad": CallState.FAILED_PERMANENT,
+    "call.in-progress.error-configfault-transport-unsupported-for-model": (
+        CallState.FAILED_PERMANENT
+    ),
+    "call.start.squad-version-error-validation": CallState.FAILED_PERMANENT,
+    # ElevenLabs capacity: like its "system-busy-and-requested-upgrade" twin, later may work
+    "call.in-progress.error-providerfault-eleven-labs-blocked-concurrent-requests-and-requested-upgrade": (  # noqa: E501
+        CallState.FAILED_RETRYABLE
+    ),
+    # the voice was disabled by its owner: retrying cannot bring it back
+    "call.in-progress.error-providerfault-eleven-labs-vapi-voice-disabled-by-owner": (
+        CallState.FAILED_PERMANENT
+    ),
+    "call.in-progress.error-providerfault-eleven-labs-voice-disabled-by-owner": (
+        CallState.FAILED_PERMANENT
+    ),
+    # Vapi had no worker to start the call: its own transient fault
+    "call.start.error-vapifault-worker-not-available": CallState.FAILED_RETRYABLE,
+    # the carrier released the outbound leg (congestion, a network-side drop): try later
+    "sip-outbound-carrier-released-call": CallState.FAILED_RETRYABLE,
+    # SIP 404 "unallocated number": the number does not exist
+    "sip-outbound-unallocated-number": CallState.FAILED_PERMANENT,
+}
+
+
 @cache
 def ended_reason_map() -> dict[str, CallState]:
-    """Every Vapi ``endedReason`` -> unified state (packaged CSV plus reviewed overrides)."""
+    """Every Vapi ``endedReason`` -> unified state (packaged CSV, the values added since the
+    spec copy, and reviewed overrides)."""
     text = resources.files("providers.data").joinpath("vapi-ended-reason-map.csv").read_text()
     table = {
         row["endedReason"]: CallState(row["unified"]) for row in csv.DictReader(text.splitlines())
     }
+    table.update(REASONS_SINCE_SPEC)
     table.update(REASON_OVERRIDES)
     return table
 
@@ -104,9 +138,7 @@ def build_create_body(req: CallRequest, config: ProviderConfig) -> dict[str, Any
     """The ``POST /call`` body (a ``CreateCallDTO``) for ``req``."""
     phone_number_id = req.caller_id or config.setting("phone_number_id")
     if not phone_number_id:
-        raise ConfigError(
-            f"vapi provider {config.name or config.id}: config.phone_number_id is missing"
-        )
+        raise ConfigError(f"vapi provider {config.id}: config.phone_number_id is missing")
     body: dict[str, Any] = {
         "phoneNumberId": str(phone_number_id),
         "customer": _customer(req, config),
@@ -161,7 +193,8 @@ def _overrides(req: CallRequest, config: ProviderConfig) -> dict[str, Any]:
 
 def max_duration_seconds(req: CallRequest, config: ProviderConfig) -> int | None:
     """The tighter of the request's and the row's cap, within Vapi's 10..43200 seconds."""
-    caps = [int(v) for v in (req.max_duration_seconds, config.setting("max_duration_seconds")) if v]
+    row_cap = config.number("max_duration_seconds", None)
+    caps = [int(v) for v in (req.max_duration_seconds, row_cap) if v]
     if not caps:
         return None
     return max(MIN_DURATION_SECONDS, min(min(caps), MAX_DURATION_SECONDS))
@@ -180,7 +213,10 @@ def _voicemail(policy: VoicemailPolicy, config: ProviderConfig) -> dict[str, Any
 
 
 def _inline_assistant(req: CallRequest, config: ProviderConfig) -> dict[str, Any]:
-    model = dict(config.setting("model") or DEFAULT_MODEL)
+    configured = config.setting("model") or DEFAULT_MODEL
+    if not isinstance(configured, Mapping):
+        raise ConfigError(f"vapi provider {config.id}: config.model is not an object")
+    model = dict(configured)
     model["messages"] = [{"role": "system", "content": req.script or ""}]
     assistant: dict[str, Any] = {"model": model, "metadata": _metadata(req)}
     if req.template_name:
@@ -268,7 +304,8 @@ def verify_webhook(
     headers: Mapping[str, str], body: bytes, secret: str, *, now: float | None = None
 ) -> None:
     """Accept ``X-Vapi-Secret``, ``Authorization: Bearer`` or HMAC-SHA256 (``x-signature`` over
-    ``{timestamp}.{body}``, hex); raise :class:`WebhookAuthError` otherwise."""
+    ``{x-timestamp}.{body}``, hex). The HMAC form requires the timestamp, within
+    :data:`REPLAY_WINDOW_SECONDS` of now. Raise :class:`WebhookAuthError` otherwise."""
     h = lower_headers(headers)
     if "x-vapi-secret" in h and secrets_equal(h["x-vapi-secret"], secret):
         return
@@ -277,9 +314,9 @@ def verify_webhook(
         return
     signature = h.get("x-signature") or h.get("x-vapi-signature")
     if signature:
-        timestamp = h.get("x-timestamp", "")
+        timestamp = h.get("x-timestamp", "").strip()
         _check_timestamp(timestamp, now)
-        message = f"{timestamp}.".encode() + body if timestamp else body
+        message = timestamp.encode() + b"." + body
         expected = hmac.new(secret.encode(), message, hashlib.sha256).hexdigest()
         if secrets_equal(signature.removeprefix("sha256=").strip().lower(), expected):
             return
@@ -287,13 +324,14 @@ def verify_webhook(
 
 
 def _check_timestamp(timestamp: str, now: float | None) -> None:
-    when = as_float(timestamp)
-    if when is None:
-        return
+    """Refuse a missing, malformed or stale timestamp (seconds or milliseconds)."""
+    if not timestamp.isdigit() or len(timestamp) > 16:
+        raise WebhookAuthError("webhook timestamp missing or malformed")
+    when = float(timestamp)
     if when > 1e11:
         when /= 1000.0
-    if abs((now if now is not None else time.time()) - when) > WEBHOOK_TOLERANCE_SECONDS:
-        raise WebhookAuthError("webhook timestamp outside tolerance")
+    if abs((now if now is not None else time.time()) - when) > REPLAY_WINDOW_SECONDS:
+        raise WebhookAuthError("webhook timestamp outside the replay window")
 
 
 def parse_webhook_payload(payload: Mapping[str, Any]) -> WebhookEvent:
@@ -320,6 +358,10 @@ def parse_webhook_payload(payload: Mapping[str, Any]) -> WebhookEvent:
     return WebhookEvent(provider_call_id=status.provider_call_id, status=status, event_type=kind)
 
 
+def _time_key(value: datetime | None) -> datetime:
+    return value if value is not None else datetime.max.replace(tzinfo=UTC)
+
+
 # --- adapter ------------------------------------------------------------------------------------
 
 
@@ -327,6 +369,7 @@ class VapiProvider:
     """The Vapi account described by ``config`` (see module docstring)."""
 
     provider_type = PROVIDER
+    official_base_urls: ClassVar[tuple[str, ...]] = (BASE_URL,)
 
     def __init__(self, config: ProviderConfig, client: httpx.Client | None = None) -> None:
         self.config = config
@@ -366,24 +409,42 @@ class VapiProvider:
         return data
 
     def find_call(self, req: CallRequest, since: datetime) -> CallStatus | None:
-        """List calls created after ``since`` (newest first, paged by ``createdAtLt``) and match
-        our correlation id."""
+        """List calls created after ``since`` (newest first) and match our correlation id.
+
+        Pages walk back with ``createdAtLt`` = the oldest ``createdAt`` seen plus 1 ms, so calls
+        sharing that millisecond with the page's last one are read again rather than skipped;
+        ids already seen are dropped. A full page that cannot move back (it is all one
+        millisecond) is read again with a larger ``limit``. When the window holds more calls
+        than we read, this raises ``ProviderRetryableError``: keep asking, never re-send.
+        """
+        seen: set[str] = set()
         params: dict[str, Any] = {"createdAtGt": iso(since), "limit": _PAGE}
-        phone_number_id = self.config.setting("phone_number_id")
-        if phone_number_id:
-            params["phoneNumberId"] = phone_number_id
+        floor: datetime | None = None
         for _ in range(_MAX_PAGES):
-            response = self._sender.request("GET", f"{self.base_url}/call", params=params)
-            data = self._sender.json(response)
-            calls = [c for c in data if isinstance(c, Mapping)] if isinstance(data, list) else []
+            calls = self._list(params)
             for call in calls:
-                if matches(call, req):
+                if str(call.get("id")) not in seen and matches(call, req):
                     return parse_call(call)
-            oldest = min((str(c.get("createdAt", "")) for c in calls), default="")
-            if len(calls) < _PAGE or not oldest:
-                return None
-            params["createdAtLt"] = oldest
-        return None
+            seen.update(str(call.get("id")) for call in calls)
+            if len(calls) < params["limit"]:
+                return None  # the page ended before the limit: the window is exhausted
+            oldest = min((parse_time(c.get("createdAt")) for c in calls), key=_time_key)
+            if oldest is None:
+                break
+            if oldest == floor:  # a full page of one millisecond: widen it
+                if params["limit"] >= _MAX_LIMIT:
+                    break
+                params["limit"] = min(params["limit"] * 10, _MAX_LIMIT)
+            floor = oldest
+            params["createdAtLt"] = iso(oldest + _MILLISECOND)
+        raise ProviderRetryableError(
+            "too many calls in the reconcile window", provider=PROVIDER, code="reconcile_window"
+        )
+
+    def _list(self, params: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+        response = self._sender.request("GET", f"{self.base_url}/call", params=params)
+        data = self._sender.json(response)
+        return [c for c in data if isinstance(c, Mapping)] if isinstance(data, list) else []
 
     def cancel_call(self, provider_call_id: str) -> bool:
         """Scheduled calls are deleted; live ones are ended through ``monitor.controlUrl``."""
@@ -414,7 +475,7 @@ class VapiProvider:
 
     def parse_webhook(self, headers: Mapping[str, str], body: bytes) -> WebhookEvent:
         """Authenticate with the configured ``webhook_secret`` then parse the server message."""
-        secret = self.config.secret_setting("webhook_secret") or self.config.api_secret
+        secret = self.config.webhook_key()
         if secret is None:
             raise WebhookAuthError("no webhook_secret configured")
         verify_webhook(headers, body, secret.get_secret_value())

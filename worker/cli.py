@@ -139,18 +139,20 @@ def _simulate(ns: argparse.Namespace) -> int:
 
 
 def _webhooks(ns: argparse.Namespace) -> int:
-    from worker.webhooks import serve
+    from worker import logs
+    from worker.webhooks import server
 
     s = get_settings()
     s.require_database_url()
-    server = serve(ns.host or s.webhook_host, s.webhook_port if ns.port is None else ns.port)
-    host, port = server.server_address[:2]
-    print(f"callq webhooks listening on http://{host!s}:{port}/webhooks/<provider_id>", flush=True)
-    try:
-        server.serve_forever()
-    finally:
-        server.server_close()
-    return 0
+    logs.configure_logging(s.log_level, s.log_json)
+    uv = server(s, ns.host, ns.port)
+    print(
+        f"callq webhooks listening on http://{uv.config.host}:{uv.config.port}"
+        "/webhooks/<provider_id>",
+        flush=True,
+    )
+    uv.run()
+    return 0 if uv.started else 1
 
 
 def _celery(command: str, extra: list[str]) -> int:

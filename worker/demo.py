@@ -74,7 +74,13 @@ def run_demo(*, calls: int = 40, timeout: float = 180.0, seed: int = 7) -> int:
         sim = Simulator(config={**DEMO_SIM_CONFIG, "seed": seed})
         sim.start(port=0)
         fleet = Fleet(
-            env={"DATABASE_URL": db_url, "CALLQ_BROKER_URL": broker_url, **DEMO_ENV},
+            env={
+                "DATABASE_URL": db_url,
+                "CALLQ_BROKER_URL": broker_url,
+                # the simulator is not an official provider host: ops allow it explicitly
+                "CALLQ_PROVIDER_ALLOWED_HOSTS": sim.base_url,
+                **DEMO_ENV,
+            },
             log_dir=Path(
                 os.environ.get("CALLQ_DEMO_LOGS") or tempfile.mkdtemp(prefix="callq-demo-logs-")
             ),

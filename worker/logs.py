@@ -9,6 +9,12 @@ from typing import Any
 import structlog
 
 _configured = False
+QUIET_LOGGERS = {
+    "httpx": logging.WARNING,
+    "httpcore": logging.WARNING,
+    "uvicorn.error": logging.ERROR,
+    "uvicorn.access": logging.WARNING,
+}
 
 
 def configure_logging(level: str = "INFO", as_json: bool = True) -> None:
@@ -26,6 +32,10 @@ def configure_logging(level: str = "INFO", as_json: bool = True) -> None:
     # the consumer time on every message; callq's own events say what happened to each call.
     for name in ("celery.worker.strategy", "celery.app.trace"):
         logging.getLogger(name).setLevel(max(logging.WARNING, logging.getLogger().level))
+    # httpx and httpcore log every request URL at INFO/DEBUG; a lookup URL can carry a phone
+    # number. uvicorn logs one line per malformed request: a flood would be the attacker's.
+    for name, floor in QUIET_LOGGERS.items():
+        logging.getLogger(name).setLevel(max(floor, logging.getLogger().level))
     renderer: Any = (
         structlog.processors.JSONRenderer() if as_json else structlog.dev.ConsoleRenderer()
     )

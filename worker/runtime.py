@@ -9,7 +9,6 @@ import threading
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
-from uuid import UUID
 
 from models.calls import ProviderRow
 from models.queries import Database
@@ -64,11 +63,13 @@ def provider_config(row: ProviderRow) -> ProviderConfig:
             "provider_type": row.provider_type,
             "api_key": row.api_key,
             "api_secret": row.api_secret,
+            "webhook_secret": row.webhook_secret,
             "base_url": row.base_url,
             "max_concurrent_calls": row.max_concurrent_calls,
             "capabilities": row.capabilities,
             "config": config,
-        }
+        },
+        s.provider_allowlist,
     )
 
 
@@ -87,12 +88,13 @@ def provider_for(row: ProviderRow) -> Provider:
         return provider
 
 
-def provider_by_id(provider_id: UUID | str) -> tuple[ProviderRow, Provider] | None:
-    """Load an active provider row by id and return it with its adapter."""
-    for row in database().active_providers():
-        if str(row.provider_id) == str(provider_id):
-            return row, provider_for(row)
-    return None
+def expects_webhooks(row: ProviderRow) -> bool:
+    """True when this provider reports a call's end by webhook: it has a webhook secret, and
+    (Vapi) it is told where to post (``CALLQ_WEBHOOK_PUBLIC_URL``); SynthFlow takes its URL
+    from the agent's settings. Such calls are polled only as a safety net."""
+    if not (row.webhook_secret or row.api_secret):
+        return False
+    return row.provider_type != "vapi" or bool(get_settings().webhook_public_url)
 
 
 def map_in_context(fn: Callable[[T], R], items: Iterable[T]) -> list[R]:
@@ -122,6 +124,14 @@ def reset() -> None:
 
 
 def _fingerprint(row: ProviderRow) -> str:
-    fields = ("provider_type", "api_key", "api_secret", "base_url", "config", "capabilities")
+    fields = (
+        "provider_type",
+        "api_key",
+        "api_secret",
+        "webhook_secret",
+        "base_url",
+        "config",
+        "capabilities",
+    )
     blob = json.dumps({f: getattr(row, f) for f in fields}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()

@@ -98,17 +98,16 @@ def _provider(
     else:
         url, key = f"{base}/synthflow/v2", SIM_SYNTHFLOW_KEY
         config = {"model_id": str(uuid.uuid4()), "creates_per_second": 1000}
-    if webhook_secret:
-        config["webhook_secret"] = webhook_secret
     provider_id = _one(
         conn,
-        "INSERT INTO call_service_providers (name, provider_type, api_key, api_secret, base_url,"
-        " max_concurrent_calls, priority, config) VALUES (%s, %s, %s, NULL, %s, %s, %s, %s)"
-        " RETURNING id",
+        "INSERT INTO call_service_providers (name, provider_type, api_key, api_secret,"
+        " webhook_secret, base_url, max_concurrent_calls, priority, config)"
+        " VALUES (%s, %s, %s, NULL, %s, %s, %s, %s, %s) RETURNING id",
         (
             f"{kind.title()} (simulator) {uuid.uuid4().hex[:6]}",
             kind,
             key,
+            webhook_secret,
             url,
             max_calls,
             priority,

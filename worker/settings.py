@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
-from functools import lru_cache
+import json
+from functools import cached_property, lru_cache
+from typing import Annotated, Any
 
-from pydantic import AliasChoices, Field, SecretStr
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import AliasChoices, Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from providers.allowlist import DEFAULT_ENV_PREFIXES, Allowlist, parse_origin
+
+# A list read from one variable as comma-separated text (JSON lists are accepted too).
+CommaList = Annotated[list[str], NoDecode]
 
 
 class Settings(BaseSettings):
@@ -33,7 +40,10 @@ class Settings(BaseSettings):
 
     # Tracking placed calls
     track_initial_delay_seconds: float = Field(default=2.0, ge=0)
-    track_max_delay_seconds: float = Field(default=30.0, gt=0)
+    # Polls of a 60-s call fall at 2, 5, 10, 18, 28, 37, 46, 55 and 64 s: its end is seen
+    # within 9 s with 9 reads. A provider that sends webhooks is polled only as a safety net.
+    track_max_delay_seconds: float = Field(default=9.0, gt=0, le=30)
+    track_webhook_delay_seconds: float = Field(default=30.0, gt=0, le=30)
     track_backoff_factor: float = Field(default=1.6, ge=1)
     reconcile_lookups: int = Field(default=3, ge=1)
     reconcile_delay_seconds: float = Field(default=5.0, ge=0)
@@ -57,12 +67,25 @@ class Settings(BaseSettings):
     # Providers
     http_connect_timeout_seconds: float = Field(default=5.0, gt=0)
     http_read_timeout_seconds: float = Field(default=15.0, gt=0)
+    # Hosts a provider row may point at besides its type's official API (the simulator, a
+    # proxy): "http://127.0.0.1:8765", "http://simulator:*" (any port), "api.example.com".
+    provider_allowed_hosts: CommaList = Field(default_factory=list)
+    # Which environment variables an "env:NAME" value in a provider row may name.
+    provider_env_prefixes: CommaList = Field(default_factory=lambda: list(DEFAULT_ENV_PREFIXES))
+    provider_env_names: CommaList = Field(default_factory=list)
 
     # Webhooks
     webhook_host: str = "127.0.0.1"
     webhook_port: int = Field(default=8080, ge=0, le=65535)
     webhook_public_url: str | None = None
-    webhook_shared_secret: SecretStr | None = None
+    # Bounds of the endpoint (worker/webhooks.py, worker/http_protocol.py).
+    webhook_max_body_bytes: int = Field(default=2 * 1024 * 1024, ge=1024)
+    webhook_max_header_bytes: int = Field(default=16 * 1024, ge=1024)
+    webhook_header_timeout_seconds: float = Field(default=5.0, gt=0)
+    webhook_body_timeout_seconds: float = Field(default=10.0, gt=0)
+    webhook_keepalive_seconds: int = Field(default=5, ge=1)
+    webhook_max_connections: int = Field(default=512, ge=1)
+    webhook_secret_ttl_seconds: float = Field(default=10.0, gt=0)
 
     # Notifications to the apps (call.ended): the outbox is drained on beat by the "notify"
     # queue, which runs in its own worker (callq worker -Q notify) so a slow receiver never
@@ -77,6 +100,31 @@ class Settings(BaseSettings):
 
     log_level: str = "INFO"
     log_json: bool = True
+
+    @field_validator("provider_allowed_hosts", "provider_env_prefixes", "provider_env_names",
+                     mode="before")  # fmt: skip
+    @classmethod
+    def _split(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                return json.loads(text)
+            return [part.strip() for part in text.split(",") if part.strip()]
+        return value
+
+    @field_validator("provider_allowed_hosts")
+    @classmethod
+    def _hosts(cls, value: list[str]) -> list[str]:
+        for entry in value:
+            parse_origin(entry)  # ValueError names the entry
+        return value
+
+    @cached_property
+    def provider_allowlist(self) -> Allowlist:
+        """Hosts and secret names provider rows may use (see providers/allowlist.py)."""
+        return Allowlist.from_settings(
+            self.provider_allowed_hosts, self.provider_env_prefixes, self.provider_env_names
+        )
 
     def require_database_url(self) -> str:
         """The configured database URL, or a ConfigError naming the variable."""

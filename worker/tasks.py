@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from uuid import UUID
@@ -50,8 +50,8 @@ from dispatch.steps import (
     tally,
 )
 from models.calls import AssignmentState, CallRow
-from providers.base import CallStatus
-from providers.errors import ProviderError
+from providers.base import CallHandle, CallStatus, WebhookEvent
+from providers.errors import ConfigError, ProviderError
 from worker import logs, notify, runtime
 from worker.celery_app import app
 from worker.settings import get_settings
@@ -81,32 +81,36 @@ def poll() -> int:
     for start in range(chunk, len(ids), chunk):
         dispatch_batch.apply_async((ids[start : start + chunk],))
     log.info("calls.assigned", count=len(ids))
-    _run_each(dispatch_one, ids[:chunk])
+    _send_next(dispatch_chunk(ids[:chunk]))
     return len(ids)
 
 
 @app.task(name="callq.dispatch_batch", ignore_result=True)
 def dispatch_batch(assignment_ids: list[str]) -> dict[str, int]:
     """Place a chunk of assigned calls concurrently; each goes through the same gate."""
-    return _run_each(dispatch_one, assignment_ids)
+    steps = dispatch_chunk(assignment_ids)
+    _send_next(steps)
+    return tally(steps)
 
 
 @app.task(name="callq.dispatch", ignore_result=True)
 def dispatch(assignment_id: str) -> str:
     """Place one assigned call. A second delivery of the same task dials no one."""
-    return _then(dispatch_one(assignment_id))
+    return _then(dispatch_chunk([assignment_id])[0])
 
 
 @app.task(name="callq.track_batch", ignore_result=True)
 def track_batch(items: list[list[Any]]) -> dict[str, int]:
     """Poll several placed calls ([assignment id, poll token] each) concurrently."""
-    return _run_each(lambda item: track_one(str(item[0]), int(item[1])), items)
+    steps = track_chunk([(str(item[0]), int(item[1])) for item in items])
+    _send_next(steps)
+    return tally(steps)
 
 
 @app.task(name="callq.track", ignore_result=True)
 def track(assignment_id: str, poll_count: int = 0) -> str:
     """Poll one placed call with its poll token (the reaper restarts lost chains this way)."""
-    return _then(track_one(assignment_id, poll_count))
+    return _then(track_chunk([(assignment_id, poll_count)])[0])
 
 
 @app.task(name="callq.reconcile", ignore_result=True)
@@ -121,17 +125,27 @@ def webhook(provider_id: str, provider_call_id: str) -> str:
     assignment_id = runtime.database().assignment_for_provider_call(provider_id, provider_call_id)
     if assignment_id is None:
         return _then(Skipped(SkipReason.UNKNOWN_CALL))
-    return _then(track_one(str(assignment_id), None))
+    return _then(track_chunk([(str(assignment_id), None)])[0])
+
+
+def end_from_report(provider_id: str, event: WebhookEvent) -> Step:
+    """End a call from its provider's final report (a trusted webhook) without reading it again.
+
+    Runs in the webhook server: the report's data (transcript, recording) never goes through
+    the broker. A report for a call that already ended changes nothing.
+    """
+    db = runtime.database()
+    assignment_id = db.assignment_for_provider_call(provider_id, event.provider_call_id)
+    if assignment_id is None:
+        return Skipped(SkipReason.UNKNOWN_CALL)
+    decision = decide_outcome(event.status)
+    if isinstance(decision, KeepPolling):
+        return Skipped(SkipReason.CHECKED)
+    logs.bind(assignment_id=str(assignment_id))
+    return _finish(str(assignment_id), event.status, decision)
 
 
 # -- running steps and sending what comes next ---------------------------------------------------
-
-
-def _run_each(step: Callable[[Any], Step], items: Sequence[Any]) -> dict[str, int]:
-    """Run ``step`` for each item on the pool (in copies of this task's log context)."""
-    steps = runtime.map_in_context(step, items)
-    _send_next(steps)
-    return tally(steps)
 
 
 def _then(step: Step) -> str:
@@ -161,34 +175,54 @@ def _send_polls(polls: list[NextPoll], chunk: int = 100) -> None:
 # -- the per-call steps ----------------------------------------------------------------------------
 
 
-def dispatch_one(assignment_id: str) -> Step:
-    """Pass the gate, create the call at its provider, record it."""
-    logs.bind(assignment_id=assignment_id)
+def dispatch_chunk(assignment_ids: Sequence[str]) -> list[Step]:
+    """Place a chunk of assigned calls: the gates in one statement, the creates concurrently,
+    the record of the placed calls in one statement. A call whose gate another task won (a
+    duplicate delivery, a released assignment) is skipped: nobody is dialed twice."""
     db = runtime.database()
-    call = db.gate_and_load(assignment_id)
-    if call is None:
-        log.info("call.dispatch_skipped", reason=SkipReason.GATE_CLOSED)
-        return Skipped(SkipReason.GATE_CLOSED)
-    _bind_call(call)
+    calls = db.gate_and_load(assignment_ids)
+    won = {str(call.assignment_id) for call in calls}
+    steps: list[Step] = [Skipped(SkipReason.GATE_CLOSED) for a in assignment_ids if a not in won]
+    if steps:
+        log.info("calls.dispatch_skipped", reason=SkipReason.GATE_CLOSED, count=len(steps))
+    created = runtime.map_in_context(_create, calls)
+    placed = {
+        str(call.assignment_id): result.provider_call_id
+        for call, result in zip(calls, created, strict=True)
+        if isinstance(result, CallHandle)
+    }
+    db.mark_placed(placed)
+    # mark_call_placed leaves the poll token at 0: the first poll holds token 0.
+    for call, result in zip(calls, created, strict=True):
+        if isinstance(result, CallHandle):
+            log.info("call.placed", **_ids(call))
+            steps.append(Placed(NextPoll(str(call.assignment_id), 0, _poll_delay(call, 0))))
+        else:
+            steps.append(result)
+    return steps
+
+
+def _create(call: CallRow) -> CallHandle | Step:
+    """Send one call's create; what went wrong, as the step that follows, when it failed."""
+    logs.bind(**_ids(call))
     try:
         provider = runtime.provider_for(call.provider)
         request = build_call_request(call)
     except Exception as exc:  # nothing has been sent yet: fail over, never reconcile
         log.warning("call.setup_failed", error=type(exc).__name__)
-        return _end(assignment_id, decide_setup_error(exc))
+        return _end(str(call.assignment_id), decide_setup_error(exc))
     try:
-        handle = provider.create_call(request)
+        return provider.create_call(request)
     except ProviderError as exc:
         return _after_create_error(call, exc)
+    except ConfigError as exc:  # raised before a request is built (e.g. a setting missing)
+        log.warning("call.setup_failed", error=type(exc).__name__)
+        return _end(str(call.assignment_id), decide_setup_error(exc))
     except Exception:
         # Anything unexpected while sending: the request may have left, so treat the outcome
         # as unknown and look the call up before anything is re-sent.
         log.exception("call.create_crashed")
-        return Reconciling(assignment_id, 0, get_settings().reconcile_delay_seconds)
-    db.mark_placed(assignment_id, handle.provider_call_id)
-    log.info("call.placed")
-    # mark_call_placed leaves the poll token at 0: the first poll holds token 0.
-    return Placed(NextPoll(assignment_id, 0, get_settings().track_initial_delay_seconds))
+        return Reconciling(str(call.assignment_id), 0, get_settings().reconcile_delay_seconds)
 
 
 def _after_create_error(call: CallRow, exc: ProviderError) -> Step:
@@ -205,36 +239,60 @@ def _after_create_error(call: CallRow, exc: ProviderError) -> Step:
     return step
 
 
-def track_one(assignment_id: str, token: int | None) -> Step:
-    """Poll a placed call once. ``token`` None is a one-off check outside the polling chain."""
-    logs.bind(assignment_id=assignment_id)
-    call = runtime.database().load_call(assignment_id)
-    if call is None or call.state is not AssignmentState.PLACED:
-        return Skipped(SkipReason.NOT_PLACED)
-    _bind_call(call)
+def track_chunk(items: Sequence[tuple[str, int | None]]) -> list[Step]:
+    """Poll placed calls ((assignment id, poll token) each): the loads in one statement, the
+    provider reads concurrently, the poll tokens of the calls still going in one statement.
+    A token of None is a one-off check (a webhook) outside the polling chain."""
+    db = runtime.database()
+    calls = db.load_calls([assignment_id for assignment_id, _ in items])
+    live = [c for c in calls.values() if c.state is AssignmentState.PLACED]
+    steps: list[Step] = [Skipped(SkipReason.NOT_PLACED)] * (len(items) - len(live))
+    polled = runtime.map_in_context(_poll, live)
+    going = {str(c.assignment_id) for c, step in zip(live, polled, strict=True) if step is None}
+    steps += [step for step in polled if step is not None]
+    again = [
+        (a, t, 0.0 if t is None else _poll_delay(calls[a], t + 1)) for a, t in items if a in going
+    ]
+    return steps + _poll_again(again)
+
+
+def _poll(call: CallRow) -> Step | None:
+    """Read one call's state at its provider: the step that ended it, or None if it goes on."""
+    logs.bind(**_ids(call))
     try:
         status = runtime.provider_for(call.provider).get_call(str(call.provider_call_id))
     except ProviderError as exc:
         log.warning("call.poll_failed", error=str(exc))
-        return _poll_again(assignment_id, token)
+        return None
     decision = decide_outcome(status)
     if isinstance(decision, KeepPolling):
-        return _poll_again(assignment_id, token)
-    return _finish(assignment_id, status, decision)
+        return None
+    return _finish(str(call.assignment_id), status, decision)
 
 
-def _poll_again(assignment_id: str, token: int | None) -> Step:
-    """Advance the poll token and say when to poll next; a stale chain stops here."""
-    if token is None:
-        return Skipped(SkipReason.CHECKED)
+def _poll_again(items: Sequence[tuple[str, int | None, float]]) -> list[Step]:
+    """Advance the poll tokens and say when to poll next; a stale chain stops here."""
+    steps: list[Step] = [Skipped(SkipReason.CHECKED) for _, token, _ in items if token is None]
+    polls = [(a, token, delay) for a, token, delay in items if token is not None]
+    advanced = runtime.database().touch_polls(polls)
+    for assignment_id, _, delay in polls:
+        token = advanced.get(assignment_id)
+        if token is None:
+            steps.append(Skipped(SkipReason.SUPERSEDED))
+        else:
+            steps.append(Polling(NextPoll(assignment_id, token, delay)))
+    return steps
+
+
+def _poll_delay(call: CallRow, polls_done: int) -> float:
+    """Seconds until the next poll: a growing interval, or the safety net's when the provider
+    tells us a call's end by webhook."""
     s = get_settings()
-    delay = next_poll_delay(
-        token + 1, s.track_initial_delay_seconds, s.track_backoff_factor, s.track_max_delay_seconds
+    if runtime.expects_webhooks(call.provider):
+        return s.track_webhook_delay_seconds
+    return next_poll_delay(
+        polls_done, s.track_initial_delay_seconds, s.track_backoff_factor, s.track_max_delay_seconds
     )
-    new_token = runtime.database().touch_poll(assignment_id, token, delay)
-    if new_token is None:
-        return Skipped(SkipReason.SUPERSEDED)
-    return Polling(NextPoll(assignment_id, new_token, delay))
 
 
 def _finish(assignment_id: str, status: CallStatus, decision: Complete | Fail) -> Step:
@@ -264,12 +322,11 @@ def _finish(assignment_id: str, status: CallStatus, decision: Complete | Fail) -
 def reconcile_one(assignment_id: str, lookup: int) -> Step:
     """Look up a call whose create had an unknown outcome (lookup number ``lookup``)."""
     s = get_settings()
-    logs.bind(assignment_id=assignment_id)
     db = runtime.database()
     call = db.load_call(assignment_id)
     if call is None or call.state is not AssignmentState.DIALING:
         return Skipped(SkipReason.NOT_DIALING)
-    _bind_call(call)
+    logs.bind(**_ids(call))
     last = lookup + 1 >= s.reconcile_lookups
     since = (call.dialing_at or datetime.now(UTC)) - timedelta(minutes=2)
     try:
@@ -280,7 +337,7 @@ def reconcile_one(assignment_id: str, lookup: int) -> Step:
             return Reconciling(assignment_id, lookup, s.track_max_delay_seconds)
         found = None
     if found is not None:
-        db.mark_placed(assignment_id, found.provider_call_id)
+        db.mark_placed({assignment_id: found.provider_call_id})
         log.info("call.reconciled", found=True)
         return Placed(NextPoll(assignment_id, 0, 0.0))
     if not last:
@@ -309,8 +366,13 @@ def _end(
     return Ended(Outcome(result))
 
 
-def _bind_call(call: CallRow) -> None:
-    logs.bind(queue_id=call.queue_id, provider=call.provider.name)
+def _ids(call: CallRow) -> dict[str, str]:
+    """The ids every per-call log event carries (never a phone number or a name)."""
+    return {
+        "assignment_id": str(call.assignment_id),
+        "queue_id": str(call.queue_id),
+        "provider": call.provider.name,
+    }
 
 
 # -- maintenance -----------------------------------------------------------------------------------

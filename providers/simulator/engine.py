@@ -56,9 +56,21 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "synthflow_webhook_url": None,
     "webhook_secret": "sim-webhook-secret",
     "vapi_webhook_auth": "hmac",  # "hmac" | "header" (X-Vapi-Secret) | "bearer"
+    "retell_webhook_url": None,
     "synthflow_echo_variables": True,
     "record_times": True,
+    "clock_resolution_ms": 1,  # createdAt granularity; a coarse clock makes equal timestamps
 }
+
+
+@dataclass(frozen=True)
+class Features:
+    """The per-call features a create asked for, in provider-neutral terms."""
+
+    max_seconds: float | None = None
+    voicemail_detect: bool = True
+    leave_message: bool = False
+    record: bool = True
 
 
 @dataclass
@@ -77,12 +89,19 @@ class SimCall:
     end_at: float
     request: dict[str, Any] = field(default_factory=dict)
     canceled: bool = False
-    webhook_sent: bool = False
+    webhooks_sent: set[str] = field(default_factory=set)
+    scheduled_until: float | None = None
+    features: Features = field(default_factory=Features)
+    hit_max_duration: bool = False
+    account_key: str | None = None
+    updated: float | None = None
 
     def phase(self, now: float) -> str:
-        """queued | ringing | in-progress | ended."""
+        """scheduled | queued | ringing | in-progress | ended."""
         if now >= self.end_at:
             return "ended"
+        if self.scheduled_until is not None and now < self.scheduled_until:
+            return "scheduled"
         if self.answer_at is not None and now >= self.answer_at:
             return "in-progress"
         return "ringing" if now >= self.ring_at else "queued"
@@ -120,6 +139,7 @@ class Engine:
 
     def _reset_state(self) -> None:
         self.calls: dict[str, SimCall] = {}
+        self._keys: dict[tuple[str, str], str] = {}
         self.creates: Counter[str] = Counter()
         self.creates_by_queue: Counter[str] = Counter()
         self.create_times: dict[str, list[dict[str, float]]] = {}
@@ -211,6 +231,11 @@ class Engine:
             )
         return float(spec)
 
+    def _now(self) -> float:
+        """Wall-clock time at the configured resolution (APIs keep milliseconds)."""
+        step = max(float(self.config.get("clock_resolution_ms") or 1), 1.0)
+        return math.floor(time.time() * 1000.0 / step) * step / 1000.0
+
     def create(
         self,
         provider: str,
@@ -218,37 +243,40 @@ class Engine:
         queue_id: str | None,
         number: str,
         request: dict[str, Any],
+        *,
+        features: Features | None = None,
+        start_at: float | None = None,
+        account_key: str | None = None,
+        idempotency_key: str | None = None,
     ) -> SimCall:
-        """Record a create and precompute the call's timeline."""
-        now, mono = time.time(), time.monotonic()
+        """Record a create and precompute the call's timeline (from ``start_at`` if later)."""
+        now, mono = self._now(), time.monotonic()
+        features = features or Features()
         outcome = self.outcome_for(correlation_id, number)
-        cfg = self.config
-        if cfg.get("answer_at_once"):
-            ring_at = now
-            answer_at: float | None = now if outcome in ANSWERED else None
-            end_at = math.inf if outcome == "stuck" else now
-        else:
-            ring_at = now + float(cfg.get("queue_seconds", 0.1))
-            ring_end = ring_at + float(cfg.get("ring_seconds", 0.5))
-            answer_at = ring_end if outcome in ANSWERED else None
-            if outcome == "stuck":
-                end_at = math.inf
-            elif answer_at is not None:
-                end_at = answer_at + self._call_seconds(correlation_id)
-            else:
-                end_at = ring_end
+        if outcome == "voicemail" and not features.voicemail_detect:
+            outcome = "completed"  # undetected: the agent talks to the box until it hangs up
+        start = max(now, start_at or now)
+        ring_at, answer_at, end_at = self._timeline(outcome, correlation_id, start)
+        capped = False
+        if answer_at is not None and features.max_seconds is not None:
+            capped = end_at - answer_at > features.max_seconds
+            end_at = min(end_at, answer_at + features.max_seconds)
         call = SimCall(
             id=str(uuid.uuid4()), provider=provider, correlation_id=correlation_id,
             queue_id=queue_id, number=number, created=now, outcome=outcome,
             ring_at=ring_at, answer_at=answer_at, end_at=end_at, request=request,
+            scheduled_until=start if start > now else None, features=features,
+            hit_max_duration=capped, account_key=account_key,
         )  # fmt: skip
         with self._lock:
             self.calls[call.id] = call
+            if idempotency_key:
+                self._keys[(provider, idempotency_key)] = call.id
             self.counters["total_creates"] += 1
             self.counters["creates_" + provider] += 1
             if correlation_id:
                 self.creates[correlation_id] += 1
-                if cfg.get("record_times", True):
+                if self.config.get("record_times", True):
                     self.create_times.setdefault(correlation_id, []).append(
                         {"monotonic": mono, "wall": now}
                     )
@@ -259,16 +287,47 @@ class Engine:
                 heapq.heappush(self._ends, (end_at, call.id))
         return call
 
+    def _timeline(
+        self, outcome: str, correlation_id: str | None, start: float
+    ) -> tuple[float, float | None, float]:
+        """(ring_at, answer_at, end_at) of a call whose dialling starts at ``start``."""
+        cfg = self.config
+        if cfg.get("answer_at_once"):
+            answer_at = start if outcome in ANSWERED else None
+            return start, answer_at, math.inf if outcome == "stuck" else start
+        ring_at = start + float(cfg.get("queue_seconds", 0.1))
+        ring_end = ring_at + float(cfg.get("ring_seconds", 0.5))
+        if outcome not in ANSWERED:
+            return ring_at, None, ring_end
+        if outcome == "stuck":
+            return ring_at, ring_end, math.inf
+        return ring_at, ring_end, ring_end + self._call_seconds(correlation_id)
+
+    def by_idempotency_key(self, provider: str, key: str) -> SimCall | None:
+        """The call a create with this idempotency key made, if it is still known."""
+        with self._lock:
+            call_id = self._keys.get((provider, key))
+            return self.calls.get(call_id) if call_id else None
+
+    def rename(self, call_id: str, name: str) -> SimCall | None:
+        """Vapi's PATCH /call/{id}: the name is the only field that can change."""
+        with self._lock:
+            call = self.calls.get(call_id)
+            if call is not None:
+                call.request["name"] = name
+                call.updated = self._now()
+            return call
+
     def get(self, call_id: str) -> SimCall | None:
         """The call with this id, if any."""
         with self._lock:
             return self.calls.get(call_id)
 
     def list(self, provider: str) -> list[SimCall]:
-        """All calls of one provider, newest first."""
+        """All calls of one provider, newest first (equal timestamps in no meaningful order)."""
         with self._lock:
             calls = [c for c in self.calls.values() if c.provider == provider]
-        return sorted(calls, key=lambda c: c.created, reverse=True)
+        return sorted(calls, key=lambda c: (c.created, c.id), reverse=True)
 
     def cancel(self, call_id: str) -> SimCall | None:
         """End a live call now (outcome ``canceled``); None if unknown or already ended."""

@@ -15,13 +15,13 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-from providers.simulator import shapes
-from providers.simulator.engine import Engine, SimCall
+from providers.simulator.apis import Response, SynthflowApi, VapiApi, parse_json
+from providers.simulator.engine import Engine
+from providers.simulator.retell import RetellApi
 from providers.simulator.webhooks import WebhookSender
 
-DEFAULT_API_KEYS = "sim-vapi-key,sim-synthflow-key"
-VAPI = "/vapi"
-SYNTHFLOW = "/synthflow/v2"
+DEFAULT_API_KEYS = "sim-vapi-key,sim-synthflow-key,sim-retell-key"
+Api = VapiApi | SynthflowApi | RetellApi
 
 
 class _Server(ThreadingHTTPServer):
@@ -47,6 +47,9 @@ class _Handler(BaseHTTPRequestHandler):
     def do_DELETE(self) -> None:
         self._dispatch("DELETE")
 
+    def do_PATCH(self) -> None:
+        self._dispatch("PATCH")
+
     def _dispatch(self, method: str) -> None:
         url = urlsplit(self.path)
         length = int(self.headers.get("Content-Length") or 0)
@@ -58,6 +61,9 @@ class _Handler(BaseHTTPRequestHandler):
         except _Drop:
             self.close_connection = True
             return
+        except Exception:  # a simulator bug answers 500 (visible), never a dropped connection
+            self.server.sim.engine.count("handler_errors")
+            status, body, headers = 500, {"message": "simulator error", "statusCode": 500}, None
         data = b"" if body is None else json.dumps(body).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
@@ -70,9 +76,6 @@ class _Handler(BaseHTTPRequestHandler):
 
 class _Drop(Exception):
     """Close the connection without answering (an outage in ``refuse`` mode)."""
-
-
-Response = tuple[int, Any, dict[str, str] | None]
 
 
 class Simulator:
@@ -89,6 +92,11 @@ class Simulator:
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
         self._webhooks = WebhookSender(self.engine)
+        self.apis: tuple[Api, ...] = (
+            VapiApi(self.engine, self._webhooks),
+            SynthflowApi(self.engine, self._webhooks),
+            RetellApi(self.engine, self._webhooks),
+        )
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -133,12 +141,17 @@ class Simulator:
     @property
     def vapi_url(self) -> str:
         """The ``base_url`` to configure on a Vapi provider row."""
-        return self.base_url + VAPI
+        return self.base_url + VapiApi.prefix
 
     @property
     def synthflow_url(self) -> str:
         """The ``base_url`` to configure on a SynthFlow provider row."""
-        return self.base_url + SYNTHFLOW
+        return self.base_url + SynthflowApi.prefix
+
+    @property
+    def retell_url(self) -> str:
+        """The ``base_url`` to configure on a Retell provider row."""
+        return self.base_url + RetellApi.prefix
 
     # -- in-process control (same as the /_sim API) ----------------------------------------------
 
@@ -160,218 +173,39 @@ class Simulator:
         """Answer one request: ``(status, json body, extra headers)``."""
         if path.startswith("/_sim/"):
             return self._control(method, path, query, raw)
-        if path.startswith(VAPI + "/"):
-            provider, sub = "vapi", path[len(VAPI) :]
-        elif path.startswith(SYNTHFLOW + "/"):
-            provider, sub = "synthflow", path[len(SYNTHFLOW) :]
-        else:
+        api = next((a for a in self.apis if path.startswith(a.prefix + "/")), None)
+        if api is None:
             return 404, {"message": "Not Found", "statusCode": 404}, None
-        control = provider == "vapi" and sub.endswith("/control")
-        if not control and not self._authorized(headers.get("Authorization", "")):
-            return self._unauthorized(provider)
+        sub = path[len(api.prefix) :]
+        if not api.open_path(sub) and not self._authorized(headers.get("Authorization", "")):
+            return api.unauthorized()
         latency = float(self.engine.config.get("latency_ms") or 0)
         if latency:
             time.sleep(latency / 1000.0)
-        fault = self.engine.fault(provider)
+        fault = self.engine.fault(api.name)
         if fault is not None and fault != "timeout":
             if fault == "refuse":
                 raise _Drop
-            return 500, _server_error(provider), None
-        is_create = method == "POST" and sub in ("/call", "/calls")
+            return api.server_error()
         if fault == "timeout":
-            if is_create and self.engine.config.get("timeout_creates_call", True):
-                self._route(provider, method, sub, query, raw, headers)
+            if api.is_create(method, sub) and self.engine.config.get("timeout_creates_call", True):
+                self._route(api, method, sub, query, raw, headers)
             time.sleep(float(self.engine.config.get("timeout_seconds", 30)))
-            return 504, _server_error(provider), None
-        return self._route(provider, method, sub, query, raw, headers)
+            return 504, api.server_error()[1], None
+        return self._route(api, method, sub, query, raw, headers)
 
     def _authorized(self, header: str) -> bool:
         return header[:7].lower() == "bearer " and header[7:].strip() in self.api_keys
 
-    def _unauthorized(self, provider: str) -> Response:
-        if provider == "vapi":
-            return (
-                401,
-                shapes.vapi_error(
-                    401,
-                    "Invalid Key. Hot tip, you may be using the private key instead.",
-                    "Unauthorized",
-                ),
-                None,
-            )
-        return (
-            401,
-            {
-                "detail": {
-                    "status": "error",
-                    "description": "Unauthorized",
-                    "request_id": "sim",
-                    "category": "authentication",
-                }
-            },
-            None,
-        )
-
     def _route(
-        self, provider: str, method: str, sub: str, query: str, raw: bytes, headers: Any
+        self, api: Api, method: str, sub: str, query: str, raw: bytes, headers: Any
     ) -> Response:
         parts = [p for p in sub.split("/") if p]
-        params = {k: v[-1] for k, v in parse_qs(query).items()}
-        if provider == "vapi" and parts and parts[0] == "call":
-            return self._vapi(method, parts[1:], params, raw, headers)
-        if provider == "synthflow" and parts and parts[0] == "calls":
-            return self._synthflow(method, parts[1:], params, raw)
-        return (
-            404,
-            {"message": f"Cannot {method} {sub}", "error": "Not Found", "statusCode": 404},
-            None,
-        )
-
-    # -- Vapi ------------------------------------------------------------------------------------
-
-    def _vapi(
-        self, method: str, rest: list[str], params: dict[str, str], raw: bytes, headers: Any
-    ) -> Response:
-        now = time.time()
-        base = f"http://{headers.get('Host', '127.0.0.1')}{VAPI}"
-        if method == "POST" and not rest:
-            return self._vapi_create(raw, base)
-        if method == "GET" and not rest:
-            calls = self.engine.list("vapi")
-            if "createdAtGt" in params:
-                since = _epoch(params["createdAtGt"])
-                calls = [c for c in calls if c.created > since]
-            if "id" in params:
-                calls = [c for c in calls if c.id == params["id"]]
-            if "phoneNumberId" in params:
-                calls = [
-                    c for c in calls if c.request.get("phoneNumberId") == params["phoneNumberId"]
-                ]
-            limit = int(params.get("limit", 100))
-            return 200, [shapes.vapi_call(c, now, base) for c in calls[:limit]], None
-        call = self.engine.get(rest[0]) if rest else None
-        if call is None or call.provider != "vapi":
-            return 404, shapes.vapi_error(404, "Call not found", "Not Found"), None
-        if method == "GET" and len(rest) == 1:
-            return 200, shapes.vapi_call(call, now, base), None
-        if method == "DELETE" and len(rest) == 1:
-            body = shapes.vapi_call(call, now, base)
-            self.engine.delete(call.id)
-            return 200, body, None
-        if method == "POST" and rest[1:] == ["control"]:
-            return self._vapi_control(call, raw)
-        return 404, shapes.vapi_error(404, "Not Found", "Not Found"), None
-
-    def _vapi_create(self, raw: bytes, base: str) -> Response:
-        body = _json(raw)
-        errors = shapes.vapi_validate(body)
-        if errors:
-            return 400, shapes.vapi_error(400, errors, "Bad Request"), None
-        if self.engine.at_capacity("vapi", time.time()):
-            return self._too_many("vapi")
-        correlation, queue = shapes.vapi_correlation(body)
-        call = self.engine.create("vapi", correlation, queue, body["customer"]["number"], body)
-        self._webhooks.schedule(call)
-        out = shapes.vapi_call(call, time.time(), base, fresh=True)
-        out["subscriptionLimits"] = {"concurrencyBlocked": False, "concurrencyLimit": 10}
-        return 201, out, None
-
-    def _vapi_control(self, call: SimCall, raw: bytes) -> Response:
-        body = _json(raw)
-        if not isinstance(body, dict) or body.get("type") != "end-call":
-            return 400, shapes.vapi_error(400, ["type must be end-call"], "Bad Request"), None
-        if self.engine.cancel(call.id) is not None:
-            self._webhooks.schedule(call)
-        return 200, {"success": True}, None
-
-    def _too_many(self, provider: str) -> Response:
-        retry = {"Retry-After": str(self.engine.config.get("retry_after_seconds", 1))}
-        if provider == "vapi":
-            return 429, shapes.vapi_error(429, "Too Many Requests", "Too Many Requests"), retry
-        return 429, {"error": "rate_limit_exceeded", "message": "Concurrency limit reached"}, retry
-
-    # -- SynthFlow -------------------------------------------------------------------------------
-
-    def _synthflow(
-        self, method: str, rest: list[str], params: dict[str, str], raw: bytes
-    ) -> Response:
-        now = time.time()
-        echo = bool(self.engine.config.get("synthflow_echo_variables", True))
-        if method == "POST" and not rest:
-            return self._synthflow_create(raw)
-        if method == "GET" and not rest:
-            if not params.get("model_id"):
-                return (
-                    400,
-                    {
-                        "detail": {
-                            "status": "error",
-                            "description": "model_id is required",
-                            "request_id": "sim",
-                            "category": "validation",
-                        }
-                    },
-                    None,
-                )
-            calls = [
-                c
-                for c in self.engine.list("synthflow")
-                if c.request.get("model_id") == params["model_id"]
-            ]
-            if params.get("lead_phone_number"):
-                calls = [c for c in calls if c.number == params["lead_phone_number"]]
-            if params.get("from_date"):
-                since = int(params["from_date"]) / 1000.0
-                calls = [c for c in calls if c.created >= since]
-            limit, offset = int(params.get("limit", 20)), int(params.get("offset", 0))
-            page = [
-                shapes.synthflow_item(c, now, listing=True, echo=echo)
-                for c in calls[offset : offset + limit]
-            ]
-            return 200, shapes.synthflow_page(page, limit, offset, len(calls)), None
-        call = self.engine.get(rest[0]) if method == "GET" and len(rest) == 1 else None
-        if call is None or call.provider != "synthflow":
-            return (
-                404,
-                {
-                    "detail": {
-                        "status": "error",
-                        "description": "Call not found",
-                        "request_id": "sim",
-                        "category": "not_found",
-                    }
-                },
-                None,
-            )
-        return (
-            200,
-            shapes.synthflow_page(
-                [shapes.synthflow_item(call, now, listing=False, echo=echo)], 1, 0, 1
-            ),
-            None,
-        )
-
-    def _synthflow_create(self, raw: bytes) -> Response:
-        body = _json(raw)
-        errors = shapes.synthflow_validate(body)
-        if errors:
-            return 422, {"detail": errors}, None
-        if self.engine.at_capacity("synthflow", time.time()):
-            return self._too_many("synthflow")
-        variables = shapes.synthflow_variables(body)
-        call = self.engine.create(
-            "synthflow",
-            variables.get("callq_assignment_id"),
-            variables.get("callq_queue_id"),
-            body["phone"],
-            body,
-        )
-        self._webhooks.schedule(call)
-        return (
-            200,
-            {"status": "success", "response": {"answer": "ok", "call_id": call.id}, "eta": 0},
-            None,
-        )
+        params = {k: v[-1] for k, v in parse_qs(query, keep_blank_values=True).items()}
+        if api.is_call_read(method, parts):  # one call read (a poll or a webhook's re-read)
+            self.engine.count(f"call_reads_{api.name}")
+        answer = api.route(method, parts, params, raw, headers)
+        return answer if answer is not None else api.not_found(method, sub)
 
     # -- control ---------------------------------------------------------------------------------
 
@@ -380,7 +214,7 @@ class Simulator:
             times = parse_qs(query).get("times", ["0"])[-1] not in ("0", "", "false")
             return 200, self.engine.stats(times=times), None
         if path == "/_sim/config" and method == "POST":
-            update = _json(raw)
+            update = parse_json(raw)
             if not isinstance(update, dict):
                 return 400, {"error": "config must be a JSON object"}, None
             return 200, self.engine.configure(update), None
@@ -390,23 +224,3 @@ class Simulator:
             self.engine.reset()
             return 200, {"ok": True}, None
         return 404, {"error": "not found"}, None
-
-
-def _json(raw: bytes) -> Any:
-    try:
-        return json.loads(raw) if raw else None
-    except ValueError:
-        return None
-
-
-def _epoch(text: str) -> float:
-    from providers._util import parse_time
-
-    parsed = parse_time(text)
-    return parsed.timestamp() if parsed else 0.0
-
-
-def _server_error(provider: str) -> dict[str, Any]:
-    if provider == "vapi":
-        return shapes.vapi_error(500, "Internal server error", "Internal Server Error")
-    return {"error": "internal_error", "message": "Internal server error"}

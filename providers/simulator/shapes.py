@@ -6,9 +6,13 @@ import re
 from datetime import UTC, datetime
 from typing import Any
 
-from providers.simulator.engine import SimCall
+from providers.simulator.engine import Features, SimCall
 
 E164 = re.compile(r"^\+[1-9]\d{6,14}$")
+ISO_DATE = re.compile(
+    r"^\d{4}-\d{2}-\d{2}([Tt ]\d{2}:\d{2}(:\d{2}(\.\d+)?)?([Zz]|[+-]\d{2}:?\d{2})?)?$"
+)
+VAPI_MAX_TEXT = 40
 
 # Property names from the Vapi OpenAPI spec (CreateCallDTO and the objects nested in it).
 VAPI_CREATE_FIELDS = frozenset(
@@ -107,6 +111,17 @@ SYNTHFLOW_LIVE = {"queued": "pending", "ringing": "ringing", "in-progress": "in-
 TRANSCRIPT = "AI: Hello, this is a simulated call.\nUser: Hi.\nAI: Goodbye."
 
 
+def parse_iso(text: object) -> float | None:
+    """Epoch seconds from ISO 8601 date-time text (``Z`` or an offset), or None if malformed."""
+    if not isinstance(text, str) or not ISO_DATE.match(text):
+        return None
+    try:
+        parsed = datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
+    except ValueError:
+        return None
+    return (parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)).timestamp()
+
+
 def iso(ts: float) -> str:
     """Epoch seconds as Vapi's ISO 8601 text."""
     return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
@@ -174,10 +189,12 @@ def vapi_call(
 ) -> dict[str, Any]:
     """A Vapi ``Call`` object as of ``now`` (``fresh``: as the create response shows it)."""
     req = call.request
-    phase = "queued" if fresh else call.phase(now)
+    phase = call.phase(call.created if fresh else now)
+    if fresh and phase != "scheduled":
+        phase = "queued"
     changed = max(
         t
-        for t in (call.created, call.ring_at, call.answer_at or 0, call.end_at)
+        for t in (call.created, call.ring_at, call.answer_at or 0, call.end_at, call.updated or 0)
         if t <= max(now, call.created)
     )
     out: dict[str, Any] = {
@@ -196,7 +213,7 @@ def vapi_call(
             "controlUrl": f"{control_base}/call/{call.id}/control",
         },
     }
-    for key in ("assistantId", "assistantOverrides", "name"):
+    for key in ("assistantId", "assistant", "assistantOverrides", "name", "schedulePlan"):
         if key in req:
             out[key] = req[key]
     if phase == "ended":
@@ -206,10 +223,17 @@ def vapi_call(
     return out
 
 
+def vapi_ended_reason(call: SimCall) -> str:
+    """The ``endedReason`` of an ended call."""
+    if call.canceled and call.scheduled_until is not None and call.end_at < call.scheduled_until:
+        return "scheduled-call-deleted"
+    if call.hit_max_duration and not call.canceled:
+        return "exceeded-max-duration"
+    return VAPI_REASONS.get(call.final_outcome, "customer-ended-call")
+
+
 def _vapi_ending(call: SimCall) -> dict[str, Any]:
-    outcome = call.final_outcome
-    out: dict[str, Any] = {"endedReason": VAPI_REASONS.get(outcome, "customer-ended-call")}
-    out["endedAt"] = iso(call.end_at)
+    out: dict[str, Any] = {"endedReason": vapi_ended_reason(call), "endedAt": iso(call.end_at)}
     answered = call.answer_at is not None and call.answer_at <= call.end_at
     if answered:
         assert call.answer_at is not None
@@ -217,14 +241,30 @@ def _vapi_ending(call: SimCall) -> dict[str, Any]:
         seconds = call.end_at - call.answer_at
         out["cost"] = round(0.0015 * seconds + 0.01, 4)
         out["costBreakdown"] = {"total": out["cost"]}
-        out["artifact"] = {
-            "transcript": TRANSCRIPT,
-            "recordingUrl": f"https://storage.sim.invalid/{call.id}-mono.wav",
-            "messages": [],
-        }
+        out["artifact"] = {"transcript": TRANSCRIPT, "messages": []}
+        if call.features.record:
+            out["artifact"]["recordingUrl"] = f"https://storage.sim.invalid/{call.id}-mono.wav"
     else:
         out["cost"] = 0
     return out
+
+
+def vapi_features(body: dict[str, Any]) -> Features:
+    """The call features a create body asks for (overrides win over the inline assistant)."""
+    merged: dict[str, Any] = {}
+    for holder in (body.get("assistant"), body.get("assistantOverrides")):
+        if isinstance(holder, dict):
+            merged.update(holder)
+    detection = merged.get("voicemailDetection")
+    raw_plan = merged.get("artifactPlan")
+    plan: dict[str, Any] = raw_plan if isinstance(raw_plan, dict) else {}
+    max_seconds = merged.get("maxDurationSeconds")
+    return Features(
+        max_seconds=float(max_seconds) if max_seconds is not None else None,
+        voicemail_detect=detection != "off",  # absent: the saved agent's setting (on, here)
+        leave_message=bool(merged.get("voicemailMessage")),
+        record=plan.get("recordingEnabled", True) is not False,
+    )
 
 
 # --- SynthFlow ----------------------------------------------------------------------------------

@@ -15,18 +15,19 @@ import time
 
 import httpx
 
-from providers.simulator import shapes
+from providers.simulator import retell, shapes
 from providers.simulator.engine import Engine, SimCall
 
 VAPI = "/vapi"
+ANALYSIS_DELAY = 0.05  # call_analyzed follows call_ended once post-call analysis is done
 
 
 class WebhookSender:
-    """Posts end-of-call webhooks when calls end (one thread, started on first use)."""
+    """Posts each call's webhooks when they fall due (one thread, started on first use)."""
 
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
-        self._heap: list[tuple[float, int, SimCall]] = []
+        self._heap: list[tuple[float, int, SimCall, str]] = []
         self._cond = threading.Condition()
         self._seq = 0
         self._thread: threading.Thread | None = None
@@ -34,7 +35,7 @@ class WebhookSender:
         self._client: httpx.Client | None = None
 
     def url_for(self, call: SimCall) -> str | None:
-        """Where this call's webhooks go, if anywhere."""
+        """Where this call's webhooks go, if anywhere (a per-call URL first)."""
         cfg = self._engine.config
         if call.provider == "vapi":
             for holder in (call.request.get("assistantOverrides"), call.request.get("assistant")):
@@ -42,20 +43,29 @@ class WebhookSender:
                     url = holder["server"].get("url")
                     if url:
                         return str(url)
-            return cfg.get("vapi_webhook_url") or cfg.get("webhook_url")
-        return cfg.get("synthflow_webhook_url") or cfg.get("webhook_url")
+        if call.provider == "retell":
+            agent = (call.request.get("agent_override") or {}).get("agent") or {}
+            if agent.get("webhook_url"):
+                return str(agent["webhook_url"])
+        return cfg.get(f"{call.provider}_webhook_url") or cfg.get("webhook_url")
 
     def schedule(self, call: SimCall) -> None:
-        """Queue the call's end-of-call webhook for when it ends."""
+        """Queue the call's webhooks: at its end, and for Retell ``call_started`` at answer."""
         if self.url_for(call) is None or call.end_at == float("inf"):
             return
+        events = [(call.end_at, "end")]
+        if call.provider == "retell":
+            events = [(call.end_at, "call_ended"), (call.end_at + ANALYSIS_DELAY, "call_analyzed")]
+            if call.answer_at is not None and call.answer_at < call.end_at:
+                events.append((call.answer_at, "call_started"))
         with self._cond:
             if self._thread is None:
                 self._client = httpx.Client(timeout=5.0)
                 self._thread = threading.Thread(target=self._run, name="sim-webhooks", daemon=True)
                 self._thread.start()
-            self._seq += 1
-            heapq.heappush(self._heap, (call.end_at, self._seq, call))
+            for when, kind in events:
+                self._seq += 1
+                heapq.heappush(self._heap, (when, self._seq, call, kind))
             self._cond.notify()
 
     def stop(self) -> None:
@@ -76,56 +86,41 @@ class WebhookSender:
                     self._cond.wait(timeout)
                 if self._stopped:
                     return
-                _, _, call = heapq.heappop(self._heap)
-            if call.end_at <= time.time() and not call.webhook_sent:
-                call.webhook_sent = True
-                self._deliver(call)
+                _, _, call, kind = heapq.heappop(self._heap)
+            # a canceled call's end moved earlier: its old end entry must not fire twice
+            due = call.end_at <= time.time()
+            if kind == "call_started":  # only if the callee answered before any cancel
+                due = call.answer_at is not None and call.answer_at <= call.end_at
+            if due and kind not in call.webhooks_sent:
+                call.webhooks_sent.add(kind)
+                self._deliver(call, kind)
 
-    def _deliver(self, call: SimCall) -> None:
+    def _deliver(self, call: SimCall, kind: str) -> None:
         url = self.url_for(call)
         assert self._client is not None
         try:
-            for body, headers in self._payloads(call):
+            for body, headers in self._payloads(call, kind):
                 self._client.post(url or "", content=body, headers=headers)
             self._engine.count("webhooks_sent")
         except httpx.HTTPError:
             self._engine.count("webhooks_failed")
 
-    def _payloads(self, call: SimCall) -> list[tuple[bytes, dict[str, str]]]:
+    def _payloads(self, call: SimCall, kind: str) -> list[tuple[bytes, dict[str, str]]]:
         cfg = self._engine.config
         secret = str(cfg.get("webhook_secret") or "")
         now = time.time()
+        if call.provider == "retell":
+            return [retell_payload(call, kind, now)]
         if call.provider == "synthflow":
             body = json.dumps(shapes.synthflow_webhook(call, now)).encode()
             digest = hmac.new(secret.encode(), call.id.encode(), hashlib.sha256).digest()
-            return [
-                (
-                    body,
-                    {
-                        "Content-Type": "application/json",
-                        "Synthflow-Signature": base64.b64encode(digest).decode(),
-                    },
-                )
-            ]
-        vapi_call = shapes.vapi_call(call, now, "http://sim" + VAPI)
-        messages = [
-            {
-                "type": "status-update",
-                "status": "ended",
-                "endedReason": vapi_call.get("endedReason"),
-                "call": vapi_call,
-                "timestamp": int(now * 1000),
-            },
-            {
-                "type": "end-of-call-report",
-                "endedReason": vapi_call.get("endedReason"),
-                "artifact": vapi_call.get("artifact", {}),
-                "analysis": {},
-                "call": vapi_call,
-                "timestamp": int(now * 1000),
-            },
-        ]
-        return [self._vapi_signed(json.dumps({"message": m}).encode(), secret) for m in messages]
+            headers = {
+                "Content-Type": "application/json",
+                "Synthflow-Signature": base64.b64encode(digest).decode(),
+            }
+            return [(body, headers)]
+        return [self._vapi_signed(json.dumps({"message": m}).encode(), secret)
+                for m in vapi_messages(call, now)]  # fmt: skip
 
     def _vapi_signed(self, body: bytes, secret: str) -> tuple[bytes, dict[str, str]]:
         mode = self._engine.config.get("vapi_webhook_auth", "hmac")
@@ -140,3 +135,36 @@ class WebhookSender:
             headers["x-timestamp"] = timestamp
             headers["x-signature"] = hmac.new(secret.encode(), message, hashlib.sha256).hexdigest()
         return body, headers
+
+
+def vapi_messages(call: SimCall, now: float) -> list[dict[str, object]]:
+    """``status-update`` (ended) and ``end-of-call-report`` server messages for an ended call."""
+    vapi_call = shapes.vapi_call(call, now, "http://sim" + VAPI)
+    stamp = int(now * 1000)
+    report: dict[str, object] = {
+        "type": "end-of-call-report", "endedReason": vapi_call.get("endedReason"),
+        "artifact": vapi_call.get("artifact", {}), "analysis": {}, "call": vapi_call,
+        "customer": vapi_call.get("customer"), "timestamp": stamp,
+    }  # fmt: skip
+    for key in ("startedAt", "endedAt", "cost"):
+        if key in vapi_call:
+            report[key] = vapi_call[key]
+    update = {
+        "type": "status-update", "status": "ended", "endedReason": vapi_call.get("endedReason"),
+        "call": vapi_call, "timestamp": stamp,
+    }  # fmt: skip
+    return [update, report]
+
+
+def retell_payload(call: SimCall, kind: str, now: float) -> tuple[bytes, dict[str, str]]:
+    """``{event, call}`` signed ``v=<ms>,d=<hex HMAC-SHA256(key, body + ms)>`` with the key
+    that created the call (Retell signs with the account's API key)."""
+    view = retell.phone_call(call, now, analyzed=kind == "call_analyzed")
+    body = json.dumps({"event": kind, "call": view}, separators=(",", ":")).encode()
+    stamp = str(int(now * 1000))
+    digest = hmac.new((call.account_key or "").encode(), body + stamp.encode(), hashlib.sha256)
+    headers = {
+        "Content-Type": "application/json",
+        "x-retell-signature": f"v={stamp},d={digest.hexdigest()}",
+    }
+    return body, headers

@@ -14,6 +14,8 @@ CREATE TABLE public.call_service_providers (
   provider_type text NOT NULL CHECK (provider_type ~ '^[a-z][a-z0-9_]*$'),
   api_key text NOT NULL,
   api_secret text,
+  -- authenticates the provider's webhooks; readable like api_key (service_role, callq_worker)
+  webhook_secret text,
   base_url text NOT NULL CHECK (base_url ~ '^https?://'),
   max_concurrent_calls integer NOT NULL DEFAULT 10 CHECK (max_concurrent_calls >= 1),
   -- lower number = preferred

@@ -492,7 +492,7 @@ $$;
 CREATE OR REPLACE FUNCTION public.claim_due_calls(
   p_limit int DEFAULT 50,
   p_worker text DEFAULT NULL,
-  p_lease_seconds int DEFAULT 60
+  p_lease_seconds int DEFAULT public.default_lease_seconds()
 ) RETURNS TABLE (queue_id uuid, user_id uuid, template_id uuid, priority int,
                  scheduled_time timestamptz, attempts int)
 LANGUAGE plpgsql
@@ -515,14 +515,14 @@ BEGIN
 END
 $$;
 
--- get_next_call_in_queue: claim the single next due call (60 s lease); zero rows when none.
+-- get_next_call_in_queue: claim the single next due call (default lease); zero rows when none.
 CREATE OR REPLACE FUNCTION public.get_next_call_in_queue()
 RETURNS TABLE (queue_id uuid, user_id uuid, template_id uuid, priority int,
                scheduled_time timestamptz, attempts int)
 LANGUAGE sql
 SET search_path = ''
 AS $$
-  SELECT * FROM public.claim_due_calls(1, NULL, 60);
+  SELECT * FROM public.claim_due_calls(1, NULL, public.default_lease_seconds());
 $$;
 
 -- ---------------------------------------------------------------------------------------------
@@ -563,33 +563,51 @@ DECLARE
   v_q record;
   v_id uuid;
 BEGIN
+  -- As in claim_and_assign_calls: the commit need not wait for its WAL flush, or the provider
+  -- row taken below would stay locked through the flush and serialise every claimer on disk
+  -- latency. Losing an unflushed assignment in a crash is harmless (nothing is dialed before
+  -- mark_call_dialing commits synchronously, which flushes the WAL up to this assignment).
+  PERFORM set_config('synchronous_commit', 'off', true);
   SELECT q.status, q.attempts, q.lease_expires_at INTO v_q
     FROM public.call_queue q WHERE q.id = p_queue_id FOR UPDATE;
   IF NOT FOUND OR v_q.status NOT IN ('queued', 'claimed') THEN
     RETURN NULL;
   END IF;
-
-  UPDATE public.provider_availability pa
-     SET current_calls = pa.current_calls + 1,
-         available_slots = pa.available_slots - 1,
-         total_calls = pa.total_calls + 1
-   WHERE pa.provider_id = p_provider_id
-     AND pa.available_slots > 0
-     AND EXISTS (SELECT 1 FROM public.call_service_providers p
-                  WHERE p.id = p_provider_id AND p.is_active);
-  IF NOT FOUND THEN
+  -- A plain read first: no free slot, nothing to undo.
+  IF NOT EXISTS (SELECT 1 FROM public.provider_availability pa
+                   JOIN public.call_service_providers p ON p.id = pa.provider_id
+                  WHERE pa.provider_id = p_provider_id AND pa.available_slots > 0
+                    AND p.is_active) THEN
     RETURN NULL;
   END IF;
 
-  INSERT INTO public.call_assignments (queue_id, provider_id, state, attempt)
-  VALUES (p_queue_id, p_provider_id, 'assigned', v_q.attempts + 1)
-  RETURNING id INTO v_id;
+  BEGIN
+    INSERT INTO public.call_assignments (queue_id, provider_id, state, attempt)
+    VALUES (p_queue_id, p_provider_id, 'assigned', v_q.attempts + 1)
+    RETURNING id INTO v_id;
 
-  UPDATE public.call_queue q
-     SET status = 'assigned',
-         claimed_at = coalesce(q.claimed_at, now()),
-         lease_expires_at = greatest(coalesce(q.lease_expires_at, now()), now() + interval '60 seconds')
-   WHERE q.id = p_queue_id;
+    -- A claimed call keeps the lease its claim chose; a call assigned straight from the
+    -- queue gets the default one.
+    UPDATE public.call_queue q
+       SET status = 'assigned',
+           claimed_at = coalesce(q.claimed_at, now()),
+           lease_expires_at = coalesce(q.lease_expires_at,
+                                       now() + make_interval(secs => public.default_lease_seconds()))
+     WHERE q.id = p_queue_id;
+
+    -- The slot is taken last, so the provider's row (every assigner's hot spot) stays locked
+    -- only from here to commit. Another assigner took the last slot meanwhile: undo.
+    UPDATE public.provider_availability pa
+       SET current_calls = pa.current_calls + 1,
+           available_slots = pa.available_slots - 1,
+           total_calls = pa.total_calls + 1
+     WHERE pa.provider_id = p_provider_id AND pa.available_slots > 0;
+    IF NOT FOUND THEN
+      RAISE EXCEPTION USING ERRCODE = 'CQ099', MESSAGE = 'slot_race: no free slot left';
+    END IF;
+  EXCEPTION WHEN SQLSTATE 'CQ099' THEN
+    RETURN NULL;
+  END;
   RETURN v_id;
 END
 $$;
@@ -611,7 +629,7 @@ $$;
 CREATE OR REPLACE FUNCTION public.claim_and_assign_calls(
   p_limit int DEFAULT 50,
   p_worker text DEFAULT NULL,
-  p_lease_seconds int DEFAULT 60
+  p_lease_seconds int DEFAULT public.default_lease_seconds()
 ) RETURNS TABLE (queue_id uuid, assignment_id uuid, provider_id uuid)
 LANGUAGE plpgsql
 SET search_path = ''
@@ -793,13 +811,13 @@ BEGIN
      SET status = 'dialing', attempts = q.attempts + 1,
          -- the dialing lease is as long as the claim lease the worker asked for
          lease_expires_at = now() + coalesce(q.lease_expires_at - q.claimed_at,
-                                             interval '120 seconds')
+                                             make_interval(secs => public.default_lease_seconds()))
    WHERE q.id = v_qid;
   RETURN true;
 END
 $$;
 
--- mark_call_placed: dialing -> placed; queue -> in_progress; first poll in 15 s.
+-- mark_call_placed: dialing -> placed; queue -> in_progress; first poll deadline set.
 -- TRUE also when repeated with the same provider call id (a retried request).
 CREATE OR REPLACE FUNCTION public.mark_call_placed(p_assignment_id uuid, p_provider_call_id text)
 RETURNS boolean
@@ -818,7 +836,7 @@ BEGIN
 
   UPDATE public.call_assignments a
      SET state = 'placed', placed_at = now(), provider_call_id = p_provider_call_id,
-         next_poll_at = now() + interval '15 seconds'
+         next_poll_at = now() + make_interval(secs => public.poll_deadline_seconds())
    WHERE a.id = p_assignment_id AND a.state = 'dialing';
   IF NOT FOUND THEN
     RETURN EXISTS (SELECT 1 FROM public.call_assignments a
@@ -827,7 +845,8 @@ BEGIN
   END IF;
 
   UPDATE public.call_queue q
-     SET status = 'in_progress', lease_expires_at = now() + interval '1 hour'
+     -- no lease while placed: the poll deadline (next_poll_at) tells the reaper a call is lost
+     SET status = 'in_progress', lease_expires_at = NULL
    WHERE q.id = v_a.queue_id;
   RETURN true;
 END
@@ -1200,8 +1219,8 @@ BEGIN
     JOIN public.call_assignments a ON a.queue_id = q.id
    WHERE (q.status = 'dialing' AND a.state = 'dialing' AND q.lease_expires_at < now())
       OR (q.status = 'in_progress' AND a.state = 'placed'
-          -- a poll 15 s overdue means its tracking chain was lost (broker restart, dead worker)
-          AND a.next_poll_at < now() - interval '15 seconds');
+          -- a poll this overdue means its tracking chain was lost (broker restart, dead worker)
+          AND a.next_poll_at < now() - make_interval(secs => public.poll_deadline_seconds()));
 END
 $$;
 

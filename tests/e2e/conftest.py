@@ -24,6 +24,8 @@ FAST_ENV = {
     "CALLQ_REAPER_INTERVAL_SECONDS": "1",
     "CALLQ_LEASE_SECONDS": "5",
     "CALLQ_LOG_LEVEL": "INFO",
+    # The simulator listens on a loopback port picked per test.
+    "CALLQ_PROVIDER_ALLOWED_HOSTS": "http://127.0.0.1:*",
 }
 TERMINAL = ("completed", "failed", "canceled")
 

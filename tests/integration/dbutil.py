@@ -29,6 +29,7 @@ TABLES = [
     "provider_availability",
     "call_assignments",
     "call_retries",
+    "call_events",
     "call_campaigns",
     "notification_endpoints",
     "call_notifications",

@@ -131,7 +131,8 @@ def test_get_next_call_orders_by_priority_then_time(conn: Conn, setup: Any) -> N
     row = conn.execute(
         "SELECT status, lease_expires_at - claimed_at FROM call_queue WHERE id = %s", (urgent,)
     ).fetchone()
-    assert row == ("claimed", timedelta(seconds=60))
+    default = one(conn, "SELECT default_lease_seconds()")
+    assert row == ("claimed", timedelta(seconds=default))
 
 
 def test_claim_due_calls_batch(conn: Conn, setup: Any) -> None:
@@ -725,3 +726,12 @@ def test_dialing_lease_follows_the_claim_lease(conn: Conn, setup: Any) -> None:
         (row[0],),
     )
     assert 5 < float(lease) <= 7
+
+
+def test_timing_the_worker_and_sql_share(conn: Conn) -> None:
+    """The lease and the poll deadline live in SQL; the worker's defaults agree with them."""
+    from worker.settings import Settings
+
+    s = Settings(_env_file=None)
+    assert s.lease_seconds == one(conn, "SELECT default_lease_seconds()")
+    assert s.track_initial_delay_seconds < one(conn, "SELECT poll_deadline_seconds()")

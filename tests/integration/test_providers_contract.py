@@ -6,17 +6,16 @@ Adding a provider: give it a simulator and a ``SETUPS`` entry; this test names w
 from __future__ import annotations
 
 import json
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import httpx
 import pytest
 
+from providers.allowlist import Allowlist
 from providers.base import CallRequest, CallState, CallStatus, Provider, ProviderConfig
 from providers.errors import (
     ProviderOutcomeUnknownError,
@@ -27,6 +26,7 @@ from providers.errors import (
 )
 from providers.registry import available_types, build_provider
 from providers.simulator import Simulator
+from tests.integration.receiver import Receiver
 
 HOOK_SECRET = "sim-webhook-secret"
 FAST = {
@@ -62,34 +62,6 @@ SETUPS = {
 }
 
 
-class Receiver:
-    """Collects webhook deliveries."""
-
-    def __init__(self) -> None:
-        self.deliveries: list[tuple[dict[str, str], bytes]] = []
-        received = self.deliveries
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                received.append((dict(self.headers.items()), body))
-                self.send_response(200)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-
 @pytest.fixture(scope="module")
 def receiver() -> Iterator[Receiver]:
     r = Receiver()
@@ -117,6 +89,10 @@ def mock_client(sim: Simulator) -> httpx.Client:
     return httpx.Client(transport=httpx.MockTransport(handler))
 
 
+# The simulator is not an official host: allowed as ops allow it (CALLQ_PROVIDER_ALLOWED_HOSTS).
+SIM_HOSTS = Allowlist.from_settings(["http://127.0.0.1:*", "http://sim.test"])
+
+
 @pytest.fixture(params=sorted(SETUPS))
 def provider_type(request: pytest.FixtureRequest) -> str:
     return str(request.param)
@@ -134,10 +110,10 @@ def make(
         row = {
             "id": f"{provider_type}-1", "name": provider_type, "provider_type": provider_type,
             "api_key": key or setup.key, "base_url": base + setup.path,
-            "config": {**setup.config, "webhook_secret": HOOK_SECRET, **config},
+            "webhook_secret": HOOK_SECRET, "config": {**setup.config, **config},
         }  # fmt: skip
         client = mock_client(sim) if request.param == "mock" else None
-        provider = build_provider(ProviderConfig.from_row(row), client)
+        provider = build_provider(ProviderConfig.from_row(row, SIM_HOSTS), client)
         built.append(provider)
         return provider
 

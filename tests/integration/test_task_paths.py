@@ -28,7 +28,9 @@ from dispatch.steps import (
     Reconciling,
     Skipped,
     SkipReason,
+    Step,
 )
+from providers.base import CallState, CallStatus, WebhookEvent
 from providers.simulator import Simulator
 from worker import runtime, tasks
 from worker.celery_app import app
@@ -47,6 +49,16 @@ def claim(db_url: str, seeded: Seeded, count: int = 1) -> list[str]:
     assigned = runtime.database().claim_and_assign(count, "test-worker", 60)
     assert len(assigned) == count
     return [str(a.assignment_id) for a in assigned]
+
+
+def dispatch(assignment_id: str) -> Step:
+    [step] = tasks.dispatch_chunk([assignment_id])
+    return step
+
+
+def track(assignment_id: str, token: int | None) -> Step:
+    [step] = tasks.track_chunk([(assignment_id, token)])
+    return step
 
 
 def call_state(db_url: str, assignment_id: str) -> tuple[str, str, int]:
@@ -76,18 +88,18 @@ def queue_row(db_url: str, assignment_id: str) -> tuple[str, list[UUID], int]:
 def test_placed_then_completed(worker_db: str, seeded: Seeded, sim: Simulator) -> None:
     sim.configure(ANSWERED_AT_ONCE)
     [aid] = claim(worker_db, seeded)
-    step = tasks.dispatch_one(aid)
+    step = dispatch(aid)
     assert isinstance(step, Placed) and step.first_poll.assignment_id == aid
     assert step.first_poll.token == 0
     assert call_state(worker_db, aid) == ("placed", "in_progress", 1)
 
-    assert tasks.track_one(aid, 0) == Ended(Outcome.COMPLETED)
+    assert track(aid, 0) == Ended(Outcome.COMPLETED)
     assert call_state(worker_db, aid) == ("completed", "completed", 0)
     with psycopg.connect(worker_db) as conn:
         history = conn.execute("SELECT status FROM call_history").fetchall()
     assert history == [("completed",)]
     # a second delivery of the same dispatch dials no one
-    assert tasks.dispatch_one(aid) == Skipped(SkipReason.GATE_CLOSED)
+    assert dispatch(aid) == Skipped(SkipReason.GATE_CLOSED)
     assert sim.stats()["total_creates"] == 1
 
 
@@ -96,11 +108,11 @@ def test_a_live_call_keeps_polling_and_a_stale_chain_stops(
 ) -> None:
     sim.configure(LONG_CALLS)
     [aid] = claim(worker_db, seeded)
-    assert isinstance(tasks.dispatch_one(aid), Placed)
-    step = tasks.track_one(aid, 0)
+    assert isinstance(dispatch(aid), Placed)
+    step = track(aid, 0)
     assert isinstance(step, Polling) and step.next_poll.token == 1 and step.next_poll.delay > 0
     # the chain that still holds token 0 (restarted by the reaper, say) is superseded
-    assert tasks.track_one(aid, 0) == Skipped(SkipReason.SUPERSEDED)
+    assert track(aid, 0) == Skipped(SkipReason.SUPERSEDED)
     assert call_state(worker_db, aid) == ("placed", "in_progress", 1)
 
 
@@ -115,7 +127,7 @@ def test_outcome_unknown_then_found(worker_db: str, seeded: Seeded, sim: Simulat
         }
     )
     [aid] = claim(worker_db, seeded)
-    step = tasks.dispatch_one(aid)
+    step = dispatch(aid)
     assert isinstance(step, Reconciling) and (step.assignment_id, step.lookup) == (aid, 0)
     assert call_state(worker_db, aid)[0] == "dialing"
 
@@ -134,7 +146,7 @@ def test_outcome_unknown_then_failed_over(worker_db: str, seeded: Seeded, sim: S
         }
     )
     [aid] = claim(worker_db, seeded)
-    assert isinstance(tasks.dispatch_one(aid), Reconciling)
+    assert isinstance(dispatch(aid), Reconciling)
     sim.configure({"outages": []})
     steps = [tasks.reconcile_one(aid, n) for n in range(3)]
     assert steps[:2] == [Reconciling(aid, 1, 5.0), Reconciling(aid, 2, 5.0)]
@@ -158,7 +170,7 @@ def test_error_before_any_request_fails_over_without_reconciling(
             (seeded.provider_ids["vapi"],),
         )
     [aid] = claim(worker_db, seeded)
-    assert tasks.dispatch_one(aid) == Ended(Outcome.RETRY_SCHEDULED)
+    assert dispatch(aid) == Ended(Outcome.RETRY_SCHEDULED)
     status, excluded, attempts = queue_row(worker_db, aid)
     assert (status, excluded, attempts) == ("queued", [seeded.provider_ids["vapi"]], 1)
     assert call_state(worker_db, aid)[2] == 0  # the slot is free again
@@ -168,7 +180,7 @@ def test_error_before_any_request_fails_over_without_reconciling(
 def test_webhook_checks_the_call_once(worker_db: str, seeded: Seeded, sim: Simulator) -> None:
     sim.configure(SHORT_CALLS)
     [aid] = claim(worker_db, seeded)
-    assert isinstance(tasks.dispatch_one(aid), Placed)
+    assert isinstance(dispatch(aid), Placed)
     call = runtime.database().load_call(aid)
     assert call is not None and call.provider_call_id
     provider_id = str(seeded.provider_ids["vapi"])
@@ -221,3 +233,30 @@ def test_a_chunk_sends_its_first_polls_as_one_message_and_logs_its_task_id(
     assert len(placed) == 3
     assert {e.get("task_id") for e in placed} == {"task-under-test"}
     assert {e.get("assignment_id") for e in placed} == set(ids)
+
+
+def test_a_final_report_ends_the_call_without_another_read(
+    worker_db: str, seeded: Seeded, sim: Simulator
+) -> None:
+    sim.configure(LONG_CALLS)
+    [aid] = claim(worker_db, seeded)
+    assert isinstance(dispatch(aid), Placed)
+    call = runtime.database().load_call(aid)
+    assert call is not None and call.provider_call_id
+    report = WebhookEvent(
+        provider_call_id=call.provider_call_id,
+        status=CallStatus(
+            call.provider_call_id, CallState.COMPLETED, duration_seconds=61.0, answered=True
+        ),
+        event_type="end-of-call-report",
+    )
+    provider_id = str(seeded.provider_ids["vapi"])
+    reads = sim.stats()["counters"].get("call_reads_vapi", 0)
+    assert tasks.end_from_report(provider_id, report) == Ended(Outcome.COMPLETED)
+    assert call_state(worker_db, aid) == ("completed", "completed", 0)
+    assert sim.stats()["counters"].get("call_reads_vapi", 0) == reads
+    with psycopg.connect(worker_db) as conn:
+        assert conn.execute("SELECT duration_seconds FROM call_history").fetchall() == [(61,)]
+    # the polling chain ends at its next poll, without a read
+    assert track(aid, 0) == Skipped(SkipReason.NOT_PLACED)
+    assert sim.stats()["counters"].get("call_reads_vapi", 0) == reads

@@ -39,20 +39,21 @@ def test_from_row_plain_key_is_secret() -> None:
 
 
 def test_from_row_resolves_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("CALLQ_TEST_VAPI_KEY", SECRET)
-    monkeypatch.setenv("CALLQ_TEST_HOOK", "hook-secret")
+    monkeypatch.setenv("CALLQ_SECRET_TEST_VAPI_KEY", SECRET)
+    monkeypatch.setenv("CALLQ_SECRET_TEST_HOOK", "hook-secret")
     config = ProviderConfig.from_row(
-        row(api_key="env:CALLQ_TEST_VAPI_KEY", config={"webhook_secret": "env:CALLQ_TEST_HOOK"})
+        row(api_key="env:CALLQ_SECRET_TEST_VAPI_KEY", webhook_secret="env:CALLQ_SECRET_TEST_HOOK")
     )
     assert config.api_key.get_secret_value() == SECRET
-    secret = config.secret_setting("webhook_secret")
+    secret = config.webhook_key()
     assert secret is not None and secret.get_secret_value() == "hook-secret"
+    assert "hook-secret" not in repr(config)
 
 
 def test_from_row_missing_env_names_variable_only(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("CALLQ_TEST_MISSING", raising=False)
-    with pytest.raises(ConfigError, match="CALLQ_TEST_MISSING"):
-        ProviderConfig.from_row(row(api_key="env:CALLQ_TEST_MISSING"))
+    monkeypatch.delenv("CALLQ_SECRET_TEST_MISSING", raising=False)
+    with pytest.raises(ConfigError, match="CALLQ_SECRET_TEST_MISSING"):
+        ProviderConfig.from_row(row(api_key="env:CALLQ_SECRET_TEST_MISSING"))
 
 
 def test_from_row_requires_type_and_key() -> None:

@@ -254,13 +254,14 @@ def test_sender_raw_retry_flag() -> None:
 
 def test_vapi_find_call_pages_by_created_at() -> None:
     def call(i: int, corr: str) -> dict[str, object]:
-        return {"id": f"c{i}", "orgId": "o", "createdAt": f"2026-01-01T00:{i:02d}:00.000Z",
+        return {"id": f"c{i}", "orgId": "o",
+                "createdAt": f"2026-01-01T00:{i // 60:02d}:{i % 60:02d}.000Z",
                 "updatedAt": "x", "status": "queued", "customer": {"externalId": corr}}  # fmt: skip
 
-    first = [call(59 - i, "other") for i in range(100)]
-    second = [call(1, "a-1")]
+    first = [call(i, "other") for i in range(199, 99, -1)]
+    second = [call(100, "other"), call(5, "a-1")]  # the boundary's millisecond is read again
     rec = Recorder(httpx.Response(200, json=first), httpx.Response(200, json=second))
     found = vapi(rec).find_call(REQ, datetime(2026, 1, 1, tzinfo=UTC))
-    assert found is not None and found.provider_call_id == "c1"
+    assert found is not None and found.provider_call_id == "c5"
     assert rec.requests[0].url.params["createdAtGt"] == "2026-01-01T00:00:00.000Z"
-    assert rec.requests[1].url.params["createdAtLt"] == min(c["createdAt"] for c in first)
+    assert rec.requests[1].url.params["createdAtLt"] == "2026-01-01T00:01:40.001Z"

@@ -39,8 +39,8 @@ def fixture(name: str) -> Any:
 
 def config(**settings: Any) -> ProviderConfig:
     return ProviderConfig(
-        id="s", provider_type="synthflow", api_key="k",
-        config={"model_id": "model-1", "webhook_secret": SECRET, **settings},
+        id="s", provider_type="synthflow", api_key="k", webhook_secret=SECRET,
+        config={"model_id": "model-1", **settings},
     )  # fmt: skip
 
 

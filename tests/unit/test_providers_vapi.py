@@ -9,6 +9,7 @@ import hashlib
 import hmac
 import json
 import time
+import typing
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -61,9 +62,13 @@ def request(**overrides: Any) -> CallRequest:
     return CallRequest(**fields)
 
 
-def config(**settings: Any) -> ProviderConfig:
+def config(webhook_secret: str | None = None, **settings: Any) -> ProviderConfig:
     return ProviderConfig(
-        id="p", provider_type="vapi", api_key="k", config={"phone_number_id": "pn-1", **settings}
+        id="p",
+        provider_type="vapi",
+        api_key="k",
+        webhook_secret=webhook_secret,
+        config={"phone_number_id": "pn-1", **settings},
     )
 
 
@@ -270,6 +275,44 @@ def test_csv_covers_every_spec_ended_reason() -> None:
     assert len(values) == 595
     assert values <= set(table)
     assert all(isinstance(v, CallState) for v in table.values())
+
+
+def sdk_ended_reasons() -> set[str]:
+    """Every literal of the official SDK's ``CallEndedReason`` (a light module: typing only)."""
+    module = pytest.importorskip("vapi.types.call_ended_reason")
+    values: set[str] = set()
+
+    def walk(tp: object) -> None:
+        for arg in typing.get_args(tp):
+            if isinstance(arg, str):
+                values.add(arg)
+            else:
+                walk(arg)
+
+    walk(module.CallEndedReason)
+    return values
+
+
+def test_map_equals_the_sdk_ended_reason_enum() -> None:
+    """A new SDK release that adds or drops a value fails here: classify it in vapi.py."""
+    sdk = sdk_ended_reasons()
+    table = ended_reason_map()
+    assert sorted(sdk - set(table)) == [], "unclassified: add to REASONS_SINCE_SPEC"
+    assert sorted(set(table) - sdk) == [], "no longer in the SDK's enum"
+    assert len(sdk) == 604
+
+
+@pytest.mark.parametrize(
+    ("reason", "expected"),
+    [
+        ("sip-outbound-unallocated-number", CallState.FAILED_PERMANENT),
+        ("sip-outbound-carrier-released-call", CallState.FAILED_RETRYABLE),
+        ("call.start.error-vapifault-worker-not-available", CallState.FAILED_RETRYABLE),
+        ("call.start.squad-version-error-validation", CallState.FAILED_PERMANENT),
+    ],
+)
+def test_reasons_added_since_the_spec(reason: str, expected: CallState) -> None:
+    assert state_for("ended", reason) is expected
 
 
 def test_packaged_csv_matches_shared_copy() -> None:

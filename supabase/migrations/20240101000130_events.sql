@@ -1,0 +1,50 @@
+-- call_events: the durable, append-only log of what happened to each call.
+--
+-- Written in the same transaction as the state change it records: by statement-level triggers
+-- on call_queue and call_assignments (20240101000330_events.sql), and by
+-- public.record_call_event() for facts that are not a status change (held by a rule,
+-- do-not-call...). Nobody is granted UPDATE; rows leave only through the retention
+-- (public.prune_call_events, run by beat) or with their user.
+--
+-- Kept lean: no foreign keys (an event outlives its queue row and provider; a user's events go
+-- with the user through a trigger), detail is NULL unless an event needs it, and created_at is
+-- indexed with a BRIN index (rows arrive in time order, so a few pages describe the table).
+CREATE TABLE public.call_events (
+  id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+  created_at timestamptz NOT NULL DEFAULT now(),
+  queue_id uuid NOT NULL,
+  user_id uuid NOT NULL,
+  kind text NOT NULL CHECK (kind IN (
+    'scheduled',     -- call_queue row inserted (due_at = scheduled_time)
+    'held',          -- a rule kept it from being dialed now (record_call_event)
+    'rescheduled',   -- moved to another time (record_call_event)
+    'claimed',       -- queued -> claimed (claim_due_calls)
+    'assigned',      -- an attempt assigned to a provider (call_assignments insert)
+    'dialing',       -- the dial gate passed (due_at = the time it was due)
+    'placed',        -- the provider accepted the create (due_at as for dialing)
+    'ringing',       -- the provider reports ringing (record_call_event)
+    'in_progress',   -- the provider reports the call answered / in progress (record_call_event)
+    'ended',         -- an attempt ended; outcome = completed, busy, no_answer, voicemail, ...
+    'released',      -- an attempt given back, proven never dialed (detail.reason)
+    'requeued',      -- back to queued without a failed attempt (lease expired, released)
+    'retried',       -- queued again after a failed attempt (due_at = next attempt)
+    'failed_over',   -- as retried, with the provider excluded from the next attempt
+    'completed',     -- the call ended completed
+    'failed',        -- the call ended failed (no attempt left, or a permanent failure)
+    'canceled'       -- the call was canceled
+  )),
+  attempt integer NOT NULL DEFAULT 0,
+  provider_id uuid,
+  assignment_id uuid,
+  outcome text,
+  due_at timestamptz,
+  detail jsonb CHECK (detail IS NULL OR jsonb_typeof(detail) = 'object')
+);
+-- One call's timeline (and Realtime / RLS reads by call).
+CREATE INDEX call_events_queue_idx ON public.call_events (queue_id, id);
+-- A user's events (RLS reads without a filter; deleting a user).
+CREATE INDEX call_events_user_idx ON public.call_events (user_id, id);
+-- Time windows for the ops views and metrics; the retention deletes by id order.
+CREATE INDEX call_events_created_brin ON public.call_events USING brin (created_at);
+
+ALTER TABLE public.call_events ENABLE ROW LEVEL SECURITY;

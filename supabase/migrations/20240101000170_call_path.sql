@@ -1,0 +1,19 @@
+-- The call path's timing, written once. A LANGUAGE sql body is checked when it is created, so
+-- the functions that use these (20240101000200) need them to exist first.
+--
+-- The lease: how long a claimed, assigned or dialing call may sit before the reaper takes it
+-- back. A claimer passes its own (the worker: CALLQ_LEASE_SECONDS, whose default is this
+-- value; a test compares them); later steps keep the length the claim chose.
+CREATE OR REPLACE FUNCTION public.default_lease_seconds() RETURNS integer
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+SET search_path = ''
+AS $$ SELECT 120 $$;
+
+-- A placed call's polls: mark_call_placed expects the first poll within this many seconds
+-- (next_poll_at), and each poll sets next_poll_at to the poll after it. The reaper restarts a
+-- tracking chain whose poll is this many seconds late (grace). The worker's first poll
+-- (CALLQ_TRACK_INITIAL_DELAY_SECONDS) must come before this deadline; a test checks that.
+CREATE OR REPLACE FUNCTION public.poll_deadline_seconds() RETURNS integer
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+SET search_path = ''
+AS $$ SELECT 15 $$;
