@@ -388,17 +388,6 @@ def median(values: list[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
 
-def wait_until(pred: Callable[[], bool], timeout: float, interval: float = 0.2) -> bool:
-    """Poll ``pred`` until true or ``timeout`` seconds pass (bounded)."""
-    end = time.monotonic() + timeout
-    while True:
-        if pred():
-            return True
-        if time.monotonic() >= end:
-            return False
-        time.sleep(interval)
-
-
 def sim_available() -> bool:
     try:
         import providers.simulator  # noqa: F401

@@ -46,7 +46,7 @@ def run(calls: int = 2000) -> dict[str, Any]:
     try:
         worker = stack.fleet.start_worker("worker")
         beat = stack.fleet.start_beat("beat")
-        time.sleep(4)
+        stack.warm_up()
         assert stack.sim is not None and stack.redis is not None
         procs = {
             "worker": [psutil.Process(worker.pid)],

@@ -416,10 +416,10 @@ def duplicate_task(cfg: DrillConfig) -> DrillResult:
             _wait_creates(stack, len(aids), 60)
             with app.producer_or_acquire() as producer:
                 for aid in aids:
-                    for _ in range(2):  # one-off checks, as a webhook would send
+                    for _ in range(2):  # the first poll twice more, beside the tick's
                         app.send_task(
-                            "callq.track",
-                            args=(aid, None),
+                            "callq.track_batch",
+                            args=([[aid, 1]],),
                             queue="track",
                             routing_key="track",
                             producer=producer,

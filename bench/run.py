@@ -17,6 +17,7 @@ import os
 import platform
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from bench.common import REPO, log
@@ -25,6 +26,7 @@ RESULTS_DIR = REPO / "bench" / "results"
 RESULTS_MD = REPO / "bench" / "RESULTS.md"
 
 Row = tuple[str, str, str, str, str, str]
+SECTIONS = ("claim", "growth", "e2e", "campaigns", "tracking", "webhooks")
 
 
 def _f(x: Any, digits: int = 0, unit: str = "") -> str:
@@ -160,6 +162,8 @@ def rows_from(results: dict[str, Any]) -> list[Row]:
                     "",
                 )
             )
+    rows += tracking_rows(results.get("tracking") or {})
+    rows += webhook_rows(results.get("webhooks") or {})
     mem = e2e.get("memory")
     if mem and "last" in mem:
         first = mem.get("first", mem["last"])
@@ -173,6 +177,71 @@ def rows_from(results: dict[str, Any]) -> list[Row]:
                 _met(mem["growth"] < 0.10),
             )
         )
+    return rows
+
+
+def tracking_rows(tr: dict[str, Any]) -> list[Row]:
+    """Long calls (bench.tracking): reads per call, history lag, CPU trickling vs together."""
+    rows: list[Row] = []
+    limits = {"polling": (10, 10.0), "webhooks": (2, 1.0)}
+    for source, (max_reads, max_lag) in limits.items():
+        v = tr.get(f"{source}_together")
+        if not v:
+            continue
+        secs = _f(tr["call_seconds"])
+        rows.append(
+            (
+                f"long calls ({secs} s), {source}: provider reads per call",
+                _f(v["reads_per_call"], 2),
+                "",
+                "",
+                f"<= {max_reads}",
+                _met(v["reads_per_call"] <= max_reads),
+            )
+        )
+        rows.append(
+            (
+                f"long calls ({secs} s), {source}: history lag p50 / p99 s",
+                f"{_f(v['lag_p50_s'], 2)} / {_f(v['lag_p99_s'], 2)}",
+                "",
+                "",
+                f"p99 < {max_lag:g} s",
+                _met(v["lag_p99_s"] < max_lag),
+            )
+        )
+        trickle = tr.get(f"{source}_trickle")
+        if trickle:
+            ratio = trickle["cpu_ms_per_call"] / v["cpu_ms_per_call"]
+            rows.append(
+                (
+                    f"long calls, {source}: worker CPU ms per call, trickling"
+                    f" ({_f(tr['trickle_rate'])}/s) vs together",
+                    _f(trickle["cpu_ms_per_call"], 1),
+                    _f(v["cpu_ms_per_call"], 1),
+                    _f(ratio, 2),
+                    "<= 1",
+                    _met(ratio <= 1),
+                )
+            )
+    return rows
+
+
+def webhook_rows(wh: dict[str, Any]) -> list[Row]:
+    """The webhook endpoint from one keep-alive client (bench.webhooks)."""
+    rows: list[Row] = []
+    for key, label in (("signed", "signed delivery (200)"), ("unsigned", "unsigned (401)")):
+        v = wh.get(key)
+        if v:
+            rows.append(
+                (
+                    f"webhook endpoint, {label}, one keep-alive client: p50 ms / requests/s",
+                    f"{_f(v['p50_ms'], 2)} / {_f(v['rps'])}",
+                    "",
+                    "",
+                    "< 5 ms / >= 500",
+                    _met(v["p50_ms"] < 5 and v["rps"] >= 500),
+                )
+            )
     return rows
 
 
@@ -208,6 +277,23 @@ def machine() -> dict[str, Any]:
         "postgresql": pg or "?",
         "platform": platform.platform(),
     }
+
+
+def before_after(before: dict[str, Any], rows: list[Row]) -> list[str]:
+    """The rows of an earlier run (``--before FILE``) beside this run's, by benchmark."""
+    earlier = {r[0]: r for r in rows_from(before)}
+    out = [
+        f"Before and after: the same benchmarks in the run of {before.get('finished', '?')}"
+        " (before) and in this run (after).",
+        "",
+        "| benchmark | before | before ratio | after | after ratio | target |",
+        "|---|---:|---:|---:|---:|---|",
+    ]
+    for row in rows:
+        old = earlier.get(row[0])
+        if old is not None:
+            out.append(f"| {row[0]} | {old[1]} | {old[3]} | {row[1]} | {row[3]} | {row[4]} |")
+    return [*out, ""]
 
 
 def write_markdown(
@@ -253,6 +339,8 @@ def write_markdown(
             + ", ".join(f"{k}: {v:.1f}" for k, v in claim["slot_sensitivity"].items()),
             "",
         ]
+    if results.get("before"):
+        parts += before_after(results["before"], rows)
     if drills:
         from bench.drills import DrillResult, format_table
 
@@ -291,8 +379,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="a smoke run of a few minutes")
     parser.add_argument(
         "--only",
-        default="claim,growth,e2e,campaigns",
-        help="comma-separated subset of claim,growth,e2e,campaigns",
+        default=",".join(SECTIONS),
+        help=f"comma-separated subset of {','.join(SECTIONS)}",
     )
     parser.add_argument("--drills", action="store_true", help="run the fault drills too")
     parser.add_argument("--no-markdown", action="store_true", help="do not rewrite RESULTS.md")
@@ -303,6 +391,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--render", action="store_true", help="only rewrite RESULTS.md from bench/results/*.json"
+    )
+    parser.add_argument(
+        "--before", help="an earlier run's latest.json: its rows beside this run's in RESULTS.md"
     )
     ns = parser.parse_args(argv)
     if ns.render:
@@ -318,7 +409,7 @@ def main(argv: list[str] | None = None) -> int:
     command = (
         ".venv/bin/python -m bench.run"
         + (" --quick" if ns.quick else "")
-        + (f" --only {ns.only}" if only != {"claim", "growth", "e2e", "campaigns"} else "")
+        + (f" --only {ns.only}" if only != set(SECTIONS) else "")
         + (" --drills" if ns.drills else "")
         + (" --merge" if ns.merge else "")
     )
@@ -329,9 +420,11 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine(),
     }
     latest = RESULTS_DIR / "latest.json"
+    if ns.before:
+        results["before"] = json.loads(Path(ns.before).read_text())
     if ns.merge and latest.exists():
         previous = json.loads(latest.read_text())
-        for section in ("claim", "growth", "e2e", "campaigns"):
+        for section in SECTIONS:
             if section not in only and section in previous:
                 results[section] = previous[section]
 
@@ -383,6 +476,20 @@ def main(argv: list[str] | None = None) -> int:
             log(f"e2e failed: {type(exc).__name__}: {exc}")
             results["e2e"] = {"error": f"{type(exc).__name__}: {exc}"}
         results["e2e"]["measured"] = f"{now()} ({command})"
+        save()
+    if "tracking" in only:
+        from bench import tracking
+
+        log("== long calls: polling and webhooks")
+        results["tracking"] = tracking.run(quick=ns.quick)
+        results["tracking"]["measured"] = f"{now()} ({command})"
+        save()
+    if "webhooks" in only:
+        from bench import webhooks
+
+        log("== webhook endpoint")
+        results["webhooks"] = webhooks.run(500 if ns.quick else 2000)
+        results["webhooks"]["measured"] = f"{now()} ({command})"
         save()
     if ns.drills:
         from dataclasses import asdict

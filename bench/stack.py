@@ -49,6 +49,7 @@ class Stack:
     env_overrides: dict[str, Any] = field(default_factory=dict)
     max_concurrent_calls: int = 1000
     own_postgres: bool = False
+    webhook_secret: str | None = None  # set on the seeded providers (webhooks on)
     admin_url: str | None = None
     log_dir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="callq-bench-")))
     keep_logs: bool = False
@@ -79,11 +80,12 @@ class Stack:
             self.sim.start(self.sim_config)
             with self.connect() as conn:
                 # Retry back-offs in seconds rather than minutes (drills with failures).
-                conn.execute(f"ALTER DATABASE {self.db.name} SET callq.retry_delay_scale = '0.002'")
+                conn.execute("UPDATE ops_settings SET retry_delay_scale = 0.002")
                 self.seeded = seed_demo(
                     conn,
                     sim_base_url=self.sim.base_url,
                     max_concurrent_calls=self.max_concurrent_calls,
+                    webhook_secret=self.webhook_secret,
                 )
             env = fleet_env(self.url, self.redis.url, **self.env_overrides)
             self.fleet = Fleet(env=env, log_dir=self.log_dir)
@@ -146,6 +148,15 @@ class Stack:
         t = time.time()
         assert row is not None
         return str(row[0]), t
+
+    def warm_up(self, *, suffix: str | None = None, timeout: float = 90.0) -> None:
+        """One call through the whole path: the fleet is up (instead of a fixed warm-up sleep).
+
+        ``suffix`` picks a simulator outcome rule for the probe (one that ends it at once)."""
+        from worker.embedded import wait_until
+
+        [probe] = self.schedule(1, start=999_999, suffix=suffix)
+        wait_until(lambda: self.settled([probe]), timeout=timeout, what="the warm-up call's end")
 
     # -- counting --------------------------------------------------------------------------------
 

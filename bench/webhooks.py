@@ -23,8 +23,8 @@ import time
 
 import psycopg
 
-from bench.common import REPO, log, own_redis, percentile, scratch_db, wait_until
-from worker.embedded import free_port
+from bench.common import REPO, log, own_redis, percentile, scratch_db
+from worker.embedded import free_port, wait_until
 from worker.seed import seed_demo
 
 SECRET = "bench-webhook-secret"
@@ -56,12 +56,11 @@ def _run(port: int, path: str, count: int, signed: bool) -> tuple[list[float], f
     return latencies, count / elapsed, statuses.get(expected, 0)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--requests", type=int, default=2000)
-    args = parser.parse_args(argv)
+def run(requests: int = 2000) -> dict[str, dict[str, float]]:
+    """Start the stack, measure signed and unsigned deliveries, stop everything."""
     redis_server = own_redis()
     port = free_port()
+    out: dict[str, dict[str, float]] = {}
     try:
         with scratch_db() as db:
             with psycopg.connect(db.url, autocommit=True) as conn:
@@ -82,21 +81,30 @@ def main(argv: list[str] | None = None) -> int:
             )
             try:
                 path = f"/webhooks/{seeded.provider_ids['synthflow']}"
-                ready = wait_until(lambda: _healthy(port), 30)
-                assert ready, "webhook server did not start"
+                wait_until(lambda: _healthy(port), timeout=30, what="the webhook server")
                 _run(port, path, 200, True)  # warm up
                 for signed in (True, False):
-                    lat, rate, ok = _run(port, path, args.requests, signed)
-                    kind = "signed (200, enqueued)" if signed else "unsigned (401)"
-                    log(
-                        f"{kind}: {ok}/{args.requests} as expected, p50 {percentile(lat, 50):.2f}"
-                        f" ms, p99 {percentile(lat, 99):.2f} ms, {rate:,.0f} req/s"
-                    )
+                    lat, rate, ok = _run(port, path, requests, signed)
+                    kind = "signed" if signed else "unsigned"
+                    out[kind] = {
+                        "p50_ms": percentile(lat, 50),
+                        "p99_ms": percentile(lat, 99),
+                        "rps": rate,
+                        "as_expected": ok / requests,
+                    }
+                    log(f"webhooks: {kind}: {out[kind]}")
             finally:
                 proc.terminate()
                 proc.wait(timeout=10)
     finally:
         redis_server.stop()
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--requests", type=int, default=2000)
+    run(parser.parse_args(argv).requests)
     return 0
 
 

@@ -30,6 +30,9 @@ PROVIDER_ERROR = "provider_error"
 RATE_LIMITED = "rate_limited"
 PERMANENT = "permanent"
 CANCELED = "canceled"
+FAILURE_KINDS = frozenset(
+    {BUSY, NO_ANSWER, VOICEMAIL, PROVIDER_ERROR, RATE_LIMITED, PERMANENT, CANCELED}
+)  # the same set as SQL's failure_kinds() (tests/integration/test_db_queue.py compares them)
 
 
 @dataclass(frozen=True)
@@ -114,9 +117,9 @@ class WebhookAction(StrEnum):
 
 
 # Final reports whose whole body is authenticated: Vapi's end-of-call-report (secret header or
-# an HMAC over the body). SynthFlow's post-call signature covers only the call id, so its body
-# is a hint and the call is re-read.
-FINAL_REPORTS = frozenset({"end-of-call-report"})
+# an HMAC over the body) and Retell's call_ended (an HMAC over the body). SynthFlow's post-call
+# signature covers only the call id, so its body is a hint and the call is re-read.
+FINAL_REPORTS = frozenset({"end-of-call-report", "call_ended"})
 HINTS = frozenset({"post-call"})
 
 
@@ -128,6 +131,17 @@ def decide_webhook(event: WebhookEvent) -> WebhookAction:
     if event.event_type in HINTS:
         return WebhookAction.CHECK
     return WebhookAction.IGNORE
+
+
+def decide_unproven_match() -> Fail:
+    """Reconcile saw, until its last lookup, a call that may be ours but carries no proof.
+
+    Adopting it could take another tenant's call (and its transcript); dialing again could
+    ring the person twice. The call ends, failed and not retried, saying why.
+    """
+    return Fail(
+        PERMANENT, "create outcome unknown: an unproven match at the provider; not redialed"
+    )
 
 
 def next_poll_delay(poll_count: int, initial: float, factor: float, maximum: float) -> float:

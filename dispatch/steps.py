@@ -1,8 +1,8 @@
 """What one step of a call's life did, as a small value the batch tasks collect.
 
-A dispatch, a poll or a reconcile returns one of these; the task that ran it decides what to
-send next (one ``track_batch`` message for the polls of a whole chunk, a ``reconcile`` per
-unknown outcome) and counts the labels for its result.
+A dispatch, a poll or a reconcile returns one of these; the task that ran it sends what
+follows (a ``reconcile`` per unknown outcome; a poll needs no message, its time is a column)
+and counts the labels for its result.
 
     Placed(first_poll)          the provider accepted the call
     Polling(next_poll)          the call goes on: poll again with this token after this delay
@@ -107,17 +107,6 @@ class Skipped:
 
 
 Step = Placed | Polling | Reconciling | Ended | Skipped
-
-
-def next_polls(steps: Iterable[Step]) -> list[NextPoll]:
-    """The polls to schedule after these steps."""
-    polls: list[NextPoll] = []
-    for step in steps:
-        if isinstance(step, Placed):
-            polls.append(step.first_poll)
-        elif isinstance(step, Polling):
-            polls.append(step.next_poll)
-    return polls
 
 
 def tally(steps: Iterable[Step]) -> dict[str, int]:

@@ -11,6 +11,8 @@ case "$role" in
   simulator) exec callq simulate-providers --host 0.0.0.0 --port "${SIM_PORT:-8765}" "$@" ;;
   migrate)   exec callq db upgrade "$@" ;;
   queue)     exec callq queue "$@" ;;
+  metrics)   exec callq metrics --host 0.0.0.0 --port "${CALLQ_METRICS_PORT:-9108}" "$@" ;;
+  providers) exec callq providers "$@" ;;
   demo)      exec callq demo "$@" ;;
   *)         exec "$role" "$@" ;;
 esac

@@ -1,24 +1,25 @@
 """Apply supabase/migrations to a database, recording them the way the Supabase CLI does.
 
-``upgrade(url)`` takes a session-level advisory lock (so two processes at once are safe: the
-second waits, then finds nothing to do), applies ``supabase/local/auth.sql`` where the schema
+``upgrade(url)`` takes a transaction-level advisory lock in each of its transactions (so two
+processes at once are safe: the second waits, then finds nothing to do, and so is a transaction
+pooler), applies ``supabase/local/auth.sql`` where the schema
 ``auth`` does not exist (plain PostgreSQL), then each migration file not yet recorded in
 ``supabase_migrations.schema_migrations``, in version order, each in its own transaction
-together with its bookkeeping row. The SQL files are read from the repository
-(``<repo>/supabase``); set ``CALLQ_SUPABASE_DIR`` to use another directory (e.g. when the package
-is installed without the repository).
+together with its bookkeeping row. The SQL files are the package data of ``callq_sql``
+(the repository's ``supabase/`` files, carried by the wheel); set ``CALLQ_SUPABASE_DIR`` to use
+another directory.
 """
 
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import psycopg
 
-from models.session import libpq_url
+from callq_sql import sql_root
+from models.session import connect
 
 # Any constant works; it only has to be the same for every callq process.
 ADVISORY_LOCK_KEY = 0x63616C6C71  # "callq"
@@ -42,9 +43,8 @@ class Migration:
 
 
 def supabase_dir() -> Path:
-    """Where the SQL lives: ``$CALLQ_SUPABASE_DIR`` or ``<repo>/supabase``."""
-    env = os.environ.get("CALLQ_SUPABASE_DIR")
-    return Path(env) if env else Path(__file__).resolve().parents[1] / "supabase"
+    """Where the SQL lives: ``$CALLQ_SUPABASE_DIR``, else the package data of ``callq_sql``."""
+    return sql_root()
 
 
 def list_migrations(root: Path | None = None) -> list[Migration]:
@@ -69,36 +69,43 @@ def applied_versions(conn: psycopg.Connection[tuple[object, ...]]) -> set[str]:
     }
 
 
-def upgrade(url: str) -> list[str]:
-    """Apply pending migrations to the database at ``url``; return the versions applied."""
+def upgrade(url: str, *, pooled: bool | None = None) -> list[str]:
+    """Apply pending migrations to the database at ``url``; return the versions applied.
+
+    Every step is one transaction that first takes a transaction-level advisory lock and then
+    looks at what is applied: two runners never apply the same file, and no lock outlives its
+    transaction, so the runner is as safe through a transaction pooler as on a direct
+    connection (a session-level lock would be taken on one server session and released on
+    another).
+    """
     root = supabase_dir()
     migrations = list_migrations(root)
     applied: list[str] = []
-    with psycopg.connect(libpq_url(url), autocommit=True) as conn:
-        conn.execute("SELECT pg_advisory_lock(%s)", (ADVISORY_LOCK_KEY,))
-        try:
+    with connect(url, pooled=pooled, autocommit=True) as conn:
+        with conn.transaction():
+            _lock(conn)
             row = conn.execute(
                 "SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = 'auth')"
             ).fetchone()
             if not (row and row[0]):
-                with conn.transaction():
-                    conn.execute((root / "local" / "auth.sql").read_text())
+                conn.execute((root / "local" / "auth.sql").read_text())
+            for statement in _BOOKKEEPING:
+                conn.execute(statement)
+        for migration in migrations:
             with conn.transaction():
-                for statement in _BOOKKEEPING:
-                    conn.execute(statement)
-            done = applied_versions(conn)
-            for migration in migrations:
-                if migration.version in done:
+                _lock(conn)
+                if migration.version in applied_versions(conn):
                     continue
                 text = migration.path.read_text()
-                with conn.transaction():
-                    conn.execute(text)
-                    conn.execute(
-                        "INSERT INTO supabase_migrations.schema_migrations"
-                        " (version, statements, name) VALUES (%s, %s, %s)",
-                        (migration.version, [text], migration.name),
-                    )
-                applied.append(migration.version)
-        finally:
-            conn.execute("SELECT pg_advisory_unlock(%s)", (ADVISORY_LOCK_KEY,))
+                conn.execute(text)
+                conn.execute(
+                    "INSERT INTO supabase_migrations.schema_migrations"
+                    " (version, statements, name) VALUES (%s, %s, %s)",
+                    (migration.version, [text], migration.name),
+                )
+            applied.append(migration.version)
     return applied
+
+
+def _lock(conn: psycopg.Connection[tuple[object, ...]]) -> None:
+    conn.execute("SELECT pg_advisory_xact_lock(%s)", (ADVISORY_LOCK_KEY,))

@@ -20,6 +20,7 @@ from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool
 
 from models.calls import CallRow, ProviderRow
+from models.session import connect_kwargs, libpq_url
 
 Params = Mapping[str, Any]
 
@@ -116,6 +117,19 @@ WHERE a.id = x.id AND a.state = 'placed' AND a.poll_count = x.expected
 RETURNING a.id, a.poll_count
 """
 
+# Take the placed calls whose next poll is due, oldest first: their poll deadline moves ahead,
+# so no other tick takes them while they are polled; returns (assignment, poll token).
+TAKE_DUE_POLLS = """
+UPDATE call_assignments a
+SET next_poll_at = now() + make_interval(secs => poll_deadline_seconds())
+FROM (SELECT d.id FROM call_assignments d
+      WHERE d.state = 'placed' AND d.next_poll_at <= now()
+      ORDER BY d.next_poll_at LIMIT %(limit)s
+      FOR UPDATE SKIP LOCKED) due
+WHERE a.id = due.id
+RETURNING a.id, a.poll_count
+"""
+
 # The assignment a provider's call id belongs to (webhooks).
 FIND_ASSIGNMENT_BY_PROVIDER_CALL = """
 SELECT id FROM call_assignments
@@ -154,6 +168,11 @@ SELECT record_notification_result(%(id)s::uuid, %(attempt)s, %(ok)s, %(http_stat
                                   %(error)s::text)
 """
 
+# The call-event log's retention: delete one batch of events older than the retention.
+PRUNE_EVENTS = """
+SELECT prune_call_events(make_interval(secs => %(retention_seconds)s::float8), %(limit)s::int)
+"""
+
 
 @dataclass(frozen=True, slots=True)
 class Assigned:
@@ -185,9 +204,10 @@ class Delivery:
 class Database:
     """A small pool of psycopg connections and the named statements above."""
 
-    def __init__(self, url: str, *, max_size: int = 8) -> None:
+    def __init__(self, url: str, *, max_size: int = 8, pooled: bool | None = None) -> None:
+        kwargs = {"autocommit": True, **connect_kwargs(url, pooled)}
         self._pool = ConnectionPool(
-            url, min_size=1, max_size=max_size, open=False, kwargs={"autocommit": True}
+            libpq_url(url), min_size=1, max_size=max_size, open=False, kwargs=kwargs
         )
         self._lock = threading.Lock()
         self._opened = False
@@ -319,6 +339,11 @@ class Database:
             return {}
         return {str(r["id"]): int(r["poll_count"]) for r in self.rows(TOUCH_POLLS, params)}
 
+    def take_due_polls(self, limit: int) -> list[tuple[str, int]]:
+        """Up to ``limit`` placed calls whose poll is due, as (assignment id, poll token)."""
+        rows = self.rows(TAKE_DUE_POLLS, {"limit": limit})
+        return [(str(r["id"]), int(r["poll_count"])) for r in rows]
+
     def assignment_for_provider_call(
         self, provider_id: UUID | str, provider_call_id: str
     ) -> UUID | None:
@@ -379,3 +404,8 @@ class Database:
     def close_campaigns(self) -> int:
         """End campaigns past their end time or out of calls; the number completed."""
         return int(self.scalar(CLOSE_CAMPAIGNS) or 0)
+
+    def prune_events(self, retention_seconds: float, limit: int) -> int:
+        """Delete one batch of expired call events; how many went."""
+        params = {"retention_seconds": retention_seconds, "limit": limit}
+        return int(self.scalar(PRUNE_EVENTS, params) or 0)

@@ -419,6 +419,16 @@ class CallEvent(Base):
     detail: Mapped[dict[str, Any] | None]
 
 
+class OpsSettings(Base):
+    """The one row of knobs ops turn at run time (retry_delay_scale)."""
+
+    __tablename__ = "ops_settings"
+
+    id: Mapped[bool] = mapped_column(Boolean, primary_key=True, server_default=text("true"))
+    retry_delay_scale: Mapped[float] = mapped_column(Double, server_default=text("1"))
+    updated_at: Mapped[datetime] = _updated()
+
+
 ALL_MODELS: tuple[type[Base], ...] = (
     User,
     SubscriptionPlan,
@@ -437,4 +447,5 @@ ALL_MODELS: tuple[type[Base], ...] = (
     CallAssignment,
     CallRetry,
     CallEvent,
+    OpsSettings,
 )

@@ -24,18 +24,18 @@ def lower_headers(headers: Mapping[str, str]) -> dict[str, str]:
 
 def parse_time(value: object) -> datetime | None:
     """An aware UTC datetime from ISO 8601 text, epoch seconds or epoch milliseconds."""
-    if value is None or value == "":
-        return None
-    if isinstance(value, int | float) or (isinstance(value, str) and value.strip().isdigit()):
-        number = float(value)
-        if number > 1e11:  # milliseconds
-            number /= 1000.0
-        return datetime.fromtimestamp(number, UTC)
-    if not isinstance(value, str):
+    if value is None or value == "" or isinstance(value, bool):
         return None
     try:
+        if isinstance(value, int | float) or (isinstance(value, str) and value.strip().isdigit()):
+            number = float(value)
+            if number > 1e11:  # milliseconds
+                number /= 1000.0
+            return datetime.fromtimestamp(number, UTC)
+        if not isinstance(value, str):
+            return None
         parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
+    except (ValueError, OverflowError, OSError):  # nonsense, or out of datetime's range
         return None
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
@@ -58,6 +58,14 @@ def as_float(value: object) -> float | None:
 def as_text(value: object) -> str | None:
     """A non-empty string, or None."""
     return value if isinstance(value, str) and value else None
+
+
+def as_id(value: object, limit: int = 200) -> str | None:
+    """A provider's id for a call: printable text of at most ``limit`` characters, or None."""
+    text = as_text(value)
+    if text is None or len(text) > limit or not text.isprintable():
+        return None
+    return text
 
 
 def json_object(body: bytes) -> dict[str, Any]:

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from datetime import datetime
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Any, Protocol, runtime_checkable
 
@@ -222,6 +222,71 @@ class CallStatus:
     answered: bool = False
     correlation_id: str | None = None
     provider_status: str | None = None
+
+
+# Bounds of believable provider data (``clamp_status``): anything outside is treated as unknown.
+MAX_CALL_SECONDS = 86_400.0  # a day; Vapi caps a call at 12 hours
+MAX_CALL_COST = 10_000.0
+MAX_TEXT_CHARS = 1_000_000  # a transcript longer than this is cut
+MAX_URL_CHARS = 2_048
+_EARLIEST = datetime(2000, 1, 1, tzinfo=UTC)
+_FUTURE_WINDOW = timedelta(days=1)
+
+
+def clamp_status(status: CallStatus, *, now: datetime | None = None) -> CallStatus:
+    """``status`` with provider data the database will accept: finite, in range, ordered.
+
+    The boundary's guarantee: a duration in ``[0, MAX_CALL_SECONDS]``, a cost in
+    ``[0, MAX_CALL_COST]``, times between 2000 and a day from now, an end only with a start
+    and never before it, bounded texts; anything else becomes unknown (None). Idempotent.
+    """
+    now = now or datetime.now(UTC)
+    started = _believable_time(status.started_at, now)
+    ended = _believable_time(status.ended_at, now) if started is not None else None
+    duration = _in_range(status.duration_seconds, MAX_CALL_SECONDS)
+    if started is not None and status.state.is_terminal:
+        if ended is None or ended < started:
+            span = duration if duration is not None else 0.0
+            ended = started + timedelta(seconds=span)
+        if duration is None:
+            duration = _in_range((ended - started).total_seconds(), MAX_CALL_SECONDS)
+    elif started is not None and ended is not None and ended < started:
+        ended = None
+    return replace(
+        status,
+        started_at=started,
+        ended_at=ended,
+        duration_seconds=duration,
+        cost=_in_range(status.cost, MAX_CALL_COST),
+        transcript=_bounded(status.transcript, MAX_TEXT_CHARS),
+        recording_url=_bounded(status.recording_url, MAX_URL_CHARS, cut=False),
+        ended_reason=_bounded(status.ended_reason, 500),
+        correlation_id=_bounded(status.correlation_id, 200, cut=False),
+        provider_status=_bounded(status.provider_status, 100),
+    )
+
+
+def _in_range(value: object, maximum: float) -> float | None:
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return None
+    number = float(value)
+    return number if math.isfinite(number) and 0.0 <= number <= maximum else None
+
+
+def _believable_time(value: object, now: datetime) -> datetime | None:
+    if not isinstance(value, datetime):
+        return None
+    when = value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+    return when if _EARLIEST <= when <= now + _FUTURE_WINDOW else None
+
+
+def _bounded(value: object, limit: int, *, cut: bool = True) -> str | None:
+    if not isinstance(value, str) or not value:
+        return None
+    text = value.replace("\x00", "")  # PostgreSQL text cannot hold NUL
+    if len(text) <= limit:
+        return text
+    return text[:limit] if cut else None
 
 
 @dataclass(frozen=True, slots=True)

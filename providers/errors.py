@@ -8,6 +8,8 @@
         ProviderRetryableError       rate limited, or refused before the request arrived
         ProviderPermanentError       invalid number, bad request, bad credentials: do not retry
         ProviderOutcomeUnknownError  the create may have arrived: reconcile, never re-send
+          ProviderUnprovenMatchError a lookup saw a call that may be ours, without proof:
+                                     neither adopt it nor dial again
       WebhookError
         WebhookAuthError             the request is not authenticated: answer 401
         WebhookPayloadError          the body is malformed: answer 400
@@ -65,6 +67,11 @@ class ProviderPermanentError(ProviderError):
 
 class ProviderOutcomeUnknownError(ProviderError):
     """The request may have taken effect: look the call up before anything is re-sent."""
+
+
+class ProviderUnprovenMatchError(ProviderOutcomeUnknownError):
+    """A lookup found a call that may be ours but carries no proof (no echoed correlation id):
+    it may be another tenant's. Never adopt it; never dial again while it is there."""
 
 
 class WebhookError(CallqError):

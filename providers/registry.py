@@ -3,7 +3,7 @@
 A third-party package adds a provider with, in its ``pyproject.toml``::
 
     [project.entry-points."callq.providers"]
-    retell = "callq_retell:RetellProvider"
+    bland = "callq_bland:BlandProvider"
 
 The class is called as ``cls(config: ProviderConfig, client: httpx.Client | None)``. It declares
 the base URLs of its provider's official API as ``official_base_urls`` (a tuple of strings); a
@@ -19,11 +19,16 @@ import httpx
 
 from providers.base import Provider, ProviderConfig
 from providers.errors import ConfigError
+from providers.retell import RetellProvider
 from providers.synthflow import SynthflowProvider
 from providers.vapi import VapiProvider
 
 ENTRY_POINT_GROUP = "callq.providers"
-BUILTINS: dict[str, type[Any]] = {"vapi": VapiProvider, "synthflow": SynthflowProvider}
+BUILTINS: dict[str, type[Any]] = {
+    "vapi": VapiProvider,
+    "synthflow": SynthflowProvider,
+    "retell": RetellProvider,
+}
 
 
 def _plugins() -> dict[str, Any]:

@@ -13,13 +13,21 @@ import base64
 import hashlib
 import hmac
 from collections.abc import Mapping
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any, ClassVar
 
 import httpx
 
 from providers._http import Sender, timed
-from providers._util import as_float, as_text, json_object, lower_headers, parse_time, secrets_equal
+from providers._util import (
+    as_float,
+    as_id,
+    as_text,
+    json_object,
+    lower_headers,
+    parse_time,
+    secrets_equal,
+)
 from providers.base import (
     CallHandle,
     CallRequest,
@@ -28,11 +36,13 @@ from providers.base import (
     HealthStatus,
     ProviderConfig,
     WebhookEvent,
+    clamp_status,
 )
 from providers.errors import (
     ConfigError,
     ProviderError,
     ProviderOutcomeUnknownError,
+    ProviderUnprovenMatchError,
     WebhookAuthError,
     WebhookPayloadError,
 )
@@ -132,7 +142,7 @@ def build_create_body(req: CallRequest, config: ProviderConfig) -> dict[str, Any
 def parse_create_response(data: object) -> str | None:
     """The new call id from ``{status, response: {answer, call_id}}``, or None."""
     if isinstance(data, Mapping) and isinstance(data.get("response"), Mapping):
-        return as_text(data["response"].get("call_id"))
+        return as_id(data["response"].get("call_id"))
     return None
 
 
@@ -146,7 +156,7 @@ def calls_of(data: object) -> list[Mapping[str, Any]]:
 
 def parse_call(item: Mapping[str, Any]) -> CallStatus:
     """A get-call item, list item or webhook ``call`` object as a :class:`CallStatus`."""
-    call_id = as_text(item.get("call_id"))
+    call_id = as_id(item.get("call_id"))
     if call_id is None:
         raise ValueError("call has no call_id")
     status = as_text(item.get("status")) or as_text(item.get("call_status"))
@@ -157,26 +167,36 @@ def parse_call(item: Mapping[str, Any]) -> CallStatus:
     state = state_for(status, reason, error)
     started = parse_time(item.get("start_time"))
     duration = as_float(item.get("duration")) if state.is_terminal else None
-    ended = started + timedelta(seconds=duration) if started and duration is not None else None
     transcript = as_text(item.get("transcript"))
     answered = state in (CallState.IN_PROGRESS, CallState.COMPLETED) or (
         state in (CallState.FAILED_RETRYABLE, CallState.FAILED_PERMANENT)
         and (bool(transcript) or bool(duration))
     )
-    return CallStatus(
-        provider_call_id=call_id,
-        state=state,
-        ended_reason=(reason or error) if state.is_terminal else None,
-        started_at=started,
-        ended_at=ended,
-        duration_seconds=duration,
-        cost=None,  # SynthFlow reports no cost
-        recording_url=as_text(item.get("recording_url")),
-        transcript=transcript,
-        answered=answered,
-        correlation_id=correlation_of(item),
-        provider_status=status,
+    # clamp_status checks the numbers and times, and derives the end from start + duration
+    return clamp_status(
+        CallStatus(
+            provider_call_id=call_id,
+            state=state,
+            ended_reason=(reason or error) if state.is_terminal else None,
+            started_at=started,
+            ended_at=None,
+            duration_seconds=duration,
+            cost=None,  # SynthFlow reports no cost
+            recording_url=as_text(item.get("recording_url")),
+            transcript=transcript,
+            answered=answered,
+            correlation_id=correlation_of(item),
+            provider_status=status,
+        )
     )
+
+
+def _parsed(item: Mapping[str, Any]) -> CallStatus:
+    """:func:`parse_call` for a call the API returned; unreadable is a provider error."""
+    try:
+        return parse_call(item)
+    except ValueError as exc:
+        raise ProviderError("call cannot be read", provider=PROVIDER, code="bad_call") from exc
 
 
 def correlation_of(item: Mapping[str, Any]) -> str | None:
@@ -195,19 +215,30 @@ def correlation_of(item: Mapping[str, Any]) -> str | None:
 def pick_match(
     items: list[Mapping[str, Any]], req: CallRequest, since: datetime
 ) -> Mapping[str, Any] | None:
-    """The listed call made for ``req``: by echoed correlation id, else by phone and time."""
-    fallback: list[tuple[datetime, Mapping[str, Any]]] = []
+    """The listed call made for ``req``, proven by our correlation id echoed on it; else None.
+
+    A call to the same number since ``since`` that echoes no correlation id at all may be ours
+    or anyone's (another tenant dials the same number through the same agent): raise
+    :class:`ProviderUnprovenMatchError` rather than adopt it or report "not found".
+    """
+    unproven = False
     for item in items:
         echoed = correlation_of(item)
-        if echoed is not None:
-            if echoed == req.correlation_id:
-                return item
-            continue
-        phone = item.get("lead_phone_number") or item.get("phone_number_to")
-        started = parse_time(item.get("start_time"))
-        if phone == req.to_number and started is not None and started >= since:
-            fallback.append((started, item))
-    return min(fallback, key=lambda pair: pair[0])[1] if fallback else None
+        if echoed == req.correlation_id:
+            return item
+        if echoed is None and _same_number_since(item, req, since):
+            unproven = True
+    if unproven:
+        raise ProviderUnprovenMatchError(
+            "a call to the number carries no correlation id", provider=PROVIDER, code="unproven"
+        )
+    return None
+
+
+def _same_number_since(item: Mapping[str, Any], req: CallRequest, since: datetime) -> bool:
+    phone = item.get("lead_phone_number") or item.get("phone_number_to")
+    started = parse_time(item.get("start_time"))
+    return phone == req.to_number and (started is None or started >= since)
 
 
 # --- webhooks -----------------------------------------------------------------------------------
@@ -282,10 +313,12 @@ class SynthflowProvider:
         items = calls_of(self._sender.json(response))
         if not items:
             raise ProviderError("call missing from response", provider=PROVIDER, code="empty_page")
-        return parse_call(items[0])
+        return _parsed(items[0])
 
     def find_call(self, req: CallRequest, since: datetime) -> CallStatus | None:
-        """``GET /calls?model_id=&lead_phone_number=&from_date=<ms>`` and match."""
+        """``GET /calls?model_id=&lead_phone_number=&from_date=<ms>`` and match on our
+        correlation id only (see :func:`pick_match`). The number narrows the list at the
+        provider, which has it anyway; httpx's request log, which would show it, is off."""
         params = {
             "model_id": str(self.config.setting("model_id") or ""),
             "lead_phone_number": req.to_number,
@@ -294,7 +327,7 @@ class SynthflowProvider:
         }
         response = self._sender.request("GET", f"{self.base_url}/calls", params=params)
         found = pick_match(calls_of(self._sender.json(response)), req, since)
-        return parse_call(found) if found is not None else None
+        return _parsed(found) if found is not None else None
 
     def cancel_call(self, provider_call_id: str) -> bool:
         """SynthFlow documents no way to stop a call."""

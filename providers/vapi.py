@@ -22,6 +22,7 @@ import httpx
 from providers._http import Sender, timed
 from providers._util import (
     as_float,
+    as_id,
     as_text,
     iso,
     json_object,
@@ -39,6 +40,7 @@ from providers.base import (
     ProviderConfig,
     VoicemailPolicy,
     WebhookEvent,
+    clamp_status,
 )
 from providers.errors import (
     ConfigError,
@@ -231,7 +233,7 @@ def _inline_assistant(req: CallRequest, config: ProviderConfig) -> dict[str, Any
 
 def parse_call(call: Mapping[str, Any]) -> CallStatus:
     """A ``Call`` object (or a webhook's merged view of it) as a :class:`CallStatus`."""
-    call_id = as_text(call.get("id"))
+    call_id = as_id(call.get("id"))
     if call_id is None:
         raise ValueError("Call has no id")
     status = as_text(call.get("status"))
@@ -243,20 +245,30 @@ def parse_call(call: Mapping[str, Any]) -> CallStatus:
     started = parse_time(call.get("startedAt"))
     ended = parse_time(call.get("endedAt")) if state.is_terminal else None
     duration = (ended - started).total_seconds() if started and ended else None
-    return CallStatus(
-        provider_call_id=call_id,
-        state=state,
-        ended_reason=reason if state.is_terminal else None,
-        started_at=started,
-        ended_at=ended,
-        duration_seconds=max(duration, 0.0) if duration is not None else None,
-        cost=as_float(call.get("cost")),
-        recording_url=_recording_url(artifact) or as_text(call.get("recordingUrl")),
-        transcript=transcript,
-        answered=_answered(state, started, transcript),
-        correlation_id=correlation_of(call),
-        provider_status=status,
+    return clamp_status(
+        CallStatus(
+            provider_call_id=call_id,
+            state=state,
+            ended_reason=reason if state.is_terminal else None,
+            started_at=started,
+            ended_at=ended,
+            duration_seconds=max(duration, 0.0) if duration is not None else None,
+            cost=as_float(call.get("cost")),
+            recording_url=_recording_url(artifact) or as_text(call.get("recordingUrl")),
+            transcript=transcript,
+            answered=_answered(state, started, transcript),
+            correlation_id=correlation_of(call),
+            provider_status=status,
+        )
     )
+
+
+def _parsed(call: Mapping[str, Any]) -> CallStatus:
+    """:func:`parse_call` for a call the API returned; unreadable is a provider error."""
+    try:
+        return parse_call(call)
+    except ValueError as exc:
+        raise ProviderError("call cannot be read", provider=PROVIDER, code="bad_call") from exc
 
 
 def _recording_url(artifact: Mapping[str, Any]) -> str | None:
@@ -388,7 +400,7 @@ class VapiProvider:
             "POST", f"{self.base_url}/call", json_body=body, create=True
         )
         data = self._sender.json(response, create=True)
-        call_id = as_text(data.get("id")) if isinstance(data, Mapping) else None
+        call_id = as_id(data.get("id")) if isinstance(data, Mapping) else None
         if call_id is None:
             raise ProviderOutcomeUnknownError(
                 "create response has no call id",
@@ -399,7 +411,7 @@ class VapiProvider:
 
     def get_call(self, provider_call_id: str) -> CallStatus:
         """``GET /call/{id}``."""
-        return parse_call(self._fetch(provider_call_id))
+        return _parsed(self._fetch(provider_call_id))
 
     def _fetch(self, provider_call_id: str) -> Mapping[str, Any]:
         response = self._sender.request("GET", f"{self.base_url}/call/{provider_call_id}")
@@ -424,7 +436,7 @@ class VapiProvider:
             calls = self._list(params)
             for call in calls:
                 if str(call.get("id")) not in seen and matches(call, req):
-                    return parse_call(call)
+                    return _parsed(call)
             seen.update(str(call.get("id")) for call in calls)
             if len(calls) < params["limit"]:
                 return None  # the page ended before the limit: the window is exhausted

@@ -1,4 +1,5 @@
-"""The Celery application, configured from ``celeryconfig`` (a view of the settings)."""
+"""The Celery application, configured from the settings when it is first configured
+(``worker.celery_config``), never from a module in the working directory."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from typing import Any
 from celery import Celery, signals
 
 from worker import logs, runtime
+from worker.celery_config import SettingsConfig
 from worker.listener import start_listener
 from worker.settings import get_settings
 
@@ -42,8 +44,7 @@ def _survive_broker_restart() -> None:
 
 _survive_broker_restart()
 app = Celery("callq")
-app.config_from_object("celeryconfig")
-app.conf.include = ["worker.tasks"]
+app.config_from_object(SettingsConfig())
 
 
 @signals.setup_logging.connect
@@ -78,9 +79,14 @@ def _on_shutdown(**_: Any) -> None:
 @signals.beat_init.connect
 def _start_listener(sender: Any = None, **_: Any) -> None:
     s = get_settings()
-    if s.listen_enabled and s.database_url:
+    url = s.listen_url()
+    if s.listen_enabled and url:
         # By name: the app never imports its tasks module (which imports the app).
-        start_listener(s.database_url, on_notify=lambda: app.send_task("callq.poll"))
+        start_listener(url, on_notify=lambda: app.send_task("callq.poll"))
+    elif s.listen_enabled and s.database_url:
+        logs.get_logger("callq.listener").warning(
+            "listener.off", reason="transaction pooler and no CALLQ_LISTEN_DATABASE_URL"
+        )
 
 
-_ASSIGNMENT_TASKS = {"callq.dispatch", "callq.track", "callq.reconcile"}
+_ASSIGNMENT_TASKS = {"callq.dispatch", "callq.reconcile"}

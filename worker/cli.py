@@ -3,12 +3,14 @@
     callq db upgrade                 apply pending migrations to DATABASE_URL
     callq queue                      queue counts, oldest due call, provider slots and health
     callq campaigns [--all]          each campaign's progress (counts, answer rate, minutes, cost)
-    callq demo [--calls N]           the whole system on this machine against the simulator
+    callq demo [--calls N] [--keep]  the whole system on this machine against the simulator
     callq simulate-providers         the Vapi/SynthFlow simulator (--port, --seed, --config)
     callq webhooks                   the provider webhook endpoint
+    callq metrics [--port N]         Prometheus metrics read from the database
     callq worker|beat|flower [...]   Celery processes with callq's app (extra args go to Celery)
 
-Errors end with a non-zero exit and one readable line on stderr.
+Errors end with a non-zero exit and one readable line on stderr. A command that needs the
+database refuses to start without DATABASE_URL, or on a database without callq's schema.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from collections.abc import Sequence
 
 import psycopg
 
-from providers.errors import CallqError
+from providers.errors import CallqError, ConfigError
 from worker.settings import get_settings
 
 CELERY_COMMANDS = {
@@ -37,22 +39,32 @@ CELERY_COMMANDS = {
     "beat": ["beat"],
     "flower": ["flower"],
 }
+CELERY_HELP = {
+    "worker": "a Celery worker (supervised: restarted after an exit it did not ask for)",
+    "beat": "Celery beat: the claim tick, maintenance, and the LISTEN wake-up",
+    "flower": "Flower, the Celery UI (FLOWER_BASIC_AUTH=user:password)",
+}
+# Commands whose processes need the database (and its schema) before they start.
+NEEDS_DATABASE = frozenset({"worker", "beat"})
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``callq`` script; returns the exit status."""
     args = list(sys.argv[1:] if argv is None else argv)
-    if args and args[0] in CELERY_COMMANDS:
-        return _celery(args[0], args[1:])
-    parser = _parser()
-    ns = parser.parse_args(args)
-    if not hasattr(ns, "func"):
-        parser.print_help()
-        return 2
     try:
+        if args and args[0] in CELERY_COMMANDS:
+            return _celery(args[0], args[1:])
+        parser = _parser()
+        ns = parser.parse_args(args)
+        if not hasattr(ns, "func"):
+            parser.print_help()
+            return 2
         return int(ns.func(ns) or 0)
     except CallqError as exc:
         print(f"callq: error: {exc}", file=sys.stderr)
+        return 2
+    except (psycopg.errors.UndefinedTable, psycopg.errors.UndefinedFunction) as exc:
+        print(f"callq: error: {_no_schema(_first_line(exc))}", file=sys.stderr)
         return 2
     except psycopg.Error as exc:
         print(f"callq: database error: {_first_line(exc)}", file=sys.stderr)
@@ -82,6 +94,9 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--calls", type=int, default=40, help="calls to schedule (default 40)")
     demo.add_argument("--timeout", type=float, default=180.0, help="seconds to wait at most")
     demo.add_argument("--seed", type=int, default=7)
+    demo.add_argument(
+        "--keep", action="store_true", help="leave the stack running after the summary (Ctrl-C)"
+    )
     demo.set_defaults(func=_demo)
 
     sim = sub.add_parser("simulate-providers", help="run the provider simulator")
@@ -95,13 +110,42 @@ def _parser() -> argparse.ArgumentParser:
     hooks.add_argument("--host", default=None)
     hooks.add_argument("--port", type=int, default=None)
     hooks.set_defaults(func=_webhooks)
+
+    metrics = sub.add_parser("metrics", help="serve Prometheus metrics read from the database")
+    metrics.add_argument("--host", default="0.0.0.0")
+    metrics.add_argument("--port", type=int, default=9108)
+    metrics.set_defaults(func=_metrics)
+
+    # Listed for --help; main() hands these to Celery before argparse sees them.
+    for name, text in CELERY_HELP.items():
+        sub.add_parser(name, help=f"{text}; extra arguments go to Celery", add_help=False)
     return parser
+
+
+def require_database(*, schema: bool = True) -> str:
+    """The database URL, checked: set, answering, and (``schema``) migrated. Raises a
+    ConfigError with one readable line otherwise."""
+    from models.session import connect
+
+    s = get_settings()
+    url = s.require_database_url()
+    if schema:
+        with connect(url, pooled=s.database_pooler, connect_timeout=10) as conn:
+            row = conn.execute("SELECT to_regclass('public.call_queue') IS NOT NULL").fetchone()
+        if not (row and row[0]):
+            raise ConfigError(_no_schema("the database has no call_queue table"))
+    return url
+
+
+def _no_schema(detail: str) -> str:
+    return f"{detail}: callq's schema is missing; run `callq db upgrade` first"
 
 
 def _db_upgrade(_: argparse.Namespace) -> int:
     from models.migrate import upgrade
 
-    applied = upgrade(get_settings().require_database_url())
+    s = get_settings()
+    applied = upgrade(require_database(schema=False), pooled=s.database_pooler)
     print(f"applied {len(applied)} migration(s)" + (f": {', '.join(applied)}" if applied else ""))
     return 0
 
@@ -109,22 +153,21 @@ def _db_upgrade(_: argparse.Namespace) -> int:
 def _queue(_: argparse.Namespace) -> int:
     from worker.status import print_queue
 
-    print_queue(get_settings().require_database_url())
+    print_queue(require_database(), get_settings().database_pooler)
     return 0
 
 
 def _campaigns(ns: argparse.Namespace) -> int:
-    from worker.status import campaigns_report
+    from worker.status import print_campaigns
 
-    with psycopg.connect(get_settings().require_database_url()) as conn:
-        print(campaigns_report(conn, all_=ns.all, limit=ns.limit))
+    print_campaigns(require_database(), get_settings().database_pooler, all_=ns.all, limit=ns.limit)
     return 0
 
 
 def _demo(ns: argparse.Namespace) -> int:
     from worker.demo import run_demo
 
-    return run_demo(calls=ns.calls, timeout=ns.timeout, seed=ns.seed)
+    return run_demo(calls=ns.calls, timeout=ns.timeout, seed=ns.seed, keep=ns.keep)
 
 
 def _simulate(ns: argparse.Namespace) -> int:
@@ -143,7 +186,7 @@ def _webhooks(ns: argparse.Namespace) -> int:
     from worker.webhooks import server
 
     s = get_settings()
-    s.require_database_url()
+    require_database()
     logs.configure_logging(s.log_level, s.log_json)
     uv = server(s, ns.host, ns.port)
     print(
@@ -155,10 +198,28 @@ def _webhooks(ns: argparse.Namespace) -> int:
     return 0 if uv.started else 1
 
 
+def _metrics(ns: argparse.Namespace) -> int:
+    from worker.metrics import serve_metrics
+
+    s = get_settings()
+    url = require_database()
+    server = serve_metrics(url, ns.host, ns.port, pooled=s.database_pooler, ping=bool(s.broker_url))
+    host, port = server.server_address[:2]
+    print(f"callq metrics on http://{host!s}:{port}/metrics", flush=True)
+    try:
+        server.serve_forever()
+    finally:
+        server.server_close()
+    return 0
+
+
 def _celery(command: str, extra: list[str]) -> int:
     """Run Celery with callq's app. A worker is supervised: restarted when it dies on its own."""
+    asking_help = "--help" in extra or "-h" in extra
+    if command in NEEDS_DATABASE and not asking_help:
+        require_database()
     argv = [sys.executable, "-m", "celery", "-A", "worker", *CELERY_COMMANDS[command], *extra]
-    if command != "worker" or "--help" in extra:
+    if command != "worker" or asking_help:
         os.execv(sys.executable, argv)
     return supervise(argv)
 

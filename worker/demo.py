@@ -1,12 +1,13 @@
 """``callq demo``: the whole system on one machine, against the provider simulator.
 
-Applies migrations, seeds a user, plan, template and two providers, creates a campaign, registers
-a notification endpoint (a receiver in this process that checks each signature), uploads the
-campaign's contacts with one ``schedule_calls`` (some now, some later, mixed priorities, one
-invalid row to show a per-row error), runs a real Celery worker, a notify worker and beat,
-pauses and resumes the campaign once, prints live progress and ends with a summary by status and
-provider, the campaign's progress and the notifications received. With no DATABASE_URL or broker
-URL configured it starts an embedded PostgreSQL and Redis and stops them at the end.
+Applies migrations, seeds a user, plan, template and three providers (Vapi, SynthFlow, Retell),
+creates a campaign, registers a notification endpoint (a receiver in this process that checks
+each signature), uploads the campaign's contacts with one ``schedule_calls`` (some now, some
+later, mixed priorities, one invalid row to show a per-row error), runs a real Celery worker, a
+notify worker and beat, pauses and resumes the campaign once, prints live progress and ends with
+a summary by status and provider, the campaign's progress and the notifications received. With
+no DATABASE_URL or broker URL configured it starts an embedded PostgreSQL and Redis and stops
+them at the end.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import socket
 import sys
 import tempfile
 import threading
@@ -29,6 +31,7 @@ import psycopg
 from psycopg.types.json import Jsonb
 
 from models.migrate import upgrade
+from models.session import connect
 from providers.simulator import Simulator
 from worker.embedded import EmbeddedServices
 from worker.fleet import Fleet
@@ -38,6 +41,7 @@ from worker.settings import get_settings
 from worker.status import campaigns_report, format_table
 
 TERMINAL = ("completed", "failed", "canceled")
+DEMO_PROVIDERS = ("vapi", "synthflow", "retell")
 # Outcomes the simulator gives each call: mostly answered, some busy / no answer / voicemail.
 DEMO_SIM_CONFIG: dict[str, Any] = {
     "outcome_mix": {
@@ -75,8 +79,9 @@ def services() -> Iterator[tuple[str, str]]:
         embedded.stop()
 
 
-def run_demo(*, calls: int = 40, timeout: float = 180.0, seed: int = 7) -> int:
-    """Run the demo; 0 when every call reached a terminal state in time."""
+def run_demo(*, calls: int = 40, timeout: float = 180.0, seed: int = 7, keep: bool = False) -> int:
+    """Run the demo; 0 when every call reached a terminal state in time. ``keep``: leave the
+    stack running after the summary, with Flower and the metrics endpoint, until Ctrl-C."""
     with services() as (db_url, broker_url), Receiver() as receiver:
         applied = upgrade(db_url)
         print(f"migrations: {len(applied)} applied")
@@ -98,9 +103,12 @@ def run_demo(*, calls: int = 40, timeout: float = 180.0, seed: int = 7) -> int:
             ),
         )
         try:
-            with psycopg.connect(db_url, autocommit=True) as conn:
+            with connect(db_url, pooled=get_settings().database_pooler, autocommit=True) as conn:
                 _retry_fast(conn)
-                seeded = seed_demo(conn, sim_base_url=sim.base_url, max_concurrent_calls=8)
+                seeded = seed_demo(
+                    conn, sim_base_url=sim.base_url, providers=DEMO_PROVIDERS,
+                    max_concurrent_calls=8,
+                )  # fmt: skip
                 campaign = _one(
                     conn,
                     "SELECT create_campaign(%s, %s, 'Demo campaign', 'draft')",
@@ -124,18 +132,47 @@ def run_demo(*, calls: int = 40, timeout: float = 180.0, seed: int = 7) -> int:
                 print("\nCampaign progress")
                 print(campaigns_report(conn, all_=True))
                 print(_notifications(conn, receiver, len(ids)))
+            if keep:
+                _keep_running(fleet, db_url)
             return 0 if ok else 1
         finally:
             fleet.stop()
             sim.stop()
 
 
+def _keep_running(fleet: Fleet, db_url: str) -> None:
+    """Start Flower and the metrics endpoint, say where they are, and wait for Ctrl-C."""
+    flower_port, metrics_port = free_port(), free_port()
+    cli = [sys.executable, "-m", "worker.cli"]
+    fleet.start("flower", [*cli, "flower", f"--port={flower_port}", "--address=127.0.0.1"])
+    fleet.start("metrics", [*cli, "metrics", "--host", "127.0.0.1", "--port", str(metrics_port)])
+    print(
+        "\nThe stack keeps running (worker, beat, simulator, Flower, metrics). Ctrl-C stops it.\n"
+        f"  Flower:   http://127.0.0.1:{flower_port}\n"
+        f"  metrics:  http://127.0.0.1:{metrics_port}/metrics\n"
+        f"  queue:    DATABASE_URL='{db_url}' callq queue",
+        flush=True,
+    )
+    try:
+        while all(p.poll() is None for p in fleet.procs.values()):
+            time.sleep(0.5)
+        print("a process of the stack exited; stopping", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("\nstopping...", flush=True)
+
+
+def free_port() -> int:
+    """A TCP port free on loopback right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
 def _retry_fast(conn: psycopg.Connection[Any]) -> None:
-    """Make handle_failed_call's backoff seconds instead of minutes for this demo database."""
-    conn.execute("SELECT set_config('callq.retry_delay_scale', '0.01', false)")
-    dbname = conn.execute("SELECT current_database()").fetchone()
-    assert dbname is not None
-    conn.execute(f"ALTER DATABASE \"{dbname[0]}\" SET callq.retry_delay_scale = '0.01'")
+    """Make handle_failed_call's backoff seconds instead of minutes for this demo database
+    (a table row, not a database setting: hosted Supabase refuses those, and a pooler loses a
+    session's)."""
+    conn.execute("UPDATE ops_settings SET retry_delay_scale = 0.01, updated_at = now()")
 
 
 def _upload(

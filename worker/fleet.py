@@ -18,6 +18,9 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
+# From a checkout, children run in it (and import it); from an installed wheel, where REPO is
+# site-packages, they run where the caller runs.
+CHECKOUT = REPO if (REPO / "pyproject.toml").is_file() else None
 
 
 @dataclass
@@ -30,7 +33,8 @@ class Fleet:
 
     def _spawn(self, name: str, args: list[str]) -> subprocess.Popen[bytes]:
         env = {**os.environ, **self.env}
-        env.setdefault("PYTHONPATH", str(REPO))
+        if CHECKOUT is not None:
+            env.setdefault("PYTHONPATH", str(CHECKOUT))
         out: Any = subprocess.DEVNULL
         if self.log_dir is not None:
             self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -38,7 +42,7 @@ class Fleet:
         proc = subprocess.Popen(
             args,
             env=env,
-            cwd=str(REPO),
+            cwd=None if CHECKOUT is None else str(CHECKOUT),
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,

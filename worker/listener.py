@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 import psycopg
 
+from models.session import libpq_url
 from worker import logs
 
 CHANNEL = "callq_queue"
@@ -61,7 +62,7 @@ def _listen(
 ) -> None:
     """Call ``on_notify`` once per burst of notifications, and at most once per
     ``min_interval_seconds``: calls that trickle in one by one are claimed together."""
-    with psycopg.connect(database_url, autocommit=True) as conn:
+    with psycopg.connect(libpq_url(database_url), autocommit=True) as conn:
         conn.execute(f"LISTEN {CHANNEL}")
         log.info("listener.started")
         # A notification may have been missed while disconnected: poll once on (re)connect.

@@ -31,7 +31,9 @@ def database(settings: Settings | None = None) -> Database:
         with _lock:
             if _db is None:
                 s = settings or get_settings()
-                _db = Database(s.require_database_url(), max_size=s.db_pool_size)
+                _db = Database(
+                    s.require_database_url(), max_size=s.db_pool_size, pooled=s.database_pooler
+                )
     return _db
 
 

@@ -17,6 +17,8 @@ import psycopg
 
 SIM_VAPI_KEY = "sim-vapi-key"
 SIM_SYNTHFLOW_KEY = "sim-synthflow-key"
+SIM_RETELL_KEY = "sim-retell-key"
+RETELL_FROM_NUMBER = "+14155550100"  # the fiction range; a Retell row's outbound number
 
 
 @dataclass(frozen=True)
@@ -95,6 +97,11 @@ def _provider(
             "assistant_id": str(uuid.uuid4()),
             "phone_number_id": str(uuid.uuid4()),
         }
+    elif kind == "retell":
+        url, key = f"{base}/retell", SIM_RETELL_KEY
+        config = {"agent_id": f"agent_{uuid.uuid4().hex}", "from_number": RETELL_FROM_NUMBER}
+        # Retell signs its webhooks with the account's API key
+        webhook_secret = SIM_RETELL_KEY if webhook_secret is not None else None
     else:
         url, key = f"{base}/synthflow/v2", SIM_SYNTHFLOW_KEY
         config = {"model_id": str(uuid.uuid4()), "creates_per_second": 1000}

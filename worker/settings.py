@@ -30,6 +30,13 @@ class Settings(BaseSettings):
         validation_alias=AliasChoices("CALLQ_BROKER_URL", "CELERY_BROKER_URL", "BROKER_URL"),
     )
     db_pool_size: int = Field(default=16, ge=1, le=200)
+    # Behind a transaction pooler (Supabase's port 6543, pgbouncer transaction mode): no
+    # prepared statements, no session state, no LISTEN. None: tell from the URL (port 6543 or
+    # ?pgbouncer=true).
+    database_pooler: bool | None = None
+    # A direct (not pooled) URL for LISTEN/NOTIFY; without it, LISTEN is off behind a pooler
+    # and beat's tick claims the calls.
+    listen_database_url: str | None = None
 
     # Claiming (beat + LISTEN/NOTIFY wake-ups)
     poll_interval_seconds: float = Field(default=2.0, gt=0)
@@ -40,11 +47,15 @@ class Settings(BaseSettings):
 
     # Tracking placed calls
     track_initial_delay_seconds: float = Field(default=2.0, ge=0)
-    # Polls of a 60-s call fall at 2, 5, 10, 18, 28, 37, 46, 55 and 64 s: its end is seen
-    # within 9 s with 9 reads. A provider that sends webhooks is polled only as a safety net.
-    track_max_delay_seconds: float = Field(default=9.0, gt=0, le=30)
+    # Polls of a 60-s call fall at about 2, 5, 10, 18, 27, 35, 44, 52 and 61 s (each wait counted
+    # from the poll before, plus up to one tick): its end is seen within about 9 s with about 9
+    # reads. A provider that sends webhooks is polled only as a safety net.
+    track_max_delay_seconds: float = Field(default=8.0, gt=0, le=30)
     track_webhook_delay_seconds: float = Field(default=30.0, gt=0, le=30)
     track_backoff_factor: float = Field(default=1.6, ge=1)
+    # Beat's tracking tick: each tick polls the placed calls whose next poll is due.
+    track_tick_seconds: float = Field(default=1.0, gt=0)
+    track_tick_limit: int = Field(default=2000, ge=1)
     reconcile_lookups: int = Field(default=3, ge=1)
     reconcile_delay_seconds: float = Field(default=5.0, ge=0)
 
@@ -52,6 +63,9 @@ class Settings(BaseSettings):
     health_interval_seconds: float = Field(default=30.0, gt=0)
     reaper_interval_seconds: float = Field(default=30.0, gt=0)
     rollover_interval_seconds: float = Field(default=3600.0, gt=0)
+    # The call-event log's retention (public.prune_call_events), applied by beat.
+    event_retention_days: float = Field(default=90.0, ge=1 / 24)
+    event_prune_interval_seconds: float = Field(default=3600.0, gt=0)
 
     # Broker
     visibility_timeout_seconds: int = Field(default=3600, ge=60)
@@ -100,6 +114,18 @@ class Settings(BaseSettings):
 
     log_level: str = "INFO"
     log_json: bool = True
+
+    def pooled(self) -> bool:
+        """Whether the database URL goes through a transaction pooler."""
+        from models.session import is_pooled
+
+        return bool(self.database_url) and is_pooled(str(self.database_url), self.database_pooler)
+
+    def listen_url(self) -> str | None:
+        """Where LISTEN runs: the direct listen URL, else the database URL unless pooled."""
+        if self.listen_database_url:
+            return self.listen_database_url
+        return None if self.pooled() else self.database_url
 
     @field_validator("provider_allowed_hosts", "provider_env_prefixes", "provider_env_names",
                      mode="before")  # fmt: skip

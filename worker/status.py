@@ -7,6 +7,8 @@ from typing import Any
 
 import psycopg
 
+from models.session import connect
+
 COUNTS = "SELECT status, count(*) FROM call_queue GROUP BY status ORDER BY status"
 OLDEST_DUE = """
 SELECT id, priority, scheduled_time, now() - scheduled_time AS waiting
@@ -99,6 +101,13 @@ def campaigns_report(conn: psycopg.Connection[Any], *, all_: bool = False, limit
     return format_table(CAMPAIGN_HEADERS, rows) if rows else "(no campaigns)"
 
 
-def print_queue(database_url: str) -> None:
-    with psycopg.connect(database_url) as conn:
+def print_queue(database_url: str, pooled: bool | None = None) -> None:
+    with connect(database_url, pooled=pooled) as conn:
         print(queue_report(conn))
+
+
+def print_campaigns(
+    database_url: str, pooled: bool | None = None, *, all_: bool = False, limit: int = 50
+) -> None:
+    with connect(database_url, pooled=pooled) as conn:
+        print(campaigns_report(conn, all_=all_, limit=limit))

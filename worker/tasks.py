@@ -4,15 +4,15 @@ Arguments are ids and small counters only: they show up in Flower and in broker 
 
     poll            claim due calls and assign providers; place the first chunk, send the rest
     dispatch_batch  per call: pass the gate (mark_call_dialing), create it at the provider
-    track_batch     per call: poll the provider until the call ends, then complete or fail it
+    track_due       beat's tick: poll the placed calls whose next poll is due (track_batch: more)
     reconcile       after an outcome-unknown create: look the call up before anything is re-sent
     webhook         a provider said something changed: check the call once, now
-    health_check, reap, rollover   maintenance on beat
+    health_check, reap, rollover, prune_events   maintenance on beat
     notify_drain, notify_deliver   signed call.ended events to the apps (queue "notify")
 
 Each per-call step returns a ``dispatch.steps`` value (placed, polling, reconciling, ended,
-skipped); the task that ran the steps sends what comes next (one ``track_batch`` message for
-the polls of a whole chunk) and returns the count of each step's label.
+skipped); the task that ran the steps sends what comes next (a reconcile; a poll's time is
+the call's ``next_poll_at``, read by the tick) and returns the count of each step's label.
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 from uuid import UUID
 
+import psycopg
+
 from dispatch.policy import (
     PROVIDER_ERROR,
     Complete,
@@ -33,6 +35,7 @@ from dispatch.policy import (
     decide_error,
     decide_outcome,
     decide_setup_error,
+    decide_unproven_match,
     next_poll_delay,
 )
 from dispatch.request import build_call_request
@@ -46,18 +49,18 @@ from dispatch.steps import (
     Skipped,
     SkipReason,
     Step,
-    next_polls,
     tally,
 )
 from models.calls import AssignmentState, CallRow
-from providers.base import CallHandle, CallStatus, WebhookEvent
-from providers.errors import ConfigError, ProviderError
+from providers.base import CallHandle, CallStatus, WebhookEvent, clamp_status
+from providers.errors import ConfigError, ProviderError, ProviderUnprovenMatchError
 from worker import logs, notify, runtime
 from worker.celery_app import app
 from worker.settings import get_settings
 
 log = logs.get_logger("callq.worker")
 WORKER_ID = f"{socket.gethostname()}:{os.getpid()}"
+POLL_CHUNK = 100  # placed calls polled by one task
 
 
 @app.task(name="callq.poll", ignore_result=True)
@@ -107,10 +110,18 @@ def track_batch(items: list[list[Any]]) -> dict[str, int]:
     return tally(steps)
 
 
-@app.task(name="callq.track", ignore_result=True)
-def track(assignment_id: str, poll_count: int = 0) -> str:
-    """Poll one placed call with its poll token (the reaper restarts lost chains this way)."""
-    return _then(track_chunk([(assignment_id, poll_count)])[0])
+@app.task(name="callq.track_due", ignore_result=True)
+def track_due() -> dict[str, int]:
+    """Beat's tracking tick: poll the placed calls whose next poll is due (a column, not a
+    countdown), the first chunk here and the rest as ``track_batch`` messages. Calls that
+    trickle in cost no more per poll than calls that come together."""
+    s = get_settings()
+    due = runtime.database().take_due_polls(s.track_tick_limit)
+    for start in range(POLL_CHUNK, len(due), POLL_CHUNK):
+        track_batch.apply_async(([list(item) for item in due[start : start + POLL_CHUNK]],))
+    steps = track_chunk(due[:POLL_CHUNK])
+    _send_next(steps)
+    return tally(steps)
 
 
 @app.task(name="callq.reconcile", ignore_result=True)
@@ -155,21 +166,11 @@ def _then(step: Step) -> str:
 
 
 def _send_next(steps: Sequence[Step]) -> None:
-    """Send the follow-ups of ``steps``: one ``track_batch`` per delay, a reconcile each."""
-    _send_polls(next_polls(steps))
+    """Send a reconcile for each unknown outcome. Polls need no message: each placed call's
+    next poll is its ``next_poll_at``, which beat's tracking tick reads."""
     for step in steps:
         if isinstance(step, Reconciling):
             reconcile.apply_async((step.assignment_id, step.lookup), countdown=step.delay)
-
-
-def _send_polls(polls: list[NextPoll], chunk: int = 100) -> None:
-    """One ``track_batch`` message per distinct delay (and per ``chunk`` calls)."""
-    by_delay: dict[float, list[list[Any]]] = {}
-    for poll_ in polls:
-        by_delay.setdefault(round(poll_.delay, 1), []).append([poll_.assignment_id, poll_.token])
-    for delay, items in by_delay.items():
-        for start in range(0, len(items), chunk):
-            track_batch.apply_async((items[start : start + chunk],), countdown=delay)
 
 
 # -- the per-call steps ----------------------------------------------------------------------------
@@ -192,11 +193,17 @@ def dispatch_chunk(assignment_ids: Sequence[str]) -> list[Step]:
         if isinstance(result, CallHandle)
     }
     db.mark_placed(placed)
-    # mark_call_placed leaves the poll token at 0: the first poll holds token 0.
+    # mark_call_placed leaves the poll token at 0; the first poll's time is set with it.
+    first = {
+        str(c.assignment_id): _poll_delay(c, 0) for c in calls if str(c.assignment_id) in placed
+    }
+    tokens = db.touch_polls([(a, 0, delay) for a, delay in first.items()])
     for call, result in zip(calls, created, strict=True):
+        assignment_id = str(call.assignment_id)
         if isinstance(result, CallHandle):
             log.info("call.placed", **_ids(call))
-            steps.append(Placed(NextPoll(str(call.assignment_id), 0, _poll_delay(call, 0))))
+            token = tokens.get(assignment_id, 0)
+            steps.append(Placed(NextPoll(assignment_id, token, first[assignment_id])))
         else:
             steps.append(result)
     return steps
@@ -296,6 +303,7 @@ def _poll_delay(call: CallRow, polls_done: int) -> float:
 
 
 def _finish(assignment_id: str, status: CallStatus, decision: Complete | Fail) -> Step:
+    status = clamp_status(status)  # plug-in adapters too: only data the database accepts
     if isinstance(decision, Fail):
         step = _end(
             assignment_id,
@@ -305,6 +313,18 @@ def _finish(assignment_id: str, status: CallStatus, decision: Complete | Fail) -
         )
         log.info("call.ended_unanswered", kind=decision.kind, result=step.label)
         return step
+    try:
+        _complete(assignment_id, status)
+    except (psycopg.errors.IntegrityError, psycopg.errors.DataError) as exc:
+        # Provider data the clamp let through and a constraint refused: end the call anyway,
+        # without that data, rather than leave it placed (and re-tracked) forever.
+        log.warning("call.provider_data_refused", sqlstate=exc.sqlstate)
+        _complete(assignment_id, CallStatus(status.provider_call_id, status.state))
+    log.info("call.completed", duration_seconds=status.duration_seconds)
+    return Ended(Outcome.COMPLETED)
+
+
+def _complete(assignment_id: str, status: CallStatus) -> None:
     runtime.database().complete(
         assignment_id,
         duration_seconds=status.duration_seconds,
@@ -315,8 +335,6 @@ def _finish(assignment_id: str, status: CallStatus, decision: Complete | Fail) -
         started_at=status.started_at,
         ended_at=status.ended_at,
     )
-    log.info("call.completed", duration_seconds=status.duration_seconds)
-    return Ended(Outcome.COMPLETED)
 
 
 def reconcile_one(assignment_id: str, lookup: int) -> Step:
@@ -331,6 +349,12 @@ def reconcile_one(assignment_id: str, lookup: int) -> Step:
     since = (call.dialing_at or datetime.now(UTC)) - timedelta(minutes=2)
     try:
         found = runtime.provider_for(call.provider).find_call(build_call_request(call), since)
+    except ProviderUnprovenMatchError:
+        # A call that may be ours, or another tenant's: adopt nothing, dial nothing again.
+        log.warning("call.reconcile_unproven", last=last)
+        if last:
+            return _end(assignment_id, decide_unproven_match())
+        return Reconciling(assignment_id, lookup + 1, s.reconcile_delay_seconds)
     except ProviderError as exc:
         log.warning("call.reconcile_lookup_failed", error=str(exc))
         if last:  # the provider cannot tell us: keep asking rather than risk a second dial
@@ -339,7 +363,8 @@ def reconcile_one(assignment_id: str, lookup: int) -> Step:
     if found is not None:
         db.mark_placed({assignment_id: found.provider_call_id})
         log.info("call.reconciled", found=True)
-        return Placed(NextPoll(assignment_id, 0, 0.0))
+        token = db.touch_polls([(assignment_id, 0, 0.0)]).get(assignment_id, 0)
+        return Placed(NextPoll(assignment_id, token, 0.0))
     if not last:
         return Reconciling(assignment_id, lookup + 1, s.reconcile_delay_seconds)
     step = _end(assignment_id, Fail(PROVIDER_ERROR, "create outcome unknown; not found"))
@@ -415,16 +440,31 @@ def _resume(assignment_id: UUID) -> None:
     call = runtime.database().load_call(assignment_id)
     if call is None:
         return
+    # A placed call needs nothing here: the tracking tick takes any poll that is due.
     if call.state is AssignmentState.DIALING:
         reconcile.apply_async((str(assignment_id), 0))
-    elif call.state is AssignmentState.PLACED:
-        track.apply_async((str(assignment_id), call.poll_count))
 
 
 @app.task(name="callq.rollover", ignore_result=True)
 def rollover() -> int:
     """Open the next usage period for subscriptions whose period ended."""
     return runtime.database().rollover()
+
+
+@app.task(name="callq.prune_events", ignore_result=True)
+def prune_events(batch: int = 10_000, max_batches: int = 50) -> int:
+    """Apply the call-event log's retention, a batch per statement; the events deleted."""
+    db = runtime.database()
+    retention = get_settings().event_retention_days * 86400
+    deleted = 0
+    for _ in range(max_batches):
+        n = db.prune_events(retention, batch)
+        deleted += n
+        if n < batch:
+            break
+    if deleted:
+        log.info("events.pruned", deleted=deleted)
+    return deleted
 
 
 @app.task(name="callq.noop", ignore_result=True)

@@ -48,3 +48,16 @@ CREATE INDEX call_events_user_idx ON public.call_events (user_id, id);
 CREATE INDEX call_events_created_brin ON public.call_events USING brin (created_at);
 
 ALTER TABLE public.call_events ENABLE ROW LEVEL SECURITY;
+
+-- ops_settings: knobs ops turn at run time, one row. A table rather than a custom GUC: hosted
+-- Supabase refuses ALTER DATABASE ... SET of custom settings, and a transaction pooler would
+-- lose a session-level SET.
+--   retry_delay_scale  multiplies every retry backoff of handle_failed_call (demos and tests
+--                      use 0.01 or less); a session's callq.retry_delay_scale still wins.
+CREATE TABLE public.ops_settings (
+  id boolean PRIMARY KEY DEFAULT true CHECK (id),
+  retry_delay_scale double precision NOT NULL DEFAULT 1 CHECK (retry_delay_scale > 0),
+  updated_at timestamptz NOT NULL DEFAULT now()
+);
+INSERT INTO public.ops_settings DEFAULT VALUES;
+ALTER TABLE public.ops_settings ENABLE ROW LEVEL SECURITY;

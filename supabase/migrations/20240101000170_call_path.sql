@@ -17,3 +17,11 @@ CREATE OR REPLACE FUNCTION public.poll_deadline_seconds() RETURNS integer
 LANGUAGE sql IMMUTABLE PARALLEL SAFE
 SET search_path = ''
 AS $$ SELECT 15 $$;
+
+-- The failure kinds handle_failed_call accepts: the same set as dispatch/policy.py's
+-- FAILURE_KINDS and call_retries.reason's CHECK (a test compares the three).
+CREATE OR REPLACE FUNCTION public.failure_kinds() RETURNS text[]
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+SET search_path = ''
+AS $$ SELECT ARRAY['busy', 'no_answer', 'voicemail', 'provider_error', 'rate_limited',
+                   'permanent', 'canceled'] $$;

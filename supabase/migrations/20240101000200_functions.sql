@@ -953,7 +953,8 @@ BEGIN
 END
 $$;
 
--- complete_call: history row, slot freed, usage and provider stats, queue -> completed.
+-- complete_call: the call ended with a conversation: history row, slot freed, usage and provider
+-- stats, queue -> completed. Every other ending goes through handle_failed_call.
 -- Idempotent per assignment: a second call for an ended assignment returns the existing
 -- history id (NULL if the assignment ended without history, e.g. released) and changes nothing.
 CREATE OR REPLACE FUNCTION public.complete_call(
@@ -964,8 +965,7 @@ CREATE OR REPLACE FUNCTION public.complete_call(
   p_cost double precision DEFAULT NULL,
   p_provider_call_id text DEFAULT NULL,
   p_started_at timestamptz DEFAULT NULL,
-  p_ended_at timestamptz DEFAULT NULL,
-  p_status text DEFAULT 'completed'
+  p_ended_at timestamptz DEFAULT NULL
 ) RETURNS uuid
 LANGUAGE plpgsql
 SET search_path = ''
@@ -974,14 +974,7 @@ DECLARE
   v_a record;
   v_q record;
   v_hid uuid;
-  v_state text;
-  v_qstatus text;
 BEGIN
-  IF p_status IS NULL OR p_status NOT IN ('completed', 'failed', 'canceled', 'busy', 'no_answer',
-                                          'voicemail') THEN
-    RAISE EXCEPTION USING ERRCODE = 'CQ012', MESSAGE = 'invalid_status: ' || coalesce(p_status, 'NULL');
-  END IF;
-
   SELECT a.queue_id INTO v_a FROM public.call_assignments a WHERE a.id = p_assignment_id;
   IF NOT FOUND THEN
     RAISE EXCEPTION USING ERRCODE = 'CQ011', MESSAGE = 'assignment_not_found: ' || p_assignment_id;
@@ -995,19 +988,14 @@ BEGIN
     RETURN v_hid;
   END IF;
 
-  v_state := CASE p_status WHEN 'canceled' THEN 'canceled'
-                           WHEN 'failed' THEN 'failed' ELSE 'completed' END;
-  v_qstatus := v_state;
-
   UPDATE public.call_assignments a
-     SET state = v_state, ended_at = coalesce(p_ended_at, now()), outcome = p_status,
+     SET state = 'completed', ended_at = coalesce(p_ended_at, now()), outcome = 'completed',
          provider_call_id = coalesce(a.provider_call_id, p_provider_call_id), next_poll_at = NULL
    WHERE a.id = p_assignment_id;
 
   PERFORM public.free_provider_slot(v_a.provider_id);
   UPDATE public.provider_availability pa
-     SET successful_calls = pa.successful_calls + CASE WHEN v_state = 'completed' THEN 1 ELSE 0 END,
-         failed_calls = pa.failed_calls + CASE WHEN v_state = 'failed' THEN 1 ELSE 0 END
+     SET successful_calls = pa.successful_calls + 1
    WHERE pa.provider_id = v_a.provider_id;
 
   INSERT INTO public.call_history (user_id, template_id, queue_id, assignment_id, provider_id,
@@ -1015,19 +1003,17 @@ BEGIN
                                    started_at, ended_at, duration_seconds, recording_url,
                                    transcript, cost, provider_call_id, attempts, metadata)
   VALUES (v_q.user_id, v_q.template_id, v_q.id, p_assignment_id, v_a.provider_id,
-          v_q.recipient_name, v_q.recipient_phone, v_q.recipient_email, p_status,
+          v_q.recipient_name, v_q.recipient_phone, v_q.recipient_email, 'completed',
           coalesce(p_started_at, v_a.placed_at, v_a.dialing_at),
           coalesce(p_ended_at, now()), p_duration_seconds, p_recording_url, p_transcript, p_cost,
           coalesce(v_a.provider_call_id, p_provider_call_id), greatest(v_q.attempts, 1),
           v_q.metadata)
   RETURNING id INTO v_hid;
 
-  IF v_state <> 'canceled' THEN
-    PERFORM public.add_call_usage(v_q.user_id, p_duration_seconds);
-  END IF;
+  PERFORM public.add_call_usage(v_q.user_id, p_duration_seconds);
 
   UPDATE public.call_queue q
-     SET status = v_qstatus, completed_at = now(), lease_expires_at = NULL
+     SET status = 'completed', completed_at = now(), lease_expires_at = NULL
    WHERE q.id = v_q.id;
   RETURN v_hid;
 END
@@ -1062,7 +1048,8 @@ AS $$
   RETURNING pa.status;
 $$;
 
--- handle_failed_call: see docs/contracts.md. Returns 'retry_scheduled', 'failed', 'canceled'
+-- handle_failed_call: the call ended without a conversation (failure kinds: failure_kinds()).
+-- Returns 'retry_scheduled', 'failed', 'canceled'
 -- or 'noop' (assignment already ended: a duplicate webhook/poll changes nothing).
 -- Backoff: base * 2^(attempts-1), capped at 1 h, times a jitter factor in [0.8, 1.2);
 -- base 300 s for busy/no_answer/voicemail, 30 s for provider_error (provider excluded next
@@ -1086,8 +1073,7 @@ DECLARE
   v_final boolean;
   v_hstatus text;
 BEGIN
-  IF p_failure_kind IS NULL OR p_failure_kind NOT IN ('busy', 'no_answer', 'voicemail',
-      'provider_error', 'rate_limited', 'permanent', 'canceled') THEN
+  IF p_failure_kind IS NULL OR NOT (p_failure_kind = ANY (public.failure_kinds())) THEN
     RAISE EXCEPTION USING ERRCODE = 'CQ013',
       MESSAGE = 'invalid_failure_kind: ' || coalesce(p_failure_kind, 'NULL');
   END IF;
@@ -1130,10 +1116,11 @@ BEGIN
                * power(2, greatest(v_q.attempts, 1) - 1),
              3600) * (0.8 + random() * 0.4)
     END;
-    -- callq.retry_delay_scale (a database or session setting, default 1) shortens every wait
-    -- for demos and tests: ALTER DATABASE ... SET callq.retry_delay_scale = '0.01'.
+    -- ops_settings.retry_delay_scale (default 1) shortens every wait for demos and tests; a
+    -- session's callq.retry_delay_scale setting overrides it.
     v_delay := v_delay * coalesce(
-      nullif(current_setting('callq.retry_delay_scale', true), '')::double precision, 1);
+      nullif(current_setting('callq.retry_delay_scale', true), '')::double precision,
+      (SELECT o.retry_delay_scale FROM public.ops_settings o), 1);
     v_next := now() + make_interval(secs => v_delay);
   END IF;
 

@@ -255,3 +255,8 @@ REVOKE ALL ON FUNCTION
 GRANT EXECUTE ON FUNCTION
   public.record_call_event(uuid, text, jsonb), public.prune_call_events(interval, int)
   TO service_role, callq_worker;
+
+REVOKE ALL ON public.ops_settings FROM PUBLIC, anon, authenticated;
+GRANT SELECT, UPDATE ON public.ops_settings TO service_role;
+GRANT SELECT ON public.ops_settings TO callq_worker;
+CREATE POLICY worker_select ON public.ops_settings FOR SELECT TO callq_worker USING (true);

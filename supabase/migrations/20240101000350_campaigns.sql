@@ -604,7 +604,7 @@ AS $$
 $$;
 
 -- record_notification_result (worker): delivered, or another attempt after a backoff of
--- 10 s * 2^(attempt-1), at most 1 h, jittered by +-20 % (times callq.retry_delay_scale, as for
+-- 10 s * 2^(attempt-1), at most 1 h, jittered by +-20 % (times the retry delay scale, as for
 -- calls); failed after 15 attempts (about 7 hours). Returns delivered, retry, failed or noop
 -- (a stale attempt: a newer one owns the row).
 CREATE OR REPLACE FUNCTION public.record_notification_result(
@@ -621,7 +621,8 @@ DECLARE
   v_status text;
   v_delay double precision := least(10 * power(2, greatest(p_attempt, 1) - 1), 3600)
     * (0.8 + random() * 0.4)
-    * coalesce(nullif(current_setting('callq.retry_delay_scale', true), '')::double precision, 1);
+    * coalesce(nullif(current_setting('callq.retry_delay_scale', true), '')::double precision,
+               (SELECT o.retry_delay_scale FROM public.ops_settings o), 1);
 BEGIN
   UPDATE public.call_notifications n
      SET status = CASE WHEN p_ok THEN 'delivered' WHEN p_attempt >= 15 THEN 'failed'

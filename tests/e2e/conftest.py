@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,20 +27,6 @@ FAST_ENV = {
     "CALLQ_PROVIDER_ALLOWED_HOSTS": "http://127.0.0.1:*",
 }
 TERMINAL = ("completed", "failed", "canceled")
-
-
-def wait_until(
-    check: Callable[[], Any], *, timeout: float = 60.0, interval: float = 0.2, what: str = ""
-) -> Any:
-    """Poll ``check`` until it returns a truthy value; fail with ``what`` after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout}s waiting for {what or check}")
-        time.sleep(interval)
 
 
 @pytest.fixture
@@ -73,9 +58,7 @@ def sim() -> Iterator[Simulator]:
 @pytest.fixture
 def conn(db_url: str) -> Iterator[psycopg.Connection[Any]]:
     with psycopg.connect(db_url, autocommit=True) as connection:
-        connection.execute(
-            f"ALTER DATABASE {connection.info.dbname} SET callq.retry_delay_scale = '0.002'"
-        )
+        connection.execute("UPDATE ops_settings SET retry_delay_scale = 0.002")
         yield connection
 
 

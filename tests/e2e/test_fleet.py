@@ -18,8 +18,8 @@ from tests.e2e.conftest import (
     creates_by_queue,
     slots_held,
     status_counts,
-    wait_until,
 )
+from worker.embedded import wait_until
 from worker.fleet import Fleet
 from worker.seed import Seeded, schedule_calls
 

@@ -11,8 +11,8 @@ import psycopg
 import pytest
 
 from providers.simulator import Simulator
-from tests.e2e.conftest import all_terminal, wait_until
-from worker.embedded import free_port, wait_for_port
+from tests.e2e.conftest import all_terminal
+from worker.embedded import free_port, wait_for_port, wait_until
 from worker.fleet import Fleet
 from worker.seed import Seeded, schedule_calls
 
@@ -54,7 +54,7 @@ def test_flower_lists_workers_and_tasks_without_personal_data(
         ids.extend(schedule_calls(conn, seeded, 2, start=len(ids)))
         tasks: dict[str, Any] = httpx.get(f"{base}/api/tasks", timeout=10).json()
         names = {t.get("name") for t in tasks.values()}
-        return tasks if {"callq.poll", "callq.track_batch"} <= names else {}
+        return tasks if {"callq.poll", "callq.track_due"} <= names else {}
 
     tasks = wait_until(tasks_seen, timeout=90, interval=1.0, what="tasks in Flower")
     wait_until(lambda: all_terminal(conn, ids), timeout=90, what="calls terminal")

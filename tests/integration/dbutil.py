@@ -30,6 +30,7 @@ TABLES = [
     "call_assignments",
     "call_retries",
     "call_events",
+    "ops_settings",
     "call_campaigns",
     "notification_endpoints",
     "call_notifications",

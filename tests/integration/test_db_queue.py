@@ -395,9 +395,10 @@ def test_complete_call_errors(conn: Conn, setup: Any) -> None:
     assert err.value.sqlstate == "CQ011"
     p = make_provider(conn)
     _, aid = placed_call(conn, setup, p)
+    # complete_call only completes; every other ending goes through handle_failed_call
     with pytest.raises(psycopg.Error) as err:
-        one(conn, "SELECT complete_call(%s, p_status => 'exploded')", (aid,))
-    assert err.value.sqlstate == "CQ012"
+        one(conn, "SELECT complete_call(%s, p_status => 'busy')", (aid,))
+    assert err.value.sqlstate == "42883"  # no such parameter
     assert slots(conn, p) == (1, 9)
 
 
@@ -735,3 +736,17 @@ def test_timing_the_worker_and_sql_share(conn: Conn) -> None:
     s = Settings(_env_file=None)
     assert s.lease_seconds == one(conn, "SELECT default_lease_seconds()")
     assert s.track_initial_delay_seconds < one(conn, "SELECT poll_deadline_seconds()")
+
+
+def test_failure_kinds_are_one_set_in_python_and_sql(conn: Conn) -> None:
+    import re
+
+    from dispatch.policy import FAILURE_KINDS
+
+    assert set(one(conn, "SELECT failure_kinds()")) == FAILURE_KINDS
+    check = one(
+        conn,
+        "SELECT pg_get_constraintdef(oid) FROM pg_constraint"
+        " WHERE conrelid = 'call_retries'::regclass AND pg_get_constraintdef(oid) LIKE '%reason%'",
+    )
+    assert set(re.findall(r"'(\w+)'", check)) == FAILURE_KINDS

@@ -129,6 +129,8 @@ def expected_visible(world: World, who: str, table: str) -> set[uuid.UUID] | Non
     per = world.ids[table]
     if who == "anon":
         return None
+    if table in OPS_ONLY:  # no API role but service_role may read it
+        return per["all"] if who == "service_role" else None
     if who == "service_role" or (who == "admin" and table in ADMIN_TABLES | ADMIN_READ_ALL):
         return per["all"]
     if table == "subscription_plans":
@@ -174,6 +176,8 @@ ADMIN_TABLES = {
 ADMIN_READ_ALL = {"call_campaigns"}
 
 
+# Tables for ops only (and the worker role), not for app users or admins.
+OPS_ONLY = {"ops_settings"}
 # The call-event log's writers run as its owner (see 20240101000330_events.sql).
 EVENT_DEFINERS = {
     "call_queue_log_insert",

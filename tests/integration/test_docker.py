@@ -12,7 +12,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[2]
 ENTRYPOINT = REPO / "docker" / "entrypoint.sh"
-ROLES = ["worker", "beat", "flower", "webhooks", "simulator", "migrate", "queue", "demo"]
+ROLES = ["worker", "beat", "flower", "webhooks", "simulator", "migrate", "queue", "demo", "metrics"]
 
 
 def entry(*args: str) -> subprocess.CompletedProcess[str]:

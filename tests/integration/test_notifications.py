@@ -67,7 +67,7 @@ def notify_db(worker_db: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     monkeypatch.setenv("CALLQ_NOTIFY_READ_TIMEOUT_SECONDS", "0.5")
     get_settings.cache_clear()
     with connect(worker_db) as c:
-        c.execute(f"ALTER DATABASE {c.info.dbname} SET callq.retry_delay_scale = '0.001'")
+        c.execute("UPDATE ops_settings SET retry_delay_scale = 0.001")
     yield worker_db
     get_settings.cache_clear()
 

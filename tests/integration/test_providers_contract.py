@@ -5,6 +5,7 @@ Adding a provider: give it a simulator and a ``SETUPS`` entry; this test names w
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections.abc import Callable, Iterator
@@ -21,14 +22,17 @@ from providers.errors import (
     ProviderOutcomeUnknownError,
     ProviderPermanentError,
     ProviderRetryableError,
+    ProviderUnprovenMatchError,
     WebhookAuthError,
     WebhookPayloadError,
 )
 from providers.registry import available_types, build_provider
+from providers.retell import sign as retell_sign
 from providers.simulator import Simulator
 from tests.integration.receiver import Receiver
 
 HOOK_SECRET = "sim-webhook-secret"
+SIGNATURE_HEADERS = ("x-signature", "synthflow-signature", "x-vapi-secret", "x-retell-signature")
 FAST = {
     "queue_seconds": 0.02, "ring_seconds": 0.05, "call_seconds": 0.1,
     "outcome_mix": {"completed": 1},
@@ -50,14 +54,29 @@ class Setup:
     path: str
     config: dict[str, Any]
     cancellable: bool
+    webhooks_per_call: int  # deliveries for a completed call
+    webhook_secret: str = HOOK_SECRET
 
 
 SETUPS = {
     "vapi": Setup(
-        "sim-vapi-key", "/vapi", {"phone_number_id": "pn-1", "assistant_id": "as-1"}, True
+        "sim-vapi-key", "/vapi", {"phone_number_id": "pn-1", "assistant_id": "as-1"}, True, 2
     ),
     "synthflow": Setup(
-        "sim-synthflow-key", "/synthflow/v2", {"model_id": "m-1", "creates_per_second": 200}, False
+        "sim-synthflow-key",
+        "/synthflow/v2",
+        {"model_id": "m-1", "creates_per_second": 200},
+        False,
+        1,
+    ),
+    # Retell signs webhooks with the account's API key
+    "retell": Setup(
+        "sim-retell-key",
+        "/retell",
+        {"from_number": "+14155550100", "agent_id": "agent_1"},
+        True,
+        3,
+        "sim-retell-key",
     ),
 }
 
@@ -84,6 +103,8 @@ def mock_client(sim: Simulator) -> httpx.Client:
             request.method, request.url.path, request.url.query.decode(), request.headers,
             request.content,
         )  # fmt: skip
+        if body is None:  # 204
+            return httpx.Response(status, headers=headers or {})
         return httpx.Response(status, json=body, headers=headers or {})
 
     return httpx.Client(transport=httpx.MockTransport(handler))
@@ -110,7 +131,7 @@ def make(
         row = {
             "id": f"{provider_type}-1", "name": provider_type, "provider_type": provider_type,
             "api_key": key or setup.key, "base_url": base + setup.path,
-            "webhook_secret": HOOK_SECRET, "config": {**setup.config, **config},
+            "webhook_secret": setup.webhook_secret, "config": {**setup.config, **config},
         }  # fmt: skip
         client = mock_client(sim) if request.param == "mock" else None
         provider = build_provider(ProviderConfig.from_row(row, SIM_HOSTS), client)
@@ -123,7 +144,7 @@ def make(
 
 
 def test_every_registered_provider_has_a_contract_setup() -> None:
-    assert set(available_types()) >= {"vapi", "synthflow"}
+    assert set(available_types()) >= {"vapi", "synthflow", "retell"}
     missing = set(available_types()) - set(SETUPS) - {"callq_test_echo"}
     assert not missing, f"add a simulator setup for {missing}"
 
@@ -174,19 +195,20 @@ def test_find_call(make: Callable[..., Provider], sim: Simulator) -> None:
     assert provider.find_call(req(), since) is None
 
 
-def test_find_call_by_phone_and_time_when_ids_not_echoed(
+def test_a_call_without_proof_is_never_adopted(
     make: Callable[..., Provider], sim: Simulator, provider_type: str
 ) -> None:
     if provider_type != "synthflow":
-        pytest.skip("only SynthFlow lacks a correlation field")
+        pytest.skip("only SynthFlow may not echo the correlation id")
     sim.configure({"synthflow_echo_variables": False})
     try:
         provider = make()
         since = datetime.now(UTC) - timedelta(seconds=1)
-        r = req("0881")
-        handle = provider.create_call(r)
-        found = provider.find_call(r, since)
-        assert found is not None and found.provider_call_id == handle.provider_call_id
+        theirs = req("0881")
+        ours = dataclasses.replace(req("0881"), to_number=theirs.to_number)  # one number
+        provider.create_call(theirs)
+        with pytest.raises(ProviderUnprovenMatchError):
+            provider.find_call(ours, since)
     finally:
         sim.configure({"synthflow_echo_variables": True})
 
@@ -261,12 +283,9 @@ def test_500_on_create_is_outcome_unknown_and_not_resent(
 def test_webhooks(make: Callable[..., Provider], receiver: Receiver, provider_type: str) -> None:
     provider = make()
     handle = provider.create_call(req())
-    deadline = time.monotonic() + 5
-    mine: list[tuple[dict[str, str], bytes]] = []
-    while not mine and time.monotonic() < deadline:
-        mine = [d for d in list(receiver.deliveries) if handle.provider_call_id.encode() in d[1]]
-        time.sleep(0.02)
-    assert mine, "no webhook delivered"
+    setup = SETUPS[provider_type]
+    mine = receiver.wait_for(handle.provider_call_id.encode(), setup.webhooks_per_call)
+    assert len(mine) == setup.webhooks_per_call, "webhooks missing"
     headers, body = mine[-1]
     event = provider.parse_webhook(headers, body)
     assert event.provider_call_id == handle.provider_call_id
@@ -275,14 +294,18 @@ def test_webhooks(make: Callable[..., Provider], receiver: Receiver, provider_ty
         provider.parse_webhook({"Content-Type": "application/json"}, body)
     tampered = dict(headers)
     for name in list(tampered):
-        if name.lower() in ("x-signature", "synthflow-signature", "x-vapi-secret"):
+        if name.lower() in SIGNATURE_HEADERS:
             tampered[name] = "AAAA" + tampered[name][4:]
     with pytest.raises(WebhookAuthError):
         provider.parse_webhook(tampered, body)
-    # Vapi's HMAC covers the body, so prove the malformed case with the shared-secret header
-    valid = {"X-Vapi-Secret": HOOK_SECRET} if provider_type == "vapi" else headers
+    # an HMAC over the body fails on any other body: sign the malformed one properly
+    bad = b"{not json"
+    valid = {
+        "vapi": {"X-Vapi-Secret": HOOK_SECRET},
+        "retell": {"x-retell-signature": retell_sign(bad, setup.key, int(time.time() * 1000))},
+    }.get(provider_type, headers)
     with pytest.raises(WebhookPayloadError):
-        provider.parse_webhook(valid, b"{not json")
+        provider.parse_webhook(valid, bad)
 
 
 def test_webhook_event_matches_poll(make: Callable[..., Provider]) -> None:

@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.integration.sdk_strict import defer_vapi_schemas, strict
+from tests.sdk_strict import defer_vapi_schemas, strict
 
 vapi = pytest.importorskip("vapi")  # a test dependency: pyproject [test]
 defer_vapi_schemas()

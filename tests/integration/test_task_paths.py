@@ -30,6 +30,7 @@ from dispatch.steps import (
     SkipReason,
     Step,
 )
+from dispatch.steps import tally as tally_of
 from providers.base import CallState, CallStatus, WebhookEvent
 from providers.simulator import Simulator
 from worker import runtime, tasks
@@ -90,10 +91,10 @@ def test_placed_then_completed(worker_db: str, seeded: Seeded, sim: Simulator) -
     [aid] = claim(worker_db, seeded)
     step = dispatch(aid)
     assert isinstance(step, Placed) and step.first_poll.assignment_id == aid
-    assert step.first_poll.token == 0
+    assert step.first_poll.token == 1  # the first poll's time is set with the token
     assert call_state(worker_db, aid) == ("placed", "in_progress", 1)
 
-    assert track(aid, 0) == Ended(Outcome.COMPLETED)
+    assert track(aid, 1) == Ended(Outcome.COMPLETED)
     assert call_state(worker_db, aid) == ("completed", "completed", 0)
     with psycopg.connect(worker_db) as conn:
         history = conn.execute("SELECT status FROM call_history").fetchall()
@@ -109,10 +110,10 @@ def test_a_live_call_keeps_polling_and_a_stale_chain_stops(
     sim.configure(LONG_CALLS)
     [aid] = claim(worker_db, seeded)
     assert isinstance(dispatch(aid), Placed)
-    step = track(aid, 0)
-    assert isinstance(step, Polling) and step.next_poll.token == 1 and step.next_poll.delay > 0
-    # the chain that still holds token 0 (restarted by the reaper, say) is superseded
-    assert track(aid, 0) == Skipped(SkipReason.SUPERSEDED)
+    step = track(aid, 1)
+    assert isinstance(step, Polling) and step.next_poll.token == 2 and step.next_poll.delay > 0
+    # a poll that still holds token 1 (a tick that took the call again) is superseded
+    assert track(aid, 1) == Skipped(SkipReason.SUPERSEDED)
     assert call_state(worker_db, aid) == ("placed", "in_progress", 1)
 
 
@@ -132,7 +133,7 @@ def test_outcome_unknown_then_found(worker_db: str, seeded: Seeded, sim: Simulat
     assert call_state(worker_db, aid)[0] == "dialing"
 
     sim.configure({"outages": []})
-    assert tasks.reconcile_one(aid, 0) == Placed(NextPoll(aid, 0, 0.0))
+    assert tasks.reconcile_one(aid, 0) == Placed(NextPoll(aid, 1, 0.0))  # due now
     assert call_state(worker_db, aid) == ("placed", "in_progress", 1)
     assert sim.stats()["total_creates"] == 1  # found, never sent again
 
@@ -219,7 +220,17 @@ def queued(client: redis.Redis, queue: str) -> list[tuple[str, Any]]:
     return out
 
 
-def test_a_chunk_sends_its_first_polls_as_one_message_and_logs_its_task_id(
+def due_in(db_url: str, ids: list[str]) -> list[float]:
+    with psycopg.connect(db_url) as conn:
+        rows = conn.execute(
+            "SELECT extract(epoch FROM next_poll_at - now()) FROM call_assignments"
+            " WHERE id = ANY(%s::uuid[])",
+            (ids,),
+        ).fetchall()
+    return [float(r[0]) for r in rows]
+
+
+def test_a_chunk_sets_its_first_polls_without_a_message_and_logs_its_task_id(
     worker_db: str, seeded: Seeded, sim: Simulator, broker: redis.Redis
 ) -> None:
     sim.configure(LONG_CALLS)
@@ -227,8 +238,8 @@ def test_a_chunk_sends_its_first_polls_as_one_message_and_logs_its_task_id(
     with capture_logs(processors=[merge_contextvars]) as events:
         result = tasks.dispatch_batch.apply(args=(ids,), task_id="task-under-test").get()
     assert result == {"placed": 3}
-    [(name, [items])] = queued(broker, "track")
-    assert name == "callq.track_batch" and sorted(items) == sorted([[aid, 0] for aid in ids])
+    assert queued(broker, "track") == []  # the first polls are rows, read by the tick
+    assert all(0 < due <= 2.0 for due in due_in(worker_db, ids))  # the first poll's delay
     placed = [e for e in events if e["event"] == "call.placed"]
     assert len(placed) == 3
     assert {e.get("task_id") for e in placed} == {"task-under-test"}
@@ -260,3 +271,17 @@ def test_a_final_report_ends_the_call_without_another_read(
     # the polling chain ends at its next poll, without a read
     assert track(aid, 0) == Skipped(SkipReason.NOT_PLACED)
     assert sim.stats()["counters"].get("call_reads_vapi", 0) == reads
+
+
+def test_the_tracking_tick_polls_the_due_calls_in_one_task(
+    worker_db: str, seeded: Seeded, sim: Simulator, broker: redis.Redis
+) -> None:
+    sim.configure(LONG_CALLS)
+    ids = claim(worker_db, seeded, 3)
+    assert tally_of(tasks.dispatch_chunk(ids)) == {"placed": 3}
+    assert tasks.track_due.run() == {}  # nothing due yet
+    with psycopg.connect(worker_db, autocommit=True) as conn:
+        conn.execute("UPDATE call_assignments SET next_poll_at = now() WHERE id = %s", (ids[0],))
+    assert tasks.track_due.run() == {"polling": 1}
+    assert due_in(worker_db, ids[:1])[0] > 2.0  # the next poll, a longer wait away
+    assert queued(broker, "track") == []

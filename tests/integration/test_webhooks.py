@@ -30,8 +30,9 @@ import redis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from providers.retell import sign as retell_sign
 from worker.embedded import free_port, wait_for_port
-from worker.seed import Seeded, seed_demo
+from worker.seed import SIM_RETELL_KEY, Seeded, seed_demo
 
 REPO = Path(__file__).resolve().parents[2]
 SECRET = "whsec-test-secret"
@@ -66,7 +67,10 @@ def broker(redis_url: str) -> Iterator[redis.Redis]:
 @pytest.fixture
 def seeded(db_url: str) -> Seeded:
     with psycopg.connect(db_url, autocommit=True) as conn:
-        return seed_demo(conn, sim_base_url="http://127.0.0.1:9", webhook_secret=SECRET)
+        return seed_demo(
+            conn, sim_base_url="http://127.0.0.1:9", webhook_secret=SECRET,
+            providers=("vapi", "synthflow", "retell"),
+        )  # fmt: skip
 
 
 @pytest.fixture
@@ -246,6 +250,39 @@ def test_synthflow_signature_is_checked(
     ok = httpx.post(url, content=body, headers={"Synthflow-Signature": synthflow_signature("sf-1")})
     assert ok.status_code == 200
     assert [args for _, args, _ in queued_task_args(broker, wait_for=1)] == [[provider_id, "sf-1"]]
+
+
+def retell_body(event: str, call_id: str = "call_r1") -> bytes:
+    call = {
+        "call_id": call_id, "call_type": "phone_call", "agent_id": "agent_1", "agent_version": 1,
+        "call_status": "ended", "direction": "outbound", "from_number": "+15550000000",
+        "to_number": "+15550001111", "disconnection_reason": "user_hangup",
+        "start_timestamp": 1_764_000_000_000, "end_timestamp": 1_764_000_030_000,
+    }  # fmt: skip
+    return json.dumps({"event": event, "call": call}, separators=(",", ":")).encode()
+
+
+def test_retell_signature_is_checked(server: Server, seeded: Seeded, broker: redis.Redis) -> None:
+    """x-retell-signature = v=<ms>,d=<hex HMAC-SHA256(API key, body + ms)>, five minutes."""
+    path = f"/webhooks/{seeded.provider_ids['retell']}"
+    body = retell_body("call_ended")
+    now = int(time.time() * 1000)
+    cases = [
+        ({}, 401),
+        ({"x-retell-signature": retell_sign(body, "other-key", now)}, 401),
+        ({"x-retell-signature": retell_sign(body, SIM_RETELL_KEY, now - 3_600_000)}, 401),
+        ({"x-retell-signature": retell_sign(body + b" ", SIM_RETELL_KEY, now)}, 401),
+        ({"x-retell-signature": retell_sign(body, SIM_RETELL_KEY, now)}, 200),
+    ]
+    for headers, expected in cases:
+        assert exchange(server.port, request(path, body, headers))[0] == expected, headers
+    started = retell_body("call_started", "call_r2")
+    signed = {"x-retell-signature": retell_sign(started, SIM_RETELL_KEY, now)}
+    assert exchange(server.port, request(path, started, signed))[0] == 200
+    bad = b"{not json"
+    signed = {"x-retell-signature": retell_sign(bad, SIM_RETELL_KEY, now)}
+    assert exchange(server.port, request(path, bad, signed))[0] == 400
+    assert broker.llen("track") == 0  # call_ended is final, call_started changes nothing
 
 
 def test_the_secret_comes_from_its_column_and_is_reloaded(

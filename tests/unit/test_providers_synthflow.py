@@ -9,6 +9,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from providers.base import (
     CallRequest,
@@ -17,11 +19,17 @@ from providers.base import (
     VoicemailAction,
     VoicemailPolicy,
 )
-from providers.errors import ConfigError, WebhookAuthError, WebhookPayloadError
+from providers.errors import (
+    ConfigError,
+    ProviderUnprovenMatchError,
+    WebhookAuthError,
+    WebhookPayloadError,
+)
 from providers.synthflow import (
     SynthflowProvider,
     build_create_body,
     calls_of,
+    correlation_of,
     parse_call,
     parse_create_response,
     pick_match,
@@ -122,12 +130,43 @@ def test_list_items_use_call_status() -> None:
     assert [parse_call(i).state for i in items] == [CallState.BUSY, CallState.VOICEMAIL]
 
 
-def test_pick_match_by_phone_and_time_when_not_echoed() -> None:
-    items = calls_of(fixture("synthflow_list.json"))
+def test_a_call_without_proof_is_never_adopted() -> None:
+    items = calls_of(fixture("synthflow_list.json"))  # same number, no correlation echoed
     since = datetime.fromtimestamp(1795000000, UTC)
-    found = pick_match(items, REQ, since)
-    assert found is not None and found["call_id"].endswith("0001")
+    # the old main took the earliest of these as ours: it may be another tenant's call
+    with pytest.raises(ProviderUnprovenMatchError):
+        pick_match(items, REQ, since)
     assert pick_match(items, REQ, datetime.fromtimestamp(1795000020, UTC)) is None
+
+
+def test_another_tenants_echoed_call_is_not_ours() -> None:
+    theirs = {"call_id": "theirs", "prompt_variables": {"callq_assignment_id": "b-9"},
+              "lead_phone_number": REQ.to_number, "start_time": "1795000010000"}  # fmt: skip
+    assert pick_match([theirs], REQ, datetime.fromtimestamp(0, UTC)) is None
+
+
+@given(
+    items=st.lists(
+        st.fixed_dictionaries(
+            {"call_id": st.text(min_size=1, max_size=5)},
+            optional={
+                "prompt_variables": st.fixed_dictionaries(
+                    {"callq_assignment_id": st.sampled_from(["a-1", "a-2", "b-1", ""])}
+                ),
+                "lead_phone_number": st.sampled_from([REQ.to_number, "+14155550199"]),
+                "start_time": st.sampled_from(["1795000010000", "1", "bad"]),
+                "external_id": st.sampled_from(["a-1", "z"]),
+            },
+        ),
+        max_size=6,
+    )
+)
+def test_only_proof_ever_matches(items: list[dict[str, Any]]) -> None:
+    try:
+        found = pick_match(items, REQ, datetime.fromtimestamp(1795000000, UTC))
+    except ProviderUnprovenMatchError:
+        return
+    assert found is None or correlation_of(found) == REQ.correlation_id
 
 
 def test_pick_match_prefers_echoed_id() -> None:

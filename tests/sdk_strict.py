@@ -9,10 +9,13 @@ validator, after which strict mode refuses ISO date-time strings.
 
 from __future__ import annotations
 
+import types
+import typing
 from collections.abc import Iterator
 from typing import Any, TypeVar
 
 import pydantic
+import typing_extensions
 
 M = TypeVar("M", bound=pydantic.BaseModel)
 
@@ -57,3 +60,36 @@ def defer_vapi_schemas() -> None:
 
 def _no_rebuild(model: type[pydantic.BaseModel], **namespace: Any) -> None:
     """Forward references resolve when the deferred schema is first built."""
+
+
+def typed_dict_extras(schema: Any, value: Any, path: str = "$") -> Iterator[str]:
+    """The paths of keys in ``value`` that the SDK's request ``TypedDict`` does not declare.
+
+    Request types are ``TypedDict`` (Retell's Stainless SDK): ``TypeAdapter`` checks the
+    values but ignores unknown keys, so this walks the keys, through Optional, Union and
+    Iterable annotations (a union member is the one whose keys fit best).
+    """
+    candidates = [t for t in _members(schema) if typing_extensions.is_typeddict(t)]
+    if isinstance(value, dict) and candidates:
+        hints = [typing_extensions.get_type_hints(t) for t in candidates]
+        best = min(hints, key=lambda h: len(set(value) - set(h)))
+        for key, item in value.items():
+            if key not in best:
+                yield f"{path}.{key}"
+            else:
+                yield from typed_dict_extras(best[key], item, f"{path}.{key}")
+    elif isinstance(value, list | tuple):
+        for member in _members(schema):
+            for arg in typing.get_args(member) or ():
+                for i, item in enumerate(value):
+                    yield from typed_dict_extras(arg, item, f"{path}[{i}]")
+
+
+def _members(tp: Any) -> list[Any]:
+    """``tp`` with Optional/Union/Required/Annotated unwrapped into its concrete members."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return [m for arg in typing.get_args(tp) for m in _members(arg)]
+    if origin in (typing.Annotated, typing_extensions.Required, typing_extensions.NotRequired):
+        return _members(typing.get_args(tp)[0])
+    return [tp]
