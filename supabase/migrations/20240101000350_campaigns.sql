@@ -354,6 +354,8 @@ BEGIN
      SET status = 'queued', scheduled_time = v_when, claimed_by = NULL, claimed_at = NULL,
          lease_expires_at = NULL
    WHERE q.id = p_queue_id AND q.status IN ('queued', 'claimed');
+  PERFORM public.record_call_event(p_queue_id, 'rescheduled',
+                                   jsonb_build_object('scheduled_time', v_when));
   IF v_when <= now() THEN
     PERFORM pg_notify('callq_queue', '');
   END IF;

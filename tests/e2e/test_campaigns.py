@@ -16,8 +16,9 @@ import pytest
 from psycopg.types.json import Jsonb
 
 from providers.simulator import Simulator
-from tests.e2e.conftest import all_terminal, creates_by_queue, slots_held, wait_until
+from tests.e2e.conftest import all_terminal, creates_by_queue, slots_held
 from worker import notify
+from worker.embedded import wait_until
 from worker.fleet import Fleet
 from worker.seed import Seeded, demo_phone
 
@@ -66,8 +67,8 @@ def receiver() -> Iterator[FlakyReceiver]:
 
 def _campaign(conn: psycopg.Connection[Any], seeded: Seeded, n: int, start: int, **kw: Any) -> Any:
     camp = conn.execute(
-        "SELECT create_campaign(%s, %s, 'E2E', 'running', NULL, NULL, NULL, %s)",
-        (seeded.user_id, seeded.template_id, kw.get("in_flight")),
+        "SELECT create_campaign(%s, %s, 'E2E', %s, NULL, NULL, NULL, %s)",
+        (seeded.user_id, seeded.template_id, kw.get("status", "running"), kw.get("in_flight")),
     ).fetchone()
     assert camp is not None
     rows = [
@@ -95,7 +96,8 @@ def test_pause_resume_cancel_pacing_and_notifications(
 ) -> None:
     sim.configure({"call_seconds": [0.4, 0.8]})
     paced, paced_ids = _campaign(conn, seeded, 10, 0, in_flight=2)
-    other, other_ids = _campaign(conn, seeded, 30, 100)
+    # the other campaign waits as a draft; it runs while the first one is paused
+    other, other_ids = _campaign(conn, seeded, 30, 100, status="draft", in_flight=3)
     secret = conn.execute(
         "SELECT secret FROM register_notification_endpoint(%s, %s, %s)",
         (seeded.user_id, receiver.url, paced),
@@ -118,6 +120,7 @@ def test_pause_resume_cancel_pacing_and_notifications(
     assert conn.execute("SELECT pause_campaign(%s)", (paced,)).fetchone() == ("paused",)
     paused_at = conn.execute("SELECT now()").fetchone()[0]  # type: ignore[index]
     wait_until(lambda: _count(conn, in_flight_sql, (paced,)) == 0, timeout=60, what="drained")
+    assert conn.execute("SELECT resume_campaign(%s)", (other,)).fetchone() == ("running",)
     # the other campaign keeps being dialed meanwhile: the claim runs and skips the paused one
     assigned_after = (
         "SELECT count(*) FROM call_assignments a JOIN call_queue q ON q.id = a.queue_id"

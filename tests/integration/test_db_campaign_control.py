@@ -150,6 +150,10 @@ def test_reschedule_call(conn: Conn) -> None:
     with as_role(conn, "authenticated", alice):  # rolled back at the end of the block
         assert one(conn, "SELECT reschedule_call(%s, %s)", (qid, later)) == later
         assert one(conn, "SELECT scheduled_time FROM call_queue WHERE id = %s", (qid,)) == later
+        assert one(
+            conn, "SELECT count(*) FROM call_events WHERE queue_id = %s AND kind = 'rescheduled'",
+            (qid,),
+        ) == 1  # fmt: skip
     for who, query_id, code in ((bob, qid, "CQ015"), (alice, uuid.uuid4(), "CQ015")):
         with as_role(conn, "authenticated", who), pytest.raises(psycopg.Error) as err:
             conn.execute("SELECT reschedule_call(%s, now())", (query_id,))
