@@ -30,6 +30,7 @@ from typing import Any
 import psycopg
 
 from bench.common import PG_BIN, ScratchDB, log, url_parts
+from worker.seed import daytime_zone
 
 SCRIPTS = {
     "ours_single": (
@@ -56,10 +57,10 @@ SCRIPTS = {
 
 FILL = """
 INSERT INTO {table} (user_id, template_id, recipient_name, recipient_phone, priority,
-                     scheduled_time, custom_variables, created_at)
+                     scheduled_time, custom_variables, created_at, recipient_timezones)
 SELECT %(user_id)s, %(template_id)s, 'Bench ' || g, '+1555' || lpad((g %% 10000000)::text, 7, '0'),
        1 + (g %% 10), now() - interval '10 minutes' + g * interval '1 microsecond',
-       '{{"company_name": "Acme"}}'::jsonb, now() - interval '10 minutes'
+       '{{"company_name": "Acme"}}'::jsonb, now() - interval '10 minutes', ARRAY[%(zone)s]
 FROM generate_series(1, %(n)s) g
 """
 
@@ -115,7 +116,9 @@ def _refill(url: str, table: str, n: int, user_id: Any, template_id: Any, max_sl
         else:
             conn.execute("TRUNCATE bare_queue")
         conn.execute(
-            FILL.format(table=table), {"user_id": user_id, "template_id": template_id, "n": n}
+            FILL.format(table=table),
+            # one recipient zone per call, where it is daytime: every call passes the window
+            {"user_id": user_id, "template_id": template_id, "n": n, "zone": daytime_zone()},
         )
         conn.execute(f"VACUUM ANALYZE {table}")
         conn.execute("VACUUM ANALYZE provider_availability")
@@ -209,6 +212,60 @@ def _pgbench(url: str, script: str, clients: int, seconds: int) -> tuple[int, in
     return int(tx.group(1)), int(failed.group(1)) if failed else 0, text
 
 
+def _measure(
+    db: ScratchDB, workload: str, clients: int, seconds: int, n: int, setup: tuple[Any, ...]
+) -> ClaimResult:
+    """One pgbench run of ``workload`` on a freshly filled queue."""
+    user_id, template_id, max_slots, async_commit = setup
+    side, kind = workload.split("_")
+    table = "bare_queue" if side == "bare" else "call_queue"
+    _refill(db.url, table, n, user_id, template_id, max_slots)
+    t0 = time.monotonic()
+    with WaitSampler(db.url, db.name) as sampler:
+        script = SCRIPTS[workload]
+        if side == "bare" and async_commit[kind]:
+            script = "BEGIN;\nSET LOCAL synchronous_commit = off;\n" + script + "COMMIT;\n"
+        tx, failed, _ = _pgbench(db.url, script, clients, seconds)
+    wall = time.monotonic() - t0
+    r = ClaimResult(workload, clients, float(seconds), _count(db.url, table), tx, failed, n)
+    r.waits = sampler.top()
+    log(
+        f"claim: {workload:12s} c={clients}: {r.rate:9.0f} rows/s "
+        f"({tx} tx, {failed} failed, {wall:.1f}s wall"
+        f"{', QUEUE EMPTIED' if r.exhausted else ''}) waits {r.waits}"
+    )
+    if side != "bare" and kind == "single":
+        _check_consistency(db.url)
+    return r
+
+
+def _ratio(ours: ClaimResult, bare: ClaimResult) -> dict[str, Any]:
+    return {
+        "ours": ours.rate,
+        "bare": bare.rate,
+        "ratio": ours.rate / bare.rate if bare.rate else float("nan"),
+        "exhausted": ours.exhausted or bare.exhausted,
+        "waits_ours": ours.waits,
+        "waits_bare": bare.waits,
+    }
+
+
+def _ratios(results: list[ClaimResult], clients_list: tuple[int, ...]) -> dict[str, Any]:
+    def find(workload: str, clients: int) -> ClaimResult | None:
+        return next((r for r in results if (r.workload, r.clients) == (workload, clients)), None)
+
+    ratios: dict[str, Any] = {}
+    for kind in ("single", "batch"):
+        for clients in clients_list:
+            bare = find(f"bare_{kind}", clients)
+            assert bare is not None
+            for side, key in (("ours", kind), ("ourscaa", "caa1")):
+                ours = find(f"{side}_{kind}", clients)
+                if ours is not None:
+                    ratios[f"{key}_c{clients}"] = _ratio(ours, bare)
+    return ratios
+
+
 def run(*, quick: bool = False, admin_url: str | None = None) -> dict[str, Any]:
     """Run the claim benchmark; returns a JSON-able dict with every figure."""
     seconds = 4 if quick else 10
@@ -233,73 +290,26 @@ def run(*, quick: bool = False, admin_url: str | None = None) -> dict[str, Any]:
                     conn, ("claim_due_calls", "get_next_call_in_queue", "assign_call_to_provider")
                 ),
             }
-        out_notes = {
+        notes = {
             k: ("synchronous_commit off, as ours" if v else "server default commit")
             for k, v in async_commit.items()
         }
-        log(f"claim: bare baselines commit: {out_notes}")
+        log(f"claim: bare baselines commit: {notes}")
+        setup = (user_id, template_id, max_slots, async_commit)
         for kind in ("single", "batch"):
+            sides = ("bare", "ours", "ourscaa") if kind == "single" else ("bare", "ours")
             for clients in clients_list:
-                sides = ("bare", "ours", "ourscaa") if kind == "single" else ("bare", "ours")
                 for side in sides:
-                    workload = f"{side}_{kind}"
-                    table = "bare_queue" if side == "bare" else "call_queue"
-                    n = fill[kind]
-                    _refill(db.url, table, n, user_id, template_id, max_slots)
-                    t0 = time.monotonic()
-                    with WaitSampler(db.url, db.name) as sampler:
-                        script = SCRIPTS[workload]
-                        if side == "bare" and async_commit[kind]:
-                            script = (
-                                "BEGIN;\nSET LOCAL synchronous_commit = off;\n"
-                                + script
-                                + "COMMIT;\n"
-                            )
-                        tx, failed, _ = _pgbench(db.url, script, clients, seconds)
-                    wall = time.monotonic() - t0
-                    rows = _count(db.url, table)
-                    r = ClaimResult(workload, clients, float(seconds), rows, tx, failed, n)
-                    r.waits = sampler.top()
+                    r = _measure(db, f"{side}_{kind}", clients, seconds, fill[kind], setup)
                     results.append(r)
-                    log(
-                        f"claim: {workload:12s} c={clients}: {r.rate:9.0f} rows/s "
-                        f"({tx} tx, {failed} failed, {wall:.1f}s wall"
-                        f"{', QUEUE EMPTIED' if r.exhausted else ''}) waits {r.waits}"
-                    )
-                    if side != "bare" and kind == "single":
-                        _check_consistency(db.url)
     finally:
         db.drop()
-    out: dict[str, Any] = {
+    return {
         "seconds_per_run": seconds,
         "runs": [r.__dict__ | {"rate": r.rate} for r in results],
+        "ratios": _ratios(results, clients_list),
+        "bare_commit": notes,
     }
-    ratios = {}
-    for kind in ("single", "batch"):
-        for clients in clients_list:
-            ours = next(r for r in results if r.workload == f"ours_{kind}" and r.clients == clients)
-            bare = next(r for r in results if r.workload == f"bare_{kind}" and r.clients == clients)
-            ratios[f"{kind}_c{clients}"] = {
-                "ours": ours.rate,
-                "bare": bare.rate,
-                "ratio": ours.rate / bare.rate if bare.rate else float("nan"),
-                "exhausted": ours.exhausted or bare.exhausted,
-                "waits_ours": ours.waits,
-                "waits_bare": bare.waits,
-            }
-            caa = [r for r in results if r.workload == f"ourscaa_{kind}" and r.clients == clients]
-            if caa:
-                ratios[f"caa1_c{clients}"] = {
-                    "ours": caa[0].rate,
-                    "bare": bare.rate,
-                    "ratio": caa[0].rate / bare.rate if bare.rate else float("nan"),
-                    "exhausted": caa[0].exhausted or bare.exhausted,
-                    "waits_ours": caa[0].waits,
-                    "waits_bare": bare.waits,
-                }
-    out["ratios"] = ratios
-    out["bare_commit"] = out_notes
-    return out
 
 
 def _sets_async_commit(conn: psycopg.Connection[Any], names: tuple[str, ...]) -> bool:

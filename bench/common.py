@@ -244,6 +244,91 @@ class OwnPostgres:
         shutil.rmtree(self.root, ignore_errors=True)
 
 
+# -- pgbouncer of our own, in transaction mode (what Supabase's pooler is) ---------------------
+
+PGBOUNCER = os.environ.get("CALLQ_PGBOUNCER", "/usr/sbin/pgbouncer")
+
+
+@dataclass
+class OwnPgbouncer:
+    """pgbouncer in transaction mode on a port of ours, in front of ``server_url``'s server.
+
+    Its own config, auth file, log and pid file live in a temp dir; it runs as ``postgres``
+    when we are root (pgbouncer refuses root). ``url(dbname)`` is a URL through it, marked
+    ``?pgbouncer=true`` so callq treats it as a pooler.
+    """
+
+    server_url: str
+    pool_size: int = 20
+    root: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="callq-pgb-")))
+    port: int = 0
+    proc: subprocess.Popen[bytes] | None = None
+
+    def __post_init__(self) -> None:
+        if not self.port:
+            from worker.embedded import free_port
+
+            self.port = free_port()
+
+    def url(self, dbname: str) -> str:
+        user = url_parts(self.server_url).get("user", "postgres")
+        return f"postgresql://{user}@127.0.0.1:{self.port}/{dbname}?pgbouncer=true"
+
+    def start(self) -> OwnPgbouncer:
+        server = url_parts(self.server_url)
+        user = server.get("user", "postgres")
+        password = server.get("password", "")
+        host = server.get("host", "127.0.0.1")
+        (self.root / "userlist.txt").write_text(f'"{user}" "{password}"\n')
+        conf = self.root / "pgbouncer.ini"
+        conf.write_text(
+            "[databases]\n"
+            f"* = host={host} port={server.get('port', '5432')}"
+            + (f" password={password}" if password else "")
+            + "\n\n[pgbouncer]\n"
+            f"listen_addr = 127.0.0.1\nlisten_port = {self.port}\nunix_socket_dir =\n"
+            f"auth_type = trust\nauth_file = {self.root / 'userlist.txt'}\n"
+            "pool_mode = transaction\n"
+            f"default_pool_size = {self.pool_size}\nmax_client_conn = 1000\n"
+            "ignore_startup_parameters = extra_float_digits,options\n"
+            f"logfile = {self.root / 'pgbouncer.log'}\npidfile = {self.root / 'pgbouncer.pid'}\n"
+            "log_connections = 1\nlog_disconnections = 0\n"
+        )
+        args = [PGBOUNCER, str(conf)]
+        if os.geteuid() == 0:
+            pw = pwd.getpwnam("postgres")
+            for path in (self.root, *self.root.iterdir()):
+                os.chown(path, pw.pw_uid, pw.pw_gid)
+            args = [PGBOUNCER, "-u", "postgres", str(conf)]
+        self.proc = subprocess.Popen(
+            args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+        )
+        deadline = time.monotonic() + 20
+        while True:
+            with contextlib.suppress(psycopg.Error):
+                psycopg.connect(self.url("postgres").split("?")[0], connect_timeout=2).close()
+                return self
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"pgbouncer did not start: {self.log()[-2000:]}")
+            time.sleep(0.1)
+
+    def log(self) -> str:
+        path = self.root / "pgbouncer.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+        self.proc = None
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
 # -- Redis of our own ---------------------------------------------------------------------------
 
 

@@ -22,10 +22,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sys
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -441,263 +439,6 @@ def duplicate_task(cfg: DrillConfig) -> DrillResult:
 
 # -- bad input ------------------------------------------------------------------------------------
 
-E164 = re.compile(r"\+[1-9][0-9]{6,14}")
-EMAIL = re.compile(r"[^@\s]+@[^@\s]+\.[^@\s]+")
-
-
-def bad_input(cfg: DrillConfig, examples: int | None = None) -> DrillResult:
-    """Hypothesis-generated invalid ``schedule_call`` arguments: each must be refused with an
-    SQLSTATE of class CQ (or 22 for malformed types); no row may be written."""
-    import psycopg
-    from hypothesis import HealthCheck, given, settings
-    from hypothesis import strategies as st
-
-    n = examples or max(2000, cfg.calls * 20)
-    result = DrillResult("bad_input", f"{n} generated invalid schedule_call argument sets")
-    from bench.common import ScratchDB
-
-    db = ScratchDB(cfg.admin_url) if cfg.admin_url else ScratchDB()
-    t0 = time.monotonic()
-    tried = 0
-    codes: dict[str, int] = {}
-    unexpected: list[str] = []
-    accepted: list[str] = []
-    wrong_code: dict[str, int] = {}
-    try:
-        db.create()
-        from worker.seed import seed_demo
-
-        with psycopg.connect(db.url, autocommit=True) as conn:
-            good = seed_demo(conn, sim_base_url="http://127.0.0.1:9")
-            capped = seed_demo(conn, sim_base_url="http://127.0.0.1:9", call_limit=0)
-            other = seed_demo(conn, sim_base_url="http://127.0.0.1:9")
-            nosub = uuid.uuid4()
-            conn.execute(
-                "INSERT INTO auth.users (id, email) VALUES (%s, %s)",
-                (nosub, f"nosub-{nosub.hex[:8]}@example.com"),
-            )
-            before = _rows(conn)
-
-            valid = {
-                "user": str(good.user_id),
-                "template": str(good.template_id),
-                "name": "Valid Name",
-                "phone": "+15550001111",
-                "email": None,
-                "when": None,
-                "priority": 5,
-                "vars": "{}",
-                "meta": "{}",
-                "role": None,
-            }
-            ascii_text = st.text(
-                alphabet=st.characters(min_codepoint=32, max_codepoint=126), max_size=30
-            )
-            any_text = st.text(
-                alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"),
-                max_size=40,
-            )
-            non_object = st.one_of(
-                st.lists(st.integers(), max_size=3),
-                st.integers(),
-                st.floats(allow_nan=False, allow_infinity=False),
-                st.text(max_size=10),
-                st.booleans(),
-            ).map(json.dumps)
-            cases = st.one_of(
-                st.uuids().map(lambda u: ("CQ001", {"user": str(u)})),
-                st.just(("CQ001", {"user": None})),
-                st.just(("CQ002", {"user": str(nosub)})),
-                st.just(
-                    ("CQ003", {"user": str(capped.user_id), "template": str(capped.template_id)})
-                ),
-                st.uuids().map(lambda u: ("CQ004", {"template": str(u)})),
-                st.just(("CQ004", {"template": str(other.template_id)})),
-                st.just(("CQ004", {"template": None})),
-                any_text.filter(lambda s: not E164.fullmatch(s)).map(
-                    lambda s: ("CQ005", {"phone": s})
-                ),
-                st.just(("CQ005", {"phone": None})),
-                st.one_of(st.integers(max_value=0), st.integers(min_value=11))
-                .filter(lambda p: -(2**31) <= p < 2**31)
-                .map(lambda p: ("CQ006", {"priority": p})),
-                non_object.map(lambda v: ("CQ007", {"vars": v})),
-                st.one_of(
-                    st.text(alphabet=" ", max_size=5),
-                    st.text(
-                        min_size=201,
-                        max_size=260,
-                        alphabet=st.characters(min_codepoint=97, max_codepoint=122),
-                    ),
-                ).map(lambda s: ("CQ009", {"name": s})),
-                st.just(("CQ009", {"name": None})),
-                ascii_text.filter(lambda s: not EMAIL.fullmatch(s)).map(
-                    lambda s: ("CQ009", {"email": s})
-                ),
-                non_object.map(lambda v: ("CQ010", {"meta": v})),
-                st.uuids().map(lambda u: ("CQ008", {"role": str(u)})),
-                ascii_text.filter(lambda s: not _is_uuid(s)).map(lambda s: ("22", {"user": s})),
-                ascii_text.filter(lambda s: not _is_uuid(s)).map(lambda s: ("22", {"template": s})),
-                st.text(alphabet="{[,:\"'}x ", min_size=1, max_size=12)
-                .filter(lambda s: not _is_json(s))
-                .map(lambda s: ("22", {"vars": s})),
-                ascii_text.filter(lambda s: not _is_ts(s)).map(lambda s: ("22", {"when": s})),
-            )
-
-            call_sql = (
-                "SELECT schedule_call(%s::uuid, %s::uuid, %s, %s, %s, %s::timestamptz,"
-                " %s::int, %s::jsonb, %s::jsonb)"
-            )
-
-            @settings(
-                max_examples=n,
-                database=None,
-                deadline=None,
-                derandomize=True,
-                suppress_health_check=list(HealthCheck),
-            )
-            @given(cases)
-            def attempt(case: tuple[str, dict[str, Any]]) -> None:
-                nonlocal tried
-                expected, change = case
-                args = {**valid, **change}
-                tried += 1
-                try:
-                    with conn.transaction():
-                        if args["role"] is not None:
-                            claims = json.dumps({"sub": args["role"], "role": "authenticated"})
-                            conn.execute("SET LOCAL ROLE authenticated")
-                            conn.execute(
-                                "SELECT set_config('request.jwt.claims', %s, true)", (claims,)
-                            )
-                        conn.execute(
-                            call_sql,
-                            (
-                                args["user"],
-                                args["template"],
-                                args["name"],
-                                args["phone"],
-                                args["email"],
-                                args["when"],
-                                args["priority"],
-                                args["vars"],
-                                args["meta"],
-                            ),
-                        )
-                    accepted.append(f"{expected}: {change!r}"[:200])
-                except psycopg.Error as exc:
-                    code = exc.sqlstate or "none"
-                    codes[code] = codes.get(code, 0) + 1
-                    if not (code.startswith("CQ") or code.startswith("22")):
-                        unexpected.append(
-                            f"{code} for {expected}: {str(exc).splitlines()[0]}"[:200]
-                        )
-                    elif not code.startswith(expected):
-                        key = f"expected {expected}, got {code}"
-                        wrong_code[key] = wrong_code.get(key, 0) + 1
-
-            attempt()
-            written = _rows(conn) - before
-    except Exception as exc:
-        result.error = f"{type(exc).__name__}: {exc}"
-        written = -1
-    finally:
-        db.drop()
-    result.seconds = time.monotonic() - t0
-    result.scheduled = 0
-    result.extra = {
-        "tried": tried,
-        "rows_written": written,
-        "accepted": len(accepted),
-        "accepted_examples": accepted[:10],
-        "codes": dict(sorted(codes.items())),
-        "unexpected_sqlstate": unexpected[:10],
-        "unexpected_count": len(unexpected),
-        "other_refusal_code": wrong_code,
-    }
-    result.settled = True
-    return result
-
-
-def _rows(conn: Any) -> int:
-    row = conn.execute("SELECT count(*) FROM call_queue").fetchone()
-    return int(row[0]) if row else 0
-
-
-def _is_uuid(s: str) -> bool:
-    try:
-        uuid.UUID(s)
-    except ValueError:
-        return False
-    return True
-
-
-def _is_json(s: str) -> bool:
-    try:
-        json.loads(s)
-    except ValueError:
-        return False
-    return True
-
-
-def _is_ts(s: str) -> bool:
-    # Anything PostgreSQL might parse as a timestamp is excluded: digits, and words like
-    # 'now', 'today', 'epoch', 'infinity', 'allballs', month/day names.
-    low = s.strip().lower()
-    return (
-        (not low)
-        or any(ch.isdigit() for ch in low)
-        or any(
-            w in low
-            for w in (
-                "now",
-                "today",
-                "tomorrow",
-                "yesterday",
-                "epoch",
-                "infinity",
-                "allballs",
-                "jan",
-                "feb",
-                "mar",
-                "apr",
-                "may",
-                "jun",
-                "jul",
-                "aug",
-                "sep",
-                "oct",
-                "nov",
-                "dec",
-                "mon",
-                "tue",
-                "wed",
-                "thu",
-                "fri",
-                "sat",
-                "sun",
-                "z",
-                "utc",
-                "gmt",
-                "am",
-                "pm",
-                "t",
-            )
-        )
-    )
-
-
-def bad_input_ok(r: DrillResult) -> bool:
-    e = r.extra
-    return (
-        r.error is None
-        and e.get("rows_written") == 0
-        and e.get("accepted") == 0
-        and e.get("unexpected_count") == 0
-        and e.get("tried", 0) > 0
-    )
-
-
 DRILLS: dict[str, Callable[[DrillConfig], DrillResult]] = {
     "worker_sigkill": worker_sigkill,
     "redis_restart": redis_restart,
@@ -707,12 +448,11 @@ DRILLS: dict[str, Callable[[DrillConfig], DrillResult]] = {
     "provider_429": provider_429,
     "two_beats": two_beats,
     "duplicate_task": duplicate_task,
-    "bad_input": bad_input,
 }
 
 
 def passed(r: DrillResult) -> bool:
-    return bad_input_ok(r) if r.name == "bad_input" else r.ok
+    return r.ok
 
 
 def format_table(results: list[DrillResult]) -> str:
@@ -721,16 +461,6 @@ def format_table(results: list[DrillResult]) -> str:
     )
     lines = [head, "|---|---|---:|---:|---:|---:|---:|---:|---|"]
     for r in results:
-        if r.name == "bad_input":
-            e = r.extra
-            lines.append(
-                f"| {r.name} | {r.fault} | tried {e.get('tried', 0)} | refused "
-                f"{e.get('tried', 0) - e.get('accepted', 0)} | rows written "
-                f"{e.get('rows_written')} | accepted {e.get('accepted')} | other SQLSTATE "
-                f"{e.get('unexpected_count')} | {r.seconds:.0f}s | "
-                f"{'PASS' if passed(r) else 'FAIL'} |"
-            )
-            continue
         lines.append(
             f"| {r.name} | {r.fault} | {r.scheduled} | {r.terminal} | {r.lost} | "
             f"{r.dialed_more_than_once} | {r.slots_held} | {r.seconds:.0f}s | "
@@ -757,8 +487,6 @@ def run(
             f"terminal={r.terminal} lost={r.lost} dialed>1={r.dialed_more_than_once} "
             f"slots={r.slots_held} ({r.seconds:.0f}s) {r.error or ''} {'; '.join(r.notes)}"
         )
-        if r.name == "bad_input":
-            log(f"drill bad_input: {json.dumps(r.extra)[:800]}")
         results.append(r)
     return results
 

@@ -29,6 +29,7 @@ import psycopg
 
 from bench.claim import FILL
 from bench.common import ScratchDB, log
+from worker.seed import daytime_zone
 
 # The triggers that write call_events (the users trigger only fires on a user's deletion).
 TRIGGERS = (
@@ -60,7 +61,8 @@ def _reset(conn: Conn, fill: int, seeded: Any, slots: int) -> None:
         (slots,),
     )
     if fill:
-        params = {"user_id": seeded.user_id, "template_id": seeded.template_id, "n": fill}
+        params = {"user_id": seeded.user_id, "template_id": seeded.template_id, "n": fill,
+                  "zone": daytime_zone()}  # fmt: skip
         conn.execute(FILL.format(table="call_queue"), params)  # type: ignore[arg-type]
     conn.execute("VACUUM ANALYZE call_queue")
     conn.execute("VACUUM ANALYZE call_events")
@@ -82,11 +84,13 @@ def _batch(conn: Conn, pid: int, rows: int) -> float:
 
 def _call_path(conn: Conn, pid: int, calls: int, seeded: Any) -> float:
     """Backend CPU µs per call, scheduled to completed."""
+    zone = daytime_zone()  # the recipient's zone, where it is daytime: inside its window
     t0 = _cpu_seconds(pid)
     for _ in range(calls):
         conn.execute(
-            "SELECT schedule_call(%s, %s, 'Bench', '+15550100123')",
-            (seeded.user_id, seeded.template_id),
+            "SELECT schedule_call(%s, %s, 'Bench', '+15550100123', NULL, NULL, 5, '{}', '{}',"
+            " NULL, %s)",
+            (seeded.user_id, seeded.template_id, zone),
         )
         row = conn.execute(
             "SELECT assignment_id FROM claim_and_assign_calls(1, 'bench', 60)"

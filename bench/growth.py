@@ -28,6 +28,7 @@ from typing import Any
 import psycopg
 
 from bench.common import ScratchDB, log, median, percentile
+from worker.seed import daytime_zone
 
 HISTORY_SQL = (
     "SELECT id, recipient_name, status, started_at, duration_seconds, cost FROM call_history"
@@ -58,9 +59,10 @@ FROM generate_series(1, %(n)s) g
 """
 QUEUE_DUE = """
 INSERT INTO call_queue (user_id, template_id, recipient_name, recipient_phone, priority,
-                        scheduled_time, created_at)
+                        scheduled_time, created_at, recipient_timezones)
 SELECT %(user_id)s, %(template_id)s, 'Due ' || g, '+1557' || lpad(g::text, 7, '0'), 5,
-       now() - interval '5 minutes' + g * interval '1 millisecond', now() - interval '5 minutes'
+       now() - interval '5 minutes' + g * interval '1 millisecond', now() - interval '5 minutes',
+       ARRAY[%(zone)s]
 FROM generate_series(1, %(n)s) g
 """
 HISTORY_BULK = """
@@ -95,7 +97,7 @@ def _fill(url: str, size: int, seeded: Any) -> None:
             " status = 'online', circuit_open_until = NULL"
         )
         ids = {"user_id": seeded.user_id, "template_id": seeded.template_id}
-        conn.execute(QUEUE_DUE, {**ids, "n": DUE})
+        conn.execute(QUEUE_DUE, {**ids, "n": DUE, "zone": daytime_zone()})  # in the window
         conn.execute(QUEUE_BULK, {**ids, "n": size - DUE})
         conn.execute(HISTORY_USER, {"user_id": seeded.user_id, "n": USER_HISTORY})
         conn.execute(HISTORY_BULK, {"n": size - USER_HISTORY})

@@ -17,6 +17,7 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,7 @@ RESULTS_DIR = REPO / "bench" / "results"
 RESULTS_MD = REPO / "bench" / "RESULTS.md"
 
 Row = tuple[str, str, str, str, str, str]
-SECTIONS = ("claim", "growth", "e2e", "campaigns", "tracking", "webhooks")
+SECTIONS = ("claim", "growth", "e2e", "campaigns", "tracking", "webhooks", "pooler", "events")
 
 
 def _f(x: Any, digits: int = 0, unit: str = "") -> str:
@@ -40,6 +41,17 @@ def _met(ok: bool | None) -> str:
 
 
 def rows_from(results: dict[str, Any]) -> list[Row]:
+    """Every row of the table, section by section."""
+    rows = claim_rows(results) + e2e_rows(results) + growth_rows(results)
+    rows += campaign_rows(results) + tracking_rows(results.get("tracking") or {})
+    rows += webhook_rows(results.get("webhooks") or {})
+    rows += pooler_rows(results.get("pooler") or {})
+    rows += event_rows(results.get("events") or {})
+    return rows + memory_rows(results)
+
+
+def claim_rows(results: dict[str, Any]) -> list[Row]:
+    """The claim path against the bare claim (bench.claim)."""
     rows: list[Row] = []
     claim = results.get("claim")
     if claim and "ratios" in claim:
@@ -62,6 +74,12 @@ def rows_from(results: dict[str, Any]) -> list[Row]:
                     _met(ratio >= 0.5),
                 )
             )
+    return rows
+
+
+def e2e_rows(results: dict[str, Any]) -> list[Row]:
+    """End to end and latency (bench.e2e)."""
+    rows: list[Row] = []
     e2e = results.get("e2e") or {}
     thr = e2e.get("throughput")
     if thr:
@@ -115,6 +133,12 @@ def rows_from(results: dict[str, Any]) -> list[Row]:
                 _met(v["p50_ms"] <= 100 and v["p99_ms"] <= 500 if v["arrived"] else None),
             )
         )
+    return rows
+
+
+def growth_rows(results: dict[str, Any]) -> list[Row]:
+    """Latency at a large table against a small one (bench.growth)."""
+    rows: list[Row] = []
     growth = results.get("growth")
     if growth and "ratios" in growth:
         small, large = (str(s) for s in growth["sizes"])
@@ -138,6 +162,12 @@ def rows_from(results: dict[str, Any]) -> list[Row]:
                     _met(ratio <= 1.5),
                 )
             )
+    return rows
+
+
+def campaign_rows(results: dict[str, Any]) -> list[Row]:
+    """Campaign upload (bench.campaigns)."""
+    rows: list[Row] = []
     camp = results.get("campaigns")
     if camp and "ratio" in camp:
         rows.append(
@@ -151,6 +181,16 @@ def rows_from(results: dict[str, Any]) -> list[Row]:
                 _met(camp["ratio"] >= 0.2 and camp["ours_s"] < 2),
             )
         )
+        rows.append(
+            (
+                "schedule_call, one call through the same core, ms (vs bare one-row INSERT)",
+                _f(camp["single_ms"], 2),
+                _f(camp["single_bare_ms"], 2),
+                _f(camp["single_bare_ms"] / camp["single_ms"], 2),
+                "informative",
+                "",
+            )
+        )
         if camp.get("single_old_ms"):
             rows.append(
                 (
@@ -162,8 +202,13 @@ def rows_from(results: dict[str, Any]) -> list[Row]:
                     "",
                 )
             )
-    rows += tracking_rows(results.get("tracking") or {})
-    rows += webhook_rows(results.get("webhooks") or {})
+    return rows
+
+
+def memory_rows(results: dict[str, Any]) -> list[Row]:
+    """Worker memory growth (bench.e2e)."""
+    rows: list[Row] = []
+    e2e = results.get("e2e") or {}
     mem = e2e.get("memory")
     if mem and "last" in mem:
         first = mem.get("first", mem["last"])
@@ -245,6 +290,43 @@ def webhook_rows(wh: dict[str, Any]) -> list[Row]:
     return rows
 
 
+def pooler_rows(pooler: dict[str, Any]) -> list[Row]:
+    """End to end through pgbouncer (transaction mode) beside the direct connection."""
+    if "direct" not in pooler:
+        return []
+    labels = {"pooler": "LISTEN over a direct URL", "pooler_poll": "LISTEN off, 1 s tick"}
+    return [
+        (
+            f"end to end through pgbouncer (transaction mode), {label}, calls/s vs direct",
+            _f(pooler[key]["rate"]),
+            _f(pooler["direct"]["rate"]),
+            _f(pooler[key]["ratio"], 2),
+            "informative",
+            "",
+        )
+        for key, label in labels.items()
+        if key in pooler
+    ]
+
+
+def event_rows(events: dict[str, Any]) -> list[Row]:
+    """The call-event log's triggers: server CPU with them on vs off."""
+    labels = {"batch": "µs per claimed row, claim_and_assign_calls(50)",
+              "call": "µs per call, schedule to complete (5 statements)"}  # fmt: skip
+    return [
+        (
+            f"call-event triggers: server CPU {label}, on vs off",
+            _f(events[key]["on_us"]),
+            _f(events[key]["off_us"]),
+            _f(1 + events[key]["cost"], 2),
+            "informative",
+            "",
+        )
+        for key, label in labels.items()
+        if key in events
+    ]
+
+
 def table(rows: list[Row], markdown: bool) -> str:
     head: Row = ("benchmark", "ours", "baseline", "ratio", "target", "met?")
     if markdown:
@@ -308,7 +390,8 @@ def write_markdown(
         f"Python {m['python']}); {results['seconds']:.0f} s. Each ratio compares figures "
         "measured in the same run on the same machine; the absolute numbers drift between "
         "runs on a shared machine. How each figure is measured: `bench/claim.py`, "
-        "`bench/growth.py`, `bench/e2e.py`, `bench/campaigns.py` (docstrings). Raw figures: "
+        "`bench/growth.py`, `bench/e2e.py`, `bench/campaigns.py`, `bench/tracking.py`, "
+        "`bench/webhooks.py` (docstrings). Raw figures: "
         "`bench/results/latest.json` (not committed).",
         "",
         table(rows, markdown=True),
@@ -316,7 +399,7 @@ def write_markdown(
     ]
     stamps = [
         f"{k}: {results[k]['measured']}"
-        for k in ("claim", "growth", "e2e", "campaigns")
+        for k in SECTIONS
         if isinstance(results.get(k), dict) and results[k].get("measured")
     ]
     if isinstance(results.get("e2e"), dict) and results["e2e"].get("latency_sweep"):
@@ -370,7 +453,7 @@ def write_markdown(
     RESULTS_MD.write_text("\n".join(parts))
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m bench.run",
         description=__doc__,
@@ -395,16 +478,133 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--before", help="an earlier run's latest.json: its rows beside this run's in RESULTS.md"
     )
-    ns = parser.parse_args(argv)
+    return parser
+
+
+def _claim(quick: bool) -> dict[str, Any]:
+    from bench import claim
+
+    out = claim.run(quick=quick)
+    out["slot_sensitivity"] = claim.slot_sensitivity(
+        (100, 10_000) if quick else (100, 10_000, 100_000)
+    )
+    return out
+
+
+def _growth(quick: bool) -> dict[str, Any]:
+    from bench import growth
+
+    return growth.run(quick=quick)
+
+
+def _campaigns(quick: bool) -> dict[str, Any]:
+    from bench import campaigns
+
+    return campaigns.run(rows=2_000 if quick else 10_000)
+
+
+def _e2e(quick: bool) -> dict[str, Any]:
+    from bench import e2e
+
+    try:
+        return e2e.run(quick=quick)
+    except Exception as exc:  # report what was measured, and why the rest is missing
+        log(f"e2e failed: {type(exc).__name__}: {exc}")
+        return {"error": f"{type(exc).__name__}: {exc}"}
+
+
+def _tracking(quick: bool) -> dict[str, Any]:
+    from bench import tracking
+
+    return tracking.run(quick=quick)
+
+
+def _webhooks(quick: bool) -> dict[str, Any]:
+    from bench import webhooks
+
+    return webhooks.run(500 if quick else 2000)
+
+
+def _pooler(quick: bool) -> dict[str, Any]:
+    from bench import pooler
+
+    return pooler.run(quick=quick)
+
+
+def _events(quick: bool) -> dict[str, Any]:
+    from bench import events
+
+    return events.run(quick=quick)
+
+
+# Each section: its heading in the log and what runs it, in the order they run.
+RUNS: dict[str, tuple[str, Callable[[bool], dict[str, Any]]]] = {
+    "claim": ("claim path vs bare SKIP LOCKED claim (pgbench)", _claim),
+    "growth": ("growth: small vs large tables", _growth),
+    "campaigns": ("campaign upload: schedule_calls vs bare INSERT ... SELECT", _campaigns),
+    "e2e": ("end to end, latency, memory (real fleet)", _e2e),
+    "tracking": ("long calls: polling and webhooks", _tracking),
+    "webhooks": ("webhook endpoint", _webhooks),
+    "pooler": ("end to end through a transaction pooler (pgbouncer) vs direct", _pooler),
+    "events": ("call-event log: server CPU with its triggers on vs off", _events),
+}
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+
+
+def _render() -> int:
+    """Rewrite RESULTS.md from the last run's files."""
+    results = json.loads((RESULTS_DIR / "latest.json").read_text())
+    command = results.get("e2e", {}).get("measured", "").split("(", 1)[-1].rstrip(")")
+    rows = rows_from(results)
+    write_markdown(results, rows, _saved_drills(), command or ".venv/bin/python -m bench.run")
+    print(table(rows, markdown=False))
+    return 0
+
+
+def _saved_drills() -> list[dict[str, Any]] | None:
+    path = RESULTS_DIR / "drills.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _run_drills(quick: bool, command: str) -> list[dict[str, Any]]:
+    """Every fault drill; their results, also saved to bench/results/drills.json."""
+    from dataclasses import asdict
+
+    from bench import drills as drills_mod
+
+    log("== fault drills")
+    drills = [
+        asdict(r) | {"passed": drills_mod.passed(r), "command": command, "finished": _now()}
+        for r in drills_mod.run(quick=quick)
+    ]
+    for d in drills:
+        d.get("extra", {}).pop("logs_tail", None)
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    (RESULTS_DIR / "drills.json").write_text(json.dumps(drills, indent=2, default=str))
+    return drills
+
+
+def _print_drills(drills: list[dict[str, Any]]) -> None:
+    from bench.drills import DrillResult, format_table
+
+    objs = []
+    for d in drills:
+        r = DrillResult(d["name"], d["fault"])
+        for k, v in d.items():
+            if hasattr(r, k):
+                setattr(r, k, v)
+        objs.append(r)
+    print()
+    print(format_table(objs))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ns = _parser().parse_args(argv)
     if ns.render:
-        results = json.loads((RESULTS_DIR / "latest.json").read_text())
-        drills_path = RESULTS_DIR / "drills.json"
-        drills_list = json.loads(drills_path.read_text()) if drills_path.exists() else None
-        command = results.get("e2e", {}).get("measured", "").split("(", 1)[-1].rstrip(")")
-        rows = rows_from(results)
-        write_markdown(results, rows, drills_list, command or ".venv/bin/python -m bench.run")
-        print(table(rows, markdown=False))
-        return 0
+        return _render()
     only = {x.strip() for x in ns.only.split(",") if x.strip()}
     command = (
         ".venv/bin/python -m bench.run"
@@ -414,120 +614,36 @@ def main(argv: list[str] | None = None) -> int:
         + (" --merge" if ns.merge else "")
     )
     t0 = time.monotonic()
-    results: dict[str, Any] = {
-        "quick": ns.quick,
-        "started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "machine": machine(),
-    }
+    results: dict[str, Any] = {"quick": ns.quick, "started": _now(), "machine": machine()}
     latest = RESULTS_DIR / "latest.json"
     if ns.before:
         results["before"] = json.loads(Path(ns.before).read_text())
     if ns.merge and latest.exists():
         previous = json.loads(latest.read_text())
-        for section in SECTIONS:
-            if section not in only and section in previous:
-                results[section] = previous[section]
+        results |= {k: previous[k] for k in SECTIONS if k not in only and k in previous}
+    drills = _saved_drills()
 
-    def now() -> str:
-        return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-
-    def save(partial: bool = True) -> None:
+    def save() -> None:
         results["seconds"] = time.monotonic() - t0
-        results["finished"] = now()
+        results["finished"] = _now()
         RESULTS_DIR.mkdir(parents=True, exist_ok=True)
         latest.write_text(json.dumps(results, indent=2, default=str))
         if not ns.no_markdown:
             write_markdown(results, rows_from(results), drills, command)
 
-    drills: list[dict[str, Any]] | None = None
-    if (RESULTS_DIR / "drills.json").exists():
-        drills = json.loads((RESULTS_DIR / "drills.json").read_text())
-    if "claim" in only:
-        from bench import claim
-
-        log("== claim path vs bare SKIP LOCKED claim (pgbench)")
-        results["claim"] = claim.run(quick=ns.quick)
-        results["claim"]["slot_sensitivity"] = claim.slot_sensitivity(
-            (100, 10_000) if ns.quick else (100, 10_000, 100_000)
-        )
-        results["claim"]["measured"] = f"{now()} ({command})"
-        save()
-    if "growth" in only:
-        from bench import growth
-
-        log("== growth: small vs large tables")
-        results["growth"] = growth.run(quick=ns.quick)
-        results["growth"]["measured"] = f"{now()} ({command})"
-        save()
-    if "campaigns" in only:
-        from bench import campaigns
-
-        log("== campaign upload: schedule_calls vs bare INSERT ... SELECT")
-        results["campaigns"] = campaigns.run(rows=2_000 if ns.quick else 10_000)
-        results["campaigns"]["measured"] = f"{now()} ({command})"
-        save()
-    if "e2e" in only:
-        from bench import e2e
-
-        log("== end to end, latency, memory (real fleet)")
-        try:
-            results["e2e"] = e2e.run(quick=ns.quick)
-        except Exception as exc:  # report what was measured, and why the rest is missing
-            log(f"e2e failed: {type(exc).__name__}: {exc}")
-            results["e2e"] = {"error": f"{type(exc).__name__}: {exc}"}
-        results["e2e"]["measured"] = f"{now()} ({command})"
-        save()
-    if "tracking" in only:
-        from bench import tracking
-
-        log("== long calls: polling and webhooks")
-        results["tracking"] = tracking.run(quick=ns.quick)
-        results["tracking"]["measured"] = f"{now()} ({command})"
-        save()
-    if "webhooks" in only:
-        from bench import webhooks
-
-        log("== webhook endpoint")
-        results["webhooks"] = webhooks.run(500 if ns.quick else 2000)
-        results["webhooks"]["measured"] = f"{now()} ({command})"
-        save()
+    for name, (heading, runner) in RUNS.items():
+        if name in only:
+            log(f"== {heading}")
+            results[name] = runner(ns.quick) | {"measured": f"{_now()} ({command})"}
+            save()
     if ns.drills:
-        from dataclasses import asdict
-
-        from bench import drills as drills_mod
-
-        log("== fault drills")
-        res = drills_mod.run(quick=ns.quick)
-        drills = [
-            asdict(r)
-            | {
-                "passed": drills_mod.passed(r),
-                "command": command,
-                "finished": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-            }
-            for r in res
-        ]
-        for d in drills:
-            d.get("extra", {}).pop("logs_tail", None)
-        RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-        (RESULTS_DIR / "drills.json").write_text(json.dumps(drills, indent=2, default=str))
+        drills = _run_drills(ns.quick, command)
     save()
-    rows = rows_from(results)
-    print(table(rows, markdown=False))
+    print(table(rows_from(results), markdown=False))
     if results.get("e2e", {}).get("error"):
         print(f"\nend-to-end benchmark failed: {results['e2e']['error']}")
     if drills:
-        print()
-        from bench.drills import DrillResult, format_table
-
-        objs = []
-        for d in drills:
-            r = DrillResult(d["name"], d["fault"])
-            for k, v in d.items():
-                if hasattr(r, k):
-                    setattr(r, k, v)
-            objs.append(r)
-        print(format_table(objs))
+        _print_drills(drills)
     if not ns.no_markdown:
         log(f"wrote {RESULTS_MD.relative_to(REPO)} and bench/results/latest.json")
     return 0

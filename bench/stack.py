@@ -19,12 +19,15 @@ from typing import Any
 import psycopg
 
 from bench.common import (
+    ADMIN_URL,
+    OwnPgbouncer,
     OwnPostgres,
     ScratchDB,
     Simulator,
     fleet_env,
     own_redis,
 )
+from worker.seed import daytime_zone
 
 TERMINAL = ("completed", "failed", "canceled")
 IN_FLIGHT = ("claimed", "assigned", "dialing", "in_progress")
@@ -53,6 +56,11 @@ class Stack:
     admin_url: str | None = None
     log_dir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="callq-bench-")))
     keep_logs: bool = False
+    # The fleet talks through a pgbouncer of ours in transaction mode; LISTEN then goes over
+    # the direct URL when listen_direct, else it is off.
+    pooler: bool = False
+    listen_direct: bool = True
+    bouncer: OwnPgbouncer | None = None
 
     db: ScratchDB | None = None
     pg: OwnPostgres | None = None
@@ -61,6 +69,8 @@ class Stack:
     fleet: Any = None
     seeded: Any = None
     url: str = ""
+    # the recipients' zone: where it is daytime now (calling rules: 08:00-21:00 local)
+    zone: str = field(default_factory=daytime_zone)
 
     def start(self) -> Stack:
         from worker.fleet import Fleet
@@ -87,7 +97,13 @@ class Stack:
                     max_concurrent_calls=self.max_concurrent_calls,
                     webhook_secret=self.webhook_secret,
                 )
-            env = fleet_env(self.url, self.redis.url, **self.env_overrides)
+            fleet_url, overrides = self.url, dict(self.env_overrides)
+            if self.pooler:
+                self.bouncer = OwnPgbouncer(self.db.admin_url or ADMIN_URL).start()
+                fleet_url = self.bouncer.url(self.db.name)
+                if self.listen_direct:
+                    overrides["CALLQ_LISTEN_DATABASE_URL"] = self.url
+            env = fleet_env(fleet_url, self.redis.url, **overrides)
             self.fleet = Fleet(env=env, log_dir=self.log_dir)
         except BaseException:
             self.stop()
@@ -107,6 +123,8 @@ class Stack:
             with contextlib.suppress(Exception):
                 self.redis.stop()
             shutil.rmtree(self.redis.datadir, ignore_errors=True)
+        if self.bouncer is not None:
+            self.bouncer.stop()
         if self.db is not None:
             self.db.drop()
         if self.pg is not None:
@@ -130,19 +148,26 @@ class Stack:
 
         with self.connect() as conn:
             return schedule_calls(
-                conn, self.seeded, count, start=start, delay_seconds=delay_seconds, suffix=suffix
+                conn,
+                self.seeded,
+                count,
+                start=start,
+                delay_seconds=delay_seconds,
+                suffix=suffix,
+                timezone=self.zone,
             )
 
     def schedule_one(self, conn: psycopg.Connection[Any], i: int) -> tuple[str, float]:
         """One call due now, autocommit; returns (queue id, wall time right after the commit)."""
         row = conn.execute(
-            "SELECT schedule_call(%s, %s, %s, %s, NULL, NULL, 5, %s, '{}'::jsonb)",
+            "SELECT schedule_call(%s, %s, %s, %s, NULL, NULL, 5, %s, '{}'::jsonb, NULL, %s)",
             (
                 self.seeded.user_id,
                 self.seeded.template_id,
                 f"Customer {i}",
                 f"+1555{(i // 10000) % 1000:03d}{i % 10000:04d}",
                 '{"company_name": "Acme"}',
+                self.zone,
             ),
         ).fetchone()
         t = time.time()

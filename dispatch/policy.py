@@ -20,6 +20,7 @@ from providers.errors import (
     ProviderOutcomeUnknownError,
     ProviderPermanentError,
     ProviderRetryableError,
+    ProviderThrottledError,
 )
 
 # Failure kinds understood by handle_failed_call().
@@ -59,8 +60,16 @@ class Reconcile:
     """The create may have reached the provider: look the call up before anything is re-sent."""
 
 
+@dataclass(frozen=True)
+class Release:
+    """Nothing was sent: give the call back to the queue (no attempt used), due after a delay."""
+
+    reason: str
+    delay_seconds: float
+
+
 Decision = Complete | Fail | KeepPolling
-ErrorDecision = Fail | Reconcile
+ErrorDecision = Fail | Reconcile | Release
 
 _FAIL_KIND_BY_STATE = {
     CallState.BUSY: BUSY,
@@ -88,6 +97,9 @@ def decide_error(exc: ProviderError) -> ErrorDecision:
     """What to do after ``create_call`` raised ``exc``."""
     if isinstance(exc, ProviderOutcomeUnknownError):
         return Reconcile()
+    if isinstance(exc, ProviderThrottledError):
+        # our own create pacing: back to the queue until a token would be free
+        return Release(exc.code or "client_throttle", max(1.0, exc.retry_after or 0.0))
     if isinstance(exc, ProviderPermanentError):
         return Fail(PERMANENT, _error_text(exc))
     if isinstance(exc, ProviderRetryableError) and exc.http_status == 429:

@@ -27,6 +27,7 @@ class Outcome(StrEnum):
     FAILED = "failed"
     CANCELED = "canceled"
     NOOP = "noop"  # the assignment had already ended: a duplicate changed nothing
+    RELEASED = "released"  # nothing was sent: back to the queue, no attempt used
 
 
 class SkipReason(StrEnum):

@@ -105,6 +105,11 @@ SELECT handle_failed_call(
   p_provider_call_id => %(provider_call_id)s::text)
 """
 
+# Give a call that was never sent back to the queue (no attempt used), due after a delay.
+RELEASE = """
+SELECT release_assignment(%(assignment_id)s::uuid, %(reason)s::text, %(delay_seconds)s::float8)
+"""
+
 # Advance each placed call's poll token if it still holds the expected value, and note its
 # next poll; returns the calls advanced with their new token.
 TOUCH_POLLS = """
@@ -359,6 +364,11 @@ class Database:
     def reconcile_slots(self) -> int:
         """Recount slots; the number of provider rows corrected."""
         return int(self.scalar(RECONCILE_SLOTS) or 0)
+
+    def release(self, assignment_id: UUID | str, reason: str, delay_seconds: float = 0.0) -> bool:
+        """Release a call proven never sent; False when it was no longer assigned or dialing."""
+        params = {"assignment_id": str(assignment_id), "reason": reason}
+        return bool(self.scalar(RELEASE, {**params, "delay_seconds": delay_seconds}))
 
     def record_health(
         self, provider_id: UUID | str, ok: bool, latency_ms: float, error: str | None

@@ -86,6 +86,8 @@ class SubscriptionPlan(Base):
     minute_limit: Mapped[int | None] = mapped_column(Integer)
     max_concurrent_calls: Mapped[int] = mapped_column(Integer, server_default=text("1"))
     features: Mapped[dict[str, Any]] = mapped_column(server_default=EMPTY_OBJECT)
+    contact_attempts_per_24h: Mapped[int | None] = mapped_column(Integer)
+    requires_consent: Mapped[bool] = mapped_column(Boolean, server_default=text("false"))
     is_active: Mapped[bool] = mapped_column(Boolean, server_default=text("true"))
     created_at: Mapped[datetime] = _created()
     updated_at: Mapped[datetime] = _updated()
@@ -163,6 +165,7 @@ class CallTemplate(Base):
     voicemail_message: Mapped[str | None]
     record_calls: Mapped[bool | None]
     is_public: Mapped[bool] = mapped_column(Boolean, server_default=text("false"))
+    requires_consent: Mapped[bool] = mapped_column(Boolean, server_default=text("false"))
     usage_count: Mapped[int] = mapped_column(Integer, server_default=text("0"))
     created_at: Mapped[datetime] = _created()
     updated_at: Mapped[datetime] = _updated()
@@ -329,6 +332,9 @@ class CallQueue(Base):
         ARRAY(Uuid(as_uuid=True)), server_default=text("'{}'")
     )
     required_capabilities: Mapped[dict[str, Any] | None]
+    # set by schedule_call or, when absent, by the trigger call_queue_timezones
+    recipient_timezones: Mapped[list[str]] = mapped_column(ARRAY(Text))
+    hold_reason: Mapped[str | None]
     claimed_by: Mapped[str | None]
     claimed_at: Mapped[datetime | None]
     lease_expires_at: Mapped[datetime | None]

@@ -26,6 +26,7 @@ from providers.errors import (
     ProviderOutcomeUnknownError,
     ProviderPermanentError,
     ProviderRetryableError,
+    ProviderThrottledError,
 )
 
 DEFAULT_CONNECT_TIMEOUT = 5.0
@@ -60,16 +61,27 @@ class TokenBucket:
         self._clock = clock
         self._sleep = sleep
 
-    def acquire(self) -> float:
-        """Block until a token is free; returns the seconds waited."""
+    def acquire(self, max_wait: float | None = None) -> float | None:
+        """Block until a token is free; returns the seconds waited.
+
+        With ``max_wait``, a token that would need a longer wait is not taken: None, at once.
+        """
         with self._lock:
             now = self._clock()
             slot = max(now - self._burst_span, self._next)
-            self._next = slot + self._interval
             wait = max(0.0, slot - now)
+            if max_wait is not None and wait > max_wait:
+                return None
+            self._next = slot + self._interval
         if wait > 0:
             self._sleep(wait)
         return wait
+
+    def wait_needed(self) -> float:
+        """Seconds the next token would wait now (nothing is taken)."""
+        with self._lock:
+            now = self._clock()
+            return max(0.0, max(now - self._burst_span, self._next) - now)
 
 
 def parse_retry_after(value: str | None, *, now: datetime | None = None) -> float | None:
@@ -130,6 +142,7 @@ class Sender:
         connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
         read_timeout: float = DEFAULT_READ_TIMEOUT,
         creates_per_second: float | None = None,
+        max_create_wait: float | None = None,
         max_attempts: int = MAX_ATTEMPTS,
         max_retry_seconds: float = MAX_RETRY_SECONDS,
         sleep: Callable[[float], None] = time.sleep,
@@ -141,6 +154,7 @@ class Sender:
         self._throttle = (
             TokenBucket(creates_per_second, sleep=sleep) if creates_per_second else None
         )
+        self._max_create_wait = max_create_wait
         self._max_attempts = max_attempts
         self._max_retry_seconds = max_retry_seconds
         self._sleep = sleep
@@ -155,6 +169,8 @@ class Sender:
     ) -> Sender:
         """The bearer-authenticated sender a provider row describes (timeouts, create rate)."""
         rate = config.number("creates_per_second", default_creates_per_second)
+        connect = config.number("connect_timeout", None) or DEFAULT_CONNECT_TIMEOUT
+        read = config.number("read_timeout", None) or DEFAULT_READ_TIMEOUT
         return cls(
             provider,
             client,
@@ -162,9 +178,10 @@ class Sender:
                 "Authorization": f"Bearer {config.api_key.get_secret_value()}",
                 "Accept": "application/json",
             },
-            connect_timeout=config.number("connect_timeout", None) or DEFAULT_CONNECT_TIMEOUT,
-            read_timeout=config.number("read_timeout", None) or DEFAULT_READ_TIMEOUT,
+            connect_timeout=connect,
+            read_timeout=read,
             creates_per_second=rate if rate and rate > 0 else None,
+            max_create_wait=max_create_wait(config.dial_lease_seconds, connect, read),
         )
 
     def request(
@@ -194,9 +211,19 @@ class Sender:
         for attempt in retrying:
             with attempt:
                 if create and self._throttle is not None:
-                    self._throttle.acquire()
+                    self._wait_for_create_slot(self._throttle)
                 return self._send_once(method, url, headers, json_body, params, create)
         raise AssertionError("unreachable")  # pragma: no cover - tenacity reraises
+
+    def _wait_for_create_slot(self, throttle: TokenBucket) -> None:
+        """Take a create token, or refuse (nothing sent) when the wait is longer than allowed."""
+        if throttle.acquire(self._max_create_wait) is None:
+            raise ProviderThrottledError(
+                "create throttle wait exceeds the dialing lease",
+                provider=self.provider,
+                code="client_throttle",
+                retry_after=throttle.wait_needed(),
+            )
 
     def _send_once(
         self,
@@ -253,8 +280,17 @@ class Sender:
             ) from exc  # fmt: skip
 
 
+def max_create_wait(lease: float | None, connect: float, read: float) -> float | None:
+    """The longest a create may wait in the throttle: the dialing lease minus the request's own
+    timeouts, so the create is sent, and answered, before the reaper may take the call back
+    (and reconcile, then fail it over: a second dial). None when no lease applies."""
+    if lease is None:
+        return None
+    return max(0.0, lease - connect - read)
+
+
 def _should_retry(exc: BaseException) -> bool:
-    if not isinstance(exc, ProviderRetryableError):
+    if not isinstance(exc, ProviderRetryableError) or isinstance(exc, ProviderThrottledError):
         return False
     return exc.retry_after is None or exc.retry_after <= MAX_IN_PROCESS_RETRY_AFTER
 

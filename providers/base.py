@@ -63,6 +63,9 @@ class ProviderConfig(BaseModel):
     max_concurrent_calls: int | None = None
     config: dict[str, Any] = Field(default_factory=dict)
     capabilities: dict[str, Any] = Field(default_factory=dict)
+    # Set by the worker, never read from a row: how long a dialing call may go before the
+    # reaper takes it back (bounds the client-side create throttle's wait).
+    dial_lease_seconds: float | None = None
     _allowlist: Allowlist = PrivateAttr(default_factory=Allowlist)
 
     @classmethod
@@ -101,6 +104,7 @@ class ProviderConfig(BaseModel):
                 max_concurrent_calls=get("max_concurrent_calls"),
                 config=dict(config),
                 capabilities=dict(get("capabilities") or {}),
+                dial_lease_seconds=get("dial_lease_seconds"),
             )
         except ValidationError as exc:
             fields = sorted({str(e["loc"][0]) for e in exc.errors() if e.get("loc")})

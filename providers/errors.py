@@ -6,6 +6,8 @@
       ConfigError                    a setting or provider row is wrong: fix the configuration
       ProviderError(provider, http_status, code, retry_after)
         ProviderRetryableError       rate limited, or refused before the request arrived
+          ProviderThrottledError     our own create throttle would wait past the dialing
+                                     lease: nothing was sent, release the call for later
         ProviderPermanentError       invalid number, bad request, bad credentials: do not retry
         ProviderOutcomeUnknownError  the create may have arrived: reconcile, never re-send
           ProviderUnprovenMatchError a lookup saw a call that may be ours, without proof:
@@ -59,6 +61,11 @@ class ProviderError(CallqError):
 
 class ProviderRetryableError(ProviderError):
     """Try again later (honour ``retry_after``); the request provably had no effect."""
+
+
+class ProviderThrottledError(ProviderRetryableError):
+    """The client-side create throttle would wait longer than allowed: no request was sent.
+    ``retry_after`` is the wait it would have needed."""
 
 
 class ProviderPermanentError(ProviderError):

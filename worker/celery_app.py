@@ -6,7 +6,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from celery import Celery, signals
+import psycopg
+from celery import Celery, Task, signals
 
 from worker import logs, runtime
 from worker.celery_config import SettingsConfig
@@ -42,8 +43,37 @@ def _survive_broker_restart() -> None:
     kombu_redis.QoS.restore_unacked = restore_unacked  # type: ignore[method-assign]
 
 
+class DatabaseError(Exception):
+    """A database error as a task may report it: its SQLSTATE and constraint, nothing else."""
+
+
+class CallqTask(Task):  # type: ignore[misc]
+    """Every callq task. A psycopg error leaves the task as its SQLSTATE and constraint name
+    only: its message and DETAIL ("Failing row contains (..., +1555...)") never reach
+    Celery's log, the result backend or Flower."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().__call__(*args, **kwargs)
+        except psycopg.Error as exc:
+            raise database_error(exc) from None
+
+
+def database_error(exc: psycopg.Error) -> DatabaseError:
+    """The sanitized form of a psycopg error (logged once, as an event with its code)."""
+    diag = getattr(exc, "diag", None)
+    constraint = getattr(diag, "constraint_name", None) if diag is not None else None
+    sqlstate = exc.sqlstate or type(exc).__name__
+    logging.getLogger("callq.worker").warning(
+        "task.database_error sqlstate=%s constraint=%s", sqlstate, constraint
+    )
+    return DatabaseError(
+        f"SQLSTATE {sqlstate}" + (f" constraint {constraint}" if constraint else "")
+    )
+
+
 _survive_broker_restart()
-app = Celery("callq")
+app = Celery("callq", task_cls=CallqTask)
 app.config_from_object(SettingsConfig())
 
 

@@ -7,6 +7,7 @@
     callq simulate-providers         the Vapi/SynthFlow simulator (--port, --seed, --config)
     callq webhooks                   the provider webhook endpoint
     callq metrics [--port N]         Prometheus metrics read from the database
+    callq providers add|sync|list|disable   providers as configuration
     callq worker|beat|flower [...]   Celery processes with callq's app (extra args go to Celery)
 
 Errors end with a non-zero exit and one readable line on stderr. A command that needs the
@@ -16,12 +17,14 @@ database refuses to start without DATABASE_URL, or on a database without callq's
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
 from collections.abc import Sequence
+from typing import Any
 
 import psycopg
 
@@ -116,6 +119,28 @@ def _parser() -> argparse.ArgumentParser:
     metrics.add_argument("--port", type=int, default=9108)
     metrics.set_defaults(func=_metrics)
 
+    prov = sub.add_parser("providers", help="register, list and disable providers")
+    prov_sub = prov.add_subparsers(metavar="action")
+    add = prov_sub.add_parser("add", help="add or update one provider (by name)")
+    add.add_argument("--name", required=True)
+    add.add_argument("--type", required=True, help="vapi, synthflow, retell or a plug-in")
+    add.add_argument("--base-url", required=True)
+    add.add_argument("--api-key", required=True, help="env:CALLQ_SECRET_... (or a literal)")
+    add.add_argument("--webhook-secret", default=None, help="env:CALLQ_SECRET_...")
+    add.add_argument("--max-calls", type=int, default=10, dest="max_concurrent_calls")
+    add.add_argument("--priority", type=int, default=5, help="1 (preferred) .. 100")
+    add.add_argument("--config", default="{}", help="the adapter's config, a JSON object")
+    add.set_defaults(func=_providers_add)
+    sync = prov_sub.add_parser("sync", help="add or update every provider of a JSON list")
+    sync.add_argument("file", nargs="?", default=None, help="a JSON file, - for stdin;"
+                      " default: $CALLQ_PROVIDERS")  # fmt: skip
+    sync.set_defaults(func=_providers_sync)
+    lst = prov_sub.add_parser("list", help="providers, their slots and state (no keys)")
+    lst.set_defaults(func=_providers_list)
+    dis = prov_sub.add_parser("disable", help="stop new calls to a provider")
+    dis.add_argument("name")
+    dis.set_defaults(func=_providers_disable)
+
     # Listed for --help; main() hands these to Celery before argparse sees them.
     for name, text in CELERY_HELP.items():
         sub.add_parser(name, help=f"{text}; extra arguments go to Celery", add_help=False)
@@ -196,6 +221,52 @@ def _webhooks(ns: argparse.Namespace) -> int:
     )
     uv.run()
     return 0 if uv.started else 1
+
+
+def _providers_apply(specs: list[Any]) -> int:
+    from models.session import connect
+    from worker.providers_cli import apply
+
+    s = get_settings()
+    with connect(require_database(), pooled=s.database_pooler, autocommit=True) as conn:
+        return apply(conn, specs, s)
+
+
+def _providers_add(ns: argparse.Namespace) -> int:
+    from worker.providers_cli import ProviderSpec
+
+    try:
+        config = json.loads(ns.config)
+    except json.JSONDecodeError as exc:
+        raise ConfigError("--config: not JSON") from exc
+    raw = {k: getattr(ns, k) for k in ("name", "type", "base_url", "api_key", "webhook_secret",
+                                        "max_concurrent_calls", "priority")}  # fmt: skip
+    return _providers_apply([ProviderSpec.from_mapping({**raw, "config": config}, "--config")])
+
+
+def _providers_sync(ns: argparse.Namespace) -> int:
+    from worker.providers_cli import load_specs
+
+    return _providers_apply(load_specs(ns.file))
+
+
+def _providers_list(_: argparse.Namespace) -> int:
+    from models.session import connect
+    from worker.providers_cli import list_providers
+
+    s = get_settings()
+    with connect(require_database(), pooled=s.database_pooler, autocommit=True) as conn:
+        print(list_providers(conn))
+    return 0
+
+
+def _providers_disable(ns: argparse.Namespace) -> int:
+    from models.session import connect
+    from worker.providers_cli import disable
+
+    s = get_settings()
+    with connect(require_database(), pooled=s.database_pooler, autocommit=True) as conn:
+        return disable(conn, ns.name)
 
 
 def _metrics(ns: argparse.Namespace) -> int:

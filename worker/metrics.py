@@ -26,6 +26,7 @@ transactions last milliseconds). Like any counter, they start at zero with the p
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 from wsgiref.simple_server import WSGIServer
@@ -84,6 +85,9 @@ class CallqCollector(Collector):
         self._lock = threading.Lock()
         self._after: int | None = None
         self.registry = CollectorRegistry(auto_describe=False)
+        # First: a scrape collects in registration order, and this collector feeds the
+        # counters below before they are read.
+        self.registry.register(self)
         self.ended = Counter(
             "callq_calls_ended",
             "Call attempts ended, by outcome and provider",
@@ -102,7 +106,6 @@ class CallqCollector(Collector):
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
-        self.registry.register(self)
 
     def collect(self) -> Iterator[Metric]:
         with self._lock, connect(self._url, pooled=self._pooled, autocommit=True) as conn:
@@ -164,18 +167,24 @@ def _gauge(name: str, documentation: str, value: Any) -> GaugeMetricFamily:
     return GaugeMetricFamily(name, documentation, value=float(value or 0))
 
 
-def celery_ping(timeout: float = 1.0) -> Callable[[], int | None]:
-    """Workers answering a broadcast ping (None when the broker cannot be reached)."""
+def celery_ping(timeout: float = 1.0, every: float = 5.0) -> Callable[[], int | None]:
+    """Workers answering a broadcast ping, refreshed by a background thread every ``every``
+    seconds so that a scrape never waits on the broker (None until the first answer, and while
+    the broker cannot be reached)."""
+    latest: list[int | None] = [None]
 
-    def ping() -> int | None:
+    def loop() -> None:
         from worker.celery_app import app
 
-        try:
-            return len(app.control.ping(timeout=timeout) or [])
-        except Exception:  # a metrics scrape must not fail because the broker is down
-            return None
+        while True:
+            try:
+                latest[0] = len(app.control.ping(timeout=timeout) or [])
+            except Exception:  # a broker outage must not end the metrics process
+                latest[0] = None
+            time.sleep(every)
 
-    return ping
+    threading.Thread(target=loop, name="callq-metrics-ping", daemon=True).start()
+    return lambda: latest[0]
 
 
 def serve_metrics(

@@ -70,6 +70,8 @@ def provider_config(row: ProviderRow) -> ProviderConfig:
             "max_concurrent_calls": row.max_concurrent_calls,
             "capabilities": row.capabilities,
             "config": config,
+            # the reaper takes a dialing call back after this: the create throttle waits less
+            "dial_lease_seconds": float(s.lease_seconds),
         },
         s.provider_allowlist,
     )

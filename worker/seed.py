@@ -2,7 +2,11 @@
 
 Shared by ``callq demo``, the end-to-end tests, the benchmarks and the drills. Phone numbers are
 from the reserved 555-01xx fiction range; outcomes can be forced through the simulator's
-per-suffix rules (``outcomes_by_suffix``).
+per-suffix rules (``outcomes_by_suffix``). The calling rules allow a call only from 08:00 to
+21:00 at the recipient, and a fictional number's zones are every zone of the +1 country code:
+calls are scheduled with a recipient zone where it is early afternoon now (:func:`daytime_zone`),
+so the demo and the tests run at any hour. The demo plan allows many attempts per number per
+day, because the fictional numbers repeat.
 """
 
 from __future__ import annotations
@@ -11,11 +15,55 @@ import json
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import psycopg
 
+# One city per UTC offset from -11 to +14: one of them is always near 14:00 local time.
+DAYTIME_CANDIDATES = (
+    "Pacific/Pago_Pago",
+    "Pacific/Honolulu",
+    "America/Anchorage",
+    "America/Los_Angeles",
+    "America/Denver",
+    "America/Chicago",
+    "America/New_York",
+    "America/Halifax",
+    "America/Sao_Paulo",
+    "Atlantic/South_Georgia",
+    "Atlantic/Cape_Verde",
+    "Europe/London",
+    "Europe/Paris",
+    "Europe/Athens",
+    "Europe/Moscow",
+    "Asia/Dubai",
+    "Asia/Karachi",
+    "Asia/Dhaka",
+    "Asia/Bangkok",
+    "Asia/Singapore",
+    "Asia/Tokyo",
+    "Australia/Brisbane",
+    "Pacific/Noumea",
+    "Pacific/Auckland",
+    "Pacific/Tongatapu",
+    "Pacific/Kiritimati",
+)
 SIM_VAPI_KEY = "sim-vapi-key"
+
+
+def daytime_zone(now: datetime | None = None) -> str:
+    """An IANA zone where the local time is closest to 14:00 at ``now`` (default: now)."""
+    at = now or datetime.now(UTC)
+
+    def distance(zone: str) -> float:
+        local = at.astimezone(ZoneInfo(zone))
+        return abs(local.hour + local.minute / 60 - 14)
+
+    return min(DAYTIME_CANDIDATES, key=distance)
+
+
 SIM_SYNTHFLOW_KEY = "sim-synthflow-key"
 SIM_RETELL_KEY = "sim-retell-key"
 RETELL_FROM_NUMBER = "+14155550100"  # the fiction range; a Retell row's outbound number
@@ -54,8 +102,8 @@ def seed_demo(
         plan_id = _one(
             conn,
             "INSERT INTO subscription_plans (name, price, billing_interval, call_limit,"
-            " minute_limit, max_concurrent_calls, features) VALUES (%s, 49, 'month', %s, NULL, 50,"
-            " %s) RETURNING id",
+            " minute_limit, max_concurrent_calls, features, contact_attempts_per_24h)"
+            " VALUES (%s, 49, 'month', %s, NULL, 50, %s, 1000000) RETURNING id",
             (f"Demo {user_id.hex[:8]}", call_limit, json.dumps({"recording": True})),
         )
         conn.execute(
@@ -138,9 +186,14 @@ def schedule_calls(
     priority: int = 5,
     suffix: str | None = None,
     start: int = 0,
+    timezone: str | None = None,
 ) -> list[uuid.UUID]:
-    """Schedule ``count`` calls through ``schedule_call`` (one transaction); return queue ids."""
+    """Schedule ``count`` calls through ``schedule_call`` (one transaction); return queue ids.
+
+    ``timezone``: the recipients' zone, default :func:`daytime_zone`.
+    """
     ids: list[uuid.UUID] = []
+    zone = timezone or daytime_zone()
     with conn.transaction():
         for i in range(start, start + count):
             phone = demo_phone(i, suffix)
@@ -148,7 +201,7 @@ def schedule_calls(
                 _one(
                     conn,
                     "SELECT schedule_call(%s, %s, %s, %s, NULL,"
-                    " now() + make_interval(secs => %s), %s, %s, %s)",
+                    " now() + make_interval(secs => %s), %s, %s, %s, NULL, %s)",
                     (
                         seeded.user_id,
                         seeded.template_id,
@@ -158,6 +211,7 @@ def schedule_calls(
                         priority,
                         json.dumps({"company_name": "Acme Inc"}),
                         json.dumps({"source": "demo", "n": i}),
+                        zone,
                     ),
                 )
             )

@@ -15,6 +15,16 @@ SELECT id, priority, scheduled_time, now() - scheduled_time AS waiting
 FROM call_queue WHERE status = 'queued' AND scheduled_time <= now()
 ORDER BY scheduled_time LIMIT 1
 """
+# Calls a calling rule holds (queued, moved to their next allowed time) or canceled.
+HELD_BY_RULE = """
+SELECT hold_reason, count(*), min(scheduled_time) FROM call_queue
+WHERE status = 'queued' AND hold_reason IS NOT NULL GROUP BY hold_reason
+UNION ALL
+SELECT last_error, count(*), NULL FROM call_queue
+WHERE status = 'canceled' AND last_error IN ('do_not_call', 'consent_missing') GROUP BY last_error
+ORDER BY 1
+"""
+TEST_CLOCK = "SELECT test_now FROM calling_settings WHERE test_now IS NOT NULL"
 PROVIDERS = """
 SELECT p.name, p.provider_type, p.is_active, p.priority, p.max_concurrent_calls,
        a.current_calls, a.available_slots, a.status, a.consecutive_failures,
@@ -35,9 +45,11 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
 
 def queue_report(conn: psycopg.Connection[Any]) -> str:
-    """The three tables of ``callq queue`` as one string."""
+    """The tables of ``callq queue`` as one string."""
     counts = conn.execute(COUNTS).fetchall()
     oldest = conn.execute(OLDEST_DUE).fetchall()
+    held = conn.execute(HELD_BY_RULE).fetchall()
+    clock = conn.execute(TEST_CLOCK).fetchall()
     providers = conn.execute(PROVIDERS).fetchall()
     parts = ["Queue by status", format_table(["status", "calls"], counts) if counts else "(empty)"]
     parts += ["", "Oldest due call"]
@@ -46,6 +58,12 @@ def queue_report(conn: psycopg.Connection[Any]) -> str:
         if oldest
         else "(none)"
     )
+    parts += ["", "Held or canceled by calling rules"]
+    parts.append(format_table(["rule", "calls", "next allowed"], held) if held else "(none)")
+    if clock:
+        parts.append(
+            f"WARNING: the rules' test clock is set (calling_settings.test_now = {clock[0][0]})"
+        )
     parts += ["", "Providers"]
     headers = [
         "name",

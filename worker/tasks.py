@@ -32,6 +32,7 @@ from dispatch.policy import (
     Fail,
     KeepPolling,
     Reconcile,
+    Release,
     decide_error,
     decide_outcome,
     decide_setup_error,
@@ -225,10 +226,11 @@ def _create(call: CallRow) -> CallHandle | Step:
     except ConfigError as exc:  # raised before a request is built (e.g. a setting missing)
         log.warning("call.setup_failed", error=type(exc).__name__)
         return _end(str(call.assignment_id), decide_setup_error(exc))
-    except Exception:
+    except Exception as exc:
         # Anything unexpected while sending: the request may have left, so treat the outcome
-        # as unknown and look the call up before anything is re-sent.
-        log.exception("call.create_crashed")
+        # as unknown and look the call up before anything is re-sent. Logged by type only: an
+        # exception's text may carry what was sent.
+        log.warning("call.create_crashed", error=type(exc).__name__)
         return Reconciling(str(call.assignment_id), 0, get_settings().reconcile_delay_seconds)
 
 
@@ -241,6 +243,10 @@ def _after_create_error(call: CallRow, exc: ProviderError) -> Step:
         # calls go elsewhere while this one waits for proof either way.
         runtime.database().record_health(call.provider.provider_id, False, 0.0, "create_unknown")
         return Reconciling(assignment_id, 0, get_settings().reconcile_delay_seconds)
+    if isinstance(decision, Release):
+        runtime.database().release(assignment_id, decision.reason, decision.delay_seconds)
+        log.info("call.released", reason=decision.reason, delay=decision.delay_seconds)
+        return Ended(Outcome.RELEASED)
     step = _end(assignment_id, decision)
     log.warning("call.create_failed", kind=decision.kind, result=step.label, error=str(exc))
     return step

@@ -196,7 +196,12 @@ class Engine:
             return False
         with self._lock:
             self._expire(now)
-            active = sum(1 for cid in self._active if self.calls[cid].provider == provider)
+            active = sum(  # a call still scheduled holds no line yet
+                1
+                for cid in self._active
+                if self.calls[cid].provider == provider
+                and self.calls[cid].phase(now) != "scheduled"
+            )
             if active < int(cap):
                 return False
             self.counters["rejected_429"] += 1

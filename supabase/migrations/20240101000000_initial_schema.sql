@@ -42,6 +42,10 @@ CREATE TABLE public.subscription_plans (
   minute_limit integer CHECK (minute_limit >= 0),
   max_concurrent_calls integer NOT NULL DEFAULT 1 CHECK (max_concurrent_calls >= 1),
   features jsonb NOT NULL DEFAULT '{}'::jsonb CHECK (jsonb_typeof(features) = 'object'),
+  -- calling rules (20240101000340): dial attempts to one number per rolling 24 h per tenant
+  -- (NULL = calling_settings.default_attempts_per_24h), and whether calls need recorded consent
+  contact_attempts_per_24h integer CHECK (contact_attempts_per_24h >= 1),
+  requires_consent boolean NOT NULL DEFAULT false,
   is_active boolean NOT NULL DEFAULT true,
   created_at timestamptz NOT NULL DEFAULT now(),
   updated_at timestamptz NOT NULL DEFAULT now()
@@ -117,11 +121,13 @@ CREATE TABLE public.call_templates (
   voicemail_message text CHECK (length(voicemail_message) <= 1000),
   record_calls boolean,
   is_public boolean NOT NULL DEFAULT false,
+  -- calling rules: calls with this template need the recipient's recorded consent
+  requires_consent boolean NOT NULL DEFAULT false,
   usage_count integer NOT NULL DEFAULT 0 CHECK (usage_count >= 0),
   created_at timestamptz NOT NULL DEFAULT now(),
   updated_at timestamptz NOT NULL DEFAULT now(),
   CONSTRAINT call_templates_leave_message_has_text
-    CHECK (voicemail_action <> 'leave_message' OR length(btrim(voicemail_message)) > 0)
+    CHECK (voicemail_action <> 'leave_message' OR coalesce(length(btrim(voicemail_message)), 0) > 0)
 );
 CREATE INDEX call_templates_created_by_idx ON public.call_templates (created_by);
 CREATE INDEX call_templates_public_idx ON public.call_templates (category) WHERE is_public;

@@ -61,6 +61,12 @@ CREATE TABLE public.call_queue (
   excluded_provider_ids uuid[] NOT NULL DEFAULT '{}',
   required_capabilities jsonb
     CHECK (required_capabilities IS NULL OR jsonb_typeof(required_capabilities) = 'object'),
+  -- calling rules (20240101000340): the recipient's IANA zone(s), given to schedule_call or
+  -- derived from the number (a calling window must hold in every one); set on insert by the
+  -- trigger call_queue_timezones when not given. hold_reason: why a rule last moved the call
+  -- ('calling_window', 'attempt_cap', 'no_calling_window'); cleared when it is dialed.
+  recipient_timezones text[] NOT NULL CHECK (cardinality(recipient_timezones) >= 1),
+  hold_reason text,
   claimed_by text,
   claimed_at timestamptz,
   lease_expires_at timestamptz,

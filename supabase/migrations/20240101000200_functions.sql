@@ -30,8 +30,9 @@ $$;
 -- schedule_calls (a campaign's batch) both call it; app roles cannot call it directly.
 --
 -- p_calls is a JSON array of objects with the keys name, phone, email, variables, metadata,
--- scheduled_time, priority, external_id (the idempotency key) and template_id (default
--- p_template_id). Every row is validated in one set-based statement, the valid rows are
+-- scheduled_time, priority, external_id (the idempotency key), template_id (default
+-- p_template_id) and timezone (the recipient's IANA zone; default: the number's zones, calling
+-- rules 20240101000340). Every row is validated in one set-based statement, the valid rows are
 -- inserted with one INSERT ... SELECT, and one row per input element comes back:
 -- (idx 1-based, queue_id, sqlstate, message, existing). existing is true when the external id
 -- was already queued for this user and campaign (or earlier in the batch): the first id comes
@@ -49,7 +50,8 @@ $$;
 -- (as a single schedule_call would), and only rows without any violation use the allowance, in
 -- input order. Messages never contain a phone number, a name or a secret.
 --   Ranks taken: 10 CQ040 malformed row, 200 CQ002, 300 CQ003, 400 CQ004, 500 CQ005,
---   600 CQ006, 700 CQ007, 900/910 CQ009, 1000 CQ010, 1100 CQ041.
+--   600 CQ006, 700 CQ007, 900/910 CQ009, 1000 CQ010, 1100 CQ041, 1200 CQ021, 1210 CQ023,
+--   1300 CQ020, 1400 CQ022.
 -- Whole-batch refusals (CQ008, CQ001, CQ045) are raised before any row is looked at.
 CREATE OR REPLACE FUNCTION public.schedule_calls_core(
   p_user_id uuid,
@@ -76,6 +78,7 @@ DECLARE
   v_lost boolean[];
   v_key text[];
   v_due integer;
+  v_now timestamptz := public.callq_now();  -- the calling rules' clock (tests pin it)
   -- a campaign that is not running, or paced, keeps its calls out of the plain claim
   v_via_campaign boolean := coalesce(
     (SELECT public.campaign_lane(c) FROM public.call_campaigns c WHERE c.id = p_campaign_id),
@@ -127,9 +130,9 @@ BEGIN
              WHEN EXISTS (SELECT 1 FROM jsonb_object_keys(i.r) k
                            WHERE k <> ALL (ARRAY['name', 'phone', 'email', 'variables',
                                                  'metadata', 'scheduled_time', 'priority',
-                                                 'external_id', 'template_id'])) THEN
+                                                 'external_id', 'template_id', 'timezone'])) THEN
                'unknown field (allowed: name, phone, email, variables, metadata, '
-               'scheduled_time, priority, external_id, template_id)'
+               'scheduled_time, priority, external_id, template_id, timezone)'
              WHEN i.r->>'template_id' IS NOT NULL
                   AND i.r->>'template_id' !~* '^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$'
                THEN 'template_id must be a uuid'
@@ -141,11 +144,14 @@ BEGIN
            i.r->>'name' AS name,
            i.r->>'phone' AS phone,
            i.r->>'email' AS email,
-           greatest(coalesce(t.ts, now()), now()) AS scheduled_time,
+           greatest(coalesce(t.ts, v_now), v_now) AS scheduled_time,
            nullif(i.r->'priority', 'null'::jsonb) AS priority_json,
            coalesce(nullif(i.r->'variables', 'null'::jsonb), '{}'::jsonb) AS variables,
            coalesce(nullif(i.r->'metadata', 'null'::jsonb), '{}'::jsonb) AS metadata,
-           i.r->>'external_id' AS key
+           i.r->>'external_id' AS key,
+           i.r->>'timezone' AS timezone,
+           CASE WHEN i.r->>'timezone' IS NOT NULL THEN ARRAY[i.r->>'timezone']
+                ELSE public.phone_timezones(i.r->>'phone') END AS zones
       FROM input i
       CROSS JOIN LATERAL (
         SELECT CASE WHEN jsonb_typeof(i.r) = 'object' AND i.r->>'scheduled_time' IS NOT NULL
@@ -194,6 +200,24 @@ BEGIN
     UNION ALL
     SELECT r.idx, 1100, 'CQ041', 'invalid_external_id: must be 1..200 characters'
       FROM rows r WHERE r.key IS NOT NULL AND length(r.key) NOT BETWEEN 1 AND 200
+    -- calling rules (20240101000340): zone, do-not-call, consent
+    UNION ALL
+    SELECT r.idx, 1200, 'CQ021',
+           'invalid_timezone: recipient_timezone must be an IANA zone name such as America/New_York'
+      FROM rows r
+     WHERE r.timezone IS NOT NULL
+       AND NOT EXISTS (SELECT 1 FROM public.calling_timezones z WHERE z.name = r.timezone)
+    UNION ALL
+    SELECT r.idx, 1210, 'CQ023',
+           'timezone_unknown: no time zone is known for this number; pass recipient_timezone'
+      FROM rows r WHERE r.zones IS NULL
+    UNION ALL
+    SELECT r.idx, 1300, 'CQ020', 'do_not_call: the number is on a do-not-call list'
+      FROM rows r WHERE public.do_not_call_listed(p_user_id, r.phone, v_now)
+    UNION ALL
+    SELECT r.idx, 1400, 'CQ022',
+           'consent_required: the plan or template requires consent from this number'
+      FROM rows r WHERE public.consent_missing(p_user_id, r.template_id, r.phone, v_now)
     -- ADD CHECKS HERE (one UNION ALL branch per rule; see the comment above the function)
   ),
   first_error AS (
@@ -246,7 +270,7 @@ BEGIN
   ),
   decided AS MATERIALIZED (
     SELECT o.idx, o.ins, o.new_id, o.key, o.template_id, o.name, o.phone, o.email,
-           o.scheduled_time, o.priority_json, o.variables, o.metadata, o.qid, o.existing,
+           o.scheduled_time, o.priority_json, o.variables, o.metadata, o.qid, o.existing, o.zones,
            CASE WHEN o.qid IS NOT NULL THEN NULL
                 WHEN o.rank < 300 THEN o.code
                 WHEN o.exhausted THEN 'CQ003'
@@ -266,10 +290,11 @@ BEGIN
   ins AS (
     INSERT INTO public.call_queue (id, user_id, campaign_id, template_id, recipient_name,
                                    recipient_phone, recipient_email, priority, scheduled_time,
-                                   custom_variables, metadata, idempotency_key, via_campaign)
+                                   custom_variables, metadata, idempotency_key,
+                                   recipient_timezones, via_campaign)
     SELECT d.new_id, p_user_id, p_campaign_id, d.template_id, btrim(d.name), d.phone, d.email,
            coalesce(d.priority_json::text::integer, 5), d.scheduled_time, d.variables,
-           d.metadata, d.key, v_via_campaign
+           d.metadata, d.key, d.zones, v_via_campaign
       FROM decided d, verdict
      WHERE d.ins AND NOT verdict.refuse
      ORDER BY d.idx
@@ -287,7 +312,7 @@ BEGIN
          array_agg(d.existing ORDER BY d.idx),
          array_agg(d.ins AND NOT v.refuse AND i.id IS NULL ORDER BY d.idx),
          array_agg(d.key ORDER BY d.idx),
-         count(*) FILTER (WHERE i.scheduled_time <= now())
+         count(*) FILTER (WHERE i.scheduled_time <= v_now)
     INTO v_idx, v_qid, v_code, v_msg, v_existing, v_lost, v_key, v_due
     FROM decided d CROSS JOIN verdict v LEFT JOIN ins i ON i.id = d.new_id;
 
@@ -340,7 +365,8 @@ CREATE OR REPLACE FUNCTION public.schedule_call(
   p_priority int DEFAULT 5,
   p_custom_variables jsonb DEFAULT '{}',
   p_metadata jsonb DEFAULT '{}',
-  p_idempotency_key text DEFAULT NULL
+  p_idempotency_key text DEFAULT NULL,
+  p_recipient_timezone text DEFAULT NULL
 ) RETURNS uuid
 LANGUAGE plpgsql
 SECURITY DEFINER
@@ -356,7 +382,7 @@ BEGIN
              'name', p_recipient_name, 'phone', p_recipient_phone, 'email', p_recipient_email,
              'scheduled_time', p_scheduled_time, 'priority', p_priority,
              'variables', p_custom_variables, 'metadata', p_metadata,
-             'external_id', p_idempotency_key)));
+             'external_id', p_idempotency_key, 'timezone', p_recipient_timezone)));
   IF v_r.sqlstate IS NOT NULL THEN
     RAISE EXCEPTION USING ERRCODE = v_r.sqlstate, MESSAGE = v_r.message;
   END IF;
@@ -503,13 +529,39 @@ SET search_path = ''
 SET plan_cache_mode = force_custom_plan
 AS $$
 #variable_conflict use_column
+DECLARE
+  v_now timestamptz := public.callq_now();
+  v_ids uuid[] := '{}';
+  v_new uuid[];
+  v_held uuid[];
 BEGIN
-  -- "id = ANY (ARRAY(...))" keeps the update a primary-key index scan of the chosen rows.
+  -- A call outside its calling window is not claimed: calling_hold moves it to its next
+  -- opening. After a hold, a few more rounds (of at least 50 rows) fill the batch.
+  FOR v_round IN 1..4 LOOP
+    -- claim_candidates: due calls, locked, campaigns' pause and pacing honoured
+    v_new := ARRAY(
+      SELECT d.id
+        FROM public.claim_candidates(
+               CASE WHEN v_round = 1 THEN greatest(p_limit, 0)
+                    ELSE greatest(p_limit - cardinality(v_ids), 50) END,
+               v_now, v_ids) d
+       ORDER BY d.priority, d.scheduled_time, d.created_at);
+    EXIT WHEN cardinality(v_new) = 0;
+    v_held := public.calling_hold(v_new, v_now);
+    IF v_held IS NOT NULL THEN
+      v_new := ARRAY(SELECT u.id FROM unnest(v_new) WITH ORDINALITY AS u(id, n)
+                      WHERE NOT (u.id = ANY (v_held)) ORDER BY u.n);
+    END IF;
+    -- (open rows beyond the batch stay queued; their locks go at commit)
+    v_ids := v_ids || v_new[1:greatest(p_limit - cardinality(v_ids), 0)];
+    EXIT WHEN v_held IS NULL OR cardinality(v_ids) >= p_limit;
+  END LOOP;
+  -- "id = ANY (v_ids)" keeps the update a primary-key index scan of the chosen rows.
   RETURN QUERY
   UPDATE public.call_queue q
      SET status = 'claimed', claimed_by = p_worker, claimed_at = now(),
          lease_expires_at = now() + make_interval(secs => p_lease_seconds)
-   WHERE q.id = ANY (ARRAY(SELECT d.id FROM public.claim_candidates(p_limit, now()) d))
+   WHERE q.id = ANY (v_ids)
      AND q.status = 'queued'
   RETURNING q.id, q.user_id, q.template_id, q.priority, q.scheduled_time, q.attempts;
 END
@@ -647,6 +699,11 @@ DECLARE
   v_pid uuid;
   v_aid uuid;
   v_row record;
+  v_now timestamptz := public.callq_now();
+  v_want integer;
+  v_new uuid[];
+  v_new_special uuid[];
+  v_held uuid[];
 BEGIN
   IF p_limit <= 0 THEN
     RETURN;
@@ -666,13 +723,38 @@ BEGIN
     RETURN;
   END IF;
 
-  SELECT array_agg(d.id ORDER BY d.priority, d.scheduled_time, d.created_at),
-         array_agg(d.id) FILTER (WHERE cardinality(d.excluded_provider_ids) > 0
-                                   OR d.required_capabilities IS NOT NULL)
-    INTO v_ids, v_special
-    FROM public.claim_candidates(least(p_limit, v_free), now()) d;
-  IF v_ids IS NULL THEN
+  -- A call outside its calling window is not claimed: calling_hold moves it to its next
+  -- opening (one query when every call may be dialed). After a hold, a few more rounds (of at
+  -- least 50 rows; open rows beyond the batch stay queued) fill the batch.
+  v_want := least(p_limit, v_free);
+  FOR v_round IN 1..4 LOOP
+    SELECT array_agg(d.id ORDER BY d.priority, d.scheduled_time, d.created_at),
+           array_agg(d.id) FILTER (WHERE cardinality(d.excluded_provider_ids) > 0
+                                     OR d.required_capabilities IS NOT NULL)
+      INTO v_new, v_new_special
+      -- claim_candidates: due calls, locked, campaigns' pause and pacing honoured
+      FROM public.claim_candidates(
+             CASE WHEN v_round = 1 THEN v_want
+                  ELSE greatest(v_want - coalesce(cardinality(v_ids), 0), 50) END,
+             v_now, v_ids) d;
+    EXIT WHEN v_new IS NULL;
+    v_held := public.calling_hold(v_new, v_now);
+    IF v_held IS NOT NULL OR v_round > 1 THEN
+      v_new := (ARRAY(SELECT u.id FROM unnest(v_new) WITH ORDINALITY AS u(id, n)
+                       WHERE v_held IS NULL OR NOT (u.id = ANY (v_held)) ORDER BY u.n)
+               )[1:v_want - coalesce(cardinality(v_ids), 0)];
+      v_new_special := ARRAY(SELECT u.id FROM unnest(v_new_special) AS u(id)
+                              WHERE u.id = ANY (v_new));
+    END IF;
+    v_ids := v_ids || v_new;
+    v_special := v_special || v_new_special;
+    EXIT WHEN v_held IS NULL OR coalesce(cardinality(v_ids), 0) >= v_want;
+  END LOOP;
+  IF coalesce(cardinality(v_ids), 0) = 0 THEN
     RETURN;
+  END IF;
+  IF cardinality(v_special) = 0 THEN
+    v_special := NULL;
   END IF;
 
   FOR v_try IN 1..2 LOOP
@@ -777,6 +859,10 @@ $$;
 -- ---------------------------------------------------------------------------------------------
 -- mark_call_dialing: assigned -> dialing, counts the attempt. FALSE when already past
 -- assigned (or released): the caller must not dial. The never-dial-twice gate.
+-- It re-checks the calling rules at this last moment (calling_dial_check, 20240101000340): a
+-- number on a do-not-call list or without a required consent is canceled (FALSE, never
+-- dialed); a call outside its window or over the attempt cap goes back to the queue for its
+-- next allowed time (slot released, FALSE). A dial is recorded in contact_attempts.
 -- A call of a campaign that was paused or canceled after the claim is not dialed: its
 -- assignment is released (the call waits in the queue, or is canceled with its campaign).
 CREATE OR REPLACE FUNCTION public.mark_call_dialing(p_assignment_id uuid) RETURNS boolean
@@ -785,34 +871,55 @@ SET search_path = ''
 AS $$
 DECLARE
   v_qid uuid;
-  v_campaign uuid;
+  v_q record;
+  v_now timestamptz;
+  v_check record;
 BEGIN
   SELECT a.queue_id INTO v_qid FROM public.call_assignments a WHERE a.id = p_assignment_id;
   IF NOT FOUND THEN
     RETURN false;
   END IF;
-  SELECT q.campaign_id INTO v_campaign FROM public.call_queue q WHERE q.id = v_qid FOR UPDATE;
+  SELECT q.user_id, q.recipient_phone, q.campaign_id INTO v_q
+    FROM public.call_queue q WHERE q.id = v_qid FOR UPDATE;
+  PERFORM 1 FROM public.call_assignments a WHERE a.id = p_assignment_id AND a.state = 'assigned';
+  IF NOT FOUND THEN
+    RETURN false;
+  END IF;
 
-  IF v_campaign IS NOT NULL AND EXISTS (
+  IF v_q.campaign_id IS NOT NULL AND EXISTS (
        SELECT 1 FROM public.call_campaigns c
-        WHERE c.id = v_campaign AND c.status IN ('paused', 'canceled', 'draft')) THEN
+        WHERE c.id = v_q.campaign_id AND c.status IN ('paused', 'canceled', 'draft')) THEN
     PERFORM public.release_assignment(p_assignment_id, 'campaign_not_running');
+    RETURN false;
+  END IF;
+
+  v_now := public.callq_now();
+  SELECT * INTO v_check FROM public.calling_dial_check(v_qid, v_now);
+  IF v_check.verdict IN ('do_not_call', 'consent_missing') THEN
+    PERFORM public.handle_failed_call(p_assignment_id, 'canceled', v_check.verdict);
+    RETURN false;
+  ELSIF v_check.verdict IS NOT NULL THEN
+    PERFORM public.release_assignment(p_assignment_id, v_check.verdict);
+    UPDATE public.call_queue q
+       SET scheduled_time = v_check.not_before, hold_reason = v_check.verdict
+     WHERE q.id = v_qid;
+    PERFORM public.record_call_event(v_qid, 'held', jsonb_build_object(
+      'rule', v_check.verdict, 'until', v_check.not_before, 'at', 'dial_gate'));
     RETURN false;
   END IF;
 
   UPDATE public.call_assignments a
      SET state = 'dialing', dialing_at = now()
-   WHERE a.id = p_assignment_id AND a.state = 'assigned';
-  IF NOT FOUND THEN
-    RETURN false;
-  END IF;
+   WHERE a.id = p_assignment_id;
 
   UPDATE public.call_queue q
-     SET status = 'dialing', attempts = q.attempts + 1,
+     SET status = 'dialing', attempts = q.attempts + 1, hold_reason = NULL,
          -- the dialing lease is as long as the claim lease the worker asked for
          lease_expires_at = now() + coalesce(q.lease_expires_at - q.claimed_at,
                                              make_interval(secs => public.default_lease_seconds()))
    WHERE q.id = v_qid;
+  INSERT INTO public.contact_attempts (assignment_id, user_id, phone, attempted_at)
+  VALUES (p_assignment_id, v_q.user_id, v_q.recipient_phone, v_now);
   RETURN true;
 END
 $$;
@@ -871,10 +978,14 @@ AS $$
 $$;
 
 -- release_assignment: for calls proven never dialed. Frees the slot, assignment -> released,
--- queue -> queued (due now) with attempts unchanged (an attempt counted by mark_call_dialing is
--- given back). Reasons starting with "provider" (e.g. provider_error, provider_unavailable) or
--- equal to circuit_open / rate_limited exclude the provider from the next attempt.
-CREATE OR REPLACE FUNCTION public.release_assignment(p_assignment_id uuid, p_reason text)
+-- queue -> queued (due now, or p_delay_seconds from now) with attempts unchanged (an attempt
+-- counted by mark_call_dialing is given back). Reasons starting with "provider" (e.g.
+-- provider_error, provider_unavailable) or equal to circuit_open / rate_limited exclude the
+-- provider from the next attempt. The worker releases with a delay a create that would wait
+-- in its client-side throttle longer than the dialing lease allows (reason client_throttle).
+CREATE OR REPLACE FUNCTION public.release_assignment(
+  p_assignment_id uuid, p_reason text, p_delay_seconds double precision DEFAULT 0
+)
 RETURNS boolean
 LANGUAGE plpgsql
 SET search_path = ''
@@ -898,12 +1009,17 @@ BEGIN
   UPDATE public.call_assignments a
      SET state = 'released', ended_at = now(), outcome = 'released', error = p_reason
    WHERE a.id = p_assignment_id;
+  -- never dialed: the attempt does not count against the contact's cap either
+  DELETE FROM public.contact_attempts c WHERE c.assignment_id = p_assignment_id;
 
   PERFORM public.free_provider_slot(v_a.provider_id);
 
   UPDATE public.call_queue q
      SET status = 'queued',
          attempts = CASE WHEN v_prev = 'dialing' THEN greatest(q.attempts - 1, 0) ELSE q.attempts END,
+         scheduled_time = CASE WHEN p_delay_seconds > 0
+           THEN greatest(q.scheduled_time, now() + make_interval(secs => p_delay_seconds))
+           ELSE q.scheduled_time END,
          claimed_by = NULL, claimed_at = NULL, lease_expires_at = NULL,
          last_error = p_reason,
          excluded_provider_ids = CASE
@@ -1072,6 +1188,7 @@ DECLARE
   v_next timestamptz;
   v_final boolean;
   v_hstatus text;
+  v_rule record;
 BEGIN
   IF p_failure_kind IS NULL OR NOT (p_failure_kind = ANY (public.failure_kinds())) THEN
     RAISE EXCEPTION USING ERRCODE = 'CQ013',
@@ -1121,7 +1238,10 @@ BEGIN
     v_delay := v_delay * coalesce(
       nullif(current_setting('callq.retry_delay_scale', true), '')::double precision,
       (SELECT o.retry_delay_scale FROM public.ops_settings o), 1);
-    v_next := now() + make_interval(secs => v_delay);
+    v_next := public.callq_now() + make_interval(secs => v_delay);
+    -- calling rules: the retry goes to the next moment its window and the attempt cap allow
+    SELECT * INTO v_rule FROM public.calling_next_dial_time(v_q.id, v_next);
+    v_next := v_rule.at;
   END IF;
 
   INSERT INTO public.call_retries (queue_id, assignment_id, provider_id, attempt, reason, error,
@@ -1132,11 +1252,16 @@ BEGIN
   IF NOT v_final THEN
     UPDATE public.call_queue q
        SET status = 'queued', scheduled_time = v_next, last_error = coalesce(p_error, p_failure_kind),
+           hold_reason = v_rule.reason,
            claimed_by = NULL, claimed_at = NULL, lease_expires_at = NULL,
            excluded_provider_ids = CASE WHEN p_failure_kind = 'provider_error'
              THEN public.exclude_provider(q.excluded_provider_ids, v_a.provider_id)
              ELSE q.excluded_provider_ids END
      WHERE q.id = v_q.id;
+    IF v_rule.reason IS NOT NULL THEN  -- a calling rule moved the retry
+      PERFORM public.record_call_event(v_q.id, 'held', jsonb_build_object(
+        'rule', v_rule.reason, 'until', v_next));
+    END IF;
     RETURN 'retry_scheduled';
   END IF;
 

@@ -186,12 +186,13 @@ CREATE POLICY queue_cancel_own ON public.call_queue FOR UPDATE TO authenticated
 REVOKE ALL ON FUNCTION
   public.set_updated_at(), public.handle_new_user(), public.sync_provider_slots(),
   public.is_admin(), public.free_provider_slot(uuid),
-  public.schedule_call(uuid, uuid, text, text, text, timestamptz, int, jsonb, jsonb, text),
+  public.schedule_call(uuid, uuid, text, text, text, timestamptz, int, jsonb, jsonb, text, text),
   public.claim_due_calls(int, text, int), public.get_next_call_in_queue(),
   public.get_best_available_provider(jsonb, uuid[]), public.assign_call_to_provider(uuid, uuid),
   public.claim_and_assign_calls(int, text, int), public.mark_call_dialing(uuid),
   public.mark_call_placed(uuid, text), public.exclude_provider(uuid[], uuid),
-  public.release_assignment(uuid, text), public.add_call_usage(uuid, double precision),
+  public.release_assignment(uuid, text, double precision),
+  public.add_call_usage(uuid, double precision),
   public.complete_call(uuid, double precision, text, text, double precision, text,
     timestamptz, timestamptz),
   public.record_provider_health(uuid, boolean, double precision, text),
@@ -204,7 +205,7 @@ REVOKE ALL ON FUNCTION
 GRANT EXECUTE ON FUNCTION public.is_admin() TO authenticated, service_role, callq_worker;
 
 GRANT EXECUTE ON FUNCTION
-  public.schedule_call(uuid, uuid, text, text, text, timestamptz, int, jsonb, jsonb, text)
+  public.schedule_call(uuid, uuid, text, text, text, timestamptz, int, jsonb, jsonb, text, text)
   TO authenticated, service_role, callq_worker;
 
 GRANT EXECUTE ON FUNCTION
@@ -213,7 +214,8 @@ GRANT EXECUTE ON FUNCTION
   public.get_best_available_provider(jsonb, uuid[]), public.assign_call_to_provider(uuid, uuid),
   public.claim_and_assign_calls(int, text, int), public.mark_call_dialing(uuid),
   public.mark_call_placed(uuid, text), public.exclude_provider(uuid[], uuid),
-  public.release_assignment(uuid, text), public.add_call_usage(uuid, double precision),
+  public.release_assignment(uuid, text, double precision),
+  public.add_call_usage(uuid, double precision),
   public.complete_call(uuid, double precision, text, text, double precision, text,
     timestamptz, timestamptz),
   public.record_provider_health(uuid, boolean, double precision, text),

@@ -405,7 +405,7 @@ $$;
 --   failed_outcome, canceled_outcome; attempts (dials, retries included); answer_rate =
 --   answered / calls that ended after at least one dial; minutes (rounded up per call, as
 --   billed); cost; first_call_at (first dial) and last_call_at (last end); held = queued calls
---   a calling rule moved (their hold_reason, once the calling rules exist: NULL until then).
+--   a calling rule moved to a later time (their hold_reason is set).
 CREATE VIEW public.call_campaign_progress WITH (security_invoker = true) AS
 SELECT c.id AS campaign_id, c.user_id, c.name, c.status, c.calls_per_minute, c.max_in_flight,
        c.created_at, c.started_at, c.ended_at,
@@ -427,7 +427,7 @@ SELECT c.id AS campaign_id, c.user_id, c.name, c.status, c.calls_per_minute, c.m
        coalesce(h.seconds, 0) AS seconds,
        coalesce(h.cost, 0) AS cost,
        h.first_call_at, h.last_call_at,
-       NULL::bigint AS held
+       coalesce(q.held, 0) AS held
   FROM public.call_campaigns c
   LEFT JOIN LATERAL (
     SELECT count(*) AS calls,
@@ -437,7 +437,8 @@ SELECT c.id AS campaign_id, c.user_id, c.name, c.status, c.calls_per_minute, c.m
            count(*) FILTER (WHERE x.status = 'completed') AS completed,
            count(*) FILTER (WHERE x.status = 'failed') AS failed,
            count(*) FILTER (WHERE x.status = 'canceled') AS canceled,
-           sum(x.attempts) AS attempts
+           sum(x.attempts) AS attempts,
+           count(*) FILTER (WHERE x.status = 'queued' AND x.hold_reason IS NOT NULL) AS held
       FROM public.call_queue x WHERE x.campaign_id = c.id
   ) q ON true
   LEFT JOIN LATERAL (

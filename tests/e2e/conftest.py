@@ -22,6 +22,9 @@ FAST_ENV = {
     "CALLQ_HEALTH_INTERVAL_SECONDS": "1",
     "CALLQ_REAPER_INTERVAL_SECONDS": "1",
     "CALLQ_LEASE_SECONDS": "5",
+    # a create (and its answer) fits in the lease: the throttle may wait 5 - 1 - 2 = 2 s
+    "CALLQ_HTTP_CONNECT_TIMEOUT_SECONDS": "1",
+    "CALLQ_HTTP_READ_TIMEOUT_SECONDS": "2",
     "CALLQ_LOG_LEVEL": "INFO",
     # The simulator listens on a loopback port picked per test.
     "CALLQ_PROVIDER_ALLOWED_HOSTS": "http://127.0.0.1:*",

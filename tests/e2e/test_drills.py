@@ -76,13 +76,3 @@ def _can_run_own_postgres() -> bool:
 def test_drill_postgres_restart(cfg: drills.DrillConfig) -> None:
     cfg.admin_url = None  # the drill starts and crashes a PostgreSQL of its own
     _assert_clean(drills.postgres_restart(cfg))
-
-
-def test_drill_bad_input_is_refused(cfg: drills.DrillConfig) -> None:
-    r = drills.bad_input(cfg, examples=400)
-    e = r.extra
-    assert r.error is None, r.error
-    assert e["tried"] >= 300
-    assert e["rows_written"] == 0
-    assert e["accepted"] == 0, e["accepted_examples"]
-    assert e["unexpected_count"] == 0, e["unexpected_sqlstate"]

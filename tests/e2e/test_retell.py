@@ -13,7 +13,8 @@ import psycopg
 import pytest
 
 from providers.simulator import Simulator
-from tests.e2e.conftest import all_terminal, creates_by_queue, slots_held, status_counts, wait_until
+from tests.e2e.conftest import all_terminal, creates_by_queue, slots_held, status_counts
+from worker.embedded import wait_until
 from worker.fleet import Fleet
 from worker.seed import Seeded, schedule_calls, seed_demo
 

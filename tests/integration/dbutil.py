@@ -35,6 +35,17 @@ TABLES = [
     "notification_endpoints",
     "call_notifications",
 ]
+# The calling rules' tables: settings, reference data and rule rows (no SQLAlchemy models: only
+# the SQL functions use them).
+RULES_TABLES = [
+    "calling_settings",
+    "calling_timezones",
+    "phone_prefix_zones",
+    "calling_windows",
+    "do_not_call",
+    "call_consents",
+    "contact_attempts",
+]
 
 
 def connect(url: str) -> Conn:
@@ -148,6 +159,37 @@ def as_role(conn: Conn, role: str, user: uuid.UUID | None = None) -> Iterator[Co
     if user is not None:
         claims["sub"] = str(user)
     with conn.transaction(force_rollback=True):
+        conn.execute(f"SET LOCAL ROLE {role}")  # type: ignore[arg-type]
+        conn.execute("SELECT set_config('request.jwt.claims', %s, true)", (json.dumps(claims),))
+        yield conn
+
+
+# Calling rules (20240101000140/340). The shipped defaults: 08:00-21:00 in the recipient's
+# zone every day, 3 dial attempts per number per rolling 24 h. The test template opens them
+# (see tests/conftest.py) so that tests of other features do not depend on the hour they run
+# at or on how often they reuse a number; tests of the rules put the shipped values back.
+OPEN_CALLING_RULES = (
+    "UPDATE calling_windows SET start_time = '00:00', end_time = '24:00' WHERE scope = 'default';"
+    " UPDATE calling_settings SET default_attempts_per_24h = 1000000"
+)
+SHIPPED_CALLING_RULES = (
+    "UPDATE calling_windows SET start_time = '08:00', end_time = '21:00' WHERE scope = 'default';"
+    " UPDATE calling_settings SET default_attempts_per_24h = 3"
+)
+
+
+def set_clock(conn: Conn, at: Any) -> None:
+    """Pin the rules' clock (callq_now()) for every session of this database; None unpins."""
+    conn.execute("UPDATE calling_settings SET test_now = %s", (at,))
+
+
+@contextmanager
+def as_role_committed(conn: Conn, role: str, user: uuid.UUID | None = None) -> Iterator[Conn]:
+    """Like :func:`as_role`, but what runs inside is committed."""
+    claims: dict[str, Any] = {"role": role}
+    if user is not None:
+        claims["sub"] = str(user)
+    with conn.transaction():
         conn.execute(f"SET LOCAL ROLE {role}")  # type: ignore[arg-type]
         conn.execute("SELECT set_config('request.jwt.claims', %s, true)", (json.dumps(claims),))
         yield conn

@@ -12,7 +12,18 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[2]
 ENTRYPOINT = REPO / "docker" / "entrypoint.sh"
-ROLES = ["worker", "beat", "flower", "webhooks", "simulator", "migrate", "queue", "demo", "metrics"]
+ROLES = [
+    "worker",
+    "beat",
+    "flower",
+    "webhooks",
+    "simulator",
+    "migrate",
+    "queue",
+    "demo",
+    "metrics",
+    "providers",
+]
 
 
 def entry(*args: str) -> subprocess.CompletedProcess[str]:

@@ -23,8 +23,19 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 ENTRYPOINT = REPO / "docker" / "entrypoint.sh"
-ROLES = ["worker", "beat", "flower", "webhooks", "simulator", "migrate", "queue", "demo", "metrics"]
-COMMANDS = ["db", "queue", "demo", "simulate-providers", "webhooks", "metrics",
+ROLES = [
+    "worker",
+    "beat",
+    "flower",
+    "webhooks",
+    "simulator",
+    "migrate",
+    "queue",
+    "demo",
+    "metrics",
+    "providers",
+]
+COMMANDS = ["db", "queue", "demo", "simulate-providers", "webhooks", "metrics", "providers",
             "worker", "beat", "flower"]  # fmt: skip
 _IGNORE = shutil.ignore_patterns(
     ".venv", ".git", "build", "dist", "*.egg-info", "__pycache__", ".*_cache", "bench", "tests"

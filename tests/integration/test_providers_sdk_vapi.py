@@ -35,7 +35,7 @@ from vapi.types import (  # noqa: E402
 
 from providers.base import CallRequest, ProviderConfig, VoicemailAction, VoicemailPolicy  # noqa: E402
 from providers.simulator import Simulator  # noqa: E402
-from providers.vapi import build_create_body  # noqa: E402
+from providers.vapi import VapiProvider, build_create_body  # noqa: E402
 from tests.integration.receiver import Receiver  # noqa: E402
 
 KEY = "sim-vapi-key"
@@ -254,6 +254,29 @@ def test_scheduled_call_can_be_deleted_before_it_starts(client: Vapi, rec: Recor
     with pytest.raises(ApiError) as info:
         client.calls.get(raw["id"])
     assert info.value.status_code == 404
+
+
+def test_our_cancel_unschedules_a_scheduled_call(
+    client: Vapi, rec: Recorder, sim: Simulator
+) -> None:
+    """The adapter's cancel-before-start path: a scheduled call is deleted, never dialed."""
+    raw = create(
+        client, rec, schedule_plan={"earliest_at": datetime.now(UTC) + timedelta(minutes=5)}
+    )
+    config = ProviderConfig(
+        id="v", provider_type="vapi", api_key=KEY, base_url=sim.vapi_url,
+        config={"phone_number_id": "pn-1"},
+    )  # fmt: skip
+    http = httpx.Client(event_hooks={"response": [rec]})
+    vapi_provider = VapiProvider(config, http)
+    assert vapi_provider.cancel_call(raw["id"]) is True
+    assert rec.responses[-1].request.method == "DELETE"
+    deleted = strict(Call, rec.last)
+    assert deleted.ended_reason == "scheduled-call-deleted" and deleted.started_at is None
+    live = create(client, rec)  # a live call is ended through its control URL instead
+    assert vapi_provider.cancel_call(live["id"]) is True
+    assert rec.responses[-1].request.url.path.endswith("/control")
+    http.close()
 
 
 def test_delete_returns_the_call(client: Vapi, rec: Recorder) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -225,10 +224,11 @@ def test_cli_serves(tmp_path: Any) -> None:
         proc.wait(timeout=10)
 
 
-def test_create_throughput(sim: Simulator) -> None:
-    """Several hundred creates/s over keep-alive connections (reported for the benchmark)."""
+def test_concurrent_creates_on_keep_alive_connections(sim: Simulator) -> None:
+    """Creates from several keep-alive clients at once all succeed and are all counted (the
+    rate itself is a benchmark figure, never asserted here)."""
     sim.configure({"answer_at_once": True})
-    threads, per_thread = 8, 150
+    threads, per_thread = 8, 50
     errors: list[int] = []
 
     def worker(t: int) -> None:
@@ -238,15 +238,10 @@ def test_create_throughput(sim: Simulator) -> None:
                 if r.status_code != 201:
                     errors.append(r.status_code)
 
-    start = time.perf_counter()
     pool = [threading.Thread(target=worker, args=(t,)) for t in range(threads)]
     for th in pool:
         th.start()
     for th in pool:
         th.join()
-    rate = threads * per_thread / (time.perf_counter() - start)
-    print(f"simulator create rate: {rate:.0f}/s")
     assert not errors
     assert sim.stats()["total_creates"] == threads * per_thread
-    floor = float(os.environ.get("SIM_MIN_CREATE_RATE", "150"))
-    assert rate > floor

@@ -9,12 +9,14 @@ from email.utils import format_datetime
 import httpx
 import pytest
 
-from providers._http import Sender, TokenBucket, error_code, parse_retry_after
+from dispatch.policy import Release, decide_error
+from providers._http import Sender, TokenBucket, error_code, max_create_wait, parse_retry_after
 from providers.base import CallRequest, ProviderConfig
 from providers.errors import (
     ProviderOutcomeUnknownError,
     ProviderPermanentError,
     ProviderRetryableError,
+    ProviderThrottledError,
 )
 from providers.synthflow import SynthflowProvider
 from providers.vapi import VapiProvider
@@ -265,3 +267,36 @@ def test_vapi_find_call_pages_by_created_at() -> None:
     assert found is not None and found.provider_call_id == "c5"
     assert rec.requests[0].url.params["createdAtGt"] == "2026-01-01T00:00:00.000Z"
     assert rec.requests[1].url.params["createdAtLt"] == "2026-01-01T00:01:40.001Z"
+
+
+def test_token_bucket_refuses_a_wait_past_the_bound_without_taking_a_token() -> None:
+    clock = [0.0]
+    bucket = TokenBucket(1.0, clock=lambda: clock[0], sleep=lambda _: None)
+    assert [bucket.acquire(max_wait=1.5) for _ in range(2)] == [0.0, 1.0]
+    assert bucket.acquire(max_wait=1.5) is None  # would wait 2 s
+    assert bucket.wait_needed() == 2.0  # nothing was taken by the refusal
+    clock[0] = 1.0
+    assert bucket.acquire(max_wait=1.5) == 1.0
+
+
+def test_a_create_never_waits_in_the_throttle_past_the_dialing_lease() -> None:
+    ok = httpx.Response(
+        200, json={"status": "success", "response": {"answer": "ok", "call_id": "c"}}
+    )
+    rec = Recorder(ok)
+    config = ProviderConfig(
+        id="s", provider_type="synthflow", api_key=KEY, dial_lease_seconds=10.0,
+        config={"model_id": "m", "creates_per_second": 0.5, "connect_timeout": 1,
+                "read_timeout": 4},
+    )  # fmt: skip
+    assert max_create_wait(10.0, 1.0, 4.0) == 5.0 and max_create_wait(3.0, 1.0, 4.0) == 0.0
+    provider = SynthflowProvider(config, httpx.Client(transport=httpx.MockTransport(rec)))
+    assert provider._sender._throttle is not None
+    provider._sender._throttle._sleep = lambda _: None
+    provider.create_call(REQ)  # no wait
+    provider.create_call(REQ)  # 2 s
+    provider.create_call(REQ)  # 4 s
+    with pytest.raises(ProviderThrottledError) as info:
+        provider.create_call(REQ)  # 6 s > 10 - 1 - 4: refused, nothing sent
+    assert len(rec.requests) == 3 and info.value.retry_after == pytest.approx(6.0, abs=0.5)
+    assert decide_error(info.value) == Release("client_throttle", info.value.retry_after)
