@@ -37,6 +37,11 @@ PROVIDER_COLUMNS = """
 p.id AS provider_id, p.name AS provider_name, p.provider_type, p.api_key, p.api_secret,
 p.webhook_secret, p.base_url, p.max_concurrent_calls, p.capabilities, p.config
 """
+# The template as it was when the call was queued (call_queue.template_snapshot, a copy of the
+# row): a later edit or deletion of the template does not change the call.
+TEMPLATE_JOIN = (
+    "LEFT JOIN LATERAL jsonb_populate_record(NULL::call_templates, q.template_snapshot) t ON true"
+)
 
 # Everything a dispatch, a poll or a reconcile needs about assignment ``a`` (``CallRow``).
 CALL_COLUMNS = f"""
@@ -47,11 +52,11 @@ t.name AS template_name, t.script, t.first_message, t.voicemail_detection,
 t.voicemail_action, t.voicemail_message, t.record_calls,
 {PROVIDER_COLUMNS}
 """
-CALL_FROM = """
+CALL_FROM = f"""
 FROM call_assignments a
 JOIN call_queue q ON q.id = a.queue_id
 JOIN call_service_providers p ON p.id = a.provider_id
-LEFT JOIN call_templates t ON t.id = q.template_id
+{TEMPLATE_JOIN}
 """
 
 # Load the calls behind some assignments (those that exist), in one round trip.
@@ -67,7 +72,7 @@ CROSS JOIN LATERAL (SELECT mark_call_dialing(x.id) AS won) g
 JOIN call_assignments a ON a.id = x.id
 JOIN call_queue q ON q.id = a.queue_id
 JOIN call_service_providers p ON p.id = a.provider_id
-LEFT JOIN call_templates t ON t.id = q.template_id
+{TEMPLATE_JOIN}
 WHERE g.won
 ORDER BY x.n
 """

@@ -69,6 +69,7 @@ class User(Base):
     timezone: Mapped[str] = mapped_column(server_default=text("'UTC'"))
     is_admin: Mapped[bool] = mapped_column(Boolean, server_default=text("false"))
     metadata_: Mapped[dict[str, Any]] = mapped_column("metadata", server_default=EMPTY_OBJECT)
+    deleted_at: Mapped[datetime | None]  # account closed: the row is an anonymised tombstone
     created_at: Mapped[datetime] = _created()
     updated_at: Mapped[datetime] = _updated()
 
@@ -97,7 +98,7 @@ class UserSubscription(Base):
     __tablename__ = "user_subscriptions"
 
     id: Mapped[uuid.UUID] = _pk()
-    user_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
+    user_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("users.id", ondelete="RESTRICT"))
     plan_id: Mapped[uuid.UUID] = mapped_column(
         ForeignKey("subscription_plans.id", ondelete="RESTRICT")
     )
@@ -118,7 +119,7 @@ class UserCallUsage(Base):
     __tablename__ = "user_call_usage"
 
     id: Mapped[uuid.UUID] = _pk()
-    user_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
+    user_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("users.id", ondelete="RESTRICT"))
     subscription_id: Mapped[uuid.UUID | None] = mapped_column(
         ForeignKey("user_subscriptions.id", ondelete="SET NULL")
     )
@@ -175,7 +176,7 @@ class CallHistory(Base):
     __tablename__ = "call_history"
 
     id: Mapped[uuid.UUID] = _pk()
-    user_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
+    user_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("users.id", ondelete="RESTRICT"))
     template_id: Mapped[uuid.UUID | None] = mapped_column(
         ForeignKey("call_templates.id", ondelete="SET NULL")
     )
@@ -188,8 +189,8 @@ class CallHistory(Base):
     provider_id: Mapped[uuid.UUID | None] = mapped_column(
         ForeignKey("call_service_providers.id", ondelete="SET NULL")
     )
-    recipient_name: Mapped[str]
-    recipient_phone: Mapped[str]
+    recipient_name: Mapped[str | None]  # NULL once the account is closed
+    recipient_phone: Mapped[str | None]
     recipient_email: Mapped[str | None]
     status: Mapped[str]
     started_at: Mapped[datetime | None]
@@ -312,10 +313,14 @@ class CallQueue(Base):
     __tablename__ = "call_queue"
 
     id: Mapped[uuid.UUID] = _pk()
-    user_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
-    template_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("call_templates.id"))
-    recipient_name: Mapped[str]
-    recipient_phone: Mapped[str]
+    user_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("users.id", ondelete="RESTRICT"))
+    template_id: Mapped[uuid.UUID | None] = mapped_column(
+        ForeignKey("call_templates.id", ondelete="SET NULL")
+    )
+    # the template row as it was when the call was queued (what the worker sends)
+    template_snapshot: Mapped[dict[str, Any] | None]
+    recipient_name: Mapped[str | None]  # NULL only on a closed account's finished call
+    recipient_phone: Mapped[str | None]
     recipient_email: Mapped[str | None]
     status: Mapped[str] = mapped_column(server_default=text("'queued'"))
     priority: Mapped[int] = mapped_column(Integer, server_default=text("5"))

@@ -89,7 +89,11 @@ def seed_demo(
     webhook_secret: str | None = None,
     email: str | None = None,
 ) -> Seeded:
-    """Create one user (through ``auth.users``, as Supabase does), plan, template and providers."""
+    """Create one user (through ``auth.users``, as Supabase does), plan, template and providers.
+
+    ``webhook_secret`` goes to the providers' ``webhook_secret`` column (a value or an
+    ``env:NAME`` reference); without it every webhook is refused and calls are polled.
+    """
     base = sim_base_url.rstrip("/")
     user_id = uuid.uuid4()
     email = email or f"demo-{user_id.hex[:8]}@example.com"

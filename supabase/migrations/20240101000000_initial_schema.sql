@@ -14,9 +14,11 @@ BEGIN
 END
 $$;
 
--- 1. users: the profile that extends auth.users (one row per auth user, same id).
+-- 1. users: the profile that extends auth.users (one row per auth user, same id). No foreign
+-- key to auth.users: deleting the auth user closes the account (trigger in 20240101000310) and
+-- leaves this row as an anonymised tombstone, so usage, billing and history keep their owner.
 CREATE TABLE public.users (
-  id uuid PRIMARY KEY REFERENCES auth.users (id) ON DELETE CASCADE,
+  id uuid PRIMARY KEY,
   email text,
   full_name text,
   phone text CHECK (phone IS NULL OR phone ~ '^\+[1-9][0-9]{6,14}$'),
@@ -25,6 +27,8 @@ CREATE TABLE public.users (
   timezone text NOT NULL DEFAULT 'UTC',
   is_admin boolean NOT NULL DEFAULT false,
   metadata jsonb NOT NULL DEFAULT '{}'::jsonb CHECK (jsonb_typeof(metadata) = 'object'),
+  -- set when the account was closed (public.close_account): the row is then anonymised
+  deleted_at timestamptz,
   created_at timestamptz NOT NULL DEFAULT now(),
   updated_at timestamptz NOT NULL DEFAULT now()
 );
@@ -54,7 +58,8 @@ CREATE TABLE public.subscription_plans (
 -- 3. user_subscriptions: a user's plan and billing period; at most one live one per user.
 CREATE TABLE public.user_subscriptions (
   id uuid PRIMARY KEY DEFAULT gen_random_uuid(),
-  user_id uuid NOT NULL REFERENCES public.users (id) ON DELETE CASCADE,
+  -- billing records: a user row with subscriptions is never deleted (accounts are closed)
+  user_id uuid NOT NULL REFERENCES public.users (id) ON DELETE RESTRICT,
   -- a plan with subscribers cannot be deleted (deactivate it instead)
   plan_id uuid NOT NULL REFERENCES public.subscription_plans (id) ON DELETE RESTRICT,
   status text NOT NULL DEFAULT 'active'
@@ -79,7 +84,7 @@ CREATE INDEX user_subscriptions_period_end_idx
 -- 4. user_call_usage: calls and minutes per user per billing period, with what is left.
 CREATE TABLE public.user_call_usage (
   id uuid PRIMARY KEY DEFAULT gen_random_uuid(),
-  user_id uuid NOT NULL REFERENCES public.users (id) ON DELETE CASCADE,
+  user_id uuid NOT NULL REFERENCES public.users (id) ON DELETE RESTRICT,
   -- usage outlives a deleted subscription row (billing records)
   subscription_id uuid REFERENCES public.user_subscriptions (id) ON DELETE SET NULL,
   period_start timestamptz NOT NULL,
@@ -103,7 +108,7 @@ CREATE INDEX user_call_usage_subscription_idx ON public.user_call_usage (subscri
 -- 5. call_templates: scripts; public ones are visible to every signed-in user.
 CREATE TABLE public.call_templates (
   id uuid PRIMARY KEY DEFAULT gen_random_uuid(),
-  -- NULL = a system template (created by ops); a user's templates go with the user
+  -- NULL = a system template (created by ops); closing an account deletes its templates
   created_by uuid REFERENCES public.users (id) ON DELETE CASCADE,
   name text NOT NULL CHECK (length(btrim(name)) BETWEEN 1 AND 200),
   description text,
@@ -137,14 +142,15 @@ CREATE INDEX call_templates_tags_idx ON public.call_templates USING gin (tags);
 -- assignments are added in 20240101000100 once those tables exist.
 CREATE TABLE public.call_history (
   id uuid PRIMARY KEY DEFAULT gen_random_uuid(),
-  user_id uuid NOT NULL REFERENCES public.users (id) ON DELETE CASCADE,
+  user_id uuid NOT NULL REFERENCES public.users (id) ON DELETE RESTRICT,
   -- history keeps the call when its template is deleted
   template_id uuid REFERENCES public.call_templates (id) ON DELETE SET NULL,
   queue_id uuid,
   assignment_id uuid,
   provider_id uuid,
-  recipient_name text NOT NULL,
-  recipient_phone text NOT NULL CHECK (recipient_phone ~ '^\+[1-9][0-9]{6,14}$'),
+  -- NULL once the user closed the account (anonymised; the row stays for billing)
+  recipient_name text,
+  recipient_phone text CHECK (recipient_phone ~ '^\+[1-9][0-9]{6,14}$'),
   recipient_email text,
   status text NOT NULL
     CHECK (status IN ('completed', 'failed', 'canceled', 'busy', 'no_answer', 'voicemail')),

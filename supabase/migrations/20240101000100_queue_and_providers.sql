@@ -6,8 +6,9 @@
 -- by an absolute number of dead rows rather than a fraction of the table, so the dead index
 -- entries each claim leaves behind are cleaned up continuously (see supabase/README.md).
 
--- 9. call_service_providers: credentials are never readable by anon/authenticated
--- (column privileges in 20240101000300). api_key may hold "env:NAME" (resolved by the worker).
+-- 9. call_service_providers: credentials (api_key, api_secret, webhook_secret) are never
+-- readable by anon/authenticated (column privileges in 20240101000300); each may hold
+-- "env:NAME" (resolved by the worker). config holds no secret (trigger in 20240101000310).
 CREATE TABLE public.call_service_providers (
   id uuid PRIMARY KEY DEFAULT gen_random_uuid(),
   name text NOT NULL UNIQUE CHECK (length(btrim(name)) > 0),
@@ -32,12 +33,17 @@ CREATE INDEX call_service_providers_selection_idx
 -- 10. call_queue
 CREATE TABLE public.call_queue (
   id uuid PRIMARY KEY DEFAULT gen_random_uuid(),
-  user_id uuid NOT NULL REFERENCES public.users (id) ON DELETE CASCADE,
-  -- NO ACTION (checked at statement end): a template with queued calls cannot be deleted on
-  -- its own, but deleting a user removes both its templates and its calls in one statement.
-  template_id uuid NOT NULL REFERENCES public.call_templates (id),
-  recipient_name text NOT NULL CHECK (length(btrim(recipient_name)) BETWEEN 1 AND 200),
-  recipient_phone text NOT NULL CHECK (recipient_phone ~ '^\+[1-9][0-9]{6,14}$'),
+  -- a user row with calls is never deleted: accounts are closed (public.close_account)
+  user_id uuid NOT NULL REFERENCES public.users (id) ON DELETE RESTRICT,
+  -- the template the call was scheduled with; deleting it detaches the call (SET NULL) and
+  -- the call goes on with its snapshot below, so no call holds anyone's template hostage
+  template_id uuid REFERENCES public.call_templates (id) ON DELETE SET NULL,
+  -- the template row (to_jsonb) as it was when the call was queued (trigger in
+  -- 20240101000310): what the worker sends; a later edit or deletion does not change the call
+  template_snapshot jsonb,
+  -- NULL only on a finished call of a closed account (anonymised)
+  recipient_name text CHECK (length(btrim(recipient_name)) BETWEEN 1 AND 200),
+  recipient_phone text CHECK (recipient_phone ~ '^\+[1-9][0-9]{6,14}$'),
   recipient_email text
     CHECK (recipient_email IS NULL OR recipient_email ~ '^[^@[:space:]]+@[^@[:space:]]+\.[^@[:space:]]+$'),
   status text NOT NULL DEFAULT 'queued'
@@ -72,7 +78,9 @@ CREATE TABLE public.call_queue (
   lease_expires_at timestamptz,
   created_at timestamptz NOT NULL DEFAULT now(),
   updated_at timestamptz NOT NULL DEFAULT now(),
-  completed_at timestamptz
+  completed_at timestamptz,
+  CHECK (status IN ('completed', 'failed', 'canceled')
+         OR (recipient_name IS NOT NULL AND recipient_phone IS NOT NULL))
 ) WITH (
   fillfactor = 70,
   autovacuum_vacuum_scale_factor = 0,

@@ -50,8 +50,9 @@ $$;
 -- (as a single schedule_call would), and only rows without any violation use the allowance, in
 -- input order. Messages never contain a phone number, a name or a secret.
 --   Ranks taken: 10 CQ040 malformed row, 200 CQ002, 300 CQ003, 400 CQ004, 500 CQ005,
---   600 CQ006, 700 CQ007, 900/910 CQ009, 1000 CQ010, 1100 CQ041, 1200 CQ021, 1210 CQ023,
---   1300 CQ020, 1400 CQ022.
+--   600 CQ006, 700 CQ007, 900/910 CQ009, 1000 CQ010, 1100 CQ041,
+--   1150 CQ018/CQ019 (input limits, public.call_input_violation), 1200 CQ021,
+--   1210 CQ023, 1300 CQ020, 1400 CQ022.
 -- Whole-batch refusals (CQ008, CQ001, CQ045) are raised before any row is looked at.
 CREATE OR REPLACE FUNCTION public.schedule_calls_core(
   p_user_id uuid,
@@ -90,7 +91,8 @@ BEGIN
     RAISE EXCEPTION USING ERRCODE = 'CQ008',
       MESSAGE = 'not_authorized: cannot schedule calls for another user';
   END IF;
-  IF p_user_id IS NULL OR NOT EXISTS (SELECT 1 FROM public.users u WHERE u.id = p_user_id) THEN
+  IF p_user_id IS NULL OR NOT EXISTS (SELECT 1 FROM public.users u
+                                        WHERE u.id = p_user_id AND u.deleted_at IS NULL) THEN
     RAISE EXCEPTION USING ERRCODE = 'CQ001', MESSAGE = 'user_not_found: ' || coalesce(p_user_id::text, 'NULL');
   END IF;
   IF jsonb_typeof(p_calls) IS DISTINCT FROM 'array' OR jsonb_array_length(p_calls) > 50000 THEN
@@ -200,6 +202,11 @@ BEGIN
     UNION ALL
     SELECT r.idx, 1100, 'CQ041', 'invalid_external_id: must be 1..200 characters'
       FROM rows r WHERE r.key IS NOT NULL AND length(r.key) NOT BETWEEN 1 AND 200
+    UNION ALL
+    SELECT r.idx, 1150, b.code, b.message
+      FROM rows r
+     CROSS JOIN LATERAL public.call_input_violation(r.name, r.email, r.variables, r.metadata,
+                                                    r.key) b
     -- calling rules (20240101000340): zone, do-not-call, consent
     UNION ALL
     SELECT r.idx, 1200, 'CQ021',
@@ -1048,7 +1055,10 @@ BEGIN
     INTO v_sub
     FROM public.user_subscriptions s
     JOIN public.subscription_plans pl ON pl.id = s.plan_id
-   WHERE s.user_id = p_user_id AND s.status IN ('active', 'trialing', 'past_due')
+   WHERE s.user_id = p_user_id
+     AND (s.status IN ('active', 'trialing', 'past_due')
+          -- canceled (e.g. the account was closed) while a call was in flight: its period
+          OR (s.status = 'canceled' AND s.current_period_end > now()))
    ORDER BY s.current_period_end DESC
    LIMIT 1;
   IF FOUND THEN

@@ -3,11 +3,14 @@
 -- Roles:
 --   anon           no access to any callq table or function.
 --   authenticated  app users through the Supabase API: own rows only (policies below),
---                  EXECUTE on schedule_call. Admins are authenticated users whose
---                  public.users.is_admin is true (public.is_admin()); they manage plans,
---                  templates, providers, availability, assignments and retries, but never read
---                  provider credentials (no API role can), and see only their own rows of the
---                  per-user tables (use service_role for support tooling).
+--                  EXECUTE on schedule_call, cancel_call and delete_my_account
+--                  (20240101000310). Admins are authenticated users whose
+--                  public.users.is_admin is true (public.is_admin()); they manage plans and
+--                  templates, change a provider's operational columns (name, is_active,
+--                  priority, max_concurrent_calls), read availability, assignments and retries,
+--                  never read provider credentials (no API role can), never write a provider's
+--                  credentials, endpoint or config (ops only), and see only their own rows of
+--                  the per-user tables (use service_role for support tooling).
 --   service_role   Supabase's backend role (BYPASSRLS): everything.
 --   callq_worker   the worker fleet's group role (NOLOGIN). Ops grant it to the worker's login
 --                  role:  CREATE ROLE callq_app LOGIN PASSWORD '...'; GRANT callq_worker TO callq_app;
@@ -59,26 +62,37 @@ GRANT SELECT, INSERT, UPDATE, DELETE ON public.users, public.subscription_plans,
   public.call_queue, public.provider_availability, public.call_assignments, public.call_retries
   TO callq_worker;
 
--- authenticated: rows are filtered by the policies; columns limited here.
-GRANT SELECT, DELETE ON public.users TO authenticated;
+-- authenticated: rows are filtered by the policies; columns limited here. No API role may
+-- write an id (choosing an existing id would reveal that it exists), an owner column after the
+-- insert, a counter, or anything the functions keep (queue, history, usage, subscriptions).
+-- Accounts are closed with delete_my_account(), never by deleting the users row.
+GRANT SELECT ON public.users TO authenticated;
 GRANT UPDATE (email, full_name, phone, avatar_url, company_name, timezone, metadata)
-  ON public.users TO authenticated;   -- never is_admin
+  ON public.users TO authenticated;   -- never is_admin, deleted_at
 GRANT SELECT, INSERT, UPDATE, DELETE ON public.subscription_plans TO authenticated;  -- writes: admins
-GRANT SELECT, INSERT, UPDATE, DELETE ON public.user_subscriptions TO authenticated;  -- writes: admins
-GRANT SELECT, INSERT, UPDATE, DELETE ON public.user_call_usage TO authenticated;     -- writes: admins
-GRANT SELECT, INSERT, UPDATE, DELETE ON public.call_templates TO authenticated;
-GRANT SELECT, INSERT, UPDATE, DELETE ON public.call_history TO authenticated;        -- writes: admins
-GRANT SELECT, INSERT, DELETE ON public.template_favorites TO authenticated;
-GRANT SELECT, INSERT, UPDATE, DELETE ON public.call_feedback TO authenticated;
-GRANT SELECT, UPDATE, DELETE ON public.call_queue TO authenticated;  -- users: read + cancel
-GRANT SELECT, INSERT, UPDATE, DELETE ON public.provider_availability TO authenticated;  -- admins
-GRANT SELECT, INSERT, UPDATE, DELETE ON public.call_assignments TO authenticated;       -- admins
-GRANT SELECT, INSERT, UPDATE, DELETE ON public.call_retries TO authenticated;           -- admins
--- Providers: admins may manage them, but api_key/api_secret are write-only for every API role.
+GRANT SELECT ON public.user_subscriptions, public.user_call_usage, public.call_history,
+  public.call_queue TO authenticated;   -- written by billing and the functions only
+GRANT SELECT, DELETE ON public.call_templates TO authenticated;
+GRANT INSERT (created_by, name, description, category, tags, script, variables, first_message,
+              is_public) ON public.call_templates TO authenticated;
+GRANT UPDATE (name, description, category, tags, script, variables, first_message, is_public)
+  ON public.call_templates TO authenticated;
+GRANT SELECT, DELETE ON public.template_favorites TO authenticated;
+GRANT INSERT (user_id, template_id) ON public.template_favorites TO authenticated;
+GRANT SELECT, DELETE ON public.call_feedback TO authenticated;
+GRANT INSERT (call_id, user_id, rating, comment) ON public.call_feedback TO authenticated;
+GRANT UPDATE (rating, comment) ON public.call_feedback TO authenticated;
+-- live state of the worker: admins read it (drain a provider with is_active = false instead)
+GRANT SELECT ON public.provider_availability, public.call_assignments, public.call_retries
+  TO authenticated;
+-- Providers: credentials (api_key, api_secret, webhook_secret) are not readable by any API role;
+-- admins change only the operational columns. Inserting or deleting a provider and writing
+-- its credentials, base_url, provider_type, capabilities or config is for ops (service_role).
 GRANT SELECT (id, name, provider_type, base_url, max_concurrent_calls, priority, capabilities,
               config, is_active, created_at, updated_at)
   ON public.call_service_providers TO authenticated;
-GRANT INSERT, UPDATE, DELETE ON public.call_service_providers TO authenticated;
+GRANT UPDATE (name, is_active, priority, max_concurrent_calls)
+  ON public.call_service_providers TO authenticated;
 
 -- Providers without credentials, for dashboards (RLS of the caller applies).
 CREATE VIEW public.call_service_providers_public WITH (security_invoker = true) AS
@@ -92,8 +106,8 @@ GRANT SELECT ON public.call_service_providers_public TO authenticated, service_r
 -- Policies. auth.uid() is wrapped in a sub-select so it is evaluated once per statement.
 
 -- The worker role sees and changes everything (service_role bypasses RLS).
--- Admins manage the operational tables (plans, templates, providers, availability, assignments,
--- retries). They get no extra policy on the per-user tables: permissive policies are OR-ed, and
+-- Admins manage plans and templates, update providers (operational columns, by the grants
+-- above) and read availability, assignments and retries. They get no extra policy on the per-user tables: permissive policies are OR-ed, and
 -- "user_id = auth.uid() OR is_admin()" cannot use the user_id indexes, which would turn every
 -- user's unfiltered API read into a sequential scan. Support tooling that must read other
 -- users' data uses service_role.
@@ -109,22 +123,45 @@ BEGIN
     EXECUTE format('CREATE POLICY worker_all ON public.%I FOR ALL TO callq_worker '
                    'USING (true) WITH CHECK (true)', t);
   END LOOP;
-  FOREACH t IN ARRAY ARRAY['subscription_plans', 'call_templates', 'call_service_providers',
-    'provider_availability', 'call_assignments', 'call_retries']
+  FOREACH t IN ARRAY ARRAY['call_service_providers', 'provider_availability',
+    'call_assignments', 'call_retries']
   LOOP
-    EXECUTE format('CREATE POLICY admin_all ON public.%I FOR ALL TO authenticated '
-                   'USING ((SELECT public.is_admin())) WITH CHECK ((SELECT public.is_admin()))', t);
+    EXECUTE format('CREATE POLICY admin_select ON public.%I FOR SELECT TO authenticated '
+                   'USING ((SELECT public.is_admin()))', t);
   END LOOP;
 END
 $$;
+CREATE POLICY admin_all ON public.subscription_plans FOR ALL TO authenticated
+  USING ((SELECT public.is_admin())) WITH CHECK ((SELECT public.is_admin()));
+CREATE POLICY admin_update ON public.call_service_providers FOR UPDATE TO authenticated
+  USING ((SELECT public.is_admin())) WITH CHECK ((SELECT public.is_admin()));
+-- Admins manage system templates (created_by NULL) and moderate public ones (edit, unpublish,
+-- delete); another user's private template is that user's data: invisible to admins too.
+-- They create only system templates or their own, never one in another user's account.
+CREATE POLICY admin_select ON public.call_templates FOR SELECT TO authenticated
+  USING ((created_by IS NULL OR is_public) AND (SELECT public.is_admin()));
+CREATE POLICY admin_insert ON public.call_templates FOR INSERT TO authenticated
+  WITH CHECK ((SELECT public.is_admin()) AND (created_by IS NULL OR created_by = (SELECT auth.uid())));
+CREATE POLICY admin_update ON public.call_templates FOR UPDATE TO authenticated
+  USING ((created_by IS NULL OR is_public) AND (SELECT public.is_admin()))
+  WITH CHECK ((SELECT public.is_admin()));
+CREATE POLICY admin_delete ON public.call_templates FOR DELETE TO authenticated
+  USING ((created_by IS NULL OR is_public) AND (SELECT public.is_admin()));
 
--- users: own profile (read, update the granted columns, delete).
+-- A closed account (users.deleted_at set) may hold a JWT until it expires: it writes nothing.
+-- (Invoker's rights: users_select_own lets a user read its own row.)
+CREATE OR REPLACE FUNCTION public.is_open_account() RETURNS boolean
+LANGUAGE sql STABLE
+SET search_path = ''
+AS $$
+  SELECT EXISTS (SELECT 1 FROM public.users u WHERE u.id = auth.uid() AND u.deleted_at IS NULL)
+$$;
+
+-- users: own profile (read, update the granted columns while the account is open).
 CREATE POLICY users_select_own ON public.users FOR SELECT TO authenticated
   USING (id = (SELECT auth.uid()));
 CREATE POLICY users_update_own ON public.users FOR UPDATE TO authenticated
-  USING (id = (SELECT auth.uid())) WITH CHECK (id = (SELECT auth.uid()));
-CREATE POLICY users_delete_own ON public.users FOR DELETE TO authenticated
-  USING (id = (SELECT auth.uid()));
+  USING (id = (SELECT auth.uid()) AND deleted_at IS NULL) WITH CHECK (id = (SELECT auth.uid()));
 
 -- plans: the active catalogue is readable by every signed-in user.
 CREATE POLICY plans_select_active ON public.subscription_plans FOR SELECT TO authenticated
@@ -142,7 +179,7 @@ CREATE POLICY history_select_own ON public.call_history FOR SELECT TO authentica
 CREATE POLICY templates_select ON public.call_templates FOR SELECT TO authenticated
   USING (is_public OR created_by = (SELECT auth.uid()));
 CREATE POLICY templates_insert_own ON public.call_templates FOR INSERT TO authenticated
-  WITH CHECK (created_by = (SELECT auth.uid()));
+  WITH CHECK (created_by = (SELECT auth.uid()) AND (SELECT public.is_open_account()));
 CREATE POLICY templates_update_own ON public.call_templates FOR UPDATE TO authenticated
   USING (created_by = (SELECT auth.uid())) WITH CHECK (created_by = (SELECT auth.uid()));
 CREATE POLICY templates_delete_own ON public.call_templates FOR DELETE TO authenticated
@@ -152,7 +189,7 @@ CREATE POLICY templates_delete_own ON public.call_templates FOR DELETE TO authen
 CREATE POLICY favorites_select_own ON public.template_favorites FOR SELECT TO authenticated
   USING (user_id = (SELECT auth.uid()));
 CREATE POLICY favorites_insert_own ON public.template_favorites FOR INSERT TO authenticated
-  WITH CHECK (user_id = (SELECT auth.uid())
+  WITH CHECK (user_id = (SELECT auth.uid()) AND (SELECT public.is_open_account())
               AND EXISTS (SELECT 1 FROM public.call_templates t WHERE t.id = template_id));
 CREATE POLICY favorites_delete_own ON public.template_favorites FOR DELETE TO authenticated
   USING (user_id = (SELECT auth.uid()));
@@ -161,7 +198,7 @@ CREATE POLICY favorites_delete_own ON public.template_favorites FOR DELETE TO au
 CREATE POLICY feedback_select_own ON public.call_feedback FOR SELECT TO authenticated
   USING (user_id = (SELECT auth.uid()));
 CREATE POLICY feedback_insert_own ON public.call_feedback FOR INSERT TO authenticated
-  WITH CHECK (user_id = (SELECT auth.uid())
+  WITH CHECK (user_id = (SELECT auth.uid()) AND (SELECT public.is_open_account())
               AND EXISTS (SELECT 1 FROM public.call_history h
                            WHERE h.id = call_id AND h.user_id = (SELECT auth.uid())));
 CREATE POLICY feedback_update_own ON public.call_feedback FOR UPDATE TO authenticated
@@ -172,20 +209,18 @@ CREATE POLICY feedback_update_own ON public.call_feedback FOR UPDATE TO authenti
 CREATE POLICY feedback_delete_own ON public.call_feedback FOR DELETE TO authenticated
   USING (user_id = (SELECT auth.uid()));
 
--- queue: own rows readable; a queued (not yet claimed) call may be canceled, nothing else.
+-- queue: own rows readable; written only through schedule_call and cancel_call.
 CREATE POLICY queue_select_own ON public.call_queue FOR SELECT TO authenticated
   USING (user_id = (SELECT auth.uid()));
-CREATE POLICY queue_cancel_own ON public.call_queue FOR UPDATE TO authenticated
-  USING (user_id = (SELECT auth.uid()) AND status = 'queued')
-  WITH CHECK (user_id = (SELECT auth.uid()) AND status = 'canceled');
 
--- providers, availability, assignments, retries: admins (admin_all) and the worker only.
+-- providers, availability, assignments, retries: admins (admin_select, admin_update on
+-- providers) and the worker only.
 
 -- ---------------------------------------------------------------------------------------------
 -- Function privileges: nothing to PUBLIC (Supabase's defaults also grant anon/authenticated).
 REVOKE ALL ON FUNCTION
   public.set_updated_at(), public.handle_new_user(), public.sync_provider_slots(),
-  public.is_admin(), public.free_provider_slot(uuid),
+  public.is_admin(), public.is_open_account(), public.free_provider_slot(uuid),
   public.schedule_call(uuid, uuid, text, text, text, timestamptz, int, jsonb, jsonb, text, text),
   public.claim_due_calls(int, text, int), public.get_next_call_in_queue(),
   public.get_best_available_provider(jsonb, uuid[]), public.assign_call_to_provider(uuid, uuid),
@@ -202,7 +237,8 @@ REVOKE ALL ON FUNCTION
   FROM PUBLIC, anon, authenticated;
 
 -- the policies call is_admin() as the querying role
-GRANT EXECUTE ON FUNCTION public.is_admin() TO authenticated, service_role, callq_worker;
+GRANT EXECUTE ON FUNCTION public.is_admin(), public.is_open_account()
+  TO authenticated, service_role, callq_worker;
 
 GRANT EXECUTE ON FUNCTION
   public.schedule_call(uuid, uuid, text, text, text, timestamptz, int, jsonb, jsonb, text, text)

@@ -645,7 +645,8 @@ $$;
 
 -- ---------------------------------------------------------------------------------------------
 -- Privileges and RLS. Campaign rows are written only through the functions above (status,
--- counts); owners read their own, admins read all, the worker reads and writes all.
+-- counts); owners read their own (admins too: a campaign is its user's data, issue 8), the
+-- worker reads and writes all.
 REVOKE ALL ON public.call_campaigns FROM PUBLIC, anon, authenticated;
 GRANT ALL ON public.call_campaigns TO service_role;
 GRANT SELECT, INSERT, UPDATE, DELETE ON public.call_campaigns TO callq_worker;
@@ -667,10 +668,8 @@ GRANT SELECT ON public.call_campaign_progress TO authenticated, service_role, ca
 
 CREATE POLICY worker_all ON public.call_campaigns FOR ALL TO callq_worker
   USING (true) WITH CHECK (true);
--- one policy, not two OR-ed ones: a campaign list is small, and the owner's filter still
--- matches call_campaigns_user_idx when the app adds ?user_id=eq.<uid>
 CREATE POLICY campaigns_select ON public.call_campaigns FOR SELECT TO authenticated
-  USING (user_id = (SELECT auth.uid()) OR (SELECT public.is_admin()));
+  USING (user_id = (SELECT auth.uid()));
 CREATE POLICY campaigns_update_own ON public.call_campaigns FOR UPDATE TO authenticated
   USING (user_id = (SELECT auth.uid())) WITH CHECK (user_id = (SELECT auth.uid()));
 

@@ -58,6 +58,16 @@ def one(conn: Conn, query: str, params: Any = None) -> Any:
     return row[0]
 
 
+def attempt(conn: Conn, query: str, params: Any = None) -> int | str:
+    """Row count, or the SQLSTATE of the error (rolled back to a savepoint)."""
+    try:
+        with conn.transaction():
+            cur = conn.execute(query, params)  # type: ignore[arg-type]
+            return cur.rowcount
+    except psycopg.Error as exc:
+        return str(exc.sqlstate)
+
+
 def make_plan(conn: Conn, call_limit: int | None = 100, name: str | None = None) -> uuid.UUID:
     return one(
         conn,

@@ -5,9 +5,6 @@ from __future__ import annotations
 import json
 import uuid
 
-import psycopg
-import pytest
-
 from .dbutil import as_role, connect, one
 
 
@@ -54,25 +51,29 @@ def test_new_auth_user_gets_a_profile(db_url: str) -> None:
         with as_role(conn, "authenticated", uid):
             assert one(conn, "SELECT full_name FROM users") == "Nia"
             assert one(conn, "SELECT is_admin()") is False
-        # deleting the auth user removes the profile and everything of the user
+        # deleting the auth user closes the account: the profile stays, anonymised
         conn.execute("DELETE FROM auth.users WHERE id = %s", (uid,))
-        assert one(conn, "SELECT count(*) FROM users WHERE id = %s", (uid,)) == 0
+        row = conn.execute(
+            "SELECT email, full_name, deleted_at IS NOT NULL FROM users WHERE id = %s", (uid,)
+        ).fetchone()
+        assert row == (None, None, True)
 
 
-def test_deleting_a_user_with_templates_and_queued_calls_cascades(db_url: str) -> None:
+def test_deleting_a_user_cancels_its_calls_and_frees_others_templates(db_url: str) -> None:
     from .dbutil import make_template, make_user, schedule
 
     with connect(db_url) as conn:
         user = make_user(conn)
         tpl = make_template(conn, user)
-        schedule(conn, user, tpl)
+        mine = schedule(conn, user, tpl)
         other = make_user(conn)
         other_tpl = make_template(conn, other)
         schedule(conn, other, other_tpl)
-        # a template with queued calls cannot be deleted on its own ...
-        with pytest.raises(psycopg.errors.ForeignKeyViolation), conn.transaction():
-            conn.execute("DELETE FROM call_templates WHERE id = %s", (other_tpl,))
-        # ... but deleting its owner removes both in one statement
+        # a template with queued calls can be deleted: the calls keep their snapshot
+        conn.execute("DELETE FROM call_templates WHERE id = %s", (other_tpl,))
+        assert one(conn, "SELECT count(*) FROM call_queue WHERE template_snapshot IS NOT NULL") == 2
+        # deleting a user closes the account: calls canceled, rows kept, templates gone
         conn.execute("DELETE FROM auth.users WHERE id = %s", (user,))
-        assert one(conn, "SELECT count(*) FROM call_queue") == 1
-        assert one(conn, "SELECT count(*) FROM call_templates") == 1
+        assert one(conn, "SELECT status FROM call_queue WHERE id = %s", (mine,)) == "canceled"
+        assert one(conn, "SELECT count(*) FROM call_queue") == 2
+        assert one(conn, "SELECT count(*) FROM call_templates") == 0

@@ -14,6 +14,7 @@ from .dbutil import (
     TABLES,
     Conn,
     as_role,
+    attempt,
     connect,
     make_plan,
     make_provider,
@@ -131,7 +132,7 @@ def expected_visible(world: World, who: str, table: str) -> set[uuid.UUID] | Non
         return None
     if table in OPS_ONLY:  # no API role but service_role may read it
         return per["all"] if who == "service_role" else None
-    if who == "service_role" or (who == "admin" and table in ADMIN_TABLES | ADMIN_READ_ALL):
+    if who == "service_role" or (who == "admin" and table in ADMIN_TABLES - {"call_templates"}):
         return per["all"]
     if table == "subscription_plans":
         return per["active"]
@@ -152,17 +153,18 @@ def _as(world: World, who: str) -> tuple[str, uuid.UUID | None]:
     }[who]
 
 
-def attempt(conn: Conn, query: str, params: Any = None) -> int | str:
-    """Row count, or the SQLSTATE of the error (rolled back to a savepoint)."""
-    try:
-        with conn.transaction():
-            cur = conn.execute(query, params)  # type: ignore[arg-type]
-            return cur.rowcount
-    except psycopg.Error as exc:
-        return str(exc.sqlstate)
-
-
 WHO = ["anon", "a", "b", "admin", "service_role"]
+# no API role holds UPDATE on these
+READ_ONLY_FOR_USERS = {
+    "user_subscriptions",
+    "user_call_usage",
+    "call_history",
+    "template_favorites",
+    "call_queue",
+    "provider_availability",
+    "call_assignments",
+    "call_retries",
+}
 # tables admins manage for everyone; on the per-user tables an admin sees only its own rows
 ADMIN_TABLES = {
     "subscription_plans",
@@ -172,8 +174,6 @@ ADMIN_TABLES = {
     "call_assignments",
     "call_retries",
 }
-# per-user tables whose rows admins may read (all of them) but not write
-ADMIN_READ_ALL = {"call_campaigns"}
 
 
 # Tables for ops only (and the worker role), not for app users or admins.
@@ -234,10 +234,11 @@ def test_user_writes(world_conn: tuple[World, Conn]) -> None:
         assert attempt(conn, "UPDATE users SET full_name = 'A' WHERE id = %s", (b,)) == 0
         assert attempt(conn, "UPDATE users SET is_admin = true WHERE id = %s", (a,)) == "42501"
         assert attempt(conn, "INSERT INTO users (id) VALUES (%s)", (uuid.uuid4(),)) == "42501"
-        # subscriptions, usage, history: read only
-        assert attempt(conn, "UPDATE user_subscriptions SET status = 'active'") == 0
-        assert attempt(conn, "UPDATE user_call_usage SET calls_made = 0") == 0
-        assert attempt(conn, "DELETE FROM call_history") == 0
+        # subscriptions, usage, history: read only; the profile is closed, never deleted
+        assert attempt(conn, "UPDATE user_subscriptions SET status = 'active'") == "42501"
+        assert attempt(conn, "UPDATE user_call_usage SET calls_made = 0") == "42501"
+        assert attempt(conn, "DELETE FROM call_history") == "42501"
+        assert attempt(conn, "DELETE FROM users WHERE id = %s", (a,)) == "42501"
         assert (
             attempt(
                 conn,
@@ -272,7 +273,7 @@ def test_user_writes(world_conn: tuple[World, Conn]) -> None:
         assert attempt(conn, fb, (w.b_history, a)) == "42501"
         assert attempt(conn, "DELETE FROM call_feedback") == 1
         assert attempt(conn, fb, (w.a_history, a)) == 1
-        # queue: no direct insert; cancel own queued call only
+        # queue: no direct write at all (cancel_call, test_db_tenancy)
         assert (
             attempt(
                 conn,
@@ -290,14 +291,14 @@ def test_user_writes(world_conn: tuple[World, Conn]) -> None:
             == "42501"
         )
         cancel = "UPDATE call_queue SET status = 'canceled' WHERE id = %s"
-        assert attempt(conn, cancel, (w.b_queue,)) == 0
-        assert attempt(conn, "DELETE FROM call_queue") == 0
-        assert attempt(conn, cancel, (w.a_queue,)) == 1
-        assert attempt(conn, cancel, (w.a_queue,)) == 0  # no longer queued
+        assert attempt(conn, cancel, (w.b_queue,)) == "42501"
+        assert attempt(conn, cancel, (w.a_queue,)) == "42501"
+        assert attempt(conn, "UPDATE call_queue SET template_id = NULL") == "42501"
+        assert attempt(conn, "DELETE FROM call_queue") == "42501"
         # operational tables: nothing
-        assert attempt(conn, "UPDATE provider_availability SET available_slots = 100") == 0
+        assert attempt(conn, "UPDATE provider_availability SET available_slots = 100") == "42501"
         assert attempt(conn, "UPDATE call_service_providers SET priority = 1") == 0
-        assert attempt(conn, "DELETE FROM call_assignments") == 0
+        assert attempt(conn, "DELETE FROM call_assignments") == "42501"
         assert (
             attempt(
                 conn,
@@ -325,14 +326,29 @@ def test_admin_manages_operational_tables(world_conn: tuple[World, Conn]) -> Non
                 "INSERT INTO call_service_providers (name, provider_type, api_key, base_url)"
                 " VALUES ('new', 'synthflow', 'k', 'https://api.synthflow.com')",
             )
-            == 1
+            == "42501"
         )
-        assert attempt(conn, "UPDATE call_service_providers SET priority = 3 WHERE id = %s",
-                       (w.provider,)) == 1  # fmt: skip
-        assert attempt(conn, "UPDATE provider_availability SET status = 'degraded'") == 1
+        # operational columns only: never credentials, endpoint, type or config; no delete
+        for column in ("priority", "is_active", "max_concurrent_calls", "name"):
+            assert attempt(conn, f"UPDATE call_service_providers SET {column} = {column}"
+                           " WHERE id = %s", (w.provider,)) == 1, column  # fmt: skip
+        for column in ("api_key", "api_secret", "webhook_secret", "base_url", "provider_type",
+                       "config", "capabilities", "id"):  # fmt: skip
+            assert attempt(conn, f"UPDATE call_service_providers SET {column} = {column}") == (
+                "42501"
+            ), column
+        assert attempt(conn, "DELETE FROM call_service_providers") == "42501"
+        # the worker's live state is read only (it would wedge calls or slots)
+        assert attempt(conn, "UPDATE provider_availability SET status = 'degraded'") == "42501"
+        assert attempt(conn, "UPDATE call_assignments SET state = 'placed'") == "42501"
+        assert attempt(conn, "DELETE FROM call_retries") == "42501"
+        # system and public templates (moderation), never another user's private one
+        templates = w.ids["call_templates"]
         assert attempt(conn, "UPDATE call_templates SET category = 'x'") == len(
-            w.ids["call_templates"]["all"]
+            templates["public"] | templates["admin"]
         )
+        assert attempt(conn, "SELECT 1 FROM call_templates WHERE id = %s",
+                       (w.b_private_template,)) == 0  # fmt: skip
         # admin does not make itself less or more than is_admin: column is not updatable
         assert attempt(conn, "UPDATE users SET is_admin = false") == "42501"
 
@@ -371,6 +387,9 @@ def test_functions_are_pinned_and_definer_only_where_needed(db_url: str) -> None
         "schedule_call",
         "handle_new_user",
         "is_admin",
+        "cancel_call",
+        "delete_my_account",
+        "handle_deleted_user",
         # campaigns: app users act on their own campaigns through these only
         "create_campaign",
         "schedule_calls",
@@ -445,7 +464,7 @@ INSERTS: dict[str, tuple[str, dict[str, int | str]]] = {
     "call_service_providers": (
         "INSERT INTO call_service_providers (name, provider_type, api_key, base_url)"
         " VALUES ('p-' || gen_random_uuid(), 'vapi', 'k', 'https://x')",
-        {"a": "42501", "admin": 1},
+        {"a": "42501", "admin": "42501"},
     ),
     "call_queue": (
         "INSERT INTO call_queue (user_id, template_id, recipient_name, recipient_phone)"
@@ -455,16 +474,16 @@ INSERTS: dict[str, tuple[str, dict[str, int | str]]] = {
     ),
     "provider_availability": (
         "INSERT INTO provider_availability (provider_id, available_slots) VALUES (%(spare)s, 3)",
-        {"a": "42501", "admin": 1},
+        {"a": "42501", "admin": "42501"},
     ),
     "call_assignments": (
         "INSERT INTO call_assignments (queue_id, provider_id, state)"
         " VALUES (%(queue)s, %(provider)s, 'released')",
-        {"a": "42501", "admin": 1},
+        {"a": "42501", "admin": "42501"},
     ),
     "call_retries": (
         "INSERT INTO call_retries (queue_id, attempt, reason) VALUES (%(queue)s, 9, 'busy')",
-        {"a": "42501", "admin": 1},
+        {"a": "42501", "admin": "42501"},
     ),
 }
 
@@ -534,13 +553,16 @@ def test_update_matrix(world_conn: tuple[World, Conn], who: str) -> None:
         expected = {table: everything(table) for table in UPDATES}
     else:
         expected = dict.fromkeys(UPDATES, 0)
-        expected["template_favorites"] = "42501"  # favorites are added and removed, not edited
+        # written only by billing and the worker's functions; favorites are added and removed
+        for table in READ_ONLY_FOR_USERS:
+            expected[table] = "42501"
         expected["users"] = 1  # own profile
         if who == "a":
             expected["call_templates"] = len(world.ids["call_templates"]["a"])
             expected["call_feedback"] = 1
-            expected["call_queue"] = queued["a"]  # cancel own queued calls
         else:
-            for table in ADMIN_TABLES:
+            for table in ADMIN_TABLES - READ_ONLY_FOR_USERS:
                 expected[table] = everything(table)
+            templates = world.ids["call_templates"]
+            expected["call_templates"] = len(templates["public"] | templates["admin"])
     assert got == expected
