@@ -1,6 +1,6 @@
 """Run every benchmark, print one table, write bench/results/latest.json and bench/RESULTS.md.
 
-    .venv/bin/python -m bench.run [--quick] [--only claim,growth,e2e,campaigns] [--drills]
+    .venv/bin/python -m bench.run [--quick] [--only claim,growth,e2e,campaigns,fairness] [--drills]
 
 Figures are measured against a baseline in the same run on the same machine (ratios), with the
 absolute numbers beside them. ``--drills`` also runs the fault drills (``bench.drills``) and puts
@@ -27,7 +27,17 @@ RESULTS_DIR = REPO / "bench" / "results"
 RESULTS_MD = REPO / "bench" / "RESULTS.md"
 
 Row = tuple[str, str, str, str, str, str]
-SECTIONS = ("claim", "growth", "e2e", "campaigns", "tracking", "webhooks", "pooler", "events")
+SECTIONS = (
+    "claim",
+    "growth",
+    "e2e",
+    "campaigns",
+    "tracking",
+    "webhooks",
+    "pooler",
+    "events",
+    "fairness",
+)
 
 
 def _f(x: Any, digits: int = 0, unit: str = "") -> str:
@@ -47,6 +57,7 @@ def rows_from(results: dict[str, Any]) -> list[Row]:
     rows += webhook_rows(results.get("webhooks") or {})
     rows += pooler_rows(results.get("pooler") or {})
     rows += event_rows(results.get("events") or {})
+    rows += fairness_rows(results.get("fairness"))
     return rows + memory_rows(results)
 
 
@@ -162,6 +173,45 @@ def growth_rows(results: dict[str, Any]) -> list[Row]:
                     _met(ratio <= 1.5),
                 )
             )
+    return rows
+
+
+def fairness_rows(fair: dict[str, Any] | None) -> list[Row]:
+    """B's latency loaded vs idle (same run); A's drain vs the unfair baseline (bench.fairness)."""
+    if not fair or "b_idle" not in fair:
+        return []
+    from bench.fairness import BASELINE
+
+    idle, loaded, n = fair["b_idle"], fair["b_loaded"], fair["a_calls"]
+    rows: list[Row] = []
+    for q in ("p50", "p99"):
+        ratio = loaded[f"{q}_ms"] / idle[f"{q}_ms"] if loaded["arrived"] else float("nan")
+        rows.append(
+            (
+                f"fairness: B's schedule -> create {q} ms while A's {n:,} due calls drain,"
+                " vs B idle",
+                _f(loaded[f"{q}_ms"], 1),
+                _f(idle[f"{q}_ms"], 1),
+                _f(ratio, 2),
+                "<= 2" if q == "p99" else "",
+                _met(ratio <= 2) if q == "p99" and loaded["arrived"] else "",
+            )
+        )
+    base = BASELINE.get(str(n))
+    if base:
+        ratio = fair["a_drain_seconds"] / base["a_drain_seconds"]
+        rows.append(
+            (
+                f"fairness: A's drain of {n:,} calls, s, vs the unfair claim (before this"
+                " change; baseline B p50/p99 ms: "
+                f"{_f(base['b_p50_ms'], 0)} / {_f(base['b_p99_ms'], 0)})",
+                _f(fair["a_drain_seconds"], 1),
+                _f(base["a_drain_seconds"], 1),
+                _f(ratio, 2),
+                "<= 1.10",
+                _met(ratio <= 1.10),
+            )
+        )
     return rows
 
 
@@ -447,6 +497,9 @@ def write_markdown(
             if d.get("notes"):
                 parts.append(f"- {d['name']}: {'; '.join(d['notes'])}")
         parts.append("")
+    # sections a feature keeps beside the run's table (e.g. bench/notes/calling_rules.md)
+    for note in sorted((REPO / "bench" / "notes").glob("*.md")):
+        parts += [note.read_text().rstrip(), ""]
     findings = REPO / "bench" / "FINDINGS.md"
     if findings.exists():
         parts += ["Findings (what misses a target and why): `bench/FINDINGS.md`.", ""]
@@ -503,6 +556,12 @@ def _campaigns(quick: bool) -> dict[str, Any]:
     return campaigns.run(rows=2_000 if quick else 10_000)
 
 
+def _fairness(quick: bool) -> dict[str, Any]:
+    from bench import fairness
+
+    return fairness.run(a_calls=3000 if quick else 20_000)
+
+
 def _e2e(quick: bool) -> dict[str, Any]:
     from bench import e2e
 
@@ -547,6 +606,10 @@ RUNS: dict[str, tuple[str, Callable[[bool], dict[str, Any]]]] = {
     "webhooks": ("webhook endpoint", _webhooks),
     "pooler": ("end to end through a transaction pooler (pgbouncer) vs direct", _pooler),
     "events": ("call-event log: server CPU with its triggers on vs off", _events),
+    "fairness": (
+        "fairness: one tenant's backlog vs another tenant's calls (real fleet)",
+        _fairness,
+    ),
 }
 
 

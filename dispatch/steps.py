@@ -39,6 +39,7 @@ class SkipReason(StrEnum):
     SUPERSEDED = "superseded"  # a newer tracking chain holds the poll token
     CHECKED = "checked"  # a one-off check (webhook) found the call still going
     UNKNOWN_CALL = "unknown_call"  # a webhook for a provider call id we never placed
+    RATE_DEFERRED = "rate_deferred"  # no fleet-wide create slot in time: back in the queue
 
 
 @dataclass(frozen=True, slots=True)

@@ -97,6 +97,8 @@ class CallRow:
     # Limits and caller id filled at dial time (None when not set).
     max_duration_seconds: float | None = None
     caller_id: str | None = field(default=None, repr=False)
+    # The provider's creates are paced fleet-wide (reserve_provider_create before sending).
+    paced: bool = False
 
     @classmethod
     def from_row(cls, row: Mapping[str, Any]) -> CallRow:
@@ -124,4 +126,5 @@ class CallRow:
             record_calls=row.get("record_calls"),
             max_duration_seconds=row.get("max_duration_seconds"),
             caller_id=row.get("caller_id"),
+            paced=bool(row.get("paced")),
         )

@@ -64,11 +64,13 @@ LOAD_CALLS = f"SELECT {CALL_COLUMNS} {CALL_FROM} WHERE a.id = ANY (%(assignment_
 
 # Win the dial gate of each assignment, in the given order (callers sort the ids, so two
 # statements lock queue rows in the same order), and load the calls won, in one round trip.
-# The calls are read from the statement's snapshot, taken before the gates' own updates.
+# The calls are read from the statement's snapshot, taken before the gates' own updates; the
+# plan's terms for each dial (max duration from its minute reservation, caller id) come from
+# dial_gate itself.
 GATE_AND_LOAD = f"""
-SELECT {CALL_COLUMNS}
+SELECT {CALL_COLUMNS}, g.max_duration_seconds, g.caller_id, g.paced
 FROM unnest(%(assignment_ids)s::uuid[]) WITH ORDINALITY AS x(id, n)
-CROSS JOIN LATERAL (SELECT mark_call_dialing(x.id) AS won) g
+CROSS JOIN LATERAL dial_gate(x.id) g
 JOIN call_assignments a ON a.id = x.id
 JOIN call_queue q ON q.id = a.queue_id
 JOIN call_service_providers p ON p.id = a.provider_id
@@ -152,6 +154,15 @@ REAP = "SELECT queue_id, assignment_id, action FROM reap_expired_leases()"
 
 # Recount every provider's slots from its live assignments.
 RECONCILE_SLOTS = "SELECT reconcile_provider_slots()"
+
+# A create slot in the provider's fleet-wide schedule: seconds to wait, or NULL (none in time).
+RESERVE_CREATE = "SELECT reserve_provider_create(%(provider_id)s::uuid, %(max_wait)s::float8)"
+
+# Put a gated call back in the queue, undialed, due when its create slot would have come.
+DEFER_DIAL = "SELECT defer_dial(%(assignment_id)s::uuid, %(seconds)s::float8)"
+
+# Recount every tenant's counters and every period's reserved minutes.
+RECONCILE_COUNTERS = "SELECT reconcile_tenant_counters()"
 
 # A health probe's result: status, latency, failures in a row, circuit.
 RECORD_HEALTH = """
@@ -369,6 +380,20 @@ class Database:
     def reconcile_slots(self) -> int:
         """Recount slots; the number of provider rows corrected."""
         return int(self.scalar(RECONCILE_SLOTS) or 0)
+
+    def reserve_create(self, provider_id: UUID | str, max_wait: float) -> float | None:
+        """Seconds to wait before this create (fleet-wide pacing); None: no slot in time."""
+        wait = self.scalar(RESERVE_CREATE, {"provider_id": str(provider_id), "max_wait": max_wait})
+        return None if wait is None else float(wait)
+
+    def defer_dial(self, assignment_id: UUID | str, seconds: float) -> bool:
+        """Back to the queue, undialed, due in ``seconds``."""
+        params = {"assignment_id": str(assignment_id), "seconds": seconds}
+        return bool(self.scalar(DEFER_DIAL, params))
+
+    def reconcile_counters(self) -> int:
+        """Recount tenant counters and reserved minutes; the number of rows corrected."""
+        return int(self.scalar(RECONCILE_COUNTERS) or 0)
 
     def release(self, assignment_id: UUID | str, reason: str, delay_seconds: float = 0.0) -> bool:
         """Release a call proven never sent; False when it was no longer assigned or dialing."""

@@ -86,10 +86,12 @@ class SubscriptionPlan(Base):
     call_limit: Mapped[int | None] = mapped_column(Integer)
     minute_limit: Mapped[int | None] = mapped_column(Integer)
     max_concurrent_calls: Mapped[int] = mapped_column(Integer, server_default=text("1"))
+    max_call_minutes: Mapped[int] = mapped_column(Integer, server_default=text("10"))
     features: Mapped[dict[str, Any]] = mapped_column(server_default=EMPTY_OBJECT)
     contact_attempts_per_24h: Mapped[int | None] = mapped_column(Integer)
     requires_consent: Mapped[bool] = mapped_column(Boolean, server_default=text("false"))
     is_active: Mapped[bool] = mapped_column(Boolean, server_default=text("true"))
+    is_default: Mapped[bool] = mapped_column(Boolean, server_default=text("false"))
     created_at: Mapped[datetime] = _created()
     updated_at: Mapped[datetime] = _updated()
 
@@ -127,6 +129,7 @@ class UserCallUsage(Base):
     period_end: Mapped[datetime]
     calls_made: Mapped[int] = mapped_column(Integer, server_default=text("0"))
     minutes_used: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    minutes_reserved: Mapped[int] = mapped_column(Integer, server_default=text("0"))
     calls_limit: Mapped[int | None] = mapped_column(Integer)
     minutes_limit: Mapped[int | None] = mapped_column(Integer)
     calls_remaining: Mapped[int | None] = mapped_column(
@@ -390,6 +393,12 @@ class CallAssignment(Base):
     poll_count: Mapped[int] = mapped_column(Integer, server_default=text("0"))
     outcome: Mapped[str | None]
     error: Mapped[str | None]
+    usage_id: Mapped[uuid.UUID | None] = mapped_column(
+        ForeignKey("user_call_usage.id", ondelete="SET NULL")
+    )
+    reserved_minutes: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    max_duration_seconds: Mapped[int | None] = mapped_column(Integer)
+    caller_id: Mapped[str | None]
     created_at: Mapped[datetime] = _created()
     updated_at: Mapped[datetime] = _updated()
 
@@ -412,6 +421,18 @@ class CallRetry(Base):
     created_at: Mapped[datetime] = _created()
 
 
+class TenantCallCounters(Base):
+    __tablename__ = "tenant_call_counters"
+
+    user_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("users.id", ondelete="CASCADE"), primary_key=True
+    )
+    queued: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    claimed: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    dialed: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    updated_at: Mapped[datetime] = _updated()
+
+
 class CallEvent(Base):
     """One row of the append-only call-event log (written by triggers and record_call_event)."""
 
@@ -428,6 +449,15 @@ class CallEvent(Base):
     outcome: Mapped[str | None]
     due_at: Mapped[datetime | None]
     detail: Mapped[dict[str, Any] | None]
+
+
+class ProviderCreatePacing(Base):
+    __tablename__ = "provider_create_pacing"
+
+    provider_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("call_service_providers.id", ondelete="CASCADE"), primary_key=True
+    )
+    next_at: Mapped[datetime] = mapped_column(server_default=NOW)
 
 
 class OpsSettings(Base):
@@ -457,6 +487,8 @@ ALL_MODELS: tuple[type[Base], ...] = (
     ProviderAvailability,
     CallAssignment,
     CallRetry,
+    TenantCallCounters,
+    ProviderCreatePacing,
     CallEvent,
     OpsSettings,
 )

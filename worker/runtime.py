@@ -52,6 +52,9 @@ def provider_config(row: ProviderRow) -> ProviderConfig:
     """The adapter configuration for a provider row loaded by ``models.queries``."""
     s = get_settings()
     config = dict(row.config)
+    # Creates are paced fleet-wide by reserve_provider_create (worker/tasks.py), from the same
+    # row's creates_per_second; the adapter's own per-process bucket would only add waits.
+    config["creates_per_second"] = 0
     config.setdefault("connect_timeout", s.http_connect_timeout_seconds)
     config.setdefault("read_timeout", s.http_read_timeout_seconds)
     if s.webhook_public_url:

@@ -88,12 +88,18 @@ def seed_demo(
     call_limit: int | None = None,
     webhook_secret: str | None = None,
     email: str | None = None,
+    minute_limit: int | None = None,
+    plan_concurrency: int | None = None,
 ) -> Seeded:
     """Create one user (through ``auth.users``, as Supabase does), plan, template and providers.
 
     ``webhook_secret`` goes to the providers' ``webhook_secret`` column (a value or an
     ``env:NAME`` reference); without it every webhook is refused and calls are polled.
+
+    The plan's ``max_concurrent_calls`` is ``plan_concurrency``, by default every provider slot
+    (so the plan is not what limits the demo, the tests or the benchmarks unless they ask).
     """
+    plan_cap = plan_concurrency or max(1, max_concurrent_calls * max(len(providers), 1))
     base = sim_base_url.rstrip("/")
     user_id = uuid.uuid4()
     email = email or f"demo-{user_id.hex[:8]}@example.com"
@@ -107,8 +113,14 @@ def seed_demo(
             conn,
             "INSERT INTO subscription_plans (name, price, billing_interval, call_limit,"
             " minute_limit, max_concurrent_calls, features, contact_attempts_per_24h)"
-            " VALUES (%s, 49, 'month', %s, NULL, 50, %s, 1000000) RETURNING id",
-            (f"Demo {user_id.hex[:8]}", call_limit, json.dumps({"recording": True})),
+            " VALUES (%s, 49, 'month', %s, %s, %s, %s, 1000000) RETURNING id",
+            (
+                f"Demo {user_id.hex[:8]}",
+                call_limit,
+                minute_limit,
+                plan_cap,
+                json.dumps({"recording": True}),
+            ),
         )
         conn.execute(
             "INSERT INTO user_subscriptions (user_id, plan_id, status) VALUES (%s, %s, 'active')",

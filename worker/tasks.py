@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -219,6 +220,9 @@ def _create(call: CallRow) -> CallHandle | Step:
     except Exception as exc:  # nothing has been sent yet: fail over, never reconcile
         log.warning("call.setup_failed", error=type(exc).__name__)
         return _end(str(call.assignment_id), decide_setup_error(exc))
+    deferred = _pace(call)
+    if deferred is not None:
+        return deferred
     try:
         return provider.create_call(request)
     except ProviderError as exc:
@@ -232,6 +236,27 @@ def _create(call: CallRow) -> CallHandle | Step:
         # exception's text may carry what was sent.
         log.warning("call.create_crashed", error=type(exc).__name__)
         return Reconciling(str(call.assignment_id), 0, get_settings().reconcile_delay_seconds)
+
+
+def _pace(call: CallRow) -> Step | None:
+    """Wait for this create's slot in the provider's fleet-wide schedule (PostgreSQL, shared by
+    every worker). The wait stays well inside the dialing lease, so the reaper never reconciles
+    a call that is only waiting; without a slot in time the call goes back to the queue."""
+    if not call.paced:
+        return None
+    s = get_settings()
+    bound = min(
+        30.0, s.lease_seconds - s.http_connect_timeout_seconds - s.http_read_timeout_seconds - 2.0
+    )
+    db = runtime.database()
+    wait = db.reserve_create(call.provider.provider_id, max(bound, 0.0))
+    if wait is None:
+        db.defer_dial(call.assignment_id, max(bound, 1.0))
+        log.info("call.rate_deferred", **_ids(call))
+        return Skipped(SkipReason.RATE_DEFERRED)
+    if wait > 0:
+        time.sleep(wait)
+    return None
 
 
 def _after_create_error(call: CallRow, exc: ProviderError) -> Step:
@@ -428,7 +453,8 @@ def health_check() -> dict[str, str]:
 
 @app.task(name="callq.reap", ignore_result=True)
 def reap() -> dict[str, int]:
-    """Give back expired claims, restart lost tracking, fix slot counts, close campaigns."""
+    """Give back expired claims, restart lost tracking, fix slot and tenant counts, close
+    campaigns."""
     db = runtime.database()
     counts: dict[str, int] = {}
     for row in db.reap():
@@ -436,6 +462,7 @@ def reap() -> dict[str, int]:
         if row.action == "reconcile" and row.assignment_id is not None:
             _resume(row.assignment_id)
     counts["slots_fixed"] = db.reconcile_slots()
+    counts["counters_fixed"] = db.reconcile_counters()
     counts["campaigns_closed"] = db.close_campaigns()
     if any(counts.values()):
         log.info("leases.reaped", **counts)

@@ -45,15 +45,22 @@ CREATE TABLE public.subscription_plans (
   call_limit integer CHECK (call_limit >= 0),
   minute_limit integer CHECK (minute_limit >= 0),
   max_concurrent_calls integer NOT NULL DEFAULT 1 CHECK (max_concurrent_calls >= 1),
+  -- the longest one call may last (minutes): at most this is reserved per call at the dial gate
+  -- (default 10, Vapi's own default call length); 720 = Vapi's maximum (43200 s)
+  max_call_minutes integer NOT NULL DEFAULT 10 CHECK (max_call_minutes BETWEEN 1 AND 720),
   features jsonb NOT NULL DEFAULT '{}'::jsonb CHECK (jsonb_typeof(features) = 'object'),
   -- calling rules (20240101000340): dial attempts to one number per rolling 24 h per tenant
   -- (NULL = calling_settings.default_attempts_per_24h), and whether calls need recorded consent
   contact_attempts_per_24h integer CHECK (contact_attempts_per_24h >= 1),
   requires_consent boolean NOT NULL DEFAULT false,
   is_active boolean NOT NULL DEFAULT true,
+  -- the plan a new signup is subscribed to (handle_new_user); at most one active default
+  is_default boolean NOT NULL DEFAULT false,
   created_at timestamptz NOT NULL DEFAULT now(),
   updated_at timestamptz NOT NULL DEFAULT now()
 );
+CREATE UNIQUE INDEX subscription_plans_one_default_idx
+  ON public.subscription_plans (is_default) WHERE is_default AND is_active;
 
 -- 3. user_subscriptions: a user's plan and billing period; at most one live one per user.
 CREATE TABLE public.user_subscriptions (
@@ -91,6 +98,8 @@ CREATE TABLE public.user_call_usage (
   period_end timestamptz NOT NULL,
   calls_made integer NOT NULL DEFAULT 0 CHECK (calls_made >= 0),
   minutes_used integer NOT NULL DEFAULT 0 CHECK (minutes_used >= 0),
+  -- minutes held by calls in flight (their max duration), settled when each call ends
+  minutes_reserved integer NOT NULL DEFAULT 0 CHECK (minutes_reserved >= 0),
   calls_limit integer CHECK (calls_limit >= 0),
   minutes_limit integer CHECK (minutes_limit >= 0),
   calls_remaining integer GENERATED ALWAYS AS
@@ -229,6 +238,16 @@ BEGIN
     NEW.raw_user_meta_data ->> 'avatar_url'
   )
   ON CONFLICT (id) DO NOTHING;
+  -- A signup gets the default plan, if one is marked (subscription_plans.is_default).
+  INSERT INTO public.user_subscriptions (user_id, plan_id, status, current_period_start,
+                                         current_period_end)
+  SELECT NEW.id, pl.id, 'active', now(),
+         now() + CASE pl.billing_interval WHEN 'year' THEN interval '1 year'
+                                          ELSE interval '1 month' END
+    FROM public.subscription_plans pl
+   WHERE pl.is_default AND pl.is_active
+     AND NOT EXISTS (SELECT 1 FROM public.user_subscriptions s
+                      WHERE s.user_id = NEW.id AND s.status IN ('trialing', 'active'));
   RETURN NEW;
 END
 $$;

@@ -104,6 +104,9 @@ CREATE INDEX call_queue_lease_idx ON public.call_queue (lease_expires_at)
 -- schedule_call's plan limit counts a user's live calls: only live rows are in this index.
 CREATE INDEX call_queue_user_live_idx ON public.call_queue (user_id)
   WHERE status IN ('queued', 'claimed', 'assigned', 'dialing', 'in_progress');
+-- The fair claim: one tenant's due calls, per priority, oldest first (see claimable_calls).
+CREATE INDEX call_queue_tenant_claim_idx
+  ON public.call_queue (user_id, priority, scheduled_time, created_at) WHERE status = 'queued';
 -- One call per (user, campaign, key); calls without a campaign share the zero uuid.
 CREATE UNIQUE INDEX call_queue_idempotency_idx
   ON public.call_queue (user_id, coalesce(campaign_id, '00000000-0000-0000-0000-000000000000'::uuid),
@@ -158,6 +161,13 @@ CREATE TABLE public.call_assignments (
   poll_count integer NOT NULL DEFAULT 0 CHECK (poll_count >= 0),
   outcome text,
   error text,
+  -- billing (set by the dial gate, mark_call_dialing): the usage period the dial was counted
+  -- in, the minutes it reserved there, and the call's cap sent to the provider
+  usage_id uuid REFERENCES public.user_call_usage (id) ON DELETE SET NULL,
+  reserved_minutes integer NOT NULL DEFAULT 0 CHECK (reserved_minutes >= 0),
+  max_duration_seconds integer CHECK (max_duration_seconds > 0),
+  -- the outbound number (or number id) this attempt dials from, when the provider has a pool
+  caller_id text,
   created_at timestamptz NOT NULL DEFAULT now(),
   updated_at timestamptz NOT NULL DEFAULT now()
 ) WITH (

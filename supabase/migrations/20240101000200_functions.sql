@@ -49,7 +49,7 @@ $$;
 -- count against it, rows ranked above 300 report CQ003 instead once the allowance is used up
 -- (as a single schedule_call would), and only rows without any violation use the allowance, in
 -- input order. Messages never contain a phone number, a name or a secret.
---   Ranks taken: 10 CQ040 malformed row, 200 CQ002, 300 CQ003, 400 CQ004, 500 CQ005,
+--   Ranks taken: 10 CQ040 malformed row, 200 CQ002, 250 CQ030, 300 CQ003, 400 CQ004, 500 CQ005,
 --   600 CQ006, 700 CQ007, 900/910 CQ009, 1000 CQ010, 1100 CQ041,
 --   1150 CQ018/CQ019 (input limits, public.call_input_violation), 1200 CQ021,
 --   1210 CQ023, 1300 CQ020, 1400 CQ022.
@@ -71,6 +71,7 @@ DECLARE
   v_subscribed boolean;
   v_allowance bigint;  -- calls the plan still allows (NULL: unlimited)
   v_base bigint := 0;  -- calls used or pending before this batch
+  v_minutes bigint := 0;  -- minutes used or reserved this period (CQ030 when at the limit)
   v_idx integer[];
   v_qid uuid[];
   v_code text[];
@@ -101,7 +102,7 @@ BEGIN
   END IF;
 
   -- The live subscription, locked so concurrent batches of one user count each other.
-  SELECT s.id, s.current_period_start, pl.call_limit INTO v_sub
+  SELECT s.id, s.current_period_start, pl.call_limit, pl.minute_limit INTO v_sub
     FROM public.user_subscriptions s
     JOIN public.subscription_plans pl ON pl.id = s.plan_id
    WHERE s.user_id = p_user_id AND s.status IN ('active', 'trialing')
@@ -110,13 +111,16 @@ BEGIN
    LIMIT 1
      FOR NO KEY UPDATE OF s;
   v_subscribed := FOUND;
-  IF v_subscribed AND v_sub.call_limit IS NOT NULL THEN
-    SELECT coalesce(max(u.calls_made), 0) INTO v_base
+  -- The plan's limits (billing model in supabase/README.md), read from counters, never a scan
+  -- of the backlog: dials counted this period plus calls still needing a dial stay below
+  -- call_limit; minutes billed plus reserved stay below minute_limit.
+  IF v_subscribed AND (v_sub.call_limit IS NOT NULL OR v_sub.minute_limit IS NOT NULL) THEN
+    SELECT coalesce(max(u.calls_made), 0), coalesce(max(u.minutes_used + u.minutes_reserved), 0)
+      INTO v_base, v_minutes
       FROM public.user_call_usage u
      WHERE u.user_id = p_user_id AND u.period_start = v_sub.current_period_start;
-    v_base := v_base + (SELECT count(*) FROM public.call_queue q
-                         WHERE q.user_id = p_user_id
-                           AND q.status IN ('queued', 'claimed', 'assigned', 'dialing', 'in_progress'));
+    v_base := v_base + coalesce((SELECT c.queued + c.claimed FROM public.tenant_call_counters c
+                                  WHERE c.user_id = p_user_id), 0);
     v_allowance := v_sub.call_limit - v_base;
   END IF;
 
@@ -166,6 +170,11 @@ BEGIN
     UNION ALL
     SELECT r.idx, 200, 'CQ002', 'no_active_subscription: ' || p_user_id
       FROM rows r WHERE NOT v_subscribed
+    UNION ALL
+    SELECT r.idx, 250, 'CQ030',
+           format('minute_limit_reached: %s of %s minutes used or reserved this period',
+                  v_minutes, v_sub.minute_limit)
+      FROM rows r WHERE v_subscribed AND v_minutes >= v_sub.minute_limit
     -- rank 300, CQ003 call_limit_reached, is counted below over the rows still valid
     UNION ALL
     SELECT r.idx, 400, 'CQ004', 'template_not_found: ' || coalesce(r.template_id::text, 'NULL')
@@ -412,10 +421,13 @@ $$;
 --                     those of p_skip) never exceed it;
 --   starts_at/ends_at calls are returned only in between.
 -- The caller claims the returned rows in the same transaction (the locks hold until commit).
+-- p_lanes_only: only the campaigns' lanes (the claims take plain calls from claimable_calls,
+-- which keeps via_campaign calls out).
 CREATE OR REPLACE FUNCTION public.claim_candidates(
   p_limit integer,
   p_now timestamptz DEFAULT now(),
-  p_skip uuid[] DEFAULT NULL
+  p_skip uuid[] DEFAULT NULL,
+  p_lanes_only boolean DEFAULT false
 ) RETURNS TABLE (id uuid, priority integer, scheduled_time timestamptz, created_at timestamptz,
                  excluded_provider_ids uuid[], required_capabilities jsonb)
 LANGUAGE plpgsql
@@ -468,7 +480,8 @@ BEGIN
   plain AS (
     SELECT q.id, q.priority, q.scheduled_time, q.created_at, NULL::uuid AS lane
       FROM public.call_queue q
-     WHERE q.status = 'queued' AND NOT q.via_campaign AND q.scheduled_time <= p_now
+     WHERE NOT p_lanes_only
+       AND q.status = 'queued' AND NOT q.via_campaign AND q.scheduled_time <= p_now
        AND (p_skip IS NULL OR NOT (q.id = ANY (p_skip)))
      ORDER BY q.priority, q.scheduled_time, q.created_at
      LIMIT p_limit
@@ -542,16 +555,19 @@ DECLARE
   v_new uuid[];
   v_held uuid[];
 BEGIN
-  -- A call outside its calling window is not claimed: calling_hold moves it to its next
-  -- opening. After a hold, a few more rounds (of at least 50 rows) fill the batch.
+  -- Fair order, plan concurrency and subscription status: claimable_calls (rows come back
+  -- locked). A call outside its calling window is not claimed: calling_hold moves it to its
+  -- next opening. After a hold, a few more rounds (of at least 50 rows) fill the batch.
   FOR v_round IN 1..4 LOOP
-    -- claim_candidates: due calls, locked, campaigns' pause and pacing honoured
-    v_new := ARRAY(
+    v_new := public.claimable_calls(
+      CASE WHEN v_round = 1 THEN greatest(p_limit, 0)
+           ELSE greatest(p_limit - cardinality(v_ids), 50) END, v_ids);
+    -- paced campaigns' calls come through their lanes (pacing held across the fleet)
+    v_new := coalesce(v_new, '{}') || ARRAY(
       SELECT d.id
-        FROM public.claim_candidates(
-               CASE WHEN v_round = 1 THEN greatest(p_limit, 0)
-                    ELSE greatest(p_limit - cardinality(v_ids), 50) END,
-               v_now, v_ids) d
+        FROM public.claim_candidates(greatest(p_limit - cardinality(v_ids), 0)
+                                       - coalesce(cardinality(v_new), 0),
+                                     v_now, v_ids || coalesce(v_new, '{}'), true) d
        ORDER BY d.priority, d.scheduled_time, d.created_at);
     EXIT WHEN cardinality(v_new) = 0;
     v_held := public.calling_hold(v_new, v_now);
@@ -627,11 +643,13 @@ BEGIN
   -- latency. Losing an unflushed assignment in a crash is harmless (nothing is dialed before
   -- mark_call_dialing commits synchronously, which flushes the WAL up to this assignment).
   PERFORM set_config('synchronous_commit', 'off', true);
-  SELECT q.status, q.attempts, q.lease_expires_at INTO v_q
+  SELECT q.status, q.attempts, q.lease_expires_at, q.user_id INTO v_q
     FROM public.call_queue q WHERE q.id = p_queue_id FOR UPDATE;
   IF NOT FOUND OR v_q.status NOT IN ('queued', 'claimed') THEN
     RETURN NULL;
   END IF;
+  -- lock order: the tenant's counters (updated by the queue trigger) before provider rows
+  PERFORM 1 FROM public.tenant_call_counters c WHERE c.user_id = v_q.user_id FOR UPDATE;
   -- A plain read first: no free slot, nothing to undo.
   IF NOT EXISTS (SELECT 1 FROM public.provider_availability pa
                    JOIN public.call_service_providers p ON p.id = pa.provider_id
@@ -730,39 +748,39 @@ BEGIN
     RETURN;
   END IF;
 
-  -- A call outside its calling window is not claimed: calling_hold moves it to its next
-  -- opening (one query when every call may be dialed). After a hold, a few more rounds (of at
+  -- Fair order, plan concurrency and subscription status: claimable_calls (rows come back
+  -- locked, and the tenants' counter rows too). A call outside its calling window is not
+  -- claimed: calling_hold moves it to its next opening. After a hold, a few more rounds (of at
   -- least 50 rows; open rows beyond the batch stay queued) fill the batch.
   v_want := least(p_limit, v_free);
   FOR v_round IN 1..4 LOOP
-    SELECT array_agg(d.id ORDER BY d.priority, d.scheduled_time, d.created_at),
-           array_agg(d.id) FILTER (WHERE cardinality(d.excluded_provider_ids) > 0
-                                     OR d.required_capabilities IS NOT NULL)
-      INTO v_new, v_new_special
-      -- claim_candidates: due calls, locked, campaigns' pause and pacing honoured
-      FROM public.claim_candidates(
-             CASE WHEN v_round = 1 THEN v_want
-                  ELSE greatest(v_want - coalesce(cardinality(v_ids), 0), 50) END,
-             v_now, v_ids) d;
-    EXIT WHEN v_new IS NULL;
+    v_new := public.claimable_calls(
+      CASE WHEN v_round = 1 THEN v_want
+           ELSE greatest(v_want - coalesce(cardinality(v_ids), 0), 50) END, v_ids);
+    -- paced campaigns' calls come through their lanes (pacing held across the fleet)
+    v_new := coalesce(v_new, '{}') || ARRAY(
+      SELECT d.id
+        FROM public.claim_candidates(v_want - coalesce(cardinality(v_ids), 0)
+                                       - coalesce(cardinality(v_new), 0),
+                                     v_now, coalesce(v_ids, '{}') || coalesce(v_new, '{}'), true) d
+       ORDER BY d.priority, d.scheduled_time, d.created_at);
+    EXIT WHEN cardinality(v_new) = 0;
     v_held := public.calling_hold(v_new, v_now);
     IF v_held IS NOT NULL OR v_round > 1 THEN
       v_new := (ARRAY(SELECT u.id FROM unnest(v_new) WITH ORDINALITY AS u(id, n)
                        WHERE v_held IS NULL OR NOT (u.id = ANY (v_held)) ORDER BY u.n)
                )[1:v_want - coalesce(cardinality(v_ids), 0)];
-      v_new_special := ARRAY(SELECT u.id FROM unnest(v_new_special) AS u(id)
-                              WHERE u.id = ANY (v_new));
     END IF;
     v_ids := v_ids || v_new;
-    v_special := v_special || v_new_special;
     EXIT WHEN v_held IS NULL OR coalesce(cardinality(v_ids), 0) >= v_want;
   END LOOP;
   IF coalesce(cardinality(v_ids), 0) = 0 THEN
     RETURN;
   END IF;
-  IF cardinality(v_special) = 0 THEN
-    v_special := NULL;
-  END IF;
+  SELECT array_agg(q.id) FILTER (WHERE cardinality(q.excluded_provider_ids) > 0
+                                   OR q.required_capabilities IS NOT NULL)
+    INTO v_special
+    FROM public.call_queue q WHERE q.id = ANY (v_ids);
 
   FOR v_try IN 1..2 LOOP
     BEGIN
@@ -872,6 +890,14 @@ $$;
 -- next allowed time (slot released, FALSE). A dial is recorded in contact_attempts.
 -- A call of a campaign that was paused or canceled after the claim is not dialed: its
 -- assignment is released (the call waits in the queue, or is canceled with its campaign).
+-- It is also the plan's gate (billing model in supabase/README.md): the dial is counted in the
+-- period's calls_made, and with a minute limit the call reserves whole minutes (its share of
+-- what is left after the reservations of calls in flight) that become its max duration.
+-- FALSE, and not dialed, when the plan cannot pay for it:
+--   * no live subscription any more: released back to the queue (held, see claimable_calls);
+--   * minutes all reserved by calls in flight: released and due again in 30 s;
+--   * no dial or no minute left: the call ends as failed ('call_limit_reached' /
+--     'minute_limit_reached'), never dialed.
 CREATE OR REPLACE FUNCTION public.mark_call_dialing(p_assignment_id uuid) RETURNS boolean
 LANGUAGE plpgsql
 SET search_path = ''
@@ -881,6 +907,13 @@ DECLARE
   v_q record;
   v_now timestamptz;
   v_check record;
+  v_uid uuid;
+  v_usage uuid;
+  v_p record;
+  v_u record;
+  v_left integer;
+  v_min integer;
+  v_share integer;
 BEGIN
   SELECT a.queue_id INTO v_qid FROM public.call_assignments a WHERE a.id = p_assignment_id;
   IF NOT FOUND THEN
@@ -888,7 +921,9 @@ BEGIN
   END IF;
   SELECT q.user_id, q.recipient_phone, q.campaign_id INTO v_q
     FROM public.call_queue q WHERE q.id = v_qid FOR UPDATE;
-  PERFORM 1 FROM public.call_assignments a WHERE a.id = p_assignment_id AND a.state = 'assigned';
+  v_uid := v_q.user_id;
+  PERFORM 1 FROM public.call_assignments a
+   WHERE a.id = p_assignment_id AND a.state = 'assigned' FOR UPDATE;
   IF NOT FOUND THEN
     RETURN false;
   END IF;
@@ -915,8 +950,46 @@ BEGIN
     RETURN false;
   END IF;
 
+
+  v_usage := public.lock_current_usage(v_uid);
+  IF v_usage IS NULL THEN
+    PERFORM public.release_assignment(p_assignment_id, 'subscription_inactive');
+    RETURN false;
+  END IF;
+  SELECT * INTO v_p FROM public.tenant_plan(v_uid);
+  SELECT u.calls_made, u.minutes_used, u.minutes_reserved INTO v_u
+    FROM public.user_call_usage u WHERE u.id = v_usage;
+  IF v_p.call_limit IS NOT NULL AND v_u.calls_made >= v_p.call_limit THEN
+    PERFORM public.refuse_dial(p_assignment_id, 'call_limit_reached');
+    RETURN false;
+  END IF;
+  IF v_p.minute_limit IS NOT NULL THEN
+    v_left := v_p.minute_limit - v_u.minutes_used - v_u.minutes_reserved;
+    IF v_left <= 0 AND v_u.minutes_reserved > 0 THEN
+      PERFORM public.release_assignment(p_assignment_id, 'minutes_reserved_in_flight');
+      UPDATE public.call_queue q SET scheduled_time = now() + interval '30 seconds'
+       WHERE q.id = v_qid AND q.status = 'queued';
+      RETURN false;
+    ELSIF v_left <= 0 THEN
+      PERFORM public.refuse_dial(p_assignment_id, 'minute_limit_reached');
+      RETURN false;
+    END IF;
+    -- an even share between the calls that may want minutes at the same time (this one and the
+    -- tenant's other undialed calls, at most its free concurrency), at most the plan's
+    -- max_call_minutes (default 10; 720 = Vapi's 43200 s)
+    SELECT greatest(least(v_p.max_concurrent_calls - c.dialed, c.claimed + c.queued), 1)
+      INTO v_share FROM public.tenant_call_counters c WHERE c.user_id = v_uid;
+    v_min := least(greatest(v_left / coalesce(v_share, 1), 1), v_p.max_call_minutes, 720);
+  END IF;
+
+  UPDATE public.user_call_usage u
+     SET calls_made = u.calls_made + 1, minutes_reserved = u.minutes_reserved + coalesce(v_min, 0)
+   WHERE u.id = v_usage;
   UPDATE public.call_assignments a
-     SET state = 'dialing', dialing_at = now()
+     SET state = 'dialing', dialing_at = now(), usage_id = v_usage,
+         reserved_minutes = coalesce(v_min, 0),
+         -- 5 s under the reservation: a hang-up a little late still rounds within it
+         max_duration_seconds = CASE WHEN v_min IS NULL THEN NULL ELSE v_min * 60 - 5 END
    WHERE a.id = p_assignment_id;
 
   UPDATE public.call_queue q
@@ -1013,13 +1086,12 @@ BEGIN
   IF v_prev NOT IN ('assigned', 'dialing') THEN
     RETURN false;
   END IF;
+  PERFORM public.return_dial(p_assignment_id);
   UPDATE public.call_assignments a
      SET state = 'released', ended_at = now(), outcome = 'released', error = p_reason
    WHERE a.id = p_assignment_id;
   -- never dialed: the attempt does not count against the contact's cap either
   DELETE FROM public.contact_attempts c WHERE c.assignment_id = p_assignment_id;
-
-  PERFORM public.free_provider_slot(v_a.provider_id);
 
   UPDATE public.call_queue q
      SET status = 'queued',
@@ -1034,48 +1106,9 @@ BEGIN
              THEN public.exclude_provider(q.excluded_provider_ids, v_a.provider_id)
            ELSE q.excluded_provider_ids END
    WHERE q.id = v_a.queue_id AND q.status IN ('claimed', 'assigned', 'dialing');
+  PERFORM public.free_provider_slot(v_a.provider_id);  -- after the tenant's counters (lock order)
   PERFORM pg_notify('callq_queue', '');  -- due again now (identical notifications coalesce)
   RETURN true;
-END
-$$;
-
--- ---------------------------------------------------------------------------------------------
--- Usage: one call and ceil(duration / 60) minutes added to the user's current period.
-CREATE OR REPLACE FUNCTION public.add_call_usage(p_user_id uuid, p_duration_seconds double precision)
-RETURNS void
-LANGUAGE plpgsql
-SET search_path = ''
-AS $$
-DECLARE
-  v_sub record;
-  v_start timestamptz;
-  v_end timestamptz;
-BEGIN
-  SELECT s.id, s.current_period_start, s.current_period_end, pl.call_limit, pl.minute_limit
-    INTO v_sub
-    FROM public.user_subscriptions s
-    JOIN public.subscription_plans pl ON pl.id = s.plan_id
-   WHERE s.user_id = p_user_id
-     AND (s.status IN ('active', 'trialing', 'past_due')
-          -- canceled (e.g. the account was closed) while a call was in flight: its period
-          OR (s.status = 'canceled' AND s.current_period_end > now()))
-   ORDER BY s.current_period_end DESC
-   LIMIT 1;
-  IF FOUND THEN
-    v_start := v_sub.current_period_start;
-    v_end := v_sub.current_period_end;
-  ELSE  -- no subscription: account the calendar month
-    v_start := date_trunc('month', now());
-    v_end := v_start + interval '1 month';
-  END IF;
-
-  INSERT INTO public.user_call_usage AS u (user_id, subscription_id, period_start, period_end,
-                                           calls_made, minutes_used, calls_limit, minutes_limit)
-  VALUES (p_user_id, v_sub.id, v_start, v_end, 1,
-          ceil(coalesce(p_duration_seconds, 0)::numeric / 60)::int, v_sub.call_limit, v_sub.minute_limit)
-  ON CONFLICT (user_id, period_start) DO UPDATE
-     SET calls_made = u.calls_made + 1,
-         minutes_used = u.minutes_used + EXCLUDED.minutes_used;
 END
 $$;
 
@@ -1119,10 +1152,9 @@ BEGIN
          provider_call_id = coalesce(a.provider_call_id, p_provider_call_id), next_poll_at = NULL
    WHERE a.id = p_assignment_id;
 
-  PERFORM public.free_provider_slot(v_a.provider_id);
-  UPDATE public.provider_availability pa
-     SET successful_calls = pa.successful_calls + 1
-   WHERE pa.provider_id = v_a.provider_id;
+  -- billing: the reservation is settled, the reported minutes are billed; the dial itself was
+  -- counted at the gate
+  PERFORM public.settle_call_usage(p_assignment_id, v_q.user_id, p_duration_seconds);
 
   INSERT INTO public.call_history (user_id, template_id, queue_id, assignment_id, provider_id,
                                    recipient_name, recipient_phone, recipient_email, status,
@@ -1136,11 +1168,15 @@ BEGIN
           v_q.metadata)
   RETURNING id INTO v_hid;
 
-  PERFORM public.add_call_usage(v_q.user_id, p_duration_seconds);
-
   UPDATE public.call_queue q
      SET status = 'completed', completed_at = now(), lease_expires_at = NULL
    WHERE q.id = v_q.id;
+
+  -- provider rows last (lock order: the queue trigger's tenant counters come first)
+  PERFORM public.free_provider_slot(v_a.provider_id);
+  UPDATE public.provider_availability pa
+     SET successful_calls = pa.successful_calls + 1
+   WHERE pa.provider_id = v_a.provider_id;
   RETURN v_hid;
 END
 $$;
@@ -1199,6 +1235,9 @@ DECLARE
   v_final boolean;
   v_hstatus text;
   v_rule record;
+  v_plan record;
+  v_usage record;
+  v_waiting integer;
 BEGIN
   IF p_failure_kind IS NULL OR NOT (p_failure_kind = ANY (public.failure_kinds())) THEN
     RAISE EXCEPTION USING ERRCODE = 'CQ013',
@@ -1221,20 +1260,32 @@ BEGIN
          provider_call_id = coalesce(a.provider_call_id, p_provider_call_id)
    WHERE a.id = p_assignment_id;
 
-  PERFORM public.free_provider_slot(v_a.provider_id);
-  IF p_failure_kind <> 'canceled' THEN
-    UPDATE public.provider_availability pa SET failed_calls = pa.failed_calls + 1
-     WHERE pa.provider_id = v_a.provider_id;
-  END IF;
-  IF p_failure_kind = 'provider_error' THEN
-    PERFORM public.record_provider_health(v_a.provider_id, false, NULL, p_error);
-  ELSIF p_failure_kind = 'rate_limited' THEN
-    UPDATE public.provider_availability pa
-       SET status = CASE WHEN pa.status = 'online' THEN 'degraded' ELSE pa.status END
-     WHERE pa.provider_id = v_a.provider_id;
-  END IF;
+  -- billing: the dial was counted at the gate; settle the reservation, bill reported minutes
+  PERFORM public.settle_call_usage(p_assignment_id, v_q.user_id, p_duration_seconds);
 
   v_final := p_failure_kind IN ('permanent', 'canceled') OR v_q.attempts >= v_q.max_attempts;
+  -- A retry needs a dial (and a minute) the plan still has after every call already waiting
+  -- got its own: calls accepted by schedule_call keep their first dial; retries take what is
+  -- left, otherwise the call ends with this attempt's outcome.
+  IF NOT v_final THEN
+    SELECT * INTO v_plan FROM public.tenant_plan(v_q.user_id);
+    IF FOUND AND (v_plan.call_limit IS NOT NULL OR v_plan.minute_limit IS NOT NULL) THEN
+      SELECT coalesce(max(u.calls_made), 0) AS calls,
+             coalesce(max(u.minutes_used + u.minutes_reserved), 0) AS minutes
+        INTO v_usage
+        FROM public.user_call_usage u
+       WHERE u.user_id = v_q.user_id AND u.period_start = v_plan.period_start;
+      SELECT coalesce(max(c.queued + c.claimed), 0) INTO v_waiting
+        FROM public.tenant_call_counters c WHERE c.user_id = v_q.user_id;
+      IF v_plan.call_limit IS NOT NULL AND v_usage.calls + v_waiting >= v_plan.call_limit THEN
+        v_final := true;
+        p_error := coalesce(p_error || '; ', '') || 'no retry: call_limit_reached';
+      ELSIF v_plan.minute_limit IS NOT NULL AND v_usage.minutes >= v_plan.minute_limit THEN
+        v_final := true;
+        p_error := coalesce(p_error || '; ', '') || 'no retry: minute_limit_reached';
+      END IF;
+    END IF;
+  END IF;
   IF NOT v_final THEN
     v_delay := CASE p_failure_kind
       WHEN 'rate_limited' THEN coalesce(p_retry_after_seconds, 15) * (1 + random() * 0.2)
@@ -1272,6 +1323,7 @@ BEGIN
       PERFORM public.record_call_event(v_q.id, 'held', jsonb_build_object(
         'rule', v_rule.reason, 'until', v_next));
     END IF;
+    PERFORM public.fail_on_provider(v_a.provider_id, p_failure_kind, p_error);
     RETURN 'retry_scheduled';
   END IF;
 
@@ -1292,7 +1344,32 @@ BEGIN
          last_error = coalesce(p_error, p_failure_kind), completed_at = now(),
          lease_expires_at = NULL
    WHERE q.id = v_q.id;
+  PERFORM public.fail_on_provider(v_a.provider_id, p_failure_kind, p_error);
   RETURN CASE WHEN p_failure_kind = 'canceled' THEN 'canceled' ELSE 'failed' END;
+END
+$$;
+
+-- fail_on_provider: a failed attempt's effect on its provider (slot freed, failure counted,
+-- health); run last by handle_failed_call (lock order: provider rows after tenant counters).
+CREATE OR REPLACE FUNCTION public.fail_on_provider(
+  p_provider_id uuid, p_failure_kind text, p_error text
+) RETURNS void
+LANGUAGE plpgsql
+SET search_path = ''
+AS $$
+BEGIN
+  PERFORM public.free_provider_slot(p_provider_id);
+  IF p_failure_kind <> 'canceled' THEN
+    UPDATE public.provider_availability pa SET failed_calls = pa.failed_calls + 1
+     WHERE pa.provider_id = p_provider_id;
+  END IF;
+  IF p_failure_kind = 'provider_error' THEN
+    PERFORM public.record_provider_health(p_provider_id, false, NULL, p_error);
+  ELSIF p_failure_kind = 'rate_limited' THEN
+    UPDATE public.provider_availability pa
+       SET status = CASE WHEN pa.status = 'online' THEN 'degraded' ELSE pa.status END
+     WHERE pa.provider_id = p_provider_id;
+  END IF;
 END
 $$;
 
@@ -1390,13 +1467,22 @@ DECLARE
   v_n integer := 0;
 BEGIN
   FOR v_s IN
-    SELECT s.id, s.user_id, s.current_period_end, pl.billing_interval, pl.call_limit,
-           pl.minute_limit
+    SELECT s.id, s.user_id, s.current_period_end, s.cancel_at_period_end, pl.billing_interval,
+           pl.call_limit, pl.minute_limit
       FROM public.user_subscriptions s
       JOIN public.subscription_plans pl ON pl.id = s.plan_id
      WHERE s.status IN ('active', 'trialing') AND s.current_period_end <= now()
        FOR NO KEY UPDATE OF s SKIP LOCKED
   LOOP
+    -- cancel_at_period_end: the subscription ends here instead of renewing; the tenant's
+    -- queued calls are held (not claimed) until a live subscription exists again
+    IF v_s.cancel_at_period_end THEN
+      UPDATE public.user_subscriptions s
+         SET status = 'canceled', canceled_at = coalesce(s.canceled_at, s.current_period_end)
+       WHERE s.id = v_s.id;
+      v_n := v_n + 1;
+      CONTINUE;
+    END IF;
     v_step := CASE v_s.billing_interval WHEN 'year' THEN interval '1 year' ELSE interval '1 month' END;
     v_start := v_s.current_period_end;
     v_end := v_start + v_step;

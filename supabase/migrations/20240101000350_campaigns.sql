@@ -689,7 +689,7 @@ CREATE POLICY notifications_select_own ON public.call_notifications FOR SELECT T
 REVOKE ALL ON FUNCTION
   public.schedule_calls_core(uuid, uuid, uuid, jsonb, boolean), public.try_timestamptz(text),
   public.campaign_for_update(uuid), public.campaign_lane(public.call_campaigns),
-  public.call_queue_campaign_lane(), public.claim_candidates(integer, timestamptz, uuid[]),
+  public.call_queue_campaign_lane(), public.claim_candidates(integer, timestamptz, uuid[], boolean),
   public.campaign_recall_undialed(uuid, text), public.pause_campaign(uuid),
   public.resume_campaign(uuid), public.cancel_campaign(uuid),
   public.set_campaign_pacing(uuid, integer, integer, timestamptz, timestamptz),
@@ -711,7 +711,7 @@ GRANT EXECUTE ON FUNCTION
   public.rotate_notification_secret(uuid)
   TO authenticated, service_role, callq_worker;
 GRANT EXECUTE ON FUNCTION
-  public.campaign_lane(public.call_campaigns), public.claim_candidates(integer, timestamptz, uuid[]),
+  public.campaign_lane(public.call_campaigns), public.claim_candidates(integer, timestamptz, uuid[], boolean),
   public.campaign_recall_undialed(uuid, text), public.close_campaigns(),
   public.claim_notifications(integer, integer), public.notification_delivery(uuid, integer),
   public.record_notification_result(uuid, integer, boolean, integer, text)

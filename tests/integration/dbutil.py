@@ -35,6 +35,11 @@ TABLES = [
     "notification_endpoints",
     "call_notifications",
 ]
+# Tables the issues added beyond the description's 13 (each helper appends its own).
+DOMAIN_TABLES = [
+    "tenant_call_counters",  # plans (issue 9)
+    "provider_create_pacing",  # plans (issue 9)
+]
 # The calling rules' tables: settings, reference data and rule rows (no SQLAlchemy models: only
 # the SQL functions use them).
 RULES_TABLES = [
@@ -68,12 +73,19 @@ def attempt(conn: Conn, query: str, params: Any = None) -> int | str:
         return str(exc.sqlstate)
 
 
-def make_plan(conn: Conn, call_limit: int | None = 100, name: str | None = None) -> uuid.UUID:
+def make_plan(
+    conn: Conn,
+    call_limit: int | None = 100,
+    name: str | None = None,
+    *,
+    minute_limit: int | None = 1000,
+    max_concurrent: int = 100,
+) -> uuid.UUID:
     return one(
         conn,
-        "INSERT INTO subscription_plans (name, price, call_limit, minute_limit)"
-        " VALUES (%s, 10, %s, 1000) RETURNING id",
-        (name or f"plan-{uuid.uuid4().hex[:8]}", call_limit),
+        "INSERT INTO subscription_plans (name, price, call_limit, minute_limit,"
+        " max_concurrent_calls) VALUES (%s, 10, %s, %s, %s) RETURNING id",
+        (name or f"plan-{uuid.uuid4().hex[:8]}", call_limit, minute_limit, max_concurrent),
     )
 
 
@@ -83,6 +95,8 @@ def make_user(
     admin: bool = False,
     subscribed: bool = True,
     call_limit: int | None = 100,
+    minute_limit: int | None = 1000,
+    max_concurrent: int = 100,
 ) -> uuid.UUID:
     """An auth user (the trigger creates the profile), optionally with a live subscription."""
     uid = uuid.uuid4()
@@ -93,7 +107,7 @@ def make_user(
     if admin:
         conn.execute("UPDATE users SET is_admin = true WHERE id = %s", (uid,))
     if subscribed:
-        plan = make_plan(conn, call_limit)
+        plan = make_plan(conn, call_limit, minute_limit=minute_limit, max_concurrent=max_concurrent)
         conn.execute(
             "INSERT INTO user_subscriptions (user_id, plan_id) VALUES (%s, %s)", (uid, plan)
         )

@@ -18,7 +18,7 @@ WORKERS = 8
 
 def _seed_calls(url: str, n: int) -> tuple[uuid.UUID, uuid.UUID]:
     with connect(url) as conn:
-        user = make_user(conn, call_limit=None)
+        user = make_user(conn, call_limit=None, max_concurrent=100_000)
         tpl = make_template(conn, user)
         conn.execute(
             "INSERT INTO call_queue (user_id, template_id, recipient_name, recipient_phone,"
@@ -162,9 +162,12 @@ def test_concurrent_assign_and_finish_keep_slots_exact(db_url: str) -> None:
             ).fetchone()
             assert row == (0, maxima[pid])
         assert one(conn, "SELECT reconcile_provider_slots()") == 0  # nothing to fix: no leak
-        # every finished call has exactly one history row and was counted once in usage
+        # every finished call has exactly one history row; each was dialed once, and every dial
+        # counts (billing model): released attempts were never dialed and gave nothing
         assert one(conn, "SELECT count(*) FROM call_history") == 300
-        assert one(conn, "SELECT calls_made FROM user_call_usage") == statuses["completed"]
+        assert one(conn, "SELECT calls_made FROM user_call_usage") == 300
+        assert one(conn, "SELECT minutes_reserved FROM user_call_usage") == 0
+        assert one(conn, "SELECT reconcile_tenant_counters()") == 0  # counters equal a recount
         per_queue = one(
             conn,
             "SELECT max(n) FROM (SELECT count(*) AS n FROM call_assignments"
@@ -196,7 +199,7 @@ def test_claim_and_assign_losing_a_slot_race_leaves_the_call_untouched(db_url: s
     """The batch takes provider slots last; if another transaction takes them meanwhile, the
     batch is redone with the provider rows locked and the call stays queued, unchanged."""
     with connect(db_url) as conn:
-        user = make_user(conn, call_limit=None)
+        user = make_user(conn, call_limit=None, max_concurrent=100_000)
         tpl = make_template(conn, user)
         provider = make_provider(conn, max_calls=1)
         qid = one(conn, "SELECT schedule_call(%s, %s, 'R', '+15551234567')", (user, tpl))

@@ -13,9 +13,9 @@ from models.migrate import list_migrations, upgrade
 from models.session import make_engine, normalize_url
 from models.tables import ALL_MODELS, Base
 
-from .dbutil import RULES_TABLES, TABLES, connect, one
+from .dbutil import DOMAIN_TABLES, RULES_TABLES, TABLES, connect, one
 
-EXPECTED_TABLES = set(TABLES)
+EXPECTED_TABLES = set(TABLES) | set(DOMAIN_TABLES)
 
 
 def test_upgrade_applies_everything_once_and_records_versions(empty_db_url: str) -> None:

@@ -387,6 +387,9 @@ def test_functions_are_pinned_and_definer_only_where_needed(db_url: str) -> None
         "schedule_call",
         "handle_new_user",
         "is_admin",
+        # plans: the queue's counter triggers also run for statements of app users (a cancel)
+        "count_tenant_calls",
+        "zero_tenant_counters",
         "cancel_call",
         "delete_my_account",
         "handle_deleted_user",

@@ -1,0 +1,525 @@
+-- Plans: counters, billing periods, the dial allowance, the fair claim's candidates.
+-- Tables: 20240101000120_plans.sql. The model is described in supabase/README.md.
+--
+-- Lock order (extends the one in 20240101000200): call_queue row -> call_assignments row ->
+-- user_call_usage row -> tenant_call_counters row(s) (several always in user_id order) ->
+-- provider_availability row(s).
+
+-- ---------------------------------------------------------------------------------------------
+-- Counters: a statement trigger on call_queue adds each statement's net change per tenant.
+-- The class of a status: 1 queued, 2 claimed/assigned, 3 dialing/in_progress, else 0.
+CREATE OR REPLACE FUNCTION public.call_status_class(p_status text) RETURNS integer
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+SET search_path = ''
+AS $$
+  SELECT CASE p_status WHEN 'queued' THEN 1 WHEN 'claimed' THEN 2 WHEN 'assigned' THEN 2
+                       WHEN 'dialing' THEN 3 WHEN 'in_progress' THEN 3 ELSE 0 END;
+$$;
+
+-- Apply per-tenant deltas (user_id, queued, claimed, dialed): rows locked in user_id order.
+CREATE OR REPLACE FUNCTION public.apply_counter_deltas(p_deltas jsonb) RETURNS void
+LANGUAGE plpgsql
+SET search_path = ''
+AS $$
+BEGIN
+  INSERT INTO public.tenant_call_counters AS c (user_id, queued, claimed, dialed)
+  SELECT d.user_id, d.queued, d.claimed, d.dialed
+    FROM jsonb_to_recordset(p_deltas) AS d(user_id uuid, queued int, claimed int, dialed int)
+   WHERE EXISTS (SELECT 1 FROM public.users u WHERE u.id = d.user_id)
+   ORDER BY d.user_id
+  ON CONFLICT (user_id) DO UPDATE
+     SET queued = c.queued + EXCLUDED.queued, claimed = c.claimed + EXCLUDED.claimed,
+         dialed = c.dialed + EXCLUDED.dialed, updated_at = now();
+END
+$$;
+
+-- SECURITY DEFINER: the trigger also runs for statements of roles that may not write the
+-- counters (an app user canceling a call); it only ever applies the statement's own changes.
+CREATE OR REPLACE FUNCTION public.count_tenant_calls() RETURNS trigger
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = ''
+AS $$
+DECLARE
+  v_deltas jsonb;
+BEGIN
+  IF TG_OP = 'INSERT' THEN
+    SELECT jsonb_agg(d) INTO v_deltas FROM (
+      SELECT n.user_id,
+             count(*) FILTER (WHERE public.call_status_class(n.status) = 1) AS queued,
+             count(*) FILTER (WHERE public.call_status_class(n.status) = 2) AS claimed,
+             count(*) FILTER (WHERE public.call_status_class(n.status) = 3) AS dialed
+        FROM new_rows n GROUP BY n.user_id) d;
+  ELSIF TG_OP = 'DELETE' THEN
+    SELECT jsonb_agg(d) INTO v_deltas FROM (
+      SELECT o.user_id,
+             -count(*) FILTER (WHERE public.call_status_class(o.status) = 1) AS queued,
+             -count(*) FILTER (WHERE public.call_status_class(o.status) = 2) AS claimed,
+             -count(*) FILTER (WHERE public.call_status_class(o.status) = 3) AS dialed
+        FROM old_rows o GROUP BY o.user_id) d;
+  ELSE
+    SELECT jsonb_agg(d) INTO v_deltas FROM (
+      SELECT x.user_id, sum(x.s * (x.c = 1)::int) AS queued, sum(x.s * (x.c = 2)::int) AS claimed,
+             sum(x.s * (x.c = 3)::int) AS dialed
+        FROM (SELECT n.user_id, 1 AS s, public.call_status_class(n.status) AS c
+                FROM new_rows n JOIN old_rows o ON o.id = n.id
+               WHERE o.status IS DISTINCT FROM n.status OR o.user_id IS DISTINCT FROM n.user_id
+              UNION ALL
+              SELECT o.user_id, -1, public.call_status_class(o.status)
+                FROM new_rows n JOIN old_rows o ON o.id = n.id
+               WHERE o.status IS DISTINCT FROM n.status OR o.user_id IS DISTINCT FROM n.user_id) x
+       GROUP BY x.user_id
+      HAVING sum(x.s * (x.c = 1)::int) <> 0 OR sum(x.s * (x.c = 2)::int) <> 0
+          OR sum(x.s * (x.c = 3)::int) <> 0) d;
+  END IF;
+  IF v_deltas IS NOT NULL THEN
+    PERFORM public.apply_counter_deltas(v_deltas);
+  END IF;
+  RETURN NULL;
+END
+$$;
+
+CREATE TRIGGER call_queue_count_insert AFTER INSERT ON public.call_queue
+  REFERENCING NEW TABLE AS new_rows
+  FOR EACH STATEMENT EXECUTE FUNCTION public.count_tenant_calls();
+CREATE TRIGGER call_queue_count_update AFTER UPDATE ON public.call_queue
+  REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows
+  FOR EACH STATEMENT EXECUTE FUNCTION public.count_tenant_calls();
+CREATE TRIGGER call_queue_count_delete AFTER DELETE ON public.call_queue
+  REFERENCING OLD TABLE AS old_rows
+  FOR EACH STATEMENT EXECUTE FUNCTION public.count_tenant_calls();
+
+CREATE OR REPLACE FUNCTION public.zero_tenant_counters() RETURNS trigger
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = ''
+AS $$
+BEGIN
+  UPDATE public.tenant_call_counters c SET queued = 0, claimed = 0, dialed = 0, updated_at = now()
+   WHERE c.queued <> 0 OR c.claimed <> 0 OR c.dialed <> 0;
+  RETURN NULL;
+END
+$$;
+CREATE TRIGGER call_queue_count_truncate AFTER TRUNCATE ON public.call_queue
+  FOR EACH STATEMENT EXECUTE FUNCTION public.zero_tenant_counters();
+
+-- reconcile_tenant_counters: counters := a recount of call_queue, and each usage period's
+-- minutes_reserved := the reservations of its live assignments. Locks the rows first (usage,
+-- then counters, in key order), then counts in a fresh snapshot. Returns rows corrected.
+CREATE OR REPLACE FUNCTION public.reconcile_tenant_counters() RETURNS integer
+LANGUAGE plpgsql
+SET search_path = ''
+AS $$
+DECLARE
+  v_n integer;
+  v_m integer;
+BEGIN
+  PERFORM 1 FROM public.user_call_usage u
+   WHERE u.minutes_reserved <> 0
+      OR u.id IN (SELECT a.usage_id FROM public.call_assignments a
+                   WHERE a.state IN ('assigned', 'dialing', 'placed') AND a.usage_id IS NOT NULL)
+   ORDER BY u.id FOR NO KEY UPDATE;
+  WITH r AS (
+    SELECT u.id, coalesce((SELECT sum(a.reserved_minutes) FROM public.call_assignments a
+                            WHERE a.usage_id = u.id
+                              AND a.state IN ('assigned', 'dialing', 'placed')), 0)::int AS m
+      FROM public.user_call_usage u
+     WHERE u.minutes_reserved <> 0
+        OR u.id IN (SELECT a.usage_id FROM public.call_assignments a
+                     WHERE a.state IN ('assigned', 'dialing', 'placed') AND a.usage_id IS NOT NULL)
+  )
+  UPDATE public.user_call_usage u SET minutes_reserved = r.m
+    FROM r WHERE u.id = r.id AND u.minutes_reserved <> r.m;
+  GET DIAGNOSTICS v_m = ROW_COUNT;
+
+  PERFORM 1 FROM public.tenant_call_counters c ORDER BY c.user_id FOR NO KEY UPDATE;
+  INSERT INTO public.tenant_call_counters (user_id)
+  SELECT DISTINCT q.user_id FROM public.call_queue q
+   WHERE q.status IN ('queued', 'claimed', 'assigned', 'dialing', 'in_progress')
+  ON CONFLICT (user_id) DO NOTHING;
+  WITH live AS (
+    SELECT c.user_id,
+           count(q.id) FILTER (WHERE public.call_status_class(q.status) = 1)::int AS queued,
+           count(q.id) FILTER (WHERE public.call_status_class(q.status) = 2)::int AS claimed,
+           count(q.id) FILTER (WHERE public.call_status_class(q.status) = 3)::int AS dialed
+      FROM public.tenant_call_counters c
+      LEFT JOIN public.call_queue q
+        ON q.user_id = c.user_id
+       AND q.status IN ('queued', 'claimed', 'assigned', 'dialing', 'in_progress')
+     GROUP BY c.user_id
+  )
+  UPDATE public.tenant_call_counters c
+     SET queued = live.queued, claimed = live.claimed, dialed = live.dialed, updated_at = now()
+    FROM live
+   WHERE c.user_id = live.user_id
+     AND (c.queued, c.claimed, c.dialed) IS DISTINCT FROM (live.queued, live.claimed, live.dialed);
+  GET DIAGNOSTICS v_n = ROW_COUNT;
+  RETURN v_n + v_m;
+END
+$$;
+
+-- ---------------------------------------------------------------------------------------------
+-- The tenant's live subscription and plan (active or trialing), or no row.
+CREATE OR REPLACE FUNCTION public.tenant_plan(p_user_id uuid)
+RETURNS TABLE (subscription_id uuid, period_start timestamptz, period_end timestamptz,
+               call_limit integer, minute_limit integer, max_concurrent_calls integer,
+               max_call_minutes integer)
+LANGUAGE sql STABLE
+SET search_path = ''
+AS $$
+  SELECT s.id, s.current_period_start, s.current_period_end, pl.call_limit, pl.minute_limit,
+         pl.max_concurrent_calls, pl.max_call_minutes
+    FROM public.user_subscriptions s
+    JOIN public.subscription_plans pl ON pl.id = s.plan_id
+   WHERE s.user_id = p_user_id AND s.status IN ('active', 'trialing')
+   ORDER BY s.current_period_end DESC
+   LIMIT 1;
+$$;
+
+-- The usage row of the tenant's current period (created on first use), locked. NULL when the
+-- tenant has no live subscription.
+CREATE OR REPLACE FUNCTION public.lock_current_usage(p_user_id uuid) RETURNS uuid
+LANGUAGE plpgsql
+SET search_path = ''
+AS $$
+DECLARE
+  v_p record;
+  v_id uuid;
+BEGIN
+  SELECT * INTO v_p FROM public.tenant_plan(p_user_id);
+  IF NOT FOUND THEN
+    RETURN NULL;
+  END IF;
+  INSERT INTO public.user_call_usage (user_id, subscription_id, period_start, period_end,
+                                      calls_limit, minutes_limit)
+  VALUES (p_user_id, v_p.subscription_id, v_p.period_start, v_p.period_end, v_p.call_limit,
+          v_p.minute_limit)
+  ON CONFLICT (user_id, period_start) DO NOTHING;
+  SELECT u.id INTO v_id FROM public.user_call_usage u
+   WHERE u.user_id = p_user_id AND u.period_start = v_p.period_start
+     FOR NO KEY UPDATE;
+  RETURN v_id;
+END
+$$;
+
+-- settle_call_usage: a call's attempt ended. Its reservation is released and the minutes the
+-- provider reported, rounded up per call, are billed to the period the dial was counted in
+-- (the current period when the attempt never passed the gate). Called once per assignment by
+-- complete_call and handle_failed_call under the assignment's row lock.
+CREATE OR REPLACE FUNCTION public.settle_call_usage(
+  p_assignment_id uuid, p_user_id uuid, p_duration_seconds double precision
+) RETURNS void
+LANGUAGE plpgsql
+SET search_path = ''
+AS $$
+DECLARE
+  v_a record;
+  v_usage uuid;
+  v_minutes integer := ceil(greatest(coalesce(p_duration_seconds, 0), 0)::numeric / 60)::int;
+BEGIN
+  SELECT a.usage_id, a.reserved_minutes INTO v_a
+    FROM public.call_assignments a WHERE a.id = p_assignment_id;
+  v_usage := v_a.usage_id;
+  IF v_usage IS NULL AND v_minutes > 0 THEN
+    v_usage := public.lock_current_usage(p_user_id);
+    IF v_usage IS NULL THEN  -- no live subscription: account the calendar month
+      INSERT INTO public.user_call_usage AS u (user_id, period_start, period_end)
+      VALUES (p_user_id, date_trunc('month', now()), date_trunc('month', now()) + interval '1 month')
+      ON CONFLICT (user_id, period_start) DO UPDATE SET updated_at = now()
+      RETURNING u.id INTO v_usage;
+    END IF;
+  END IF;
+  IF v_usage IS NULL THEN
+    RETURN;
+  END IF;
+  UPDATE public.user_call_usage u
+     SET minutes_used = u.minutes_used + v_minutes,
+         minutes_reserved = greatest(u.minutes_reserved - coalesce(v_a.reserved_minutes, 0), 0)
+   WHERE u.id = v_usage;
+  UPDATE public.call_assignments a SET reserved_minutes = 0
+   WHERE a.id = p_assignment_id AND a.reserved_minutes <> 0;
+END
+$$;
+
+-- return_dial: an attempt proven never dialed (release_assignment) gives back its dial and its
+-- reservation.
+CREATE OR REPLACE FUNCTION public.return_dial(p_assignment_id uuid) RETURNS void
+LANGUAGE plpgsql
+SET search_path = ''
+AS $$
+DECLARE
+  v_a record;
+BEGIN
+  SELECT a.usage_id, a.reserved_minutes INTO v_a
+    FROM public.call_assignments a WHERE a.id = p_assignment_id;
+  IF v_a.usage_id IS NULL THEN
+    RETURN;
+  END IF;
+  UPDATE public.user_call_usage u
+     SET calls_made = greatest(u.calls_made - 1, 0),
+         minutes_reserved = greatest(u.minutes_reserved - v_a.reserved_minutes, 0)
+   WHERE u.id = v_a.usage_id;
+  UPDATE public.call_assignments a
+     SET usage_id = NULL, reserved_minutes = 0, max_duration_seconds = NULL
+   WHERE a.id = p_assignment_id;
+END
+$$;
+
+-- ---------------------------------------------------------------------------------------------
+-- claimable_calls: up to p_limit due queued calls, locked (FOR UPDATE SKIP LOCKED), in fair
+-- order, for claim_due_calls and claim_and_assign_calls:
+--   * only tenants whose subscription is active or trialing (others' calls are held queued);
+--   * at most the tenant's free concurrency (plan max_concurrent_calls minus its calls in
+--     flight, from tenant_call_counters): calls over the cap stay queued, untouched;
+--   * within a priority level, tenants take turns: each tenant's k-th call ranks with the other
+--     tenants' k-th call, then by scheduled_time, so one tenant's backlog does not delay another.
+-- Candidates come from the per-tenant index (one probe per tenant and priority: a tenant's far
+-- future calls are never walked). The tenants' counter rows are then locked in user_id order
+-- and their free concurrency re-read, so concurrent claimers never exceed a plan's cap.
+-- p_exclude: calls this claim already took in an earlier round (they count against the room).
+CREATE OR REPLACE FUNCTION public.claimable_calls(p_limit integer, p_exclude uuid[] DEFAULT NULL)
+RETURNS uuid[]
+LANGUAGE plpgsql
+SET search_path = ''
+SET plan_cache_mode = force_custom_plan
+AS $$
+DECLARE
+  v_cand uuid[];
+  v_ids uuid[];
+  v_now timestamptz := public.callq_now();
+BEGIN
+  IF p_limit IS NULL OR p_limit <= 0 THEN
+    RETURN NULL;
+  END IF;
+  SELECT array_agg(r.id ORDER BY r.priority, r.k, r.scheduled_time, r.created_at) INTO v_cand
+    FROM (
+      SELECT f.id, f.priority, f.k, f.scheduled_time, f.created_at
+        FROM (
+          SELECT x.id, x.priority, x.scheduled_time, x.created_at, t.room,
+                 -- turn within the priority level, and place in the tenant's whole claim
+                 row_number() OVER (PARTITION BY t.user_id, x.priority
+                                    ORDER BY x.scheduled_time, x.created_at) AS k,
+                 row_number() OVER (PARTITION BY t.user_id
+                                    ORDER BY x.priority, x.scheduled_time, x.created_at) AS n
+            FROM (SELECT c.user_id,
+                         -- twice the batch: rows locked by other claimers are skipped
+                         least(pl.max_concurrent_calls - c.claimed - c.dialed, 2 * p_limit) AS room
+                    FROM public.tenant_call_counters c
+                    JOIN public.user_subscriptions s
+                      ON s.user_id = c.user_id AND s.status IN ('active', 'trialing')
+                    JOIN public.subscription_plans pl ON pl.id = s.plan_id
+                   WHERE c.queued > 0 AND c.claimed + c.dialed < pl.max_concurrent_calls) t
+           CROSS JOIN generate_series(1, 10) AS p(prio)
+           CROSS JOIN LATERAL (
+             SELECT q.id, q.priority, q.scheduled_time, q.created_at
+               FROM public.call_queue q
+              WHERE q.user_id = t.user_id AND q.status = 'queued' AND q.priority = p.prio
+                AND q.scheduled_time <= v_now
+                -- a paused, draft or paced campaign's calls: see claim_candidates
+                AND NOT q.via_campaign
+                AND (p_exclude IS NULL OR NOT (q.id = ANY (p_exclude)))
+              ORDER BY q.scheduled_time, q.created_at
+              LIMIT t.room) x
+        ) f
+       WHERE f.n <= f.room
+       ORDER BY f.priority, f.k, f.scheduled_time, f.created_at
+       LIMIT 2 * p_limit
+    ) r;
+  IF v_cand IS NULL THEN
+    RETURN NULL;
+  END IF;
+
+  SELECT array_agg(l.id ORDER BY l.ord) INTO v_ids
+    FROM (SELECT q.id, c.ord
+            FROM unnest(v_cand) WITH ORDINALITY AS c(id, ord)
+            JOIN public.call_queue q ON q.id = c.id
+           WHERE q.status = 'queued' AND q.scheduled_time <= v_now
+           ORDER BY c.ord
+           LIMIT p_limit
+             FOR UPDATE OF q SKIP LOCKED) l;
+  IF v_ids IS NULL THEN
+    RETURN NULL;
+  END IF;
+
+  -- The counters of these tenants, locked (key order), then each tenant's room re-read from
+  -- the latest committed version: calls beyond it stay queued.
+  PERFORM 1 FROM public.tenant_call_counters c
+   WHERE c.user_id IN (SELECT q.user_id FROM public.call_queue q WHERE q.id = ANY (v_ids))
+   ORDER BY c.user_id
+     FOR UPDATE;
+  SELECT array_agg(z.id ORDER BY z.ord) INTO v_ids
+    FROM (SELECT c.id, c.ord,
+                 pl.max_concurrent_calls - t.claimed - t.dialed
+                   - (SELECT count(*) FROM public.call_queue x
+                       WHERE x.id = ANY (p_exclude) AND x.user_id = q.user_id) AS room,
+                 row_number() OVER (PARTITION BY q.user_id ORDER BY c.ord) AS k
+            FROM unnest(v_ids) WITH ORDINALITY AS c(id, ord)
+            JOIN public.call_queue q ON q.id = c.id
+            JOIN public.tenant_call_counters t ON t.user_id = q.user_id
+            JOIN public.user_subscriptions s
+              ON s.user_id = q.user_id AND s.status IN ('active', 'trialing')
+            JOIN public.subscription_plans pl ON pl.id = s.plan_id) z
+   WHERE z.k <= z.room;
+  RETURN v_ids;
+END
+$$;
+
+-- ---------------------------------------------------------------------------------------------
+-- dial_gate: mark_call_dialing, then what the adapter must send with this dial (the call's max
+-- duration from its minute reservation, the caller id); one row, won = false: do not dial.
+-- paced: the provider's creates go through reserve_provider_create first.
+CREATE OR REPLACE FUNCTION public.dial_gate(p_assignment_id uuid)
+RETURNS TABLE (won boolean, max_duration_seconds integer, caller_id text, paced boolean)
+LANGUAGE plpgsql
+SET search_path = ''
+AS $$
+BEGIN
+  won := public.mark_call_dialing(p_assignment_id);
+  IF won THEN
+    SELECT a.max_duration_seconds, a.caller_id,
+           public.provider_creates_per_second(a.provider_id) IS NOT NULL
+      INTO max_duration_seconds, caller_id, paced
+      FROM public.call_assignments a WHERE a.id = p_assignment_id;
+  END IF;
+  RETURN NEXT;
+END
+$$;
+
+-- refuse_dial: the plan has no dial (or no minute) left for this call: it ends as failed
+-- without being dialed (assignment released, slot freed, history with the reason).
+CREATE OR REPLACE FUNCTION public.refuse_dial(p_assignment_id uuid, p_reason text) RETURNS void
+LANGUAGE plpgsql
+SET search_path = ''
+AS $$
+DECLARE
+  v_a record;
+  v_q record;
+BEGIN
+  SELECT a.* INTO v_a FROM public.call_assignments a WHERE a.id = p_assignment_id;
+  SELECT q.* INTO v_q FROM public.call_queue q WHERE q.id = v_a.queue_id;
+  UPDATE public.call_assignments a
+     SET state = 'released', ended_at = now(), outcome = 'refused', error = p_reason
+   WHERE a.id = p_assignment_id;
+  UPDATE public.call_queue q
+     SET status = 'failed', last_error = p_reason, completed_at = now(), lease_expires_at = NULL
+   WHERE q.id = v_q.id;
+  INSERT INTO public.call_history (user_id, template_id, queue_id, assignment_id, provider_id,
+                                   recipient_name, recipient_phone, recipient_email, status,
+                                   ended_at, attempts, error, metadata)
+  VALUES (v_q.user_id, v_q.template_id, v_q.id, p_assignment_id, v_a.provider_id,
+          v_q.recipient_name, v_q.recipient_phone, v_q.recipient_email, 'failed', now(),
+          v_q.attempts, p_reason, v_q.metadata);
+  PERFORM public.free_provider_slot(v_a.provider_id);
+END
+$$;
+
+-- ---------------------------------------------------------------------------------------------
+-- Fleet-wide create rate per provider. PostgreSQL rather than Redis: every worker already
+-- holds a database connection, the broker may be RabbitMQ, and one row update per create is
+-- nothing at the rates providers allow (SynthFlow documents 1 create per second).
+
+-- The documented default per provider type (creates per second); NULL: none published
+-- (Vapi's org rate limit is not published). Must equal providers/synthflow.py's
+-- DEFAULT_CREATES_PER_SECOND (a test compares them).
+CREATE OR REPLACE FUNCTION public.provider_creates_per_second(p_provider_id uuid)
+RETURNS double precision
+LANGUAGE sql STABLE
+SET search_path = ''
+AS $$
+  SELECT coalesce(
+           nullif(p.config ->> 'creates_per_second', '')::double precision,
+           CASE p.provider_type WHEN 'synthflow' THEN 1.0 END)
+    FROM public.call_service_providers p WHERE p.id = p_provider_id;
+$$;
+
+-- reserve_provider_create: the seconds this worker must wait before sending a create to the
+-- provider (0: now), its slot taken in the shared schedule (one create per 1/rate seconds,
+-- fleet-wide). NULL, and nothing taken, when the wait would exceed p_max_wait_seconds (the
+-- caller puts the call back instead of waiting past its dialing lease).
+CREATE OR REPLACE FUNCTION public.reserve_provider_create(
+  p_provider_id uuid, p_max_wait_seconds double precision
+) RETURNS double precision
+LANGUAGE plpgsql
+SET search_path = ''
+AS $$
+DECLARE
+  v_rate double precision := public.provider_creates_per_second(p_provider_id);
+  v_now timestamptz := clock_timestamp();
+  v_slot timestamptz;
+  v_wait double precision;
+BEGIN
+  IF v_rate IS NULL OR v_rate <= 0 THEN
+    RETURN 0;
+  END IF;
+  INSERT INTO public.provider_create_pacing (provider_id, next_at) VALUES (p_provider_id, v_now)
+  ON CONFLICT (provider_id) DO NOTHING;
+  SELECT greatest(c.next_at, v_now) INTO v_slot
+    FROM public.provider_create_pacing c WHERE c.provider_id = p_provider_id FOR UPDATE;
+  v_wait := extract(epoch FROM v_slot - v_now);
+  IF v_wait > greatest(p_max_wait_seconds, 0) THEN
+    RETURN NULL;
+  END IF;
+  UPDATE public.provider_create_pacing c
+     SET next_at = v_slot + make_interval(secs => 1.0 / v_rate)
+   WHERE c.provider_id = p_provider_id;
+  RETURN v_wait;
+END
+$$;
+
+-- defer_dial: a call that passed the gate but got no create slot within its bound goes back
+-- to the queue untouched by the provider (as release_assignment: dial and minutes given back,
+-- attempt not counted), due again when the slot would have come.
+CREATE OR REPLACE FUNCTION public.defer_dial(p_assignment_id uuid, p_seconds double precision)
+RETURNS boolean
+LANGUAGE plpgsql
+SET search_path = ''
+AS $$
+DECLARE
+  v_qid uuid;
+BEGIN
+  SELECT a.queue_id INTO v_qid FROM public.call_assignments a WHERE a.id = p_assignment_id;
+  IF NOT public.release_assignment(p_assignment_id, 'fleet_rate_limit') THEN
+    RETURN false;
+  END IF;
+  UPDATE public.call_queue q
+     SET scheduled_time = now() + make_interval(secs => greatest(p_seconds, 0))
+   WHERE q.id = v_qid AND q.status = 'queued';
+  RETURN true;
+END
+$$;
+
+-- ---------------------------------------------------------------------------------------------
+-- Privileges and policies of this domain.
+REVOKE ALL ON public.tenant_call_counters FROM PUBLIC, anon, authenticated;
+GRANT ALL ON public.tenant_call_counters TO service_role;
+GRANT SELECT, INSERT, UPDATE, DELETE ON public.tenant_call_counters TO callq_worker;
+GRANT SELECT ON public.tenant_call_counters TO authenticated;
+CREATE POLICY worker_all ON public.tenant_call_counters FOR ALL TO callq_worker
+  USING (true) WITH CHECK (true);
+CREATE POLICY counters_select_own ON public.tenant_call_counters FOR SELECT TO authenticated
+  USING (user_id = (SELECT auth.uid()));
+
+REVOKE ALL ON FUNCTION
+  public.call_status_class(text), public.apply_counter_deltas(jsonb),
+  public.count_tenant_calls(), public.zero_tenant_counters(), public.reconcile_tenant_counters(),
+  public.tenant_plan(uuid), public.lock_current_usage(uuid),
+  public.settle_call_usage(uuid, uuid, double precision), public.return_dial(uuid),
+  public.claimable_calls(integer, uuid[]), public.dial_gate(uuid), public.refuse_dial(uuid, text),
+  public.fail_on_provider(uuid, text, text), public.provider_creates_per_second(uuid),
+  public.reserve_provider_create(uuid, double precision),
+  public.defer_dial(uuid, double precision)
+  FROM PUBLIC, anon, authenticated;
+GRANT EXECUTE ON FUNCTION
+  public.call_status_class(text), public.apply_counter_deltas(jsonb),
+  public.reconcile_tenant_counters(), public.tenant_plan(uuid), public.lock_current_usage(uuid),
+  public.settle_call_usage(uuid, uuid, double precision), public.return_dial(uuid),
+  public.claimable_calls(integer, uuid[]), public.dial_gate(uuid), public.refuse_dial(uuid, text),
+  public.fail_on_provider(uuid, text, text), public.provider_creates_per_second(uuid),
+  public.reserve_provider_create(uuid, double precision),
+  public.defer_dial(uuid, double precision)
+  TO service_role, callq_worker;
+REVOKE ALL ON public.provider_create_pacing FROM PUBLIC, anon, authenticated;
+GRANT ALL ON public.provider_create_pacing TO service_role;
+GRANT SELECT, INSERT, UPDATE, DELETE ON public.provider_create_pacing TO callq_worker;
+CREATE POLICY worker_all ON public.provider_create_pacing FOR ALL TO callq_worker
+  USING (true) WITH CHECK (true);

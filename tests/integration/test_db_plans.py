@@ -1,0 +1,341 @@
+"""Plans as a contract: dials counted, minutes reserved and settled, plan concurrency and fair
+order at claim time, subscription lifecycle, default plan on signup, counters vs recount."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import uuid
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import psycopg
+import pytest
+
+from .dbutil import Conn, connect, make_provider, make_template, make_user, one, schedule
+
+
+@pytest.fixture
+def conn(db_url: str) -> Any:
+    with connect(db_url) as c:
+        yield c
+
+
+def tenant(conn: Conn, **plan: Any) -> tuple[uuid.UUID, uuid.UUID]:
+    user = make_user(conn, **plan)
+    return user, make_template(conn, user)
+
+
+def claim(conn: Conn, n: int = 50) -> list[tuple[uuid.UUID, uuid.UUID]]:
+    rows = conn.execute("SELECT queue_id, assignment_id FROM claim_and_assign_calls(%s)", (n,))
+    return [(r[0], r[1]) for r in rows.fetchall()]
+
+
+def usage(conn: Conn, user: uuid.UUID) -> tuple[int, int, int]:
+    row = conn.execute(
+        "SELECT calls_made, minutes_used, minutes_reserved FROM user_call_usage WHERE user_id = %s",
+        (user,),
+    ).fetchone()
+    return (0, 0, 0) if row is None else (int(row[0]), int(row[1]), int(row[2]))
+
+
+def gate(conn: Conn, aid: uuid.UUID) -> tuple[bool, int | None]:
+    row = conn.execute("SELECT won, max_duration_seconds FROM dial_gate(%s)", (aid,)).fetchone()
+    assert row is not None
+    return bool(row[0]), row[1]
+
+
+def test_voicemail_on_a_two_call_plan_places_two_dials(conn: Conn) -> None:
+    """The issue's case: plan of 2 calls, numbers that reach voicemail: 2 dials, not 18."""
+    make_provider(conn, max_calls=50)
+    user, tpl = tenant(conn, call_limit=2, minute_limit=None)
+    ids = [schedule(conn, user, tpl) for _ in range(2)]
+    with pytest.raises(psycopg.Error) as err:
+        schedule(conn, user, tpl)
+    assert err.value.sqlstate == "CQ003"
+    dials = 0
+    for _ in range(10):
+        conn.execute("UPDATE call_queue SET scheduled_time = now() WHERE status = 'queued'")
+        for _, aid in claim(conn):
+            won, _ = gate(conn, aid)
+            if won:
+                dials += 1
+                conn.execute("SELECT handle_failed_call(%s, 'voicemail', NULL, NULL, 60)", (aid,))
+    assert dials == 2
+    assert usage(conn, user) == (2, 2, 0)
+    finals = conn.execute("SELECT status FROM call_queue WHERE id = ANY(%s)", (ids,)).fetchall()
+    assert {r[0] for r in finals} == {"failed"}
+    assert one(conn, "SELECT count(*) FROM call_history WHERE user_id = %s", (user,)) == 2
+
+
+def test_retries_use_only_dials_no_accepted_call_needs(conn: Conn) -> None:
+    make_provider(conn, max_calls=50)
+    user, tpl = tenant(conn, call_limit=3, minute_limit=None)
+    first = schedule(conn, user, tpl)
+    ((_, aid),) = claim(conn)
+    assert gate(conn, aid)[0]
+    # two more accepted while the first is in flight: 1 dial used + 2 waiting = 3
+    schedule(conn, user, tpl)
+    schedule(conn, user, tpl)
+    # the busy first call may not retry: its retry would take a dial the others need
+    assert one(conn, "SELECT handle_failed_call(%s, 'busy')", (aid,)) == "failed"
+    assert "call_limit_reached" in one(
+        conn, "SELECT last_error FROM call_queue WHERE id = %s", (first,)
+    )
+
+
+def test_gate_refuses_a_dial_beyond_the_plan(conn: Conn) -> None:
+    """A downgraded plan: the gate is the backstop; the call fails undialed with a reason."""
+    make_provider(conn, max_calls=50)
+    user, tpl = tenant(conn, call_limit=5, minute_limit=None)
+    qid = schedule(conn, user, tpl)
+    ((_, aid),) = claim(conn)
+    conn.execute(
+        "UPDATE subscription_plans SET call_limit = 0 WHERE id ="
+        " (SELECT plan_id FROM user_subscriptions WHERE user_id = %s)",
+        (user,),
+    )
+    assert gate(conn, aid) == (False, None)
+    row = conn.execute("SELECT status, last_error FROM call_queue WHERE id = %s", (qid,)).fetchone()
+    assert row == ("failed", "call_limit_reached")
+    assert one(conn, "SELECT state FROM call_assignments WHERE id = %s", (aid,)) == "released"
+    assert one(conn, "SELECT sum(current_calls) FROM provider_availability") == 0
+    assert usage(conn, user)[0] == 0
+
+
+def test_minutes_reserved_at_the_gate_become_the_max_duration(conn: Conn) -> None:
+    make_provider(conn, max_calls=50)
+    user, tpl = tenant(conn, call_limit=None, minute_limit=10, max_concurrent=2)
+    for _ in range(3):
+        schedule(conn, user, tpl)
+    got = claim(conn)
+    assert len(got) == 2  # plan concurrency 2
+    won1, cap1 = gate(conn, got[0][1])
+    won2, cap2 = gate(conn, got[1][1])
+    # 10 minutes over 2 concurrent calls: 5 each, minus the 5 s hang-up margin
+    assert (won1, cap1, won2, cap2) == (True, 5 * 60 - 5, True, 5 * 60 - 5)
+    assert usage(conn, user) == (2, 0, 10)
+    # all minutes reserved: scheduling more is refused (its own SQLSTATE)
+    with pytest.raises(psycopg.Error) as err:
+        schedule(conn, user, tpl)
+    assert err.value.sqlstate == "CQ030"
+    # the first call ends after 61 s: 2 minutes billed, its 5 reserved given back
+    one(conn, "SELECT complete_call(%s, 61)", (got[0][1],))
+    assert usage(conn, user) == (2, 2, 5)
+    ((_, a3),) = claim(conn)
+    assert gate(conn, a3) == (True, 3 * 60 - 5)  # what is left: 10 - 2 - 5
+    one(conn, "SELECT complete_call(%s, 295)", (got[1][1],))
+    one(conn, "SELECT complete_call(%s, 170)", (a3,))
+    assert usage(conn, user) == (3, 2 + 5 + 3, 0)  # exactly the plan, never above
+
+
+def test_no_minute_left_holds_or_fails_the_call(conn: Conn) -> None:
+    make_provider(conn, max_calls=50)
+    user, tpl = tenant(conn, call_limit=None, minute_limit=1, max_concurrent=5)
+    a = schedule(conn, user, tpl)
+    b = schedule(conn, user, tpl)
+    got = dict(claim(conn))
+    assert gate(conn, got[a]) == (True, 55)
+    # b: the only minute is reserved by a call in flight: held, due again in 30 s
+    assert gate(conn, got[b]) == (False, None)
+    row = conn.execute(
+        "SELECT status, scheduled_time > now() + interval '20 seconds', attempts"
+        " FROM call_queue WHERE id = %s",
+        (b,),
+    ).fetchone()
+    assert row == ("queued", True, 0)
+    one(conn, "SELECT complete_call(%s, 50)", (got[a],))
+    conn.execute("UPDATE call_queue SET scheduled_time = now() WHERE id = %s", (b,))
+    ((_, ab),) = claim(conn)
+    # now used up with nothing in flight: b fails undialed
+    assert gate(conn, ab) == (False, None)
+    row = conn.execute("SELECT status, last_error FROM call_queue WHERE id = %s", (b,)).fetchone()
+    assert row == ("failed", "minute_limit_reached")
+    assert usage(conn, user) == (1, 1, 0)
+
+
+def test_release_gives_the_dial_and_the_minutes_back(conn: Conn) -> None:
+    make_provider(conn, max_calls=50)
+    user, tpl = tenant(conn, call_limit=1, minute_limit=3)
+    schedule(conn, user, tpl)
+    ((_, aid),) = claim(conn)
+    assert gate(conn, aid)[0]
+    assert usage(conn, user) == (1, 0, 3)
+    assert one(conn, "SELECT release_assignment(%s, 'connect_error')", (aid,)) is True
+    assert usage(conn, user) == (0, 0, 0)
+    ((_, aid2),) = claim(conn)
+    assert gate(conn, aid2)[0]
+
+
+def test_plan_concurrency_holds_calls_queued_until_a_slot_frees(conn: Conn) -> None:
+    make_provider(conn, max_calls=50)
+    user, tpl = tenant(conn, call_limit=None, minute_limit=None, max_concurrent=1)
+    ids = [schedule(conn, user, tpl) for _ in range(4)]
+    first = claim(conn)
+    assert len(first) == 1
+    assert claim(conn) == []
+    assert conn.execute("SELECT * FROM get_next_call_in_queue()").fetchall() == []
+    statuses = conn.execute(
+        "SELECT status, count(*) FROM call_queue WHERE id = ANY(%s) GROUP BY 1", (ids,)
+    ).fetchall()
+    assert dict(statuses) == {"assigned": 1, "queued": 3}  # not failed, not retried
+    assert one(conn, "SELECT count(*) FROM call_retries") == 0
+    one(conn, "SELECT mark_call_dialing(%s)", (first[0][1],))
+    one(conn, "SELECT complete_call(%s, 10)", (first[0][1],))
+    assert len(claim(conn)) == 1
+
+
+def test_claims_rotate_between_tenants_within_a_priority(conn: Conn) -> None:
+    make_provider(conn, max_calls=500)
+    a_user, a_tpl = tenant(conn, call_limit=None, minute_limit=None, max_concurrent=1000)
+    b_user, b_tpl = tenant(conn, call_limit=None, minute_limit=None, max_concurrent=1000)
+    old = datetime.now(UTC) - timedelta(minutes=5)
+    conn.execute(
+        "INSERT INTO call_queue (user_id, template_id, recipient_name, recipient_phone,"
+        " scheduled_time) SELECT %s, %s, 'A', '+15551234567', %s + g * interval '1 ms'"
+        " FROM generate_series(1, 300) g",
+        (a_user, a_tpl, old),
+    )
+    b_ids = [schedule(conn, b_user, b_tpl) for _ in range(3)]
+    urgent = schedule(conn, b_user, b_tpl, priority=1)
+    got = [q for q, _ in claim(conn, 8)]
+    assert got[0] == urgent  # priority still first
+    assert set(b_ids) <= set(got)  # B's calls do not wait behind A's 300
+    owners = [one(conn, "SELECT user_id FROM call_queue WHERE id = %s", (q,)) for q in got[1:7]]
+    assert owners == [a_user, b_user] * 3  # round robin within priority 5
+
+
+def test_past_due_or_canceled_subscription_holds_calls(conn: Conn) -> None:
+    make_provider(conn, max_calls=50)
+    user, tpl = tenant(conn, call_limit=None, minute_limit=None)
+    qid = schedule(conn, user, tpl)
+    conn.execute("UPDATE user_subscriptions SET status = 'past_due' WHERE user_id = %s", (user,))
+    assert claim(conn) == []
+    with pytest.raises(psycopg.Error) as err:
+        schedule(conn, user, tpl)
+    assert err.value.sqlstate == "CQ002"
+    assert one(conn, "SELECT status FROM call_queue WHERE id = %s", (qid,)) == "queued"
+    conn.execute("UPDATE user_subscriptions SET status = 'active' WHERE user_id = %s", (user,))
+    assert [q for q, _ in claim(conn)] == [qid]
+
+
+def test_cancel_at_period_end_ends_instead_of_renewing(conn: Conn) -> None:
+    keep, _ = tenant(conn)
+    leave, _ = tenant(conn)
+    conn.execute(
+        "UPDATE user_subscriptions SET current_period_start = now() - interval '2 months',"
+        " current_period_end = now() - interval '1 day',"
+        " cancel_at_period_end = (user_id = %s)",
+        (leave,),
+    )
+    assert one(conn, "SELECT rollover_usage_periods()") == 2
+    rows = dict(
+        conn.execute(
+            "SELECT user_id, status FROM user_subscriptions WHERE user_id IN (%s, %s)",
+            (keep, leave),
+        ).fetchall()
+    )
+    assert rows == {keep: "active", leave: "canceled"}
+    assert one(conn, "SELECT canceled_at IS NOT NULL FROM user_subscriptions WHERE user_id = %s",
+               (leave,))  # fmt: skip
+
+
+def test_signup_gets_the_default_plan_and_the_example_runs_verbatim(conn: Conn) -> None:
+    conn.execute(
+        "INSERT INTO subscription_plans (name, price, call_limit, minute_limit,"
+        " max_concurrent_calls, is_default) VALUES ('Free', 0, 10, 30, 1, true)"
+    )
+    with pytest.raises(psycopg.errors.UniqueViolation):
+        conn.execute("INSERT INTO subscription_plans (name, is_default) VALUES ('Other', true)")
+    uid = uuid.uuid4()
+    conn.execute(
+        "INSERT INTO auth.users (id, email, raw_user_meta_data) VALUES (%s, 'new@example.com', %s)",
+        (uid, json.dumps({"full_name": "New User"})),
+    )
+    tpl = make_template(conn, uid)
+    # The description's "Schedule a call" example, verbatim but for the two ids.
+    qid = one(
+        conn,
+        f"""SELECT schedule_call(
+  '{uid}',
+  '{tpl}',
+  'John Doe',
+  '+15551234567',
+  'john@example.com',
+  CURRENT_TIMESTAMP + INTERVAL '1 hour',
+  3, -- priority
+  '{{"company_name": "Acme Inc"}}', -- custom variables
+  '{{"source": "web_app"}}' -- metadata
+);""",
+    )
+    assert one(conn, "SELECT status FROM call_queue WHERE id = %s", (qid,)) == "queued"
+    plan = one(
+        conn,
+        "SELECT p.name FROM user_subscriptions s JOIN subscription_plans p ON p.id = s.plan_id"
+        " WHERE s.user_id = %s AND s.status = 'active'",
+        (uid,),
+    )
+    assert plan == "Free"
+
+
+def test_counters_follow_every_path_and_reconcile_fixes_drift(conn: Conn) -> None:
+    make_provider(conn, max_calls=50)
+    user, tpl = tenant(conn, call_limit=None, minute_limit=None)
+    for _ in range(5):
+        schedule(conn, user, tpl)
+    got = claim(conn, 3)
+    one(conn, "SELECT mark_call_dialing(%s)", (got[0][1],))
+    one(conn, "SELECT release_assignment(%s, 'shutdown')", (got[1][1],))
+    conn.execute(
+        "UPDATE call_queue SET status = 'canceled' WHERE id IN"
+        " (SELECT id FROM call_queue WHERE status = 'queued' LIMIT 1)"
+    )
+    row = conn.execute(
+        "SELECT queued, claimed, dialed FROM tenant_call_counters WHERE user_id = %s", (user,)
+    ).fetchone()
+    assert row == (2, 1, 1)
+    assert one(conn, "SELECT reconcile_tenant_counters()") == 0
+    conn.execute("UPDATE tenant_call_counters SET queued = 99, dialed = 7")
+    assert one(conn, "SELECT reconcile_tenant_counters()") == 1
+    row = conn.execute(
+        "SELECT queued, claimed, dialed FROM tenant_call_counters WHERE user_id = %s", (user,)
+    ).fetchone()
+    assert row == (2, 1, 1)
+
+
+def test_counters_are_readable_only_by_their_tenant(conn: Conn) -> None:
+    from .dbutil import as_role
+
+    me, tpl = tenant(conn)
+    other, other_tpl = tenant(conn)
+    schedule(conn, me, tpl)
+    schedule(conn, other, other_tpl)
+    with as_role(conn, "authenticated", me):
+        rows = conn.execute("SELECT user_id, queued FROM tenant_call_counters").fetchall()
+        assert rows == [(me, 1)]
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            conn.execute("UPDATE tenant_call_counters SET queued = 0")
+    with as_role(conn, "anon"), pytest.raises(psycopg.errors.InsufficientPrivilege):
+        conn.execute("SELECT * FROM tenant_call_counters")
+
+
+def test_create_pacing_is_shared_and_bounded(conn: Conn) -> None:
+    from providers.synthflow import DEFAULT_CREATES_PER_SECOND
+
+    p = make_provider(conn)
+    conn.execute(
+        "UPDATE call_service_providers SET provider_type = 'synthflow' WHERE id = %s", (p,)
+    )
+    # the documented default lives in SQL and in the adapter: they agree
+    assert one(conn, "SELECT provider_creates_per_second(%s)", (p,)) == DEFAULT_CREATES_PER_SECOND
+    conn.execute(
+        "UPDATE call_service_providers SET config = '{\"creates_per_second\": 4}' WHERE id = %s",
+        (p,),
+    )
+    waits = [one(conn, "SELECT reserve_provider_create(%s, 0.55)", (p,)) for _ in range(4)]
+    assert waits[0] == pytest.approx(0, abs=0.1)
+    for a, b in itertools.pairwise(waits[:3]):
+        assert b - a == pytest.approx(0.25, abs=0.1)  # one slot per 1/rate, fleet-wide
+    assert waits[3] is None  # past the bound: nothing taken, the caller defers the call
+    vapi = make_provider(conn)
+    assert one(conn, "SELECT reserve_provider_create(%s, 0)", (vapi,)) == 0  # no published rate

@@ -1,0 +1,277 @@
+"""Stateful property test of the plan invariants (hypothesis RuleBasedStateMachine).
+
+Random sequences of schedules, claims (also three at once, from three connections), dial gates,
+placements, completions, failures with retries and failovers, releases, cancels and reaper
+runs, for two tenants on small plans. After every step, for each tenant:
+
+    dials counted (calls_made) never exceed call_limit, and equal the attempts that passed the
+    gate and were not given back;
+    minutes billed, and billed + reserved, never exceed minute_limit (durations within the
+    max duration sent, plus the 5 s margin);
+    calls in flight never exceed max_concurrent_calls;
+    tenant counters and reserved minutes equal a recount; provider slots equal live assignments.
+"""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from typing import Any
+
+import psycopg
+import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    Bundle,
+    RuleBasedStateMachine,
+    consumes,
+    invariant,
+    multiple,
+    rule,
+    run_state_machine_as_test,
+)
+
+from .dbutil import Conn, connect, make_provider, make_template, one
+
+LIVE = ("assigned", "dialing", "placed")
+KINDS = ("busy", "no_answer", "voicemail", "provider_error", "rate_limited", "permanent")
+
+
+def _tenant(conn: Conn, call_limit: int, minute_limit: int, cap: int, per_call: int) -> Any:
+    uid = uuid.uuid4()
+    conn.execute("INSERT INTO auth.users (id, email) VALUES (%s, %s)", (uid, f"{uid.hex}@x.io"))
+    plan = one(
+        conn,
+        "INSERT INTO subscription_plans (name, call_limit, minute_limit, max_concurrent_calls,"
+        " max_call_minutes) VALUES (%s, %s, %s, %s, %s) RETURNING id",
+        (f"p-{uid.hex[:10]}", call_limit, minute_limit, cap, per_call),
+    )
+    conn.execute("INSERT INTO user_subscriptions (user_id, plan_id) VALUES (%s, %s)", (uid, plan))
+    return uid, make_template(conn, uid), (call_limit, minute_limit, cap)
+
+
+class PlanMachine(RuleBasedStateMachine):
+    """Two tenants, two providers, three connections."""
+
+    assignments = Bundle("assignments")
+
+    def __init__(self, db_url: str) -> None:
+        super().__init__()
+        self.conns = [connect(db_url) for _ in range(3)]
+        c = self.conns[0]
+        for conn in self.conns:
+            conn.execute("SET callq.retry_delay_scale = '0'")
+        self.tenants: list[Any] = []
+        # each example starts from an empty queue (tenants are new each time)
+        c.execute("TRUNCATE call_queue CASCADE")
+        c.execute(
+            "UPDATE provider_availability SET current_calls = 0,"
+            " available_slots = (SELECT max_concurrent_calls FROM call_service_providers p"
+            " WHERE p.id = provider_id)"
+        )
+        c.execute("UPDATE user_call_usage SET minutes_reserved = 0")
+        if one(c, "SELECT count(*) FROM call_service_providers") == 0:
+            make_provider(c, max_calls=3, priority=1)
+            make_provider(c, max_calls=4, priority=2)
+
+    def teardown(self) -> None:
+        for conn in self.conns:
+            conn.close()
+
+    @rule(
+        call_limit=st.integers(1, 6),
+        minute_limit=st.integers(1, 8),
+        cap=st.integers(1, 3),
+        per_call=st.integers(1, 4),
+    )
+    def add_tenant(self, call_limit: int, minute_limit: int, cap: int, per_call: int) -> None:
+        if len(self.tenants) < 2:
+            self.tenants.append(_tenant(self.conns[0], call_limit, minute_limit, cap, per_call))
+
+    @rule(t=st.integers(0, 1), c=st.integers(0, 2), n=st.integers(1, 3))
+    def schedule(self, t: int, c: int, n: int) -> None:
+        if t >= len(self.tenants):
+            return
+        uid, tpl, _ = self.tenants[t]
+        conn = self.conns[c]
+        for _ in range(n):
+            before = one(conn, "SELECT count(*) FROM call_queue WHERE user_id = %s", (uid,))
+            try:
+                conn.execute("SELECT schedule_call(%s, %s, 'T', '+15551234567')", (uid, tpl))
+            except psycopg.Error as exc:
+                assert exc.sqlstate in ("CQ003", "CQ030"), exc.sqlstate
+                after = one(conn, "SELECT count(*) FROM call_queue WHERE user_id = %s", (uid,))
+                assert after == before  # a refusal writes nothing
+
+    @rule(target=assignments, c=st.integers(0, 2), n=st.integers(1, 4))
+    def claim(self, c: int, n: int) -> Any:
+        conn = self.conns[c]
+        conn.execute("UPDATE call_queue SET scheduled_time = now() WHERE status = 'queued'")
+        rows = conn.execute("SELECT assignment_id FROM claim_and_assign_calls(%s)", (n,))
+        got = [r[0] for r in rows.fetchall()]
+        return multiple(*got)
+
+    @rule(n=st.integers(1, 3))
+    def claim_concurrently(self, n: int) -> None:
+        self.conns[0].execute(
+            "UPDATE call_queue SET scheduled_time = now() WHERE status = 'queued'"
+        )
+        barrier = threading.Barrier(3)
+
+        def work(conn: Conn) -> None:
+            barrier.wait(timeout=10)
+            conn.execute("SELECT * FROM claim_and_assign_calls(%s)", (n,)).fetchall()
+
+        threads = [threading.Thread(target=work, args=(c,)) for c in self.conns]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join(timeout=30)
+
+    def _live(self, c: int) -> list[Any]:
+        return (
+            self.conns[c]
+            .execute(
+                "SELECT a.id, a.state, a.max_duration_seconds FROM call_assignments a"
+                " JOIN call_queue q ON q.id = a.queue_id"
+                " WHERE a.state IN ('assigned', 'dialing', 'placed') ORDER BY a.created_at"
+            )
+            .fetchall()
+        )
+
+    @rule(c=st.integers(0, 2), pick=st.integers(0, 20))
+    def gate(self, c: int, pick: int) -> None:
+        live = [r for r in self._live(c) if r[1] == "assigned"]
+        if live:
+            aid = live[pick % len(live)][0]
+            self.conns[c].execute("SELECT * FROM dial_gate(%s)", (aid,)).fetchall()
+
+    @rule(c=st.integers(0, 2), pick=st.integers(0, 20))
+    def place(self, c: int, pick: int) -> None:
+        live = [r for r in self._live(c) if r[1] == "dialing"]
+        if live:
+            aid = live[pick % len(live)][0]
+            self.conns[c].execute("SELECT mark_call_placed(%s, %s)", (aid, f"pc-{aid}"))
+
+    def _duration(self, cap: int | None, frac: float) -> float:
+        return frac * ((cap + 5) if cap else 900)
+
+    @rule(c=st.integers(0, 2), pick=st.integers(0, 20), frac=st.floats(0, 1), dup=st.booleans())
+    def complete(self, c: int, pick: int, frac: float, dup: bool) -> None:
+        live = [r for r in self._live(c) if r[1] in ("dialing", "placed")]
+        if live:
+            aid, _, cap = live[pick % len(live)]
+            for _ in range(2 if dup else 1):
+                self.conns[c].execute(
+                    "SELECT complete_call(%s, %s)", (aid, self._duration(cap, frac))
+                )
+
+    @rule(
+        c=st.integers(0, 2),
+        pick=st.integers(0, 20),
+        kind=st.sampled_from(KINDS),
+        frac=st.floats(0, 1),
+    )
+    def fail(self, c: int, pick: int, kind: str, frac: float) -> None:
+        live = [r for r in self._live(c) if r[1] in ("dialing", "placed")]
+        if live:
+            aid, _, cap = live[pick % len(live)]
+            self.conns[c].execute(
+                "SELECT handle_failed_call(%s, %s, NULL, 0, %s)",
+                (aid, kind, self._duration(cap, frac)),
+            )
+
+    @rule(c=st.integers(0, 2), pick=st.integers(0, 20))
+    def release(self, c: int, pick: int) -> None:
+        live = [r for r in self._live(c) if r[1] in ("assigned", "dialing")]
+        if live:
+            aid = live[pick % len(live)][0]
+            self.conns[c].execute("SELECT release_assignment(%s, 'connect_error')", (aid,))
+
+    @rule(a=consumes(assignments))
+    def duplicate_gate(self, a: Any) -> None:
+        """A redelivered dispatch: the gate never lets a second dial through."""
+        row = self.conns[1].execute("SELECT won FROM dial_gate(%s)", (a,)).fetchone()
+        state = one(self.conns[1], "SELECT state FROM call_assignments WHERE id = %s", (a,))
+        if row and row[0]:
+            assert state == "dialing"
+
+    @rule()
+    def cancel_one(self) -> None:
+        self.conns[2].execute(
+            "UPDATE call_queue SET status = 'canceled' WHERE id ="
+            " (SELECT id FROM call_queue WHERE status = 'queued' LIMIT 1)"
+        )
+
+    @rule()
+    def reap(self) -> None:
+        self.conns[0].execute(
+            "UPDATE call_queue SET lease_expires_at = now() - interval '1 second'"
+            " WHERE status IN ('claimed', 'assigned')"
+        )
+        self.conns[0].execute("SELECT * FROM reap_expired_leases()").fetchall()
+
+    # -- invariants --------------------------------------------------------------------------
+
+    @invariant()
+    def plan_holds(self) -> None:
+        conn = self.conns[0]
+        for uid, _, (call_limit, minute_limit, cap) in self.tenants:
+            row = conn.execute(
+                "SELECT coalesce(sum(calls_made), 0), coalesce(sum(minutes_used), 0),"
+                " coalesce(sum(minutes_reserved), 0) FROM user_call_usage WHERE user_id = %s",
+                (uid,),
+            ).fetchone()
+            assert row is not None
+            dials, minutes, reserved = (int(x) for x in row)
+            assert dials <= call_limit
+            assert minutes <= minute_limit
+            assert minutes + reserved <= minute_limit
+            counted = one(
+                conn,
+                "SELECT count(*) FROM call_assignments a JOIN call_queue q ON q.id = a.queue_id"
+                " WHERE q.user_id = %s AND a.dialing_at IS NOT NULL AND a.state <> 'released'",
+                (uid,),
+            )
+            assert dials == counted  # every dial counted, once
+            in_flight = one(
+                conn,
+                "SELECT count(*) FROM call_queue WHERE user_id = %s"
+                " AND status IN ('claimed', 'assigned', 'dialing', 'in_progress')",
+                (uid,),
+            )
+            assert in_flight <= cap
+
+    @invariant()
+    def counters_and_slots_match_a_recount(self) -> None:
+        conn = self.conns[0]
+        assert one(conn, "SELECT reconcile_tenant_counters()") == 0
+        assert one(conn, "SELECT reconcile_provider_slots()") == 0
+        bad = conn.execute(
+            "SELECT count(*) FROM provider_availability pa JOIN call_service_providers p"
+            " ON p.id = pa.provider_id WHERE pa.current_calls + pa.available_slots"
+            " <> p.max_concurrent_calls OR pa.current_calls < 0"
+        ).fetchone()
+        assert bad == (0,)
+
+
+def _run(db_url: str, examples: int, steps: int) -> None:
+    run_state_machine_as_test(
+        lambda: PlanMachine(db_url),
+        settings=settings(
+            max_examples=examples,
+            stateful_step_count=steps,
+            deadline=None,
+            suppress_health_check=list(HealthCheck),
+        ),
+    )
+
+
+def test_plan_invariants_hold_under_random_sequences(db_url: str) -> None:
+    _run(db_url, examples=15, steps=25)
+
+
+@pytest.mark.slow
+def test_plan_invariants_hold_under_long_random_sequences(db_url: str) -> None:
+    _run(db_url, examples=200, steps=60)
