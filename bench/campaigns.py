@@ -10,7 +10,9 @@ the same run, alternating, ``call_queue`` emptied before each try:
 
 The figure is the median client-side time (commit included) of ``--repeat`` tries; the ratio is
 bare / ours (target >= 0.2, and ours < 2 s). Also: one ``schedule_call`` (median ms, rolled
-back) beside a bare one-row INSERT, for the single-call path that now goes through the same core.
+back) beside a bare one-row INSERT and beside the former single-row ``schedule_call`` (taken from
+git at ``OLD_COMMIT``, created under another name in the scratch database), for the single-call
+path that now goes through the same core.
 
     .venv/bin/python -m bench.campaigns [--rows 10000] [--repeat 5]
 """
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 import time
 import uuid
@@ -26,7 +29,10 @@ from typing import Any
 
 import psycopg
 
-from bench.common import ScratchDB, log, median
+from bench.common import REPO, ScratchDB, log, median
+
+# The last commit whose schedule_call had its own checks (before schedule_calls_core).
+OLD_COMMIT = "c0694f8"
 
 BARE = """
 INSERT INTO call_queue (user_id, campaign_id, template_id, recipient_name, recipient_phone,
@@ -47,6 +53,29 @@ SINGLE_BARE = (
     " scheduled_time, custom_variables) VALUES (%(user)s, %(template)s, 'Single', '+15550001234',"
     " 5, now() + interval '1 hour', '{\"k\": 1}')"
 )
+
+
+def _old_schedule_call() -> str | None:
+    """The former schedule_call as ``bench_schedule_call_old``, or None without git history."""
+    try:
+        text = subprocess.run(
+            ["git", "show", f"{OLD_COMMIT}:supabase/migrations/20240101000200_functions.sql"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=30,
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    start = text.index("CREATE OR REPLACE FUNCTION public.schedule_call(")
+    end = text.index("$$;", text.index("AS $$", start)) + 3
+    body = text[start:end].replace("public.schedule_call(", "public.bench_schedule_call_old(")
+    # the idempotency index now includes the campaign: any conflict will do for the bench
+    return body.replace(
+        "ON CONFLICT (user_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING",
+        "ON CONFLICT DO NOTHING",
+    )
 
 
 def contacts(n: int) -> str:
@@ -130,9 +159,19 @@ def run(rows: int = 10_000, repeat: int = 5) -> dict[str, Any]:
                 bare.append(_timed(conn, BARE, params))
                 log(f"campaigns: try {i + 1}: ours {ours[-1]:.3f} s, bare {bare[-1]:.3f} s")
             _empty(conn)
+            old = _old_schedule_call()
+            if old:
+                conn.execute(old)  # type: ignore[arg-type]
             conn.autocommit = False
             single = _single(conn, SINGLE, ids, 205)
             single_bare = _single(conn, SINGLE_BARE, ids, 205)
+            single_old = (
+                _single(
+                    conn, SINGLE.replace("schedule_call(", "bench_schedule_call_old("), ids, 205
+                )
+                if old
+                else None
+            )
         ours_s, bare_s = median(ours), median(bare)
         return {
             "rows": rows,
@@ -142,6 +181,7 @@ def run(rows: int = 10_000, repeat: int = 5) -> dict[str, Any]:
             "tries": {"ours": ours, "bare": bare},
             "single_ms": single,
             "single_bare_ms": single_bare,
+            "single_old_ms": single_old,
         }
     finally:
         db.drop()
@@ -157,7 +197,8 @@ def main(argv: list[str] | None = None) -> int:
         f"schedule_calls, {r['rows']:,} contacts: {r['ours_s']:.3f} s; bare INSERT ... SELECT:"
         f" {r['bare_s']:.3f} s; ratio bare/ours {r['ratio']:.2f} (target >= 0.2, ours < 2 s)\n"
         f"schedule_call, one call: {r['single_ms']:.2f} ms; bare one-row INSERT:"
-        f" {r['single_bare_ms']:.2f} ms"
+        f" {r['single_bare_ms']:.2f} ms; former schedule_call ({OLD_COMMIT}):"
+        f" {r['single_old_ms'] or float('nan'):.2f} ms"
     )
     return 0
 

@@ -40,14 +40,15 @@ SCRIPTS = {
     "bare_single": (
         "UPDATE bare_queue SET status = 'claimed', claimed_by = 'bench', claimed_at = now(),"
         " lease_expires_at = now() + interval '60 seconds' WHERE id = (SELECT id FROM bare_queue"
-        " WHERE status = 'queued' AND scheduled_time <= now()"
+        " WHERE status = 'queued' AND NOT via_campaign AND scheduled_time <= now()"
         " ORDER BY priority, scheduled_time, created_at LIMIT 1 FOR UPDATE SKIP LOCKED);\n"
     ),
     "ours_batch": "SELECT count(*) FROM claim_and_assign_calls(50, 'bench', 60);\n",
     # informative: the worker's hot path with a batch of one (claims straight to 'assigned')
     "ourscaa_single": "SELECT count(*) FROM claim_and_assign_calls(1, 'bench', 60);\n",
     "bare_batch": (
-        "WITH c AS (SELECT id FROM bare_queue WHERE status = 'queued' AND scheduled_time <= now()"
+        "WITH c AS (SELECT id FROM bare_queue WHERE status = 'queued' AND NOT via_campaign"
+        " AND scheduled_time <= now()"
         " ORDER BY priority, scheduled_time, created_at LIMIT 50 FOR UPDATE SKIP LOCKED)"
         " UPDATE bare_queue b SET status = 'claimed', claimed_by = 'bench', claimed_at = now(),"
         " lease_expires_at = now() + interval '60 seconds' FROM c WHERE b.id = c.id;\n"

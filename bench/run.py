@@ -241,6 +241,17 @@ def campaign_rows(results: dict[str, Any]) -> list[Row]:
                 "",
             )
         )
+        if camp.get("single_old_ms"):
+            rows.append(
+                (
+                    "schedule_call, one call through the core, ms (vs the former schedule_call)",
+                    _f(camp["single_ms"], 2),
+                    _f(camp["single_old_ms"], 2),
+                    _f(camp["single_old_ms"] / camp["single_ms"], 2),
+                    "informative",
+                    "",
+                )
+            )
     return rows
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
 from typing import Any
@@ -173,6 +173,22 @@ SELECT record_provider_health(%(provider_id)s::uuid, %(ok)s::boolean, %(latency_
 # Open the next usage period of subscriptions whose period ended.
 ROLLOVER = "SELECT rollover_usage_periods()"
 
+# Campaigns past their end or out of calls: queued calls canceled, status completed.
+CLOSE_CAMPAIGNS = "SELECT close_campaigns()"
+
+# The outbox of call.ended notifications: claim due ones (a lease; the attempt is the token),
+# load what one attempt sends, record its result (backoff and give-up live in SQL).
+CLAIM_NOTIFICATIONS = """
+SELECT notification_id, attempt FROM claim_notifications(%(limit)s, %(lease_seconds)s)
+"""
+NOTIFICATION_DELIVERY = """
+SELECT url, secret, body FROM notification_delivery(%(id)s::uuid, %(attempt)s)
+"""
+RECORD_NOTIFICATION = """
+SELECT record_notification_result(%(id)s::uuid, %(attempt)s, %(ok)s, %(http_status)s::int,
+                                  %(error)s::text)
+"""
+
 # The call-event log's retention: delete one batch of events older than the retention.
 PRUNE_EVENTS = """
 SELECT prune_call_events(make_interval(secs => %(retention_seconds)s::float8), %(limit)s::int)
@@ -195,6 +211,15 @@ class Reaped:
     queue_id: UUID
     assignment_id: UUID | None
     action: str
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """What one notification attempt sends (URL and secret kept out of reprs and logs)."""
+
+    url: str = field(repr=False)
+    secret: str = field(repr=False)
+    body: dict[str, Any]
 
 
 class Database:
@@ -385,6 +410,40 @@ class Database:
     def rollover(self) -> int:
         """Roll usage periods over; the number of subscriptions moved on."""
         return int(self.scalar(ROLLOVER) or 0)
+
+    def claim_notifications(self, limit: int, lease_seconds: int) -> list[tuple[UUID, int]]:
+        """Due notifications, leased: (id, attempt token) pairs."""
+        params = {"limit": limit, "lease_seconds": lease_seconds}
+        return [
+            (r["notification_id"], r["attempt"]) for r in self.rows(CLAIM_NOTIFICATIONS, params)
+        ]
+
+    def notification_delivery(self, notification_id: UUID | str, attempt: int) -> Delivery | None:
+        """What to send for this attempt; None when it is no longer the current one."""
+        rows = self.rows(NOTIFICATION_DELIVERY, {"id": str(notification_id), "attempt": attempt})
+        return Delivery(rows[0]["url"], rows[0]["secret"], rows[0]["body"]) if rows else None
+
+    def record_notification(
+        self,
+        notification_id: UUID | str,
+        attempt: int,
+        ok: bool,
+        http_status: int | None,
+        error: str | None,
+    ) -> str:
+        """delivered, retry, failed or noop (a stale attempt)."""
+        params = {
+            "id": str(notification_id),
+            "attempt": attempt,
+            "ok": ok,
+            "http_status": http_status,
+            "error": error,
+        }
+        return str(self.scalar(RECORD_NOTIFICATION, params))
+
+    def close_campaigns(self) -> int:
+        """End campaigns past their end time or out of calls; the number completed."""
+        return int(self.scalar(CLOSE_CAMPAIGNS) or 0)
 
     def prune_events(self, retention_seconds: float, limit: int) -> int:
         """Delete one batch of expired call events; how many went."""

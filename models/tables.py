@@ -264,11 +264,50 @@ class CallCampaign(Base):
     ends_at: Mapped[datetime | None]
     calls_per_minute: Mapped[int | None] = mapped_column(Integer)
     max_in_flight: Mapped[int | None] = mapped_column(Integer)
+    pace_tokens: Mapped[float] = mapped_column(Double, server_default=text("0"))
+    pace_at: Mapped[datetime | None]
     calls_total: Mapped[int] = mapped_column(Integer, server_default=text("0"))
     calls_canceled: Mapped[int] = mapped_column(Integer, server_default=text("0"))
     metadata_: Mapped[dict[str, Any]] = mapped_column("metadata", server_default=EMPTY_OBJECT)
     started_at: Mapped[datetime | None]
     ended_at: Mapped[datetime | None]
+    created_at: Mapped[datetime] = _created()
+    updated_at: Mapped[datetime] = _updated()
+
+
+class NotificationEndpoint(Base):
+    __tablename__ = "notification_endpoints"
+
+    id: Mapped[uuid.UUID] = _pk()
+    user_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
+    campaign_id: Mapped[uuid.UUID | None] = mapped_column(
+        ForeignKey("call_campaigns.id", ondelete="CASCADE")
+    )
+    url: Mapped[str]
+    secret: Mapped[str]  # the HMAC key; never readable by API roles
+    include_transcript: Mapped[bool] = mapped_column(Boolean, server_default=text("false"))
+    is_active: Mapped[bool] = mapped_column(Boolean, server_default=text("true"))
+    created_at: Mapped[datetime] = _created()
+    updated_at: Mapped[datetime] = _updated()
+
+
+class CallNotification(Base):
+    __tablename__ = "call_notifications"
+
+    id: Mapped[uuid.UUID] = _pk()
+    endpoint_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("notification_endpoints.id", ondelete="CASCADE")
+    )
+    user_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
+    queue_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("call_queue.id", ondelete="CASCADE"))
+    event: Mapped[str] = mapped_column(server_default=text("'call.ended'"))
+    status: Mapped[str] = mapped_column(server_default=text("'pending'"))
+    attempts: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    next_attempt_at: Mapped[datetime] = mapped_column(server_default=NOW)
+    lease_until: Mapped[datetime | None]
+    last_http_status: Mapped[int | None] = mapped_column(Integer)
+    last_error: Mapped[str | None]
+    delivered_at: Mapped[datetime | None]
     created_at: Mapped[datetime] = _created()
     updated_at: Mapped[datetime] = _updated()
 
@@ -295,6 +334,7 @@ class CallQueue(Base):
     metadata_: Mapped[dict[str, Any]] = mapped_column("metadata", server_default=EMPTY_OBJECT)
     idempotency_key: Mapped[str | None]
     campaign_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("call_campaigns.id"))
+    via_campaign: Mapped[bool] = mapped_column(Boolean, server_default=text("false"))
     last_error: Mapped[str | None]
     excluded_provider_ids: Mapped[list[uuid.UUID]] = mapped_column(
         ARRAY(Uuid(as_uuid=True)), server_default=text("'{}'")
@@ -441,6 +481,8 @@ ALL_MODELS: tuple[type[Base], ...] = (
     CallFeedback,
     CallServiceProvider,
     CallCampaign,
+    NotificationEndpoint,
+    CallNotification,
     CallQueue,
     ProviderAvailability,
     CallAssignment,

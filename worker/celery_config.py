@@ -17,7 +17,8 @@ from kombu import Queue  # type: ignore[attr-defined]
 
 from worker.settings import Settings, get_settings
 
-QUEUES = ("dispatch", "track", "maintenance")
+# notify: signed call.ended events to the apps, on their own worker (callq worker -Q notify)
+QUEUES = ("dispatch", "track", "maintenance", "notify")
 
 TASK_ROUTES = {
     "callq.poll": {"queue": "dispatch"},
@@ -32,6 +33,8 @@ TASK_ROUTES = {
     "callq.rollover": {"queue": "maintenance"},
     "callq.prune_events": {"queue": "maintenance"},
     "callq.noop": {"queue": "dispatch"},
+    "callq.notify_drain": {"queue": "notify"},
+    "callq.notify_deliver": {"queue": "notify"},
 }
 
 
@@ -84,6 +87,7 @@ def beat_schedule(s: Settings) -> dict[str, dict[str, Any]]:
             "task": "callq.prune_events",
             "schedule": s.event_prune_interval_seconds,
         },
+        "notify-drain": {"task": "callq.notify_drain", "schedule": s.notify_interval_seconds},
     }
 
 

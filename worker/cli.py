@@ -2,6 +2,7 @@
 
     callq db upgrade                 apply pending migrations to DATABASE_URL
     callq queue                      queue counts, oldest due call, provider slots and health
+    callq campaigns [--all]          each campaign's progress (counts, answer rate, minutes, cost)
     callq demo [--calls N] [--keep]  the whole system on this machine against the simulator
     callq simulate-providers         the Vapi/SynthFlow simulator (--port, --seed, --config)
     callq webhooks                   the provider webhook endpoint
@@ -86,6 +87,11 @@ def _parser() -> argparse.ArgumentParser:
 
     queue = sub.add_parser("queue", help="show queue and provider state")
     queue.set_defaults(func=_queue)
+
+    camps = sub.add_parser("campaigns", help="show each campaign's progress")
+    camps.add_argument("--all", action="store_true", help="also campaigns that ended long ago")
+    camps.add_argument("--limit", type=int, default=50, help="newest N campaigns (default 50)")
+    camps.set_defaults(func=_campaigns)
 
     demo = sub.add_parser("demo", help="run the whole system against the simulator")
     demo.add_argument("--calls", type=int, default=40, help="calls to schedule (default 40)")
@@ -173,6 +179,13 @@ def _queue(_: argparse.Namespace) -> int:
     from worker.status import print_queue
 
     print_queue(require_database(), get_settings().database_pooler)
+    return 0
+
+
+def _campaigns(ns: argparse.Namespace) -> int:
+    from worker.status import print_campaigns
+
+    print_campaigns(require_database(), get_settings().database_pooler, all_=ns.all, limit=ns.limit)
     return 0
 
 

@@ -1,35 +1,44 @@
 """``callq demo``: the whole system on one machine, against the provider simulator.
 
 Applies migrations, seeds a user, plan, template and three providers (Vapi, SynthFlow, Retell),
-schedules a batch of calls (some now, some later, mixed priorities), runs a real Celery worker
-and beat, prints live progress and ends with a summary by status and provider. With no
-DATABASE_URL or broker URL configured it starts an embedded PostgreSQL and Redis and stops
+creates a campaign, registers a notification endpoint (a receiver in this process that checks
+each signature), uploads the campaign's contacts with one ``schedule_calls`` (some now, some
+later, mixed priorities, one invalid row to show a per-row error), runs a real Celery worker, a
+notify worker and beat, pauses and resumes the campaign once, prints live progress and ends with
+a summary by status and provider, the campaign's progress and the notifications received. With
+no DATABASE_URL or broker URL configured it starts an embedded PostgreSQL and Redis and stops
 them at the end.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import socket
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import psycopg
+from psycopg.types.json import Jsonb
 
 from models.migrate import upgrade
 from models.session import connect
 from providers.simulator import Simulator
 from worker.embedded import EmbeddedServices
 from worker.fleet import Fleet
-from worker.seed import Seeded, schedule_calls, seed_demo
+from worker.notify import SIGNATURE_HEADER, verify
+from worker.seed import demo_phone, seed_demo
 from worker.settings import get_settings
-from worker.status import format_table
+from worker.status import campaigns_report, format_table
 
 TERMINAL = ("completed", "failed", "canceled")
 DEMO_PROVIDERS = ("vapi", "synthflow", "retell")
@@ -73,7 +82,7 @@ def services() -> Iterator[tuple[str, str]]:
 def run_demo(*, calls: int = 40, timeout: float = 180.0, seed: int = 7, keep: bool = False) -> int:
     """Run the demo; 0 when every call reached a terminal state in time. ``keep``: leave the
     stack running after the summary, with Flower and the metrics endpoint, until Ctrl-C."""
-    with services() as (db_url, broker_url):
+    with services() as (db_url, broker_url), Receiver() as receiver:
         applied = upgrade(db_url)
         print(f"migrations: {len(applied)} applied")
         sim = Simulator(config={**DEMO_SIM_CONFIG, "seed": seed})
@@ -84,6 +93,9 @@ def run_demo(*, calls: int = 40, timeout: float = 180.0, seed: int = 7, keep: bo
                 "CALLQ_BROKER_URL": broker_url,
                 # the simulator is not an official provider host: ops allow it explicitly
                 "CALLQ_PROVIDER_ALLOWED_HOSTS": sim.base_url,
+                # the demo's receiver listens on loopback: ops allow private addresses here
+                "CALLQ_NOTIFY_ALLOW_PRIVATE": "true",
+                "CALLQ_NOTIFY_INTERVAL_SECONDS": "0.5",
                 **DEMO_ENV,
             },
             log_dir=Path(
@@ -97,14 +109,29 @@ def run_demo(*, calls: int = 40, timeout: float = 180.0, seed: int = 7, keep: bo
                     conn, sim_base_url=sim.base_url, providers=DEMO_PROVIDERS,
                     max_concurrent_calls=8,
                 )  # fmt: skip
-                ids = _schedule(conn, seeded, calls, random.Random(seed))
+                campaign = _one(
+                    conn,
+                    "SELECT create_campaign(%s, %s, 'Demo campaign', 'draft')",
+                    (seeded.user_id, seeded.template_id),
+                )
+                receiver.secret = _one(
+                    conn,
+                    "SELECT secret FROM register_notification_endpoint(%s, %s, %s)",
+                    (seeded.user_id, receiver.url, campaign),
+                )
+                ids = _upload(conn, campaign, calls, random.Random(seed))
                 print(f"scheduled {len(ids)} calls (some now, some in 5-20 s, priorities 1-9)")
+                _one(conn, "SELECT resume_campaign(%s)", (campaign,))
                 fleet.start_worker()
+                fleet.start_worker("notify", queues="notify", concurrency=4)
                 fleet.start_beat()
-                ok = _watch(conn, ids, timeout)
+                ok = _watch(conn, ids, timeout, campaign)
                 print()
                 print(summary(conn, ids))
                 print(f"\nsimulator: {sim.stats().get('total_creates', 0)} create requests")
+                print("\nCampaign progress")
+                print(campaigns_report(conn, all_=True))
+                print(_notifications(conn, receiver, len(ids)))
             if keep:
                 _keep_running(fleet, db_url)
             return 0 if ok else 1
@@ -148,27 +175,96 @@ def _retry_fast(conn: psycopg.Connection[Any]) -> None:
     conn.execute("UPDATE ops_settings SET retry_delay_scale = 0.01, updated_at = now()")
 
 
-def _schedule(
-    conn: psycopg.Connection[Any], seeded: Seeded, calls: int, rng: random.Random
+def _upload(
+    conn: psycopg.Connection[Any], campaign: Any, calls: int, rng: random.Random
 ) -> list[Any]:
-    ids: list[Any] = []
+    """The campaign's contacts in one schedule_calls, plus one invalid row; the queued ids."""
+    now = datetime.now(UTC)
+    rows: list[dict[str, Any]] = []
     for i in range(calls):
         later = rng.random() < 0.3
-        ids += schedule_calls(
-            conn,
-            seeded,
-            1,
-            start=i,
-            priority=rng.randint(1, 9),
-            delay_seconds=rng.uniform(5, 20) if later else 0.0,
+        rows.append(
+            {
+                "name": f"Customer {i}",
+                "phone": demo_phone(i),
+                "priority": rng.randint(1, 9),
+                "scheduled_time": (now + timedelta(seconds=rng.uniform(5, 20))).isoformat()
+                if later
+                else None,
+                "variables": {"company_name": "Acme Inc"},
+                "metadata": {"source": "demo", "n": i},
+                "external_id": f"demo-{i}",
+            }
         )
-    return ids
+    rows.append({"name": "Typo", "phone": "555-0100", "external_id": "demo-typo"})
+    result = conn.execute(
+        "SELECT idx, queue_id, sqlstate, message FROM schedule_calls(%s, %s)",
+        (campaign, Jsonb(rows)),
+    ).fetchall()
+    for idx, _, code, message in result:
+        if code:
+            print(f"row {idx} rejected: {code} {message}")
+    return [r[1] for r in result if r[1] is not None]
 
 
-def _watch(conn: psycopg.Connection[Any], ids: list[Any], timeout: float) -> bool:
-    """Print a progress line whenever the counts change; True once every call is terminal."""
+def _notifications(conn: psycopg.Connection[Any], receiver: Receiver, calls: int) -> str:
+    """Wait (briefly) for every call.ended event; say how many arrived, all signed."""
+    deadline = time.monotonic() + 30
+    while len(receiver.delivered) < calls and time.monotonic() < deadline:
+        time.sleep(0.2)
+    row = conn.execute(
+        "SELECT count(*) FILTER (WHERE status = 'delivered'), count(*) FROM call_notifications"
+    ).fetchone()
+    assert row is not None
+    return (
+        f"\nnotifications: {len(receiver.delivered)} call.ended events received for {calls} calls,"
+        f" {receiver.bad_signatures} with a bad signature; delivery log: {row[0]} of {row[1]}"
+        " delivered"
+    )
+
+
+class Receiver:
+    """The app's endpoint, on loopback: counts events whose Callq-Signature verifies."""
+
+    def __init__(self) -> None:
+        self.secret = ""
+        self.delivered: set[str] = set()
+        self.bad_signatures = 0
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                if verify(outer.secret, body, self.headers.get(SIGNATURE_HEADER, "")):
+                    outer.delivered.add(json.loads(body)["data"]["queue_id"])
+                    self.send_response(204)
+                else:
+                    outer.bad_signatures += 1
+                    self.send_response(400)
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/callq-events"
+
+    def __enter__(self) -> Receiver:
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def _watch(conn: psycopg.Connection[Any], ids: list[Any], timeout: float, campaign: Any) -> bool:
+    """Print a progress line whenever the counts change; pause the campaign once a quarter of
+    its calls ended and resume it 3 s later; True once every call is terminal."""
     deadline = time.monotonic() + timeout
     last = ""
+    paused_at: float | None = None
+    resumed = False
     while True:
         counts = dict(
             conn.execute(
@@ -181,7 +277,15 @@ def _watch(conn: psycopg.Connection[Any], ids: list[Any], timeout: float) -> boo
             print(f"[{time.strftime('%H:%M:%S')}] {line}", flush=True)
             last = line
         done = sum(counts.get(k, 0) for k in TERMINAL)
-        if done == len(ids):
+        if paused_at is None and done >= len(ids) // 4:
+            conn.execute("SELECT pause_campaign(%s)", (campaign,))
+            paused_at = time.monotonic()
+            print(f"[{time.strftime('%H:%M:%S')}] campaign paused (calls in flight finish)")
+        elif paused_at is not None and not resumed and time.monotonic() - paused_at > 3:
+            conn.execute("SELECT resume_campaign(%s)", (campaign,))
+            resumed = True
+            print(f"[{time.strftime('%H:%M:%S')}] campaign resumed")
+        if done == len(ids) and resumed:
             return True
         if time.monotonic() > deadline:
             print(f"timed out with {len(ids) - done} calls not terminal", file=sys.stderr)
@@ -211,6 +315,12 @@ def summary(conn: psycopg.Connection[Any], ids: list[Any]) -> str:
         ["status", "outcome", "provider", "calls", "attempts", "seconds", "cost $"], rows
     )
     return f"Summary\n{table}\nprovider slots still held: {held[0] if held else 0}"
+
+
+def _one(conn: psycopg.Connection[Any], query: str, params: Any) -> Any:
+    row = conn.execute(query, params).fetchone()
+    assert row is not None
+    return row[0]
 
 
 def _say(message: str, start: Any) -> str:

@@ -101,6 +101,17 @@ class Settings(BaseSettings):
     webhook_max_connections: int = Field(default=512, ge=1)
     webhook_secret_ttl_seconds: float = Field(default=10.0, gt=0)
 
+    # Notifications to the apps (call.ended): the outbox is drained on beat by the "notify"
+    # queue, which runs in its own worker (callq worker -Q notify) so a slow receiver never
+    # holds a thread that places or tracks calls.
+    notify_interval_seconds: float = Field(default=2.0, gt=0)
+    notify_batch_size: int = Field(default=50, ge=1, le=1000)
+    notify_lease_seconds: int = Field(default=60, ge=10)
+    notify_connect_timeout_seconds: float = Field(default=3.0, gt=0)
+    notify_read_timeout_seconds: float = Field(default=5.0, gt=0)
+    # deliver to loopback/private/link-local addresses and plain http (tests, the simulator)
+    notify_allow_private: bool = False
+
     log_level: str = "INFO"
     log_json: bool = True
 

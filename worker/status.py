@@ -83,6 +83,49 @@ def queue_report(conn: psycopg.Connection[Any]) -> str:
     return "\n".join(parts)
 
 
+CAMPAIGNS = """
+SELECT campaign_id, name, status, calls, queued, in_flight, completed, failed, canceled,
+       attempts, answer_rate, minutes, round(cost::numeric, 4), held,
+       to_char(first_call_at, 'YYYY-MM-DD HH24:MI:SS'),
+       to_char(last_call_at, 'YYYY-MM-DD HH24:MI:SS')
+FROM call_campaign_progress
+WHERE %(all)s OR status IN ('draft', 'running', 'paused') OR ended_at > now() - interval '1 day'
+ORDER BY created_at DESC
+LIMIT %(limit)s
+"""
+CAMPAIGN_HEADERS = [
+    "campaign",
+    "name",
+    "status",
+    "calls",
+    "queued",
+    "in flight",
+    "completed",
+    "failed",
+    "canceled",
+    "attempts",
+    "answer rate",
+    "minutes",
+    "cost",
+    "held",
+    "first call",
+    "last call",
+]
+
+
+def campaigns_report(conn: psycopg.Connection[Any], *, all_: bool = False, limit: int = 50) -> str:
+    """``callq campaigns``: each campaign's progress (open ones and those ended today)."""
+    rows = conn.execute(CAMPAIGNS, {"all": all_, "limit": limit}).fetchall()
+    return format_table(CAMPAIGN_HEADERS, rows) if rows else "(no campaigns)"
+
+
 def print_queue(database_url: str, pooled: bool | None = None) -> None:
     with connect(database_url, pooled=pooled) as conn:
         print(queue_report(conn))
+
+
+def print_campaigns(
+    database_url: str, pooled: bool | None = None, *, all_: bool = False, limit: int = 50
+) -> None:
+    with connect(database_url, pooled=pooled) as conn:
+        print(campaigns_report(conn, all_=all_, limit=limit))

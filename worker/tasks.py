@@ -8,6 +8,7 @@ Arguments are ids and small counters only: they show up in Flower and in broker 
     reconcile       after an outcome-unknown create: look the call up before anything is re-sent
     webhook         a provider said something changed: check the call once, now
     health_check, reap, rollover, prune_events   maintenance on beat
+    notify_drain, notify_deliver   signed call.ended events to the apps (queue "notify")
 
 Each per-call step returns a ``dispatch.steps`` value (placed, polling, reconciling, ended,
 skipped); the task that ran the steps sends what comes next (a reconcile; a poll's time is
@@ -55,7 +56,7 @@ from dispatch.steps import (
 from models.calls import AssignmentState, CallRow
 from providers.base import CallHandle, CallStatus, WebhookEvent, clamp_status
 from providers.errors import ConfigError, ProviderError, ProviderUnprovenMatchError
-from worker import logs, runtime
+from worker import logs, notify, runtime
 from worker.celery_app import app
 from worker.settings import get_settings
 
@@ -452,7 +453,8 @@ def health_check() -> dict[str, str]:
 
 @app.task(name="callq.reap", ignore_result=True)
 def reap() -> dict[str, int]:
-    """Give back expired claims, restart lost tracking, fix slot and tenant counts."""
+    """Give back expired claims, restart lost tracking, fix slot and tenant counts, close
+    campaigns."""
     db = runtime.database()
     counts: dict[str, int] = {}
     for row in db.reap():
@@ -461,6 +463,7 @@ def reap() -> dict[str, int]:
             _resume(row.assignment_id)
     counts["slots_fixed"] = db.reconcile_slots()
     counts["counters_fixed"] = db.reconcile_counters()
+    counts["campaigns_closed"] = db.close_campaigns()
     if any(counts.values()):
         log.info("leases.reaped", **counts)
     return counts
@@ -500,3 +503,44 @@ def prune_events(batch: int = 10_000, max_batches: int = 50) -> int:
 @app.task(name="callq.noop", ignore_result=True)
 def noop() -> None:
     """Does nothing: the benchmark's measure of the engine's own limit."""
+
+
+@app.task(name="callq.notify_drain", ignore_result=True)
+def notify_drain() -> int:
+    """Lease due notifications from the outbox and send one delivery task for each."""
+    s = get_settings()
+    claimed = runtime.database().claim_notifications(s.notify_batch_size, s.notify_lease_seconds)
+    for notification_id, attempt in claimed:
+        notify_deliver.apply_async((str(notification_id), attempt))
+    return len(claimed)
+
+
+@app.task(name="callq.notify_deliver", ignore_result=True)
+def notify_deliver(notification_id: str, attempt: int) -> str:
+    """One signed POST; the outbox records the result (retries and backoff are rows)."""
+    db = runtime.database()
+    delivery = db.notification_delivery(notification_id, attempt)
+    if delivery is None:
+        return "noop"
+    s = get_settings()
+    with notify.new_client(s.notify_connect_timeout_seconds, s.notify_read_timeout_seconds) as c:
+        outcome = notify.deliver(
+            c,
+            delivery.url,
+            delivery.secret,
+            delivery.body,
+            allow_private=s.notify_allow_private,
+            allow_http=s.notify_allow_private,
+        )
+    result = db.record_notification(
+        notification_id, attempt, outcome.ok, outcome.http_status, outcome.error
+    )
+    log.info(
+        "notification.attempt",
+        notification_id=notification_id,
+        attempt=attempt,
+        http_status=outcome.http_status,
+        error=outcome.error,
+        result=result,
+    )
+    return result

@@ -60,6 +60,9 @@ CREATE TABLE public.call_queue (
   idempotency_key text CHECK (idempotency_key IS NULL OR length(idempotency_key) BETWEEN 1 AND 200),
   -- the campaign the call belongs to (FK added in 20240101000150_campaigns.sql)
   campaign_id uuid,
+  -- true: claimed only through its campaign's lane (pacing, time window) or not at all (draft,
+  -- paused); kept by the campaign functions and the trigger call_queue_campaign_lane
+  via_campaign boolean NOT NULL DEFAULT false,
   last_error text,
   excluded_provider_ids uuid[] NOT NULL DEFAULT '{}',
   required_capabilities jsonb
@@ -88,8 +91,11 @@ CREATE TABLE public.call_queue (
 );
 -- The claim: due queued rows in (priority, scheduled_time, created_at) order. Partial, so it
 -- only holds the rows waiting; it stays small however large the table grows.
+-- Calls of paused or paced campaigns (via_campaign) are not in it: a paused campaign's
+-- calls cost the claim nothing (claim_candidates takes paced ones through their campaign).
 CREATE INDEX call_queue_claim_idx
-  ON public.call_queue (priority, scheduled_time, created_at) WHERE status = 'queued';
+  ON public.call_queue (priority, scheduled_time, created_at)
+  WHERE status = 'queued' AND NOT via_campaign;
 -- A user's queue, newest first (also counts a user's pending calls for the plan limit).
 CREATE INDEX call_queue_user_created_idx ON public.call_queue (user_id, created_at DESC);
 -- The reaper: in-flight rows by lease.

@@ -81,6 +81,10 @@ DECLARE
   v_key text[];
   v_due integer;
   v_now timestamptz := public.callq_now();  -- the calling rules' clock (tests pin it)
+  -- a campaign that is not running, or paced, keeps its calls out of the plain claim
+  v_via_campaign boolean := coalesce(
+    (SELECT public.campaign_lane(c) FROM public.call_campaigns c WHERE c.id = p_campaign_id),
+    false);
 BEGIN
   -- Authorization first, so an app user learns nothing about other users.
   IF v_role IN ('anon', 'authenticated')
@@ -303,10 +307,10 @@ BEGIN
     INSERT INTO public.call_queue (id, user_id, campaign_id, template_id, recipient_name,
                                    recipient_phone, recipient_email, priority, scheduled_time,
                                    custom_variables, metadata, idempotency_key,
-                                   recipient_timezones)
+                                   recipient_timezones, via_campaign)
     SELECT d.new_id, p_user_id, p_campaign_id, d.template_id, btrim(d.name), d.phone, d.email,
            coalesce(d.priority_json::text::integer, 5), d.scheduled_time, d.variables,
-           d.metadata, d.key, d.zones
+           d.metadata, d.key, d.zones, v_via_campaign
       FROM decided d, verdict
      WHERE d.ins AND NOT verdict.refuse
      ORDER BY d.idx
@@ -403,6 +407,133 @@ END
 $$;
 
 -- ---------------------------------------------------------------------------------------------
+-- claim_candidates: lock (FOR UPDATE SKIP LOCKED) and return up to p_limit due queued calls in
+-- claim order, except those in p_skip; the one place where the claim decides which calls may
+-- go. Calls of campaigns that are not running are never returned (they are via_campaign and
+-- outside call_queue_claim_idx). Calls of a running campaign with pacing or a time window
+-- (also via_campaign) come through their campaign's lane: the campaign row is locked (SKIP
+-- LOCKED: a campaign another claimer is pacing right now sits this claim out), so its limits
+-- hold across the whole fleet:
+--   calls_per_minute  a token bucket on the campaign row: refilled at calls_per_minute / 60
+--                     per second, holding at most one second's worth (at least 1), one token
+--                     per call returned;
+--   max_in_flight     the campaign's claimed, assigned, dialing and in-progress calls (plus
+--                     those of p_skip) never exceed it;
+--   starts_at/ends_at calls are returned only in between.
+-- The caller claims the returned rows in the same transaction (the locks hold until commit).
+-- p_lanes_only: only the campaigns' lanes (the claims take plain calls from claimable_calls,
+-- which keeps via_campaign calls out).
+CREATE OR REPLACE FUNCTION public.claim_candidates(
+  p_limit integer,
+  p_now timestamptz DEFAULT now(),
+  p_skip uuid[] DEFAULT NULL,
+  p_lanes_only boolean DEFAULT false
+) RETURNS TABLE (id uuid, priority integer, scheduled_time timestamptz, created_at timestamptz,
+                 excluded_provider_ids uuid[], required_capabilities jsonb)
+LANGUAGE plpgsql
+SET search_path = ''
+SET plan_cache_mode = force_custom_plan
+AS $$
+#variable_conflict use_column
+DECLARE
+  v_ids uuid[];
+  v_lanes uuid[];
+  v_locked uuid[];
+BEGIN
+  IF p_limit IS NULL OR p_limit <= 0 THEN
+    RETURN;
+  END IF;
+  -- Lock the lanes first; count in the next statement, whose snapshot sees what the claimer
+  -- that held a lane before us committed.
+  v_locked := ARRAY(
+    SELECT c.id
+      FROM public.call_campaigns c
+     WHERE c.status = 'running'
+       AND (c.calls_per_minute IS NOT NULL OR c.max_in_flight IS NOT NULL
+            OR c.starts_at IS NOT NULL OR c.ends_at IS NOT NULL)
+       AND (c.starts_at IS NULL OR c.starts_at <= p_now)
+       AND (c.ends_at IS NULL OR c.ends_at > p_now)
+       FOR NO KEY UPDATE SKIP LOCKED);
+
+  WITH lanes AS MATERIALIZED (
+    SELECT c.id, c.max_in_flight, c.calls_per_minute,
+           CASE WHEN c.calls_per_minute IS NOT NULL THEN
+             least(greatest(c.calls_per_minute / 60.0, 1),
+                   c.pace_tokens + greatest(extract(epoch FROM p_now - coalesce(c.pace_at, p_now - interval '1 day')), 0)
+                                   * c.calls_per_minute / 60.0) END AS tokens
+      FROM public.call_campaigns c
+     WHERE c.id = ANY (v_locked) AND c.status = 'running'
+  ),
+  quotas AS (
+    SELECT l.id,
+           least(p_limit,
+                 floor(l.tokens)::integer,
+                 l.max_in_flight
+                   - (SELECT count(*) FROM public.call_queue f
+                       WHERE f.campaign_id = l.id
+                         AND f.status IN ('claimed', 'assigned', 'dialing', 'in_progress'))::integer
+                   - (SELECT count(*) FROM public.call_queue f
+                       WHERE p_skip IS NOT NULL AND f.id = ANY (p_skip)
+                         AND f.campaign_id = l.id)::integer) AS quota
+      FROM lanes l
+  ),
+  plain AS (
+    SELECT q.id, q.priority, q.scheduled_time, q.created_at, NULL::uuid AS lane
+      FROM public.call_queue q
+     WHERE NOT p_lanes_only
+       AND q.status = 'queued' AND NOT q.via_campaign AND q.scheduled_time <= p_now
+       AND (p_skip IS NULL OR NOT (q.id = ANY (p_skip)))
+     ORDER BY q.priority, q.scheduled_time, q.created_at
+     LIMIT p_limit
+       FOR UPDATE SKIP LOCKED
+  ),
+  picked AS (
+    SELECT * FROM plain
+    UNION ALL
+    SELECT x.id, x.priority, x.scheduled_time, x.created_at, x.lane
+      FROM quotas l
+      CROSS JOIN LATERAL (
+        SELECT q.id, q.priority, q.scheduled_time, q.created_at, l.id AS lane
+          FROM public.call_queue q
+         WHERE q.campaign_id = l.id AND q.status = 'queued' AND q.via_campaign
+           AND q.scheduled_time <= p_now AND (p_skip IS NULL OR NOT (q.id = ANY (p_skip)))
+         ORDER BY q.priority, q.scheduled_time, q.created_at
+         LIMIT greatest(l.quota, 0)
+           FOR UPDATE SKIP LOCKED
+      ) x
+     WHERE l.quota > 0
+  ),
+  top AS (
+    SELECT p.id, p.lane FROM picked p
+     ORDER BY p.priority, p.scheduled_time, p.created_at
+     LIMIT p_limit
+  )
+  SELECT array_agg(t.id), array_agg(t.lane) FILTER (WHERE t.lane IS NOT NULL)
+    INTO v_ids, v_lanes
+    FROM top t;
+
+  -- each call taken from a paced campaign spends one token
+  IF v_lanes IS NOT NULL THEN
+    UPDATE public.call_campaigns c
+       SET pace_tokens = greatest(
+             least(greatest(c.calls_per_minute / 60.0, 1),
+                   c.pace_tokens + greatest(extract(epoch FROM p_now - coalesce(c.pace_at, p_now - interval '1 day')), 0)
+                                   * c.calls_per_minute / 60.0) - n.taken, 0),
+           pace_at = p_now
+      FROM (SELECT u.lane, count(*) AS taken FROM unnest(v_lanes) AS u(lane) GROUP BY u.lane) n
+     WHERE c.id = n.lane AND c.calls_per_minute IS NOT NULL;
+  END IF;
+
+  RETURN QUERY
+  SELECT q.id, q.priority, q.scheduled_time, q.created_at, q.excluded_provider_ids,
+         q.required_capabilities
+    FROM public.call_queue q
+   WHERE q.id = ANY (v_ids)
+   ORDER BY q.priority, q.scheduled_time, q.created_at;
+END
+$$;
+
+-- ---------------------------------------------------------------------------------------------
 -- claim_due_calls: claim up to p_limit due calls (status -> claimed, with a lease).
 CREATE OR REPLACE FUNCTION public.claim_due_calls(
   p_limit int DEFAULT 50,
@@ -431,7 +562,14 @@ BEGIN
     v_new := public.claimable_calls(
       CASE WHEN v_round = 1 THEN greatest(p_limit, 0)
            ELSE greatest(p_limit - cardinality(v_ids), 50) END, v_ids);
-    EXIT WHEN v_new IS NULL OR cardinality(v_new) = 0;
+    -- paced campaigns' calls come through their lanes (pacing held across the fleet)
+    v_new := coalesce(v_new, '{}') || ARRAY(
+      SELECT d.id
+        FROM public.claim_candidates(greatest(p_limit - cardinality(v_ids), 0)
+                                       - coalesce(cardinality(v_new), 0),
+                                     v_now, v_ids || coalesce(v_new, '{}'), true) d
+       ORDER BY d.priority, d.scheduled_time, d.created_at);
+    EXIT WHEN cardinality(v_new) = 0;
     v_held := public.calling_hold(v_new, v_now);
     IF v_held IS NOT NULL THEN
       v_new := ARRAY(SELECT u.id FROM unnest(v_new) WITH ORDINALITY AS u(id, n)
@@ -619,7 +757,14 @@ BEGIN
     v_new := public.claimable_calls(
       CASE WHEN v_round = 1 THEN v_want
            ELSE greatest(v_want - coalesce(cardinality(v_ids), 0), 50) END, v_ids);
-    EXIT WHEN v_new IS NULL OR cardinality(v_new) = 0;
+    -- paced campaigns' calls come through their lanes (pacing held across the fleet)
+    v_new := coalesce(v_new, '{}') || ARRAY(
+      SELECT d.id
+        FROM public.claim_candidates(v_want - coalesce(cardinality(v_ids), 0)
+                                       - coalesce(cardinality(v_new), 0),
+                                     v_now, coalesce(v_ids, '{}') || coalesce(v_new, '{}'), true) d
+       ORDER BY d.priority, d.scheduled_time, d.created_at);
+    EXIT WHEN cardinality(v_new) = 0;
     v_held := public.calling_hold(v_new, v_now);
     IF v_held IS NOT NULL OR v_round > 1 THEN
       v_new := (ARRAY(SELECT u.id FROM unnest(v_new) WITH ORDINALITY AS u(id, n)
@@ -743,6 +888,8 @@ $$;
 -- number on a do-not-call list or without a required consent is canceled (FALSE, never
 -- dialed); a call outside its window or over the attempt cap goes back to the queue for its
 -- next allowed time (slot released, FALSE). A dial is recorded in contact_attempts.
+-- A call of a campaign that was paused or canceled after the claim is not dialed: its
+-- assignment is released (the call waits in the queue, or is canceled with its campaign).
 -- It is also the plan's gate (billing model in supabase/README.md): the dial is counted in the
 -- period's calls_made, and with a minute limit the call reserves whole minutes (its share of
 -- what is left after the reservations of calls in flight) that become its max duration.
@@ -772,12 +919,19 @@ BEGIN
   IF NOT FOUND THEN
     RETURN false;
   END IF;
-  SELECT q.user_id, q.recipient_phone INTO v_q
+  SELECT q.user_id, q.recipient_phone, q.campaign_id INTO v_q
     FROM public.call_queue q WHERE q.id = v_qid FOR UPDATE;
   v_uid := v_q.user_id;
   PERFORM 1 FROM public.call_assignments a
    WHERE a.id = p_assignment_id AND a.state = 'assigned' FOR UPDATE;
   IF NOT FOUND THEN
+    RETURN false;
+  END IF;
+
+  IF v_q.campaign_id IS NOT NULL AND EXISTS (
+       SELECT 1 FROM public.call_campaigns c
+        WHERE c.id = v_q.campaign_id AND c.status IN ('paused', 'canceled', 'draft')) THEN
+    PERFORM public.release_assignment(p_assignment_id, 'campaign_not_running');
     RETURN false;
   END IF;
 

@@ -315,6 +315,8 @@ BEGIN
                FROM public.call_queue q
               WHERE q.user_id = t.user_id AND q.status = 'queued' AND q.priority = p.prio
                 AND q.scheduled_time <= v_now
+                -- a paused, draft or paced campaign's calls: see claim_candidates
+                AND NOT q.via_campaign
                 AND (p_exclude IS NULL OR NOT (q.id = ANY (p_exclude)))
               ORDER BY q.scheduled_time, q.created_at
               LIMIT t.room) x

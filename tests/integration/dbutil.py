@@ -32,6 +32,8 @@ TABLES = [
     "call_events",
     "ops_settings",
     "call_campaigns",
+    "notification_endpoints",
+    "call_notifications",
 ]
 # Tables the issues added beyond the description's 13 (each helper appends its own).
 DOMAIN_TABLES = [

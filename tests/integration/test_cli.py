@@ -69,6 +69,28 @@ def test_queue_shows_counts_and_providers(db_url: str) -> None:
     assert "+1555" not in out  # no phone numbers on screen
 
 
+def test_campaigns_shows_each_campaigns_progress(db_url: str) -> None:
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        seeded = seed_demo(conn, sim_base_url="http://127.0.0.1:9")
+        camp = conn.execute(
+            "SELECT create_campaign(%s, %s, 'Spring renewals', 'draft')",
+            (seeded.user_id, seeded.template_id),
+        ).fetchone()
+        assert camp is not None
+        conn.execute(
+            'SELECT count(*) FROM schedule_calls(%s, \'[{"name": "Ann", "phone":'
+            ' "+15551230001"}, {"name": "Bo", "phone": "+15551230002"}]\')',
+            (camp[0],),
+        )
+    result = callq("campaigns", env={"DATABASE_URL": db_url})
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].split()[:4] == ["campaign", "name", "status", "calls"]
+    row = next(line for line in lines if str(camp[0]) in line)
+    assert "Spring renewals" in row and row.split()[3:6] == ["draft", "2", "2"]
+    assert "+1555" not in result.stdout and "Ann" not in result.stdout
+
+
 @pytest.mark.parametrize("args", [["nonsense"], ["db", "upgrade", "--bogus"]])
 def test_bad_arguments_exit_non_zero(args: list[str]) -> None:
     result = callq(*args)

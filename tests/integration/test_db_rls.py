@@ -52,6 +52,9 @@ def _build(conn: Conn) -> World:
     queue: dict[uuid.UUID, uuid.UUID] = {}
     history: dict[uuid.UUID, uuid.UUID] = {}
     for u in (a, b):
+        conn.execute(
+            "SELECT * FROM register_notification_endpoint(%s, 'https://hooks.example.com/x')", (u,)
+        )
         for public in (False, True):
             tpl[(u, public)] = make_template(conn, u, public=public)
         done = one(conn, "SELECT schedule_call(%s, %s, 'R', '+15551234567')", (u, tpl[(u, False)]))
@@ -92,6 +95,8 @@ def _build(conn: Conn) -> World:
         "call_queue": "user_id",
         "call_events": "user_id",
         "call_campaigns": "user_id",
+        "notification_endpoints": "user_id",
+        "call_notifications": "user_id",
     }
     for table in TABLES:
         col = owner_col.get(table)
@@ -391,6 +396,15 @@ def test_functions_are_pinned_and_definer_only_where_needed(db_url: str) -> None
         # campaigns: app users act on their own campaigns through these only
         "create_campaign",
         "schedule_calls",
+        "pause_campaign",
+        "resume_campaign",
+        "cancel_campaign",
+        "set_campaign_pacing",
+        "reschedule_call",
+        "register_notification_endpoint",
+        "rotate_notification_secret",
+        # the outbox writer runs for whoever ends a call
+        "enqueue_call_notifications",
     }
     for name, _, config, public_exec in rows:
         assert config and any(c.startswith("search_path=") for c in config), name
