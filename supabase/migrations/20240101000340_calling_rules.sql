@@ -409,9 +409,16 @@ GRANT SELECT ON public.calling_settings, public.calling_timezones, public.phone_
   public.calling_windows TO callq_worker, authenticated;
 GRANT SELECT, INSERT, UPDATE, DELETE ON public.do_not_call, public.call_consents,
   public.contact_attempts TO callq_worker;
-GRANT INSERT, UPDATE, DELETE ON public.calling_windows TO authenticated;      -- admins
-GRANT SELECT, INSERT, UPDATE, DELETE ON public.do_not_call TO authenticated;  -- own rows
-GRANT SELECT, INSERT, UPDATE ON public.call_consents TO authenticated;        -- own rows
+-- App users write only the columns a rule needs: never an id, and never a row's owner or scope
+-- after insert (the policies below keep every row the user's own, or an admin's).
+GRANT INSERT (scope, plan_id, user_id, template_id, days, start_time, end_time, excluded_dates,
+              description, is_active),
+      UPDATE (days, start_time, end_time, excluded_dates, description, is_active),
+      DELETE ON public.calling_windows TO authenticated;
+GRANT SELECT, INSERT (phone, user_id, reason, expires_at), UPDATE (reason, expires_at), DELETE
+  ON public.do_not_call TO authenticated;
+GRANT SELECT, INSERT (user_id, phone, source, granted_at, revoked_at), UPDATE (revoked_at)
+  ON public.call_consents TO authenticated;
 
 DO $$
 DECLARE

@@ -35,10 +35,6 @@ PRIVILEGED = ("service_role", "callq_worker")
 SHARED = {"call_templates": "is_public"}
 # tables admins manage whole (they see every row: choosing an id reveals nothing)
 ADMIN_MANAGED = {"subscription_plans"}
-# Issue 10's tables grant authenticated INSERT/UPDATE on every column (id and user_id included;
-# their policies keep the rows the user's own). Found by this matrix at landing time; to be
-# narrowed to column grants by their owner, then removed from here.
-PENDING_GRANTS = {"call_consents", "calling_windows", "do_not_call"}
 # what an admin may change on a provider (issue 8: the rest is for ops)
 OPERATIONAL = {"call_service_providers": {"name", "is_active", "priority", "max_concurrent_calls"}}
 
@@ -151,8 +147,6 @@ def test_grants_follow_the_rules(world_catalog: Any) -> None:
             or has(conn, "authenticated", "column", col.table, "SELECT", col.name)
         ):
             bad.append(f"authenticated touches credential {where}")
-        if col.table in PENDING_GRANTS:
-            continue
         if col.is_key and (user_insert or user_update) and col.table not in ADMIN_MANAGED:
             bad.append(f"authenticated writes key {where}")
         if (col.table, col.name) in owners and user_update:
