@@ -345,7 +345,8 @@ def test_closing_an_account_keeps_billing_and_lets_calls_finish(conn: Conn, two:
     usage_before = conn.execute(
         "SELECT calls_made, minutes_used FROM user_call_usage WHERE user_id = %s", (a,)
     ).fetchone()
-    assert usage_before == (1, 2) and slots(conn, provider) == (2, 3)
+    # the billing model counts every dial at the gate: the finished call and the live one
+    assert usage_before == (2, 2) and slots(conn, provider) == (2, 3)
 
     with as_role(conn, "authenticated", a):
         assert attempt(conn, "DELETE FROM users WHERE id = %s", (a,)) == "42501"
