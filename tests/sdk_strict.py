@@ -14,6 +14,7 @@ import typing
 from collections.abc import Iterator
 from typing import Any, TypeVar
 
+import httpx
 import pydantic
 import typing_extensions
 
@@ -93,3 +94,18 @@ def _members(tp: Any) -> list[Any]:
     if origin in (typing.Annotated, typing_extensions.Required, typing_extensions.NotRequired):
         return _members(typing.get_args(tp)[0])
     return [tp]
+
+
+class Recorder:
+    """The raw responses an SDK's httpx client received, bodies read."""
+
+    def __init__(self) -> None:
+        self.responses: list[httpx.Response] = []
+
+    def __call__(self, response: httpx.Response) -> None:
+        response.read()
+        self.responses.append(response)
+
+    @property
+    def last(self) -> Any:
+        return self.responses[-1].json()

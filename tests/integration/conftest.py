@@ -8,6 +8,8 @@ import psycopg
 import pytest
 
 from providers.simulator import Simulator
+from tests.integration.receiver import Receiver
+from tests.sdk_strict import Recorder
 from worker import runtime
 from worker.seed import Seeded, seed_demo
 from worker.settings import get_settings
@@ -39,3 +41,17 @@ def seeded(worker_db: str, sim: Simulator) -> Seeded:
     """A user, plan, template and the two providers, pointed at ``sim``."""
     with psycopg.connect(worker_db, autocommit=True) as conn:
         return seed_demo(conn, sim_base_url=sim.base_url)
+
+
+@pytest.fixture
+def rec() -> Recorder:
+    """The raw responses an SDK client received (tests/sdk_strict.py)."""
+    return Recorder()
+
+
+@pytest.fixture(scope="module")
+def receiver() -> Iterator[Receiver]:
+    """A webhook receiver for the simulator's signed deliveries."""
+    r = Receiver()
+    yield r
+    r.close()

@@ -24,7 +24,7 @@ from retell.types.phone_call_response import PhoneCallResponse  # noqa: E402
 
 from providers.simulator import Simulator  # noqa: E402
 from tests.integration.receiver import Receiver  # noqa: E402
-from tests.sdk_strict import strict  # noqa: E402
+from tests.sdk_strict import Recorder, strict  # noqa: E402
 
 KEY = "sim-retell-key"
 FROM = "+14155550100"
@@ -35,37 +35,10 @@ FAST = {
 
 
 @pytest.fixture(scope="module")
-def receiver() -> Iterator[Receiver]:
-    r = Receiver()
-    yield r
-    r.close()
-
-
-@pytest.fixture(scope="module")
 def sim(receiver: Receiver) -> Iterator[Simulator]:
     s = Simulator({**FAST, "retell_webhook_url": receiver.url}).start()
     yield s
     s.stop()
-
-
-class Recorder:
-    """The raw responses the SDK's httpx client received, bodies read."""
-
-    def __init__(self) -> None:
-        self.responses: list[httpx.Response] = []
-
-    def __call__(self, response: httpx.Response) -> None:
-        response.read()
-        self.responses.append(response)
-
-    @property
-    def last(self) -> Any:
-        return self.responses[-1].json()
-
-
-@pytest.fixture
-def rec() -> Recorder:
-    return Recorder()
 
 
 @pytest.fixture

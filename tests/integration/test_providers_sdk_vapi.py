@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.sdk_strict import defer_vapi_schemas, strict
+from tests.sdk_strict import Recorder, defer_vapi_schemas, strict
 
 vapi = pytest.importorskip("vapi")  # a test dependency: pyproject [test]
 defer_vapi_schemas()
@@ -46,37 +46,10 @@ FAST = {"queue_seconds": 0.02, "ring_seconds": 0.03, "call_seconds": 0.1,
 
 
 @pytest.fixture(scope="module")
-def receiver() -> Iterator[Receiver]:
-    r = Receiver()
-    yield r
-    r.close()
-
-
-@pytest.fixture(scope="module")
 def sim(receiver: Receiver) -> Iterator[Simulator]:
     s = Simulator({**FAST, "vapi_webhook_url": receiver.url}).start()
     yield s
     s.stop()
-
-
-class Recorder:
-    """The raw responses the SDK's httpx client received, bodies read."""
-
-    def __init__(self) -> None:
-        self.responses: list[httpx.Response] = []
-
-    def __call__(self, response: httpx.Response) -> None:
-        response.read()
-        self.responses.append(response)
-
-    @property
-    def last(self) -> Any:
-        return self.responses[-1].json()
-
-
-@pytest.fixture
-def rec() -> Recorder:
-    return Recorder()
 
 
 @pytest.fixture
