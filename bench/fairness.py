@@ -109,6 +109,33 @@ def _latencies(stack: Stack, commits: dict[str, float], timeout: float) -> dict[
     }
 
 
+def _stages(stack: Stack, commits: dict[str, float]) -> dict[str, Any]:
+    """Where the calls' time went, p50 / p99 ms per stage (first attempt of each call):
+    commit -> claimed (the claim's transaction start, call_assignments.assigned_at),
+    claimed -> gate (mark_call_dialing: the dispatch message's wait and the chunk's gate),
+    gate -> create request at the simulator."""
+    arrivals = _arrivals(stack)
+    with stack.connect() as conn:
+        rows = conn.execute(
+            "SELECT DISTINCT ON (a.queue_id) a.queue_id::text,"
+            " extract(epoch FROM a.assigned_at)::float8, extract(epoch FROM a.dialing_at)::float8"
+            " FROM call_assignments a WHERE a.queue_id = ANY(%s::uuid[])"
+            " ORDER BY a.queue_id, a.attempt",
+            (list(commits),),
+        ).fetchall()
+    parts: dict[str, list[float]] = {"to_claim": [], "claim_to_gate": [], "gate_to_create": []}
+    for qid, assigned, dialing in rows:
+        parts["to_claim"].append((assigned - commits[qid]) * 1000)
+        if dialing is not None:
+            parts["claim_to_gate"].append((dialing - assigned) * 1000)
+            if qid in arrivals:
+                parts["gate_to_create"].append((arrivals[qid] - dialing) * 1000)
+    return {
+        k: {"p50_ms": round(median(v), 1), "p99_ms": round(percentile(v, 99), 1)}
+        for k, v in parts.items()
+    }
+
+
 def run(*, a_calls: int = 20_000, b_calls: int = 20, cap: int = 300) -> dict[str, Any]:
     stack = Stack(max_concurrent_calls=1000)
     stack.start()
@@ -132,6 +159,7 @@ def run(*, a_calls: int = 20_000, b_calls: int = 20, cap: int = 300) -> dict[str
                 wait_until(lambda b=before: stack.sim.stats()["total_creates"] > b, 10, 0.02)  # type: ignore[union-attr,misc]
                 time.sleep(0.2)
         idle_fig = _latencies(stack, idle, 30)
+        idle_fig["stages"] = _stages(stack, idle)
         log(f"fairness: B idle p50 {idle_fig['p50_ms']:.1f} ms p99 {idle_fig['p99_ms']:.1f} ms")
         stack.sim.reset()
         loaded: dict[str, float] = {}
@@ -148,9 +176,10 @@ def run(*, a_calls: int = 20_000, b_calls: int = 20, cap: int = 300) -> dict[str
                 loaded[_schedule_b(conn, b_user, b_tpl, 1000 + i)] = time.time()
                 time.sleep(0.05)
         loaded_fig = _latencies(stack, loaded, 900)
+        loaded_fig["stages"] = _stages(stack, loaded)
         log(
             f"fairness: B loaded p50 {loaded_fig['p50_ms']:.1f} ms p99 "
-            f"{loaded_fig['p99_ms']:.1f} ms"
+            f"{loaded_fig['p99_ms']:.1f} ms; stages {loaded_fig['stages']}"
         )
         with stack.connect() as conn:
             a_ids = {
@@ -166,6 +195,7 @@ def run(*, a_calls: int = 20_000, b_calls: int = 20, cap: int = 300) -> dict[str
         a_times = [arrivals[q] for q in a_ids if q in arrivals]
         drain = (max(a_times) - t_a) if a_times else float("nan")
         log(f"fairness: A drained {len(a_times)} of {a_calls} in {drain:.1f} s")
+        a_stages = _stages(stack, dict.fromkeys(a_ids, t_a))
         return {
             "a_calls": a_calls,
             "b_calls": b_calls,
@@ -174,6 +204,7 @@ def run(*, a_calls: int = 20_000, b_calls: int = 20, cap: int = 300) -> dict[str
             "b_loaded": loaded_fig,
             "a_drain_seconds": drain,
             "a_arrived": len(a_times),
+            "a_stages": a_stages,
         }
     finally:
         stack.stop()

@@ -465,14 +465,15 @@ $$;
 -- LOCKED: a campaign another claimer is pacing right now sits this claim out), so its limits
 -- hold across the whole fleet:
 --   calls_per_minute  a token bucket on the campaign row: refilled at calls_per_minute / 60
---                     per second, holding at most one second's worth (at least 1), one token
---                     per call returned;
+--                     per second, holding at most one second's worth (at least 1); at most
+--                     the tokens held are returned, and the caller (claimable_calls, after
+--                     the plan's checks) spends one per call it keeps;
 --   max_in_flight     the campaign's claimed, assigned, dialing and in-progress calls (plus
 --                     those of p_skip) never exceed it;
 --   starts_at/ends_at calls are returned only in between.
 -- The caller claims the returned rows in the same transaction (the locks hold until commit).
--- p_lanes_only: only the campaigns' lanes (the claims take plain calls from claimable_calls,
--- which keeps via_campaign calls out).
+-- p_lanes_only: only the campaigns' lanes (claimable_calls takes plain calls itself, and calls
+-- this for the lanes: the plan's concurrency and subscription checks apply to both).
 CREATE OR REPLACE FUNCTION public.claim_candidates(
   p_limit integer,
   p_now timestamptz DEFAULT now(),
@@ -487,7 +488,6 @@ AS $$
 #variable_conflict use_column
 DECLARE
   v_ids uuid[];
-  v_lanes uuid[];
   v_locked uuid[];
 BEGIN
   IF p_limit IS NULL OR p_limit <= 0 THEN
@@ -558,21 +558,7 @@ BEGIN
      ORDER BY p.priority, p.scheduled_time, p.created_at
      LIMIT p_limit
   )
-  SELECT array_agg(t.id), array_agg(t.lane) FILTER (WHERE t.lane IS NOT NULL)
-    INTO v_ids, v_lanes
-    FROM top t;
-
-  -- each call taken from a paced campaign spends one token
-  IF v_lanes IS NOT NULL THEN
-    UPDATE public.call_campaigns c
-       SET pace_tokens = greatest(
-             least(greatest(c.calls_per_minute / 60.0, 1),
-                   c.pace_tokens + greatest(extract(epoch FROM p_now - coalesce(c.pace_at, p_now - interval '1 day')), 0)
-                                   * c.calls_per_minute / 60.0) - n.taken, 0),
-           pace_at = p_now
-      FROM (SELECT u.lane, count(*) AS taken FROM unnest(v_lanes) AS u(lane) GROUP BY u.lane) n
-     WHERE c.id = n.lane AND c.calls_per_minute IS NOT NULL;
-  END IF;
+  SELECT array_agg(t.id) INTO v_ids FROM top t;
 
   RETURN QUERY
   SELECT q.id, q.priority, q.scheduled_time, q.created_at, q.excluded_provider_ids,
@@ -609,16 +595,10 @@ BEGIN
   -- locked). A call outside its calling window is not claimed: calling_hold moves it to its
   -- next opening. After a hold, a few more rounds (of at least 50 rows) fill the batch.
   FOR v_round IN 1..4 LOOP
-    v_new := public.claimable_calls(
+    -- (paced campaigns' calls come through their lanes, inside claimable_calls)
+    v_new := coalesce(public.claimable_calls(
       CASE WHEN v_round = 1 THEN greatest(p_limit, 0)
-           ELSE greatest(p_limit - cardinality(v_ids), 50) END, v_ids);
-    -- paced campaigns' calls come through their lanes (pacing held across the fleet)
-    v_new := coalesce(v_new, '{}') || ARRAY(
-      SELECT d.id
-        FROM public.claim_candidates(greatest(p_limit - cardinality(v_ids), 0)
-                                       - coalesce(cardinality(v_new), 0),
-                                     v_now, v_ids || coalesce(v_new, '{}'), true) d
-       ORDER BY d.priority, d.scheduled_time, d.created_at);
+           ELSE greatest(p_limit - cardinality(v_ids), 50) END, v_ids), '{}');
     EXIT WHEN cardinality(v_new) = 0;
     v_held := public.calling_hold(v_new, v_now);
     IF v_held IS NOT NULL THEN
@@ -796,16 +776,10 @@ BEGIN
   -- least 50 rows; open rows beyond the batch stay queued) fill the batch.
   v_want := least(p_limit, v_free);
   FOR v_round IN 1..4 LOOP
-    v_new := public.claimable_calls(
+    -- (paced campaigns' calls come through their lanes, inside claimable_calls)
+    v_new := coalesce(public.claimable_calls(
       CASE WHEN v_round = 1 THEN v_want
-           ELSE greatest(v_want - coalesce(cardinality(v_ids), 0), 50) END, v_ids);
-    -- paced campaigns' calls come through their lanes (pacing held across the fleet)
-    v_new := coalesce(v_new, '{}') || ARRAY(
-      SELECT d.id
-        FROM public.claim_candidates(v_want - coalesce(cardinality(v_ids), 0)
-                                       - coalesce(cardinality(v_new), 0),
-                                     v_now, coalesce(v_ids, '{}') || coalesce(v_new, '{}'), true) d
-       ORDER BY d.priority, d.scheduled_time, d.created_at);
+           ELSE greatest(v_want - coalesce(cardinality(v_ids), 0), 50) END, v_ids), '{}');
     EXIT WHEN cardinality(v_new) = 0;
     v_held := public.calling_hold(v_new, v_now);
     IF v_held IS NOT NULL OR v_round > 1 THEN

@@ -267,16 +267,22 @@ $$;
 
 -- ---------------------------------------------------------------------------------------------
 -- claimable_calls: up to p_limit due queued calls, locked (FOR UPDATE SKIP LOCKED), in fair
--- order, for claim_due_calls and claim_and_assign_calls:
+-- order, for claim_due_calls and claim_and_assign_calls: the one claim path, plain calls and
+-- paced campaigns' calls alike:
 --   * only tenants whose subscription is active or trialing (others' calls are held queued);
 --   * at most the tenant's free concurrency (plan max_concurrent_calls minus its calls in
 --     flight, from tenant_call_counters): calls over the cap stay queued, untouched;
 --   * within a priority level, tenants take turns: each tenant's k-th call ranks with the other
 --     tenants' k-th call, then by scheduled_time, so one tenant's backlog does not delay another.
 -- Candidates come from the per-tenant index (one probe per tenant and priority: a tenant's far
--- future calls are never walked). The tenants' counter rows are then locked in user_id order
--- and their free concurrency re-read, so concurrent claimers never exceed a plan's cap.
+-- future calls are never walked). Calls of running campaigns with pacing or a window come
+-- through their campaign's lane (claim_candidates) for what is left of the batch. The tenants'
+-- counter rows are then locked in user_id order and their free concurrency re-read, so
+-- concurrent claimers never exceed a plan's cap; only then do the lanes' calls kept spend their
+-- campaign's tokens.
 -- p_exclude: calls this claim already took in an earlier round (they count against the room).
+-- In a later round (p_exclude not empty) counter rows held by another claimer are skipped, not
+-- waited for: this claim already holds other tenants' rows, and waiting could deadlock.
 CREATE OR REPLACE FUNCTION public.claimable_calls(p_limit integer, p_exclude uuid[] DEFAULT NULL)
 RETURNS uuid[]
 LANGUAGE plpgsql
@@ -286,6 +292,8 @@ AS $$
 DECLARE
   v_cand uuid[];
   v_ids uuid[];
+  v_lane uuid[];
+  v_users uuid[];
   v_now timestamptz := public.callq_now();
 BEGIN
   IF p_limit IS NULL OR p_limit <= 0 THEN
@@ -325,28 +333,47 @@ BEGIN
        ORDER BY f.priority, f.k, f.scheduled_time, f.created_at
        LIMIT 2 * p_limit
     ) r;
-  IF v_cand IS NULL THEN
-    RETURN NULL;
-  END IF;
 
-  SELECT array_agg(l.id ORDER BY l.ord) INTO v_ids
-    FROM (SELECT q.id, c.ord
-            FROM unnest(v_cand) WITH ORDINALITY AS c(id, ord)
-            JOIN public.call_queue q ON q.id = c.id
-           WHERE q.status = 'queued' AND q.scheduled_time <= v_now
-           ORDER BY c.ord
-           LIMIT p_limit
-             FOR UPDATE OF q SKIP LOCKED) l;
-  IF v_ids IS NULL THEN
+  IF v_cand IS NOT NULL THEN
+    SELECT array_agg(l.id ORDER BY l.ord) INTO v_ids
+      FROM (SELECT q.id, c.ord
+              FROM unnest(v_cand) WITH ORDINALITY AS c(id, ord)
+              JOIN public.call_queue q ON q.id = c.id
+             WHERE q.status = 'queued' AND q.scheduled_time <= v_now
+             ORDER BY c.ord
+             LIMIT p_limit
+               FOR UPDATE OF q SKIP LOCKED) l;
+  END IF;
+  -- paced campaigns' calls, through their lanes (locked, pacing held across the fleet), for
+  -- what is left of the batch
+  IF coalesce(cardinality(v_ids), 0) < p_limit THEN
+    v_lane := ARRAY(
+      SELECT d.id
+        FROM public.claim_candidates(p_limit - coalesce(cardinality(v_ids), 0), v_now,
+                                     coalesce(p_exclude, '{}') || coalesce(v_ids, '{}'), true) d
+       ORDER BY d.priority, d.scheduled_time, d.created_at);
+    v_ids := coalesce(v_ids, '{}') || v_lane;
+  END IF;
+  IF coalesce(cardinality(v_ids), 0) = 0 THEN
     RETURN NULL;
   END IF;
 
   -- The counters of these tenants, locked (key order), then each tenant's room re-read from
-  -- the latest committed version: calls beyond it stay queued.
-  PERFORM 1 FROM public.tenant_call_counters c
-   WHERE c.user_id IN (SELECT q.user_id FROM public.call_queue q WHERE q.id = ANY (v_ids))
-   ORDER BY c.user_id
-     FOR UPDATE;
+  -- the latest committed version: calls beyond it (or of a tenant whose row was skipped) stay
+  -- queued.
+  IF coalesce(cardinality(p_exclude), 0) = 0 THEN
+    v_users := ARRAY(
+      SELECT c.user_id FROM public.tenant_call_counters c
+       WHERE c.user_id IN (SELECT q.user_id FROM public.call_queue q WHERE q.id = ANY (v_ids))
+       ORDER BY c.user_id
+         FOR UPDATE);
+  ELSE
+    v_users := ARRAY(
+      SELECT c.user_id FROM public.tenant_call_counters c
+       WHERE c.user_id IN (SELECT q.user_id FROM public.call_queue q WHERE q.id = ANY (v_ids))
+       ORDER BY c.user_id
+         FOR UPDATE SKIP LOCKED);
+  END IF;
   SELECT array_agg(z.id ORDER BY z.ord) INTO v_ids
     FROM (SELECT c.id, c.ord,
                  pl.max_concurrent_calls - t.claimed - t.dialed
@@ -358,8 +385,24 @@ BEGIN
             JOIN public.tenant_call_counters t ON t.user_id = q.user_id
             JOIN public.user_subscriptions s
               ON s.user_id = q.user_id AND s.status IN ('active', 'trialing')
-            JOIN public.subscription_plans pl ON pl.id = s.plan_id) z
+            JOIN public.subscription_plans pl ON pl.id = s.plan_id
+           WHERE q.user_id = ANY (v_users)) z
    WHERE z.k <= z.room;
+
+  -- each call kept from a paced campaign spends one of its tokens
+  IF v_lane IS NOT NULL AND cardinality(v_lane) > 0 AND v_ids IS NOT NULL THEN
+    UPDATE public.call_campaigns c
+       SET pace_tokens = greatest(
+             least(greatest(c.calls_per_minute / 60.0, 1),
+                   c.pace_tokens + greatest(extract(epoch FROM v_now - coalesce(c.pace_at, v_now - interval '1 day')), 0)
+                                   * c.calls_per_minute / 60.0) - n.taken, 0),
+           pace_at = v_now
+      FROM (SELECT q.campaign_id, count(*) AS taken
+              FROM public.call_queue q
+             WHERE q.id = ANY (v_lane) AND q.id = ANY (v_ids)
+             GROUP BY q.campaign_id) n
+     WHERE c.id = n.campaign_id AND c.calls_per_minute IS NOT NULL;
+  END IF;
   RETURN v_ids;
 END
 $$;

@@ -185,6 +185,33 @@ def test_plan_concurrency_holds_calls_queued_until_a_slot_frees(conn: Conn) -> N
     assert len(claim(conn)) == 1
 
 
+def test_paced_campaign_calls_respect_plan_concurrency_and_status(conn: Conn) -> None:
+    """A paced campaign's calls come through its lane: the plan's cap and the subscription
+    status hold there too, on both claims, and the lane's tokens go only to calls kept."""
+    make_provider(conn, max_calls=50)
+    user, tpl = tenant(conn, call_limit=None, minute_limit=None, max_concurrent=2)
+    plain = schedule(conn, user, tpl)
+    camp = one(conn, "SELECT create_campaign(%s, %s, 'C', 'running')", (user, tpl))
+    conn.execute("SELECT set_campaign_pacing(%s, 600, 50)", (camp,))
+    rows = [{"name": "N", "phone": f"+1555000{i:04d}"} for i in range(5)]
+    conn.execute("SELECT count(*) FROM schedule_calls(%s, %s)", (camp, json.dumps(rows)))
+    got = claim(conn)
+    assert len(got) == 2 and plain in {q for q, _ in got}
+    assert claim(conn) == []
+    assert conn.execute("SELECT * FROM claim_due_calls(10)").fetchall() == []
+    # 10 tokens a second at most; one spent (one lane call kept), not five
+    tokens = one(conn, "SELECT pace_tokens FROM call_campaigns WHERE id = %s", (camp,))
+    assert 9 <= tokens < 10
+    for _, aid in got:
+        one(conn, "SELECT release_assignment(%s, 'connect_error')", (aid,))
+    conn.execute("UPDATE user_subscriptions SET status = 'past_due' WHERE user_id = %s", (user,))
+    assert claim(conn) == []
+    assert conn.execute("SELECT * FROM claim_due_calls(10)").fetchall() == []
+    conn.execute("UPDATE user_subscriptions SET status = 'active' WHERE user_id = %s", (user,))
+    conn.execute("UPDATE call_queue SET scheduled_time = now() WHERE user_id = %s", (user,))
+    assert len(conn.execute("SELECT * FROM claim_due_calls(10)").fetchall()) == 2
+
+
 def test_claims_rotate_between_tenants_within_a_priority(conn: Conn) -> None:
     make_provider(conn, max_calls=500)
     a_user, a_tpl = tenant(conn, call_limit=None, minute_limit=None, max_concurrent=1000)

@@ -31,6 +31,7 @@ from hypothesis.stateful import (
     rule,
     run_state_machine_as_test,
 )
+from psycopg.types.json import Jsonb
 
 from .dbutil import Conn, connect, make_provider, make_template, one, slot_violations
 
@@ -98,6 +99,33 @@ class PlanMachine(RuleBasedStateMachine):
                 assert exc.sqlstate in ("CQ003", "CQ030"), exc.sqlstate
                 after = one(conn, "SELECT count(*) FROM call_queue WHERE user_id = %s", (uid,))
                 assert after == before  # a refusal writes nothing
+
+    @rule(
+        t=st.integers(0, 1),
+        n=st.integers(1, 4),
+        per_minute=st.sampled_from([None, 6, 600, 100000]),
+        in_flight=st.sampled_from([None, 1, 50]),
+    )
+    def schedule_campaign(
+        self, t: int, n: int, per_minute: int | None, in_flight: int | None
+    ) -> None:
+        """A running campaign, paced or not: a paced one's calls take the claim's lane."""
+        if t >= len(self.tenants):
+            return
+        uid, tpl, _ = self.tenants[t]
+        conn = self.conns[0]
+        camp = one(conn, "SELECT create_campaign(%s, %s, 'C', 'running')", (uid, tpl))
+        if per_minute or in_flight:
+            conn.execute("SELECT set_campaign_pacing(%s, %s, %s)", (camp, per_minute, in_flight))
+        rows = [{"name": "C", "phone": "+15551234567"} for _ in range(n)]
+        conn.execute("SELECT count(*) FROM schedule_calls(%s, %s)", (camp, Jsonb(rows)))
+
+    @rule(c=st.integers(0, 2), n=st.integers(1, 4))
+    def claim_due(self, c: int, n: int) -> None:
+        """The claim without provider assignment (claim_due_calls), as a poller uses it."""
+        conn = self.conns[c]
+        conn.execute("UPDATE call_queue SET scheduled_time = now() WHERE status = 'queued'")
+        conn.execute("SELECT * FROM claim_due_calls(%s, 'p', 60)", (n,)).fetchall()
 
     @rule(target=assignments, c=st.integers(0, 2), n=st.integers(1, 4))
     def claim(self, c: int, n: int) -> Any:
@@ -259,7 +287,7 @@ def _run(db_url: str, examples: int, steps: int) -> None:
 
 
 def test_plan_invariants_hold_under_random_sequences(db_url: str) -> None:
-    _run(db_url, examples=15, steps=25)
+    _run(db_url, examples=25, steps=30)
 
 
 @pytest.mark.slow
