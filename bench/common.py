@@ -29,6 +29,8 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
+from models.session import rewrite_url
+
 REPO = Path(__file__).resolve().parents[1]
 PG_BIN = Path(os.environ.get("CALLQ_PG_BIN", "/usr/lib/postgresql/15/bin"))
 ADMIN_URL = os.environ.get("BENCH_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -43,19 +45,6 @@ def log(msg: str) -> None:
 
 
 # -- URLs and scratch databases -----------------------------------------------------------------
-
-
-def with_dbname(url: str, dbname: str) -> str:
-    info = psycopg.conninfo.conninfo_to_dict(url)
-    info["dbname"] = dbname
-    user = info.get("user") or "postgres"
-    password = info.get("password") or ""
-    auth = f"{user}:{password}@" if password else f"{user}@"
-    host = str(info.get("host") or "127.0.0.1")
-    if host.startswith("/"):
-        return f"postgresql://{auth}/{dbname}?host={host}&port={info.get('port') or 5432}"
-    port = f":{info['port']}" if info.get("port") else ""
-    return f"postgresql://{auth}{host}{port}/{dbname}"
 
 
 def url_parts(url: str) -> dict[str, str]:
@@ -97,7 +86,7 @@ class ScratchDB:
 
     @property
     def url(self) -> str:
-        return with_dbname(self.admin_url, self.name)
+        return rewrite_url(self.admin_url, dbname=self.name)
 
     def create(self, *, migrated: bool = True) -> str:
         with psycopg.connect(self.admin_url, autocommit=True, connect_timeout=10) as conn:

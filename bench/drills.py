@@ -11,7 +11,7 @@ settle, and prints:
     lost        calls neither terminal nor queued at the end
     dialed>1    calls the simulator saw more than one create request for (its own record, by
                 queue id; every call is answered, so each must be dialed exactly once)
-    slots held  sum of provider_availability.current_calls at the end
+    slots held  provider slots still taken at the end (sum of provider_load.current_calls)
 
 Every drill must end with 0 lost, 0 dialed more than once, 0 slots held. Servers that are
 stopped or restarted are our own (own Redis, own PostgreSQL on its own port).
@@ -20,6 +20,7 @@ stopped or restarted are our own (own Redis, own PostgreSQL on its own port).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -31,6 +32,7 @@ from typing import Any
 
 from bench.common import REPO, log, restart_redis
 from bench.stack import Stack
+from worker.embedded import wait_until
 
 # Every call answered; short calls so tracking is exercised; small jitter.
 SIM_ANSWERED: dict[str, Any] = {
@@ -150,17 +152,16 @@ def _run_with_stack(
     return result
 
 
-def _wait_creates(stack: Stack, at_least: int, timeout: float) -> int:
-    """Wait until the simulator has seen ``at_least`` creates; return the count."""
+def _creates(stack: Stack) -> int:
     assert stack.sim is not None
-    end = time.monotonic() + timeout
-    n = 0
-    while time.monotonic() < end:
-        n = int(stack.sim.stats()["total_creates"])
-        if n >= at_least:
-            return n
-        time.sleep(0.05)
-    return n
+    return int(stack.sim.stats()["total_creates"])
+
+
+def _wait_creates(stack: Stack, at_least: int, timeout: float) -> int:
+    """Wait until the simulator has seen ``at_least`` creates (or the timeout); the count."""
+    with contextlib.suppress(TimeoutError):
+        wait_until(lambda: _creates(stack) >= at_least, timeout=timeout, interval=0.05)
+    return _creates(stack)
 
 
 # -- the drills -----------------------------------------------------------------------------------
@@ -173,12 +174,11 @@ def worker_sigkill(cfg: DrillConfig) -> DrillResult:
         stack.fleet.start_worker("w1")
         stack.fleet.start_worker("w2")
         stack.fleet.start_beat("beat")
-        time.sleep(3)
+        stack.wait_ready(workers=2)
         ids = stack.schedule(cfg.calls)
         seen = _wait_creates(stack, max(3, cfg.calls // 4), 60)
         stack.fleet.kill("w1")
         result.notes.append(f"w1 SIGKILLed after {seen} creates")
-        time.sleep(2)
         seen2 = _wait_creates(stack, cfg.calls // 2, 30)
         stack.fleet.kill("w2")
         result.notes.append(f"w2 SIGKILLed after {seen2} creates")
@@ -206,12 +206,14 @@ def redis_restart(cfg: DrillConfig) -> DrillResult:
     def body(stack: Stack, result: DrillResult) -> list[Any]:
         stack.fleet.start_worker("w1")
         stack.fleet.start_beat("beat")
-        time.sleep(3)
+        stack.wait_ready()
         ids = stack.schedule(cfg.calls)
         seen = _wait_creates(stack, max(3, cfg.calls // 3), 60)
         restart_redis(stack.redis)
         result.notes.append(f"redis restarted (all messages lost) after {seen} creates")
-        time.sleep(5)
+        worker = stack.fleet.procs["w1"]
+        with contextlib.suppress(TimeoutError):  # back on the broker, or gone (noted below)
+            wait_until(lambda: worker.poll() is not None or stack.consumers() >= 1, timeout=30)
         for name, proc in stack.fleet.procs.items():
             if proc.poll() is not None:
                 result.notes.append(f"{name} EXITED (code {proc.returncode}) after the restart")
@@ -233,7 +235,7 @@ def redis_restart_supervised(cfg: DrillConfig) -> DrillResult:
     def body(stack: Stack, result: DrillResult) -> list[Any]:
         stack.fleet.start_worker("w1")
         stack.fleet.start_beat("beat")
-        time.sleep(3)
+        stack.wait_ready()
         ids = stack.schedule(cfg.calls)
         seen = _wait_creates(stack, max(3, cfg.calls // 3), 60)
         restart_redis(stack.redis)
@@ -271,12 +273,12 @@ def postgres_restart(cfg: DrillConfig) -> DrillResult:
         assert stack.pg is not None
         stack.fleet.start_worker("w1")
         stack.fleet.start_beat("beat")
-        time.sleep(3)
+        stack.wait_ready()
         ids = stack.schedule(cfg.calls)
         seen = _wait_creates(stack, max(3, cfg.calls // 3), 60)
         t = time.monotonic()
         stack.pg.stop("immediate")
-        time.sleep(3)
+        time.sleep(3)  # the outage itself: three seconds without a database
         stack.pg.start()
         result.notes.append(
             f"postgres crashed (-m immediate), down {time.monotonic() - t:.1f}s, after {seen}"
@@ -284,7 +286,8 @@ def postgres_restart(cfg: DrillConfig) -> DrillResult:
         )
         if cfg.fast_leases:
             # Creates in flight at the crash ended long ago (HTTP timeout 2 s): move their
-            # 120 s dialing leases to now rather than wait them out.
+            # 120 s dialing leases to now rather than wait them out. The creates' own deadline
+            # (a time, not a state to wait for): the read timeout, with margin.
             time.sleep(8)
             with stack.connect() as conn:
                 n = conn.execute(
@@ -314,7 +317,7 @@ def provider_down(cfg: DrillConfig) -> DrillResult:
         assert stack.sim is not None
         stack.fleet.start_worker("w1")
         stack.fleet.start_beat("beat")
-        time.sleep(3)
+        stack.wait_ready()
         stack.sim.configure(
             {
                 "timeout_seconds": 4,  # > the worker's read timeout (2 s): outcome unknown
@@ -349,7 +352,7 @@ def provider_429(cfg: DrillConfig) -> DrillResult:
     def body(stack: Stack, result: DrillResult) -> list[Any]:
         stack.fleet.start_worker("w1")
         stack.fleet.start_beat("beat")
-        time.sleep(3)
+        stack.wait_ready()
         ids = stack.schedule(cfg.calls)
         return ids
 
@@ -371,11 +374,11 @@ def two_beats(cfg: DrillConfig) -> DrillResult:
         stack.fleet.start_worker("w2")
         stack.fleet.start_beat("beat1")
         stack.fleet.start_beat("beat2")
-        time.sleep(3)
+        stack.wait_ready(workers=2, beats=2)
         ids = []
         for k in range(5):  # several bursts: both listeners wake for each
             ids += stack.schedule(cfg.calls // 5, start=k * 10_000)
-            time.sleep(0.5)
+            time.sleep(0.5)  # pacing: the bursts half a second apart
         return ids
 
     return _run_with_stack("two_beats", "two beat processes", cfg, body)
@@ -390,7 +393,7 @@ def duplicate_task(cfg: DrillConfig) -> DrillResult:
         assert stack.sim is not None
         stack.fleet.start_worker("w1", concurrency=16)
         stack.fleet.start_worker("w2", concurrency=16)
-        time.sleep(3)
+        stack.wait_ready(workers=2, beats=0)
         ids = stack.schedule(cfg.calls)
         # Claim and assign as beat's poll would, then deliver each dispatch twice.
         with stack.connect() as conn:

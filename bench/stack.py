@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
+import redis
 
 from bench.common import (
     ADMIN_URL,
@@ -27,6 +28,7 @@ from bench.common import (
     fleet_env,
     own_redis,
 )
+from worker.embedded import wait_until
 from worker.seed import daytime_zone
 
 TERMINAL = ("completed", "failed", "canceled")
@@ -178,8 +180,6 @@ class Stack:
         """One call through the whole path: the fleet is up (instead of a fixed warm-up sleep).
 
         ``suffix`` picks a simulator outcome rule for the probe (one that ends it at once)."""
-        from worker.embedded import wait_until
-
         [probe] = self.schedule(1, start=999_999, suffix=suffix)
         wait_until(lambda: self.settled([probe]), timeout=timeout, what="the warm-up call's end")
 
@@ -195,7 +195,7 @@ class Stack:
                     "SELECT id::text, status FROM call_queue WHERE id = ANY(%s)", (list(ids),)
                 ).fetchall()
             slots = conn.execute(
-                "SELECT coalesce(sum(current_calls), 0) FROM provider_availability"
+                "SELECT coalesce(sum(current_calls), 0) FROM provider_load"
             ).fetchone()
             live = conn.execute(
                 "SELECT count(*) FROM call_assignments WHERE state IN ('assigned','dialing',"
@@ -232,19 +232,46 @@ class Stack:
             row = conn.execute(
                 "SELECT (SELECT count(*) FROM call_queue WHERE id = ANY(%s)"
                 " AND status IN ('completed', 'failed', 'canceled')),"
-                " (SELECT coalesce(sum(current_calls), 0) FROM provider_availability)",
+                " (SELECT coalesce(sum(current_calls), 0) FROM provider_load)",
                 (list(ids),),
             ).fetchone()
         return row is not None and int(row[0]) == len(ids) and int(row[1]) == 0
 
     def wait_settled(self, ids: list[Any], timeout: float) -> tuple[bool, float]:
+        """(settled, seconds waited): every call terminal and no slot held, or the timeout."""
         t0 = time.monotonic()
-        end = t0 + timeout
-        while time.monotonic() < end:
-            if self.settled(ids):
-                return True, time.monotonic() - t0
-            time.sleep(0.5)
-        return False, time.monotonic() - t0
+        try:
+            wait_until(lambda: self.settled(ids), timeout=timeout, interval=0.5)
+        except TimeoutError:
+            return False, time.monotonic() - t0
+        return True, time.monotonic() - t0
+
+    def consumers(self) -> int:
+        """Broker connections waiting on a queue (a running worker holds one)."""
+        client = redis.Redis.from_url(self.redis.url)
+        try:
+            return sum(1 for c in client.client_list() if c.get("cmd") in ("brpop", "blpop"))
+        finally:
+            client.close()
+
+    def listeners(self) -> int:
+        """Database sessions listening for due calls (one per running beat)."""
+        with self.connect() as conn:
+            row = conn.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                " AND query ILIKE 'LISTEN %%'"
+            ).fetchone()
+        return int(row[0]) if row else 0
+
+    def wait_ready(self, *, workers: int = 1, beats: int = 1, timeout: float = 60.0) -> None:
+        """Until ``workers`` workers consume from the broker and ``beats`` beats listen (instead
+        of a fixed warm-up sleep)."""
+        wait_until(
+            lambda: self.consumers() >= workers and (beats == 0 or self.listeners() >= beats),
+            timeout=timeout,
+            interval=0.1,
+            what=f"{workers} worker(s) consuming and {beats} beat(s) listening",
+        )
 
     def diagnose(self, ids: list[Any], limit: int = 10) -> list[dict[str, Any]]:
         """The calls that are not terminal: queue row, latest assignment, creates seen."""

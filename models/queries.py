@@ -153,11 +153,13 @@ WHERE a.id = due.id
 RETURNING a.id, a.poll_count
 """
 
-# The assignment a provider's call id belongs to (webhooks).
-FIND_ASSIGNMENT_BY_PROVIDER_CALL = """
-SELECT id FROM call_assignments
-WHERE provider_id = %(provider_id)s::uuid AND provider_call_id = %(provider_call_id)s
-ORDER BY created_at DESC LIMIT 1
+# The assignment each (provider, provider call id) belongs to, the newest if several (webhooks).
+FIND_ASSIGNMENTS_BY_PROVIDER_CALLS = """
+SELECT x.provider_id, x.call_id AS provider_call_id, f.id
+FROM unnest(%(provider_ids)s::uuid[], %(provider_call_ids)s::text[]) AS x(provider_id, call_id)
+CROSS JOIN LATERAL (SELECT a.id FROM call_assignments a
+                    WHERE a.provider_id = x.provider_id AND a.provider_call_id = x.call_id
+                    ORDER BY a.created_at DESC LIMIT 1) f
 """
 
 # Expired claims and assignments: what the reaper did, and what the worker must resume.
@@ -384,13 +386,21 @@ class Database:
         rows = self.rows(TAKE_DUE_POLLS, {"limit": limit})
         return [(str(r["id"]), int(r["poll_count"])) for r in rows]
 
-    def assignment_for_provider_call(
-        self, provider_id: UUID | str, provider_call_id: str
-    ) -> UUID | None:
-        """The newest assignment that holds this provider call id."""
-        params = {"provider_id": str(provider_id), "provider_call_id": provider_call_id}
-        result = self.scalar(FIND_ASSIGNMENT_BY_PROVIDER_CALL, params)
-        return None if result is None else UUID(str(result))
+    def assignments_for_provider_calls(
+        self, calls: Sequence[tuple[str, str]]
+    ) -> dict[tuple[str, str], UUID]:
+        """The newest assignment holding each (provider id, provider call id), in one round
+        trip; pairs that match no assignment are left out."""
+        if not calls:
+            return {}
+        params = {
+            "provider_ids": [str(p) for p, _ in calls],
+            "provider_call_ids": [c for _, c in calls],
+        }
+        rows = self.rows(FIND_ASSIGNMENTS_BY_PROVIDER_CALLS, params)
+        return {
+            (str(r["provider_id"]), str(r["provider_call_id"])): UUID(str(r["id"])) for r in rows
+        }
 
     def reap(self) -> list[Reaped]:
         """Run the reaper once."""

@@ -12,7 +12,7 @@ matching options.
 from __future__ import annotations
 
 from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
 import psycopg
 from sqlalchemy import Engine, create_engine
@@ -50,6 +50,30 @@ def libpq_url(url: str) -> str:
     if len(query) != len(parse_qsl(parts.query, keep_blank_values=True)):
         url = urlunsplit(parts._replace(query=urlencode(query)))
     return url
+
+
+def rewrite_url(url: str, *, dbname: str | None = None, user: str | None = None) -> str:
+    """``url`` (a libpq URL or ``key=value`` string) on another database and/or as another
+    user (whose password is then dropped): host, port and password otherwise kept, a Unix
+    socket directory in the query. The one URL rewriter of the tests, benchmarks and drills."""
+    info = {k: str(v) for k, v in psycopg.conninfo.conninfo_to_dict(url).items() if v}
+    if dbname is not None:
+        info["dbname"] = dbname
+    if user is not None:
+        info["user"] = user
+        info.pop("password", None)
+    auth = quote(info.get("user", "postgres"), safe="")
+    if info.get("password"):
+        auth += ":" + quote(info["password"], safe="")
+    host, port = info.get("host", ""), info.get("port", "")
+    params = {k: v for k, v in info.items() if k not in ("user", "password", "dbname")}
+    if host.startswith("/"):  # a socket directory cannot be the URL's host
+        host = port = ""
+    else:
+        params = {k: v for k, v in params.items() if k not in ("host", "port")}
+    netloc = host + (f":{port}" if port else "")
+    query = f"?{urlencode(params, safe='/')}" if params else ""
+    return f"postgresql://{auth}@{netloc}/{quote(info.get('dbname', ''), safe='')}{query}"
 
 
 def is_pooled(url: str, setting: bool | None = None) -> bool:

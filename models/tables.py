@@ -374,6 +374,22 @@ class ProviderAvailability(Base):
     updated_at: Mapped[datetime] = _updated()
 
 
+class ProviderSlot(Base):
+    """One call a provider may carry at once, with the number it dials from (free when
+    assignment_id is NULL); taken with SKIP LOCKED by the claim functions."""
+
+    __tablename__ = "provider_slots"
+
+    provider_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("call_service_providers.id", ondelete="CASCADE"), primary_key=True
+    )
+    slot_no: Mapped[int] = mapped_column(Integer, primary_key=True)
+    caller_id: Mapped[str | None]
+    assignment_id: Mapped[uuid.UUID | None]
+    freed_at: Mapped[datetime]
+    retired: Mapped[bool] = mapped_column(Boolean, server_default=text("false"))
+
+
 class CallAssignment(Base):
     __tablename__ = "call_assignments"
 
@@ -487,6 +503,7 @@ ALL_MODELS: tuple[type[Base], ...] = (
     CallNotification,
     CallQueue,
     ProviderAvailability,
+    ProviderSlot,
     CallAssignment,
     CallRetry,
     TenantCallCounters,

@@ -20,6 +20,7 @@ import psycopg
 import pytest
 from psycopg import sql
 
+from models.session import rewrite_url
 from tests.integration.dbutil import OPEN_CALLING_RULES
 from worker.embedded import EmbeddedServices
 
@@ -30,29 +31,6 @@ TEMPLATE_DB = "callq_template_" + hashlib.blake2s(_CHECKOUT, digest_size=4).hexd
 
 def _in_ci() -> bool:
     return os.environ.get("CI", "").lower() in ("1", "true", "yes")
-
-
-def _with_dbname(url: str, dbname: str) -> str:
-    """Replace the database name in a libpq URL, keeping host, port and query."""
-    info = psycopg.conninfo.conninfo_to_dict(url)
-    info["dbname"] = dbname
-    return _to_url(info)
-
-
-def _to_url(info: dict[str, object]) -> str:
-    user = info.get("user") or "postgres"
-    password = info.get("password") or ""
-    auth = f"{user}:{password}@" if password else f"{user}@"
-    host = str(info.get("host") or "")
-    query = ""
-    netloc = ""
-    if host.startswith("/"):
-        query = f"?host={host}"
-    else:
-        netloc = host
-        if info.get("port"):
-            netloc += f":{info['port']}"
-    return f"postgresql://{auth}{netloc}/{info['dbname']}{query}"
 
 
 @pytest.fixture(scope="session")
@@ -91,7 +69,7 @@ def migrated_template(pg_admin_url: str) -> str:
         )
         conn.execute(sql.SQL("DROP DATABASE IF EXISTS {}").format(sql.Identifier(TEMPLATE_DB)))
         conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(TEMPLATE_DB)))
-    url = _with_dbname(pg_admin_url, TEMPLATE_DB)
+    url = rewrite_url(pg_admin_url, dbname=TEMPLATE_DB)
     upgrade(url)
     # The calling rules' shipped window (08:00-21:00 at the recipient) and attempt cap would make
     # tests of other features depend on the hour and on reused numbers: opened here; the rules'
@@ -111,7 +89,7 @@ def db_url(pg_admin_url: str, migrated_template: str) -> Iterator[str]:
                 sql.Identifier(name), sql.Identifier(TEMPLATE_DB)
             )
         )
-    yield _with_dbname(pg_admin_url, name)
+    yield rewrite_url(pg_admin_url, dbname=name)
     with psycopg.connect(pg_admin_url, autocommit=True) as conn:
         with contextlib.suppress(psycopg.Error):
             conn.execute(
@@ -127,7 +105,7 @@ def empty_db_url(pg_admin_url: str) -> Iterator[str]:
     name = f"callq_e_{uuid.uuid4().hex[:12]}"
     with psycopg.connect(pg_admin_url, autocommit=True) as conn:
         conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    yield _with_dbname(pg_admin_url, name)
+    yield rewrite_url(pg_admin_url, dbname=name)
     with psycopg.connect(pg_admin_url, autocommit=True) as conn:
         conn.execute(
             "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (name,)

@@ -133,22 +133,37 @@ def reconcile(assignment_id: str, lookup: int = 0) -> str:
 
 
 @app.task(name="callq.webhook", ignore_result=True)
-def webhook(provider_id: str, provider_call_id: str) -> str:
-    """A provider reported a change: re-read the call from its API (the source of truth)."""
-    assignment_id = runtime.database().assignment_for_provider_call(provider_id, provider_call_id)
-    if assignment_id is None:
-        return _then(Skipped(SkipReason.UNKNOWN_CALL))
-    return _then(track_chunk([(str(assignment_id), None)])[0])
+def webhook(items: list[list[str]]) -> dict[str, int]:
+    """Providers reported changes ([provider id, provider call id] each, one message for a
+    batch of deliveries): re-read each call from its provider's API (the source of truth)."""
+    steps = check_reported([(str(p), str(c)) for p, c in items])
+    _send_next(steps)
+    return tally(steps)
 
 
-def end_from_report(provider_id: str, event: WebhookEvent) -> Step:
-    """End a call from its provider's final report (a trusted webhook) without reading it again.
+def check_reported(items: Sequence[tuple[str, str]]) -> list[Step]:
+    """Poll once, outside the polling chain, each call a provider reported on."""
+    found = runtime.database().assignments_for_provider_calls(items)
+    unique = list(dict.fromkeys(items))
+    steps: list[Step] = [Skipped(SkipReason.UNKNOWN_CALL) for item in unique if item not in found]
+    return steps + track_chunk([(str(found[item]), None) for item in unique if item in found])
 
-    Runs in the webhook server: the report's data (transcript, recording) never goes through
+
+def end_from_reports(reports: Sequence[tuple[str, WebhookEvent]]) -> list[Step]:
+    """End calls from their providers' final reports (trusted webhooks) without reading them
+    again: one look-up for the batch, the endings concurrently.
+
+    Runs in the webhook server: the reports' data (transcript, recording) never goes through
     the broker. A report for a call that already ended changes nothing.
     """
-    db = runtime.database()
-    assignment_id = db.assignment_for_provider_call(provider_id, event.provider_call_id)
+    keys = [(provider_id, event.provider_call_id) for provider_id, event in reports]
+    found = runtime.database().assignments_for_provider_calls(keys)
+    items = [(found.get(key), event) for key, (_, event) in zip(keys, reports, strict=True)]
+    return runtime.map_in_context(_end_reported, items)
+
+
+def _end_reported(item: tuple[UUID | None, WebhookEvent]) -> Step:
+    assignment_id, event = item
     if assignment_id is None:
         return Skipped(SkipReason.UNKNOWN_CALL)
     decision = decide_outcome(event.status)

@@ -1,18 +1,22 @@
-"""The webhook endpoint: ``POST /webhooks/<provider_id>``, served by uvicorn + starlette.
+"""The webhook endpoint: ``POST /webhooks/<provider_id>``, a small ASGI app served by uvicorn.
 
 Each delivery is authenticated by the provider's adapter (``Provider.parse_webhook``): 401 when
 that fails, 400 for a malformed body, 404 for an unknown provider, 413 for a body over the
-limit, 408 for a body that does not arrive in time. An accepted event is answered at once, then
-acted on (``dispatch.policy.decide_webhook``): a final report whose whole body is authenticated
-(Vapi's end-of-call-report) ends the call here, from its own data; a hint (SynthFlow's
-post-call, signed over the call id only) enqueues ``callq.webhook`` with ids, and that task
-re-reads the call from the provider's API.
+limit, 408 for a body that does not arrive in time. An accepted event is answered at once and
+queued; the queue is acted on in batches off the request path (:class:`Actions`,
+``dispatch.policy.decide_webhook``): final reports whose whole body is authenticated (Vapi's
+end-of-call-report) end their calls here, from their own data, with one look-up for the batch;
+hints (SynthFlow's post-call, signed over the call id only) go out as one ``callq.webhook``
+message carrying the batch's ids, and that task re-reads each call from the provider's API.
 
 An unauthenticated request costs little: the providers' secrets are loaded off the request path
 and cached for a few seconds (:class:`Directory`), so a request does no database work and
 nothing that can raise on its way to the 401. The HTTP layer is bounded too (see
 ``worker/http_protocol.py``): a deadline for the request head, a size limit on it, a body limit
 enforced while the body streams in (chunked or not), keep-alive and connection limits.
+
+The app speaks ASGI directly (two routes; no framework): a request costs its parse, its
+signature check and one write, and every answer is a body serialized once at import.
 """
 
 from __future__ import annotations
@@ -20,22 +24,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import json
 import re
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Awaitable, Callable, MutableMapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import anyio
 import uvicorn
-from starlette.applications import Starlette
-from starlette.background import BackgroundTask
-from starlette.requests import ClientDisconnect, Request
-from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
 
 from dispatch.policy import WebhookAction, decide_webhook
+from dispatch.steps import tally
 from providers.base import REPLAY_WINDOW_SECONDS, Provider, WebhookEvent
 from providers.errors import CallqError, ConfigError, WebhookAuthError, WebhookPayloadError
 from worker import logs
@@ -45,11 +47,61 @@ log = logs.get_logger("callq.webhooks")
 _UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 # A provider's call id travels as a task argument: short and plain, or the delivery is refused.
 _CALL_ID = re.compile(r"^[A-Za-z0-9_.:\-]{1,128}$")
+PREFIX = "/webhooks/"
+# Accepted events wait this long for company before a batch is acted on: a burst of deliveries
+# (a campaign's calls ending together) becomes one broker message and one database look-up.
+ACT_LINGER_SECONDS = 0.02
+ACT_MAX_BATCH = 500
+# Accepted events not yet acted on; past it a delivery is answered 503 (the provider retries).
+ACT_MAX_PENDING = 20_000
 
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 # Loads {provider_id: adapter, or None when the row is refused} for every active provider.
 Loader = Callable[[], dict[str, Provider | None]]
-# Acts on one accepted event (blocking; runs in a worker thread after the answer is sent).
-Act = Callable[[str, WebhookEvent], None]
+# Acts on a batch of accepted events, (provider id, event) each (blocking; a worker thread).
+Act = Callable[[Sequence[tuple[str, WebhookEvent]]], None]
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """An HTTP answer, serialized once: status, JSON body, and whether the connection ends."""
+
+    status: int
+    body: bytes
+    headers: tuple[tuple[bytes, bytes], ...]
+
+    @classmethod
+    def of(
+        cls, status: int, payload: dict[str, str], *, close: bool = False, allow: str = ""
+    ) -> Answer:
+        body = json.dumps(payload, separators=(",", ":")).encode()
+        headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
+        if close:  # a body we did not read: the connection cannot carry another request
+            headers.append((b"connection", b"close"))
+        if allow:
+            headers.append((b"allow", allow.encode()))
+        return cls(status, body, tuple(headers))
+
+
+ACCEPTED = Answer.of(200, {"status": "accepted"})
+DUPLICATE = Answer.of(200, {"status": "duplicate"})
+MALFORMED = Answer.of(400, {"error": "malformed"})
+DISCONNECTED = Answer.of(400, {"error": "disconnected"}, close=True)
+UNAUTHORIZED = Answer.of(401, {"error": "unauthorized"})
+UNKNOWN_PROVIDER = Answer.of(404, {"error": "unknown_provider"}, close=True)
+NOT_FOUND = Answer.of(404, {"error": "not_found"})
+POST_ONLY = Answer.of(405, {"error": "method_not_allowed"}, allow="POST")
+GET_ONLY = Answer.of(405, {"error": "method_not_allowed"}, allow="GET, HEAD")
+BODY_TIMEOUT = Answer.of(408, {"error": "body_timeout"}, close=True)
+TOO_LARGE = Answer.of(413, {"error": "too_large"}, close=True)
+NOT_READY = Answer.of(503, {"error": "not_ready"})
+BUSY = Answer.of(503, {"error": "busy"})
+HEALTHY = Answer.of(200, {"status": "ok"})
+LOADING = Answer.of(503, {"status": "loading"})
 
 
 class Directory:
@@ -110,6 +162,55 @@ class Replays:
             return True
 
 
+class Actions:
+    """Accepted events, acted on in batches off the request path.
+
+    The first event of a batch waits ``linger`` seconds for others, then the whole batch (up to
+    ``max_batch``) goes to ``act`` in one worker thread: the request path never waits on the
+    broker or the database, and a burst costs one message and one look-up, not one per event.
+    An event lost here (the process killed) costs only time: polling follows every placed call.
+    """
+
+    def __init__(
+        self,
+        act: Act,
+        *,
+        linger: float = ACT_LINGER_SECONDS,
+        max_batch: int = ACT_MAX_BATCH,
+        max_pending: int = ACT_MAX_PENDING,
+    ) -> None:
+        self._act = act
+        self._linger = linger
+        self._max_batch = max_batch
+        self._max_pending = max_pending
+        self._pending: list[tuple[str, WebhookEvent]] = []
+        self._wake = asyncio.Event()
+
+    def full(self) -> bool:
+        return len(self._pending) >= self._max_pending
+
+    def put(self, provider_id: str, event: WebhookEvent) -> None:
+        self._pending.append((provider_id, event))
+        self._wake.set()
+
+    async def run_forever(self) -> None:
+        while True:
+            await self._wake.wait()
+            await asyncio.sleep(self._linger)
+            await self.flush()
+
+    async def flush(self) -> None:
+        """Act on every pending event, a batch at a time."""
+        while self._pending:
+            self._wake.clear()
+            batch = self._pending[: self._max_batch]
+            del self._pending[: self._max_batch]
+            try:
+                await anyio.to_thread.run_sync(self._act, batch)
+            except Exception as exc:
+                log.warning("webhook.action_failed", count=len(batch), error=type(exc).__name__)
+
+
 @dataclass(frozen=True)
 class Limits:
     """Per-request bounds read from the settings."""
@@ -126,101 +227,118 @@ class BodyTooLargeError(CallqError):
     """The body is over the limit (declared or streamed)."""
 
 
-def reply(status: int, payload: dict[str, str], *, close: bool = False) -> Response:
-    """A small JSON answer; ``close`` ends the connection (a body we did not read)."""
-    headers = {"connection": "close"} if close else None
-    return JSONResponse(payload, status_code=status, headers=headers)
+class ClientDisconnectError(CallqError):
+    """The client went away before its body was read."""
 
 
-async def read_body(request: Request, limits: Limits) -> bytes:
+async def read_body(receive: Receive, headers: dict[str, str], limits: Limits) -> bytes:
     """The body, refused as soon as it passes the limit (a declared length is checked first)."""
-    declared = request.headers.get("content-length")
+    declared = headers.get("content-length")
     if declared is not None and (not declared.isdigit() or int(declared) > limits.max_body_bytes):
         raise BodyTooLargeError
     body = bytearray()
     async with asyncio.timeout(limits.body_timeout):
-        async for chunk in request.stream():
-            body += chunk
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise ClientDisconnectError
+            body += message.get("body", b"")
             if len(body) > limits.max_body_bytes:
                 raise BodyTooLargeError
-    return bytes(body)
+            if not message.get("more_body", False):
+                return bytes(body)
 
 
-def create_app(directory: Directory, act: Act, limits: Limits) -> Starlette:
+def provider_in(path: str) -> str | None:
+    """The provider id of ``/webhooks/<id>`` (a trailing slash allowed), lower-cased."""
+    if not path.startswith(PREFIX):
+        return None
+    rest = path[len(PREFIX) :]
+    rest = rest[:-1] if rest.endswith("/") else rest
+    return rest.lower() if rest and "/" not in rest else None
+
+
+def create_app(directory: Directory, act: Act, limits: Limits) -> ASGIApp:
     """The ASGI app: ``POST /webhooks/{provider_id}`` and ``GET /healthz``."""
     replays = Replays()
+    actions = Actions(act)
 
-    async def receive(request: Request) -> Response:
-        provider_id = str(request.path_params["provider_id"]).lower()
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await _lifespan(receive, send)
+        elif scope["type"] == "http":
+            answer = await _route(scope, receive)
+            await send({"type": "http.response.start", "status": answer.status,
+                        "headers": answer.headers})  # fmt: skip
+            await send({"type": "http.response.body", "body": answer.body})
+
+    async def _route(scope: Scope, receive: Receive) -> Answer:
+        path, method = scope["path"], scope["method"]
+        if path == "/healthz":
+            if method not in ("GET", "HEAD"):
+                return GET_ONLY
+            return HEALTHY if directory.loaded else LOADING
+        provider_id = provider_in(path)
+        if provider_id is None:
+            return NOT_FOUND
+        if method != "POST":
+            return POST_ONLY
         known, provider = directory.get(provider_id) if _UUID.match(provider_id) else (False, None)
         if not known:
-            if not directory.loaded:
-                return reply(503, {"error": "not_ready"})
-            return reply(404, {"error": "unknown_provider"}, close=True)
+            return UNKNOWN_PROVIDER if directory.loaded else NOT_READY
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
         try:
-            body = await read_body(request, limits)
+            body = await read_body(receive, headers, limits)
         except BodyTooLargeError:
-            return reply(413, {"error": "too_large"}, close=True)
+            return TOO_LARGE
         except TimeoutError:
-            return reply(408, {"error": "body_timeout"}, close=True)
-        except ClientDisconnect:
-            return reply(400, {"error": "disconnected"}, close=True)
-        return await _verified(provider_id, provider, request, body)
+            return BODY_TIMEOUT
+        except ClientDisconnectError:
+            return DISCONNECTED
+        return _verified(provider_id, provider, headers, body)
 
-    async def _verified(
-        provider_id: str, provider: Provider | None, request: Request, body: bytes
-    ) -> Response:
+    def _verified(
+        provider_id: str, provider: Provider | None, headers: dict[str, str], body: bytes
+    ) -> Answer:
         if provider is None:
-            return reply(401, {"error": "unauthorized"})
+            return UNAUTHORIZED
         try:
-            event = provider.parse_webhook(request.headers, body)
+            event = provider.parse_webhook(headers, body)
         except WebhookAuthError:
             log.info("webhook.unauthenticated", provider_id=provider_id)
-            return reply(401, {"error": "unauthorized"})
+            return UNAUTHORIZED
         except (WebhookPayloadError, ValueError, TypeError, KeyError, AttributeError) as exc:
             log.info("webhook.malformed", provider_id=provider_id, error=type(exc).__name__)
-            return reply(400, {"error": "malformed"})
+            return MALFORMED
         call_id = event.provider_call_id
         if not _CALL_ID.match(call_id):
-            return reply(400, {"error": "malformed"})
+            return MALFORMED
+        if actions.full():  # before the replay record, so the provider's retry is not a replay
+            return BUSY
         digest = hashlib.sha256(body).digest()
         if not replays.first_time(f"{provider_id}/{call_id}/".encode() + digest):
-            return reply(200, {"status": "duplicate"})
-        # Answered first, acted on right after: the provider never waits on our broker or
-        # database. A lost event costs only time: polling follows every placed call anyway.
-        response = reply(200, {"status": "accepted"})
-        response.background = BackgroundTask(_act, provider_id, event)
-        return response
+            return DUPLICATE
+        actions.put(provider_id, event)
+        return ACCEPTED
 
-    async def _act(provider_id: str, event: WebhookEvent) -> None:
-        try:
-            await anyio.to_thread.run_sync(act, provider_id, event)
-        except Exception as exc:
-            log.warning("webhook.action_failed", provider_id=provider_id, error=type(exc).__name__)
-
-    async def healthz(_: Request) -> Response:
-        return reply(
-            200 if directory.loaded else 503, {"status": "ok" if directory.loaded else "loading"}
-        )
-
-    @contextlib.asynccontextmanager
-    async def lifespan(_: Starlette) -> AsyncIterator[None]:
-        task = asyncio.create_task(directory.keep_fresh())
-        try:
-            yield
-        finally:
+    async def _lifespan(receive: Receive, send: Send) -> None:
+        """Keep the providers fresh and act on accepted events while the server runs; act on
+        what is still queued before it stops."""
+        await receive()  # lifespan.startup
+        tasks = [
+            asyncio.create_task(directory.keep_fresh()),
+            asyncio.create_task(actions.run_forever()),
+        ]
+        await send({"type": "lifespan.startup.complete"})
+        await receive()  # lifespan.shutdown
+        for task in tasks:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        await actions.flush()
+        await send({"type": "lifespan.shutdown.complete"})
 
-    return Starlette(
-        routes=[
-            Route("/webhooks/{provider_id}", receive, methods=["POST"]),
-            Route("/webhooks/{provider_id}/", receive, methods=["POST"]),
-            Route("/healthz", healthz, methods=["GET"]),
-        ],
-        lifespan=lifespan,
-    )
+    return app
 
 
 def load_providers() -> dict[str, Provider | None]:
@@ -238,16 +356,24 @@ def load_providers() -> dict[str, Provider | None]:
     return out
 
 
-def act_on(provider_id: str, event: WebhookEvent) -> None:
-    """End the call from a final report, or enqueue ``callq.webhook`` with ids for a hint."""
-    from worker.tasks import end_from_report, webhook
+def act_on(batch: Sequence[tuple[str, WebhookEvent]]) -> None:
+    """End the calls of final reports (one look-up for the batch), and send the ids of hints
+    as one ``callq.webhook`` message; other events change nothing."""
+    from worker.tasks import end_from_reports, webhook
 
-    action = decide_webhook(event)
-    if action is WebhookAction.FINISH:
-        end_from_report(provider_id, event)
-    elif action is WebhookAction.CHECK:
-        webhook.apply_async((provider_id, event.provider_call_id))
-    log.info("webhook.acted", provider_id=provider_id, event_type=event.event_type, action=action)
+    decided = [(provider_id, event, decide_webhook(event)) for provider_id, event in batch]
+    hints = [[p, e.provider_call_id] for p, e, action in decided if action is WebhookAction.CHECK]
+    if hints:
+        webhook.apply_async((hints,))
+    reports = [(p, e) for p, e, action in decided if action is WebhookAction.FINISH]
+    ended = tally(end_from_reports(reports)) if reports else {}
+    log.info(
+        "webhook.acted",
+        events=len(batch),
+        checked=len(hints),
+        finished=len(reports),
+        **{f"finished_{label}": n for label, n in ended.items()},
+    )
 
 
 def server(s: Settings, host: str | None = None, port: int | None = None) -> uvicorn.Server:

@@ -162,16 +162,16 @@ BEGIN
   PERFORM 1 FROM public.user_call_usage u
    WHERE u.minutes_reserved <> 0
       OR u.id IN (SELECT a.usage_id FROM public.call_assignments a
-                   WHERE a.state IN ('assigned', 'dialing', 'placed') AND a.usage_id IS NOT NULL)
+                   WHERE a.state = ANY (public.live_assignment_states()) AND a.usage_id IS NOT NULL)
    ORDER BY u.id FOR NO KEY UPDATE;
   WITH r AS (
     SELECT u.id, coalesce((SELECT sum(a.reserved_minutes) FROM public.call_assignments a
                             WHERE a.usage_id = u.id
-                              AND a.state IN ('assigned', 'dialing', 'placed')), 0)::int AS m
+                              AND a.state = ANY (public.live_assignment_states())), 0)::int AS m
       FROM public.user_call_usage u
      WHERE u.minutes_reserved <> 0
         OR u.id IN (SELECT a.usage_id FROM public.call_assignments a
-                     WHERE a.state IN ('assigned', 'dialing', 'placed') AND a.usage_id IS NOT NULL)
+                     WHERE a.state = ANY (public.live_assignment_states()) AND a.usage_id IS NOT NULL)
   )
   UPDATE public.user_call_usage u SET minutes_reserved = r.m
     FROM r WHERE u.id = r.id AND u.minutes_reserved <> r.m;
@@ -180,7 +180,7 @@ BEGIN
   PERFORM 1 FROM public.tenant_call_counters c ORDER BY c.user_id FOR NO KEY UPDATE;
   INSERT INTO public.tenant_call_counters (user_id)
   SELECT DISTINCT q.user_id FROM public.call_queue q
-   WHERE q.status IN ('queued', 'claimed', 'assigned', 'dialing', 'in_progress')
+   WHERE q.status = ANY (public.live_call_statuses())
   ON CONFLICT (user_id) DO NOTHING;
   WITH live AS (
     SELECT c.user_id,
@@ -190,7 +190,7 @@ BEGIN
       FROM public.tenant_call_counters c
       LEFT JOIN public.call_queue q
         ON q.user_id = c.user_id
-       AND q.status IN ('queued', 'claimed', 'assigned', 'dialing', 'in_progress')
+       AND q.status = ANY (public.live_call_statuses())
      GROUP BY c.user_id
   )
   UPDATE public.tenant_call_counters c
@@ -502,7 +502,7 @@ BEGIN
   VALUES (v_q.user_id, v_q.template_id, v_q.id, p_assignment_id, v_a.provider_id,
           v_q.recipient_name, v_q.recipient_phone, v_q.recipient_email, 'failed', now(),
           v_q.attempts, p_reason, v_q.metadata);
-  PERFORM public.free_provider_slot(v_a.provider_id);
+  PERFORM public.free_provider_slot(p_assignment_id);
 END
 $$;
 

@@ -100,7 +100,7 @@ def test_gate_refuses_a_dial_beyond_the_plan(conn: Conn) -> None:
     row = conn.execute("SELECT status, last_error FROM call_queue WHERE id = %s", (qid,)).fetchone()
     assert row == ("failed", "call_limit_reached")
     assert one(conn, "SELECT state FROM call_assignments WHERE id = %s", (aid,)) == "released"
-    assert one(conn, "SELECT sum(current_calls) FROM provider_availability") == 0
+    assert one(conn, "SELECT sum(current_calls) FROM provider_load") == 0
     assert usage(conn, user)[0] == 0
 
 

@@ -37,7 +37,7 @@ from hypothesis.stateful import (
 )
 from psycopg.types.json import Jsonb
 
-from .dbutil import Conn, connect, make_provider, make_template, one, set_clock
+from .dbutil import Conn, connect, make_provider, make_template, one, set_clock, slot_violations
 
 LIVE = ("assigned", "dialing", "placed")
 KINDS = ("busy", "no_answer", "voicemail", "provider_error", "rate_limited", "permanent")
@@ -71,12 +71,7 @@ class PlanMachine(RuleBasedStateMachine):
             conn.execute("SET callq.retry_delay_scale = '0'")
         self.tenants: list[Any] = []
         # each example starts from an empty queue (tenants are new each time)
-        c.execute("TRUNCATE call_queue CASCADE")
-        c.execute(
-            "UPDATE provider_availability SET current_calls = 0,"
-            " available_slots = (SELECT max_concurrent_calls FROM call_service_providers p"
-            " WHERE p.id = provider_id)"
-        )
+        c.execute("TRUNCATE call_queue CASCADE")  # frees every provider slot
         c.execute("UPDATE user_call_usage SET minutes_reserved = 0")
         # the claim's clock (callq_now) is pinned and moved by the tick rule: claim times are
         # exact, for the calls-per-minute invariant
@@ -325,12 +320,7 @@ class PlanMachine(RuleBasedStateMachine):
         conn = self.conns[0]
         assert one(conn, "SELECT reconcile_tenant_counters()") == 0
         assert one(conn, "SELECT reconcile_provider_slots()") == 0
-        bad = conn.execute(
-            "SELECT count(*) FROM provider_availability pa JOIN call_service_providers p"
-            " ON p.id = pa.provider_id WHERE pa.current_calls + pa.available_slots"
-            " <> p.max_concurrent_calls OR pa.current_calls < 0"
-        ).fetchone()
-        assert bad == (0,)
+        assert slot_violations(conn) == []
 
 
 def _run(db_url: str, examples: int, steps: int) -> None:

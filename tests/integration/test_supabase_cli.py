@@ -27,7 +27,8 @@ import pytest
 from psycopg import sql
 
 from models.migrate import list_migrations, supabase_dir, upgrade
-from tests.conftest import _in_ci, _to_url, _with_dbname
+from models.session import rewrite_url
+from tests.conftest import _in_ci
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -39,13 +40,6 @@ def _cli() -> str:
             pytest.fail("CI=true but SUPABASE_CLI is not set (.ci/run installs the CLI)")
         pytest.skip("the Supabase CLI is not installed (set SUPABASE_CLI; CI installs it)")
     return cli
-
-
-def _with_user(url: str, user: str) -> str:
-    info: dict[str, object] = dict(psycopg.conninfo.conninfo_to_dict(url))
-    info["user"] = user
-    info.pop("password", None)
-    return _to_url(info)
 
 
 @pytest.fixture
@@ -60,7 +54,7 @@ def hosted_like(pg_admin_url: str) -> Iterator[tuple[str, str]]:
                 sql.Identifier(owner)
             )
         )
-    super_url = _with_dbname(pg_admin_url, dbname)
+    super_url = rewrite_url(pg_admin_url, dbname=dbname)
     platform = (supabase_dir() / "local" / "auth.sql").read_text()
     grants = [
         "ALTER SCHEMA public OWNER TO {o}",
@@ -75,7 +69,7 @@ def hosted_like(pg_admin_url: str) -> Iterator[tuple[str, str]]:
         for grant in grants:
             conn.execute(sql.SQL(grant).format(o=sql.Identifier(owner), d=sql.Identifier(dbname)))
     try:
-        yield super_url, _with_user(super_url, owner)
+        yield super_url, rewrite_url(super_url, user=owner)
     finally:
         with psycopg.connect(pg_admin_url, autocommit=True) as conn:
             conn.execute(

@@ -66,7 +66,7 @@ def call_state(db_url: str, assignment_id: str) -> tuple[str, str, int]:
     """(assignment state, queue status, slots held by every provider)."""
     with psycopg.connect(db_url) as conn:
         row = conn.execute(
-            "SELECT a.state, q.status, (SELECT sum(current_calls) FROM provider_availability)"
+            "SELECT a.state, q.status, (SELECT sum(current_calls) FROM provider_load)"
             " FROM call_assignments a JOIN call_queue q ON q.id = a.queue_id WHERE a.id = %s",
             (assignment_id,),
         ).fetchone()
@@ -241,13 +241,13 @@ def test_webhook_checks_the_call_once(worker_db: str, seeded: Seeded, sim: Simul
     call = runtime.database().load_call(aid)
     assert call is not None and call.provider_call_id
     provider_id = str(seeded.provider_ids["vapi"])
-    assert tasks.webhook.run(provider_id, call.provider_call_id) == "checked"
-    assert tasks.webhook.run(provider_id, "no-such-call") == "unknown_call"
+    reported = [[provider_id, call.provider_call_id], [provider_id, "no-such-call"]]
+    assert tasks.webhook.run(reported) == {"checked": 1, "unknown_call": 1}
 
     simulated = sim.engine.get(call.provider_call_id)
     assert simulated is not None
     wait_until(lambda: simulated.phase(time.time()) == "ended", timeout=10, what="the call's end")
-    assert tasks.webhook.run(provider_id, call.provider_call_id) == "completed"
+    assert tasks.webhook.run(reported[:1] * 2) == {"completed": 1}  # a repeated id: one read
     assert call_state(worker_db, aid) == ("completed", "completed", 0)
 
 
@@ -319,7 +319,9 @@ def test_a_final_report_ends_the_call_without_another_read(
     )
     provider_id = str(seeded.provider_ids["vapi"])
     reads = sim.stats()["counters"].get("call_reads_vapi", 0)
-    assert tasks.end_from_report(provider_id, report) == Ended(Outcome.COMPLETED)
+    unknown = WebhookEvent("no-such-call", report.status, "end-of-call-report")
+    ended = tasks.end_from_reports([(provider_id, report), (provider_id, unknown)])
+    assert ended == [Ended(Outcome.COMPLETED), Skipped(SkipReason.UNKNOWN_CALL)]
     assert call_state(worker_db, aid) == ("completed", "completed", 0)
     assert sim.stats()["counters"].get("call_reads_vapi", 0) == reads
     with psycopg.connect(worker_db) as conn:

@@ -1,4 +1,4 @@
-"""``callq webhooks``: a real server (uvicorn + starlette) in its own process, real database and
+"""``callq webhooks``: a real server (uvicorn, our ASGI app) in its own process, real database and
 Redis broker, probed over raw sockets.
 
 Authenticated per provider, 4xx for bad requests, work enqueued by id; bounded in time, size and
@@ -219,7 +219,9 @@ def test_a_hint_enqueues_ids_only_and_a_status_update_nothing(
         response = httpx.post(f"{server.url}/webhooks/{synthflow}", content=body, headers=headers)
         assert response.status_code == 200
     tasks = queued_task_args(broker, wait_for=1)
-    assert [(name, args) for name, args, _ in tasks] == [("callq.webhook", [synthflow, "sf-ids"])]
+    assert [(name, args) for name, args, _ in tasks] == [
+        ("callq.webhook", [[[synthflow, "sf-ids"]]])
+    ]
     assert b"+1555" not in tasks[0][2] and b"human_goodbye" not in tasks[0][2]
 
 
@@ -249,7 +251,27 @@ def test_synthflow_signature_is_checked(
     assert httpx.post(url, content=body, headers={"Synthflow-Signature": "nope"}).status_code == 401
     ok = httpx.post(url, content=body, headers={"Synthflow-Signature": synthflow_signature("sf-1")})
     assert ok.status_code == 200
-    assert [args for _, args, _ in queued_task_args(broker, wait_for=1)] == [[provider_id, "sf-1"]]
+    [(_, (items,), _)] = queued_task_args(broker, wait_for=1)
+    assert items == [[provider_id, "sf-1"]]
+
+
+def test_a_burst_of_hints_goes_out_batched_each_id_once(
+    server: Server, seeded: Seeded, broker: redis.Redis
+) -> None:
+    provider_id = str(seeded.provider_ids["synthflow"])
+    url = f"{server.url}/webhooks/{provider_id}"
+    ids = [f"sf-burst-{i}" for i in range(20)]
+    with httpx.Client() as client:  # one keep-alive connection, as a provider sends
+        for call_id in ids:
+            headers = {"Synthflow-Signature": synthflow_signature(call_id)}
+            body = synthflow_body(call_id)
+            assert client.post(url, content=body, headers=headers).status_code == 200
+    deadline = time.monotonic() + 10
+    sent: list[list[str]] = []
+    while len(sent) < len(ids) and time.monotonic() < deadline:
+        sent = [item for _, (items,), _ in queued_task_args(broker) for item in items]
+        time.sleep(0.05)
+    assert sorted(sent) == sorted([provider_id, call_id] for call_id in ids)
 
 
 def retell_body(event: str, call_id: str = "call_r1") -> bytes:
@@ -479,6 +501,6 @@ def test_fuzzed_deliveries_never_5xx_never_hang_never_accept_unsigned(
     )
     if signed and well_formed:
         assert status == 200, delivery
-    enqueued = {args[1] for _, args, _ in queued_task_args(broker)}
+    enqueued = {call_id for _, (items,), _ in queued_task_args(broker) for _, call_id in items}
     if not signed:
         assert delivery["call_id"] not in enqueued
