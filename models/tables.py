@@ -87,6 +87,7 @@ class SubscriptionPlan(Base):
     minute_limit: Mapped[int | None] = mapped_column(Integer)
     max_concurrent_calls: Mapped[int] = mapped_column(Integer, server_default=text("1"))
     max_call_minutes: Mapped[int] = mapped_column(Integer, server_default=text("10"))
+    calls_per_minute: Mapped[int | None] = mapped_column(Integer)
     features: Mapped[dict[str, Any]] = mapped_column(server_default=EMPTY_OBJECT)
     contact_attempts_per_24h: Mapped[int | None] = mapped_column(Integer)
     requires_consent: Mapped[bool] = mapped_column(Boolean, server_default=text("false"))
@@ -446,6 +447,7 @@ class TenantCallCounters(Base):
     queued: Mapped[int] = mapped_column(Integer, server_default=text("0"))
     claimed: Mapped[int] = mapped_column(Integer, server_default=text("0"))
     dialed: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    rate_tat: Mapped[datetime | None]
     updated_at: Mapped[datetime] = _updated()
 
 
