@@ -107,11 +107,10 @@ def _setup(conn: psycopg.Connection[Any], max_slots: int) -> tuple[Any, Any]:
 def _refill(url: str, table: str, n: int, user_id: Any, template_id: Any, max_slots: int) -> None:
     with psycopg.connect(url, autocommit=True) as conn:
         if table == "call_queue":
-            conn.execute("TRUNCATE call_queue CASCADE")
+            conn.execute("TRUNCATE call_queue CASCADE")  # frees every provider slot
             conn.execute(
-                "UPDATE provider_availability pa SET current_calls = 0, available_slots = %s,"
-                " status = 'online', consecutive_failures = 0, circuit_open_until = NULL",
-                (max_slots,),
+                "UPDATE provider_availability pa SET status = 'online', consecutive_failures = 0,"
+                " circuit_open_until = NULL"
             )
         else:
             conn.execute("TRUNCATE bare_queue")
@@ -122,6 +121,7 @@ def _refill(url: str, table: str, n: int, user_id: Any, template_id: Any, max_sl
         )
         conn.execute(f"VACUUM ANALYZE {table}")
         conn.execute("VACUUM ANALYZE provider_availability")
+        conn.execute("VACUUM ANALYZE provider_slots")
         conn.execute("CHECKPOINT")
 
 
@@ -328,7 +328,7 @@ def _check_consistency(url: str) -> None:
             "SELECT (SELECT count(*) FROM call_queue WHERE status = 'assigned'),"
             " (SELECT count(*) FROM call_queue WHERE status = 'claimed'),"
             " (SELECT count(*) FROM call_assignments WHERE state = 'assigned'),"
-            " (SELECT coalesce(sum(current_calls), 0) FROM provider_availability)"
+            " (SELECT coalesce(sum(current_calls), 0) FROM provider_load)"
         ).fetchone()
     assert row is not None
     assigned, claimed, assignments, slots = (int(x) for x in row)

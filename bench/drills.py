@@ -11,7 +11,7 @@ settle, and prints:
     lost        calls neither terminal nor queued at the end
     dialed>1    calls the simulator saw more than one create request for (its own record, by
                 queue id; every call is answered, so each must be dialed exactly once)
-    slots held  sum of provider_availability.current_calls at the end
+    slots held  provider slots still taken at the end (sum of provider_load.current_calls)
 
 Every drill must end with 0 lost, 0 dialed more than once, 0 slots held. Servers that are
 stopped or restarted are our own (own Redis, own PostgreSQL on its own port).

@@ -53,12 +53,11 @@ def _set_triggers(conn: Conn, on: bool) -> None:
         conn.execute(f"ALTER TABLE {table} {verb} TRIGGER {trigger}")  # type: ignore[arg-type]
 
 
-def _reset(conn: Conn, fill: int, seeded: Any, slots: int) -> None:
-    conn.execute("TRUNCATE call_queue, call_events, call_history CASCADE")
+def _reset(conn: Conn, fill: int, seeded: Any) -> None:
+    conn.execute("TRUNCATE call_queue, call_events, call_history CASCADE")  # frees the slots
     conn.execute(
-        "UPDATE provider_availability SET current_calls = 0, available_slots = %s,"
-        " status = 'online', consecutive_failures = 0, circuit_open_until = NULL",
-        (slots,),
+        "UPDATE provider_availability SET status = 'online', consecutive_failures = 0,"
+        " circuit_open_until = NULL"
     )
     if fill:
         params = {"user_id": seeded.user_id, "template_id": seeded.template_id, "n": fill,
@@ -124,9 +123,9 @@ def run(*, quick: bool = False) -> dict[str, Any]:
             for _ in range(rounds):
                 for side in ("on", "off"):
                     _set_triggers(conn, side == "on")
-                    _reset(conn, rows, seeded, slots)
+                    _reset(conn, rows, seeded)
                     cost["batch"][side].append(_batch(conn, pid, rows))
-                    _reset(conn, 0, seeded, slots)
+                    _reset(conn, 0, seeded)
                     cost["call"][side].append(_call_path(conn, pid, calls, seeded))
                     log(
                         f"events: triggers {side:3s}: batch claim"
@@ -134,7 +133,7 @@ def run(*, quick: bool = False) -> dict[str, Any]:
                         f" call path {cost['call'][side][-1]:7.1f} µs/call"
                     )
             _set_triggers(conn, True)
-            _reset(conn, 0, seeded, slots)
+            _reset(conn, 0, seeded)
             _call_path(conn, pid, calls, seeded)
             size = conn.execute(
                 "SELECT pg_total_relation_size('call_events')::float / count(*) FROM call_events"

@@ -25,9 +25,10 @@ from typing import Any
 
 import psycopg
 
-from bench.common import log, median, percentile, wait_until
+from bench.common import log, median, percentile
 from bench.e2e import _arrivals
 from bench.stack import Stack
+from worker.embedded import wait_until
 
 # The unfair claim (commit c0694f8, before plans), same command on this machine, 06:17-06:54
 # UTC: "A's calls" -> figures. With 20,000 calls B's 20 calls were not dialed within 900 s and
@@ -40,7 +41,7 @@ BASELINE: dict[str, dict[str, float]] = {
 A_BULK = """
 SELECT count(schedule_call(%(user)s, %(template)s, 'Bulk ' || g,
                            '+1556' || lpad(g::text, 7, '0'), NULL, NULL, 5,
-                           '{"company_name": "Acme"}'::jsonb, '{}'::jsonb))
+                           '{"company_name": "Acme"}'::jsonb, '{}'::jsonb, NULL, %(zone)s))
 FROM generate_series(1, %(n)s) g
 """
 
@@ -75,10 +76,12 @@ def add_tenant(conn: psycopg.Connection[Any], cap: int) -> tuple[uuid.UUID, uuid
     return user_id, trow[0]
 
 
-def _schedule_b(conn: psycopg.Connection[Any], user: uuid.UUID, tpl: uuid.UUID, i: int) -> str:
+def _schedule_b(
+    conn: psycopg.Connection[Any], user: uuid.UUID, tpl: uuid.UUID, i: int, zone: str
+) -> str:
     row = conn.execute(
-        "SELECT schedule_call(%s, %s, %s, %s, NULL, NULL, 5, '{}'::jsonb, '{}'::jsonb)",
-        (user, tpl, f"B {i}", f"+1557{i:07d}"),
+        "SELECT schedule_call(%s, %s, %s, %s, NULL, NULL, 5, '{}'::jsonb, '{}'::jsonb, NULL, %s)",
+        (user, tpl, f"B {i}", f"+1557{i:07d}", zone),
     ).fetchone()
     assert row is not None
     return str(row[0])
@@ -97,8 +100,14 @@ def _dialed(stack: Stack, ids: list[str]) -> int:
 
 def _latencies(stack: Stack, commits: dict[str, float], timeout: float) -> dict[str, Any]:
     ids = list(commits)
-    wait_until(lambda: _dialed(stack, ids) >= len(ids), timeout, 0.5)
-    arrivals = _arrivals(stack)
+    wait_until(lambda: _dialed(stack, ids) >= len(ids), timeout=timeout, interval=0.5)
+
+    # dialed = passed the gate; the create request may still be on its way
+    def all_arrived() -> dict[str, float] | None:
+        got = _arrivals(stack)
+        return got if set(ids) <= set(got) else None
+
+    arrivals = wait_until(all_arrived, timeout=60, interval=0.2)
     lat = [(arrivals[q] - t) * 1000 for q, t in commits.items() if q in arrivals]
     return {
         "calls": len(commits),
@@ -120,7 +129,7 @@ def _stages(stack: Stack, commits: dict[str, float]) -> dict[str, Any]:
             "SELECT DISTINCT ON (a.queue_id) a.queue_id::text,"
             " extract(epoch FROM a.assigned_at)::float8, extract(epoch FROM a.dialing_at)::float8"
             " FROM call_assignments a WHERE a.queue_id = ANY(%s::uuid[])"
-            " ORDER BY a.queue_id, a.attempt",
+            " ORDER BY a.queue_id, a.assigned_at",
             (list(commits),),
         ).fetchall()
     parts: dict[str, list[float]] = {"to_claim": [], "claim_to_gate": [], "gate_to_create": []}
@@ -130,10 +139,36 @@ def _stages(stack: Stack, commits: dict[str, float]) -> dict[str, Any]:
             parts["claim_to_gate"].append((dialing - assigned) * 1000)
             if qid in arrivals:
                 parts["gate_to_create"].append((arrivals[qid] - dialing) * 1000)
-    return {
+    out: dict[str, Any] = {
         k: {"p50_ms": round(median(v), 1), "p99_ms": round(percentile(v, 99), 1)}
         for k, v in parts.items()
     }
+    # the slowest calls, every assignment (ms after the commit): where a long wait came from
+    slow = sorted((q for q in commits if q in arrivals), key=lambda q: arrivals[q] - commits[q])[
+        -3:
+    ]
+    with stack.connect() as conn:
+        for qid in slow:
+            rows = conn.execute(
+                "SELECT p.provider_type, a.state, a.outcome, a.error,"
+                " extract(epoch FROM a.assigned_at)::float8,"
+                " extract(epoch FROM a.dialing_at)::float8, extract(epoch FROM a.ended_at)::float8"
+                " FROM call_assignments a JOIN call_service_providers p ON p.id = a.provider_id"
+                " WHERE a.queue_id = %s ORDER BY a.assigned_at",
+                (qid,),
+            ).fetchall()
+            t0 = commits[qid]
+            out.setdefault("slowest", []).append(
+                {
+                    "total_ms": round((arrivals[qid] - t0) * 1000, 1),
+                    "assignments": [
+                        [kind, state, outcome, error]
+                        + [None if t is None else round((t - t0) * 1000, 1) for t in ts]
+                        for kind, state, outcome, error, *ts in rows
+                    ],
+                }
+            )
+    return out
 
 
 def run(*, a_calls: int = 20_000, b_calls: int = 20, cap: int = 300) -> dict[str, Any]:
@@ -149,14 +184,19 @@ def run(*, a_calls: int = 20_000, b_calls: int = 20, cap: int = 300) -> dict[str
         stack.fleet.start_worker("worker")
         stack.fleet.start_beat("beat")
         assert stack.sim is not None
+        sim = stack.sim
         warm = stack.schedule(20, start=900_000)
-        wait_until(lambda: stack.sim.stats()["total_creates"] >= len(warm), 60, 0.1)  # type: ignore[union-attr]
+        wait_until(lambda: sim.stats()["total_creates"] >= len(warm), timeout=60)
         idle: dict[str, float] = {}
         with stack.connect() as conn:
             for i in range(b_calls):
-                before = stack.sim.stats()["total_creates"]
-                idle[_schedule_b(conn, b_user, b_tpl, i)] = time.time()
-                wait_until(lambda b=before: stack.sim.stats()["total_creates"] > b, 10, 0.02)  # type: ignore[union-attr,misc]
+                before = sim.stats()["total_creates"]
+                idle[_schedule_b(conn, b_user, b_tpl, i, stack.zone)] = time.time()
+                wait_until(
+                    lambda b=before: sim.stats()["total_creates"] > b,  # type: ignore[misc]
+                    timeout=10,
+                    interval=0.02,
+                )
                 time.sleep(0.2)
         idle_fig = _latencies(stack, idle, 30)
         idle_fig["stages"] = _stages(stack, idle)
@@ -167,13 +207,18 @@ def run(*, a_calls: int = 20_000, b_calls: int = 20, cap: int = 300) -> dict[str
             t_a = time.time()
             conn.execute(
                 A_BULK,
-                {"user": stack.seeded.user_id, "template": stack.seeded.template_id, "n": a_calls},
+                {
+                    "user": stack.seeded.user_id,
+                    "template": stack.seeded.template_id,
+                    "n": a_calls,
+                    "zone": stack.zone,
+                },
             )
             t_a = time.time()
             log(f"fairness: A scheduled {a_calls} calls")
             time.sleep(1.0)
             for i in range(b_calls):
-                loaded[_schedule_b(conn, b_user, b_tpl, 1000 + i)] = time.time()
+                loaded[_schedule_b(conn, b_user, b_tpl, 1000 + i, stack.zone)] = time.time()
                 time.sleep(0.05)
         loaded_fig = _latencies(stack, loaded, 900)
         loaded_fig["stages"] = _stages(stack, loaded)
@@ -190,7 +235,7 @@ def run(*, a_calls: int = 20_000, b_calls: int = 20, cap: int = 300) -> dict[str
                     (stack.seeded.user_id,),
                 )
             }
-        wait_until(lambda: _dialed(stack, list(a_ids)) >= a_calls, 3600, 1.0)
+        wait_until(lambda: _dialed(stack, list(a_ids)) >= a_calls, timeout=3600, interval=1.0)
         arrivals = _arrivals(stack)
         a_times = [arrivals[q] for q in a_ids if q in arrivals]
         drain = (max(a_times) - t_a) if a_times else float("nan")

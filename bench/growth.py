@@ -91,10 +91,9 @@ USER_HISTORY = 200
 
 def _fill(url: str, size: int, seeded: Any) -> None:
     with psycopg.connect(url, autocommit=True) as conn:
-        conn.execute("TRUNCATE call_queue, call_history CASCADE")
+        conn.execute("TRUNCATE call_queue, call_history CASCADE")  # frees every provider slot
         conn.execute(
-            "UPDATE provider_availability SET current_calls = 0, available_slots = 1000,"
-            " status = 'online', circuit_open_until = NULL"
+            "UPDATE provider_availability SET status = 'online', circuit_open_until = NULL"
         )
         ids = {"user_id": seeded.user_id, "template_id": seeded.template_id}
         conn.execute(QUEUE_DUE, {**ids, "n": DUE, "zone": daytime_zone()})  # in the window

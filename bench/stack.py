@@ -195,7 +195,7 @@ class Stack:
                     "SELECT id::text, status FROM call_queue WHERE id = ANY(%s)", (list(ids),)
                 ).fetchall()
             slots = conn.execute(
-                "SELECT coalesce(sum(current_calls), 0) FROM provider_availability"
+                "SELECT coalesce(sum(current_calls), 0) FROM provider_load"
             ).fetchone()
             live = conn.execute(
                 "SELECT count(*) FROM call_assignments WHERE state IN ('assigned','dialing',"
@@ -232,7 +232,7 @@ class Stack:
             row = conn.execute(
                 "SELECT (SELECT count(*) FROM call_queue WHERE id = ANY(%s)"
                 " AND status IN ('completed', 'failed', 'canceled')),"
-                " (SELECT coalesce(sum(current_calls), 0) FROM provider_availability)",
+                " (SELECT coalesce(sum(current_calls), 0) FROM provider_load)",
                 (list(ids),),
             ).fetchone()
         return row is not None and int(row[0]) == len(ids) and int(row[1]) == 0

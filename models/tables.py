@@ -87,6 +87,7 @@ class SubscriptionPlan(Base):
     minute_limit: Mapped[int | None] = mapped_column(Integer)
     max_concurrent_calls: Mapped[int] = mapped_column(Integer, server_default=text("1"))
     max_call_minutes: Mapped[int] = mapped_column(Integer, server_default=text("10"))
+    calls_per_minute: Mapped[int | None] = mapped_column(Integer)
     features: Mapped[dict[str, Any]] = mapped_column(server_default=EMPTY_OBJECT)
     contact_attempts_per_24h: Mapped[int | None] = mapped_column(Integer)
     requires_consent: Mapped[bool] = mapped_column(Boolean, server_default=text("false"))
@@ -373,6 +374,22 @@ class ProviderAvailability(Base):
     updated_at: Mapped[datetime] = _updated()
 
 
+class ProviderSlot(Base):
+    """One call a provider may carry at once, with the number it dials from (free when
+    assignment_id is NULL); taken with SKIP LOCKED by the claim functions."""
+
+    __tablename__ = "provider_slots"
+
+    provider_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("call_service_providers.id", ondelete="CASCADE"), primary_key=True
+    )
+    slot_no: Mapped[int] = mapped_column(Integer, primary_key=True)
+    caller_id: Mapped[str | None]
+    assignment_id: Mapped[uuid.UUID | None]
+    freed_at: Mapped[datetime]
+    retired: Mapped[bool] = mapped_column(Boolean, server_default=text("false"))
+
+
 class CallAssignment(Base):
     __tablename__ = "call_assignments"
 
@@ -430,6 +447,7 @@ class TenantCallCounters(Base):
     queued: Mapped[int] = mapped_column(Integer, server_default=text("0"))
     claimed: Mapped[int] = mapped_column(Integer, server_default=text("0"))
     dialed: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    rate_tat: Mapped[datetime | None]
     updated_at: Mapped[datetime] = _updated()
 
 
@@ -485,6 +503,7 @@ ALL_MODELS: tuple[type[Base], ...] = (
     CallNotification,
     CallQueue,
     ProviderAvailability,
+    ProviderSlot,
     CallAssignment,
     CallRetry,
     TenantCallCounters,

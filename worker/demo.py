@@ -343,7 +343,7 @@ def summary(conn: psycopg.Connection[Any], ids: list[Any]) -> str:
         """,
         (ids,),
     ).fetchall()
-    slots = conn.execute("SELECT coalesce(sum(current_calls), 0) FROM provider_availability")
+    slots = conn.execute("SELECT coalesce(sum(current_calls), 0) FROM provider_load")
     held = slots.fetchone()
     table = format_table(
         ["status", "outcome", "provider", "calls", "attempts", "seconds", "cost $"], rows

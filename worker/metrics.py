@@ -51,9 +51,10 @@ SELECT count(*), coalesce(extract(epoch FROM now() - min(scheduled_time)), 0)
   FROM call_queue WHERE status = 'queued' AND scheduled_time <= now()
 """
 PROVIDERS = """
-SELECT p.name, pa.current_calls, pa.available_slots, pa.status, pa.consecutive_failures,
+SELECT p.name, l.current_calls, l.available_slots, pa.status, pa.consecutive_failures,
        (pa.circuit_open_until IS NOT NULL AND pa.circuit_open_until > now())
   FROM call_service_providers p JOIN provider_availability pa ON pa.provider_id = p.id
+  JOIN provider_load l ON l.provider_id = p.id
  WHERE p.is_active
 """
 TRACKING = """

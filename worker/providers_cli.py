@@ -115,10 +115,18 @@ VALUES (%(id)s, 0, %(slots)s, 'online') ON CONFLICT (provider_id) DO NOTHING
 
 
 def upsert(conn: psycopg.Connection[Any], spec: ProviderSpec) -> str:
-    """Insert or update one provider and its availability row; "added" or "updated"."""
+    """Insert or update one provider and its availability row; "added" or "updated".
+
+    The database checks a caller-ID pool (``config.caller_ids``, CQ053) and lays out the
+    provider's slots; a refused pool is a ConfigError naming the provider."""
     params = {**spec.__dict__, "config": json.dumps(spec.config),
               "capabilities": json.dumps(spec.capabilities)}  # fmt: skip
-    row = conn.execute(UPSERT, params).fetchone()
+    try:
+        row = conn.execute(UPSERT, params).fetchone()
+    except psycopg.Error as exc:
+        if exc.sqlstate == "CQ053":
+            raise ConfigError(f"provider {spec.name}: {exc.diag.message_primary}") from exc
+        raise
     assert row is not None
     conn.execute(AVAILABILITY, {"id": row[0], "slots": spec.max_concurrent_calls})
     return "added" if row[1] else "updated"
@@ -167,8 +175,8 @@ def list_providers(conn: psycopg.Connection[Any]) -> str:
     rows = conn.execute(
         "SELECT p.name, p.provider_type, p.base_url, CASE WHEN p.api_key LIKE 'env:%%'"
         " THEN p.api_key ELSE '(literal)' END, p.priority, p.max_concurrent_calls,"
-        " coalesce(pa.current_calls, 0), p.is_active, coalesce(pa.status, '-')"
-        " FROM call_service_providers p"
+        " l.current_calls, p.is_active, coalesce(pa.status, '-')"
+        " FROM call_service_providers p JOIN provider_load l ON l.provider_id = p.id"
         " LEFT JOIN provider_availability pa ON pa.provider_id = p.id ORDER BY p.priority, p.name"
     ).fetchall()
     headers = ["name", "type", "base url", "key", "priority", "max", "in use", "active", "status"]

@@ -27,9 +27,10 @@ ORDER BY 1
 TEST_CLOCK = "SELECT test_now FROM calling_settings WHERE test_now IS NOT NULL"
 PROVIDERS = """
 SELECT p.name, p.provider_type, p.is_active, p.priority, p.max_concurrent_calls,
-       a.current_calls, a.available_slots, a.status, a.consecutive_failures,
+       l.current_calls, l.available_slots, a.status, a.consecutive_failures,
        round(a.latency_ms::numeric, 1), a.circuit_open_until > now(), a.last_check
 FROM call_service_providers p LEFT JOIN provider_availability a ON a.provider_id = p.id
+JOIN provider_load l ON l.provider_id = p.id
 ORDER BY p.priority, p.name
 """
 

@@ -48,6 +48,9 @@ CREATE TABLE public.subscription_plans (
   -- the longest one call may last (minutes): at most this is reserved per call at the dial gate
   -- (default 10, Vapi's own default call length); 720 = Vapi's maximum (43200 s)
   max_call_minutes integer NOT NULL DEFAULT 10 CHECK (max_call_minutes BETWEEN 1 AND 720),
+  -- optional: the tenant's calls claimed per minute, fleet-wide (NULL = no limit); calls over
+  -- the rate stay queued and are claimed later (public.plan_rate_allowance, 20240101000320)
+  calls_per_minute integer CHECK (calls_per_minute BETWEEN 1 AND 100000),
   features jsonb NOT NULL DEFAULT '{}'::jsonb CHECK (jsonb_typeof(features) = 'object'),
   -- calling rules (20240101000340): dial attempts to one number per rolling 24 h per tenant
   -- (NULL = calling_settings.default_attempts_per_24h), and whether calls need recorded consent

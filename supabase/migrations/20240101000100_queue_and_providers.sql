@@ -1,7 +1,7 @@
 -- Queue and provider management: providers, the call queue, live provider availability,
 -- assignments (which provider runs which attempt) and retries.
 --
--- Claim-path tables (call_queue, call_assignments, provider_availability) are updated many
+-- Claim-path tables (call_queue, call_assignments, provider_slots) are updated many
 -- times per row; they get fillfactor < 100 (room for HOT updates) and autovacuum triggered
 -- by an absolute number of dead rows rather than a fraction of the table, so the dead index
 -- entries each claim leaves behind are cleaned up continuously (see supabase/README.md).
@@ -114,9 +114,10 @@ CREATE UNIQUE INDEX call_queue_idempotency_idx
   WHERE idempotency_key IS NOT NULL;
 CREATE INDEX call_queue_template_idx ON public.call_queue (template_id);
 
--- 11. provider_availability: live capacity and health, one row per provider.
--- Invariant kept by the functions: current_calls + available_slots = max_concurrent_calls
--- (available_slots never below 0, current_calls never below 0).
+-- 11. provider_availability: health (status, circuit, failures) and statistics, one row per
+-- provider. The capacity lives in provider_slots (below): current_calls and available_slots
+-- here are figures refreshed by reconcile_provider_slots (beat, every reaper run; live figures:
+-- the view provider_load); no claim writes this row, so it is nobody's hot spot.
 CREATE TABLE public.provider_availability (
   id uuid PRIMARY KEY DEFAULT gen_random_uuid(),
   provider_id uuid NOT NULL UNIQUE
@@ -227,22 +228,164 @@ CREATE TRIGGER provider_availability_updated_at BEFORE UPDATE ON public.provider
 CREATE TRIGGER call_assignments_updated_at BEFORE UPDATE ON public.call_assignments
   FOR EACH ROW EXECUTE FUNCTION public.set_updated_at();
 
--- When a provider's max_concurrent_calls changes, its free slots follow.
-CREATE OR REPLACE FUNCTION public.sync_provider_slots() RETURNS trigger
-LANGUAGE plpgsql
+-- 11b. provider_slots: a provider's capacity as rows, one per call it may carry at once, each
+-- with the outbound number it dials from (caller-ID pools). A claim takes a free slot with
+-- FOR UPDATE SKIP LOCKED (so concurrent claimers never wait on each other) and writes its
+-- assignment id into it; the slot is freed by that assignment id when the attempt ends. So a
+-- provider never carries more live assignments than it has slots: max_concurrent_calls (and,
+-- with a pool, each number at most its max_concurrent). Kept by sync_provider_slots (below)
+-- and the functions in 20240101000200; reconcile_provider_slots repairs a leak.
+CREATE TABLE public.provider_slots (
+  provider_id uuid NOT NULL REFERENCES public.call_service_providers (id) ON DELETE CASCADE,
+  slot_no integer NOT NULL CHECK (slot_no >= 1),
+  -- the number (Vapi phoneNumberId, SynthFlow/Retell from number) calls on this slot dial
+  -- from; NULL: the provider's default (config phone_number_id / from_number)
+  caller_id text,
+  -- the live assignment holding the slot; NULL: free. No foreign key: a key check per claim
+  -- would cost the claim a lookup and a lock; reconcile_provider_slots frees stray ids.
+  assignment_id uuid,
+  -- rotation: the free slot freed longest ago is taken first. A slot never used ranks by the
+  -- share of the provider's capacity taking it brings (slot_no / slots, as seconds after the
+  -- epoch), so equal-priority providers fill evenly and a pool's numbers take turns.
+  freed_at timestamptz NOT NULL,
+  -- a taken slot beyond the provider's capacity after max_concurrent_calls (or the pool) was
+  -- lowered: deleted when its call ends
+  retired boolean NOT NULL DEFAULT false,
+  PRIMARY KEY (provider_id, slot_no),
+  CHECK (NOT retired OR assignment_id IS NOT NULL)
+) WITH (
+  fillfactor = 70,
+  autovacuum_vacuum_scale_factor = 0,
+  autovacuum_vacuum_threshold = 1000,
+  autovacuum_vacuum_cost_delay = 0
+);
+-- A provider's free slots in rotation order: what a claim takes.
+CREATE INDEX provider_slots_free_idx ON public.provider_slots (provider_id, freed_at, slot_no)
+  WHERE assignment_id IS NULL;
+-- Freeing by assignment id; one slot per assignment.
+CREATE UNIQUE INDEX provider_slots_assignment_idx ON public.provider_slots (assignment_id)
+  WHERE assignment_id IS NOT NULL;
+
+-- What is wrong with config.caller_ids (NULL: nothing, or no pool). A pool is a non-empty array
+-- of {"id": "<number or number id>", "max_concurrent": <integer, optional>}, each id once.
+-- Messages never contain a number.
+CREATE OR REPLACE FUNCTION public.caller_ids_violation(p_config jsonb) RETURNS text
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
 SET search_path = ''
 AS $$
+  SELECT CASE
+    WHEN p_config IS NULL OR NOT (p_config ? 'caller_ids') THEN NULL
+    WHEN jsonb_typeof(p_config->'caller_ids') <> 'array'
+         OR jsonb_array_length(p_config->'caller_ids') NOT BETWEEN 1 AND 1000
+      THEN 'config.caller_ids must be an array of 1 to 1000 entries'
+    WHEN EXISTS (
+      SELECT 1 FROM jsonb_array_elements(p_config->'caller_ids') AS e(v)
+       WHERE CASE WHEN jsonb_typeof(e.v) <> 'object' THEN true
+                  ELSE EXISTS (SELECT 1 FROM jsonb_object_keys(e.v) AS k(k)
+                                WHERE k.k NOT IN ('id', 'max_concurrent'))
+                       OR jsonb_typeof(e.v->'id') IS DISTINCT FROM 'string'
+                       OR length(btrim(e.v->>'id')) NOT BETWEEN 1 AND 100
+                       OR e.v->>'id' ~ '[[:cntrl:]]' END)
+      THEN 'each entry of config.caller_ids must be an object {"id": "<1 to 100 characters>", '
+           '"max_concurrent": <integer, optional>} and nothing else'
+    WHEN EXISTS (
+      SELECT 1 FROM jsonb_array_elements(p_config->'caller_ids') AS e(v)
+       WHERE e.v ? 'max_concurrent'
+         AND NOT (jsonb_typeof(e.v->'max_concurrent') = 'number'
+                  AND (e.v->>'max_concurrent') ~ '^[0-9]{1,5}$'
+                  AND (e.v->>'max_concurrent')::integer BETWEEN 1 AND 10000))
+      THEN 'config.caller_ids: max_concurrent must be an integer 1..10000'
+    WHEN (SELECT count(DISTINCT e.v->>'id') <> count(*)
+            FROM jsonb_array_elements(p_config->'caller_ids') AS e(v))
+      THEN 'config.caller_ids lists the same id twice'
+  END;
+$$;
+
+-- The slots a provider should have: slot_no 1.. with the number each dials from. Without a pool,
+-- max_concurrent_calls slots without a number. With one, the numbers take turns (the first
+-- slot of each number in pool order, then the second of each, ...), a number getting at most
+-- its max_concurrent slots, and at most max_concurrent_calls slots in all: taking a slot
+-- respects both caps.
+CREATE OR REPLACE FUNCTION public.provider_slot_layout(p_max integer, p_config jsonb)
+RETURNS TABLE (slot_no integer, caller_id text)
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+SET search_path = ''
+AS $$
+  SELECT (row_number() OVER (ORDER BY r.turn, n.ord))::integer, n.id
+    FROM (SELECT e.v->>'id' AS id, e.ord, (e.v->>'max_concurrent')::integer AS cap
+            FROM jsonb_array_elements(
+                   CASE WHEN jsonb_typeof(p_config->'caller_ids') = 'array'
+                        THEN p_config->'caller_ids' ELSE '[{}]'::jsonb END)
+                 WITH ORDINALITY AS e(v, ord)) n
+   CROSS JOIN LATERAL generate_series(1, least(coalesce(n.cap, p_max), p_max)) AS r(turn)
+   ORDER BY r.turn, n.ord
+   LIMIT greatest(p_max, 0);
+$$;
+
+-- A provider's slots follow its max_concurrent_calls and caller-ID pool: missing slots are
+-- added, free ones beyond the layout deleted, a call on a slot beyond it moved into a free slot
+-- inside it or, when none is free, its slot retired (deleted when the call ends); a slot's
+-- number follows the pool (a call in flight keeps the number it dials from). Free plus taken
+-- slots never exceed the capacity except by calls already in flight when it was lowered. A bad pool is refused with CQ053 and nothing is written. SECURITY DEFINER: an admin
+-- may change max_concurrent_calls but not write slots.
+CREATE OR REPLACE FUNCTION public.sync_provider_slots() RETURNS trigger
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = ''
+AS $$
+DECLARE
+  v_error text := public.caller_ids_violation(NEW.config);
+  v_n integer;
+  v_b record;
+  v_free integer;
 BEGIN
-  UPDATE public.provider_availability pa
-     SET available_slots = greatest(NEW.max_concurrent_calls - pa.current_calls, 0)
-   WHERE pa.provider_id = NEW.id;
+  IF v_error IS NOT NULL THEN
+    RAISE EXCEPTION USING ERRCODE = 'CQ053', MESSAGE = 'invalid_caller_ids: ' || v_error;
+  END IF;
+  v_n := (SELECT count(*) FROM public.provider_slot_layout(NEW.max_concurrent_calls, NEW.config));
+  DELETE FROM public.provider_slots s
+   WHERE s.provider_id = NEW.id AND s.assignment_id IS NULL AND s.slot_no > v_n;
+  -- a call on a slot beyond the new layout moves to a free slot inside it (so free plus taken
+  -- never exceeds the capacity); when none is free, its slot is retired
+  FOR v_b IN SELECT s.slot_no, s.assignment_id FROM public.provider_slots s
+              WHERE s.provider_id = NEW.id AND s.slot_no > v_n AND s.assignment_id IS NOT NULL
+              ORDER BY s.slot_no
+  LOOP
+    SELECT s.slot_no INTO v_free FROM public.provider_slots s
+     WHERE s.provider_id = NEW.id AND s.slot_no <= v_n AND s.assignment_id IS NULL
+     ORDER BY s.slot_no DESC
+     LIMIT 1
+       FOR UPDATE;
+    EXIT WHEN NOT FOUND;
+    DELETE FROM public.provider_slots s
+     WHERE s.provider_id = NEW.id AND s.slot_no = v_b.slot_no
+       AND s.assignment_id = v_b.assignment_id;
+    CONTINUE WHEN NOT FOUND;  -- its call ended meanwhile (and the slot was freed)
+    UPDATE public.provider_slots s SET assignment_id = v_b.assignment_id
+     WHERE s.provider_id = NEW.id AND s.slot_no = v_free;
+  END LOOP;
+  UPDATE public.provider_slots s SET retired = true
+   WHERE s.provider_id = NEW.id AND s.slot_no > v_n AND NOT s.retired;
+  UPDATE public.provider_slots s SET caller_id = l.caller_id, retired = false
+    FROM public.provider_slot_layout(NEW.max_concurrent_calls, NEW.config) l
+   WHERE s.provider_id = NEW.id AND s.slot_no = l.slot_no
+     AND (s.caller_id IS DISTINCT FROM l.caller_id OR s.retired);
+  INSERT INTO public.provider_slots (provider_id, slot_no, caller_id, freed_at)
+  SELECT NEW.id, l.slot_no, l.caller_id,
+         'epoch'::timestamptz + make_interval(secs => l.slot_no::double precision / v_n)
+    FROM public.provider_slot_layout(NEW.max_concurrent_calls, NEW.config) l
+  ON CONFLICT (provider_id, slot_no) DO NOTHING;
   RETURN NEW;
 END
 $$;
 
 CREATE TRIGGER call_service_providers_sync_slots
-  AFTER UPDATE OF max_concurrent_calls ON public.call_service_providers
-  FOR EACH ROW WHEN (OLD.max_concurrent_calls IS DISTINCT FROM NEW.max_concurrent_calls)
+  AFTER INSERT ON public.call_service_providers
+  FOR EACH ROW EXECUTE FUNCTION public.sync_provider_slots();
+CREATE TRIGGER call_service_providers_resync_slots
+  AFTER UPDATE OF max_concurrent_calls, config ON public.call_service_providers
+  FOR EACH ROW WHEN (OLD.max_concurrent_calls IS DISTINCT FROM NEW.max_concurrent_calls
+                     OR OLD.config->'caller_ids' IS DISTINCT FROM NEW.config->'caller_ids')
   EXECUTE FUNCTION public.sync_provider_slots();
 
 ALTER TABLE public.call_service_providers ENABLE ROW LEVEL SECURITY;
@@ -250,3 +393,4 @@ ALTER TABLE public.call_queue ENABLE ROW LEVEL SECURITY;
 ALTER TABLE public.provider_availability ENABLE ROW LEVEL SECURITY;
 ALTER TABLE public.call_assignments ENABLE ROW LEVEL SECURITY;
 ALTER TABLE public.call_retries ENABLE ROW LEVEL SECURITY;
+ALTER TABLE public.provider_slots ENABLE ROW LEVEL SECURITY;

@@ -7,12 +7,16 @@
 --   queued   calls waiting (status queued): each still needs a dial
 --   claimed  claimed or assigned: taken by the fleet, not dialed yet
 --   dialed   dialing or in_progress
+--   rate_tat the plan's per-tenant calls per minute, see plan_rate_allowance
 -- calls in flight (plan concurrency) = claimed + dialed; calls needing a dial = queued + claimed.
 CREATE TABLE public.tenant_call_counters (
   user_id uuid PRIMARY KEY REFERENCES public.users (id) ON DELETE CASCADE,
   queued integer NOT NULL DEFAULT 0,
   claimed integer NOT NULL DEFAULT 0,
   dialed integer NOT NULL DEFAULT 0,
+  -- the plan's calls_per_minute (GCRA): the theoretical arrival time of the tenant's next
+  -- claim; kept by the counter trigger from the claims it sees (NULL: never limited yet)
+  rate_tat timestamptz,
   updated_at timestamptz NOT NULL DEFAULT now()
 ) WITH (
   fillfactor = 50,

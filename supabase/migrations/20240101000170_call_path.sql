@@ -25,3 +25,25 @@ LANGUAGE sql IMMUTABLE PARALLEL SAFE
 SET search_path = ''
 AS $$ SELECT ARRAY['busy', 'no_answer', 'voicemail', 'provider_error', 'rate_limited',
                    'permanent', 'canceled'] $$;
+
+-- The vocabulary of live things, written once. Partial index predicates must spell their lists
+-- out (tests/integration/test_db_queue.py checks each one against these functions). IMMUTABLE
+-- with no argument: the planner folds "x = ANY (public.live_call_statuses())" into the literal
+-- list, so a partial index with the same list still matches.
+-- A call not finished: waiting, claimed, on a provider or on the phone.
+CREATE OR REPLACE FUNCTION public.live_call_statuses() RETURNS text[]
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+SET search_path = ''
+AS $$ SELECT ARRAY['queued', 'claimed', 'assigned', 'dialing', 'in_progress'] $$;
+
+-- A call in flight: a live call that left the queue (counts against concurrency caps).
+CREATE OR REPLACE FUNCTION public.in_flight_call_statuses() RETURNS text[]
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+SET search_path = ''
+AS $$ SELECT ARRAY['claimed', 'assigned', 'dialing', 'in_progress'] $$;
+
+-- A live assignment: it holds a provider slot.
+CREATE OR REPLACE FUNCTION public.live_assignment_states() RETURNS text[]
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+SET search_path = ''
+AS $$ SELECT ARRAY['assigned', 'dialing', 'placed'] $$;

@@ -1,28 +1,86 @@
 -- The queue's functions. Ordering convention everywhere: lower priority number first (1 = most
 -- urgent), then earlier scheduled_time, then earlier created_at.
 --
--- Lock order (to stay deadlock free): call_queue row -> call_assignments row ->
--- provider_availability row. claim_and_assign_calls locks availability first but takes queue
--- rows only with SKIP LOCKED, so it never waits on a queue row.
+-- Lock order (to stay deadlock free): call_queue row -> call_assignments row -> provider slot
+-- -> provider_availability row. Slots are taken only with SKIP LOCKED (a claim never waits on a
+-- slot) and freed by assignment id; no claim writes provider_availability.
 --
 -- Only schedule_call (called by app users) and is_admin (used by policies) are SECURITY
 -- DEFINER; the worker functions run with the caller's rights (service_role or callq_worker,
 -- which hold the table privileges and RLS policies given in 20240101000300).
 
--- Live assignment states (hold a provider slot).
--- ('assigned', 'dialing', 'placed')
+-- Live assignment states (hold a provider slot): public.live_assignment_states().
 
--- Give one slot back to a provider: never below 0 calls, never above max free slots.
-CREATE OR REPLACE FUNCTION public.free_provider_slot(p_provider_id uuid) RETURNS void
-LANGUAGE sql
+-- The providers a call may go to now: active, not offline, circuit closed (the one home of that
+-- rule; a view, so the planner inlines it). Free slots are provider_slots' business.
+CREATE VIEW public.eligible_providers WITH (security_invoker = true) AS
+  SELECT p.id AS provider_id, p.priority, p.max_concurrent_calls, p.capabilities, pa.status
+    FROM public.call_service_providers p
+    JOIN public.provider_availability pa ON pa.provider_id = p.id
+   WHERE p.is_active
+     AND pa.status <> 'offline'
+     AND (pa.circuit_open_until IS NULL OR pa.circuit_open_until <= now());
+
+-- Live capacity figures per provider, counted from its slots (provider_availability's
+-- current_calls and available_slots are these as of the last reconcile_provider_slots).
+CREATE VIEW public.provider_load WITH (security_invoker = true) AS
+  SELECT p.id AS provider_id, p.max_concurrent_calls,
+         (SELECT count(*) FROM public.provider_slots s
+           WHERE s.provider_id = p.id AND s.assignment_id IS NOT NULL)::integer AS current_calls,
+         (SELECT count(*) FROM public.provider_slots s
+           WHERE s.provider_id = p.id AND s.assignment_id IS NULL)::integer AS available_slots
+    FROM public.call_service_providers p;
+
+-- Give back the slot an assignment holds (nothing when it holds none): free again, at the back
+-- of the rotation; a retired slot (beyond a lowered capacity) is deleted instead.
+-- (PL/pgSQL rather than SQL here and in take_provider_slot and get_best_available_provider: a
+-- SQL function that is not inlined is planned again at every call; PL/pgSQL keeps its plans.)
+CREATE OR REPLACE FUNCTION public.free_provider_slot(p_assignment_id uuid) RETURNS void
+LANGUAGE plpgsql
 SET search_path = ''
 AS $$
-  UPDATE public.provider_availability pa
-     SET current_calls = pa.current_calls - 1,
-         available_slots = greatest(least(pa.available_slots + 1,
-                                          p.max_concurrent_calls - (pa.current_calls - 1)), 0)
-    FROM public.call_service_providers p
-   WHERE pa.provider_id = p_provider_id AND p.id = pa.provider_id AND pa.current_calls > 0;
+BEGIN
+  DELETE FROM public.provider_slots s WHERE s.assignment_id = p_assignment_id AND s.retired;
+  UPDATE public.provider_slots s SET assignment_id = NULL, freed_at = clock_timestamp()
+   WHERE s.assignment_id = p_assignment_id;
+END
+$$;
+
+-- TRUNCATE of the assignments (tests, benchmarks, a reset) frees every slot with them.
+CREATE OR REPLACE FUNCTION public.free_all_provider_slots() RETURNS trigger
+LANGUAGE plpgsql
+SET search_path = ''
+AS $$
+BEGIN
+  DELETE FROM public.provider_slots s WHERE s.retired;
+  UPDATE public.provider_slots s SET assignment_id = NULL, freed_at = clock_timestamp()
+   WHERE s.assignment_id IS NOT NULL;
+  RETURN NULL;
+END
+$$;
+CREATE TRIGGER call_assignments_truncate_frees_slots AFTER TRUNCATE ON public.call_assignments
+  FOR EACH STATEMENT EXECUTE FUNCTION public.free_all_provider_slots();
+
+-- Take the free slot of a provider freed longest ago (SKIP LOCKED: never waits) for an
+-- assignment; no row when the provider has none free. The caller inserts the assignment with
+-- this id and the slot's caller_id in the same transaction.
+CREATE OR REPLACE FUNCTION public.take_provider_slot(p_provider_id uuid, p_assignment_id uuid)
+RETURNS TABLE (caller_id text)
+LANGUAGE plpgsql
+SET search_path = ''
+AS $$
+#variable_conflict use_column
+BEGIN
+  RETURN QUERY
+  UPDATE public.provider_slots s SET assignment_id = p_assignment_id
+    FROM (SELECT f.slot_no FROM public.provider_slots f
+           WHERE f.provider_id = p_provider_id AND f.assignment_id IS NULL
+           ORDER BY f.freed_at, f.slot_no
+           LIMIT 1
+             FOR UPDATE SKIP LOCKED) f
+   WHERE s.provider_id = p_provider_id AND s.slot_no = f.slot_no
+  RETURNING s.caller_id;
+END
 $$;
 
 -- ---------------------------------------------------------------------------------------------
@@ -471,7 +529,7 @@ BEGIN
                  l.max_in_flight
                    - (SELECT count(*) FROM public.call_queue f
                        WHERE f.campaign_id = l.id
-                         AND f.status IN ('claimed', 'assigned', 'dialing', 'in_progress'))::integer
+                         AND f.status = ANY (public.in_flight_call_statuses()))::integer
                    - (SELECT count(*) FROM public.call_queue f
                        WHERE p_skip IS NOT NULL AND f.id = ANY (p_skip)
                          AND f.campaign_id = l.id)::integer) AS quota
@@ -581,34 +639,39 @@ AS $$
 $$;
 
 -- ---------------------------------------------------------------------------------------------
--- get_best_available_provider: active, circuit closed, not offline, with a free slot and the
--- required capabilities, not excluded; lowest priority number, then lowest load.
+-- get_best_available_provider: eligible (active, circuit closed, not offline: the view
+-- eligible_providers), with a free slot and the required capabilities, not excluded; lowest
+-- priority number first, then the provider whose next free slot has waited longest (slots never
+-- used first, in order of the share of capacity they bring: equal providers fill evenly), an
+-- online one before a degraded one. One index probe per provider: no count of anything.
 CREATE OR REPLACE FUNCTION public.get_best_available_provider(
   p_required_capabilities jsonb DEFAULT NULL,
   p_exclude uuid[] DEFAULT NULL
 ) RETURNS uuid
-LANGUAGE sql STABLE
+LANGUAGE plpgsql STABLE
 SET search_path = ''
 AS $$
-  SELECT p.id
-    FROM public.call_service_providers p
-    JOIN public.provider_availability pa ON pa.provider_id = p.id
-   WHERE p.is_active
-     AND pa.status <> 'offline'
-     AND (pa.circuit_open_until IS NULL OR pa.circuit_open_until <= now())
-     AND pa.available_slots > 0
-     AND (p_required_capabilities IS NULL OR p.capabilities @> p_required_capabilities)
-     AND (p_exclude IS NULL OR NOT (p.id = ANY (p_exclude)))
-   ORDER BY p.priority,
-            pa.current_calls::numeric / p.max_concurrent_calls,
-            pa.status = 'degraded',
-            p.id
-   LIMIT 1;
+BEGIN
+  RETURN (
+    SELECT e.provider_id
+      FROM public.eligible_providers e
+     CROSS JOIN LATERAL (
+       SELECT s.freed_at FROM public.provider_slots s
+        WHERE s.provider_id = e.provider_id AND s.assignment_id IS NULL
+        ORDER BY s.freed_at, s.slot_no
+        LIMIT 1) f
+     WHERE (p_required_capabilities IS NULL OR e.capabilities @> p_required_capabilities)
+       AND (p_exclude IS NULL OR NOT (e.provider_id = ANY (p_exclude)))
+     ORDER BY e.priority, f.freed_at, e.status = 'degraded', e.provider_id
+     LIMIT 1);
+END
 $$;
 
 -- ---------------------------------------------------------------------------------------------
 -- assign_call_to_provider: take a slot, insert the assignment, queue -> assigned.
--- NULL and no change when the call is not queued/claimed or the provider has no free slot.
+-- NULL and no change when the call is not queued/claimed or the provider (active) has no free
+-- slot. The slot is a row taken with SKIP LOCKED: concurrent assigners to one provider take
+-- different slots and never wait on each other.
 CREATE OR REPLACE FUNCTION public.assign_call_to_provider(p_queue_id uuid, p_provider_id uuid)
 RETURNS uuid
 LANGUAGE plpgsql
@@ -616,73 +679,58 @@ SET search_path = ''
 AS $$
 DECLARE
   v_q record;
-  v_id uuid;
+  v_id uuid := gen_random_uuid();
+  v_caller text;
 BEGIN
-  -- As in claim_and_assign_calls: the commit need not wait for its WAL flush, or the provider
-  -- row taken below would stay locked through the flush and serialise every claimer on disk
-  -- latency. Losing an unflushed assignment in a crash is harmless (nothing is dialed before
-  -- mark_call_dialing commits synchronously, which flushes the WAL up to this assignment).
+  -- As in claim_and_assign_calls: the commit need not wait for its WAL flush. Losing an
+  -- unflushed assignment in a crash is harmless (nothing is dialed before mark_call_dialing
+  -- commits synchronously, which flushes the WAL up to this assignment).
   PERFORM set_config('synchronous_commit', 'off', true);
-  SELECT q.status, q.attempts, q.lease_expires_at, q.user_id INTO v_q
+  SELECT q.status, q.attempts INTO v_q
     FROM public.call_queue q WHERE q.id = p_queue_id FOR UPDATE;
   IF NOT FOUND OR v_q.status NOT IN ('queued', 'claimed') THEN
     RETURN NULL;
   END IF;
-  -- lock order: the tenant's counters (updated by the queue trigger) before provider rows
-  PERFORM 1 FROM public.tenant_call_counters c WHERE c.user_id = v_q.user_id FOR UPDATE;
-  -- A plain read first: no free slot, nothing to undo.
-  IF NOT EXISTS (SELECT 1 FROM public.provider_availability pa
-                   JOIN public.call_service_providers p ON p.id = pa.provider_id
-                  WHERE pa.provider_id = p_provider_id AND pa.available_slots > 0
-                    AND p.is_active) THEN
+  -- No provider row is locked (the slot is taken with SKIP LOCKED, which never waits), so
+  -- nothing needs the tenant's counters first: the queue trigger locks them only when the
+  -- call's class changes (queued -> assigned), and assigning a claimed call touches them not.
+  IF NOT EXISTS (SELECT 1 FROM public.call_service_providers p
+                  WHERE p.id = p_provider_id AND p.is_active) THEN
+    RETURN NULL;
+  END IF;
+  SELECT t.caller_id INTO v_caller FROM public.take_provider_slot(p_provider_id, v_id) t;
+  IF NOT FOUND THEN
     RETURN NULL;
   END IF;
 
-  BEGIN
-    INSERT INTO public.call_assignments (queue_id, provider_id, state, attempt)
-    VALUES (p_queue_id, p_provider_id, 'assigned', v_q.attempts + 1)
-    RETURNING id INTO v_id;
+  INSERT INTO public.call_assignments (id, queue_id, provider_id, state, attempt, caller_id)
+  VALUES (v_id, p_queue_id, p_provider_id, 'assigned', v_q.attempts + 1, v_caller);
 
-    -- A claimed call keeps the lease its claim chose; a call assigned straight from the
-    -- queue gets the default one.
-    UPDATE public.call_queue q
-       SET status = 'assigned',
-           claimed_at = coalesce(q.claimed_at, now()),
-           lease_expires_at = coalesce(q.lease_expires_at,
-                                       now() + make_interval(secs => public.default_lease_seconds()))
-     WHERE q.id = p_queue_id;
-
-    -- The slot is taken last, so the provider's row (every assigner's hot spot) stays locked
-    -- only from here to commit. Another assigner took the last slot meanwhile: undo.
-    UPDATE public.provider_availability pa
-       SET current_calls = pa.current_calls + 1,
-           available_slots = pa.available_slots - 1,
-           total_calls = pa.total_calls + 1
-     WHERE pa.provider_id = p_provider_id AND pa.available_slots > 0;
-    IF NOT FOUND THEN
-      RAISE EXCEPTION USING ERRCODE = 'CQ099', MESSAGE = 'slot_race: no free slot left';
-    END IF;
-  EXCEPTION WHEN SQLSTATE 'CQ099' THEN
-    RETURN NULL;
-  END;
+  -- A claimed call keeps the lease its claim chose; a call assigned straight from the
+  -- queue gets the default one.
+  UPDATE public.call_queue q
+     SET status = 'assigned',
+         claimed_at = coalesce(q.claimed_at, now()),
+         lease_expires_at = coalesce(q.lease_expires_at,
+                                     now() + make_interval(secs => public.default_lease_seconds()))
+   WHERE q.id = p_queue_id;
   RETURN v_id;
 END
 $$;
 
 -- ---------------------------------------------------------------------------------------------
 -- claim_and_assign_calls: the worker's hot path, set-based (no per-row loop in the common case):
---   1. count the eligible providers' free slots (plain read) and claim up to
---      min(p_limit, free slots) due calls with SKIP LOCKED;
---   2. pair the calls without exclusions or capability needs (the common case) with slots
---      ranked by (provider priority, load after taking the slot): one INSERT of assignments,
---      one UPDATE of the queue rows, then one UPDATE taking the slots
---      ("available_slots >= n", re-checked on the latest row version). Taking the slots last
---      keeps the provider rows locked only from there to commit, so concurrent workers
---      serialise on as little as possible. If another worker took the slots meanwhile, the
---      block is rolled back (savepoint) and redone with the provider rows locked first (done
---      from the start when the batch has calls of step 3, which lock providers one by one);
+--   1. count the eligible providers' free slots (at most p_limit, a plain read) and claim up
+--      to min(p_limit, free slots) due calls with SKIP LOCKED;
+--   2. take slots for the calls without exclusions or capability needs (the common case):
+--      priority levels in order; within a level each provider first takes its share of the
+--      calls in proportion to its capacity, then what is left goes to whoever still has slots;
+--      each provider's slots in rotation order, taken with FOR UPDATE SKIP LOCKED (one
+--      statement per provider: concurrent claimers take different slots and never wait on each
+--      other). Then one INSERT of the assignments (each with its slot's caller id) and one
+--      UPDATE of the queue rows;
 --   3. the few calls with exclusions/capabilities are placed one by one on what is left.
--- Calls that got no provider are not modified (they stay queued).
+-- Calls that got no slot are not modified (they stay queued).
 CREATE OR REPLACE FUNCTION public.claim_and_assign_calls(
   p_limit int DEFAULT 50,
   p_worker text DEFAULT NULL,
@@ -696,10 +744,17 @@ DECLARE
   v_free integer;
   v_ids uuid[];
   v_special uuid[];
-  v_mq uuid[];
-  v_mp uuid[];
-  v_ma uuid[];
-  v_taken integer;
+  v_calls uuid[];
+  v_mp uuid[] := '{}';
+  v_ma uuid[] := '{}';
+  v_mc text[] := '{}';
+  v_need integer;
+  v_level_need integer;
+  v_level_cap numeric;
+  v_level_n integer;
+  v_k integer;
+  v_p record;
+  v_lvl integer;
   v_lease interval := make_interval(secs => p_lease_seconds);
   v_pid uuid;
   v_aid uuid;
@@ -707,23 +762,22 @@ DECLARE
   v_now timestamptz := public.callq_now();
   v_want integer;
   v_new uuid[];
-  v_new_special uuid[];
   v_held uuid[];
 BEGIN
   IF p_limit <= 0 THEN
     RETURN;
   END IF;
-  -- The claim's commit need not wait for its WAL flush: the provider rows stay locked until
-  -- commit, so a synchronous flush would serialise every worker on disk latency. Losing an
+  -- The claim's commit need not wait for its WAL flush: the tenants' counter rows stay locked
+  -- until commit, so a synchronous flush would serialise every worker on disk latency. Losing an
   -- unflushed claim in a server crash is harmless (the calls are simply queued again and the
   -- slots never taken), and nothing is dialed before mark_call_dialing commits synchronously,
   -- which flushes the WAL up to and including this claim. (Transaction-local setting.)
   PERFORM set_config('synchronous_commit', 'off', true);
-  SELECT coalesce(sum(pa.available_slots), 0) INTO v_free
-    FROM public.provider_availability pa
-    JOIN public.call_service_providers p ON p.id = pa.provider_id
-   WHERE p.is_active AND pa.status <> 'offline'
-     AND (pa.circuit_open_until IS NULL OR pa.circuit_open_until <= now());
+  SELECT count(*) INTO v_free
+    FROM (SELECT 1 FROM public.eligible_providers e
+            JOIN public.provider_slots s
+              ON s.provider_id = e.provider_id AND s.assignment_id IS NULL
+           LIMIT p_limit) f;
   IF v_free = 0 THEN
     RETURN;
   END IF;
@@ -756,78 +810,56 @@ BEGIN
     INTO v_special
     FROM public.call_queue q WHERE q.id = ANY (v_ids);
 
-  FOR v_try IN 1..2 LOOP
-    BEGIN
-      -- pessimistic (retry, or calls to place one by one after the batch): hold every
-      -- eligible provider row, taken in id order, while matching
-      IF v_try = 2 OR v_special IS NOT NULL THEN
-        PERFORM 1
-          FROM public.provider_availability pa
-          JOIN public.call_service_providers p ON p.id = pa.provider_id
-         WHERE p.is_active AND pa.status <> 'offline'
-           AND (pa.circuit_open_until IS NULL OR pa.circuit_open_until <= now())
-         ORDER BY pa.provider_id
-           FOR NO KEY UPDATE OF pa;
-      END IF;
-
-      WITH eligible AS (
-        SELECT pa.provider_id, pa.current_calls, pa.available_slots, p.priority,
-               p.max_concurrent_calls
-          FROM public.provider_availability pa
-          JOIN public.call_service_providers p ON p.id = pa.provider_id
-         WHERE p.is_active AND pa.status <> 'offline' AND pa.available_slots > 0
-           AND (pa.circuit_open_until IS NULL OR pa.circuit_open_until <= now())
-      ), slots AS (
-        SELECT e.provider_id,
-               row_number() OVER (ORDER BY e.priority,
-                                           (e.current_calls + n)::numeric / e.max_concurrent_calls,
-                                           e.provider_id, n) AS rn
-          -- a provider's slots rank in increasing n, so at most one per call is ever needed
-          FROM eligible e, generate_series(1, least(e.available_slots, cardinality(v_ids))) AS n
-      ), calls AS (
-        SELECT c.id, row_number() OVER (ORDER BY c.ord) AS rn
-          FROM unnest(v_ids) WITH ORDINALITY AS c(id, ord)
-         WHERE v_special IS NULL OR NOT (c.id = ANY (v_special))
-      )
-      SELECT array_agg(c.id ORDER BY c.rn), array_agg(s.provider_id ORDER BY c.rn),
-             array_agg(gen_random_uuid())
-        INTO v_mq, v_mp, v_ma
-        FROM calls c JOIN slots s ON s.rn = c.rn;
-      EXIT WHEN v_mq IS NULL;
-
-      INSERT INTO public.call_assignments (id, queue_id, provider_id, state, attempt)
-      SELECT m.aid, m.qid, m.pid, 'assigned', q.attempts + 1
-        FROM unnest(v_ma, v_mq, v_mp) AS m(aid, qid, pid)
-        JOIN public.call_queue q ON q.id = m.qid;
-
-      UPDATE public.call_queue q
-         SET status = 'assigned', claimed_by = p_worker, claimed_at = now(),
-             lease_expires_at = now() + v_lease
-       WHERE q.id = ANY (v_mq);
-
-      -- lock in provider id order (deadlock free with other multi-provider claimers)
-      PERFORM 1 FROM public.provider_availability pa
-       WHERE pa.provider_id = ANY (v_mp) ORDER BY pa.provider_id FOR NO KEY UPDATE;
-      UPDATE public.provider_availability pa
-         SET current_calls = pa.current_calls + m.n,
-             available_slots = pa.available_slots - m.n,
-             total_calls = pa.total_calls + m.n
-        FROM (SELECT u.pid, count(*)::int AS n FROM unnest(v_mp) AS u(pid) GROUP BY u.pid) m
-       WHERE pa.provider_id = m.pid AND pa.available_slots >= m.n;
-      GET DIAGNOSTICS v_taken = ROW_COUNT;
-      IF v_taken < (SELECT count(DISTINCT u.pid) FROM unnest(v_mp) AS u(pid)) THEN
-        RAISE EXCEPTION USING ERRCODE = 'CQ099', MESSAGE = 'slot_race: retry with locks';
-      END IF;
-      EXIT;
-    EXCEPTION WHEN SQLSTATE 'CQ099' THEN
-      v_mq := NULL;
-      v_mp := NULL;
-      v_ma := NULL;
-    END;
+  v_calls := ARRAY(SELECT c.id FROM unnest(v_ids) WITH ORDINALITY AS c(id, ord)
+                    WHERE v_special IS NULL OR NOT (c.id = ANY (v_special))
+                    ORDER BY c.ord);
+  v_need := cardinality(v_calls);
+  FOR v_lvl IN SELECT DISTINCT e.priority FROM public.eligible_providers e ORDER BY 1 LOOP
+    EXIT WHEN v_need = 0;
+    SELECT sum(e.max_concurrent_calls), count(*) INTO v_level_cap, v_level_n
+      FROM public.eligible_providers e WHERE e.priority = v_lvl;
+    v_level_need := v_need;
+    -- pass 1: each provider its share of the level's calls; pass 2: the rest, anywhere
+    FOR v_pass IN 1..(CASE WHEN v_level_n > 1 THEN 2 ELSE 1 END) LOOP
+      FOR v_p IN SELECT e.provider_id, e.max_concurrent_calls FROM public.eligible_providers e
+                  WHERE e.priority = v_lvl ORDER BY e.status = 'degraded', e.provider_id LOOP
+        EXIT WHEN v_need = 0;
+        v_k := CASE WHEN v_pass = 1 AND v_level_n > 1
+                    THEN least(v_need, ceil(v_level_need * v_p.max_concurrent_calls / v_level_cap))
+                    ELSE v_need END;
+        WITH f AS (
+          SELECT f.slot_no FROM public.provider_slots f
+           WHERE f.provider_id = v_p.provider_id AND f.assignment_id IS NULL
+           ORDER BY f.freed_at, f.slot_no
+           LIMIT v_k
+             FOR UPDATE SKIP LOCKED
+        ), t AS (
+          UPDATE public.provider_slots s SET assignment_id = gen_random_uuid()
+            FROM f WHERE s.provider_id = v_p.provider_id AND s.slot_no = f.slot_no
+          RETURNING s.assignment_id, s.caller_id
+        )
+        SELECT v_mp || array_agg(v_p.provider_id), v_ma || array_agg(t.assignment_id),
+               v_mc || array_agg(t.caller_id), v_need - count(*)
+          INTO v_mp, v_ma, v_mc, v_need
+          FROM t;
+      END LOOP;
+      EXIT WHEN v_need = 0;
+    END LOOP;
   END LOOP;
 
-  IF v_mq IS NOT NULL THEN
-    RETURN QUERY SELECT m.qid, m.aid, m.pid FROM unnest(v_mq, v_ma, v_mp) AS m(qid, aid, pid);
+  IF cardinality(v_ma) > 0 THEN
+    INSERT INTO public.call_assignments (id, queue_id, provider_id, state, attempt, caller_id)
+    SELECT m.aid, m.qid, m.pid, 'assigned', q.attempts + 1, m.cid
+      FROM unnest(v_ma, v_calls[1:cardinality(v_ma)], v_mp, v_mc) AS m(aid, qid, pid, cid)
+      JOIN public.call_queue q ON q.id = m.qid;
+
+    UPDATE public.call_queue q
+       SET status = 'assigned', claimed_by = p_worker, claimed_at = now(),
+           lease_expires_at = now() + v_lease
+     WHERE q.id = ANY (v_calls[1:cardinality(v_ma)]);
+
+    RETURN QUERY SELECT m.qid, m.aid, m.pid
+                   FROM unnest(v_calls[1:cardinality(v_ma)], v_ma, v_mp) AS m(qid, aid, pid);
   END IF;
 
   IF v_special IS NOT NULL THEN
@@ -1080,7 +1112,7 @@ BEGIN
              THEN public.exclude_provider(q.excluded_provider_ids, v_a.provider_id)
            ELSE q.excluded_provider_ids END
    WHERE q.id = v_a.queue_id AND q.status IN ('claimed', 'assigned', 'dialing');
-  PERFORM public.free_provider_slot(v_a.provider_id);  -- after the tenant's counters (lock order)
+  PERFORM public.free_provider_slot(p_assignment_id);  -- after the tenant's counters (lock order)
   PERFORM pg_notify('callq_queue', '');  -- due again now (identical notifications coalesce)
   RETURN true;
 END
@@ -1115,7 +1147,7 @@ BEGIN
   SELECT q.* INTO v_q FROM public.call_queue q WHERE q.id = v_a.queue_id FOR UPDATE;
   SELECT a.* INTO v_a FROM public.call_assignments a WHERE a.id = p_assignment_id FOR UPDATE;
 
-  IF v_a.state NOT IN ('assigned', 'dialing', 'placed') THEN
+  IF NOT (v_a.state = ANY (public.live_assignment_states())) THEN
     SELECT h.id INTO v_hid FROM public.call_history h
      WHERE h.assignment_id = p_assignment_id;
     RETURN v_hid;
@@ -1147,9 +1179,9 @@ BEGIN
    WHERE q.id = v_q.id;
 
   -- provider rows last (lock order: the queue trigger's tenant counters come first)
-  PERFORM public.free_provider_slot(v_a.provider_id);
+  PERFORM public.free_provider_slot(p_assignment_id);
   UPDATE public.provider_availability pa
-     SET successful_calls = pa.successful_calls + 1
+     SET successful_calls = pa.successful_calls + 1, total_calls = pa.total_calls + 1
    WHERE pa.provider_id = v_a.provider_id;
   RETURN v_hid;
 END
@@ -1224,7 +1256,7 @@ BEGIN
   END IF;
   SELECT q.* INTO v_q FROM public.call_queue q WHERE q.id = v_a.queue_id FOR UPDATE;
   SELECT a.* INTO v_a FROM public.call_assignments a WHERE a.id = p_assignment_id FOR UPDATE;
-  IF v_a.state NOT IN ('assigned', 'dialing', 'placed') THEN
+  IF NOT (v_a.state = ANY (public.live_assignment_states())) THEN
     RETURN 'noop';
   END IF;
 
@@ -1297,6 +1329,7 @@ BEGIN
       PERFORM public.record_call_event(v_q.id, 'held', jsonb_build_object(
         'rule', v_rule.reason, 'until', v_next));
     END IF;
+    PERFORM public.free_provider_slot(p_assignment_id);
     PERFORM public.fail_on_provider(v_a.provider_id, p_failure_kind, p_error);
     RETURN 'retry_scheduled';
   END IF;
@@ -1318,13 +1351,15 @@ BEGIN
          last_error = coalesce(p_error, p_failure_kind), completed_at = now(),
          lease_expires_at = NULL
    WHERE q.id = v_q.id;
+  PERFORM public.free_provider_slot(p_assignment_id);
   PERFORM public.fail_on_provider(v_a.provider_id, p_failure_kind, p_error);
   RETURN CASE WHEN p_failure_kind = 'canceled' THEN 'canceled' ELSE 'failed' END;
 END
 $$;
 
--- fail_on_provider: a failed attempt's effect on its provider (slot freed, failure counted,
--- health); run last by handle_failed_call (lock order: provider rows after tenant counters).
+-- fail_on_provider: a failed attempt's effect on its provider row (attempt and failure
+-- counted, health); run last by handle_failed_call, after the slot was freed (lock order:
+-- provider rows after tenant counters).
 CREATE OR REPLACE FUNCTION public.fail_on_provider(
   p_provider_id uuid, p_failure_kind text, p_error text
 ) RETURNS void
@@ -1332,11 +1367,10 @@ LANGUAGE plpgsql
 SET search_path = ''
 AS $$
 BEGIN
-  PERFORM public.free_provider_slot(p_provider_id);
-  IF p_failure_kind <> 'canceled' THEN
-    UPDATE public.provider_availability pa SET failed_calls = pa.failed_calls + 1
-     WHERE pa.provider_id = p_provider_id;
-  END IF;
+  UPDATE public.provider_availability pa
+     SET total_calls = pa.total_calls + 1,
+         failed_calls = pa.failed_calls + (p_failure_kind <> 'canceled')::int
+   WHERE pa.provider_id = p_provider_id;
   IF p_failure_kind = 'provider_error' THEN
     PERFORM public.record_provider_health(p_provider_id, false, NULL, p_error);
   ELSIF p_failure_kind = 'rate_limited' THEN
@@ -1397,31 +1431,45 @@ BEGIN
 END
 $$;
 
--- reconcile_provider_slots: current_calls := live assignments per provider (and free slots
--- accordingly). Locks the availability rows first, then counts in a fresh snapshot, so
--- assignments committed while waiting are counted. Returns the number of rows corrected.
+-- reconcile_provider_slots: a slot held by an assignment that is not live (or gone) is freed,
+-- and provider_availability's current_calls / available_slots are refreshed from the slots
+-- (cheap: one count per provider; run by beat with the reaper). The taken slots are locked
+-- first, then checked in a fresh snapshot, so an assignment committed while waiting counts as
+-- live. Returns the number of slots freed (0 when nothing leaked).
 CREATE OR REPLACE FUNCTION public.reconcile_provider_slots() RETURNS integer
 LANGUAGE plpgsql
 SET search_path = ''
 AS $$
 DECLARE
+  v_taken uuid[];
   v_n integer;
 BEGIN
-  PERFORM 1 FROM public.provider_availability pa ORDER BY pa.provider_id FOR NO KEY UPDATE;
-  WITH live AS (
-    SELECT p.id, p.max_concurrent_calls,
-           (SELECT count(*) FROM public.call_assignments a
-             WHERE a.provider_id = p.id AND a.state IN ('assigned', 'dialing', 'placed'))::int AS n
-      FROM public.call_service_providers p
+  v_taken := ARRAY(SELECT s.assignment_id FROM public.provider_slots s
+                    WHERE s.assignment_id IS NOT NULL
+                    ORDER BY s.provider_id, s.slot_no
+                      FOR NO KEY UPDATE);
+  WITH stray AS (
+    SELECT u.id FROM unnest(v_taken) AS u(id)
+     WHERE NOT EXISTS (SELECT 1 FROM public.call_assignments a
+                        WHERE a.id = u.id AND a.state = ANY (public.live_assignment_states()))
+  ), gone AS (
+    DELETE FROM public.provider_slots s USING stray
+     WHERE s.assignment_id = stray.id AND s.retired
+    RETURNING 1
+  ), freed AS (
+    UPDATE public.provider_slots s SET assignment_id = NULL, freed_at = clock_timestamp()
+      FROM stray
+     WHERE s.assignment_id = stray.id AND NOT s.retired
+    RETURNING 1
   )
+  SELECT (SELECT count(*) FROM gone) + (SELECT count(*) FROM freed) INTO v_n;
+
   UPDATE public.provider_availability pa
-     SET current_calls = live.n,
-         available_slots = greatest(live.max_concurrent_calls - live.n, 0)
-    FROM live
-   WHERE pa.provider_id = live.id
-     AND (pa.current_calls <> live.n
-          OR pa.available_slots <> greatest(live.max_concurrent_calls - live.n, 0));
-  GET DIAGNOSTICS v_n = ROW_COUNT;
+     SET current_calls = l.current_calls, available_slots = l.available_slots
+    FROM public.provider_load l
+   WHERE pa.provider_id = l.provider_id
+     AND (pa.current_calls, pa.available_slots)
+         IS DISTINCT FROM (l.current_calls, l.available_slots);
   RETURN v_n;
 END
 $$;

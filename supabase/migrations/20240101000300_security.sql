@@ -47,20 +47,24 @@ $$;
 REVOKE ALL ON public.users, public.subscription_plans, public.user_subscriptions,
   public.user_call_usage, public.call_templates, public.call_history, public.template_favorites,
   public.call_feedback, public.call_service_providers, public.call_queue,
-  public.provider_availability, public.call_assignments, public.call_retries
+  public.provider_availability, public.call_assignments, public.call_retries,
+  public.provider_slots, public.eligible_providers, public.provider_load
   FROM PUBLIC, anon, authenticated;
 
 GRANT ALL ON public.users, public.subscription_plans, public.user_subscriptions,
   public.user_call_usage, public.call_templates, public.call_history, public.template_favorites,
   public.call_feedback, public.call_service_providers, public.call_queue,
-  public.provider_availability, public.call_assignments, public.call_retries
+  public.provider_availability, public.call_assignments, public.call_retries,
+  public.provider_slots, public.eligible_providers, public.provider_load
   TO service_role;
 
 GRANT SELECT, INSERT, UPDATE, DELETE ON public.users, public.subscription_plans,
   public.user_subscriptions, public.user_call_usage, public.call_templates, public.call_history,
   public.template_favorites, public.call_feedback, public.call_service_providers,
-  public.call_queue, public.provider_availability, public.call_assignments, public.call_retries
+  public.call_queue, public.provider_availability, public.call_assignments, public.call_retries,
+  public.provider_slots
   TO callq_worker;
+GRANT SELECT ON public.eligible_providers, public.provider_load TO callq_worker;
 
 -- authenticated: rows are filtered by the policies; columns limited here. No API role may
 -- write an id (choosing an existing id would reveal that it exists), an owner column after the
@@ -83,8 +87,8 @@ GRANT SELECT, DELETE ON public.call_feedback TO authenticated;
 GRANT INSERT (call_id, user_id, rating, comment) ON public.call_feedback TO authenticated;
 GRANT UPDATE (rating, comment) ON public.call_feedback TO authenticated;
 -- live state of the worker: admins read it (drain a provider with is_active = false instead)
-GRANT SELECT ON public.provider_availability, public.call_assignments, public.call_retries
-  TO authenticated;
+GRANT SELECT ON public.provider_availability, public.call_assignments, public.call_retries,
+  public.provider_slots, public.provider_load TO authenticated;
 -- Providers: credentials (api_key, api_secret, webhook_secret) are not readable by any API role;
 -- admins change only the operational columns. Inserting or deleting a provider and writing
 -- its credentials, base_url, provider_type, capabilities or config is for ops (service_role).
@@ -118,13 +122,13 @@ BEGIN
   FOREACH t IN ARRAY ARRAY['users', 'subscription_plans', 'user_subscriptions',
     'user_call_usage', 'call_templates', 'call_history', 'template_favorites', 'call_feedback',
     'call_service_providers', 'call_queue', 'provider_availability', 'call_assignments',
-    'call_retries']
+    'call_retries', 'provider_slots']
   LOOP
     EXECUTE format('CREATE POLICY worker_all ON public.%I FOR ALL TO callq_worker '
                    'USING (true) WITH CHECK (true)', t);
   END LOOP;
   FOREACH t IN ARRAY ARRAY['call_service_providers', 'provider_availability',
-    'call_assignments', 'call_retries']
+    'call_assignments', 'call_retries', 'provider_slots']
   LOOP
     EXECUTE format('CREATE POLICY admin_select ON public.%I FOR SELECT TO authenticated '
                    'USING ((SELECT public.is_admin()))', t);
@@ -213,7 +217,7 @@ CREATE POLICY feedback_delete_own ON public.call_feedback FOR DELETE TO authenti
 CREATE POLICY queue_select_own ON public.call_queue FOR SELECT TO authenticated
   USING (user_id = (SELECT auth.uid()));
 
--- providers, availability, assignments, retries: admins (admin_select, admin_update on
+-- providers, availability, slots, assignments, retries: admins (admin_select, admin_update on
 -- providers) and the worker only.
 
 -- ---------------------------------------------------------------------------------------------
@@ -221,6 +225,8 @@ CREATE POLICY queue_select_own ON public.call_queue FOR SELECT TO authenticated
 REVOKE ALL ON FUNCTION
   public.set_updated_at(), public.handle_new_user(), public.sync_provider_slots(),
   public.is_admin(), public.is_open_account(), public.free_provider_slot(uuid),
+  public.take_provider_slot(uuid, uuid), public.free_all_provider_slots(),
+  public.caller_ids_violation(jsonb), public.provider_slot_layout(integer, jsonb),
   public.schedule_call(uuid, uuid, text, text, text, timestamptz, int, jsonb, jsonb, text, text),
   public.claim_due_calls(int, text, int), public.get_next_call_in_queue(),
   public.get_best_available_provider(jsonb, uuid[]), public.assign_call_to_provider(uuid, uuid),
@@ -244,7 +250,8 @@ GRANT EXECUTE ON FUNCTION
   TO authenticated, service_role, callq_worker;
 
 GRANT EXECUTE ON FUNCTION
-  public.free_provider_slot(uuid),
+  public.free_provider_slot(uuid), public.take_provider_slot(uuid, uuid),
+  public.caller_ids_violation(jsonb), public.provider_slot_layout(integer, jsonb),
   public.claim_due_calls(int, text, int), public.get_next_call_in_queue(),
   public.get_best_available_provider(jsonb, uuid[]), public.assign_call_to_provider(uuid, uuid),
   public.claim_and_assign_calls(int, text, int), public.mark_call_dialing(uuid),

@@ -180,7 +180,7 @@ CREATE TRIGGER call_queue_snapshot_template BEFORE INSERT ON public.call_queue
 -- Cancel a call nobody has dialed yet: queued, claimed, or assigned (a provider slot taken,
 -- mark_call_dialing not yet passed: the assignment is canceled and its slot given back, so the
 -- worker's gate refuses to dial). Returns the status the call had; changes nothing unless it
--- was queued, claimed or assigned. Locks: queue row -> assignment -> availability.
+-- was queued, claimed or assigned. Locks: queue row -> assignment -> its slot.
 CREATE OR REPLACE FUNCTION public.cancel_undialed_call(p_queue_id uuid, p_reason text)
 RETURNS text
 LANGUAGE plpgsql
@@ -202,7 +202,7 @@ BEGIN
     UPDATE public.call_assignments a
        SET state = 'canceled', ended_at = now(), outcome = 'canceled', error = p_reason
      WHERE a.id = v_a.id;
-    PERFORM public.free_provider_slot(v_a.provider_id);
+    PERFORM public.free_provider_slot(v_a.id);
   END LOOP;
   UPDATE public.call_queue q
      SET status = 'canceled', last_error = p_reason, completed_at = now(),

@@ -16,11 +16,41 @@ AS $$
                        WHEN 'dialing' THEN 3 WHEN 'in_progress' THEN 3 ELSE 0 END;
 $$;
 
--- Apply per-tenant deltas (user_id, queued, claimed, dialed): rows locked in user_id order.
+-- The plan's calls per minute, fleet-wide: a GCRA over claims. Emission interval
+-- T = 60 / calls_per_minute seconds, burst b = plan_rate_burst (one second's worth, at least 1),
+-- tolerance (b - 1) * T. A claim at p_now may take plan_rate_allowance calls; each call taken
+-- moves the tenant's rate_tat on by T (from p_now when it lies in the past), rounded up to the
+-- microsecond. Hence in any 60 s window a tenant gets at most calls_per_minute + b - 1 claims
+-- (b = 1, so exactly calls_per_minute, below 120 per minute). NULL: no limit.
+CREATE OR REPLACE FUNCTION public.plan_rate_burst(p_calls_per_minute integer) RETURNS integer
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+SET search_path = ''
+AS $$
+  SELECT greatest(p_calls_per_minute / 60, 1);
+$$;
+
+CREATE OR REPLACE FUNCTION public.plan_rate_allowance(
+  p_calls_per_minute integer, p_tat timestamptz, p_now timestamptz
+) RETURNS integer
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+SET search_path = ''
+AS $$
+  -- calls j = 1.. conform while tat + (j - 1) T - (b - 1) T <= now, i.e. j <= b - (tat - now) / T
+  SELECT CASE WHEN p_calls_per_minute IS NOT NULL THEN
+           greatest(public.plan_rate_burst(p_calls_per_minute)
+                    - ceil(greatest(extract(epoch FROM coalesce(p_tat, p_now) - p_now), 0)
+                           * p_calls_per_minute / 60)::integer, 0) END;
+$$;
+
+-- Apply per-tenant deltas (user_id, queued, claimed, dialed, claims): rows locked in user_id
+-- order. claims (calls taken from the queue by a claim) move the tenant's rate_tat on when its
+-- plan has calls_per_minute.
 CREATE OR REPLACE FUNCTION public.apply_counter_deltas(p_deltas jsonb) RETURNS void
 LANGUAGE plpgsql
 SET search_path = ''
 AS $$
+DECLARE
+  v_now timestamptz;
 BEGIN
   INSERT INTO public.tenant_call_counters AS c (user_id, queued, claimed, dialed)
   SELECT d.user_id, d.queued, d.claimed, d.dialed
@@ -30,6 +60,18 @@ BEGIN
   ON CONFLICT (user_id) DO UPDATE
      SET queued = c.queued + EXCLUDED.queued, claimed = c.claimed + EXCLUDED.claimed,
          dialed = c.dialed + EXCLUDED.dialed, updated_at = now();
+  IF jsonb_path_exists(p_deltas, '$[*] ? (@.claims > 0)') THEN
+    v_now := public.callq_now();
+    UPDATE public.tenant_call_counters c
+       SET rate_tat = greatest(coalesce(c.rate_tat, v_now), v_now)
+                      + ceil(d.claims * 60000000.0 / pl.calls_per_minute)::float8
+                        * interval '1 microsecond'
+      FROM jsonb_to_recordset(p_deltas) AS d(user_id uuid, claims int)
+      JOIN public.user_subscriptions s
+        ON s.user_id = d.user_id AND s.status IN ('active', 'trialing')
+      JOIN public.subscription_plans pl ON pl.id = s.plan_id
+     WHERE c.user_id = d.user_id AND d.claims > 0 AND pl.calls_per_minute IS NOT NULL;
+  END IF;
 END
 $$;
 
@@ -58,14 +100,17 @@ BEGIN
              -count(*) FILTER (WHERE public.call_status_class(o.status) = 3) AS dialed
         FROM old_rows o GROUP BY o.user_id) d;
   ELSE
+    -- claims: rows taken from the queue (queued -> claimed, assigned, dialing, in progress)
     SELECT jsonb_agg(d) INTO v_deltas FROM (
       SELECT x.user_id, sum(x.s * (x.c = 1)::int) AS queued, sum(x.s * (x.c = 2)::int) AS claimed,
-             sum(x.s * (x.c = 3)::int) AS dialed
-        FROM (SELECT n.user_id, 1 AS s, public.call_status_class(n.status) AS c
+             sum(x.s * (x.c = 3)::int) AS dialed, sum(x.cl) AS claims
+        FROM (SELECT n.user_id, 1 AS s, public.call_status_class(n.status) AS c,
+                     (public.call_status_class(o.status) = 1
+                      AND public.call_status_class(n.status) >= 2)::int AS cl
                 FROM new_rows n JOIN old_rows o ON o.id = n.id
                WHERE o.status IS DISTINCT FROM n.status OR o.user_id IS DISTINCT FROM n.user_id
               UNION ALL
-              SELECT o.user_id, -1, public.call_status_class(o.status)
+              SELECT o.user_id, -1, public.call_status_class(o.status), 0
                 FROM new_rows n JOIN old_rows o ON o.id = n.id
                WHERE o.status IS DISTINCT FROM n.status OR o.user_id IS DISTINCT FROM n.user_id) x
        GROUP BY x.user_id
@@ -117,16 +162,16 @@ BEGIN
   PERFORM 1 FROM public.user_call_usage u
    WHERE u.minutes_reserved <> 0
       OR u.id IN (SELECT a.usage_id FROM public.call_assignments a
-                   WHERE a.state IN ('assigned', 'dialing', 'placed') AND a.usage_id IS NOT NULL)
+                   WHERE a.state = ANY (public.live_assignment_states()) AND a.usage_id IS NOT NULL)
    ORDER BY u.id FOR NO KEY UPDATE;
   WITH r AS (
     SELECT u.id, coalesce((SELECT sum(a.reserved_minutes) FROM public.call_assignments a
                             WHERE a.usage_id = u.id
-                              AND a.state IN ('assigned', 'dialing', 'placed')), 0)::int AS m
+                              AND a.state = ANY (public.live_assignment_states())), 0)::int AS m
       FROM public.user_call_usage u
      WHERE u.minutes_reserved <> 0
         OR u.id IN (SELECT a.usage_id FROM public.call_assignments a
-                     WHERE a.state IN ('assigned', 'dialing', 'placed') AND a.usage_id IS NOT NULL)
+                     WHERE a.state = ANY (public.live_assignment_states()) AND a.usage_id IS NOT NULL)
   )
   UPDATE public.user_call_usage u SET minutes_reserved = r.m
     FROM r WHERE u.id = r.id AND u.minutes_reserved <> r.m;
@@ -135,7 +180,7 @@ BEGIN
   PERFORM 1 FROM public.tenant_call_counters c ORDER BY c.user_id FOR NO KEY UPDATE;
   INSERT INTO public.tenant_call_counters (user_id)
   SELECT DISTINCT q.user_id FROM public.call_queue q
-   WHERE q.status IN ('queued', 'claimed', 'assigned', 'dialing', 'in_progress')
+   WHERE q.status = ANY (public.live_call_statuses())
   ON CONFLICT (user_id) DO NOTHING;
   WITH live AS (
     SELECT c.user_id,
@@ -145,7 +190,7 @@ BEGIN
       FROM public.tenant_call_counters c
       LEFT JOIN public.call_queue q
         ON q.user_id = c.user_id
-       AND q.status IN ('queued', 'claimed', 'assigned', 'dialing', 'in_progress')
+       AND q.status = ANY (public.live_call_statuses())
      GROUP BY c.user_id
   )
   UPDATE public.tenant_call_counters c
@@ -272,6 +317,8 @@ $$;
 --   * only tenants whose subscription is active or trialing (others' calls are held queued);
 --   * at most the tenant's free concurrency (plan max_concurrent_calls minus its calls in
 --     flight, from tenant_call_counters): calls over the cap stay queued, untouched;
+--   * at most what the plan's calls_per_minute allows now (plan_rate_allowance; the counter
+--     trigger moves rate_tat on for each call the claim takes): the rest stay queued;
 --   * within a priority level, tenants take turns: each tenant's k-th call ranks with the other
 --     tenants' k-th call, then by scheduled_time, so one tenant's backlog does not delay another.
 -- Candidates come from the per-tenant index (one probe per tenant and priority: a tenant's far
@@ -311,7 +358,9 @@ BEGIN
                                     ORDER BY x.priority, x.scheduled_time, x.created_at) AS n
             FROM (SELECT c.user_id,
                          -- twice the batch: rows locked by other claimers are skipped
-                         least(pl.max_concurrent_calls - c.claimed - c.dialed, 2 * p_limit) AS room
+                         least(pl.max_concurrent_calls - c.claimed - c.dialed, 2 * p_limit,
+                               public.plan_rate_allowance(pl.calls_per_minute, c.rate_tat,
+                                                          v_now)) AS room
                     FROM public.tenant_call_counters c
                     JOIN public.user_subscriptions s
                       ON s.user_id = c.user_id AND s.status IN ('active', 'trialing')
@@ -376,7 +425,8 @@ BEGIN
   END IF;
   SELECT array_agg(z.id ORDER BY z.ord) INTO v_ids
     FROM (SELECT c.id, c.ord,
-                 pl.max_concurrent_calls - t.claimed - t.dialed
+                 least(pl.max_concurrent_calls - t.claimed - t.dialed,
+                       public.plan_rate_allowance(pl.calls_per_minute, t.rate_tat, v_now))
                    - (SELECT count(*) FROM public.call_queue x
                        WHERE x.id = ANY (p_exclude) AND x.user_id = q.user_id) AS room,
                  row_number() OVER (PARTITION BY q.user_id ORDER BY c.ord) AS k
@@ -452,7 +502,7 @@ BEGIN
   VALUES (v_q.user_id, v_q.template_id, v_q.id, p_assignment_id, v_a.provider_id,
           v_q.recipient_name, v_q.recipient_phone, v_q.recipient_email, 'failed', now(),
           v_q.attempts, p_reason, v_q.metadata);
-  PERFORM public.free_provider_slot(v_a.provider_id);
+  PERFORM public.free_provider_slot(p_assignment_id);
 END
 $$;
 
@@ -544,6 +594,7 @@ CREATE POLICY counters_select_own ON public.tenant_call_counters FOR SELECT TO a
 
 REVOKE ALL ON FUNCTION
   public.call_status_class(text), public.apply_counter_deltas(jsonb),
+  public.plan_rate_burst(integer), public.plan_rate_allowance(integer, timestamptz, timestamptz),
   public.count_tenant_calls(), public.zero_tenant_counters(), public.reconcile_tenant_counters(),
   public.tenant_plan(uuid), public.lock_current_usage(uuid),
   public.settle_call_usage(uuid, uuid, double precision), public.return_dial(uuid),
@@ -554,6 +605,7 @@ REVOKE ALL ON FUNCTION
   FROM PUBLIC, anon, authenticated;
 GRANT EXECUTE ON FUNCTION
   public.call_status_class(text), public.apply_counter_deltas(jsonb),
+  public.plan_rate_burst(integer), public.plan_rate_allowance(integer, timestamptz, timestamptz),
   public.reconcile_tenant_counters(), public.tenant_plan(uuid), public.lock_current_usage(uuid),
   public.settle_call_usage(uuid, uuid, double precision), public.return_dial(uuid),
   public.claimable_calls(integer, uuid[]), public.dial_gate(uuid), public.refuse_dial(uuid, text),

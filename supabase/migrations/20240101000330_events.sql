@@ -156,7 +156,7 @@ BEGIN
   END IF;
   SELECT a.id, a.attempt, a.provider_id INTO v_a
     FROM public.call_assignments a
-   WHERE a.queue_id = p_queue_id AND a.state IN ('assigned', 'dialing', 'placed');
+   WHERE a.queue_id = p_queue_id AND a.state = ANY (public.live_assignment_states());
   INSERT INTO public.call_events (queue_id, user_id, kind, attempt, provider_id, assignment_id,
                                   detail)
   VALUES (p_queue_id, v_q.user_id, p_kind, coalesce(v_a.attempt, v_q.attempts), v_a.provider_id,

@@ -386,7 +386,7 @@ BEGIN
        AND c.calls_total > 0
        AND NOT EXISTS (SELECT 1 FROM public.call_queue q
                         WHERE q.campaign_id = c.id
-                          AND q.status IN ('queued', 'claimed', 'assigned', 'dialing', 'in_progress'))
+                          AND q.status = ANY (public.live_call_statuses()))
        FOR NO KEY UPDATE OF c SKIP LOCKED
   )
   UPDATE public.call_campaigns c SET status = 'completed', ended_at = now()
@@ -432,7 +432,7 @@ SELECT c.id AS campaign_id, c.user_id, c.name, c.status, c.calls_per_minute, c.m
   LEFT JOIN LATERAL (
     SELECT count(*) AS calls,
            count(*) FILTER (WHERE x.status = 'queued') AS queued,
-           count(*) FILTER (WHERE x.status IN ('claimed', 'assigned', 'dialing', 'in_progress'))
+           count(*) FILTER (WHERE x.status = ANY (public.in_flight_call_statuses()))
              AS in_flight,
            count(*) FILTER (WHERE x.status = 'completed') AS completed,
            count(*) FILTER (WHERE x.status = 'failed') AS failed,

@@ -94,7 +94,7 @@ def all_terminal(conn: psycopg.Connection[Any], ids: list[Any]) -> bool:
 
 
 def slots_held(conn: psycopg.Connection[Any]) -> int:
-    row = conn.execute("SELECT coalesce(sum(current_calls), 0) FROM provider_availability")
+    row = conn.execute("SELECT coalesce(sum(current_calls), 0) FROM provider_load")
     value = row.fetchone()
     return int(value[0]) if value else 0
 

@@ -120,7 +120,7 @@ def test_add_from_flags(db_url: str, conn: psycopg.Connection[Any], sim: Simulat
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     row = conn.execute(
-        "SELECT p.max_concurrent_calls, pa.available_slots FROM call_service_providers p"
-        " JOIN provider_availability pa ON pa.provider_id = p.id WHERE p.name = 'Vapi'"
+        "SELECT p.max_concurrent_calls, l.available_slots FROM call_service_providers p"
+        " JOIN provider_load l ON l.provider_id = p.id WHERE p.name = 'Vapi'"
     ).fetchone()
     assert row == (5, 5)

@@ -39,6 +39,7 @@ TABLES = [
 DOMAIN_TABLES = [
     "tenant_call_counters",  # plans (issue 9)
     "provider_create_pacing",  # plans (issue 9)
+    "provider_slots",  # slots as rows (issue 12)
 ]
 # The calling rules' tables: settings, reference data and rule rows (no SQLAlchemy models: only
 # the SQL functions use them).
@@ -168,12 +169,81 @@ def schedule(conn: Conn, user: uuid.UUID, template: uuid.UUID, **kw: Any) -> uui
 
 
 def slots(conn: Conn, provider: uuid.UUID) -> tuple[int, int]:
+    """(taken, free) slots of a provider, live (provider_load counts its provider_slots)."""
     row = conn.execute(
-        "SELECT current_calls, available_slots FROM provider_availability WHERE provider_id = %s",
+        "SELECT current_calls, available_slots FROM provider_load WHERE provider_id = %s",
         (provider,),
     ).fetchone()
     assert row is not None
     return int(row[0]), int(row[1])
+
+
+def hold_slots(conn: Conn, provider: uuid.UUID, n: int) -> list[uuid.UUID]:
+    """Take n free slots of a provider for made-up assignment ids (calls the test does not need;
+    reconcile_provider_slots frees them as strays)."""
+    rows = conn.execute(
+        "UPDATE provider_slots s SET assignment_id = gen_random_uuid()"
+        " FROM (SELECT slot_no FROM provider_slots WHERE provider_id = %(p)s"
+        "       AND assignment_id IS NULL ORDER BY freed_at, slot_no LIMIT %(n)s) f"
+        " WHERE s.provider_id = %(p)s AND s.slot_no = f.slot_no RETURNING s.assignment_id",
+        {"p": provider, "n": n},
+    ).fetchall()
+    return [r[0] for r in rows]
+
+
+def free_slots(conn: Conn, provider: uuid.UUID) -> None:
+    """Give back every slot of a provider (after hold_slots)."""
+    conn.execute(
+        "UPDATE provider_slots SET assignment_id = NULL, freed_at = clock_timestamp()"
+        " WHERE provider_id = %s AND assignment_id IS NOT NULL",
+        (provider,),
+    )
+
+
+# The slot invariants, one row per violation, read in one snapshot: a provider never carries more
+# live assignments than max_concurrent_calls, nor a pool's number more than its max_concurrent;
+# its slots are its layout; each live assignment holds exactly one slot of its provider, with
+# the slot's number as caller_id, and a taken slot belongs to a live assignment.
+SLOT_VIOLATIONS = """
+WITH live AS (
+  SELECT a.id, a.provider_id, a.caller_id FROM call_assignments a
+   WHERE a.state = ANY (live_assignment_states())
+)
+SELECT 'over max_concurrent_calls', p.id::text FROM call_service_providers p
+ WHERE (SELECT count(*) FROM live WHERE live.provider_id = p.id) > p.max_concurrent_calls
+UNION ALL
+SELECT 'number over its max_concurrent', p.id::text || ' ' || (e.v->>'id')
+  FROM call_service_providers p
+ CROSS JOIN LATERAL jsonb_array_elements(
+   CASE WHEN jsonb_typeof(p.config->'caller_ids') = 'array' THEN p.config->'caller_ids'
+        ELSE '[]'::jsonb END) AS e(v)
+ WHERE (SELECT count(*) FROM live WHERE live.provider_id = p.id AND live.caller_id = e.v->>'id')
+       > coalesce((e.v->>'max_concurrent')::int, p.max_concurrent_calls)
+UNION ALL
+SELECT 'slots differ from the layout', p.id::text FROM call_service_providers p
+ WHERE EXISTS (
+   (SELECT l.slot_no, l.caller_id FROM provider_slot_layout(p.max_concurrent_calls, p.config) l
+    EXCEPT SELECT s.slot_no, s.caller_id FROM provider_slots s WHERE s.provider_id = p.id)
+   UNION ALL
+   (SELECT s.slot_no, s.caller_id FROM provider_slots s
+     WHERE s.provider_id = p.id AND NOT s.retired
+    EXCEPT SELECT l.slot_no, l.caller_id
+             FROM provider_slot_layout(p.max_concurrent_calls, p.config) l))
+UNION ALL
+SELECT 'taken slot without a live assignment', s.provider_id::text FROM provider_slots s
+ WHERE s.assignment_id IS NOT NULL
+   AND NOT EXISTS (SELECT 1 FROM live WHERE live.id = s.assignment_id
+                      AND live.provider_id = s.provider_id)
+UNION ALL
+SELECT 'live assignment without its slot', live.id::text FROM live
+ WHERE NOT EXISTS (SELECT 1 FROM provider_slots s WHERE s.assignment_id = live.id
+                      AND s.caller_id IS NOT DISTINCT FROM live.caller_id)
+"""
+
+
+def slot_violations(conn: Conn) -> list[tuple[str, str]]:
+    """The slot invariants that do not hold right now (empty: all hold)."""
+    return [(str(r[0]), str(r[1])) for r in conn.execute(SLOT_VIOLATIONS).fetchall()]
 
 
 @contextmanager

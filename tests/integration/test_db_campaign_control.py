@@ -59,7 +59,7 @@ def test_draft_and_paused_calls_are_never_claimed(conn: Conn) -> None:
     assert one(conn, "SELECT pause_campaign(%s)", (camp,)) == "paused"
     # the 4 assigned but undialed calls went back to the queue, slots given back
     assert _by_status(conn, camp) == {"queued": 10}
-    assert one(conn, "SELECT sum(current_calls) FROM provider_availability") == 0
+    assert one(conn, "SELECT sum(current_calls) FROM provider_load") == 0
     assert _claim(conn) == [] and conn.execute("SELECT * FROM claim_due_calls(9)").fetchall() == []
     assert one(conn, "SELECT pause_campaign(%s)", (camp,)) == "paused"  # idempotent
     assert one(conn, "SELECT resume_campaign(%s)", (camp,)) == "running"
@@ -102,7 +102,7 @@ def test_cancel_cancels_what_is_not_dialed_and_lets_calls_in_flight_finish(conn:
     assert one(conn, "SELECT status FROM call_queue WHERE id = %s", (q1,)) == "canceled"
     assert one(conn, "SELECT complete_call(%s, 12)", (a2,)) is not None
     assert _by_status(conn, camp) == {"canceled": 7, "completed": 1}
-    assert one(conn, "SELECT sum(current_calls) FROM provider_availability") == 0
+    assert one(conn, "SELECT sum(current_calls) FROM provider_load") == 0
     assert one(conn, "SELECT cancel_campaign(%s)", (camp,)) == "canceled"
     for fn in ("pause_campaign", "resume_campaign"):
         with pytest.raises(psycopg.Error) as err:
@@ -164,7 +164,7 @@ def test_reschedule_call(conn: Conn) -> None:
     ((_, aid, _),) = _claim(conn)
     conn.execute("SELECT reschedule_call(%s, %s)", (qid, later))
     assert one(conn, "SELECT status FROM call_queue WHERE id = %s", (qid,)) == "queued"
-    assert one(conn, "SELECT sum(current_calls) FROM provider_availability") == 0
+    assert one(conn, "SELECT sum(current_calls) FROM provider_load") == 0
     assert one(conn, "SELECT mark_call_dialing(%s)", (aid,)) is False
     conn.execute("SELECT reschedule_call(%s, NULL)", (qid,))
     ((_, aid, _),) = _claim(conn)

@@ -1,4 +1,4 @@
-"""Many connections at once: no call claimed twice, slots never negative, above max, or leaked."""
+"""Many connections at once: no call claimed twice, slots never over max, inconsistent or leaked."""
 
 from __future__ import annotations
 
@@ -11,7 +11,16 @@ from typing import Any
 
 import psycopg
 
-from .dbutil import connect, make_provider, make_template, make_user, one
+from .dbutil import (
+    connect,
+    hold_slots,
+    make_provider,
+    make_template,
+    make_user,
+    one,
+    slot_violations,
+    slots,
+)
 
 WORKERS = 8
 
@@ -88,6 +97,14 @@ def test_concurrent_assign_and_finish_keep_slots_exact(db_url: str) -> None:
         maxima = dict(
             conn.execute("SELECT id, max_concurrent_calls FROM call_service_providers").fetchall()
         )
+        # one provider dials from a pool of two numbers, each capped below the provider
+        conn.execute(
+            'UPDATE call_service_providers SET config = \'{"caller_ids": [{"id": "n1",'
+            ' "max_concurrent": 2}, {"id": "n2", "max_concurrent": 3}]}\''
+            " WHERE id = %s",
+            (providers[1],),
+        )
+        maxima[providers[1]] = 5  # the pool's caps add up to 5 of its 6
     stop = threading.Event()
     violations: list[Any] = []
     assigned_ids: list[list[uuid.UUID]] = [[] for _ in range(WORKERS)]
@@ -95,15 +112,9 @@ def test_concurrent_assign_and_finish_keep_slots_exact(db_url: str) -> None:
     def watch() -> None:
         with connect(db_url) as conn:
             while not stop.is_set():
-                rows = conn.execute(
-                    "SELECT pa.provider_id, pa.current_calls, pa.available_slots,"
-                    " p.max_concurrent_calls FROM provider_availability pa"
-                    " JOIN call_service_providers p ON p.id = pa.provider_id"
-                ).fetchall()
-                for pid, cur, free, mx in rows:
-                    if cur < 0 or free < 0 or cur > mx or cur + free != mx:
-                        violations.append((pid, cur, free, mx))
-                # the counters always equal the live assignments: nothing for reconcile to fix
+                # caps, slots equal to live assignments (one snapshot)
+                violations.extend(slot_violations(conn))
+                # the slots always hold exactly the live assignments: nothing for reconcile to fix
                 fixed = one(conn, "SELECT reconcile_provider_slots()")
                 if fixed:
                     violations.append(("reconcile fixed", fixed))
@@ -155,13 +166,21 @@ def test_concurrent_assign_and_finish_keep_slots_exact(db_url: str) -> None:
         )
         assert set(statuses) <= {"completed", "failed"} and sum(statuses.values()) == 300
         for pid in providers:
-            row = conn.execute(
-                "SELECT current_calls, available_slots FROM provider_availability"
-                " WHERE provider_id = %s",
-                (pid,),
-            ).fetchone()
-            assert row == (0, maxima[pid])
+            assert slots(conn, pid) == (0, maxima[pid])
         assert one(conn, "SELECT reconcile_provider_slots()") == 0  # nothing to fix: no leak
+        # the pool's numbers all dialed (rotation), and the reconcile refreshed the figures
+        used = one(
+            conn,
+            "SELECT count(DISTINCT caller_id) FROM call_assignments WHERE provider_id = %s",
+            (providers[1],),
+        )
+        assert used == 2
+        figures = conn.execute(
+            "SELECT current_calls, available_slots FROM provider_availability"
+            " WHERE provider_id = %s",
+            (providers[1],),
+        ).fetchone()
+        assert figures == (0, 5)
         # every finished call has exactly one history row; each was dialed once, and every dial
         # counts (billing model): released attempts were never dialed and gave nothing
         assert one(conn, "SELECT count(*) FROM call_history") == 300
@@ -195,47 +214,30 @@ def test_concurrent_schedules_respect_the_call_limit(db_url: str) -> None:
     assert Counter(results) == {"ok": 5, "CQ003": WORKERS * 3 - 5}
 
 
-def test_claim_and_assign_losing_a_slot_race_leaves_the_call_untouched(db_url: str) -> None:
-    """The batch takes provider slots last; if another transaction takes them meanwhile, the
-    batch is redone with the provider rows locked and the call stays queued, unchanged."""
+def test_a_slot_locked_by_another_claimer_is_skipped_and_the_call_left_untouched(
+    db_url: str,
+) -> None:
+    """Slots are taken with SKIP LOCKED: while another transaction holds a provider's only slot
+    (not committed yet), both claim paths return at once without it and leave the call queued,
+    unchanged; after that transaction rolls back the slot is taken normally."""
     with connect(db_url) as conn:
         user = make_user(conn, call_limit=None, max_concurrent=100_000)
         tpl = make_template(conn, user)
         provider = make_provider(conn, max_calls=1)
         qid = one(conn, "SELECT schedule_call(%s, %s, 'R', '+15551234567')", (user, tpl))
         before = conn.execute("SELECT * FROM call_queue WHERE id = %s", (qid,)).fetchone()
-    result: list[Any] = []
-    with psycopg.connect(db_url) as rival, connect(db_url) as claimer, connect(db_url) as obs:
-        # the rival takes the only slot but has not committed yet
-        rival.execute(
-            "UPDATE provider_availability SET current_calls = 1, available_slots = 0"
-            " WHERE provider_id = %s",
-            (provider,),
+    with psycopg.connect(db_url) as rival, connect(db_url) as claimer:
+        # a deadline instead of a hang if a claim ever waited on the rival's slot
+        claimer.execute("SET statement_timeout = '20s'")
+        hold_slots(rival, provider, 1)  # not committed
+        assert claimer.execute("SELECT * FROM claim_and_assign_calls(10)").fetchall() == []
+        assert one(claimer, "SELECT assign_call_to_provider(%s, %s)", (qid, provider)) is None
+        assert claimer.execute("SELECT * FROM call_queue WHERE id = %s", (qid,)).fetchone() == (
+            before
         )
-        pid = one(claimer, "SELECT pg_backend_pid()")
-        t = threading.Thread(
-            target=lambda: result.append(
-                claimer.execute("SELECT * FROM claim_and_assign_calls(10)").fetchall()
-            )
-        )
-        t.start()
-        # wait (with a deadline) until the claimer blocks on the rival's row lock
-        waited = 0
-        while one(obs, "SELECT wait_event_type IS DISTINCT FROM 'Lock' FROM pg_stat_activity"
-                  " WHERE pid = %s", (pid,)):  # fmt: skip
-            waited += 1
-            assert waited < 10_000, "claimer never blocked"
-            obs.execute("SELECT pg_sleep(0.001)")
-        rival.commit()
-        t.join(timeout=30)
-    assert result == [[]]
-    with connect(db_url) as conn:
-        assert conn.execute("SELECT * FROM call_queue WHERE id = %s", (qid,)).fetchone() == before
-        assert one(conn, "SELECT count(*) FROM call_assignments") == 0
-        assert (
-            one(
-                conn,
-                "SELECT (current_calls, available_slots)::text FROM provider_availability",
-            )
-            == "(1,0)"
-        )
+        assert one(claimer, "SELECT count(*) FROM call_assignments") == 0
+        rival.rollback()
+        rows = claimer.execute("SELECT queue_id, provider_id FROM claim_and_assign_calls(10)")
+        assert rows.fetchall() == [(qid, provider)]
+        assert slots(claimer, provider) == (1, 0)
+        assert slot_violations(claimer) == []

@@ -13,6 +13,7 @@ import psycopg
 import pytest
 
 from .dbutil import Conn, connect, make_provider, make_template, make_user, one, schedule
+from .dbutil import set_clock as pin_clock
 
 
 @pytest.fixture
@@ -99,7 +100,7 @@ def test_gate_refuses_a_dial_beyond_the_plan(conn: Conn) -> None:
     row = conn.execute("SELECT status, last_error FROM call_queue WHERE id = %s", (qid,)).fetchone()
     assert row == ("failed", "call_limit_reached")
     assert one(conn, "SELECT state FROM call_assignments WHERE id = %s", (aid,)) == "released"
-    assert one(conn, "SELECT sum(current_calls) FROM provider_availability") == 0
+    assert one(conn, "SELECT sum(current_calls) FROM provider_load") == 0
     assert usage(conn, user)[0] == 0
 
 
@@ -210,6 +211,60 @@ def test_paced_campaign_calls_respect_plan_concurrency_and_status(conn: Conn) ->
     conn.execute("UPDATE user_subscriptions SET status = 'active' WHERE user_id = %s", (user,))
     conn.execute("UPDATE call_queue SET scheduled_time = now() WHERE user_id = %s", (user,))
     assert len(conn.execute("SELECT * FROM claim_due_calls(10)").fetchall()) == 2
+
+
+def test_plan_calls_per_minute_keeps_calls_queued_until_the_rate_allows(conn: Conn) -> None:
+    """subscription_plans.calls_per_minute: claims over the rate leave calls queued (not
+    failed); they go when the rate allows, on either claim; one second's worth is the burst."""
+    make_provider(conn, max_calls=100)
+    user, tpl = tenant(conn, call_limit=None, minute_limit=None, max_concurrent=100)
+    other, other_tpl = tenant(conn, call_limit=None, minute_limit=None, max_concurrent=100)
+    conn.execute(
+        "UPDATE subscription_plans SET calls_per_minute = 2 WHERE id ="
+        " (SELECT plan_id FROM user_subscriptions WHERE user_id = %s)",
+        (user,),
+    )
+    t0 = datetime(2026, 3, 2, 15, 0, tzinfo=UTC)
+    pin_clock(conn, t0)
+    try:
+        ids = [schedule(conn, user, tpl) for _ in range(4)]
+        others = [schedule(conn, other, other_tpl) for _ in range(3)]
+        got = {q for q, _ in claim(conn)}
+        assert len(got & set(ids)) == 1 and set(others) <= got  # the other tenant is not held
+        assert claim(conn) == []
+        pin_clock(conn, t0 + timedelta(seconds=29))
+        assert claim(conn) == []
+        assert conn.execute("SELECT * FROM claim_due_calls(10)").fetchall() == []
+        pin_clock(conn, t0 + timedelta(seconds=30))
+        assert len(conn.execute("SELECT * FROM claim_due_calls(10)").fetchall()) == 1
+        statuses = conn.execute(
+            "SELECT status, count(*) FROM call_queue WHERE id = ANY(%s) GROUP BY 1", (ids,)
+        ).fetchall()
+        assert dict(statuses) == {"assigned": 1, "claimed": 1, "queued": 2}
+        # a long pause does not bank more than the burst
+        pin_clock(conn, t0 + timedelta(hours=1))
+        assert len(claim(conn)) == 1
+        # 600 a minute: ten a second at once, then one every 0.1 s
+        conn.execute(
+            "UPDATE subscription_plans SET calls_per_minute = 600 WHERE id ="
+            " (SELECT plan_id FROM user_subscriptions WHERE user_id = %s)",
+            (user,),
+        )
+        more = [schedule(conn, user, tpl) for _ in range(15)]
+        pin_clock(conn, t0 + timedelta(hours=2))
+        assert len(claim(conn)) == 10
+        pin_clock(conn, t0 + timedelta(hours=2, seconds=0.35))
+        assert len(claim(conn)) == 3
+        assert (
+            one(
+                conn,
+                "SELECT count(*) FROM call_queue WHERE id = ANY(%s) AND status = 'queued'",
+                (more + ids,),
+            )
+            == 3
+        )
+    finally:
+        pin_clock(conn, None)
 
 
 def test_claims_rotate_between_tenants_within_a_priority(conn: Conn) -> None:

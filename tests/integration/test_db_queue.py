@@ -3,14 +3,28 @@
 from __future__ import annotations
 
 import math
+import re
 import uuid
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
 
-from .dbutil import Conn, connect, make_provider, make_template, make_user, one, schedule, slots
+from .dbutil import (
+    Conn,
+    connect,
+    free_slots,
+    hold_slots,
+    make_provider,
+    make_template,
+    make_user,
+    one,
+    schedule,
+    slot_violations,
+    slots,
+)
 
 
 @pytest.fixture
@@ -164,25 +178,13 @@ def test_best_provider_prefers_priority_then_load_and_honours_filters(conn: Conn
     make_provider(conn, priority=1, active=False)
     make_provider(conn, priority=1, availability=False)
     assert one(conn, "SELECT get_best_available_provider()") == a
-    conn.execute(
-        "UPDATE provider_availability SET current_calls = 2, available_slots = 0"
-        " WHERE provider_id = %s",
-        (a,),
-    )
-    conn.execute(
-        "UPDATE provider_availability SET current_calls = 5, available_slots = 5"
-        " WHERE provider_id = %s",
-        (b,),
-    )
+    hold_slots(conn, a, 2)  # a is full
+    hold_slots(conn, b, 5)
     assert one(conn, "SELECT get_best_available_provider()") == c  # lower load
     assert one(conn, "SELECT get_best_available_provider(NULL, %s)", ([c],)) == b
     assert one(conn, "SELECT get_best_available_provider(NULL, %s)", ([b, c],)) is None
     assert one(conn, """SELECT get_best_available_provider('{"sms": true}')""") is None
-    conn.execute(
-        "UPDATE provider_availability SET current_calls = 0, available_slots = 2"
-        " WHERE provider_id = %s",
-        (a,),
-    )
+    free_slots(conn, a)
     assert one(conn, """SELECT get_best_available_provider('{"sms": true}')""") == a
     conn.execute(
         "UPDATE provider_availability SET circuit_open_until = now() + interval '1 minute'"
@@ -562,21 +564,42 @@ def test_reconcile_provider_slots(conn: Conn, setup: Any) -> None:
     p = make_provider(conn, max_calls=5)
     assigned_call(conn, setup, p)
     placed_call(conn, setup, p)
-    conn.execute(
-        "UPDATE provider_availability SET current_calls = 4, available_slots = 0"
-        " WHERE provider_id = %s",
-        (p,),
-    )
-    assert one(conn, "SELECT reconcile_provider_slots()") == 1
+    hold_slots(conn, p, 2)  # leaked: held by assignments that do not exist
+    assert slots(conn, p) == (4, 1)
+    assert one(conn, "SELECT reconcile_provider_slots()") == 2
     assert slots(conn, p) == (2, 3)
+    assert slot_violations(conn) == []
+    # provider_availability's figures are refreshed by the reconcile (not by each claim)
+    row = conn.execute(
+        "SELECT current_calls, available_slots FROM provider_availability WHERE provider_id = %s",
+        (p,),
+    ).fetchone()
+    assert row == (2, 3)
     assert one(conn, "SELECT reconcile_provider_slots()") == 0
 
 
 def test_provider_max_change_moves_free_slots(conn: Conn, setup: Any) -> None:
     p = make_provider(conn, max_calls=5)
-    assigned_call(conn, setup, p)
+    _, a1 = assigned_call(conn, setup, p)
+    _, a2 = assigned_call(conn, setup, p)
+    _, a3 = assigned_call(conn, setup, p)
+    one(conn, "SELECT release_assignment(%s, 'shutdown')", (a1,))  # slot 1 free again
+    assert slots(conn, p) == (2, 3)
+    # lowered to 2: the call on slot 3 moves into free slot 1; nothing free is left
     conn.execute("UPDATE call_service_providers SET max_concurrent_calls = 2 WHERE id = %s", (p,))
-    assert slots(conn, p) == (1, 1)
+    assert slots(conn, p) == (2, 0)
+    assert slot_violations(conn) == []
+    # lowered below the calls in flight: the extra call's slot retires when the call ends
+    conn.execute("UPDATE call_service_providers SET max_concurrent_calls = 1 WHERE id = %s", (p,))
+    assert slots(conn, p) == (2, 0)
+    assert one(conn, "SELECT count(*) FROM provider_slots WHERE retired") == 1
+    one(conn, "SELECT release_assignment(%s, 'shutdown')", (a2,))
+    one(conn, "SELECT release_assignment(%s, 'shutdown')", (a3,))
+    assert slots(conn, p) == (0, 1)
+    assert one(conn, "SELECT count(*) FROM provider_slots WHERE retired") == 0
+    conn.execute("UPDATE call_service_providers SET max_concurrent_calls = 4 WHERE id = %s", (p,))
+    assert slots(conn, p) == (0, 4)
+    assert slot_violations(conn) == []
 
 
 def test_record_provider_health_opens_and_closes_the_circuit(conn: Conn) -> None:
@@ -631,6 +654,7 @@ def test_check_constraints(conn: Conn, setup: Any) -> None:
     bad = [
         ("UPDATE provider_availability SET available_slots = -1", "23514"),
         ("UPDATE provider_availability SET current_calls = -1", "23514"),
+        ("UPDATE provider_slots SET retired = true WHERE assignment_id IS NULL", "23514"),
         ("UPDATE provider_availability SET status = 'sleepy'", "23514"),
         (
             ins + f", priority) VALUES ('{user}', '{tpl}', 'x', '+15551234567', 11)",
@@ -751,3 +775,59 @@ def test_failure_kinds_are_one_set_in_python_and_sql(conn: Conn) -> None:
         " WHERE conrelid = 'call_retries'::regclass AND pg_get_constraintdef(oid) LIKE '%reason%'",
     )
     assert set(re.findall(r"'(\w+)'", check)) == FAILURE_KINDS
+
+
+# --- one home for the live-state lists ----------------------------------------------------------
+
+LIST_FUNCTIONS = ("live_call_statuses", "in_flight_call_statuses", "live_assignment_states")
+# partial indexes must spell their list out (a predicate cannot call a function)
+INDEX_LISTS = {
+    "call_queue_lease_idx": "in_flight_call_statuses",
+    "call_queue_user_live_idx": "live_call_statuses",
+    "call_assignments_one_live_idx": "live_assignment_states",
+    "call_assignments_provider_live_idx": "live_assignment_states",
+}
+
+
+def test_live_state_lists_have_one_home(conn: Conn) -> None:
+    """Each list of live states is a function; the partial indexes that must write theirs out
+    give the same list, and no migration writes a list anywhere else."""
+    lists = {name: one(conn, f"SELECT {name}()") for name in LIST_FUNCTIONS}
+    for index, function in INDEX_LISTS.items():
+        predicate = one(
+            conn,
+            "SELECT pg_get_expr(indpred, indrelid) FROM pg_index WHERE indexrelid = %s::regclass",
+            (index,),
+        )
+        assert re.findall(r"'([a-z_]+)'::text", predicate) == lists[function], index
+    migrations = Path(__file__).parents[2] / "supabase" / "migrations"
+    for path in sorted(migrations.glob("*.sql")):
+        lines = path.read_text().splitlines()
+        for n, line in enumerate(lines):
+            for states in lists.values():
+                if ", ".join(f"'{s}'" for s in states) + ")" not in line:
+                    continue
+                # allowed: an index predicate (the line after its CREATE INDEX)
+                assert n > 0 and "CREATE" in lines[n - 1] and "INDEX" in lines[n - 1], (
+                    f"{path.name}:{n + 1} writes a live-state list; use its function"
+                )
+
+
+def test_eligibility_has_one_home(conn: Conn) -> None:
+    """Whether a provider may take calls now is written once, in the view eligible_providers."""
+    p = make_provider(conn)
+    eligible = "SELECT count(*) FROM eligible_providers WHERE provider_id = %s"
+    assert one(conn, eligible, (p,)) == 1
+    for change in (
+        "UPDATE provider_availability SET status = 'offline' WHERE provider_id = %s",
+        "UPDATE provider_availability SET circuit_open_until = now() + interval '1 minute'"
+        " WHERE provider_id = %s",
+        "UPDATE call_service_providers SET is_active = false WHERE id = %s",
+    ):
+        with conn.transaction(force_rollback=True):
+            conn.execute(change, (p,))  # type: ignore[arg-type]
+            assert one(conn, eligible, (p,)) == 0, change
+            assert one(conn, "SELECT get_best_available_provider()") is None, change
+    migrations = Path(__file__).parents[2] / "supabase" / "migrations"
+    text = "\n".join(p.read_text() for p in sorted(migrations.glob("*.sql")))
+    assert text.count("circuit_open_until <= now()") == 1

@@ -405,6 +405,8 @@ def test_functions_are_pinned_and_definer_only_where_needed(db_url: str) -> None
         "rotate_notification_secret",
         # the outbox writer runs for whoever ends a call
         "enqueue_call_notifications",
+        # slots: an admin changing max_concurrent_calls lays out slots it may not write
+        "sync_provider_slots",
     }
     for name, _, config, public_exec in rows:
         assert config and any(c.startswith("search_path=") for c in config), name

@@ -52,16 +52,23 @@ def test_reap_fixes_slot_counts(worker_db: str, seeded: Seeded) -> None:
 
     vapi = seeded.provider_ids["vapi"]
     with psycopg.connect(worker_db, autocommit=True) as conn:
+        # three slots leaked (held by assignments that do not exist), stale figures
+        conn.execute(
+            "UPDATE provider_slots SET assignment_id = gen_random_uuid()"
+            " WHERE provider_id = %s AND slot_no <= 3",
+            (vapi,),
+        )
         conn.execute(
             "UPDATE provider_availability SET current_calls = 3, available_slots = 7"
             " WHERE provider_id = %s",
             (vapi,),
         )
-    assert reap.run()["slots_fixed"] == 1
+    assert reap.run()["slots_fixed"] == 3
     with psycopg.connect(worker_db) as conn:
         row = conn.execute(
-            "SELECT current_calls, available_slots FROM provider_availability"
+            "SELECT l.current_calls, l.available_slots, pa.current_calls, pa.available_slots"
+            " FROM provider_load l JOIN provider_availability pa USING (provider_id)"
             " WHERE provider_id = %s",
             (vapi,),
         ).fetchone()
-    assert row is not None and tuple(row) == (0, 10)
+    assert row is not None and tuple(row) == (0, 10, 0, 10)

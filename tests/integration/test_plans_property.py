@@ -2,13 +2,16 @@
 
 Random sequences of schedules, claims (also three at once, from three connections), dial gates,
 placements, completions, failures with retries and failovers, releases, cancels and reaper
-runs, for two tenants on small plans. After every step, for each tenant:
+runs, for two tenants on small plans (some with calls per minute), with a pinned clock that a
+rule moves on. After every step, for each tenant:
 
     dials counted (calls_made) never exceed call_limit, and equal the attempts that passed the
     gate and were not given back;
     minutes billed, and billed + reserved, never exceed minute_limit (durations within the
     max duration sent, plus the 5 s margin);
-    calls in flight never exceed max_concurrent_calls;
+    calls in flight never exceed max_concurrent_calls (plain calls and paced campaigns' alike);
+    with calls_per_minute, no 60 s window of claim times holds more than the rate (plus the
+    burst less one);
     tenant counters and reserved minutes equal a recount; provider slots equal live assignments.
 """
 
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import threading
 import uuid
+from datetime import datetime, timedelta
 from typing import Any
 
 import psycopg
@@ -33,23 +37,25 @@ from hypothesis.stateful import (
 )
 from psycopg.types.json import Jsonb
 
-from .dbutil import Conn, connect, make_provider, make_template, one
+from .dbutil import Conn, connect, make_provider, make_template, one, set_clock, slot_violations
 
 LIVE = ("assigned", "dialing", "placed")
 KINDS = ("busy", "no_answer", "voicemail", "provider_error", "rate_limited", "permanent")
 
 
-def _tenant(conn: Conn, call_limit: int, minute_limit: int, cap: int, per_call: int) -> Any:
+def _tenant(
+    conn: Conn, call_limit: int, minute_limit: int, cap: int, per_call: int, rate: int | None
+) -> Any:
     uid = uuid.uuid4()
     conn.execute("INSERT INTO auth.users (id, email) VALUES (%s, %s)", (uid, f"{uid.hex}@x.io"))
     plan = one(
         conn,
         "INSERT INTO subscription_plans (name, call_limit, minute_limit, max_concurrent_calls,"
-        " max_call_minutes) VALUES (%s, %s, %s, %s, %s) RETURNING id",
-        (f"p-{uid.hex[:10]}", call_limit, minute_limit, cap, per_call),
+        " max_call_minutes, calls_per_minute) VALUES (%s, %s, %s, %s, %s, %s) RETURNING id",
+        (f"p-{uid.hex[:10]}", call_limit, minute_limit, cap, per_call, rate),
     )
     conn.execute("INSERT INTO user_subscriptions (user_id, plan_id) VALUES (%s, %s)", (uid, plan))
-    return uid, make_template(conn, uid), (call_limit, minute_limit, cap)
+    return uid, make_template(conn, uid), (call_limit, minute_limit, cap, rate)
 
 
 class PlanMachine(RuleBasedStateMachine):
@@ -65,30 +71,50 @@ class PlanMachine(RuleBasedStateMachine):
             conn.execute("SET callq.retry_delay_scale = '0'")
         self.tenants: list[Any] = []
         # each example starts from an empty queue (tenants are new each time)
-        c.execute("TRUNCATE call_queue CASCADE")
-        c.execute(
-            "UPDATE provider_availability SET current_calls = 0,"
-            " available_slots = (SELECT max_concurrent_calls FROM call_service_providers p"
-            " WHERE p.id = provider_id)"
-        )
+        c.execute("TRUNCATE call_queue CASCADE")  # frees every provider slot
         c.execute("UPDATE user_call_usage SET minutes_reserved = 0")
+        # the claim's clock (callq_now) is pinned and moved by the tick rule: claim times are
+        # exact, for the calls-per-minute invariant
+        self.now = one(c, "SELECT date_trunc('second', now())")
+        set_clock(c, self.now)
+        self.claims: dict[Any, list[datetime]] = {}
         if one(c, "SELECT count(*) FROM call_service_providers") == 0:
             make_provider(c, max_calls=3, priority=1)
             make_provider(c, max_calls=4, priority=2)
 
     def teardown(self) -> None:
+        set_clock(self.conns[0], None)
         for conn in self.conns:
             conn.close()
+
+    def _record(self, conn: Conn, queue_ids: list[Any]) -> None:
+        """Note the claim time of each call taken (per tenant)."""
+        if queue_ids:
+            rows = conn.execute(
+                "SELECT user_id FROM call_queue WHERE id = ANY(%s)", (queue_ids,)
+            ).fetchall()
+            for (uid,) in rows:
+                self.claims.setdefault(uid, []).append(self.now)
+
+    @rule(seconds=st.integers(0, 45))
+    def tick(self, seconds: int) -> None:
+        self.now += timedelta(seconds=seconds)
+        set_clock(self.conns[0], self.now)
 
     @rule(
         call_limit=st.integers(1, 6),
         minute_limit=st.integers(1, 8),
         cap=st.integers(1, 3),
         per_call=st.integers(1, 4),
+        rate=st.sampled_from([None, 1, 2, 3, 150]),
     )
-    def add_tenant(self, call_limit: int, minute_limit: int, cap: int, per_call: int) -> None:
+    def add_tenant(
+        self, call_limit: int, minute_limit: int, cap: int, per_call: int, rate: int | None
+    ) -> None:
         if len(self.tenants) < 2:
-            self.tenants.append(_tenant(self.conns[0], call_limit, minute_limit, cap, per_call))
+            self.tenants.append(
+                _tenant(self.conns[0], call_limit, minute_limit, cap, per_call, rate)
+            )
 
     @rule(t=st.integers(0, 1), c=st.integers(0, 2), n=st.integers(1, 3))
     def schedule(self, t: int, c: int, n: int) -> None:
@@ -129,33 +155,38 @@ class PlanMachine(RuleBasedStateMachine):
     def claim_due(self, c: int, n: int) -> None:
         """The claim without provider assignment (claim_due_calls), as a poller uses it."""
         conn = self.conns[c]
-        conn.execute("UPDATE call_queue SET scheduled_time = now() WHERE status = 'queued'")
-        conn.execute("SELECT * FROM claim_due_calls(%s, 'p', 60)", (n,)).fetchall()
+        conn.execute("UPDATE call_queue SET scheduled_time = callq_now() WHERE status = 'queued'")
+        rows = conn.execute("SELECT queue_id FROM claim_due_calls(%s, 'p', 60)", (n,)).fetchall()
+        self._record(conn, [r[0] for r in rows])
 
     @rule(target=assignments, c=st.integers(0, 2), n=st.integers(1, 4))
     def claim(self, c: int, n: int) -> Any:
         conn = self.conns[c]
-        conn.execute("UPDATE call_queue SET scheduled_time = now() WHERE status = 'queued'")
-        rows = conn.execute("SELECT assignment_id FROM claim_and_assign_calls(%s)", (n,))
-        got = [r[0] for r in rows.fetchall()]
-        return multiple(*got)
+        conn.execute("UPDATE call_queue SET scheduled_time = callq_now() WHERE status = 'queued'")
+        rows = conn.execute("SELECT queue_id, assignment_id FROM claim_and_assign_calls(%s)", (n,))
+        got = rows.fetchall()
+        self._record(conn, [r[0] for r in got])
+        return multiple(*[r[1] for r in got])
 
     @rule(n=st.integers(1, 3))
     def claim_concurrently(self, n: int) -> None:
         self.conns[0].execute(
-            "UPDATE call_queue SET scheduled_time = now() WHERE status = 'queued'"
+            "UPDATE call_queue SET scheduled_time = callq_now() WHERE status = 'queued'"
         )
         barrier = threading.Barrier(3)
+        taken: list[Any] = []
 
         def work(conn: Conn) -> None:
             barrier.wait(timeout=10)
-            conn.execute("SELECT * FROM claim_and_assign_calls(%s)", (n,)).fetchall()
+            rows = conn.execute("SELECT queue_id FROM claim_and_assign_calls(%s)", (n,))
+            taken.extend(r[0] for r in rows.fetchall())
 
         threads = [threading.Thread(target=work, args=(c,)) for c in self.conns]
         for th in threads:
             th.start()
         for th in threads:
             th.join(timeout=30)
+        self._record(self.conns[0], taken)
 
     def _live(self, c: int) -> list[Any]:
         return (
@@ -245,7 +276,7 @@ class PlanMachine(RuleBasedStateMachine):
     @invariant()
     def plan_holds(self) -> None:
         conn = self.conns[0]
-        for uid, _, (call_limit, minute_limit, cap) in self.tenants:
+        for uid, _, (call_limit, minute_limit, cap, _rate) in self.tenants:
             row = conn.execute(
                 "SELECT coalesce(sum(calls_made), 0), coalesce(sum(minutes_used), 0),"
                 " coalesce(sum(minutes_reserved), 0) FROM user_call_usage WHERE user_id = %s",
@@ -272,16 +303,24 @@ class PlanMachine(RuleBasedStateMachine):
             assert in_flight <= cap
 
     @invariant()
+    def calls_per_minute_hold(self) -> None:
+        """At most the plan's rate plus its burst less one (one second's worth, at least 1)
+        claims in any 60 s window of claim times."""
+        for uid, _, (*_, rate) in self.tenants:
+            if rate is None:
+                continue
+            bound = rate + max(rate // 60, 1) - 1
+            times = sorted(self.claims.get(uid, []))
+            for i, t in enumerate(times):
+                in_window = sum(1 for u in times[i:] if u < t + timedelta(seconds=60))
+                assert in_window <= bound, (rate, in_window)
+
+    @invariant()
     def counters_and_slots_match_a_recount(self) -> None:
         conn = self.conns[0]
         assert one(conn, "SELECT reconcile_tenant_counters()") == 0
         assert one(conn, "SELECT reconcile_provider_slots()") == 0
-        bad = conn.execute(
-            "SELECT count(*) FROM provider_availability pa JOIN call_service_providers p"
-            " ON p.id = pa.provider_id WHERE pa.current_calls + pa.available_slots"
-            " <> p.max_concurrent_calls OR pa.current_calls < 0"
-        ).fetchone()
-        assert bad == (0,)
+        assert slot_violations(conn) == []
 
 
 def _run(db_url: str, examples: int, steps: int) -> None:

@@ -56,7 +56,6 @@ def fake(seeded: Seeded, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeVapi]:
         c.execute("UPDATE call_service_providers SET is_active = (provider_type = 'vapi')")
         # room for every example's call (the live ones keep their slot)
         c.execute("UPDATE call_service_providers SET max_concurrent_calls = 1000")
-        c.execute("UPDATE provider_availability SET available_slots = 1000")
     yield fake
     client.close()
 

@@ -66,7 +66,7 @@ def call_state(db_url: str, assignment_id: str) -> tuple[str, str, int]:
     """(assignment state, queue status, slots held by every provider)."""
     with psycopg.connect(db_url) as conn:
         row = conn.execute(
-            "SELECT a.state, q.status, (SELECT sum(current_calls) FROM provider_availability)"
+            "SELECT a.state, q.status, (SELECT sum(current_calls) FROM provider_load)"
             " FROM call_assignments a JOIN call_queue q ON q.id = a.queue_id WHERE a.id = %s",
             (assignment_id,),
         ).fetchone()
