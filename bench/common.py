@@ -292,15 +292,20 @@ class OwnPgbouncer:
         self.proc = subprocess.Popen(
             args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
         )
-        deadline = time.monotonic() + 20
-        while True:
+        from worker.embedded import wait_until
+
+        def up() -> bool:
             with contextlib.suppress(psycopg.Error):
                 psycopg.connect(self.url("postgres").split("?")[0], connect_timeout=2).close()
-                return self
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"pgbouncer did not start: {self.log()[-2000:]}")
-            time.sleep(0.1)
+                return True
+            return False
+
+        with contextlib.suppress(TimeoutError):
+            wait_until(lambda: up() or self.proc.poll() is not None, timeout=20)
+        if self.proc.poll() is not None or not up():
+            self.stop()
+            raise RuntimeError(f"pgbouncer did not start: {self.log()[-2000:]}")
+        return self
 
     def log(self) -> str:
         path = self.root / "pgbouncer.log"

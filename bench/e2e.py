@@ -27,6 +27,9 @@ import redis
 
 from bench.common import log, median, percentile
 from bench.stack import Stack
+from worker.embedded import wait_until
+
+IDLE_GAP_SECONDS = 0.3  # between the idle latency calls: each finds the fleet idle
 
 
 def _celery_client(broker_url: str) -> Any:
@@ -47,11 +50,10 @@ def _queue_depth(r: redis.Redis, queue: str = "dispatch") -> int:
 
 
 def _wait_drained(r: redis.Redis, timeout: float) -> float | None:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if _queue_depth(r) == 0:
-            return time.time()
-        time.sleep(0.01)
+    """The wall time at which the dispatch queue was empty (acknowledged), or None."""
+    with contextlib.suppress(TimeoutError):
+        wait_until(lambda: _queue_depth(r) == 0, timeout=timeout, interval=0.01)
+        return time.time()
     return None
 
 
@@ -114,11 +116,9 @@ def ours_rate(stack: Stack, count: int, start: int) -> dict[str, Any]:
     ids = stack.schedule(count, start=start)
     t_commit = time.time()
     ids_s = {str(i) for i in ids}
-    end = time.monotonic() + 600
-    while time.monotonic() < end:
-        if stack.sim.stats()["total_creates"] - before >= count:
-            break
-        time.sleep(0.05)
+    sim = stack.sim
+    with contextlib.suppress(TimeoutError):  # fewer arrivals are reported below
+        wait_until(lambda: sim.stats()["total_creates"] - before >= count, timeout=600)
     arrivals = _arrivals(stack)
     got = [arrivals[q] for q in ids_s if q in arrivals]
     if len(got) < count:
@@ -138,16 +138,17 @@ def latency(
 ) -> dict[str, Any]:
     """Commit -> create latency, idle (one at a time) and under a steady schedule rate."""
     assert stack.sim is not None
+    sim = stack.sim
     commits: dict[str, float] = {}
     with stack.connect() as conn:
         for i in range(idle_calls):
-            before = stack.sim.stats()["total_creates"]
+            before = sim.stats()["total_creates"]
             qid, t = stack.schedule_one(conn, start + i)
             commits[qid] = t
-            time.sleep(0.3)  # one at a time: wait (bounded) for the create before the next
-            end = time.monotonic() + 10
-            while time.monotonic() < end and stack.sim.stats()["total_creates"] <= before:
-                time.sleep(0.1)
+            # one at a time: the create arrives (bounded wait), then an idle gap
+            with contextlib.suppress(TimeoutError):
+                wait_until(lambda b=before: sim.stats()["total_creates"] > b, timeout=10)
+            time.sleep(IDLE_GAP_SECONDS)
     idle_ids = set(commits)
     # Steady load: a pacing thread schedules at load_rate for load_seconds.
     load_commits: dict[str, float] = {}
@@ -167,12 +168,8 @@ def latency(
     th = threading.Thread(target=pace, daemon=True)
     th.start()
     th.join(load_seconds + 120)
-    end = time.monotonic() + 120
-    while time.monotonic() < end:
-        arrivals = _arrivals(stack)
-        if all(q in arrivals for q in load_commits):
-            break
-        time.sleep(0.5)
+    with contextlib.suppress(TimeoutError):  # what did not arrive is left out of the figures
+        wait_until(lambda: set(load_commits) <= set(_arrivals(stack)), timeout=120, interval=0.5)
     arrivals = _arrivals(stack)
 
     def summary(ids: set[str], commits_: dict[str, float]) -> dict[str, Any]:
@@ -208,7 +205,7 @@ def memory(
     assert stack.sim is not None
     stack.fleet.stop("worker")
     proc = stack.fleet.start_worker("worker")
-    time.sleep(3)
+    stack.wait_ready()
     done = 0
     samples: dict[str, Any] = {}
     t0 = time.monotonic()
@@ -223,7 +220,6 @@ def memory(
         stack.sim.reset()  # all ended: keep the simulator small
         done += n
         if done == first:
-            time.sleep(1)
             samples["first"] = {"calls": done, "rss": rss_of(proc.pid)}
             log(f"memory: {done} calls, worker RSS {samples['first']['rss'] / 2**20:.1f} MiB")
         if done % 10_000 == 0:
@@ -231,7 +227,6 @@ def memory(
                 f"memory: {done} calls, worker RSS {rss_of(proc.pid) / 2**20:.1f} MiB "
                 f"({time.monotonic() - t0:.0f}s)"
             )
-    time.sleep(1)
     samples["last"] = {"calls": done, "rss": rss_of(proc.pid)}
     first_rss = samples.get("first", {}).get("rss") or samples["last"]["rss"]
     samples["growth"] = samples["last"]["rss"] / first_rss - 1
@@ -244,7 +239,7 @@ def memory(
 
 
 def run(*, quick: bool = False) -> dict[str, Any]:
-    n_noop = 2000 if quick else 6000
+    """Throughput against no-op tasks, latency, memory: the module docstring's figures."""
     n_calls = 1000 if quick else 3000
     out: dict[str, Any] = {}
     stack = Stack(
@@ -258,52 +253,10 @@ def run(*, quick: bool = False) -> dict[str, Any]:
     try:
         stack.fleet.start_worker("worker")
         stack.fleet.start_beat("beat")
-        time.sleep(4)
-        # Warm-up through the whole path (the creates; settling is checked after the batch).
-        assert stack.sim is not None
-        warm = stack.schedule(20, start=900_000)
-        end = time.monotonic() + 60
-        while time.monotonic() < end and stack.sim.stats()["total_creates"] < len(warm):
-            time.sleep(0.1)
-        if stack.sim.stats()["total_creates"] < len(warm):
-            raise RuntimeError(
-                f"warm-up calls were not placed: {stack.counts(warm)}\n" + stack.tail_logs()
-            )
-        noop = noop_rate(stack, n_noop)
-        log(f"e2e: noop tasks {noop['rate']:.0f}/s ({noop['count']} in {noop['seconds']:.1f}s)")
-        ours = ours_rate(stack, n_calls, start=0)
-        log(f"e2e: calls {ours['rate']:.0f}/s ({ours['arrived']} in {ours['seconds']:.1f}s)")
-        ids = ours.pop("ids")
-        ok, secs = stack.wait_settled(ids, 120)
-        ours["settled"] = ok
-        if ok:
-            stack.sim.reset()  # every call ended: forget them (smaller stats from here on)
-        log(
-            f"e2e: batch settled={ok} after {secs:.1f}s more"
-            + ("" if ok else f" (NOT settled: {stack.counts(ids)['by_status']})")
-        )
-        noop2 = noop_rate(stack, n_noop)
-        log(f"e2e: noop tasks again {noop2['rate']:.0f}/s")
-        out["throughput"] = {
-            "noop": noop,
-            "noop_after": noop2,
-            "ours": ours,
-            "ratio": ours["rate"] / max(noop["rate"], noop2["rate"]),
-        }
-        load_rate = max(5.0, min(100.0, 0.5 * ours["rate"]))
-        lat = latency(
-            stack,
-            idle_calls=20 if quick else 60,
-            load_rate=load_rate,
-            load_seconds=10 if quick else 30,
-            start=100_000,
-        )
-        out["latency"] = lat
-        log(
-            f"e2e: latency idle p50 {lat['idle']['p50_ms']:.1f} ms p99 "
-            f"{lat['idle']['p99_ms']:.1f} ms; at {load_rate:.0f}/s p50 "
-            f"{lat['load']['p50_ms']:.1f} ms p99 {lat['load']['p99_ms']:.1f} ms"
-        )
+        _warm_up(stack)
+        out["throughput"] = throughput(stack, n_noop=2000 if quick else 6000, n_calls=n_calls)
+        load_rate = max(5.0, min(100.0, 0.5 * out["throughput"]["ours"]["rate"]))
+        out["latency"] = _latency(stack, quick=quick, load_rate=load_rate)
         out["memory"] = memory(
             stack, first=500 if quick else 1000, total=5000 if quick else 50_000, start=200_000
         )
@@ -311,6 +264,58 @@ def run(*, quick: bool = False) -> dict[str, Any]:
     finally:
         stack.stop()
     return out
+
+
+def _warm_up(stack: Stack, calls: int = 20) -> None:
+    """Calls through the whole path until the simulator saw their creates (settling is
+    checked after the measured batch)."""
+    assert stack.sim is not None
+    sim = stack.sim
+    warm = stack.schedule(calls, start=900_000)
+    try:
+        wait_until(lambda: sim.stats()["total_creates"] >= len(warm), timeout=60)
+    except TimeoutError:
+        raise RuntimeError(
+            f"warm-up calls were not placed: {stack.counts(warm)}\n" + stack.tail_logs()
+        ) from None
+
+
+def throughput(stack: Stack, *, n_noop: int, n_calls: int) -> dict[str, Any]:
+    """No-op tasks, then calls, then no-op tasks again; the ratio to the faster no-op rate."""
+    assert stack.sim is not None
+    noop = noop_rate(stack, n_noop)
+    log(f"e2e: noop tasks {noop['rate']:.0f}/s ({noop['count']} in {noop['seconds']:.1f}s)")
+    ours = ours_rate(stack, n_calls, start=0)
+    log(f"e2e: calls {ours['rate']:.0f}/s ({ours['arrived']} in {ours['seconds']:.1f}s)")
+    ids = ours.pop("ids")
+    ok, secs = stack.wait_settled(ids, 120)
+    ours["settled"] = ok
+    if ok:
+        stack.sim.reset()  # every call ended: forget them (smaller stats from here on)
+    log(
+        f"e2e: batch settled={ok} after {secs:.1f}s more"
+        + ("" if ok else f" (NOT settled: {stack.counts(ids)['by_status']})")
+    )
+    noop2 = noop_rate(stack, n_noop)
+    log(f"e2e: noop tasks again {noop2['rate']:.0f}/s")
+    ratio = ours["rate"] / max(noop["rate"], noop2["rate"])
+    return {"noop": noop, "noop_after": noop2, "ours": ours, "ratio": ratio}
+
+
+def _latency(stack: Stack, *, quick: bool, load_rate: float) -> dict[str, Any]:
+    lat = latency(
+        stack,
+        idle_calls=20 if quick else 60,
+        load_rate=load_rate,
+        load_seconds=10 if quick else 30,
+        start=100_000,
+    )
+    log(
+        f"e2e: latency idle p50 {lat['idle']['p50_ms']:.1f} ms p99 "
+        f"{lat['idle']['p99_ms']:.1f} ms; at {load_rate:.0f}/s p50 "
+        f"{lat['load']['p50_ms']:.1f} ms p99 {lat['load']['p99_ms']:.1f} ms"
+    )
+    return lat
 
 
 def latency_sweep(
@@ -323,7 +328,7 @@ def latency_sweep(
     try:
         stack.fleet.start_worker("worker")
         stack.fleet.start_beat("beat")
-        time.sleep(4)
+        stack.wait_ready()
         start = 300_000
         for rate in rates:
             lat = latency(stack, idle_calls=0, load_rate=rate, load_seconds=seconds, start=start)
@@ -333,11 +338,16 @@ def latency_sweep(
                 f"e2e: latency at {rate:.0f}/s: p50 {lat['load']['p50_ms']:.1f} ms, p99 "
                 f"{lat['load']['p99_ms']:.1f} ms ({lat['load']['arrived']} calls)"
             )
-            stack.wait_settled([], 1)
-            time.sleep(3)
+            wait_until(lambda: _quiet(stack), timeout=120, interval=0.5, what="the calls' end")
     finally:
         stack.stop()
     return out
+
+
+def _quiet(stack: Stack) -> bool:
+    """No call queued or in flight: the next rate starts on an idle fleet."""
+    counts = stack.counts()
+    return counts["in_flight"] == 0 and counts["queued"] == 0
 
 
 def merge_sweep(sweep: dict[str, Any]) -> None:

@@ -117,7 +117,7 @@ def run(
     with Stack(max_concurrent_calls=2 * calls) as stack:
         stack.fleet.start_worker("worker")
         stack.fleet.start_beat("beat")
-        time.sleep(4)
+        stack.wait_ready()
         pid = stack.fleet.procs["worker"].pid
         raw = Path(tempfile.mkdtemp(prefix="callq-prof-")) / "worker.txt"
         prof = subprocess.Popen(
@@ -139,7 +139,7 @@ def run(
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        time.sleep(0.5)
+        time.sleep(0.5)  # py-spy attaches
         assert stack.sim is not None
         before = stack.sim.stats()["total_creates"]
         t0 = time.time()

@@ -431,8 +431,27 @@ def before_after(before: dict[str, Any], rows: list[Row]) -> list[str]:
 def write_markdown(
     results: dict[str, Any], rows: list[Row], drills: list[dict[str, Any]] | None, command: str
 ) -> None:
+    """RESULTS.md: the run's table, when each section ran, notes, drills, feature notes."""
+    parts = [*_preamble(results, command), table(rows, markdown=True), ""]
+    stamps = _stamps(results)
+    if stamps:
+        parts += ["Measured: " + "; ".join(stamps) + ".", ""]
+    parts += _claim_notes(results.get("claim") or {})
+    if results.get("before"):
+        parts += before_after(results["before"], rows)
+    if drills:
+        parts += _drill_section(drills)
+    # sections a feature keeps beside the run's table (e.g. bench/notes/calling_rules.md)
+    for note in sorted((REPO / "bench" / "notes").glob("*.md")):
+        parts += [note.read_text().rstrip(), ""]
+    if (REPO / "bench" / "FINDINGS.md").exists():
+        parts += ["Findings (what misses a target and why): `bench/FINDINGS.md`.", ""]
+    RESULTS_MD.write_text("\n".join(parts))
+
+
+def _preamble(results: dict[str, Any], command: str) -> list[str]:
     m = results["machine"]
-    parts = [
+    return [
         "# callq benchmark and drill results",
         "",
         f"Produced by `{command}` on {results['finished']} "
@@ -444,9 +463,11 @@ def write_markdown(
         "`bench/webhooks.py` (docstrings). Raw figures: "
         "`bench/results/latest.json` (not committed).",
         "",
-        table(rows, markdown=True),
-        "",
     ]
+
+
+def _stamps(results: dict[str, Any]) -> list[str]:
+    """When each section was measured, and by which command."""
     stamps = [
         f"{k}: {results[k]['measured']}"
         for k in SECTIONS
@@ -457,53 +478,54 @@ def write_markdown(
             "steady-rate latency rows: `.venv/bin/python -m bench.e2e --latency-sweep"
             " --merge` (a fresh stack, 15 s per rate, right after the e2e run)"
         )
-    if stamps:
-        parts += ["Measured: " + "; ".join(stamps) + ".", ""]
-    claim = results.get("claim") or {}
+    return stamps
+
+
+def _claim_notes(claim: dict[str, Any]) -> list[str]:
+    out: list[str] = []
     if claim.get("bare_commit"):
-        parts += [
+        out += [
             "Bare baselines' commit mode (matched to the functions compared): "
             + ", ".join(f"{k}: {v}" for k, v in claim["bare_commit"].items()),
             "",
         ]
     if claim.get("slot_sensitivity"):
-        parts += [
+        out += [
             "claim_and_assign_calls(50), one client, ms by free slots per provider: "
             + ", ".join(f"{k}: {v:.1f}" for k, v in claim["slot_sensitivity"].items()),
             "",
         ]
-    if results.get("before"):
-        parts += before_after(results["before"], rows)
-    if drills:
-        from bench.drills import DrillResult, format_table
+    return out
 
-        objs = []
-        for d in drills:
-            r = DrillResult(d["name"], d["fault"])
-            for k, v in d.items():
-                if hasattr(r, k):
-                    setattr(r, k, v)
-            objs.append(r)
-        parts += [
-            "## Fault drills",
-            "",
-            f"`{drills[0].get('command', '.venv/bin/python -m bench.drills')}`"
-            f" ({drills[0].get('finished', '')}):",
-            "",
-            format_table(objs),
-            "",
-        ]
-        for d in drills:
-            if d.get("notes"):
-                parts.append(f"- {d['name']}: {'; '.join(d['notes'])}")
-        parts.append("")
-    # sections a feature keeps beside the run's table (e.g. bench/notes/calling_rules.md)
-    for note in sorted((REPO / "bench" / "notes").glob("*.md")):
-        parts += [note.read_text().rstrip(), ""]
-    findings = REPO / "bench" / "FINDINGS.md"
-    if findings.exists():
-        parts += ["Findings (what misses a target and why): `bench/FINDINGS.md`.", ""]
-    RESULTS_MD.write_text("\n".join(parts))
+
+def _drill_objects(drills: list[dict[str, Any]]) -> list[Any]:
+    """The saved drills as :class:`bench.drills.DrillResult` values."""
+    from bench.drills import DrillResult
+
+    objs = []
+    for d in drills:
+        r = DrillResult(d["name"], d["fault"])
+        for k, v in d.items():
+            if hasattr(r, k):
+                setattr(r, k, v)
+        objs.append(r)
+    return objs
+
+
+def _drill_section(drills: list[dict[str, Any]]) -> list[str]:
+    from bench.drills import format_table
+
+    out = [
+        "## Fault drills",
+        "",
+        f"`{drills[0].get('command', '.venv/bin/python -m bench.drills')}`"
+        f" ({drills[0].get('finished', '')}):",
+        "",
+        format_table(_drill_objects(drills)),
+        "",
+    ]
+    out += [f"- {d['name']}: {'; '.join(d['notes'])}" for d in drills if d.get("notes")]
+    return [*out, ""]
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -651,17 +673,10 @@ def _run_drills(quick: bool, command: str) -> list[dict[str, Any]]:
 
 
 def _print_drills(drills: list[dict[str, Any]]) -> None:
-    from bench.drills import DrillResult, format_table
+    from bench.drills import format_table
 
-    objs = []
-    for d in drills:
-        r = DrillResult(d["name"], d["fault"])
-        for k, v in d.items():
-            if hasattr(r, k):
-                setattr(r, k, v)
-        objs.append(r)
     print()
-    print(format_table(objs))
+    print(format_table(_drill_objects(drills)))
 
 
 def main(argv: list[str] | None = None) -> int:

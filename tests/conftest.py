@@ -15,12 +15,14 @@ import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
 from psycopg import sql
 
 from models.session import rewrite_url
+from providers.simulator import Simulator
 from tests.integration.dbutil import OPEN_CALLING_RULES
 from worker.embedded import EmbeddedServices
 
@@ -31,6 +33,17 @@ TEMPLATE_DB = "callq_template_" + hashlib.blake2s(_CHECKOUT, digest_size=4).hexd
 
 def _in_ci() -> bool:
     return os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+@contextlib.contextmanager
+def running_simulator(config: dict[str, Any] | None = None) -> Iterator[Simulator]:
+    """The provider simulator (in this process) on a free port with ``config``, stopped
+    afterwards: how every ``sim`` fixture starts it, each with its own config and scope."""
+    simulator = Simulator(config).start(port=0)
+    try:
+        yield simulator
+    finally:
+        simulator.stop()
 
 
 @pytest.fixture(scope="session")

@@ -117,8 +117,13 @@ def map_in_context(fn: Callable[[T], R], items: Iterable[T], lane: str = "dispat
     """``fn`` over ``items`` on the lane's pool, each in a copy of the caller's context.
 
     The copy carries the task's log context (task id) into the pool's threads; what ``fn``
-    binds (the call's ids) stays in its own copy and never leaks into the next item.
+    binds (the call's ids) stays in its own copy and never leaks into the next item. A single
+    item runs in the caller's thread (in its own copy too): a call that trickles in alone
+    pays for no thread hand-off.
     """
+    items = list(items)
+    if len(items) == 1:  # nothing to overlap: no hand-off to the pool and back
+        return [contextvars.copy_context().run(fn, items[0])]
     pool = executor(lane)
     futures = [pool.submit(contextvars.copy_context().run, fn, item) for item in items]
     return [future.result() for future in futures]

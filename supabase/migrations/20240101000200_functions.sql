@@ -33,13 +33,17 @@ CREATE VIEW public.provider_load WITH (security_invoker = true) AS
 
 -- Give back the slot an assignment holds (nothing when it holds none): free again, at the back
 -- of the rotation; a retired slot (beyond a lowered capacity) is deleted instead.
+-- (PL/pgSQL rather than SQL here and in take_provider_slot and get_best_available_provider: a
+-- SQL function that is not inlined is planned again at every call; PL/pgSQL keeps its plans.)
 CREATE OR REPLACE FUNCTION public.free_provider_slot(p_assignment_id uuid) RETURNS void
-LANGUAGE sql
+LANGUAGE plpgsql
 SET search_path = ''
 AS $$
+BEGIN
   DELETE FROM public.provider_slots s WHERE s.assignment_id = p_assignment_id AND s.retired;
   UPDATE public.provider_slots s SET assignment_id = NULL, freed_at = clock_timestamp()
    WHERE s.assignment_id = p_assignment_id;
+END
 $$;
 
 -- TRUNCATE of the assignments (tests, benchmarks, a reset) frees every slot with them.
@@ -62,9 +66,12 @@ CREATE TRIGGER call_assignments_truncate_frees_slots AFTER TRUNCATE ON public.ca
 -- this id and the slot's caller_id in the same transaction.
 CREATE OR REPLACE FUNCTION public.take_provider_slot(p_provider_id uuid, p_assignment_id uuid)
 RETURNS TABLE (caller_id text)
-LANGUAGE sql
+LANGUAGE plpgsql
 SET search_path = ''
 AS $$
+#variable_conflict use_column
+BEGIN
+  RETURN QUERY
   UPDATE public.provider_slots s SET assignment_id = p_assignment_id
     FROM (SELECT f.slot_no FROM public.provider_slots f
            WHERE f.provider_id = p_provider_id AND f.assignment_id IS NULL
@@ -73,6 +80,7 @@ AS $$
              FOR UPDATE SKIP LOCKED) f
    WHERE s.provider_id = p_provider_id AND s.slot_no = f.slot_no
   RETURNING s.caller_id;
+END
 $$;
 
 -- ---------------------------------------------------------------------------------------------
@@ -640,20 +648,23 @@ CREATE OR REPLACE FUNCTION public.get_best_available_provider(
   p_required_capabilities jsonb DEFAULT NULL,
   p_exclude uuid[] DEFAULT NULL
 ) RETURNS uuid
-LANGUAGE sql STABLE
+LANGUAGE plpgsql STABLE
 SET search_path = ''
 AS $$
-  SELECT e.provider_id
-    FROM public.eligible_providers e
-   CROSS JOIN LATERAL (
-     SELECT s.freed_at FROM public.provider_slots s
-      WHERE s.provider_id = e.provider_id AND s.assignment_id IS NULL
-      ORDER BY s.freed_at, s.slot_no
-      LIMIT 1) f
-   WHERE (p_required_capabilities IS NULL OR e.capabilities @> p_required_capabilities)
-     AND (p_exclude IS NULL OR NOT (e.provider_id = ANY (p_exclude)))
-   ORDER BY e.priority, f.freed_at, e.status = 'degraded', e.provider_id
-   LIMIT 1;
+BEGIN
+  RETURN (
+    SELECT e.provider_id
+      FROM public.eligible_providers e
+     CROSS JOIN LATERAL (
+       SELECT s.freed_at FROM public.provider_slots s
+        WHERE s.provider_id = e.provider_id AND s.assignment_id IS NULL
+        ORDER BY s.freed_at, s.slot_no
+        LIMIT 1) f
+     WHERE (p_required_capabilities IS NULL OR e.capabilities @> p_required_capabilities)
+       AND (p_exclude IS NULL OR NOT (e.provider_id = ANY (p_exclude)))
+     ORDER BY e.priority, f.freed_at, e.status = 'degraded', e.provider_id
+     LIMIT 1);
+END
 $$;
 
 -- ---------------------------------------------------------------------------------------------
@@ -675,13 +686,14 @@ BEGIN
   -- unflushed assignment in a crash is harmless (nothing is dialed before mark_call_dialing
   -- commits synchronously, which flushes the WAL up to this assignment).
   PERFORM set_config('synchronous_commit', 'off', true);
-  SELECT q.status, q.attempts, q.lease_expires_at, q.user_id INTO v_q
+  SELECT q.status, q.attempts INTO v_q
     FROM public.call_queue q WHERE q.id = p_queue_id FOR UPDATE;
   IF NOT FOUND OR v_q.status NOT IN ('queued', 'claimed') THEN
     RETURN NULL;
   END IF;
-  -- lock order: the tenant's counters (updated by the queue trigger) before provider rows
-  PERFORM 1 FROM public.tenant_call_counters c WHERE c.user_id = v_q.user_id FOR UPDATE;
+  -- No provider row is locked (the slot is taken with SKIP LOCKED, which never waits), so
+  -- nothing needs the tenant's counters first: the queue trigger locks them only when the
+  -- call's class changes (queued -> assigned), and assigning a claimed call touches them not.
   IF NOT EXISTS (SELECT 1 FROM public.call_service_providers p
                   WHERE p.id = p_provider_id AND p.is_active) THEN
     RETURN NULL;

@@ -11,6 +11,7 @@ import pytest
 import redis
 
 from providers.simulator import Simulator
+from tests.conftest import running_simulator
 from worker.fleet import Fleet
 from worker.seed import Seeded, seed_demo
 
@@ -44,18 +45,15 @@ def broker_url(redis_url: str) -> Iterator[str]:
 
 @pytest.fixture
 def sim() -> Iterator[Simulator]:
-    simulator = Simulator(
-        config={
-            "seed": 1,
-            "outcome_mix": {"completed": 1.0},
-            "queue_seconds": 0.05,
-            "ring_seconds": 0.1,
-            "call_seconds": [0.2, 0.6],
-        }
-    )
-    simulator.start(port=0)
-    yield simulator
-    simulator.stop()
+    config = {
+        "seed": 1,
+        "outcome_mix": {"completed": 1.0},
+        "queue_seconds": 0.05,
+        "ring_seconds": 0.1,
+        "call_seconds": [0.2, 0.6],
+    }
+    with running_simulator(config) as simulator:
+        yield simulator
 
 
 @pytest.fixture

@@ -8,6 +8,7 @@ import psycopg
 import pytest
 
 from providers.simulator import Simulator
+from tests.conftest import running_simulator
 from tests.integration.receiver import Receiver
 from tests.sdk_strict import Recorder
 from worker import runtime
@@ -18,9 +19,8 @@ from worker.settings import get_settings
 @pytest.fixture
 def sim() -> Iterator[Simulator]:
     """The provider simulator on a free port (both APIs), stopped afterwards."""
-    simulator = Simulator().start(port=0)
-    yield simulator
-    simulator.stop()
+    with running_simulator() as simulator:
+        yield simulator
 
 
 @pytest.fixture

@@ -29,6 +29,7 @@ from providers.errors import (
 from providers.registry import available_types, build_provider
 from providers.retell import sign as retell_sign
 from providers.simulator import Simulator
+from tests.conftest import running_simulator
 from tests.integration.receiver import Receiver
 
 HOOK_SECRET = "sim-webhook-secret"
@@ -90,9 +91,8 @@ def receiver() -> Iterator[Receiver]:
 
 @pytest.fixture(scope="module")
 def sim(receiver: Receiver) -> Iterator[Simulator]:
-    s = Simulator({**FAST, "webhook_url": receiver.url}).start()
-    yield s
-    s.stop()
+    with running_simulator({**FAST, "webhook_url": receiver.url}) as s:
+        yield s
 
 
 def mock_client(sim: Simulator) -> httpx.Client:

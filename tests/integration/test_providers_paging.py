@@ -19,15 +19,15 @@ from providers.base import CallRequest, ProviderConfig
 from providers.errors import ProviderRetryableError
 from providers.simulator import Simulator
 from providers.vapi import VapiProvider
+from tests.conftest import running_simulator
 
 KEY = "sim-vapi-key"
 
 
 @pytest.fixture(scope="module")
 def sim() -> Iterator[Simulator]:
-    s = Simulator({"outcome_mix": {"completed": 1}, "call_seconds": 60}).start()
-    yield s
-    s.stop()
+    with running_simulator({"outcome_mix": {"completed": 1}, "call_seconds": 60}) as s:
+        yield s
 
 
 class Counting(httpx.Client):

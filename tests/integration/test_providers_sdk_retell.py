@@ -23,6 +23,7 @@ from retell.types import CallListResponse, ConcurrencyRetrieveResponse  # noqa: 
 from retell.types.phone_call_response import PhoneCallResponse  # noqa: E402
 
 from providers.simulator import Simulator  # noqa: E402
+from tests.conftest import running_simulator  # noqa: E402
 from tests.integration.receiver import Receiver  # noqa: E402
 from tests.sdk_strict import Recorder, strict  # noqa: E402
 
@@ -36,9 +37,8 @@ FAST = {
 
 @pytest.fixture(scope="module")
 def sim(receiver: Receiver) -> Iterator[Simulator]:
-    s = Simulator({**FAST, "retell_webhook_url": receiver.url}).start()
-    yield s
-    s.stop()
+    with running_simulator({**FAST, "retell_webhook_url": receiver.url}) as s:
+        yield s
 
 
 @pytest.fixture

@@ -36,6 +36,7 @@ from vapi.types import (  # noqa: E402
 from providers.base import CallRequest, ProviderConfig, VoicemailAction, VoicemailPolicy  # noqa: E402
 from providers.simulator import Simulator  # noqa: E402
 from providers.vapi import VapiProvider, build_create_body  # noqa: E402
+from tests.conftest import running_simulator  # noqa: E402
 from tests.integration.receiver import Receiver  # noqa: E402
 
 KEY = "sim-vapi-key"
@@ -47,9 +48,8 @@ FAST = {"queue_seconds": 0.02, "ring_seconds": 0.03, "call_seconds": 0.1,
 
 @pytest.fixture(scope="module")
 def sim(receiver: Receiver) -> Iterator[Simulator]:
-    s = Simulator({**FAST, "vapi_webhook_url": receiver.url}).start()
-    yield s
-    s.stop()
+    with running_simulator({**FAST, "vapi_webhook_url": receiver.url}) as s:
+        yield s
 
 
 @pytest.fixture

@@ -15,6 +15,7 @@ import httpx
 import pytest
 
 from providers.simulator import Simulator
+from tests.conftest import running_simulator
 
 VAPI_AUTH = {"Authorization": "Bearer sim-vapi-key"}
 SF_AUTH = {"Authorization": "Bearer sim-synthflow-key"}
@@ -34,16 +35,14 @@ def vapi_body(n: int, suffix: str = "0001", **extra: Any) -> dict[str, Any]:
 
 @pytest.fixture
 def sim() -> Iterator[Simulator]:
-    s = Simulator(
-        {
-            "queue_seconds": 0.01,
-            "ring_seconds": 0.02,
-            "call_seconds": 0.05,
-            "outcome_mix": {"completed": 1},
-        }
-    ).start()
-    yield s
-    s.stop()
+    config = {
+        "queue_seconds": 0.01,
+        "ring_seconds": 0.02,
+        "call_seconds": 0.05,
+        "outcome_mix": {"completed": 1},
+    }
+    with running_simulator(config) as s:
+        yield s
 
 
 @pytest.fixture
