@@ -11,7 +11,10 @@ Then tenant A schedules ``--a-calls`` calls due now in one statement; a second l
     B loaded   the same while A's backlog drains
     A drain    A's commit -> A's last create request (s)
 
-The same command on the code before fair claiming gives the baseline (bench/RESULTS.md).
+Baseline: ``--unfair`` runs the same on today's code with the claim of before the plans
+(commit c0694f8: due calls in (priority, scheduled_time) order, no plan concurrency, no fair
+share) put in place of ``claimable_calls`` in the scratch database, so both can be measured back
+to back; the figures of c0694f8 itself are in bench/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -43,6 +46,23 @@ SELECT count(schedule_call(%(user)s, %(template)s, 'Bulk ' || g,
                            '+1556' || lpad(g::text, 7, '0'), NULL, NULL, 5,
                            '{"company_name": "Acme"}'::jsonb, '{}'::jsonb, NULL, %(zone)s))
 FROM generate_series(1, %(n)s) g
+"""
+
+
+# The claim before the plans: oldest due calls first, whoever they belong to, no plan cap.
+UNFAIR_CLAIM = """
+CREATE OR REPLACE FUNCTION public.claimable_calls(p_limit integer, p_exclude uuid[] DEFAULT NULL)
+RETURNS uuid[] LANGUAGE sql SET search_path = '' AS $$
+  SELECT array_agg(x.id ORDER BY x.priority, x.scheduled_time, x.created_at)
+    FROM (SELECT q.id, q.priority, q.scheduled_time, q.created_at
+            FROM public.call_queue q
+           WHERE q.status = 'queued' AND NOT q.via_campaign
+             AND q.scheduled_time <= public.callq_now()
+             AND (p_exclude IS NULL OR NOT (q.id = ANY (p_exclude)))
+           ORDER BY q.priority, q.scheduled_time, q.created_at
+           LIMIT p_limit
+             FOR UPDATE SKIP LOCKED) x;
+$$;
 """
 
 
@@ -171,11 +191,15 @@ def _stages(stack: Stack, commits: dict[str, float]) -> dict[str, Any]:
     return out
 
 
-def run(*, a_calls: int = 20_000, b_calls: int = 20, cap: int = 300) -> dict[str, Any]:
+def run(
+    *, a_calls: int = 20_000, b_calls: int = 20, cap: int = 1000, unfair: bool = False
+) -> dict[str, Any]:
     stack = Stack(max_concurrent_calls=1000)
     stack.start()
     try:
         with stack.connect() as conn:
+            if unfair:
+                conn.execute(UNFAIR_CLAIM)
             b_user, b_tpl = add_tenant(conn, cap)
             conn.execute(
                 "UPDATE subscription_plans SET max_concurrent_calls = %s WHERE id = %s",
@@ -236,12 +260,15 @@ def run(*, a_calls: int = 20_000, b_calls: int = 20, cap: int = 300) -> dict[str
                 )
             }
         wait_until(lambda: _dialed(stack, list(a_ids)) >= a_calls, timeout=3600, interval=1.0)
+        # dialed = passed the gate; wait (bounded) for the last creates to reach the simulator
+        wait_until(lambda: a_ids <= set(_arrivals(stack)), timeout=60, interval=1.0)
         arrivals = _arrivals(stack)
         a_times = [arrivals[q] for q in a_ids if q in arrivals]
         drain = (max(a_times) - t_a) if a_times else float("nan")
         log(f"fairness: A drained {len(a_times)} of {a_calls} in {drain:.1f} s")
         a_stages = _stages(stack, dict.fromkeys(a_ids, t_a))
         return {
+            "claim": "unfair (before plans)" if unfair else "fair",
             "a_calls": a_calls,
             "b_calls": b_calls,
             "cap": cap,
@@ -259,11 +286,22 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.fairness", description=__doc__)
     parser.add_argument("--a-calls", type=int, default=20_000)
     parser.add_argument("--b-calls", type=int, default=20)
-    parser.add_argument("--cap", type=int, default=300, help="each plan's max_concurrent_calls")
+    parser.add_argument(
+        "--cap",
+        type=int,
+        default=1000,
+        help="each plan's max_concurrent_calls (default: half the providers' 2,000 slots, so the"
+        " cap does not bind A's drain and B always finds a free slot)",
+    )
     parser.add_argument("--quick", action="store_true", help="A schedules 3,000 instead")
+    parser.add_argument(
+        "--unfair", action="store_true", help="the baseline: the claim before plans"
+    )
     parser.add_argument("--out", help="write the figures as JSON here")
     ns = parser.parse_args(argv)
-    res = run(a_calls=3000 if ns.quick else ns.a_calls, b_calls=ns.b_calls, cap=ns.cap)
+    res = run(
+        a_calls=3000 if ns.quick else ns.a_calls, b_calls=ns.b_calls, cap=ns.cap, unfair=ns.unfair
+    )
     text = json.dumps(res, indent=2, default=str)
     if ns.out:
         with open(ns.out, "w") as fh:

@@ -20,7 +20,7 @@ from worker.settings import Settings, get_settings
 # notify: signed call.ended events to the apps, on their own worker (callq worker -Q notify)
 QUEUES = ("dispatch", "track", "maintenance", "notify")
 
-TASK_ROUTES = {
+TASK_ROUTES: dict[str, dict[str, Any]] = {
     "callq.poll": {"queue": "dispatch"},
     "callq.dispatch": {"queue": "dispatch"},
     "callq.dispatch_batch": {"queue": "dispatch"},
@@ -36,6 +36,14 @@ TASK_ROUTES = {
     "callq.notify_drain": {"queue": "notify"},
     "callq.notify_deliver": {"queue": "notify"},
 }
+# Message priorities (Redis brokers serve 0 first; RabbitMQ ignores them, our queues have no
+# x-max-priority): a poll goes before every waiting chunk, so a claim, which takes a newcomer's
+# due calls first (fair share), is not held behind a backlog's dispatch and tracking messages.
+# Everything else keeps its order among itself.
+POLL_PRIORITY = 0
+WORK_PRIORITY = 5
+for _name, _route in TASK_ROUTES.items():
+    _route["priority"] = POLL_PRIORITY if _name == "callq.poll" else WORK_PRIORITY
 
 
 def celery_config(s: Settings) -> dict[str, Any]:

@@ -19,7 +19,12 @@ from worker.settings import Settings, get_settings
 _lock = threading.Lock()
 _db: Database | None = None
 _providers: dict[str, tuple[str, Provider]] = {}
-_executor: ThreadPoolExecutor | None = None
+# One pool of threads per lane, so one kind of work never queues behind another: "dispatch"
+# (creates of dispatch_batch chunks), "fresh" (the creates of the chunk a poll places itself:
+# the calls it just claimed, so a newcomer's first call never waits behind a backlog's creates),
+# "track" (provider reads, webhook endings).
+_executors: dict[str, ThreadPoolExecutor] = {}
+LANES = ("dispatch", "fresh", "track")
 T = TypeVar("T")
 R = TypeVar("R")
 
@@ -37,15 +42,19 @@ def database(settings: Settings | None = None) -> Database:
     return _db
 
 
-def executor() -> ThreadPoolExecutor:
-    """Threads that place the calls of one dispatch chunk concurrently."""
-    global _executor
-    if _executor is None:
+def executor(lane: str = "dispatch") -> ThreadPoolExecutor:
+    """Threads that place (or poll) the calls of one chunk concurrently, one pool per lane."""
+    if lane not in LANES:
+        raise ValueError(f"unknown lane {lane!r}")
+    pool = _executors.get(lane)
+    if pool is None:
         with _lock:
-            if _executor is None:
+            pool = _executors.get(lane)
+            if pool is None:
                 threads = get_settings().dispatch_threads
-                _executor = ThreadPoolExecutor(threads, thread_name_prefix="callq-dispatch")
-    return _executor
+                pool = ThreadPoolExecutor(threads, thread_name_prefix=f"callq-{lane}")
+                _executors[lane] = pool
+    return pool
 
 
 def provider_config(row: ProviderRow) -> ProviderConfig:
@@ -104,8 +113,8 @@ def expects_webhooks(row: ProviderRow) -> bool:
     return row.provider_type != "vapi" or bool(get_settings().webhook_public_url)
 
 
-def map_in_context(fn: Callable[[T], R], items: Iterable[T]) -> list[R]:
-    """``fn`` over ``items`` on the pool, each in a copy of the caller's context.
+def map_in_context(fn: Callable[[T], R], items: Iterable[T], lane: str = "dispatch") -> list[R]:
+    """``fn`` over ``items`` on the lane's pool, each in a copy of the caller's context.
 
     The copy carries the task's log context (task id) into the pool's threads; what ``fn``
     binds (the call's ids) stays in its own copy and never leaks into the next item. A single
@@ -115,18 +124,18 @@ def map_in_context(fn: Callable[[T], R], items: Iterable[T]) -> list[R]:
     items = list(items)
     if len(items) == 1:  # nothing to overlap: no hand-off to the pool and back
         return [contextvars.copy_context().run(fn, items[0])]
-    pool = executor()
+    pool = executor(lane)
     futures = [pool.submit(contextvars.copy_context().run, fn, item) for item in items]
     return [future.result() for future in futures]
 
 
 def reset() -> None:
     """Close everything (process shutdown, tests)."""
-    global _db, _executor
+    global _db
     with _lock:
-        if _executor is not None:
-            _executor.shutdown(wait=True)
-            _executor = None
+        for pool in _executors.values():
+            pool.shutdown(wait=True)
+        _executors.clear()
         for _, provider in _providers.values():
             provider.close()
         _providers.clear()

@@ -2,7 +2,8 @@
 
 Arguments are ids and small counters only: they show up in Flower and in broker dumps.
 
-    poll            claim due calls and assign providers; place the first chunk, send the rest
+    poll            claim a batch of due calls and assign providers; place the first chunk, send
+                    the rest (and the next poll when the batch was full)
     dispatch_batch  per call: pass the gate (mark_call_dialing), create it at the provider
     track_due       beat's tick: poll the placed calls whose next poll is due (track_batch: more)
     reconcile       after an outcome-unknown create: look the call up before anything is re-sent
@@ -58,6 +59,7 @@ from providers.base import CallHandle, CallState, CallStatus, WebhookEvent, clam
 from providers.errors import ConfigError, ProviderError, ProviderUnprovenMatchError
 from worker import logs, notify, runtime
 from worker.celery_app import app
+from worker.celery_config import WORK_PRIORITY
 from worker.settings import get_settings
 
 log = logs.get_logger("callq.worker")
@@ -66,27 +68,33 @@ POLL_CHUNK = 100  # placed calls polled by one task
 
 
 @app.task(name="callq.poll", ignore_result=True)
-def poll() -> int:
-    """Claim due calls in batches; place the first chunk here, send the rest as chunks of ids.
+def poll(batch: int = 0) -> int:
+    """Claim one batch of due calls; place its first chunk here, send the rest as chunks of ids.
 
-    Placing the first chunk in this task saves a broker round trip for every small claim (the
-    common case when calls trickle in one by one); larger claims are spread over the fleet.
+    A full batch sends the next poll (up to ``claim_max_batches`` in a row) behind its own
+    chunks, so a backlog is claimed only as fast as the fleet places it and the dispatch queue
+    stays about one batch deep. A poll from beat or a NOTIFY goes before waiting chunks (message
+    priority, worker/celery_config.py), and the claim takes each tenant's first due calls first
+    (fair share): a newcomer's call claimed while a backlog drains lands in the first chunk of
+    its batch, which its poll places at once on the fresh lane. Placing the first chunk in this
+    task also saves a broker round trip for every small claim (calls that trickle in one by
+    one).
     """
     s = get_settings()
-    db = runtime.database()
-    ids: list[str] = []
-    for _ in range(s.claim_max_batches):
-        assigned = db.claim_and_assign(s.claim_batch_size, WORKER_ID, s.lease_seconds)
-        ids += [str(item.assignment_id) for item in assigned]
-        if len(assigned) < s.claim_batch_size:
-            break
+    assigned = runtime.database().claim_and_assign(s.claim_batch_size, WORKER_ID, s.lease_seconds)
+    ids = [str(item.assignment_id) for item in assigned]
     if not ids:
         return 0
+    if len(ids) >= s.claim_batch_size and batch + 1 < s.claim_max_batches:
+        # behind this batch's chunks (not a poll's priority): the next batch is claimed when
+        # these are being placed, so claims run only as far ahead as the fleet dials
+        poll.apply_async((batch + 1,), priority=WORK_PRIORITY)
     chunk = s.dispatch_chunk_size
     for start in range(chunk, len(ids), chunk):
         dispatch_batch.apply_async((ids[start : start + chunk],))
     log.info("calls.assigned", count=len(ids))
-    _send_next(dispatch_chunk(ids[:chunk]))
+    # the fresh calls' creates do not queue behind the backlog's (their own pool of threads)
+    _send_next(dispatch_chunk(ids[:chunk], lane="fresh"))
     return len(ids)
 
 
@@ -159,7 +167,7 @@ def end_from_reports(reports: Sequence[tuple[str, WebhookEvent]]) -> list[Step]:
     keys = [(provider_id, event.provider_call_id) for provider_id, event in reports]
     found = runtime.database().assignments_for_provider_calls(keys)
     items = [(found.get(key), event) for key, (_, event) in zip(keys, reports, strict=True)]
-    return runtime.map_in_context(_end_reported, items)
+    return runtime.map_in_context(_end_reported, items, "track")
 
 
 def _end_reported(item: tuple[UUID | None, WebhookEvent]) -> Step:
@@ -193,7 +201,7 @@ def _send_next(steps: Sequence[Step]) -> None:
 # -- the per-call steps ----------------------------------------------------------------------------
 
 
-def dispatch_chunk(assignment_ids: Sequence[str]) -> list[Step]:
+def dispatch_chunk(assignment_ids: Sequence[str], lane: str = "dispatch") -> list[Step]:
     """Place a chunk of assigned calls: the gates in one statement, the creates concurrently,
     the record of the placed calls in one statement. A call whose gate another task won (a
     duplicate delivery, a released assignment) is skipped: nobody is dialed twice."""
@@ -203,7 +211,7 @@ def dispatch_chunk(assignment_ids: Sequence[str]) -> list[Step]:
     steps: list[Step] = [Skipped(SkipReason.GATE_CLOSED) for a in assignment_ids if a not in won]
     if steps:
         log.info("calls.dispatch_skipped", reason=SkipReason.GATE_CLOSED, count=len(steps))
-    created = runtime.map_in_context(_create, calls)
+    created = runtime.map_in_context(_create, calls, lane)
     placed = {
         str(call.assignment_id): result.provider_call_id
         for call, result in zip(calls, created, strict=True)
@@ -300,7 +308,7 @@ def track_chunk(items: Sequence[tuple[str, int | None]]) -> list[Step]:
     calls = db.load_calls([assignment_id for assignment_id, _ in items])
     live = [c for c in calls.values() if c.state is AssignmentState.PLACED]
     steps: list[Step] = [Skipped(SkipReason.NOT_PLACED)] * (len(items) - len(live))
-    results = runtime.map_in_context(_poll, live)
+    results = runtime.map_in_context(_poll, live, "track")
     polled = [step for step, _ in results]
     observed = [
         (str(c.assignment_id), kind)
