@@ -299,7 +299,8 @@ def test_retell_signature_is_checked(server: Server, seeded: Seeded, broker: red
     bad = b"{not json"
     signed = {"x-retell-signature": retell_sign(bad, SIM_RETELL_KEY, now)}
     assert exchange(server.port, request(path, bad, signed))[0] == 400
-    assert broker_messages(broker, "track") == []  # call_ended is final, call_started changes nothing
+    # call_ended is final, call_started changes nothing
+    assert broker_messages(broker, "track") == []
 
 
 def test_the_secret_comes_from_its_column_and_is_reloaded(
