@@ -35,7 +35,7 @@ from hypothesis.stateful import (
 from providers.errors import ConfigError
 from providers.simulator import Simulator
 from worker import runtime, tasks
-from worker.seed import Seeded, schedule_calls
+from worker.seed import schedule_calls, seed_demo
 
 from .dbutil import Conn, connect, make_provider, make_template, make_user, one, slot_violations
 
@@ -250,13 +250,15 @@ def test_providers_sync_refuses_a_bad_pool_and_writes_nothing(db_url: str) -> No
 
 
 @pytest.mark.parametrize(("kind", "field"), [("vapi", "phoneNumberId"),
-                                             ("synthflow", "from_phone_number")])  # fmt: skip
+                                             ("synthflow", "from_phone_number"),
+                                             ("retell", "from_number")])  # fmt: skip
 def test_the_adapter_dials_from_the_number_of_its_slot(
-    worker_db: str, seeded: Seeded, sim: Simulator, kind: str, field: str
+    worker_db: str, sim: Simulator, kind: str, field: str
 ) -> None:
     sim.configure({"outcome_mix": {"completed": 1.0}, "answer_at_once": True})
     pool = [{"id": "+14155550101"}, {"id": "+14155550102"}]
     with psycopg.connect(worker_db, autocommit=True) as conn:
+        seeded = seed_demo(conn, sim_base_url=sim.base_url, providers=(kind,))
         conn.execute("UPDATE call_service_providers SET is_active = (provider_type = %s)", (kind,))
         _set_pool(conn, seeded.provider_ids[kind], pool)
         schedule_calls(conn, seeded, 2)
