@@ -1070,6 +1070,9 @@ AS $$
 DECLARE
   v_a record;
 BEGIN
+  -- no wait for the WAL flush, as complete_call: lost in a crash, the call is back to dialing
+  -- and the reaper's reconcile finds it at the provider by its correlation id
+  PERFORM set_config('synchronous_commit', 'off', true);
   SELECT a.queue_id, a.state, a.provider_call_id INTO v_a
     FROM public.call_assignments a WHERE a.id = p_assignment_id;
   IF NOT FOUND THEN
@@ -1190,6 +1193,14 @@ DECLARE
   v_q record;
   v_hid uuid;
 BEGIN
+  -- An ending commits without waiting for its WAL flush (transaction-local), so the tenant's
+  -- counter row and the provider's stats row it updates are not held locked through a disk
+  -- flush: with the flush, every ending of one tenant queued behind the previous one's.
+  -- Safe because an ending is re-derivable: lost in a server crash, the call is back to
+  -- placed with its poll overdue, and the next poll (or reconcile) ends it again, idempotently;
+  -- and nothing outside the database acts on it before a later synchronous commit (a dial
+  -- gate, a notification claim), which flushes the WAL up to and including this one.
+  PERFORM set_config('synchronous_commit', 'off', true);
   SELECT a.queue_id INTO v_a FROM public.call_assignments a WHERE a.id = p_assignment_id;
   IF NOT FOUND THEN
     RAISE EXCEPTION USING ERRCODE = 'CQ011', MESSAGE = 'assignment_not_found: ' || p_assignment_id;
@@ -1295,6 +1306,9 @@ DECLARE
   v_usage record;
   v_waiting integer;
 BEGIN
+  -- no wait for the WAL flush, as complete_call (a retry is dialed only after a synchronous
+  -- dial gate, which flushes this ending first)
+  PERFORM set_config('synchronous_commit', 'off', true);
   IF p_failure_kind IS NULL OR NOT (p_failure_kind = ANY (public.failure_kinds())) THEN
     RAISE EXCEPTION USING ERRCODE = 'CQ013',
       MESSAGE = 'invalid_failure_kind: ' || coalesce(p_failure_kind, 'NULL');
