@@ -8,8 +8,10 @@ configured service that does not answer fails the run instead of being replaced 
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import hashlib
+import json
 import os
 import tempfile
 import uuid
@@ -44,6 +46,20 @@ def running_simulator(config: dict[str, Any] | None = None) -> Iterator[Simulato
         yield simulator
     finally:
         simulator.stop()
+
+
+def broker_messages(client: Any, queue: str) -> list[tuple[str, Any, bytes]]:
+    """(task name, positional args, raw message) of every message waiting in ``queue`` of a
+    Redis broker, highest priority first: kombu keeps one list per priority step (``queue``,
+    then ``queue`` + ``\\x06\\x16`` + step), and callq's tasks carry priorities."""
+    keys = [queue] + [f"{queue}\x06\x16{step}" for step in range(1, 10)]
+    out = []
+    for key in keys:
+        for raw in reversed(client.lrange(key, 0, -1)):  # LPUSH: the oldest is last
+            envelope = json.loads(raw)
+            args = json.loads(base64.b64decode(envelope["body"]))[0]
+            out.append((envelope["headers"]["task"], args, raw))
+    return out
 
 
 @pytest.fixture(scope="session")

@@ -68,7 +68,8 @@ Act = Callable[[Sequence[tuple[str, WebhookEvent]]], None]
 
 @dataclass(frozen=True, slots=True)
 class Answer:
-    """An HTTP answer, serialized once: status, JSON body, and whether the connection ends."""
+    """An HTTP answer, serialized once: status, JSON body and headers (``connection: close``
+    when the request's body was not read)."""
 
     status: int
     body: bytes

@@ -265,6 +265,8 @@ CREATE INDEX provider_slots_free_idx ON public.provider_slots (provider_id, free
 -- Freeing by assignment id; one slot per assignment.
 CREATE UNIQUE INDEX provider_slots_assignment_idx ON public.provider_slots (assignment_id)
   WHERE assignment_id IS NOT NULL;
+-- Retired slots (almost always none): a freed slot goes to their calls first.
+CREATE INDEX provider_slots_retired_idx ON public.provider_slots (provider_id) WHERE retired;
 
 -- What is wrong with config.caller_ids (NULL: nothing, or no pool). A pool is a non-empty array
 -- of {"id": "<number or number id>", "max_concurrent": <integer, optional>}, each id once.
@@ -360,12 +362,16 @@ BEGIN
     DELETE FROM public.provider_slots s
      WHERE s.provider_id = NEW.id AND s.slot_no = v_b.slot_no
        AND s.assignment_id = v_b.assignment_id;
-    CONTINUE WHEN NOT FOUND;  -- its call ended meanwhile (and the slot was freed)
+    CONTINUE WHEN NOT FOUND;  -- its call ended meanwhile: the slot is free (deleted below)
     UPDATE public.provider_slots s SET assignment_id = v_b.assignment_id
      WHERE s.provider_id = NEW.id AND s.slot_no = v_free;
   END LOOP;
   UPDATE public.provider_slots s SET retired = true
-   WHERE s.provider_id = NEW.id AND s.slot_no > v_n AND NOT s.retired;
+   WHERE s.provider_id = NEW.id AND s.slot_no > v_n AND NOT s.retired
+     AND s.assignment_id IS NOT NULL;
+  -- slots beyond the layout whose call ended while this ran
+  DELETE FROM public.provider_slots s
+   WHERE s.provider_id = NEW.id AND s.assignment_id IS NULL AND s.slot_no > v_n;
   UPDATE public.provider_slots s SET caller_id = l.caller_id, retired = false
     FROM public.provider_slot_layout(NEW.max_concurrent_calls, NEW.config) l
    WHERE s.provider_id = NEW.id AND s.slot_no = l.slot_no

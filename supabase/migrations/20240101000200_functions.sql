@@ -21,28 +21,75 @@ CREATE VIEW public.eligible_providers WITH (security_invoker = true) AS
      AND pa.status <> 'offline'
      AND (pa.circuit_open_until IS NULL OR pa.circuit_open_until <= now());
 
+-- A provider still carries calls beyond a lowered capacity (retired slots): no slot of it may be
+-- taken until they end (each freed slot goes to one of them; see free_provider_slot). One probe
+-- of an index that is almost always empty.
+CREATE OR REPLACE FUNCTION public.provider_over_capacity(p_provider_id uuid) RETURNS boolean
+LANGUAGE plpgsql STABLE
+SET search_path = ''
+AS $$
+BEGIN
+  RETURN EXISTS (SELECT 1 FROM public.provider_slots r
+                  WHERE r.provider_id = p_provider_id AND r.retired);
+END
+$$;
+
 -- Live capacity figures per provider, counted from its slots (provider_availability's
--- current_calls and available_slots are these as of the last reconcile_provider_slots).
+-- current_calls and available_slots are these as of the last reconcile_provider_slots):
+-- current_calls = taken slots, available_slots = slots a claim may take now.
 CREATE VIEW public.provider_load WITH (security_invoker = true) AS
   SELECT p.id AS provider_id, p.max_concurrent_calls,
          (SELECT count(*) FROM public.provider_slots s
            WHERE s.provider_id = p.id AND s.assignment_id IS NOT NULL)::integer AS current_calls,
          (SELECT count(*) FROM public.provider_slots s
-           WHERE s.provider_id = p.id AND s.assignment_id IS NULL)::integer AS available_slots
+           WHERE s.provider_id = p.id AND s.assignment_id IS NULL
+             AND NOT public.provider_over_capacity(p.id))::integer AS available_slots
     FROM public.call_service_providers p;
 
 -- Give back the slot an assignment holds (nothing when it holds none): free again, at the back
--- of the rotation; a retired slot (beyond a lowered capacity) is deleted instead.
+-- of the rotation. A retired slot (beyond a lowered capacity) is deleted instead; and while the
+-- provider still carries such calls, a freed slot goes to one of them (its retired slot is
+-- deleted), so no slot is free before the calls in flight fit the new capacity.
 -- (PL/pgSQL rather than SQL here and in take_provider_slot and get_best_available_provider: a
 -- SQL function that is not inlined is planned again at every call; PL/pgSQL keeps its plans.)
 CREATE OR REPLACE FUNCTION public.free_provider_slot(p_assignment_id uuid) RETURNS void
 LANGUAGE plpgsql
 SET search_path = ''
 AS $$
+DECLARE
+  v_slot record;
+  v_moved uuid;
 BEGIN
-  DELETE FROM public.provider_slots s WHERE s.assignment_id = p_assignment_id AND s.retired;
-  UPDATE public.provider_slots s SET assignment_id = NULL, freed_at = clock_timestamp()
-   WHERE s.assignment_id = p_assignment_id;
+  -- The slot, locked, in its latest version (a capacity change may be retiring it or moving its
+  -- call into another slot right now: a second look, in a new snapshot, finds the moved one).
+  FOR v_try IN 1..2 LOOP
+    SELECT s.provider_id, s.slot_no, s.retired INTO v_slot
+      FROM public.provider_slots s WHERE s.assignment_id = p_assignment_id
+       FOR UPDATE;
+    EXIT WHEN FOUND;
+  END LOOP;
+  IF NOT FOUND THEN
+    RETURN;
+  END IF;
+  IF v_slot.retired THEN
+    DELETE FROM public.provider_slots s
+     WHERE s.provider_id = v_slot.provider_id AND s.slot_no = v_slot.slot_no;
+    RETURN;
+  END IF;
+  WITH r AS (
+    SELECT x.slot_no FROM public.provider_slots x
+     WHERE x.provider_id = v_slot.provider_id AND x.retired
+     ORDER BY x.slot_no DESC
+     LIMIT 1
+       FOR UPDATE SKIP LOCKED
+  )
+  DELETE FROM public.provider_slots s USING r
+   WHERE s.provider_id = v_slot.provider_id AND s.slot_no = r.slot_no
+  RETURNING s.assignment_id INTO v_moved;
+  UPDATE public.provider_slots s
+     SET assignment_id = v_moved,
+         freed_at = CASE WHEN v_moved IS NULL THEN clock_timestamp() ELSE s.freed_at END
+   WHERE s.provider_id = v_slot.provider_id AND s.slot_no = v_slot.slot_no;
 END
 $$;
 
@@ -75,6 +122,7 @@ BEGIN
   UPDATE public.provider_slots s SET assignment_id = p_assignment_id
     FROM (SELECT f.slot_no FROM public.provider_slots f
            WHERE f.provider_id = p_provider_id AND f.assignment_id IS NULL
+             AND NOT public.provider_over_capacity(p_provider_id)
            ORDER BY f.freed_at, f.slot_no
            LIMIT 1
              FOR UPDATE SKIP LOCKED) f
@@ -661,6 +709,7 @@ BEGIN
      CROSS JOIN LATERAL (
        SELECT s.freed_at FROM public.provider_slots s
         WHERE s.provider_id = e.provider_id AND s.assignment_id IS NULL
+          AND NOT public.provider_over_capacity(e.provider_id)
         ORDER BY s.freed_at, s.slot_no
         LIMIT 1) f
      WHERE (p_required_capabilities IS NULL OR e.capabilities @> p_required_capabilities)
@@ -833,6 +882,7 @@ BEGIN
         WITH f AS (
           SELECT f.slot_no FROM public.provider_slots f
            WHERE f.provider_id = v_p.provider_id AND f.assignment_id IS NULL
+             AND NOT public.provider_over_capacity(v_p.provider_id)
            ORDER BY f.freed_at, f.slot_no
            LIMIT v_k
              FOR UPDATE SKIP LOCKED
@@ -1023,6 +1073,9 @@ AS $$
 DECLARE
   v_a record;
 BEGIN
+  -- no wait for the WAL flush, as complete_call: lost in a crash, the call is back to dialing
+  -- and the reaper's reconcile finds it at the provider by its correlation id
+  PERFORM set_config('synchronous_commit', 'off', true);
   SELECT a.queue_id, a.state, a.provider_call_id INTO v_a
     FROM public.call_assignments a WHERE a.id = p_assignment_id;
   IF NOT FOUND THEN
@@ -1143,6 +1196,14 @@ DECLARE
   v_q record;
   v_hid uuid;
 BEGIN
+  -- An ending commits without waiting for its WAL flush (transaction-local), so the tenant's
+  -- counter row and the provider's stats row it updates are not held locked through a disk
+  -- flush: with the flush, every ending of one tenant queued behind the previous one's.
+  -- Safe because an ending is re-derivable: lost in a server crash, the call is back to
+  -- placed with its poll overdue, and the next poll (or reconcile) ends it again, idempotently;
+  -- and nothing outside the database acts on it before a later synchronous commit (a dial
+  -- gate, a notification claim), which flushes the WAL up to and including this one.
+  PERFORM set_config('synchronous_commit', 'off', true);
   SELECT a.queue_id INTO v_a FROM public.call_assignments a WHERE a.id = p_assignment_id;
   IF NOT FOUND THEN
     RAISE EXCEPTION USING ERRCODE = 'CQ011', MESSAGE = 'assignment_not_found: ' || p_assignment_id;
@@ -1248,6 +1309,9 @@ DECLARE
   v_usage record;
   v_waiting integer;
 BEGIN
+  -- no wait for the WAL flush, as complete_call (a retry is dialed only after a synchronous
+  -- dial gate, which flushes this ending first)
+  PERFORM set_config('synchronous_commit', 'off', true);
   IF p_failure_kind IS NULL OR NOT (p_failure_kind = ANY (public.failure_kinds())) THEN
     RAISE EXCEPTION USING ERRCODE = 'CQ013',
       MESSAGE = 'invalid_failure_kind: ' || coalesce(p_failure_kind, 'NULL');

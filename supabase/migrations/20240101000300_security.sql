@@ -226,6 +226,7 @@ REVOKE ALL ON FUNCTION
   public.set_updated_at(), public.handle_new_user(), public.sync_provider_slots(),
   public.is_admin(), public.is_open_account(), public.free_provider_slot(uuid),
   public.take_provider_slot(uuid, uuid), public.free_all_provider_slots(),
+  public.provider_over_capacity(uuid),
   public.caller_ids_violation(jsonb), public.provider_slot_layout(integer, jsonb),
   public.schedule_call(uuid, uuid, text, text, text, timestamptz, int, jsonb, jsonb, text, text),
   public.claim_due_calls(int, text, int), public.get_next_call_in_queue(),
@@ -251,7 +252,8 @@ GRANT EXECUTE ON FUNCTION
 
 GRANT EXECUTE ON FUNCTION
   public.free_provider_slot(uuid), public.take_provider_slot(uuid, uuid),
-  public.caller_ids_violation(jsonb), public.provider_slot_layout(integer, jsonb),
+  public.provider_over_capacity(uuid), public.caller_ids_violation(jsonb),
+  public.provider_slot_layout(integer, jsonb),
   public.claim_due_calls(int, text, int), public.get_next_call_in_queue(),
   public.get_best_available_provider(jsonb, uuid[]), public.assign_call_to_provider(uuid, uuid),
   public.claim_and_assign_calls(int, text, int), public.mark_call_dialing(uuid),
@@ -264,3 +266,6 @@ GRANT EXECUTE ON FUNCTION
   public.reap_expired_leases(), public.reconcile_provider_slots(),
   public.rollover_usage_periods()
   TO service_role, callq_worker;
+
+-- provider_load (admins read it) asks provider_over_capacity with the reader's rights
+GRANT EXECUTE ON FUNCTION public.provider_over_capacity(uuid) TO authenticated;

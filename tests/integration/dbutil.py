@@ -203,7 +203,9 @@ def free_slots(conn: Conn, provider: uuid.UUID) -> None:
 # The slot invariants, one row per violation, read in one snapshot: a provider never carries more
 # live assignments than max_concurrent_calls, nor a pool's number more than its max_concurrent;
 # its slots are its layout; each live assignment holds exactly one slot of its provider, with
-# the slot's number as caller_id, and a taken slot belongs to a live assignment.
+# the slot's number as caller_id, and a taken slot belongs to a live assignment. (After a
+# capacity or pool change, calls then in flight may exceed the new caps and keep their number
+# until they end: check after such changes once those calls are done.)
 SLOT_VIOLATIONS = """
 WITH live AS (
   SELECT a.id, a.provider_id, a.caller_id FROM call_assignments a
@@ -236,8 +238,11 @@ SELECT 'taken slot without a live assignment', s.provider_id::text FROM provider
                       AND live.provider_id = s.provider_id)
 UNION ALL
 SELECT 'live assignment without its slot', live.id::text FROM live
- WHERE NOT EXISTS (SELECT 1 FROM provider_slots s WHERE s.assignment_id = live.id
-                      AND s.caller_id IS NOT DISTINCT FROM live.caller_id)
+ WHERE NOT EXISTS (SELECT 1 FROM provider_slots s WHERE s.assignment_id = live.id)
+UNION ALL
+SELECT 'caller id differs from its slot', live.id::text FROM live
+  JOIN provider_slots s ON s.assignment_id = live.id
+ WHERE s.caller_id IS DISTINCT FROM live.caller_id
 """
 
 

@@ -35,7 +35,7 @@ from hypothesis.stateful import (
 from providers.errors import ConfigError
 from providers.simulator import Simulator
 from worker import runtime, tasks
-from worker.seed import Seeded, schedule_calls
+from worker.seed import schedule_calls, seed_demo
 
 from .dbutil import Conn, connect, make_provider, make_template, make_user, one, slot_violations
 
@@ -250,13 +250,15 @@ def test_providers_sync_refuses_a_bad_pool_and_writes_nothing(db_url: str) -> No
 
 
 @pytest.mark.parametrize(("kind", "field"), [("vapi", "phoneNumberId"),
-                                             ("synthflow", "from_phone_number")])  # fmt: skip
+                                             ("synthflow", "from_phone_number"),
+                                             ("retell", "from_number")])  # fmt: skip
 def test_the_adapter_dials_from_the_number_of_its_slot(
-    worker_db: str, seeded: Seeded, sim: Simulator, kind: str, field: str
+    worker_db: str, sim: Simulator, kind: str, field: str
 ) -> None:
     sim.configure({"outcome_mix": {"completed": 1.0}, "answer_at_once": True})
     pool = [{"id": "+14155550101"}, {"id": "+14155550102"}]
     with psycopg.connect(worker_db, autocommit=True) as conn:
+        seeded = seed_demo(conn, sim_base_url=sim.base_url, providers=(kind,))
         conn.execute("UPDATE call_service_providers SET is_active = (provider_type = %s)", (kind,))
         _set_pool(conn, seeded.provider_ids[kind], pool)
         schedule_calls(conn, seeded, 2)
@@ -273,3 +275,133 @@ def test_the_adapter_dials_from_the_number_of_its_slot(
     sent = {c.queue_id: c.request.get(field) for c in sim.engine.list(kind)}
     assert sorted(given.values()) == ["+14155550101", "+14155550102"]
     assert sent == given
+
+
+def test_capacity_changes_under_load_never_add_room_beyond_the_new_capacity(db_url: str) -> None:
+    """Workers claim and end calls while ops change the provider's max_concurrent_calls and pool
+    again and again: in every snapshot a claim may take a slot only where the calls in flight
+    leave room under the current capacity (calls beyond a lowered capacity block new ones until
+    they end), and when the calls are done the slots are exactly the layout again (nothing
+    retired, nothing leaked)."""
+    layouts = [(5, POOL), (2, None), (3, [{"id": "num-a"}, {"id": "num-d", "max_concurrent": 1}]),
+               (1, None), (6, POOL), (4, None)]  # fmt: skip
+    with connect(db_url) as conn:
+        provider = make_provider(conn, max_calls=5)
+        user = make_user(conn, call_limit=None, minute_limit=None, max_concurrent=1000)
+        tpl = make_template(conn, user)
+        for _ in range(120):
+            conn.execute("SELECT schedule_call(%s, %s, 'T', '+15551234567')", (user, tpl))
+    stop = threading.Event()
+    bad: list[Any] = []
+    errors: list[BaseException] = []
+    # slots a claim may take now, calls on the provider, the capacity: in one snapshot
+    room = (
+        "SELECT l.available_slots, l.current_calls,"
+        " (SELECT count(*) FROM provider_slot_layout(p.max_concurrent_calls, p.config))"
+        " FROM provider_load l JOIN call_service_providers p ON p.id = l.provider_id"
+        " WHERE p.id = %s"
+    )
+
+    def guarded(fn: Any) -> Any:
+        def run(*args: Any) -> None:
+            try:
+                fn(*args)
+            except BaseException as exc:
+                errors.append(exc)
+                stop.set()
+
+        return run
+
+    @guarded
+    def watch() -> None:
+        with connect(db_url) as conn:
+            while not stop.is_set():
+                row = conn.execute(room, (provider,)).fetchone()
+                if row is not None and row[0] > max(row[2] - row[1], 0):
+                    bad.append(tuple(row))
+
+    @guarded
+    def relayout() -> None:
+        with connect(db_url) as conn:
+            for i in range(30):
+                if stop.is_set():
+                    return
+                size, pool = layouts[i % len(layouts)]
+                conn.execute(
+                    "UPDATE call_service_providers SET max_concurrent_calls = %s,"
+                    " config = CASE WHEN %s::jsonb IS NULL THEN config - 'caller_ids'"
+                    " ELSE config || jsonb_build_object('caller_ids', %s::jsonb) END WHERE id = %s",
+                    (size, json.dumps(pool) if pool else None,
+                     json.dumps(pool) if pool else None, provider),
+                )  # fmt: skip
+
+    @guarded
+    def work(seed: int) -> None:
+        with connect(db_url) as conn:
+            conn.execute("SET callq.retry_delay_scale = '0'")
+            n = seed
+            while not stop.is_set():
+                rows = conn.execute(
+                    "SELECT assignment_id FROM claim_and_assign_calls(%s)", (1 + n % 3,)
+                ).fetchall()
+                left = "SELECT count(*) FROM call_queue WHERE status <> 'completed'"
+                if not rows and one(conn, left) == 0:
+                    return
+                for (aid,) in rows:
+                    n += 1
+                    if n % 5 == 0:
+                        conn.execute("SELECT release_assignment(%s, 'shutdown')", (aid,))
+                    elif one(conn, "SELECT mark_call_dialing(%s)", (aid,)):
+                        conn.execute("SELECT complete_call(%s, 5)", (aid,))
+
+    watcher = threading.Thread(target=watch)
+    changer = threading.Thread(target=relayout)
+    workers = [threading.Thread(target=work, args=(i,)) for i in range(3)]
+    watcher.start()
+    changer.start()
+    for t in workers:
+        t.start()
+    changer.join(timeout=120)
+    for t in workers:
+        t.join(timeout=120)
+    stop.set()
+    watcher.join(timeout=30)
+    assert not errors, errors[:3]
+    assert not any(t.is_alive() for t in (watcher, changer, *workers)), "a thread hung"
+    assert not bad, bad[:5]
+    with connect(db_url) as conn:
+        assert one(conn, "SELECT count(*) FROM call_queue WHERE status <> 'completed'") == 0
+        assert one(conn, "SELECT count(*) FROM provider_slots WHERE retired") == 0
+        assert one(conn, "SELECT reconcile_provider_slots()") == 0
+        assert slot_violations(conn) == []
+
+
+def test_no_slot_is_taken_while_calls_beyond_a_lowered_capacity_are_in_flight(
+    db_url: str,
+) -> None:
+    with connect(db_url) as conn, psycopg.connect(db_url) as rival:
+        p = make_provider(conn, max_calls=2)
+        user = make_user(conn, call_limit=None)
+        tpl = make_template(conn, user)
+        for _ in range(3):
+            conn.execute("SELECT schedule_call(%s, %s, 'T', '+15551234567')", (user, tpl))
+        rows = conn.execute("SELECT assignment_id FROM claim_and_assign_calls(2)").fetchall()
+        (a1,), (a2,) = rows
+        conn.execute(
+            "UPDATE call_service_providers SET max_concurrent_calls = 1 WHERE id = %s", (p,)
+        )
+        assert one(conn, "SELECT count(*) FROM provider_slots WHERE retired") == 1
+        # the retired slot is busy elsewhere (locked), so a1's slot cannot go to its call: it is
+        # freed, yet nothing may take it while the provider is still over its capacity
+        rival.execute("SELECT 1 FROM provider_slots WHERE retired FOR UPDATE")
+        one(conn, "SELECT release_assignment(%s, 'shutdown')", (a1,))
+        assert one(conn, "SELECT count(*) FROM provider_slots WHERE assignment_id IS NULL") == 1
+        rival.rollback()
+        load = "SELECT current_calls, available_slots FROM provider_load WHERE provider_id = %s"
+        assert conn.execute(load, (p,)).fetchone() == (1, 0)
+        assert one(conn, "SELECT get_best_available_provider()") is None
+        assert conn.execute("SELECT * FROM claim_and_assign_calls(5)").fetchall() == []
+        one(conn, "SELECT release_assignment(%s, 'shutdown')", (a2,))  # the retired slot goes
+        assert conn.execute(load, (p,)).fetchone() == (0, 1)
+        assert len(conn.execute("SELECT * FROM claim_and_assign_calls(5)").fetchall()) == 1
+        assert slot_violations(conn) == []

@@ -6,8 +6,6 @@ No worker process: each test claims a call with the real SQL, runs the step func
 
 from __future__ import annotations
 
-import base64
-import json
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -33,6 +31,7 @@ from dispatch.steps import (
 from dispatch.steps import tally as tally_of
 from providers.base import CallState, CallStatus, WebhookEvent
 from providers.simulator import Simulator
+from tests.conftest import broker_messages
 from worker import runtime, tasks
 from worker.celery_app import app
 from worker.embedded import wait_until
@@ -269,11 +268,7 @@ def broker(redis_url: str) -> Iterator[redis.Redis]:
 
 
 def queued(client: redis.Redis, queue: str) -> list[tuple[str, Any]]:
-    out = []
-    for raw in client.lrange(queue, 0, -1):
-        envelope = json.loads(raw)
-        out.append((envelope["headers"]["task"], json.loads(base64.b64decode(envelope["body"]))[0]))
-    return out
+    return [(task, args) for task, args, _ in broker_messages(client, queue)]
 
 
 def due_in(db_url: str, ids: list[str]) -> list[float]:

@@ -31,7 +31,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from providers.retell import sign as retell_sign
-from worker.embedded import free_port, wait_for_port
+from tests.conftest import broker_messages
+from worker.embedded import free_port, wait_for_port, wait_until
 from worker.seed import SIM_RETELL_KEY, Seeded, seed_demo
 
 REPO = Path(__file__).resolve().parents[2]
@@ -175,15 +176,9 @@ def synthflow_signature(call_id: str, secret: str = SECRET) -> str:
 def queued_task_args(broker: redis.Redis, queue: str = "track", wait_for: int = 0) -> list[Any]:
     """The tasks in ``queue``; waits (bounded) until there are ``wait_for`` of them: an accepted
     delivery is answered first and enqueued right after."""
-    deadline = time.monotonic() + 10
-    while broker.llen(queue) < wait_for and time.monotonic() < deadline:
-        time.sleep(0.05)
-    out = []
-    for raw in broker.lrange(queue, 0, -1):
-        envelope = json.loads(raw)
-        body = json.loads(base64.b64decode(envelope["body"]))
-        out.append((envelope["headers"]["task"], body[0], raw))
-    return out
+    with contextlib.suppress(TimeoutError):  # fewer are reported, and the test says which
+        wait_until(lambda: len(broker_messages(broker, queue)) >= wait_for, timeout=10)
+    return broker_messages(broker, queue)
 
 
 # -- behaviour ------------------------------------------------------------------------------------
@@ -199,7 +194,7 @@ def test_authentication_and_answers(server: Server, seeded: Seeded, broker: redi
     assert httpx.post(unknown, content=vapi_body()).status_code == 404
     assert httpx.post(f"{server.url}/webhooks/not-a-uuid", content=b"{}").status_code == 404
     assert httpx.get(vapi).status_code == 405
-    assert broker.llen("track") == 0
+    assert broker_messages(broker, "track") == []
 
 
 def test_a_hint_enqueues_ids_only_and_a_status_update_nothing(
@@ -304,7 +299,8 @@ def test_retell_signature_is_checked(server: Server, seeded: Seeded, broker: red
     bad = b"{not json"
     signed = {"x-retell-signature": retell_sign(bad, SIM_RETELL_KEY, now)}
     assert exchange(server.port, request(path, bad, signed))[0] == 400
-    assert broker.llen("track") == 0  # call_ended is final, call_started changes nothing
+    # call_ended is final, call_started changes nothing
+    assert broker_messages(broker, "track") == []
 
 
 def test_the_secret_comes_from_its_column_and_is_reloaded(
