@@ -560,6 +560,9 @@ BEGIN
        AND (c.starts_at IS NULL OR c.starts_at <= p_now)
        AND (c.ends_at IS NULL OR c.ends_at > p_now)
        FOR NO KEY UPDATE SKIP LOCKED);
+  IF p_lanes_only AND cardinality(v_locked) = 0 THEN
+    RETURN;  -- no lane to take from (the common case): skip the rest
+  END IF;
 
   WITH lanes AS MATERIALIZED (
     SELECT c.id, c.max_in_flight, c.calls_per_minute,

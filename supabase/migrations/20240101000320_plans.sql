@@ -123,37 +123,42 @@ BEGIN
     END IF;
   END IF;
 
+  -- the classes of call_status_class, spelled inline: a function call per row (it cannot be
+  -- inlined, it pins search_path) cost more than the rest of the statement
   IF TG_OP = 'INSERT' THEN
     SELECT jsonb_agg(d) INTO v_deltas FROM (
       SELECT n.user_id,
-             count(*) FILTER (WHERE public.call_status_class(n.status) = 1) AS queued,
-             count(*) FILTER (WHERE public.call_status_class(n.status) = 2) AS claimed,
-             count(*) FILTER (WHERE public.call_status_class(n.status) = 3) AS dialed
+             count(*) FILTER (WHERE n.status = 'queued') AS queued,
+             count(*) FILTER (WHERE n.status IN ('claimed', 'assigned')) AS claimed,
+             count(*) FILTER (WHERE n.status IN ('dialing', 'in_progress')) AS dialed
         FROM new_rows n GROUP BY n.user_id) d;
   ELSIF TG_OP = 'DELETE' THEN
     SELECT jsonb_agg(d) INTO v_deltas FROM (
       SELECT o.user_id,
-             -count(*) FILTER (WHERE public.call_status_class(o.status) = 1) AS queued,
-             -count(*) FILTER (WHERE public.call_status_class(o.status) = 2) AS claimed,
-             -count(*) FILTER (WHERE public.call_status_class(o.status) = 3) AS dialed
+             -count(*) FILTER (WHERE o.status = 'queued') AS queued,
+             -count(*) FILTER (WHERE o.status IN ('claimed', 'assigned')) AS claimed,
+             -count(*) FILTER (WHERE o.status IN ('dialing', 'in_progress')) AS dialed
         FROM old_rows o GROUP BY o.user_id) d;
   ELSE
     -- claims: rows taken from the queue (queued -> claimed, assigned, dialing, in progress)
     SELECT jsonb_agg(d) INTO v_deltas FROM (
-      SELECT x.user_id, sum(x.s * (x.c = 1)::int) AS queued, sum(x.s * (x.c = 2)::int) AS claimed,
-             sum(x.s * (x.c = 3)::int) AS dialed, sum(x.cl) AS claims
-        FROM (SELECT n.user_id, 1 AS s, public.call_status_class(n.status) AS c,
-                     (public.call_status_class(o.status) = 1
-                      AND public.call_status_class(n.status) >= 2)::int AS cl
+      SELECT x.user_id, sum(x.s * x.q) AS queued, sum(x.s * x.c) AS claimed,
+             sum(x.s * x.d) AS dialed, sum(x.took) AS claims
+        FROM (SELECT n.user_id, 1 AS s, (n.status = 'queued')::int AS q,
+                     (n.status IN ('claimed', 'assigned'))::int AS c,
+                     (n.status IN ('dialing', 'in_progress'))::int AS d,
+                     (o.status = 'queued' AND n.status IN ('claimed', 'assigned', 'dialing',
+                                                           'in_progress'))::int AS took
                 FROM new_rows n JOIN old_rows o ON o.id = n.id
                WHERE o.status IS DISTINCT FROM n.status OR o.user_id IS DISTINCT FROM n.user_id
               UNION ALL
-              SELECT o.user_id, -1, public.call_status_class(o.status), 0
+              SELECT o.user_id, -1, (o.status = 'queued')::int,
+                     (o.status IN ('claimed', 'assigned'))::int,
+                     (o.status IN ('dialing', 'in_progress'))::int, 0
                 FROM new_rows n JOIN old_rows o ON o.id = n.id
                WHERE o.status IS DISTINCT FROM n.status OR o.user_id IS DISTINCT FROM n.user_id) x
        GROUP BY x.user_id
-      HAVING sum(x.s * (x.c = 1)::int) <> 0 OR sum(x.s * (x.c = 2)::int) <> 0
-          OR sum(x.s * (x.c = 3)::int) <> 0) d;
+      HAVING sum(x.s * x.q) <> 0 OR sum(x.s * x.c) <> 0 OR sum(x.s * x.d) <> 0) d;
   END IF;
   IF v_deltas IS NOT NULL THEN
     PERFORM public.apply_counter_deltas(v_deltas);
@@ -433,12 +438,13 @@ BEGIN
     ) r;
 
   IF v_cand IS NOT NULL THEN
+    -- "id = ANY": primary-key look-ups of the candidates (a join with unnest() may be planned
+    -- as a scan of the tenant's live rows, which grows with its backlog)
     SELECT array_agg(l.id ORDER BY l.ord) INTO v_ids
-      FROM (SELECT q.id, c.ord
-              FROM unnest(v_cand) WITH ORDINALITY AS c(id, ord)
-              JOIN public.call_queue q ON q.id = c.id
-             WHERE q.status = 'queued' AND q.scheduled_time <= v_now
-             ORDER BY c.ord
+      FROM (SELECT q.id, array_position(v_cand, q.id) AS ord
+              FROM public.call_queue q
+             WHERE q.id = ANY (v_cand) AND q.status = 'queued' AND q.scheduled_time <= v_now
+             ORDER BY 2
              LIMIT p_limit
                FOR UPDATE OF q SKIP LOCKED) l;
   END IF;
@@ -473,19 +479,19 @@ BEGIN
          FOR UPDATE SKIP LOCKED);
   END IF;
   SELECT array_agg(z.id ORDER BY z.ord) INTO v_ids
-    FROM (SELECT c.id, c.ord,
+    FROM (SELECT q.id, array_position(v_ids, q.id) AS ord,
                  least(pl.max_concurrent_calls - t.claimed - t.dialed,
                        public.plan_rate_allowance(pl.calls_per_minute, t.rate_tat, v_now))
                    - (SELECT count(*) FROM public.call_queue x
                        WHERE x.id = ANY (p_exclude) AND x.user_id = q.user_id) AS room,
-                 row_number() OVER (PARTITION BY q.user_id ORDER BY c.ord) AS k
-            FROM unnest(v_ids) WITH ORDINALITY AS c(id, ord)
-            JOIN public.call_queue q ON q.id = c.id
+                 row_number() OVER (PARTITION BY q.user_id
+                                    ORDER BY array_position(v_ids, q.id)) AS k
+            FROM public.call_queue q
             JOIN public.tenant_call_counters t ON t.user_id = q.user_id
             JOIN public.user_subscriptions s
               ON s.user_id = q.user_id AND s.status IN ('active', 'trialing')
             JOIN public.subscription_plans pl ON pl.id = s.plan_id
-           WHERE q.user_id = ANY (v_users)) z
+           WHERE q.id = ANY (v_ids) AND q.user_id = ANY (v_users)) z
    WHERE z.k <= z.room;
 
   -- each call kept from a paced campaign spends one of its tokens
