@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import hmac
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
-from providers.errors import WebhookPayloadError
+from providers.errors import ProviderError, WebhookPayloadError
+
+T = TypeVar("T")
 
 
 def lower_headers(headers: Mapping[str, str]) -> dict[str, str]:
@@ -82,3 +84,12 @@ def json_object(body: bytes) -> dict[str, Any]:
 def secrets_equal(given: str, expected: str) -> bool:
     """Constant-time comparison of two secrets or signatures."""
     return hmac.compare_digest(given.encode(), expected.encode())
+
+
+def read_call(parse: Callable[[Mapping[str, Any]], T], item: Mapping[str, Any], provider: str) -> T:
+    """``parse(item)`` for a call the provider's API returned: unreadable is a provider error
+    (the text names no field value)."""
+    try:
+        return parse(item)
+    except ValueError as exc:
+        raise ProviderError("call cannot be read", provider=provider, code="bad_call") from exc

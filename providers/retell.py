@@ -27,7 +27,15 @@ from typing import Any, ClassVar
 import httpx
 
 from providers._http import Sender, timed
-from providers._util import as_float, as_id, as_text, json_object, lower_headers, parse_time
+from providers._util import (
+    as_float,
+    as_id,
+    as_text,
+    json_object,
+    lower_headers,
+    parse_time,
+    read_call,
+)
 from providers.base import (
     CallHandle,
     CallRequest,
@@ -239,10 +247,7 @@ def parse_call(call: Mapping[str, Any]) -> CallStatus:
 
 def _parsed(call: Mapping[str, Any]) -> CallStatus:
     """:func:`parse_call` for a call the API returned; unreadable is a provider error."""
-    try:
-        return parse_call(call)
-    except ValueError as exc:
-        raise ProviderError("call cannot be read", provider=PROVIDER, code="bad_call") from exc
+    return read_call(parse_call, call, PROVIDER)
 
 
 def _cost_usd(cost: object) -> float | None:

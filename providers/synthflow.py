@@ -26,6 +26,7 @@ from providers._util import (
     json_object,
     lower_headers,
     parse_time,
+    read_call,
     secrets_equal,
 )
 from providers.base import (
@@ -193,10 +194,7 @@ def parse_call(item: Mapping[str, Any]) -> CallStatus:
 
 def _parsed(item: Mapping[str, Any]) -> CallStatus:
     """:func:`parse_call` for a call the API returned; unreadable is a provider error."""
-    try:
-        return parse_call(item)
-    except ValueError as exc:
-        raise ProviderError("call cannot be read", provider=PROVIDER, code="bad_call") from exc
+    return read_call(parse_call, item, PROVIDER)
 
 
 def correlation_of(item: Mapping[str, Any]) -> str | None:

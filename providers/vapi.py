@@ -28,6 +28,7 @@ from providers._util import (
     json_object,
     lower_headers,
     parse_time,
+    read_call,
     secrets_equal,
 )
 from providers.base import (
@@ -265,10 +266,7 @@ def parse_call(call: Mapping[str, Any]) -> CallStatus:
 
 def _parsed(call: Mapping[str, Any]) -> CallStatus:
     """:func:`parse_call` for a call the API returned; unreadable is a provider error."""
-    try:
-        return parse_call(call)
-    except ValueError as exc:
-        raise ProviderError("call cannot be read", provider=PROVIDER, code="bad_call") from exc
+    return read_call(parse_call, call, PROVIDER)
 
 
 def _recording_url(artifact: Mapping[str, Any]) -> str | None:

@@ -1222,10 +1222,6 @@ BEGIN
          provider_call_id = coalesce(a.provider_call_id, p_provider_call_id), next_poll_at = NULL
    WHERE a.id = p_assignment_id;
 
-  -- billing: the reservation is settled, the reported minutes are billed; the dial itself was
-  -- counted at the gate
-  PERFORM public.settle_call_usage(p_assignment_id, v_q.user_id, p_duration_seconds);
-
   INSERT INTO public.call_history (user_id, template_id, queue_id, assignment_id, provider_id,
                                    recipient_name, recipient_phone, recipient_email, status,
                                    started_at, ended_at, duration_seconds, recording_url,
@@ -1238,6 +1234,11 @@ BEGIN
           v_q.metadata)
   RETURNING id INTO v_hid;
 
+  -- The tenant's hot rows as late as possible (each ending of a tenant waits for the previous
+  -- one's commit on them): billing (usage row: the reservation is settled, the reported minutes
+  -- are billed; the dial itself was counted at the gate), then the queue row's status (its
+  -- trigger updates the tenant's counter row).
+  PERFORM public.settle_call_usage(p_assignment_id, v_q.user_id, p_duration_seconds);
   UPDATE public.call_queue q
      SET status = 'completed', completed_at = now(), lease_expires_at = NULL
    WHERE q.id = v_q.id;

@@ -9,11 +9,13 @@
 -- Counters: a statement trigger on call_queue adds each statement's net change per tenant.
 -- The class of a status: 1 queued, 2 claimed/assigned, 3 dialing/in_progress, else 0.
 CREATE OR REPLACE FUNCTION public.call_status_class(p_status text) RETURNS integer
-LANGUAGE sql IMMUTABLE PARALLEL SAFE
+LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE
 SET search_path = ''
 AS $$
-  SELECT CASE p_status WHEN 'queued' THEN 1 WHEN 'claimed' THEN 2 WHEN 'assigned' THEN 2
+BEGIN
+  RETURN CASE p_status WHEN 'queued' THEN 1 WHEN 'claimed' THEN 2 WHEN 'assigned' THEN 2
                        WHEN 'dialing' THEN 3 WHEN 'in_progress' THEN 3 ELSE 0 END;
+END
 $$;
 
 -- The plan's calls per minute, fleet-wide: a GCRA over claims. Emission interval
@@ -77,6 +79,10 @@ $$;
 
 -- SECURITY DEFINER: the trigger also runs for statements of roles that may not write the
 -- counters (an app user canceling a call); it only ever applies the statement's own changes.
+-- Fast path: a statement that changed one row of a tenant whose counter row exists and took no
+-- call from the queue (the call path's steps: dial gate, placed, ending, retry; schedule_call)
+-- updates that row directly; anything else (claims, several rows, a new tenant) aggregates
+-- the statement's rows per tenant and goes through apply_counter_deltas.
 CREATE OR REPLACE FUNCTION public.count_tenant_calls() RETURNS trigger
 LANGUAGE plpgsql
 SECURITY DEFINER
@@ -84,7 +90,39 @@ SET search_path = ''
 AS $$
 DECLARE
   v_deltas jsonb;
+  v_one record;
+  v_from integer := 0;
+  v_to integer := 0;
+  v_n bigint;
 BEGIN
+  IF TG_OP <> 'DELETE' THEN  -- (a DELETE has no new_rows)
+    v_n := (SELECT count(*) FROM new_rows);
+  END IF;
+  IF v_n = 1 THEN
+    IF TG_OP = 'UPDATE' THEN
+      SELECT n.user_id, o.user_id AS old_user_id, n.status, o.status AS old_status INTO v_one
+        FROM old_rows o, new_rows n;
+      v_from := public.call_status_class(v_one.old_status);
+    ELSE
+      SELECT n.user_id, n.user_id AS old_user_id, n.status INTO v_one FROM new_rows n;
+    END IF;
+    v_to := public.call_status_class(v_one.status);
+    IF v_one.user_id IS NOT DISTINCT FROM v_one.old_user_id AND NOT (v_from = 1 AND v_to >= 2) THEN
+      IF v_from = v_to THEN
+        RETURN NULL;
+      END IF;
+      UPDATE public.tenant_call_counters c
+         SET queued = c.queued + (v_to = 1)::int - (v_from = 1)::int,
+             claimed = c.claimed + (v_to = 2)::int - (v_from = 2)::int,
+             dialed = c.dialed + (v_to = 3)::int - (v_from = 3)::int,
+             updated_at = now()
+       WHERE c.user_id = v_one.user_id;
+      IF FOUND THEN
+        RETURN NULL;
+      END IF;
+    END IF;
+  END IF;
+
   -- the classes of call_status_class, spelled inline: a function call per row (it cannot be
   -- inlined, it pins search_path) cost more than the rest of the statement
   IF TG_OP = 'INSERT' THEN
@@ -214,9 +252,12 @@ CREATE OR REPLACE FUNCTION public.tenant_plan(p_user_id uuid)
 RETURNS TABLE (subscription_id uuid, period_start timestamptz, period_end timestamptz,
                call_limit integer, minute_limit integer, max_concurrent_calls integer,
                max_call_minutes integer)
-LANGUAGE sql STABLE
+LANGUAGE plpgsql STABLE
 SET search_path = ''
 AS $$
+#variable_conflict use_column
+BEGIN
+  RETURN QUERY
   SELECT s.id, s.current_period_start, s.current_period_end, pl.call_limit, pl.minute_limit,
          pl.max_concurrent_calls, pl.max_call_minutes
     FROM public.user_subscriptions s
@@ -224,6 +265,7 @@ AS $$
    WHERE s.user_id = p_user_id AND s.status IN ('active', 'trialing')
    ORDER BY s.current_period_end DESC
    LIMIT 1;
+END
 $$;
 
 -- The usage row of the tenant's current period (created on first use), locked. NULL when the
@@ -239,6 +281,13 @@ BEGIN
   SELECT * INTO v_p FROM public.tenant_plan(p_user_id);
   IF NOT FOUND THEN
     RETURN NULL;
+  END IF;
+  -- the row exists but for the period's first call: look before inserting
+  SELECT u.id INTO v_id FROM public.user_call_usage u
+   WHERE u.user_id = p_user_id AND u.period_start = v_p.period_start
+     FOR NO KEY UPDATE;
+  IF FOUND THEN
+    RETURN v_id;
   END IF;
   INSERT INTO public.user_call_usage (user_id, subscription_id, period_start, period_end,
                                       calls_limit, minutes_limit)
@@ -522,13 +571,14 @@ $$;
 -- DEFAULT_CREATES_PER_SECOND (a test compares them).
 CREATE OR REPLACE FUNCTION public.provider_creates_per_second(p_provider_id uuid)
 RETURNS double precision
-LANGUAGE sql STABLE
+LANGUAGE plpgsql STABLE
 SET search_path = ''
 AS $$
-  SELECT coalesce(
-           nullif(p.config ->> 'creates_per_second', '')::double precision,
-           CASE p.provider_type WHEN 'synthflow' THEN 1.0 END)
-    FROM public.call_service_providers p WHERE p.id = p_provider_id;
+BEGIN
+  RETURN (SELECT coalesce(nullif(p.config ->> 'creates_per_second', '')::double precision,
+                          CASE p.provider_type WHEN 'synthflow' THEN 1.0 END)
+            FROM public.call_service_providers p WHERE p.id = p_provider_id);
+END
 $$;
 
 -- reserve_provider_create: the seconds this worker must wait before sending a create to the

@@ -18,10 +18,12 @@
 -- own session), it works on hosted Supabase (no ALTER DATABASE SET), and a test that updates it
 -- moves the clock of the worker processes too.
 CREATE OR REPLACE FUNCTION public.callq_now() RETURNS timestamptz
-LANGUAGE sql STABLE
+LANGUAGE plpgsql STABLE
 SET search_path = ''
 AS $$
-  SELECT coalesce((SELECT s.test_now FROM public.calling_settings s), now());
+BEGIN
+  RETURN coalesce((SELECT s.test_now FROM public.calling_settings s), now());
+END
 $$;
 
 -- Re-read the server's zone names (after a PostgreSQL upgrade). Returns how many there are.
@@ -142,10 +144,11 @@ $$;
 -- Dial attempts allowed to one number per rolling 24 h for a tenant: its live plan's setting,
 -- else calling_settings.default_attempts_per_24h.
 CREATE OR REPLACE FUNCTION public.calling_attempt_cap(p_user_id uuid) RETURNS integer
-LANGUAGE sql STABLE
+LANGUAGE plpgsql STABLE
 SET search_path = ''
 AS $$
-  SELECT coalesce(
+BEGIN
+  RETURN coalesce(
     (SELECT pl.contact_attempts_per_24h
        FROM public.user_subscriptions s
        JOIN public.subscription_plans pl ON pl.id = s.plan_id
@@ -153,6 +156,7 @@ AS $$
       ORDER BY s.current_period_end DESC
       LIMIT 1),
     (SELECT st.default_attempts_per_24h FROM public.calling_settings st));
+END
 $$;
 
 -- NULL when one more attempt at p_at stays within the cap; else the moment the cap allows it
@@ -160,16 +164,18 @@ $$;
 CREATE OR REPLACE FUNCTION public.calling_cap_release(p_user_id uuid, p_phone text,
                                                       p_at timestamptz)
 RETURNS timestamptz
-LANGUAGE sql STABLE
+LANGUAGE plpgsql STABLE
 SET search_path = ''
 AS $$
-  SELECT a.attempted_at + interval '24 hours'
-    FROM public.contact_attempts a
-   WHERE a.user_id = p_user_id AND a.phone = p_phone
-     AND a.attempted_at > p_at - interval '24 hours'
-   ORDER BY a.attempted_at DESC
-  OFFSET public.calling_attempt_cap(p_user_id) - 1
-   LIMIT 1;
+BEGIN
+  RETURN (SELECT a.attempted_at + interval '24 hours'
+            FROM public.contact_attempts a
+           WHERE a.user_id = p_user_id AND a.phone = p_phone
+             AND a.attempted_at > p_at - interval '24 hours'
+           ORDER BY a.attempted_at DESC
+          OFFSET public.calling_attempt_cap(p_user_id) - 1
+           LIMIT 1);
+END
 $$;
 
 -- When a call may next be dialed, at or after p_from: after the attempt cap allows it, then at
@@ -237,22 +243,25 @@ $$;
 CREATE OR REPLACE FUNCTION public.do_not_call_listed(p_user_id uuid, p_phone text,
                                                      p_at timestamptz)
 RETURNS boolean
-LANGUAGE sql STABLE
+LANGUAGE plpgsql STABLE
 SET search_path = ''
 AS $$
-  SELECT EXISTS (SELECT 1 FROM public.do_not_call d
+BEGIN
+  RETURN EXISTS (SELECT 1 FROM public.do_not_call d
                   WHERE d.phone = p_phone AND (d.user_id IS NULL OR d.user_id = p_user_id)
                     AND (d.expires_at IS NULL OR d.expires_at > p_at));
+END
 $$;
 
 -- Does a call of this tenant and template to this number need consent it does not have at p_at?
 CREATE OR REPLACE FUNCTION public.consent_missing(p_user_id uuid, p_template_id uuid,
                                                   p_phone text, p_at timestamptz)
 RETURNS boolean
-LANGUAGE sql STABLE
+LANGUAGE plpgsql STABLE
 SET search_path = ''
 AS $$
-  SELECT (EXISTS (SELECT 1 FROM public.call_templates t
+BEGIN
+  RETURN (EXISTS (SELECT 1 FROM public.call_templates t
                    WHERE t.id = p_template_id AND t.requires_consent)
           OR EXISTS (SELECT 1 FROM public.user_subscriptions s
                        JOIN public.subscription_plans pl ON pl.id = s.plan_id
@@ -262,6 +271,7 @@ AS $$
                       WHERE c.user_id = p_user_id AND c.phone = p_phone
                         AND c.granted_at <= p_at
                         AND (c.revoked_at IS NULL OR c.revoked_at > p_at));
+END
 $$;
 
 -- The dial gate's rules, at p_now, for a call whose row the caller has locked. verdict NULL: dial.
