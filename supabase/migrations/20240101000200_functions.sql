@@ -962,6 +962,22 @@ $$;
 -- needs no row of the tenant (gateable: still assigned; verdict: the campaign's or the calling
 -- rules', NULL when they allow the dial at "at"); dial_gate_apply acts on the verdict and
 -- passes the plan's gate. Nothing is written between the halves.
+-- The queue rows of calls that passed the gate: dialing, one more attempt, a dialing lease as
+-- long as the claim lease the worker asked for. One statement for a chunk (dial_gates): the
+-- counter trigger then updates each tenant's row once.
+CREATE OR REPLACE FUNCTION public.queue_to_dialing(p_queue_ids uuid[]) RETURNS void
+LANGUAGE plpgsql
+SET search_path = ''
+AS $$
+BEGIN
+  UPDATE public.call_queue q
+     SET status = 'dialing', attempts = q.attempts + 1, hold_reason = NULL,
+         lease_expires_at = now() + coalesce(q.lease_expires_at - q.claimed_at,
+                                             make_interval(secs => public.default_lease_seconds()))
+   WHERE q.id = ANY (p_queue_ids);
+END
+$$;
+
 CREATE OR REPLACE FUNCTION public.dial_gate_check(
   p_assignment_id uuid, OUT gateable boolean, OUT verdict text, OUT not_before timestamptz,
   OUT at timestamptz)
@@ -999,8 +1015,13 @@ END
 $$;
 
 -- The second half, for a call dial_gate_check found gateable (its rows still locked).
+-- p_defer (dial_gates): for a tenant whose plan has no call or minute limit (nothing to check
+-- against the usage row), the usage row is neither locked nor updated and the queue row stays
+-- as it is: the caller counts the chunk's dials and moves its queue rows in one statement each
+-- at its end, so the tenant's usage and counter rows are held from there to the commit only.
 CREATE OR REPLACE FUNCTION public.dial_gate_apply(
-  p_assignment_id uuid, p_verdict text, p_not_before timestamptz, p_at timestamptz
+  p_assignment_id uuid, p_verdict text, p_not_before timestamptz, p_at timestamptz,
+  p_defer boolean DEFAULT false
 ) RETURNS boolean
 LANGUAGE plpgsql
 SET search_path = ''
@@ -1015,6 +1036,7 @@ DECLARE
   v_left integer;
   v_min integer;
   v_share integer;
+  v_defer boolean := false;
 BEGIN
   -- still assigned (the same call twice in a chunk is dialed once)
   SELECT a.queue_id INTO v_qid FROM public.call_assignments a
@@ -1040,53 +1062,61 @@ BEGIN
     RETURN false;
   END IF;
 
-  v_usage := public.lock_current_usage(v_uid);
-  IF v_usage IS NULL THEN
-    PERFORM public.release_assignment(p_assignment_id, 'subscription_inactive');
-    RETURN false;
+  IF p_defer THEN
+    SELECT * INTO v_p FROM public.tenant_plan(v_uid);
+    v_defer := FOUND AND v_p.call_limit IS NULL AND v_p.minute_limit IS NULL;
   END IF;
-  SELECT * INTO v_p FROM public.tenant_plan(v_uid);
-  SELECT u.calls_made, u.minutes_used, u.minutes_reserved INTO v_u
-    FROM public.user_call_usage u WHERE u.id = v_usage;
-  IF v_p.call_limit IS NOT NULL AND v_u.calls_made >= v_p.call_limit THEN
-    PERFORM public.refuse_dial(p_assignment_id, 'call_limit_reached');
-    RETURN false;
-  END IF;
-  IF v_p.minute_limit IS NOT NULL THEN
-    v_left := v_p.minute_limit - v_u.minutes_used - v_u.minutes_reserved;
-    IF v_left <= 0 AND v_u.minutes_reserved > 0 THEN
-      PERFORM public.release_assignment(p_assignment_id, 'minutes_reserved_in_flight');
-      UPDATE public.call_queue q SET scheduled_time = now() + interval '30 seconds'
-       WHERE q.id = v_qid AND q.status = 'queued';
-      RETURN false;
-    ELSIF v_left <= 0 THEN
-      PERFORM public.refuse_dial(p_assignment_id, 'minute_limit_reached');
+  IF v_defer THEN
+    SELECT u.id INTO v_usage FROM public.user_call_usage u
+     WHERE u.user_id = v_uid AND u.period_start = v_p.period_start;
+    IF NOT FOUND THEN  -- the period's first dial creates its row
+      v_usage := public.lock_current_usage(v_uid);
+    END IF;
+  ELSE
+    v_usage := public.lock_current_usage(v_uid);
+    IF v_usage IS NULL THEN
+      PERFORM public.release_assignment(p_assignment_id, 'subscription_inactive');
       RETURN false;
     END IF;
-    -- an even share between the calls that may want minutes at the same time (this one and the
-    -- tenant's other undialed calls, at most its free concurrency), at most the plan's
-    -- max_call_minutes (default 10; 720 = Vapi's 43200 s)
-    SELECT greatest(least(v_p.max_concurrent_calls - c.dialed, c.claimed + c.queued), 1)
-      INTO v_share FROM public.tenant_call_counters c WHERE c.user_id = v_uid;
-    v_min := least(greatest(v_left / coalesce(v_share, 1), 1), v_p.max_call_minutes, 720);
-  END IF;
+    SELECT * INTO v_p FROM public.tenant_plan(v_uid);
+    SELECT u.calls_made, u.minutes_used, u.minutes_reserved INTO v_u
+      FROM public.user_call_usage u WHERE u.id = v_usage;
+    IF v_p.call_limit IS NOT NULL AND v_u.calls_made >= v_p.call_limit THEN
+      PERFORM public.refuse_dial(p_assignment_id, 'call_limit_reached');
+      RETURN false;
+    END IF;
+    IF v_p.minute_limit IS NOT NULL THEN
+      v_left := v_p.minute_limit - v_u.minutes_used - v_u.minutes_reserved;
+      IF v_left <= 0 AND v_u.minutes_reserved > 0 THEN
+        PERFORM public.release_assignment(p_assignment_id, 'minutes_reserved_in_flight');
+        UPDATE public.call_queue q SET scheduled_time = now() + interval '30 seconds'
+         WHERE q.id = v_qid AND q.status = 'queued';
+        RETURN false;
+      ELSIF v_left <= 0 THEN
+        PERFORM public.refuse_dial(p_assignment_id, 'minute_limit_reached');
+        RETURN false;
+      END IF;
+      -- an even share between the calls that may want minutes at the same time (this one and the
+      -- tenant's other undialed calls, at most its free concurrency), at most the plan's
+      -- max_call_minutes (default 10; 720 = Vapi's 43200 s)
+      SELECT greatest(least(v_p.max_concurrent_calls - c.dialed, c.claimed + c.queued), 1)
+        INTO v_share FROM public.tenant_call_counters c WHERE c.user_id = v_uid;
+      v_min := least(greatest(v_left / coalesce(v_share, 1), 1), v_p.max_call_minutes, 720);
+    END IF;
 
-  UPDATE public.user_call_usage u
-     SET calls_made = u.calls_made + 1, minutes_reserved = u.minutes_reserved + coalesce(v_min, 0)
-   WHERE u.id = v_usage;
+    UPDATE public.user_call_usage u
+       SET calls_made = u.calls_made + 1, minutes_reserved = u.minutes_reserved + coalesce(v_min, 0)
+     WHERE u.id = v_usage;
+  END IF;
   UPDATE public.call_assignments a
      SET state = 'dialing', dialing_at = now(), usage_id = v_usage,
          reserved_minutes = coalesce(v_min, 0),
          -- 5 s under the reservation: a hang-up a little late still rounds within it
          max_duration_seconds = CASE WHEN v_min IS NULL THEN NULL ELSE v_min * 60 - 5 END
    WHERE a.id = p_assignment_id;
-
-  UPDATE public.call_queue q
-     SET status = 'dialing', attempts = q.attempts + 1, hold_reason = NULL,
-         -- the dialing lease is as long as the claim lease the worker asked for
-         lease_expires_at = now() + coalesce(q.lease_expires_at - q.claimed_at,
-                                             make_interval(secs => public.default_lease_seconds()))
-   WHERE q.id = v_qid;
+  IF NOT v_defer THEN
+    PERFORM public.queue_to_dialing(ARRAY[v_qid]);
+  END IF;
   INSERT INTO public.contact_attempts (assignment_id, user_id, phone, attempted_at)
   VALUES (p_assignment_id, v_uid, v_q.recipient_phone, p_at);
   RETURN true;

@@ -519,7 +519,11 @@ $$;
 -- through reserve_provider_create first. Every call's first half (dial_gate_check: its rows
 -- locked, campaign and calling rules) runs before any second half (dial_gate_apply: the
 -- tenant's usage and counter rows), so the chunk holds the tenant's rows only for the second
--- halves: other gates and endings of the tenant wait less.
+-- halves, and for a tenant whose plan has no call or minute limit, the dials are counted into its
+-- usage row and its calls' queue rows moved (its counter row) in one statement each at the end
+-- (dial_gate_apply's p_defer), so those rows are held from there to the commit only. Calls a
+-- rule refused (released, held, canceled) are acted on last, after those writes (lock order:
+-- usage rows before counter rows).
 CREATE OR REPLACE FUNCTION public.dial_gates(p_assignment_ids uuid[])
 RETURNS TABLE (assignment_id uuid, won boolean, max_duration_seconds integer, caller_id text,
                paced boolean)
@@ -534,6 +538,10 @@ DECLARE
   v_not_before timestamptz[] := '{}';
   v_at timestamptz[] := '{}';
   v_later boolean[];
+  v_won uuid[] := '{}';
+  v_deferred uuid[];
+  v_refused integer[] := '{}';
+  v_i integer;
 BEGIN
   -- a second call of the chunk to the same contact is checked after the first one's dial is
   -- recorded (the attempt cap counts it), in the second pass
@@ -560,9 +568,10 @@ BEGIN
       max_duration_seconds := NULL;
       caller_id := NULL;
       paced := NULL;
-      IF v_ok[i] THEN
-        won := public.dial_gate_apply(p_assignment_ids[i], v_verdict[i], v_not_before[i],
-                                      v_at[i]);
+      IF v_ok[i] AND v_verdict[i] IS NULL THEN
+        won := public.dial_gate_apply(p_assignment_ids[i], NULL, NULL, v_at[i], p_defer => true);
+      ELSIF v_ok[i] THEN
+        v_refused := v_refused || i;  -- acted on at the end (it writes the tenant's rows)
       END IF;
       IF won THEN
         SELECT a.max_duration_seconds, a.caller_id,
@@ -570,8 +579,32 @@ BEGIN
           INTO max_duration_seconds, caller_id, paced
           FROM public.call_assignments a WHERE a.id = p_assignment_ids[i];
       END IF;
+      IF won THEN
+        v_won := v_won || p_assignment_ids[i];
+      END IF;
       RETURN NEXT;
     END LOOP;
+  END LOOP;
+  -- the dials deferred by dial_gate_apply (queue rows not moved yet): counted into their usage
+  -- rows (locked in key order), then their queue rows moved, one statement each
+  SELECT array_agg(a.id) INTO v_deferred
+    FROM public.call_assignments a JOIN public.call_queue q ON q.id = a.queue_id
+   WHERE a.id = ANY (v_won) AND q.status <> 'dialing';
+  IF v_deferred IS NOT NULL THEN
+    PERFORM 1 FROM public.user_call_usage u
+     WHERE u.id IN (SELECT a.usage_id FROM public.call_assignments a WHERE a.id = ANY (v_deferred))
+     ORDER BY u.id FOR NO KEY UPDATE;
+    UPDATE public.user_call_usage u SET calls_made = u.calls_made + d.n
+      FROM (SELECT a.usage_id, count(*)::int AS n FROM public.call_assignments a
+             WHERE a.id = ANY (v_deferred) GROUP BY a.usage_id) d
+     WHERE u.id = d.usage_id;
+    PERFORM public.queue_to_dialing(ARRAY(
+      SELECT a.queue_id FROM public.call_assignments a WHERE a.id = ANY (v_deferred)));
+  END IF;
+  -- calls a rule refused: released, held or canceled (usage before counters, as everywhere)
+  FOREACH v_i IN ARRAY v_refused LOOP
+    PERFORM public.dial_gate_apply(p_assignment_ids[v_i], v_verdict[v_i], v_not_before[v_i],
+                                   v_at[v_i]);
   END LOOP;
 END
 $$;
