@@ -66,17 +66,18 @@ LOAD_CALLS = f"SELECT {CALL_COLUMNS} {CALL_FROM} WHERE a.id = ANY (%(assignment_
 # statements lock queue rows in the same order), and load the calls won, in one round trip.
 # The calls are read from the statement's snapshot, taken before the gates' own updates; the
 # plan's terms for each dial (max duration from its minute reservation, caller id) come from
-# dial_gate itself.
+# dial_gates itself (all the calls' rules first, then the plan's gates: the tenant's rows are
+# held for the second halves only).
 GATE_AND_LOAD = f"""
 SELECT {CALL_COLUMNS}, g.max_duration_seconds, g.caller_id, g.paced
-FROM unnest(%(assignment_ids)s::uuid[]) WITH ORDINALITY AS x(id, n)
-CROSS JOIN LATERAL dial_gate(x.id) g
-JOIN call_assignments a ON a.id = x.id
+FROM dial_gates(%(assignment_ids)s::uuid[]) WITH ORDINALITY
+  AS g(assignment_id, won, max_duration_seconds, caller_id, paced, n)
+JOIN call_assignments a ON a.id = g.assignment_id
 JOIN call_queue q ON q.id = a.queue_id
 JOIN call_service_providers p ON p.id = a.provider_id
 {TEMPLATE_JOIN}
 WHERE g.won
-ORDER BY x.n
+ORDER BY g.n
 """
 
 # Every active provider (health probes, webhook authentication).

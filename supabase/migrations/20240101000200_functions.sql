@@ -957,15 +957,57 @@ $$;
 --   * minutes all reserved by calls in flight: released and due again in 30 s;
 --   * no dial or no minute left: the call ends as failed ('call_limit_reached' /
 --     'minute_limit_reached'), never dialed.
-CREATE OR REPLACE FUNCTION public.mark_call_dialing(p_assignment_id uuid) RETURNS boolean
+-- It runs in two halves, so that a chunk's gates (dial_gates) hold the tenant's usage and
+-- counter rows only for the second halves: dial_gate_check locks the call and checks what
+-- needs no row of the tenant (gateable: still assigned; verdict: the campaign's or the calling
+-- rules', NULL when they allow the dial at "at"); dial_gate_apply acts on the verdict and
+-- passes the plan's gate. Nothing is written between the halves.
+CREATE OR REPLACE FUNCTION public.dial_gate_check(
+  p_assignment_id uuid, OUT gateable boolean, OUT verdict text, OUT not_before timestamptz,
+  OUT at timestamptz)
+LANGUAGE plpgsql
+SET search_path = ''
+AS $$
+DECLARE
+  v_qid uuid;
+  v_campaign uuid;
+  v_check record;
+BEGIN
+  gateable := false;
+  SELECT a.queue_id INTO v_qid FROM public.call_assignments a WHERE a.id = p_assignment_id;
+  IF NOT FOUND THEN
+    RETURN;
+  END IF;
+  SELECT q.campaign_id INTO v_campaign FROM public.call_queue q WHERE q.id = v_qid FOR UPDATE;
+  PERFORM 1 FROM public.call_assignments a
+   WHERE a.id = p_assignment_id AND a.state = 'assigned' FOR UPDATE;
+  IF NOT FOUND THEN
+    RETURN;
+  END IF;
+  gateable := true;
+  IF v_campaign IS NOT NULL AND EXISTS (
+       SELECT 1 FROM public.call_campaigns c
+        WHERE c.id = v_campaign AND c.status IN ('paused', 'canceled', 'draft')) THEN
+    verdict := 'campaign_not_running';
+    RETURN;
+  END IF;
+  at := public.callq_now();
+  SELECT * INTO v_check FROM public.calling_dial_check(v_qid, at);
+  verdict := v_check.verdict;
+  not_before := v_check.not_before;
+END
+$$;
+
+-- The second half, for a call dial_gate_check found gateable (its rows still locked).
+CREATE OR REPLACE FUNCTION public.dial_gate_apply(
+  p_assignment_id uuid, p_verdict text, p_not_before timestamptz, p_at timestamptz
+) RETURNS boolean
 LANGUAGE plpgsql
 SET search_path = ''
 AS $$
 DECLARE
   v_qid uuid;
   v_q record;
-  v_now timestamptz;
-  v_check record;
   v_uid uuid;
   v_usage uuid;
   v_p record;
@@ -974,41 +1016,29 @@ DECLARE
   v_min integer;
   v_share integer;
 BEGIN
-  SELECT a.queue_id INTO v_qid FROM public.call_assignments a WHERE a.id = p_assignment_id;
+  -- still assigned (the same call twice in a chunk is dialed once)
+  SELECT a.queue_id INTO v_qid FROM public.call_assignments a
+   WHERE a.id = p_assignment_id AND a.state = 'assigned';
   IF NOT FOUND THEN
     RETURN false;
   END IF;
-  SELECT q.user_id, q.recipient_phone, q.campaign_id INTO v_q
-    FROM public.call_queue q WHERE q.id = v_qid FOR UPDATE;
+  SELECT q.user_id, q.recipient_phone INTO v_q FROM public.call_queue q WHERE q.id = v_qid;
   v_uid := v_q.user_id;
-  PERFORM 1 FROM public.call_assignments a
-   WHERE a.id = p_assignment_id AND a.state = 'assigned' FOR UPDATE;
-  IF NOT FOUND THEN
-    RETURN false;
-  END IF;
-
-  IF v_q.campaign_id IS NOT NULL AND EXISTS (
-       SELECT 1 FROM public.call_campaigns c
-        WHERE c.id = v_q.campaign_id AND c.status IN ('paused', 'canceled', 'draft')) THEN
+  IF p_verdict = 'campaign_not_running' THEN
     PERFORM public.release_assignment(p_assignment_id, 'campaign_not_running');
     RETURN false;
-  END IF;
-
-  v_now := public.callq_now();
-  SELECT * INTO v_check FROM public.calling_dial_check(v_qid, v_now);
-  IF v_check.verdict IN ('do_not_call', 'consent_missing') THEN
-    PERFORM public.handle_failed_call(p_assignment_id, 'canceled', v_check.verdict);
+  ELSIF p_verdict IN ('do_not_call', 'consent_missing') THEN
+    PERFORM public.handle_failed_call(p_assignment_id, 'canceled', p_verdict);
     RETURN false;
-  ELSIF v_check.verdict IS NOT NULL THEN
-    PERFORM public.release_assignment(p_assignment_id, v_check.verdict);
+  ELSIF p_verdict IS NOT NULL THEN
+    PERFORM public.release_assignment(p_assignment_id, p_verdict);
     UPDATE public.call_queue q
-       SET scheduled_time = v_check.not_before, hold_reason = v_check.verdict
+       SET scheduled_time = p_not_before, hold_reason = p_verdict
      WHERE q.id = v_qid;
     PERFORM public.record_call_event(v_qid, 'held', jsonb_build_object(
-      'rule', v_check.verdict, 'until', v_check.not_before, 'at', 'dial_gate'));
+      'rule', p_verdict, 'until', p_not_before, 'at', 'dial_gate'));
     RETURN false;
   END IF;
-
 
   v_usage := public.lock_current_usage(v_uid);
   IF v_usage IS NULL THEN
@@ -1058,8 +1088,23 @@ BEGIN
                                              make_interval(secs => public.default_lease_seconds()))
    WHERE q.id = v_qid;
   INSERT INTO public.contact_attempts (assignment_id, user_id, phone, attempted_at)
-  VALUES (p_assignment_id, v_q.user_id, v_q.recipient_phone, v_now);
+  VALUES (p_assignment_id, v_uid, v_q.recipient_phone, p_at);
   RETURN true;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION public.mark_call_dialing(p_assignment_id uuid) RETURNS boolean
+LANGUAGE plpgsql
+SET search_path = ''
+AS $$
+DECLARE
+  v_c record;
+BEGIN
+  SELECT * INTO v_c FROM public.dial_gate_check(p_assignment_id);
+  IF NOT v_c.gateable THEN
+    RETURN false;
+  END IF;
+  RETURN public.dial_gate_apply(p_assignment_id, v_c.verdict, v_c.not_before, v_c.at);
 END
 $$;
 

@@ -513,23 +513,78 @@ END
 $$;
 
 -- ---------------------------------------------------------------------------------------------
--- dial_gate: mark_call_dialing, then what the adapter must send with this dial (the call's max
--- duration from its minute reservation, the caller id); one row, won = false: do not dial.
--- paced: the provider's creates go through reserve_provider_create first.
+-- dial_gates: the dial gates of a chunk of calls (mark_call_dialing of each, in the given order),
+-- then what the adapter must send with each dial won (the call's max duration from its minute
+-- reservation, the caller id); won = false: do not dial. paced: the provider's creates go
+-- through reserve_provider_create first. Every call's first half (dial_gate_check: its rows
+-- locked, campaign and calling rules) runs before any second half (dial_gate_apply: the
+-- tenant's usage and counter rows), so the chunk holds the tenant's rows only for the second
+-- halves: other gates and endings of the tenant wait less.
+CREATE OR REPLACE FUNCTION public.dial_gates(p_assignment_ids uuid[])
+RETURNS TABLE (assignment_id uuid, won boolean, max_duration_seconds integer, caller_id text,
+               paced boolean)
+LANGUAGE plpgsql
+SET search_path = ''
+AS $$
+DECLARE
+  v_n integer := coalesce(cardinality(p_assignment_ids), 0);
+  v_c record;
+  v_ok boolean[] := '{}';
+  v_verdict text[] := '{}';
+  v_not_before timestamptz[] := '{}';
+  v_at timestamptz[] := '{}';
+  v_later boolean[];
+BEGIN
+  -- a second call of the chunk to the same contact is checked after the first one's dial is
+  -- recorded (the attempt cap counts it), in the second pass
+  SELECT array_agg(d.k > 1 ORDER BY d.ord) INTO v_later
+    FROM (SELECT u.ord, row_number() OVER (PARTITION BY q.user_id, q.recipient_phone
+                                           ORDER BY u.ord) AS k
+            FROM unnest(p_assignment_ids) WITH ORDINALITY AS u(id, ord)
+            LEFT JOIN public.call_assignments a ON a.id = u.id
+            LEFT JOIN public.call_queue q ON q.id = a.queue_id) d;
+  -- first pass: every call's first half; second pass: the second halves, in order (a call
+  -- checked late does its first half right before its second)
+  FOR v_pass IN 1 .. 2 LOOP
+    FOR i IN 1 .. v_n LOOP
+      IF v_later[i] = (v_pass = 2) THEN
+        SELECT * INTO v_c FROM public.dial_gate_check(p_assignment_ids[i]);
+        v_ok[i] := v_c.gateable;
+        v_verdict[i] := v_c.verdict;
+        v_not_before[i] := v_c.not_before;
+        v_at[i] := v_c.at;
+      END IF;
+      CONTINUE WHEN v_pass = 1;
+      assignment_id := p_assignment_ids[i];
+      won := false;
+      max_duration_seconds := NULL;
+      caller_id := NULL;
+      paced := NULL;
+      IF v_ok[i] THEN
+        won := public.dial_gate_apply(p_assignment_ids[i], v_verdict[i], v_not_before[i],
+                                      v_at[i]);
+      END IF;
+      IF won THEN
+        SELECT a.max_duration_seconds, a.caller_id,
+               public.provider_creates_per_second(a.provider_id) IS NOT NULL
+          INTO max_duration_seconds, caller_id, paced
+          FROM public.call_assignments a WHERE a.id = p_assignment_ids[i];
+      END IF;
+      RETURN NEXT;
+    END LOOP;
+  END LOOP;
+END
+$$;
+
+-- dial_gate: dial_gates of one call.
 CREATE OR REPLACE FUNCTION public.dial_gate(p_assignment_id uuid)
 RETURNS TABLE (won boolean, max_duration_seconds integer, caller_id text, paced boolean)
 LANGUAGE plpgsql
 SET search_path = ''
 AS $$
 BEGIN
-  won := public.mark_call_dialing(p_assignment_id);
-  IF won THEN
-    SELECT a.max_duration_seconds, a.caller_id,
-           public.provider_creates_per_second(a.provider_id) IS NOT NULL
-      INTO max_duration_seconds, caller_id, paced
-      FROM public.call_assignments a WHERE a.id = p_assignment_id;
-  END IF;
-  RETURN NEXT;
+  RETURN QUERY SELECT g.won, g.max_duration_seconds, g.caller_id, g.paced
+                 FROM public.dial_gates(ARRAY[p_assignment_id]) g;
 END
 $$;
 
@@ -654,7 +709,8 @@ REVOKE ALL ON FUNCTION
   public.count_tenant_calls(), public.zero_tenant_counters(), public.reconcile_tenant_counters(),
   public.tenant_plan(uuid), public.lock_current_usage(uuid),
   public.settle_call_usage(uuid, uuid, double precision), public.return_dial(uuid),
-  public.claimable_calls(integer, uuid[]), public.dial_gate(uuid), public.refuse_dial(uuid, text),
+  public.claimable_calls(integer, uuid[]), public.dial_gate(uuid), public.dial_gates(uuid[]),
+  public.refuse_dial(uuid, text),
   public.fail_on_provider(uuid, text, text), public.provider_creates_per_second(uuid),
   public.reserve_provider_create(uuid, double precision),
   public.defer_dial(uuid, double precision)
@@ -664,7 +720,8 @@ GRANT EXECUTE ON FUNCTION
   public.plan_rate_burst(integer), public.plan_rate_allowance(integer, timestamptz, timestamptz),
   public.reconcile_tenant_counters(), public.tenant_plan(uuid), public.lock_current_usage(uuid),
   public.settle_call_usage(uuid, uuid, double precision), public.return_dial(uuid),
-  public.claimable_calls(integer, uuid[]), public.dial_gate(uuid), public.refuse_dial(uuid, text),
+  public.claimable_calls(integer, uuid[]), public.dial_gate(uuid), public.dial_gates(uuid[]),
+  public.refuse_dial(uuid, text),
   public.fail_on_provider(uuid, text, text), public.provider_creates_per_second(uuid),
   public.reserve_provider_create(uuid, double precision),
   public.defer_dial(uuid, double precision)

@@ -18,6 +18,8 @@ from zoneinfo import ZoneInfo
 import psycopg
 import pytest
 
+from models.queries import GATE_AND_LOAD
+
 from .dbutil import (
     SHIPPED_CALLING_RULES,
     Conn,
@@ -632,6 +634,25 @@ def test_the_attempt_cap_counts_every_call_and_retry_to_a_number(w: World) -> No
     conn.execute("UPDATE call_queue SET scheduled_time = callq_now() WHERE status = 'queued'")
     claimed = w.claim()
     assert [w.gate(a) for a in claimed.values()] == [True] * len(claimed)
+
+
+def test_one_chunk_of_gates_counts_its_own_dials_to_a_number(w: World) -> None:
+    # dial_gates checks every call's rules before any call's plan gate; a second call of the
+    # chunk to the same number is checked after the first one's dial is recorded
+    set_clock(w.conn, datetime(2026, 7, 15, 16, 0, tzinfo=UTC))
+    w.conn.execute(
+        "UPDATE subscription_plans SET contact_attempts_per_24h = 2 WHERE id = %s", (w.plan,)
+    )
+    same = [w.schedule(NEW_YORK) for _ in range(4)]
+    other = w.schedule(LONDON)
+    claimed = w.claim()
+    ids = sorted(str(a) for a in claimed.values())
+    won = w.conn.execute(GATE_AND_LOAD, {"assignment_ids": ids}).fetchall()
+    assert len(won) == 3  # two to the number, one to the other
+    assert [w.row(q)["status"] for q in same].count("dialing") == 2
+    assert {w.row(q)["hold_reason"] for q in same} == {None, "attempt_cap"}
+    assert w.row(other)["status"] == "dialing"
+    assert one(w.conn, "SELECT count(*) FROM contact_attempts") == 3
 
 
 def test_a_released_dial_gives_its_attempt_back(w: World) -> None:
