@@ -168,7 +168,7 @@ def _gauge(name: str, documentation: str, value: Any) -> GaugeMetricFamily:
     return GaugeMetricFamily(name, documentation, value=float(value or 0))
 
 
-def celery_ping(timeout: float = 1.0, every: float = 5.0) -> Callable[[], int | None]:
+def celery_ping(timeout: float = 2.0, every: float = 5.0) -> Callable[[], int | None]:
     """Workers answering a broadcast ping, refreshed by a background thread every ``every``
     seconds so that a scrape never waits on the broker (None until the first answer, and while
     the broker cannot be reached)."""
