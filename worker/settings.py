@@ -75,7 +75,7 @@ class Settings(BaseSettings):
     task_events: bool = False
     # Claimed calls are sent to the workers in chunks (one message per chunk) and placed
     # concurrently inside the chunk.
-    dispatch_chunk_size: int = Field(default=10, ge=1, le=500)
+    dispatch_chunk_size: int = Field(default=50, ge=1, le=500)
     dispatch_threads: int = Field(default=16, ge=1, le=256)
 
     # Providers
