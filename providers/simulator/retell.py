@@ -302,22 +302,33 @@ class RetellApi:
         if not isinstance(body, dict) or set(body) - LIST_FIELDS:
             return error(400, "Invalid request format, please check API reference.")
         criteria = body.get("filter_criteria") or {}
-        limit, offset = int(body.get("limit", 50)), _offset(body.get("pagination_key"))
-        if not 1 <= limit <= 1000 or not isinstance(criteria, dict) or offset is None:
+        limit, after = int(body.get("limit", 50)), _cursor(body.get("pagination_key"))
+        if not 1 <= limit <= 1000 or not isinstance(criteria, dict) or after is False:
             return error(400, "Invalid request format, please check API reference.")
-        offset += int(body.get("skip", 0))
         now = time.time()
-        listed = (phone_call(c, now, listing=True) for c in self.engine.list(self.name))
-        items = [i for i in listed if matches(i, criteria)]
-        items.sort(key=lambda i: (i.get("start_timestamp") or 0, i["call_id"]),
-                   reverse=body.get("sort_order", "descending") == "descending")  # fmt: skip
-        page = items[offset : offset + limit]
-        more = offset + limit < len(items)
-        out: dict[str, Any] = {"items": page, "has_more": more}
+        # A page continues after the last call of the previous one (the key names it), in an
+        # order that does not change while calls start and end, so paging never repeats or
+        # skips a call.
+        descending = body.get("sort_order", "descending") == "descending"
+        calls = sorted(self.engine.list(self.name), key=_order, reverse=descending)
+        listed = ((c, phone_call(c, now, listing=True)) for c in calls)
+        everything = [(c, i) for c, i in listed if matches(i, criteria)]
+        matched = [
+            (c, i)
+            for c, i in everything
+            if not isinstance(after, tuple)
+            or (_order(c) < after if descending else _order(c) > after)
+        ][int(body.get("skip", 0)) :]
+        page = matched[:limit]
+        more = len(matched) > limit
+        out: dict[str, Any] = {"items": [i for _, i in page], "has_more": more}
         if more:
-            out["pagination_key"] = base64.urlsafe_b64encode(str(offset + limit).encode()).decode()
+            created, call_id = _order(page[-1][0])
+            out["pagination_key"] = base64.urlsafe_b64encode(
+                f"{created!r}|{call_id}".encode()
+            ).decode()
         if body.get("include_total"):
-            out["total"] = len(items)
+            out["total"] = len(everything)
         return 200, out, None
 
     def _update(self, call: SimCall, raw: bytes) -> Response:
@@ -335,13 +346,20 @@ class RetellApi:
         return 204, None, None
 
 
-def _offset(key: object) -> int | None:
+def _order(call: SimCall) -> tuple[float, str]:
+    """A listed call's place: when it was created, then its id (never changes)."""
+    return (call.created, call.id)
+
+
+def _cursor(key: object) -> tuple[float, str] | bool | None:
+    """The place a ``pagination_key`` continues after; None for the first page, False if bad."""
     if key is None:
-        return 0
-    try:
-        return int(base64.urlsafe_b64decode(str(key).encode()).decode())
-    except ValueError:
         return None
+    try:
+        created, call_id = base64.urlsafe_b64decode(str(key).encode()).decode().split("|", 1)
+        return (float(created), call_id)
+    except ValueError:
+        return False
 
 
 def matches(item: dict[str, Any], criteria: dict[str, Any]) -> bool:
