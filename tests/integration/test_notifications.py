@@ -16,6 +16,7 @@ import psycopg
 import pytest
 
 from worker import notify, runtime, tasks
+from worker.embedded import wait_until
 from worker.settings import get_settings
 
 from .dbutil import Conn, as_role, connect, make_provider, make_template, make_user, one
@@ -95,13 +96,16 @@ def _end_calls(conn: Conn, user: Any, n: int) -> list[Any]:
 
 def _drain_until_done(db_url: str, timeout: float = 60) -> None:
     db = runtime.database()
-    deadline = time.monotonic() + timeout
     with connect(db_url) as c:
-        while one(c, "SELECT count(*) FROM call_notifications WHERE status = 'pending'"):
-            assert time.monotonic() < deadline, "notifications still pending"
+
+        def drained() -> bool:
+            if not one(c, "SELECT count(*) FROM call_notifications WHERE status = 'pending'"):
+                return True
             for nid, attempt in db.claim_notifications(50, 60):
                 tasks.notify_deliver(str(nid), attempt)
-            time.sleep(0.05)
+            return False
+
+        wait_until(drained, timeout=timeout, interval=0.05, what="every notification delivered")
 
 
 def test_every_event_arrives_signed_despite_failures_and_timeouts(

@@ -21,20 +21,8 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
-ENTRYPOINT = REPO / "docker" / "entrypoint.sh"
-ROLES = [
-    "worker",
-    "beat",
-    "flower",
-    "webhooks",
-    "simulator",
-    "migrate",
-    "queue",
-    "demo",
-    "metrics",
-    "providers",
-]
+from tests.integration.test_docker import ENTRYPOINT, REPO, ROLES
+
 COMMANDS = ["db", "queue", "demo", "simulate-providers", "webhooks", "metrics", "providers",
             "worker", "beat", "flower"]  # fmt: skip
 _IGNORE = shutil.ignore_patterns(

@@ -261,12 +261,12 @@ def test_a_burst_of_hints_goes_out_batched_each_id_once(
             headers = {"Synthflow-Signature": synthflow_signature(call_id)}
             body = synthflow_body(call_id)
             assert client.post(url, content=body, headers=headers).status_code == 200
-    deadline = time.monotonic() + 10
-    sent: list[list[str]] = []
-    while len(sent) < len(ids) and time.monotonic() < deadline:
-        sent = [item for _, (items,), _ in queued_task_args(broker) for item in items]
-        time.sleep(0.05)
-    assert sorted(sent) == sorted([provider_id, call_id] for call_id in ids)
+
+    def sent() -> list[list[str]]:
+        return [item for _, (items,), _ in queued_task_args(broker) for item in items]
+
+    wait_until(lambda: len(sent()) >= len(ids), timeout=10, interval=0.05, what="the burst sent")
+    assert sorted(sent()) == sorted([provider_id, call_id] for call_id in ids)
 
 
 def retell_body(event: str, call_id: str = "call_r1") -> bytes:
