@@ -9,11 +9,19 @@ import pytest
 
 from providers.simulator import Simulator
 from tests.conftest import running_simulator
+from tests.integration.dbutil import Conn, connect
 from tests.integration.receiver import Receiver
 from tests.sdk_strict import Recorder
 from worker import runtime
 from worker.seed import Seeded, seed_demo
 from worker.settings import get_settings
+
+
+@pytest.fixture
+def conn(db_url: str) -> Iterator[Conn]:
+    """A connection to the test's own database (the superuser; ``as_role`` narrows it)."""
+    with connect(db_url) as c:
+        yield c
 
 
 @pytest.fixture

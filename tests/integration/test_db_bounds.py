@@ -13,18 +13,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from .dbutil import Conn, connect, make_template, make_user, one, schedule
+from .dbutil import Conn, make_template, make_user, one, schedule
 
 MAX_BYTES = 16384
 MAX_DEPTH = 4
 MAX_KEYS = 200
 MAX_KEY_LENGTH = 64
-
-
-@pytest.fixture
-def conn(db_url: str) -> Any:
-    with connect(db_url) as c:
-        yield c
 
 
 @pytest.fixture

@@ -18,12 +18,6 @@ from psycopg.types.json import Jsonb
 from .dbutil import Conn, as_role, connect, make_provider, make_template, make_user, one, schedule
 
 
-@pytest.fixture
-def conn(db_url: str) -> Any:
-    with connect(db_url) as c:
-        yield c
-
-
 def _campaign(conn: Conn, n: int, status: str = "running", **pacing: Any) -> tuple[Any, Any]:
     user = make_user(conn, call_limit=None)
     tpl = make_template(conn, user)

@@ -20,12 +20,6 @@ from .dbutil import Conn, as_role, connect, make_template, make_user, one, sched
 Result = tuple[int, uuid.UUID | None, str | None, str | None, bool]
 
 
-@pytest.fixture
-def conn(db_url: str) -> Any:
-    with connect(db_url) as c:
-        yield c
-
-
 def make_campaign(conn: Conn, user: uuid.UUID, template: uuid.UUID, status: str = "draft") -> Any:
     return one(conn, "SELECT create_campaign(%s, %s, 'Spring', %s)", (user, template, status))
 

@@ -12,15 +12,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from .dbutil import Conn, as_role, connect, make_provider, make_template, make_user, one, schedule
+from .dbutil import Conn, as_role, make_provider, make_template, make_user, one, schedule
 
 Setup = tuple[uuid.UUID, uuid.UUID]
-
-
-@pytest.fixture
-def conn(db_url: str) -> Any:
-    with connect(db_url) as c:
-        yield c
 
 
 @pytest.fixture

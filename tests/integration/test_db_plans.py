@@ -12,14 +12,8 @@ from typing import Any
 import psycopg
 import pytest
 
-from .dbutil import Conn, connect, make_provider, make_template, make_user, one, schedule
+from .dbutil import Conn, make_provider, make_template, make_user, one, schedule
 from .dbutil import set_clock as pin_clock
-
-
-@pytest.fixture
-def conn(db_url: str) -> Any:
-    with connect(db_url) as c:
-        yield c
 
 
 def tenant(conn: Conn, **plan: Any) -> tuple[uuid.UUID, uuid.UUID]:

@@ -28,12 +28,6 @@ from .dbutil import (
 
 
 @pytest.fixture
-def conn(db_url: str) -> Any:
-    with connect(db_url) as c:
-        yield c
-
-
-@pytest.fixture
 def setup(conn: Conn) -> tuple[uuid.UUID, uuid.UUID]:
     user = make_user(conn, call_limit=None)
     return user, make_template(conn, user)

@@ -13,12 +13,6 @@ import pytest
 from .dbutil import Conn, as_role, connect, make_template, make_user, one, schedule
 
 
-@pytest.fixture
-def conn(db_url: str) -> Any:
-    with connect(db_url) as c:
-        yield c
-
-
 def _queue_count(conn: Conn) -> int:
     return int(one(conn, "SELECT count(*) FROM call_queue"))
 

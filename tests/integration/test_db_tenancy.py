@@ -29,12 +29,6 @@ from .dbutil import (
 )
 
 
-@pytest.fixture
-def conn(db_url: str) -> Any:
-    with connect(db_url) as c:
-        yield c
-
-
 def sqlstate(conn: Conn, query: str, params: Any = None) -> str | None:
     """The SQLSTATE a statement fails with (None when it succeeds); always rolled back."""
     try:

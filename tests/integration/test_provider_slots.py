@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import threading
 import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import psycopg
@@ -44,12 +43,6 @@ SINGLE = (
     "SELECT assign_call_to_provider(q.queue_id, get_best_available_provider())"
     " FROM get_next_call_in_queue() q"
 )
-
-
-@pytest.fixture
-def conn(db_url: str) -> Iterator[Conn]:
-    with connect(db_url) as c:
-        yield c
 
 
 def _set_pool(conn: Conn, provider: uuid.UUID, pool: Any) -> None:
