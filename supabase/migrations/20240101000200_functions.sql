@@ -539,7 +539,9 @@ CREATE OR REPLACE FUNCTION public.claim_candidates(
                  excluded_provider_ids uuid[], required_capabilities jsonb)
 LANGUAGE plpgsql
 SET search_path = ''
-SET plan_cache_mode = force_custom_plan
+-- every statement's shape is fixed (lanes by key, a lane's calls through
+-- call_queue_campaign_claim_idx in claim order): generic plans, planned once per session
+SET plan_cache_mode = force_generic_plan
 AS $$
 #variable_conflict use_column
 DECLARE
@@ -638,10 +640,10 @@ CREATE OR REPLACE FUNCTION public.claim_due_calls(
                  scheduled_time timestamptz, attempts int)
 LANGUAGE plpgsql
 SET search_path = ''
--- Plan with the actual LIMIT every time: a generic plan (unknown LIMIT, estimated at 10 % of
--- the table) walks every live row through another index and sorts them, so the claim would
--- grow with the queue instead of reading p_limit entries of call_queue_claim_idx.
-SET plan_cache_mode = force_custom_plan
+-- Its own statement is a primary-key update of the chosen rows: one generic plan, never planned
+-- again (planning an UPDATE of call_queue, with its indexes and triggers, cost as much as a
+-- single claim's whole work).
+SET plan_cache_mode = force_generic_plan
 AS $$
 #variable_conflict use_column
 DECLARE

@@ -79,10 +79,10 @@ $$;
 
 -- SECURITY DEFINER: the trigger also runs for statements of roles that may not write the
 -- counters (an app user canceling a call); it only ever applies the statement's own changes.
--- Fast path: a statement that changed one row of a tenant whose counter row exists and took no
--- call from the queue (the call path's steps: dial gate, placed, ending, retry; schedule_call)
--- updates that row directly; anything else (claims, several rows, a new tenant) aggregates
--- the statement's rows per tenant and goes through apply_counter_deltas.
+-- Fast path: a statement that changed one row of a tenant whose counter row exists (the call
+-- path's steps: a single claim, dial gate, placed, ending, retry; schedule_call) updates that
+-- row directly; anything else (several rows, a new tenant) aggregates the statement's rows per
+-- tenant and goes through apply_counter_deltas.
 CREATE OR REPLACE FUNCTION public.count_tenant_calls() RETURNS trigger
 LANGUAGE plpgsql
 SECURITY DEFINER
@@ -94,6 +94,7 @@ DECLARE
   v_from integer := 0;
   v_to integer := 0;
   v_n bigint;
+  v_now timestamptz;
 BEGIN
   IF TG_OP <> 'DELETE' THEN  -- (a DELETE has no new_rows)
     v_n := (SELECT count(*) FROM new_rows);
@@ -107,14 +108,26 @@ BEGIN
       SELECT n.user_id, n.user_id AS old_user_id, n.status INTO v_one FROM new_rows n;
     END IF;
     v_to := public.call_status_class(v_one.status);
-    IF v_one.user_id IS NOT DISTINCT FROM v_one.old_user_id AND NOT (v_from = 1 AND v_to >= 2) THEN
+    IF v_one.user_id IS NOT DISTINCT FROM v_one.old_user_id THEN
       IF v_from = v_to THEN
         RETURN NULL;
+      END IF;
+      -- a claim (queued -> taken) moves the plan's rate on, as apply_counter_deltas does
+      IF v_from = 1 AND v_to >= 2 THEN
+        v_now := public.callq_now();
       END IF;
       UPDATE public.tenant_call_counters c
          SET queued = c.queued + (v_to = 1)::int - (v_from = 1)::int,
              claimed = c.claimed + (v_to = 2)::int - (v_from = 2)::int,
              dialed = c.dialed + (v_to = 3)::int - (v_from = 3)::int,
+             rate_tat = CASE WHEN v_now IS NULL THEN c.rate_tat ELSE coalesce(
+               (SELECT greatest(coalesce(c.rate_tat, v_now), v_now)
+                       + ceil(60000000.0 / pl.calls_per_minute)::float8 * interval '1 microsecond'
+                  FROM public.user_subscriptions s
+                  JOIN public.subscription_plans pl ON pl.id = s.plan_id
+                 WHERE s.user_id = c.user_id AND s.status IN ('active', 'trialing')
+                   AND pl.calls_per_minute IS NOT NULL),
+               c.rate_tat) END,
              updated_at = now()
        WHERE c.user_id = v_one.user_id;
       IF FOUND THEN
@@ -384,11 +397,14 @@ $$;
 -- p_exclude: calls this claim already took in an earlier round (they count against the room).
 -- In a later round (p_exclude not empty) counter rows held by another claimer are skipped, not
 -- waited for: this claim already holds other tenants' rows, and waiting could deadlock.
+-- (Generic plans, always: each statement's shape is fixed by its joins (per tenant, per
+-- priority, an index range in claim order; primary-key look-ups), so planning it again at every
+-- call, as a custom plan would, only adds the planning, which cost more than the claim itself.)
 CREATE OR REPLACE FUNCTION public.claimable_calls(p_limit integer, p_exclude uuid[] DEFAULT NULL)
 RETURNS uuid[]
 LANGUAGE plpgsql
 SET search_path = ''
-SET plan_cache_mode = force_custom_plan
+SET plan_cache_mode = force_generic_plan
 AS $$
 DECLARE
   v_cand uuid[];
@@ -396,10 +412,24 @@ DECLARE
   v_lane uuid[];
   v_users uuid[];
   v_now timestamptz := public.callq_now();
+  v_span integer := p_limit + greatest(p_limit, 8);
 BEGIN
   IF p_limit IS NULL OR p_limit <= 0 THEN
     RETURN NULL;
   END IF;
+  -- (the tenants' room is materialized: computed once per tenant, not once per candidate row)
+  WITH t AS MATERIALIZED (
+    SELECT c.user_id,
+           -- the batch and as many again, at least 8 more: rows concurrent claimers locked are
+           -- skipped, and a small claim among several still finds one they left
+           least(pl.max_concurrent_calls - c.claimed - c.dialed, v_span,
+                 public.plan_rate_allowance(pl.calls_per_minute, c.rate_tat, v_now)) AS room
+      FROM public.tenant_call_counters c
+      JOIN public.user_subscriptions s
+        ON s.user_id = c.user_id AND s.status IN ('active', 'trialing')
+      JOIN public.subscription_plans pl ON pl.id = s.plan_id
+     WHERE c.queued > 0 AND c.claimed + c.dialed < pl.max_concurrent_calls
+  )
   SELECT array_agg(r.id ORDER BY r.priority, r.k, r.scheduled_time, r.created_at) INTO v_cand
     FROM (
       SELECT f.id, f.priority, f.k, f.scheduled_time, f.created_at
@@ -410,16 +440,7 @@ BEGIN
                                     ORDER BY x.scheduled_time, x.created_at) AS k,
                  row_number() OVER (PARTITION BY t.user_id
                                     ORDER BY x.priority, x.scheduled_time, x.created_at) AS n
-            FROM (SELECT c.user_id,
-                         -- twice the batch: rows locked by other claimers are skipped
-                         least(pl.max_concurrent_calls - c.claimed - c.dialed, 2 * p_limit,
-                               public.plan_rate_allowance(pl.calls_per_minute, c.rate_tat,
-                                                          v_now)) AS room
-                    FROM public.tenant_call_counters c
-                    JOIN public.user_subscriptions s
-                      ON s.user_id = c.user_id AND s.status IN ('active', 'trialing')
-                    JOIN public.subscription_plans pl ON pl.id = s.plan_id
-                   WHERE c.queued > 0 AND c.claimed + c.dialed < pl.max_concurrent_calls) t
+            FROM t
            CROSS JOIN generate_series(1, 10) AS p(prio)
            CROSS JOIN LATERAL (
              SELECT q.id, q.priority, q.scheduled_time, q.created_at
@@ -434,7 +455,7 @@ BEGIN
         ) f
        WHERE f.n <= f.room
        ORDER BY f.priority, f.k, f.scheduled_time, f.created_at
-       LIMIT 2 * p_limit
+       LIMIT v_span
     ) r;
 
   IF v_cand IS NOT NULL THEN

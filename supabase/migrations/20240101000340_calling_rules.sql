@@ -90,6 +90,9 @@ LANGUAGE plpgsql STABLE
 SET search_path = ''
 -- tiny sets with huge row estimates (generate_series, unnest): JIT would cost seconds
 SET jit = off
+-- one shape for any input (primary-key look-ups of p_ids): planning it at every claim, as a
+-- custom plan does, cost twice the check itself
+SET plan_cache_mode = force_generic_plan
 AS $$
 #variable_conflict use_column
 BEGIN
