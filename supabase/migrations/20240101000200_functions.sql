@@ -685,10 +685,13 @@ $$;
 CREATE OR REPLACE FUNCTION public.get_next_call_in_queue()
 RETURNS TABLE (queue_id uuid, user_id uuid, template_id uuid, priority int,
                scheduled_time timestamptz, attempts int)
-LANGUAGE sql
+LANGUAGE plpgsql
 SET search_path = ''
 AS $$
-  SELECT * FROM public.claim_due_calls(1, NULL, public.default_lease_seconds());
+BEGIN
+  -- (PL/pgSQL: a SQL function that is not inlined is planned again at every call)
+  RETURN QUERY SELECT * FROM public.claim_due_calls(1, NULL, public.default_lease_seconds());
+END
 $$;
 
 -- ---------------------------------------------------------------------------------------------

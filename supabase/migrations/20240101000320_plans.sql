@@ -499,20 +499,26 @@ BEGIN
        ORDER BY c.user_id
          FOR UPDATE SKIP LOCKED);
   END IF;
+  -- (each tenant's room once, materialized: not once per call)
+  WITH r AS MATERIALIZED (
+    SELECT t.user_id,
+           least(pl.max_concurrent_calls - t.claimed - t.dialed,
+                 public.plan_rate_allowance(pl.calls_per_minute, t.rate_tat, v_now))
+             - (SELECT count(*) FROM public.call_queue x
+                 WHERE x.id = ANY (p_exclude) AND x.user_id = t.user_id) AS room
+      FROM public.tenant_call_counters t
+      JOIN public.user_subscriptions s
+        ON s.user_id = t.user_id AND s.status IN ('active', 'trialing')
+      JOIN public.subscription_plans pl ON pl.id = s.plan_id
+     WHERE t.user_id = ANY (v_users)
+  )
   SELECT array_agg(z.id ORDER BY z.ord) INTO v_ids
-    FROM (SELECT q.id, array_position(v_ids, q.id) AS ord,
-                 least(pl.max_concurrent_calls - t.claimed - t.dialed,
-                       public.plan_rate_allowance(pl.calls_per_minute, t.rate_tat, v_now))
-                   - (SELECT count(*) FROM public.call_queue x
-                       WHERE x.id = ANY (p_exclude) AND x.user_id = q.user_id) AS room,
+    FROM (SELECT q.id, array_position(v_ids, q.id) AS ord, r.room,
                  row_number() OVER (PARTITION BY q.user_id
                                     ORDER BY array_position(v_ids, q.id)) AS k
             FROM public.call_queue q
-            JOIN public.tenant_call_counters t ON t.user_id = q.user_id
-            JOIN public.user_subscriptions s
-              ON s.user_id = q.user_id AND s.status IN ('active', 'trialing')
-            JOIN public.subscription_plans pl ON pl.id = s.plan_id
-           WHERE q.id = ANY (v_ids) AND q.user_id = ANY (v_users)) z
+            JOIN r ON r.user_id = q.user_id
+           WHERE q.id = ANY (v_ids)) z
    WHERE z.k <= z.room;
 
   -- each call kept from a paced campaign spends one of its tokens
