@@ -336,6 +336,9 @@ class CallQueue(Base):
     idempotency_key: Mapped[str | None]
     campaign_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("call_campaigns.id"))
     via_campaign: Mapped[bool] = mapped_column(Boolean, server_default=text("false"))
+    counter_stripe: Mapped[int] = mapped_column(
+        SmallInteger, server_default=text("(floor((random() * (16)::double precision)))::smallint")
+    )
     last_error: Mapped[str | None]
     excluded_provider_ids: Mapped[list[uuid.UUID]] = mapped_column(
         ARRAY(Uuid(as_uuid=True)), server_default=text("'{}'")
@@ -444,6 +447,7 @@ class TenantCallCounters(Base):
     user_id: Mapped[uuid.UUID] = mapped_column(
         ForeignKey("users.id", ondelete="CASCADE"), primary_key=True
     )
+    stripe: Mapped[int] = mapped_column(SmallInteger, primary_key=True, server_default=text("0"))
     queued: Mapped[int] = mapped_column(Integer, server_default=text("0"))
     claimed: Mapped[int] = mapped_column(Integer, server_default=text("0"))
     dialed: Mapped[int] = mapped_column(Integer, server_default=text("0"))

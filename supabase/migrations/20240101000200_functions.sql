@@ -225,7 +225,8 @@ BEGIN
       INTO v_base, v_minutes
       FROM public.user_call_usage u
      WHERE u.user_id = p_user_id AND u.period_start = v_sub.current_period_start;
-    v_base := v_base + coalesce((SELECT c.queued + c.claimed FROM public.tenant_call_counters c
+    v_base := v_base + coalesce((SELECT sum(c.queued + c.claimed)::integer
+                                   FROM public.tenant_call_counters c
                                   WHERE c.user_id = p_user_id), 0);
     v_allowance := v_sub.call_limit - v_base;
   END IF;
@@ -649,33 +650,34 @@ AS $$
 DECLARE
   v_now timestamptz := public.callq_now();
   v_ids uuid[] := '{}';
-  v_new uuid[];
-  v_held uuid[];
+  v_st smallint[] := '{}';
+  v_c record;
 BEGIN
   -- Fair order, plan concurrency and subscription status: claimable_calls (rows come back
-  -- locked). A call outside its calling window is not claimed: calling_hold moves it to its
-  -- next opening. After a hold, a few more rounds (of at least 50 rows) fill the batch.
+  -- locked, each with the counter stripe its claim takes). A call outside its calling window is
+  -- not claimed: calling_hold moves it to its next opening. After a hold, a few more rounds (of
+  -- at least 50 rows) fill the batch.
   FOR v_round IN 1..4 LOOP
     -- (paced campaigns' calls come through their lanes, inside claimable_calls)
-    v_new := coalesce(public.claimable_calls(
+    SELECT * INTO v_c FROM public.claimable_calls(
       CASE WHEN v_round = 1 THEN greatest(p_limit, 0)
-           ELSE greatest(p_limit - cardinality(v_ids), 50) END, v_ids), '{}');
-    EXIT WHEN cardinality(v_new) = 0;
-    v_held := public.calling_hold(v_new, v_now);
-    IF v_held IS NOT NULL THEN
-      v_new := ARRAY(SELECT u.id FROM unnest(v_new) WITH ORDINALITY AS u(id, n)
-                      WHERE NOT (u.id = ANY (v_held)) ORDER BY u.n);
-    END IF;
+           ELSE greatest(p_limit - cardinality(v_ids), 50) END, v_ids, v_st);
+    EXIT WHEN coalesce(cardinality(v_c.ids), 0) = 0;
+    SELECT * INTO v_c FROM public.calling_open(v_c.ids, v_c.stripes, v_now,
+                                               p_limit - cardinality(v_ids));
     -- (open rows beyond the batch stay queued; their locks go at commit)
-    v_ids := v_ids || v_new[1:greatest(p_limit - cardinality(v_ids), 0)];
-    EXIT WHEN v_held IS NULL OR cardinality(v_ids) >= p_limit;
+    v_ids := v_ids || v_c.ids;
+    v_st := v_st || v_c.stripes;
+    EXIT WHEN NOT v_c.held OR cardinality(v_ids) >= p_limit;
   END LOOP;
   -- "id = ANY (v_ids)" keeps the update a primary-key index scan of the chosen rows.
   RETURN QUERY
   UPDATE public.call_queue q
      SET status = 'claimed', claimed_by = p_worker, claimed_at = now(),
-         lease_expires_at = now() + make_interval(secs => p_lease_seconds)
-   WHERE q.id = ANY (v_ids)
+         lease_expires_at = now() + make_interval(secs => p_lease_seconds),
+         counter_stripe = m.stripe
+    FROM unnest(v_ids, v_st) AS m(id, stripe)
+   WHERE q.id = ANY (v_ids) AND q.id = m.id
      AND q.status = 'queued'
   RETURNING q.id, q.user_id, q.template_id, q.priority, q.scheduled_time, q.attempts;
 END
@@ -818,8 +820,8 @@ DECLARE
   v_row record;
   v_now timestamptz := public.callq_now();
   v_want integer;
-  v_new uuid[];
-  v_held uuid[];
+  v_st smallint[] := '{}';
+  v_c record;
 BEGIN
   IF p_limit <= 0 THEN
     RETURN;
@@ -844,22 +846,20 @@ BEGIN
   -- claimed: calling_hold moves it to its next opening. After a hold, a few more rounds (of at
   -- least 50 rows; open rows beyond the batch stay queued) fill the batch.
   v_want := least(p_limit, v_free);
+  v_ids := '{}';
   FOR v_round IN 1..4 LOOP
     -- (paced campaigns' calls come through their lanes, inside claimable_calls)
-    v_new := coalesce(public.claimable_calls(
+    SELECT * INTO v_c FROM public.claimable_calls(
       CASE WHEN v_round = 1 THEN v_want
-           ELSE greatest(v_want - coalesce(cardinality(v_ids), 0), 50) END, v_ids), '{}');
-    EXIT WHEN cardinality(v_new) = 0;
-    v_held := public.calling_hold(v_new, v_now);
-    IF v_held IS NOT NULL OR v_round > 1 THEN
-      v_new := (ARRAY(SELECT u.id FROM unnest(v_new) WITH ORDINALITY AS u(id, n)
-                       WHERE v_held IS NULL OR NOT (u.id = ANY (v_held)) ORDER BY u.n)
-               )[1:v_want - coalesce(cardinality(v_ids), 0)];
-    END IF;
-    v_ids := v_ids || v_new;
-    EXIT WHEN v_held IS NULL OR coalesce(cardinality(v_ids), 0) >= v_want;
+           ELSE greatest(v_want - cardinality(v_ids), 50) END, v_ids, v_st);
+    EXIT WHEN coalesce(cardinality(v_c.ids), 0) = 0;
+    SELECT * INTO v_c FROM public.calling_open(v_c.ids, v_c.stripes, v_now,
+                                               v_want - cardinality(v_ids));
+    v_ids := v_ids || v_c.ids;
+    v_st := v_st || v_c.stripes;
+    EXIT WHEN NOT v_c.held OR cardinality(v_ids) >= v_want;
   END LOOP;
-  IF coalesce(cardinality(v_ids), 0) = 0 THEN
+  IF cardinality(v_ids) = 0 THEN
     RETURN;
   END IF;
   SELECT array_agg(q.id) FILTER (WHERE cardinality(q.excluded_provider_ids) > 0
@@ -913,7 +913,8 @@ BEGIN
 
     UPDATE public.call_queue q
        SET status = 'assigned', claimed_by = p_worker, claimed_at = now(),
-           lease_expires_at = now() + v_lease
+           lease_expires_at = now() + v_lease,
+           counter_stripe = v_st[array_position(v_ids, q.id)]
      WHERE q.id = ANY (v_calls[1:cardinality(v_ma)]);
 
     RETURN QUERY SELECT m.qid, m.aid, m.pid
@@ -931,6 +932,9 @@ BEGIN
       v_pid := public.get_best_available_provider(v_row.required_capabilities,
                                                   v_row.excluded_provider_ids);
       CONTINUE WHEN v_pid IS NULL;
+      -- the counter stripe of its claim, before the assignment counts it in flight
+      UPDATE public.call_queue q SET counter_stripe = v_st[array_position(v_ids, q.id)]
+       WHERE q.id = v_row.id;
       v_aid := public.assign_call_to_provider(v_row.id, v_pid);
       CONTINUE WHEN v_aid IS NULL;
       UPDATE public.call_queue q
@@ -1104,7 +1108,8 @@ BEGIN
       -- an even share between the calls that may want minutes at the same time (this one and the
       -- tenant's other undialed calls, at most its free concurrency), at most the plan's
       -- max_call_minutes (default 10; 720 = Vapi's 43200 s)
-      SELECT greatest(least(v_p.max_concurrent_calls - c.dialed, c.claimed + c.queued), 1)
+      SELECT greatest(least(v_p.max_concurrent_calls - sum(c.dialed),
+                            sum(c.claimed + c.queued)), 1)::integer
         INTO v_share FROM public.tenant_call_counters c WHERE c.user_id = v_uid;
       v_min := least(greatest(v_left / coalesce(v_share, 1), 1), v_p.max_call_minutes, 720);
     END IF;
@@ -1429,7 +1434,7 @@ BEGIN
         INTO v_usage
         FROM public.user_call_usage u
        WHERE u.user_id = v_q.user_id AND u.period_start = v_plan.period_start;
-      SELECT coalesce(max(c.queued + c.claimed), 0) INTO v_waiting
+      SELECT coalesce(sum(c.queued + c.claimed), 0) INTO v_waiting
         FROM public.tenant_call_counters c WHERE c.user_id = v_q.user_id;
       IF v_plan.call_limit IS NOT NULL AND v_usage.calls + v_waiting >= v_plan.call_limit THEN
         v_final := true;

@@ -44,9 +44,19 @@ AS $$
                            * p_calls_per_minute / 60)::integer, 0) END;
 $$;
 
--- Apply per-tenant deltas (user_id, queued, claimed, dialed, claims): rows locked in user_id
--- order. claims (calls taken from the queue by a claim) move the tenant's rate_tat on when its
--- plan has calls_per_minute.
+-- Stripes per tenant (tenant_call_counters, 20240101000120); the bound of
+-- call_queue.counter_stripe's CHECK.
+CREATE OR REPLACE FUNCTION public.counter_stripes() RETURNS integer
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+SET search_path = ''
+AS $$
+  SELECT 16;
+$$;
+
+-- Apply per-stripe deltas (user_id, stripe, queued, claimed, dialed, claims): rows locked in
+-- (user_id, stripe) order. A tenant's first counts create all its stripes (a claim takes only
+-- stripes that exist). claims (calls taken from the queue by a claim) move the tenant's
+-- rate_tat (stripe 0's) on when its plan has calls_per_minute.
 CREATE OR REPLACE FUNCTION public.apply_counter_deltas(p_deltas jsonb) RETURNS void
 LANGUAGE plpgsql
 SET search_path = ''
@@ -54,12 +64,21 @@ AS $$
 DECLARE
   v_now timestamptz;
 BEGIN
-  INSERT INTO public.tenant_call_counters AS c (user_id, queued, claimed, dialed)
-  SELECT d.user_id, d.queued, d.claimed, d.dialed
-    FROM jsonb_to_recordset(p_deltas) AS d(user_id uuid, queued int, claimed int, dialed int)
+  INSERT INTO public.tenant_call_counters (user_id, stripe)
+  SELECT u.user_id, g.g::smallint
+    FROM (SELECT DISTINCT d.user_id FROM jsonb_to_recordset(p_deltas) AS d(user_id uuid)) u
+   CROSS JOIN generate_series(0, public.counter_stripes() - 1) AS g(g)
+   WHERE EXISTS (SELECT 1 FROM public.users x WHERE x.id = u.user_id)
+     AND NOT EXISTS (SELECT 1 FROM public.tenant_call_counters c WHERE c.user_id = u.user_id)
+   ORDER BY 1, 2
+  ON CONFLICT (user_id, stripe) DO NOTHING;
+  INSERT INTO public.tenant_call_counters AS c (user_id, stripe, queued, claimed, dialed)
+  SELECT d.user_id, d.stripe, d.queued, d.claimed, d.dialed
+    FROM jsonb_to_recordset(p_deltas)
+         AS d(user_id uuid, stripe smallint, queued int, claimed int, dialed int)
    WHERE EXISTS (SELECT 1 FROM public.users u WHERE u.id = d.user_id)
-   ORDER BY d.user_id
-  ON CONFLICT (user_id) DO UPDATE
+   ORDER BY d.user_id, d.stripe
+  ON CONFLICT (user_id, stripe) DO UPDATE
      SET queued = c.queued + EXCLUDED.queued, claimed = c.claimed + EXCLUDED.claimed,
          dialed = c.dialed + EXCLUDED.dialed, updated_at = now();
   IF jsonb_path_exists(p_deltas, '$[*] ? (@.claims > 0)') THEN
@@ -68,21 +87,27 @@ BEGIN
        SET rate_tat = greatest(coalesce(c.rate_tat, v_now), v_now)
                       + ceil(d.claims * 60000000.0 / pl.calls_per_minute)::float8
                         * interval '1 microsecond'
-      FROM jsonb_to_recordset(p_deltas) AS d(user_id uuid, claims int)
+      FROM (SELECT x.user_id, sum(x.claims) AS claims
+              FROM jsonb_to_recordset(p_deltas) AS x(user_id uuid, claims int)
+             GROUP BY x.user_id) d
       JOIN public.user_subscriptions s
         ON s.user_id = d.user_id AND s.status IN ('active', 'trialing')
       JOIN public.subscription_plans pl ON pl.id = s.plan_id
-     WHERE c.user_id = d.user_id AND d.claims > 0 AND pl.calls_per_minute IS NOT NULL;
+     WHERE c.user_id = d.user_id AND c.stripe = 0 AND d.claims > 0
+       AND pl.calls_per_minute IS NOT NULL;
   END IF;
 END
 $$;
 
 -- SECURITY DEFINER: the trigger also runs for statements of roles that may not write the
 -- counters (an app user canceling a call); it only ever applies the statement's own changes.
--- Fast path: a statement that changed one row of a tenant whose counter row exists (the call
--- path's steps: a single claim, dial gate, placed, ending, retry; schedule_call) updates that
--- row directly; anything else (several rows, a new tenant) aggregates the statement's rows per
--- tenant and goes through apply_counter_deltas.
+-- Where a change counts: a row's new state in the stripe of its new version; its old state in
+-- the stripe it was counted in (its old stripe), except a call taken from the queue, whose
+-- queued count goes with it to its claim's stripe (so a claim writes only that stripe).
+-- Fast path: a statement that changed one row, in one stripe of a tenant whose row exists (the
+-- call path's steps: a single claim, dial gate, placed, ending, retry; schedule_call) updates
+-- that row directly; anything else (several rows, a new tenant) aggregates the statement's
+-- rows per stripe and goes through apply_counter_deltas.
 CREATE OR REPLACE FUNCTION public.count_tenant_calls() RETURNS trigger
 LANGUAGE plpgsql
 SECURITY DEFINER
@@ -101,36 +126,42 @@ BEGIN
   END IF;
   IF v_n = 1 THEN
     IF TG_OP = 'UPDATE' THEN
-      SELECT n.user_id, o.user_id AS old_user_id, n.status, o.status AS old_status INTO v_one
+      SELECT n.user_id, o.user_id AS old_user_id, n.status, o.status AS old_status,
+             n.counter_stripe AS stripe, o.counter_stripe AS old_stripe INTO v_one
         FROM old_rows o, new_rows n;
       v_from := public.call_status_class(v_one.old_status);
     ELSE
-      SELECT n.user_id, n.user_id AS old_user_id, n.status INTO v_one FROM new_rows n;
+      SELECT n.user_id, n.user_id AS old_user_id, n.status, n.counter_stripe AS stripe,
+             n.counter_stripe AS old_stripe INTO v_one
+        FROM new_rows n;
     END IF;
     v_to := public.call_status_class(v_one.status);
-    IF v_one.user_id IS NOT DISTINCT FROM v_one.old_user_id THEN
+    IF v_one.user_id IS NOT DISTINCT FROM v_one.old_user_id
+       AND (v_one.stripe = v_one.old_stripe OR v_from = 1) THEN
       IF v_from = v_to THEN
         RETURN NULL;
-      END IF;
-      -- a claim (queued -> taken) moves the plan's rate on, as apply_counter_deltas does
-      IF v_from = 1 AND v_to >= 2 THEN
-        v_now := public.callq_now();
       END IF;
       UPDATE public.tenant_call_counters c
          SET queued = c.queued + (v_to = 1)::int - (v_from = 1)::int,
              claimed = c.claimed + (v_to = 2)::int - (v_from = 2)::int,
              dialed = c.dialed + (v_to = 3)::int - (v_from = 3)::int,
-             rate_tat = CASE WHEN v_now IS NULL THEN c.rate_tat ELSE coalesce(
-               (SELECT greatest(coalesce(c.rate_tat, v_now), v_now)
-                       + ceil(60000000.0 / pl.calls_per_minute)::float8 * interval '1 microsecond'
-                  FROM public.user_subscriptions s
-                  JOIN public.subscription_plans pl ON pl.id = s.plan_id
-                 WHERE s.user_id = c.user_id AND s.status IN ('active', 'trialing')
-                   AND pl.calls_per_minute IS NOT NULL),
-               c.rate_tat) END,
              updated_at = now()
-       WHERE c.user_id = v_one.user_id;
+       WHERE c.user_id = v_one.user_id AND c.stripe = v_one.stripe;
       IF FOUND THEN
+        -- a claim (queued -> taken) moves the plan's rate on, as apply_counter_deltas does
+        -- (stripe 0's: a claimer of a tenant with a rate holds it already, claimable_calls)
+        IF v_from = 1 AND v_to >= 2 THEN
+          v_now := public.callq_now();
+          UPDATE public.tenant_call_counters c
+             SET rate_tat = greatest(coalesce(c.rate_tat, v_now), v_now)
+                            + ceil(60000000.0 / pl.calls_per_minute)::float8
+                              * interval '1 microsecond'
+            FROM public.user_subscriptions s
+            JOIN public.subscription_plans pl ON pl.id = s.plan_id
+           WHERE c.user_id = v_one.user_id AND c.stripe = 0
+             AND s.user_id = c.user_id AND s.status IN ('active', 'trialing')
+             AND pl.calls_per_minute IS NOT NULL;
+        END IF;
         RETURN NULL;
       END IF;
     END IF;
@@ -140,37 +171,42 @@ BEGIN
   -- inlined, it pins search_path) cost more than the rest of the statement
   IF TG_OP = 'INSERT' THEN
     SELECT jsonb_agg(d) INTO v_deltas FROM (
-      SELECT n.user_id,
+      SELECT n.user_id, n.counter_stripe AS stripe,
              count(*) FILTER (WHERE n.status = 'queued') AS queued,
              count(*) FILTER (WHERE n.status IN ('claimed', 'assigned')) AS claimed,
              count(*) FILTER (WHERE n.status IN ('dialing', 'in_progress')) AS dialed
-        FROM new_rows n GROUP BY n.user_id) d;
+        FROM new_rows n GROUP BY n.user_id, n.counter_stripe) d;
   ELSIF TG_OP = 'DELETE' THEN
     SELECT jsonb_agg(d) INTO v_deltas FROM (
-      SELECT o.user_id,
+      SELECT o.user_id, o.counter_stripe AS stripe,
              -count(*) FILTER (WHERE o.status = 'queued') AS queued,
              -count(*) FILTER (WHERE o.status IN ('claimed', 'assigned')) AS claimed,
              -count(*) FILTER (WHERE o.status IN ('dialing', 'in_progress')) AS dialed
-        FROM old_rows o GROUP BY o.user_id) d;
+        FROM old_rows o GROUP BY o.user_id, o.counter_stripe) d;
   ELSE
     -- claims: rows taken from the queue (queued -> claimed, assigned, dialing, in progress)
     SELECT jsonb_agg(d) INTO v_deltas FROM (
-      SELECT x.user_id, sum(x.s * x.q) AS queued, sum(x.s * x.c) AS claimed,
+      SELECT x.user_id, x.stripe, sum(x.s * x.q) AS queued, sum(x.s * x.c) AS claimed,
              sum(x.s * x.d) AS dialed, sum(x.took) AS claims
-        FROM (SELECT n.user_id, 1 AS s, (n.status = 'queued')::int AS q,
+        FROM (SELECT n.user_id, n.counter_stripe AS stripe, 1 AS s, (n.status = 'queued')::int AS q,
                      (n.status IN ('claimed', 'assigned'))::int AS c,
                      (n.status IN ('dialing', 'in_progress'))::int AS d,
                      (o.status = 'queued' AND n.status IN ('claimed', 'assigned', 'dialing',
                                                            'in_progress'))::int AS took
                 FROM new_rows n JOIN old_rows o ON o.id = n.id
                WHERE o.status IS DISTINCT FROM n.status OR o.user_id IS DISTINCT FROM n.user_id
+                  OR o.counter_stripe <> n.counter_stripe
               UNION ALL
-              SELECT o.user_id, -1, (o.status = 'queued')::int,
+              SELECT o.user_id,
+                     CASE WHEN o.status = 'queued' AND o.user_id = n.user_id
+                          THEN n.counter_stripe ELSE o.counter_stripe END,
+                     -1, (o.status = 'queued')::int,
                      (o.status IN ('claimed', 'assigned'))::int,
                      (o.status IN ('dialing', 'in_progress'))::int, 0
                 FROM new_rows n JOIN old_rows o ON o.id = n.id
-               WHERE o.status IS DISTINCT FROM n.status OR o.user_id IS DISTINCT FROM n.user_id) x
-       GROUP BY x.user_id
+               WHERE o.status IS DISTINCT FROM n.status OR o.user_id IS DISTINCT FROM n.user_id
+                  OR o.counter_stripe <> n.counter_stripe) x
+       GROUP BY x.user_id, x.stripe
       HAVING sum(x.s * x.q) <> 0 OR sum(x.s * x.c) <> 0 OR sum(x.s * x.d) <> 0) d;
   END IF;
   IF v_deltas IS NOT NULL THEN
@@ -204,7 +240,8 @@ $$;
 CREATE TRIGGER call_queue_count_truncate AFTER TRUNCATE ON public.call_queue
   FOR EACH STATEMENT EXECUTE FUNCTION public.zero_tenant_counters();
 
--- reconcile_tenant_counters: counters := a recount of call_queue, and each usage period's
+-- reconcile_tenant_counters: counters := a recount of call_queue (per stripe; queued as the
+-- tenant's sum, see tenant_call_counters), and each usage period's
 -- minutes_reserved := the reservations of its live assignments. Locks the rows first (usage,
 -- then counters, in key order), then counts in a fresh snapshot. Returns rows corrected.
 CREATE OR REPLACE FUNCTION public.reconcile_tenant_counters() RETURNS integer
@@ -233,26 +270,45 @@ BEGIN
     FROM r WHERE u.id = r.id AND u.minutes_reserved <> r.m;
   GET DIAGNOSTICS v_m = ROW_COUNT;
 
-  PERFORM 1 FROM public.tenant_call_counters c ORDER BY c.user_id FOR NO KEY UPDATE;
-  INSERT INTO public.tenant_call_counters (user_id)
-  SELECT DISTINCT q.user_id FROM public.call_queue q
-   WHERE q.status = ANY (public.live_call_statuses())
-  ON CONFLICT (user_id) DO NOTHING;
-  WITH live AS (
-    SELECT c.user_id,
-           count(q.id) FILTER (WHERE public.call_status_class(q.status) = 1)::int AS queued,
-           count(q.id) FILTER (WHERE public.call_status_class(q.status) = 2)::int AS claimed,
-           count(q.id) FILTER (WHERE public.call_status_class(q.status) = 3)::int AS dialed
+  PERFORM 1 FROM public.tenant_call_counters c ORDER BY c.user_id, c.stripe FOR NO KEY UPDATE;
+  INSERT INTO public.tenant_call_counters (user_id, stripe)
+  SELECT u.user_id, g.g::smallint
+    FROM (SELECT DISTINCT q.user_id FROM public.call_queue q
+           WHERE q.status = ANY (public.live_call_statuses())) u
+   CROSS JOIN generate_series(0, public.counter_stripes() - 1) AS g(g)
+   ORDER BY 1, 2
+  ON CONFLICT (user_id, stripe) DO NOTHING;
+  -- claimed and dialed per stripe; queued as the tenant's sum (any drift lands on stripe 0)
+  WITH flight AS (
+    SELECT q.user_id, q.counter_stripe AS stripe,
+           count(*) FILTER (WHERE q.status IN ('claimed', 'assigned'))::int AS claimed,
+           count(*) FILTER (WHERE q.status IN ('dialing', 'in_progress'))::int AS dialed
+      FROM public.call_queue q
+     WHERE q.status = ANY (public.in_flight_call_statuses())
+     GROUP BY 1, 2
+  ),
+  waiting AS (
+    SELECT q.user_id, count(*)::int AS queued
+      FROM public.call_queue q WHERE q.status = 'queued' GROUP BY 1
+  ),
+  counted AS (
+    SELECT c.user_id, sum(c.queued)::int AS queued
+      FROM public.tenant_call_counters c GROUP BY 1
+  ),
+  live AS (
+    SELECT c.user_id, c.stripe,
+           c.queued + CASE WHEN c.stripe = 0
+                           THEN coalesce(w.queued, 0) - n.queued ELSE 0 END AS queued,
+           coalesce(f.claimed, 0) AS claimed, coalesce(f.dialed, 0) AS dialed
       FROM public.tenant_call_counters c
-      LEFT JOIN public.call_queue q
-        ON q.user_id = c.user_id
-       AND q.status = ANY (public.live_call_statuses())
-     GROUP BY c.user_id
+      JOIN counted n ON n.user_id = c.user_id
+      LEFT JOIN waiting w ON w.user_id = c.user_id
+      LEFT JOIN flight f ON f.user_id = c.user_id AND f.stripe = c.stripe
   )
   UPDATE public.tenant_call_counters c
      SET queued = live.queued, claimed = live.claimed, dialed = live.dialed, updated_at = now()
     FROM live
-   WHERE c.user_id = live.user_id
+   WHERE c.user_id = live.user_id AND c.stripe = live.stripe
      AND (c.queued, c.claimed, c.dialed) IS DISTINCT FROM (live.queued, live.claimed, live.dialed);
   GET DIAGNOSTICS v_n = ROW_COUNT;
   RETURN v_n + v_m;
@@ -390,18 +446,24 @@ $$;
 --     tenants' k-th call, then by scheduled_time, so one tenant's backlog does not delay another.
 -- Candidates come from the per-tenant index (one probe per tenant and priority: a tenant's far
 -- future calls are never walked). Calls of running campaigns with pacing or a window come
--- through their campaign's lane (claim_candidates) for what is left of the batch. The tenants'
--- counter rows are then locked in user_id order and their free concurrency re-read, so
--- concurrent claimers never exceed a plan's cap; only then do the lanes' calls kept spend their
--- campaign's tokens.
--- p_exclude: calls this claim already took in an earlier round (they count against the room).
--- In a later round (p_exclude not empty) counter rows held by another claimer are skipped, not
--- waited for: this claim already holds other tenants' rows, and waiting could deadlock.
+-- through their campaign's lane (claim_candidates) for what is left of the batch. Then, per
+-- tenant (user_id order), the room is taken from its counter stripes (tenant_call_counters):
+-- stripes with room under their share are locked with SKIP LOCKED (another claimer's are
+-- passed over, never waited for), as few as the calls need, and each call kept is given one
+-- (stripes: the stripe its claim must stamp on it, call_queue.counter_stripe); calls beyond
+-- the room stay queued. Concurrent claimers of one tenant so take different stripes and never
+-- exceed a plan's cap. A tenant whose plan limits calls per minute has its stripe 0 (the rate)
+-- locked first, waited for. Only then do the lanes' calls kept spend their campaign's tokens.
+-- p_exclude, p_exclude_stripes: calls this claim already took in an earlier round, with their
+-- stripes (they count against the room). In a later round a stripe 0 held by another claimer
+-- is skipped, not waited for: this claim already holds other tenants' rows, and waiting could
+-- deadlock.
 -- (Generic plans, always: each statement's shape is fixed by its joins (per tenant, per
 -- priority, an index range in claim order; primary-key look-ups), so planning it again at every
 -- call, as a custom plan would, only adds the planning, which cost more than the claim itself.)
-CREATE OR REPLACE FUNCTION public.claimable_calls(p_limit integer, p_exclude uuid[] DEFAULT NULL)
-RETURNS uuid[]
+CREATE OR REPLACE FUNCTION public.claimable_calls(
+  p_limit integer, p_exclude uuid[] DEFAULT NULL, p_exclude_stripes smallint[] DEFAULT NULL,
+  OUT ids uuid[], OUT stripes smallint[])
 LANGUAGE plpgsql
 SET search_path = ''
 SET plan_cache_mode = force_generic_plan
@@ -410,25 +472,43 @@ DECLARE
   v_cand uuid[];
   v_ids uuid[];
   v_lane uuid[];
-  v_users uuid[];
   v_now timestamptz := public.callq_now();
   v_span integer := p_limit + greatest(p_limit, 8);
+  v_n integer := public.counter_stripes();
+  v_later boolean := coalesce(cardinality(p_exclude), 0) > 0;
+  v_t record;
+  v_s record;
+  v_tat timestamptz;
+  v_room integer;
+  v_left integer;
+  v_k integer;
+  v_take integer;
+  v_stripes smallint[];
+  v_rooms integer[];
+  v_out uuid[] := '{}';
+  v_out_stripes smallint[] := '{}';
 BEGIN
   IF p_limit IS NULL OR p_limit <= 0 THEN
-    RETURN NULL;
+    RETURN;
   END IF;
   -- (the tenants' room is materialized: computed once per tenant, not once per candidate row)
   WITH t AS MATERIALIZED (
     SELECT c.user_id,
            -- the batch and as many again, at least 8 more: rows concurrent claimers locked are
            -- skipped, and a small claim among several still finds one they left
-           least(pl.max_concurrent_calls - c.claimed - c.dialed, v_span,
+           least(pl.max_concurrent_calls - c.flight, v_span,
                  public.plan_rate_allowance(pl.calls_per_minute, c.rate_tat, v_now)) AS room
-      FROM public.tenant_call_counters c
+      FROM (SELECT c.user_id, sum(c.claimed + c.dialed)::integer AS flight,
+                   max(c.rate_tat) FILTER (WHERE c.stripe = 0) AS rate_tat
+              FROM public.tenant_call_counters c
+             -- tenants with a stripe counting calls waiting
+             WHERE c.user_id IN (SELECT w.user_id FROM public.tenant_call_counters w
+                                  WHERE w.queued > 0)
+             GROUP BY c.user_id) c
       JOIN public.user_subscriptions s
         ON s.user_id = c.user_id AND s.status IN ('active', 'trialing')
       JOIN public.subscription_plans pl ON pl.id = s.plan_id
-     WHERE c.queued > 0 AND c.claimed + c.dialed < pl.max_concurrent_calls
+     WHERE c.flight < pl.max_concurrent_calls
   )
   SELECT array_agg(r.id ORDER BY r.priority, r.k, r.scheduled_time, r.created_at) INTO v_cand
     FROM (
@@ -480,46 +560,87 @@ BEGIN
     v_ids := coalesce(v_ids, '{}') || v_lane;
   END IF;
   IF coalesce(cardinality(v_ids), 0) = 0 THEN
-    RETURN NULL;
+    RETURN;
   END IF;
 
-  -- The counters of these tenants, locked (key order), then each tenant's room re-read from
-  -- the latest committed version: calls beyond it (or of a tenant whose row was skipped) stay
-  -- queued.
-  IF coalesce(cardinality(p_exclude), 0) = 0 THEN
-    v_users := ARRAY(
-      SELECT c.user_id FROM public.tenant_call_counters c
-       WHERE c.user_id IN (SELECT q.user_id FROM public.call_queue q WHERE q.id = ANY (v_ids))
-       ORDER BY c.user_id
-         FOR UPDATE);
-  ELSE
-    v_users := ARRAY(
-      SELECT c.user_id FROM public.tenant_call_counters c
-       WHERE c.user_id IN (SELECT q.user_id FROM public.call_queue q WHERE q.id = ANY (v_ids))
-       ORDER BY c.user_id
-         FOR UPDATE SKIP LOCKED);
-  END IF;
-  -- (each tenant's room once, materialized: not once per call)
-  WITH r AS MATERIALIZED (
-    SELECT t.user_id,
-           least(pl.max_concurrent_calls - t.claimed - t.dialed,
-                 public.plan_rate_allowance(pl.calls_per_minute, t.rate_tat, v_now))
-             - (SELECT count(*) FROM public.call_queue x
-                 WHERE x.id = ANY (p_exclude) AND x.user_id = t.user_id) AS room
-      FROM public.tenant_call_counters t
+  FOR v_t IN
+    SELECT q.user_id, array_agg(q.id ORDER BY array_position(v_ids, q.id)) AS calls,
+           pl.max_concurrent_calls AS cap, pl.calls_per_minute AS cpm,
+           (SELECT count(*) FROM public.call_queue x
+             WHERE x.id = ANY (p_exclude) AND x.user_id = q.user_id)::integer AS excluded
+      FROM public.call_queue q
       JOIN public.user_subscriptions s
-        ON s.user_id = t.user_id AND s.status IN ('active', 'trialing')
+        ON s.user_id = q.user_id AND s.status IN ('active', 'trialing')
       JOIN public.subscription_plans pl ON pl.id = s.plan_id
-     WHERE t.user_id = ANY (v_users)
-  )
-  SELECT array_agg(z.id ORDER BY z.ord) INTO v_ids
-    FROM (SELECT q.id, array_position(v_ids, q.id) AS ord, r.room,
-                 row_number() OVER (PARTITION BY q.user_id
-                                    ORDER BY array_position(v_ids, q.id)) AS k
-            FROM public.call_queue q
-            JOIN r ON r.user_id = q.user_id
-           WHERE q.id = ANY (v_ids)) z
-   WHERE z.k <= z.room;
+     WHERE q.id = ANY (v_ids)
+     GROUP BY q.user_id, pl.max_concurrent_calls, pl.calls_per_minute
+     ORDER BY q.user_id
+  LOOP
+    -- the tenant's room: its cap less all its calls in flight (the latest committed counts),
+    -- and what its plan's rate allows now (stripe 0, locked)
+    SELECT v_t.cap - sum(c.claimed + c.dialed)::integer - v_t.excluded INTO v_left
+      FROM public.tenant_call_counters c WHERE c.user_id = v_t.user_id;
+    IF v_t.cpm IS NOT NULL THEN
+      IF v_later THEN
+        SELECT c.rate_tat INTO v_tat FROM public.tenant_call_counters c
+         WHERE c.user_id = v_t.user_id AND c.stripe = 0 FOR UPDATE SKIP LOCKED;
+      ELSE
+        SELECT c.rate_tat INTO v_tat FROM public.tenant_call_counters c
+         WHERE c.user_id = v_t.user_id AND c.stripe = 0 FOR UPDATE;
+      END IF;
+      CONTINUE WHEN NOT FOUND;
+      v_left := least(v_left,
+                      public.plan_rate_allowance(v_t.cpm, v_tat, v_now) - v_t.excluded);
+    END IF;
+    v_left := least(v_left, cardinality(v_t.calls));
+    CONTINUE WHEN v_left IS NULL OR v_left <= 0;
+    -- stripes with room under their share, as few as the calls need (at first as many as an
+    -- even share would; more when they had less room), each locked without waiting
+    v_stripes := '{}';
+    v_rooms := '{}';
+    v_room := 0;
+    FOR v_round IN 1..2 LOOP
+      FOR v_s IN
+        SELECT c.stripe,
+               v_t.cap / v_n + (c.stripe < v_t.cap % v_n)::integer - c.claimed - c.dialed
+                 - (SELECT count(*) FROM unnest(p_exclude, p_exclude_stripes) AS e(id, stripe)
+                     JOIN public.call_queue x ON x.id = e.id
+                    WHERE e.stripe = c.stripe AND x.user_id = c.user_id)::integer AS room
+          FROM public.tenant_call_counters c
+         WHERE c.user_id = v_t.user_id
+           AND c.claimed + c.dialed < v_t.cap / v_n + (c.stripe < v_t.cap % v_n)::integer
+           AND NOT (c.stripe = ANY (v_stripes))
+         ORDER BY c.stripe
+         LIMIT CASE WHEN v_round = 1 THEN ceil(v_left::numeric / greatest(v_t.cap / v_n, 1))::integer
+                    ELSE v_n END
+           FOR UPDATE OF c SKIP LOCKED
+      LOOP
+        CONTINUE WHEN v_s.room <= 0;
+        v_stripes := v_stripes || v_s.stripe;
+        v_rooms := v_rooms || v_s.room;
+        v_room := v_room + v_s.room;
+      END LOOP;
+      EXIT WHEN v_room >= v_left;
+    END LOOP;
+    -- the tenant's calls in order, each to the next stripe with room left
+    v_k := 1;
+    FOR v_i IN 1..coalesce(cardinality(v_stripes), 0) LOOP
+      EXIT WHEN v_left <= 0;
+      v_take := least(v_rooms[v_i], v_left);
+      v_out := v_out || v_t.calls[v_k:v_k + v_take - 1];
+      v_out_stripes := v_out_stripes || array_fill(v_stripes[v_i], ARRAY[v_take]);
+      v_k := v_k + v_take;
+      v_left := v_left - v_take;
+    END LOOP;
+  END LOOP;
+  IF cardinality(v_out) = 0 THEN
+    RETURN;
+  END IF;
+  -- in claim order
+  SELECT array_agg(x.id ORDER BY array_position(v_ids, x.id)),
+         array_agg(x.stripe ORDER BY array_position(v_ids, x.id))
+    INTO v_ids, v_out_stripes
+    FROM unnest(v_out, v_out_stripes) AS x(id, stripe);
 
   -- each call kept from a paced campaign spends one of its tokens
   IF v_lane IS NOT NULL AND cardinality(v_lane) > 0 AND v_ids IS NOT NULL THEN
@@ -535,7 +656,8 @@ BEGIN
              GROUP BY q.campaign_id) n
      WHERE c.id = n.campaign_id AND c.calls_per_minute IS NOT NULL;
   END IF;
-  RETURN v_ids;
+  ids := v_ids;
+  stripes := v_out_stripes;
 END
 $$;
 
@@ -764,23 +886,23 @@ CREATE POLICY counters_select_own ON public.tenant_call_counters FOR SELECT TO a
   USING (user_id = (SELECT auth.uid()));
 
 REVOKE ALL ON FUNCTION
-  public.call_status_class(text), public.apply_counter_deltas(jsonb),
+  public.counter_stripes(), public.call_status_class(text), public.apply_counter_deltas(jsonb),
   public.plan_rate_burst(integer), public.plan_rate_allowance(integer, timestamptz, timestamptz),
   public.count_tenant_calls(), public.zero_tenant_counters(), public.reconcile_tenant_counters(),
   public.tenant_plan(uuid), public.lock_current_usage(uuid),
   public.settle_call_usage(uuid, uuid, double precision), public.return_dial(uuid),
-  public.claimable_calls(integer, uuid[]), public.dial_gate(uuid), public.dial_gates(uuid[]),
+  public.claimable_calls(integer, uuid[], smallint[]), public.dial_gate(uuid), public.dial_gates(uuid[]),
   public.refuse_dial(uuid, text),
   public.fail_on_provider(uuid, text, text), public.provider_creates_per_second(uuid),
   public.reserve_provider_create(uuid, double precision),
   public.defer_dial(uuid, double precision)
   FROM PUBLIC, anon, authenticated;
 GRANT EXECUTE ON FUNCTION
-  public.call_status_class(text), public.apply_counter_deltas(jsonb),
+  public.counter_stripes(), public.call_status_class(text), public.apply_counter_deltas(jsonb),
   public.plan_rate_burst(integer), public.plan_rate_allowance(integer, timestamptz, timestamptz),
   public.reconcile_tenant_counters(), public.tenant_plan(uuid), public.lock_current_usage(uuid),
   public.settle_call_usage(uuid, uuid, double precision), public.return_dial(uuid),
-  public.claimable_calls(integer, uuid[]), public.dial_gate(uuid), public.dial_gates(uuid[]),
+  public.claimable_calls(integer, uuid[], smallint[]), public.dial_gate(uuid), public.dial_gates(uuid[]),
   public.refuse_dial(uuid, text),
   public.fail_on_provider(uuid, text, text), public.provider_creates_per_second(uuid),
   public.reserve_provider_create(uuid, double precision),

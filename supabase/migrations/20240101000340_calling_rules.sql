@@ -242,6 +242,33 @@ BEGIN
 END
 $$;
 
+-- The claims' rounds: of calls a claim took (with their counter stripes), those calling_hold
+-- lets through, in order, at most p_room of them; held: whether it held any.
+CREATE OR REPLACE FUNCTION public.calling_open(p_ids uuid[], p_stripes smallint[],
+                                               p_now timestamptz, p_room integer,
+                                               OUT ids uuid[], OUT stripes smallint[],
+                                               OUT held boolean)
+LANGUAGE plpgsql
+SET search_path = ''
+AS $$
+DECLARE
+  v_held uuid[] := public.calling_hold(p_ids, p_now);
+BEGIN
+  held := v_held IS NOT NULL;
+  IF NOT held AND cardinality(p_ids) <= p_room THEN  -- the common case
+    ids := p_ids;
+    stripes := p_stripes;
+    RETURN;
+  END IF;
+  SELECT coalesce(array_agg(u.id ORDER BY u.n), '{}'), coalesce(array_agg(u.s ORDER BY u.n), '{}')
+    INTO ids, stripes
+    FROM (SELECT x.id, x.s, x.n FROM unnest(p_ids, p_stripes) WITH ORDINALITY AS x(id, s, n)
+           WHERE v_held IS NULL OR NOT (x.id = ANY (v_held))
+           ORDER BY x.n
+           LIMIT greatest(p_room, 0)) u;
+END
+$$;
+
 -- Is the number on the tenant's or the global do-not-call list at p_at?
 CREATE OR REPLACE FUNCTION public.do_not_call_listed(p_user_id uuid, p_phone text,
                                                      p_at timestamptz)
@@ -491,6 +518,7 @@ REVOKE ALL ON FUNCTION
   public.calling_next_opening(uuid, timestamptz), public.calling_attempt_cap(uuid),
   public.calling_cap_release(uuid, text, timestamptz),
   public.calling_next_dial_time(uuid, timestamptz), public.calling_hold(uuid[], timestamptz),
+  public.calling_open(uuid[], smallint[], timestamptz, integer),
   public.do_not_call_listed(uuid, text, timestamptz),
   public.consent_missing(uuid, uuid, text, timestamptz),
   public.calling_dial_check(uuid, timestamptz), public.add_do_not_call(text, text),
@@ -508,6 +536,7 @@ GRANT EXECUTE ON FUNCTION
   public.calling_next_opening(uuid, timestamptz), public.calling_attempt_cap(uuid),
   public.calling_cap_release(uuid, text, timestamptz),
   public.calling_next_dial_time(uuid, timestamptz), public.calling_hold(uuid[], timestamptz),
+  public.calling_open(uuid[], smallint[], timestamptz, integer),
   public.do_not_call_listed(uuid, text, timestamptz),
   public.consent_missing(uuid, uuid, text, timestamptz),
   public.calling_dial_check(uuid, timestamptz)

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 import psycopg
+import pytest
 
 from .dbutil import (
     connect,
@@ -241,3 +242,64 @@ def test_a_slot_locked_by_another_claimer_is_skipped_and_the_call_left_untouched
         assert rows.fetchall() == [(qid, provider)]
         assert slots(claimer, provider) == (1, 0)
         assert slot_violations(claimer) == []
+
+
+def _claim_wave(url: str, claimers: int, batch: int) -> list[Any]:
+    """Each claimer claims in its own transaction, all kept open until every one has claimed
+    (a claimer that waited on another's lock would fail on its lock_timeout); then all commit."""
+    conns = [connect(url) for _ in range(claimers)]
+    taken: list[Any] = []
+    try:
+        for i, conn in enumerate(conns):
+            conn.execute("BEGIN")
+            conn.execute("SET LOCAL lock_timeout = '5s'")
+            rows = conn.execute(
+                "SELECT queue_id FROM claim_due_calls(%s, %s, 60)", (batch, f"w{i}")
+            ).fetchall()
+            taken += [r[0] for r in rows]
+        for conn in conns:
+            conn.execute("COMMIT")
+    finally:
+        for conn in conns:
+            conn.close()
+    return taken
+
+
+@pytest.mark.parametrize(("cap", "batch"), [(1, 1), (3, 1), (17, 1), (17, 5), (40, 3)])
+def test_claimers_of_one_tenant_never_wait_and_hold_the_cap(
+    db_url: str, cap: int, batch: int
+) -> None:
+    """Concurrent claims of one tenant take different counter stripes (no claimer waits on
+    another's row), never exceed the plan's cap, and wave after wave fill it exactly."""
+    with connect(db_url) as conn:
+        user = make_user(conn, call_limit=None, max_concurrent=cap)
+        tpl = make_template(conn, user)
+        conn.execute(
+            "INSERT INTO call_queue (user_id, template_id, recipient_name, recipient_phone,"
+            " scheduled_time) SELECT %s, %s, 'R', '+1555' || lpad(i::text, 7, '0'),"
+            " now() - interval '1 minute' FROM generate_series(1, 60) AS i",
+            (user, tpl),
+        )
+    taken: list[Any] = []
+    for _ in range(20):
+        wave = _claim_wave(db_url, 8, batch)
+        if not wave:
+            break
+        taken += wave
+        assert len(taken) == len(set(taken)) <= cap
+        if batch == 1 and cap >= 8 and len(taken) == len(wave):
+            assert len(wave) == 8  # the first wave: every claimer got its own stripe
+    with connect(db_url) as conn:
+        flight = one(
+            conn,
+            "SELECT count(*) FROM call_queue WHERE user_id = %s AND status = 'claimed'",
+            (user,),
+        )
+        assert flight == len(taken) == min(cap, 60)
+        counted = one(
+            conn,
+            "SELECT sum(claimed + dialed) FROM tenant_call_counters WHERE user_id = %s",
+            (user,),
+        )
+        assert counted == flight
+        assert one(conn, "SELECT reconcile_tenant_counters()") == 0

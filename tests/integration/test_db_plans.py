@@ -366,17 +366,25 @@ def test_counters_follow_every_path_and_reconcile_fixes_drift(conn: Conn) -> Non
         "UPDATE call_queue SET status = 'canceled' WHERE id IN"
         " (SELECT id FROM call_queue WHERE status = 'queued' LIMIT 1)"
     )
-    row = conn.execute(
-        "SELECT queued, claimed, dialed FROM tenant_call_counters WHERE user_id = %s", (user,)
-    ).fetchone()
-    assert row == (2, 1, 1)
+    assert _counts(conn, user) == (2, 1, 1)
     assert one(conn, "SELECT reconcile_tenant_counters()") == 0
     conn.execute("UPDATE tenant_call_counters SET queued = 99, dialed = 7")
-    assert one(conn, "SELECT reconcile_tenant_counters()") == 1
+    # every stripe row of the tenant was wrong
+    assert one(conn, "SELECT reconcile_tenant_counters()") == one(conn, "SELECT counter_stripes()")
+    assert _counts(conn, user) == (2, 1, 1)
+    # in flight: exact per stripe (a claim's stripe); waiting: exact as the tenant's sum
+    assert one(conn, "SELECT reconcile_tenant_counters()") == 0
+
+
+def _counts(conn: Conn, user: Any) -> tuple[int, int, int]:
+    """The tenant's counters: the sums over its stripes."""
     row = conn.execute(
-        "SELECT queued, claimed, dialed FROM tenant_call_counters WHERE user_id = %s", (user,)
+        "SELECT sum(queued)::int, sum(claimed)::int, sum(dialed)::int FROM tenant_call_counters"
+        " WHERE user_id = %s",
+        (user,),
     ).fetchone()
-    assert row == (2, 1, 1)
+    assert row is not None
+    return row[0], row[1], row[2]
 
 
 def test_counters_are_readable_only_by_their_tenant(conn: Conn) -> None:
@@ -387,7 +395,9 @@ def test_counters_are_readable_only_by_their_tenant(conn: Conn) -> None:
     schedule(conn, me, tpl)
     schedule(conn, other, other_tpl)
     with as_role(conn, "authenticated", me):
-        rows = conn.execute("SELECT user_id, queued FROM tenant_call_counters").fetchall()
+        rows = conn.execute(
+            "SELECT user_id, sum(queued)::int FROM tenant_call_counters GROUP BY user_id"
+        ).fetchall()
         assert rows == [(me, 1)]
         with pytest.raises(psycopg.errors.InsufficientPrivilege):
             conn.execute("UPDATE tenant_call_counters SET queued = 0")
