@@ -651,25 +651,9 @@ DECLARE
   v_now timestamptz := public.callq_now();
   v_ids uuid[] := '{}';
   v_st smallint[] := '{}';
-  v_c record;
 BEGIN
-  -- Fair order, plan concurrency and subscription status: claimable_calls (rows come back
-  -- locked, each with the counter stripe its claim takes). A call outside its calling window is
-  -- not claimed: calling_hold moves it to its next opening. After a hold, a few more rounds (of
-  -- at least 50 rows) fill the batch.
-  FOR v_round IN 1..4 LOOP
-    -- (paced campaigns' calls come through their lanes, inside claimable_calls)
-    SELECT * INTO v_c FROM public.claimable_calls(
-      CASE WHEN v_round = 1 THEN greatest(p_limit, 0)
-           ELSE greatest(p_limit - cardinality(v_ids), 50) END, v_ids, v_st);
-    EXIT WHEN coalesce(cardinality(v_c.ids), 0) = 0;
-    SELECT * INTO v_c FROM public.calling_open(v_c.ids, v_c.stripes, v_now,
-                                               p_limit - cardinality(v_ids));
-    -- (open rows beyond the batch stay queued; their locks go at commit)
-    v_ids := v_ids || v_c.ids;
-    v_st := v_st || v_c.stripes;
-    EXIT WHEN NOT v_c.held OR cardinality(v_ids) >= p_limit;
-  END LOOP;
+  -- fair order, plan concurrency, subscription, calling windows (locked, with their stripes)
+  SELECT c.ids, c.stripes INTO v_ids, v_st FROM public.claim_open_calls(p_limit, v_now) c;
   -- "id = ANY (v_ids)" keeps the update a primary-key index scan of the chosen rows.
   RETURN QUERY
   UPDATE public.call_queue q
@@ -819,9 +803,7 @@ DECLARE
   v_aid uuid;
   v_row record;
   v_now timestamptz := public.callq_now();
-  v_want integer;
   v_st smallint[] := '{}';
-  v_c record;
 BEGIN
   IF p_limit <= 0 THEN
     RETURN;
@@ -841,24 +823,9 @@ BEGIN
     RETURN;
   END IF;
 
-  -- Fair order, plan concurrency and subscription status: claimable_calls (rows come back
-  -- locked, and the tenants' counter rows too). A call outside its calling window is not
-  -- claimed: calling_hold moves it to its next opening. After a hold, a few more rounds (of at
-  -- least 50 rows; open rows beyond the batch stay queued) fill the batch.
-  v_want := least(p_limit, v_free);
-  v_ids := '{}';
-  FOR v_round IN 1..4 LOOP
-    -- (paced campaigns' calls come through their lanes, inside claimable_calls)
-    SELECT * INTO v_c FROM public.claimable_calls(
-      CASE WHEN v_round = 1 THEN v_want
-           ELSE greatest(v_want - cardinality(v_ids), 50) END, v_ids, v_st);
-    EXIT WHEN coalesce(cardinality(v_c.ids), 0) = 0;
-    SELECT * INTO v_c FROM public.calling_open(v_c.ids, v_c.stripes, v_now,
-                                               v_want - cardinality(v_ids));
-    v_ids := v_ids || v_c.ids;
-    v_st := v_st || v_c.stripes;
-    EXIT WHEN NOT v_c.held OR cardinality(v_ids) >= v_want;
-  END LOOP;
+  -- fair order, plan concurrency, subscription, calling windows (locked, with their stripes)
+  SELECT c.ids, c.stripes INTO v_ids, v_st
+    FROM public.claim_open_calls(least(p_limit, v_free), v_now) c;
   IF cardinality(v_ids) = 0 THEN
     RETURN;
   END IF;

@@ -242,30 +242,43 @@ BEGIN
 END
 $$;
 
--- The claims' rounds: of calls a claim took (with their counter stripes), those calling_hold
--- lets through, in order, at most p_room of them; held: whether it held any.
-CREATE OR REPLACE FUNCTION public.calling_open(p_ids uuid[], p_stripes smallint[],
-                                               p_now timestamptz, p_room integer,
-                                               OUT ids uuid[], OUT stripes smallint[],
-                                               OUT held boolean)
+-- The claims' calls (claim_due_calls, claim_and_assign_calls): up to p_limit calls from
+-- claimable_calls (fair order, plan concurrency and subscription; locked, each with the counter
+-- stripe its claim must stamp on it), less those outside their calling window, which
+-- calling_hold moves to their next opening. After a hold, a few more rounds (of at least 50
+-- rows; open rows beyond the batch stay queued, their locks go at commit) fill the batch.
+CREATE OR REPLACE FUNCTION public.claim_open_calls(p_limit integer, p_now timestamptz,
+                                                   OUT ids uuid[], OUT stripes smallint[])
 LANGUAGE plpgsql
 SET search_path = ''
 AS $$
 DECLARE
-  v_held uuid[] := public.calling_hold(p_ids, p_now);
+  v_c record;
+  v_held uuid[];
 BEGIN
-  held := v_held IS NOT NULL;
-  IF NOT held AND cardinality(p_ids) <= p_room THEN  -- the common case
-    ids := p_ids;
-    stripes := p_stripes;
-    RETURN;
-  END IF;
-  SELECT coalesce(array_agg(u.id ORDER BY u.n), '{}'), coalesce(array_agg(u.s ORDER BY u.n), '{}')
-    INTO ids, stripes
-    FROM (SELECT x.id, x.s, x.n FROM unnest(p_ids, p_stripes) WITH ORDINALITY AS x(id, s, n)
-           WHERE v_held IS NULL OR NOT (x.id = ANY (v_held))
-           ORDER BY x.n
-           LIMIT greatest(p_room, 0)) u;
+  ids := '{}';
+  stripes := '{}';
+  FOR v_round IN 1..4 LOOP
+    -- (paced campaigns' calls come through their lanes, inside claimable_calls)
+    SELECT * INTO v_c FROM public.claimable_calls(
+      CASE WHEN v_round = 1 THEN greatest(p_limit, 0)
+           ELSE greatest(p_limit - cardinality(ids), 50) END, ids, stripes);
+    EXIT WHEN coalesce(cardinality(v_c.ids), 0) = 0;
+    v_held := public.calling_hold(v_c.ids, p_now);
+    IF v_held IS NULL AND cardinality(v_c.ids) <= p_limit - cardinality(ids) THEN
+      ids := ids || v_c.ids;  -- the common case
+      stripes := stripes || v_c.stripes;
+      RETURN;
+    END IF;
+    SELECT ids || coalesce(array_agg(u.id ORDER BY u.n), '{}'),
+           stripes || coalesce(array_agg(u.s ORDER BY u.n), '{}')
+      INTO ids, stripes
+      FROM (SELECT x.id, x.s, x.n FROM unnest(v_c.ids, v_c.stripes) WITH ORDINALITY AS x(id, s, n)
+             WHERE v_held IS NULL OR NOT (x.id = ANY (v_held))
+             ORDER BY x.n
+             LIMIT greatest(p_limit - cardinality(ids), 0)) u;
+    EXIT WHEN v_held IS NULL OR cardinality(ids) >= p_limit;
+  END LOOP;
 END
 $$;
 
@@ -518,7 +531,7 @@ REVOKE ALL ON FUNCTION
   public.calling_next_opening(uuid, timestamptz), public.calling_attempt_cap(uuid),
   public.calling_cap_release(uuid, text, timestamptz),
   public.calling_next_dial_time(uuid, timestamptz), public.calling_hold(uuid[], timestamptz),
-  public.calling_open(uuid[], smallint[], timestamptz, integer),
+  public.claim_open_calls(integer, timestamptz),
   public.do_not_call_listed(uuid, text, timestamptz),
   public.consent_missing(uuid, uuid, text, timestamptz),
   public.calling_dial_check(uuid, timestamptz), public.add_do_not_call(text, text),
@@ -536,7 +549,7 @@ GRANT EXECUTE ON FUNCTION
   public.calling_next_opening(uuid, timestamptz), public.calling_attempt_cap(uuid),
   public.calling_cap_release(uuid, text, timestamptz),
   public.calling_next_dial_time(uuid, timestamptz), public.calling_hold(uuid[], timestamptz),
-  public.calling_open(uuid[], smallint[], timestamptz, integer),
+  public.claim_open_calls(integer, timestamptz),
   public.do_not_call_listed(uuid, text, timestamptz),
   public.consent_missing(uuid, uuid, text, timestamptz),
   public.calling_dial_check(uuid, timestamptz)
