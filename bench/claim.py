@@ -239,6 +239,49 @@ def _measure(
     return r
 
 
+def _backend_cpu_seconds(pid: int) -> float | None:
+    """User + system CPU of a server backend on this machine (None when it is not local)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def server_cpu_per_row(db: ScratchDB, setup: tuple[Any, ...], kind: str) -> dict[str, float]:
+    """Server CPU ms per claimed row of ours and of the bare claim, one client, one backend:
+    what bounds the throughput ratio on a machine whose cores are all busy."""
+    user_id, template_id, max_slots, async_commit = setup
+    runs = 1500 if kind == "single" else 60
+    out: dict[str, float] = {}
+    for side in ("bare", "ours"):
+        table = "bare_queue" if side == "bare" else "call_queue"
+        _refill(
+            db.url,
+            table,
+            runs * (1 if kind == "single" else 50) + 500,
+            user_id,
+            template_id,
+            max_slots,
+        )
+        script = SCRIPTS[f"{side}_{kind}"].strip().rstrip(";")
+        with psycopg.connect(db.url, autocommit=True) as conn:
+            if side == "bare" and async_commit[kind]:
+                conn.execute("SET synchronous_commit = off")
+            row = conn.execute("SELECT pg_backend_pid()").fetchone()
+            assert row is not None
+            before = _backend_cpu_seconds(int(row[0]))
+            for _ in range(runs):
+                conn.execute(script)
+            after = _backend_cpu_seconds(int(row[0]))
+        rows = _count(db.url, table)
+        if before is None or after is None or not rows:
+            return {}
+        out[side] = (after - before) / rows * 1000
+    log(f"claim: server CPU per claimed row, {kind}, one client: {out}")
+    return out
+
+
 def _ratio(ours: ClaimResult, bare: ClaimResult) -> dict[str, Any]:
     return {
         "ours": ours.rate,
@@ -302,6 +345,7 @@ def run(*, quick: bool = False, admin_url: str | None = None) -> dict[str, Any]:
                 for side in sides:
                     r = _measure(db, f"{side}_{kind}", clients, seconds, fill[kind], setup)
                     results.append(r)
+        cpu = {kind: server_cpu_per_row(db, setup, kind) for kind in ("single", "batch")}
     finally:
         db.drop()
     return {
@@ -309,6 +353,7 @@ def run(*, quick: bool = False, admin_url: str | None = None) -> dict[str, Any]:
         "runs": [r.__dict__ | {"rate": r.rate} for r in results],
         "ratios": _ratios(results, clients_list),
         "bare_commit": notes,
+        "server_cpu_ms_per_row": cpu,
     }
 
 

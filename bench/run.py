@@ -85,6 +85,19 @@ def claim_rows(results: dict[str, Any]) -> list[Row]:
                     _met(ratio >= 0.5),
                 )
             )
+    for kind, cpu in (claim or {}).get("server_cpu_ms_per_row", {}).items():
+        if cpu.get("ours") and cpu.get("bare"):
+            rows.append(
+                (
+                    f"claim + assign, {kind}: server CPU ms per claimed row, one client, vs bare"
+                    " (bounds the rate ratio when the cores are busy)",
+                    _f(cpu["ours"], 3),
+                    _f(cpu["bare"], 3),
+                    _f(cpu["bare"] / cpu["ours"], 2),
+                    "informative",
+                    "",
+                )
+            )
     return rows
 
 
