@@ -498,13 +498,13 @@ BEGIN
            -- skipped, and a small claim among several still finds one they left
            least(pl.max_concurrent_calls - c.flight, v_span,
                  public.plan_rate_allowance(pl.calls_per_minute, c.rate_tat, v_now)) AS room
-      FROM (SELECT c.user_id, sum(c.claimed + c.dialed)::integer AS flight,
-                   max(c.rate_tat) FILTER (WHERE c.stripe = 0) AS rate_tat
-              FROM public.tenant_call_counters c
-             -- tenants with a stripe counting calls waiting
-             WHERE c.user_id IN (SELECT w.user_id FROM public.tenant_call_counters w
-                                  WHERE w.queued > 0)
-             GROUP BY c.user_id) c
+      -- tenants with a stripe counting calls waiting, then each one's stripes (by key: never
+      -- a scan of every tenant's)
+      FROM (SELECT DISTINCT w.user_id FROM public.tenant_call_counters w WHERE w.queued > 0) u
+     CROSS JOIN LATERAL (
+       SELECT u.user_id, sum(x.claimed + x.dialed)::integer AS flight,
+              max(x.rate_tat) FILTER (WHERE x.stripe = 0) AS rate_tat
+         FROM public.tenant_call_counters x WHERE x.user_id = u.user_id) c
       JOIN public.user_subscriptions s
         ON s.user_id = c.user_id AND s.status IN ('active', 'trialing')
       JOIN public.subscription_plans pl ON pl.id = s.plan_id
