@@ -58,7 +58,9 @@ CREATE TRIGGER call_queue_campaign_lane BEFORE UPDATE OF status ON public.call_q
 
 -- The campaign, locked, after checking that the caller may act on it (service_role and the
 -- worker act on any; app users on their own). Raises CQ042 otherwise.
-CREATE OR REPLACE FUNCTION public.campaign_for_update(p_campaign_id uuid)
+-- p_open: a completed or canceled campaign is refused too (CQ043).
+CREATE OR REPLACE FUNCTION public.campaign_for_update(p_campaign_id uuid,
+                                                     p_open boolean DEFAULT false)
 RETURNS public.call_campaigns
 LANGUAGE plpgsql
 SET search_path = ''
@@ -73,7 +75,21 @@ BEGIN
     RAISE EXCEPTION USING ERRCODE = 'CQ042',
       MESSAGE = 'campaign_not_found: ' || coalesce(p_campaign_id::text, 'NULL');
   END IF;
+  IF p_open AND v_c.status IN ('completed', 'canceled') THEN
+    PERFORM public.campaign_closed(v_c);
+  END IF;
   RETURN v_c;
+END
+$$;
+
+-- The one home of CQ043: the campaign is closed (completed or canceled) to what was asked.
+CREATE OR REPLACE FUNCTION public.campaign_closed(p_c public.call_campaigns) RETURNS void
+LANGUAGE plpgsql
+SET search_path = ''
+AS $$
+BEGIN
+  RAISE EXCEPTION USING ERRCODE = 'CQ043',
+    MESSAGE = 'campaign_closed: campaign ' || p_c.id || ' is ' || p_c.status;
 END
 $$;
 
@@ -150,8 +166,7 @@ DECLARE
 BEGIN
   v_c := public.campaign_for_update(p_campaign_id);
   IF v_c.status = 'canceled' OR (v_c.status = 'completed' AND v_c.ends_at <= now()) THEN
-    RAISE EXCEPTION USING ERRCODE = 'CQ043',
-      MESSAGE = 'campaign_closed: campaign ' || p_campaign_id || ' is ' || v_c.status;
+    PERFORM public.campaign_closed(v_c);
   ELSIF v_c.status = 'completed' THEN  -- more contacts for a campaign that ran out of calls
     UPDATE public.call_campaigns c SET status = 'running', ended_at = NULL
      WHERE c.id = v_c.id RETURNING c.* INTO v_c;
@@ -210,12 +225,8 @@ SECURITY DEFINER
 SET search_path = ''
 AS $$
 DECLARE
-  v_c public.call_campaigns := public.campaign_for_update(p_campaign_id);
+  v_c public.call_campaigns := public.campaign_for_update(p_campaign_id, true);
 BEGIN
-  IF v_c.status IN ('completed', 'canceled') THEN
-    RAISE EXCEPTION USING ERRCODE = 'CQ043',
-      MESSAGE = 'campaign_closed: campaign ' || p_campaign_id || ' is ' || v_c.status;
-  END IF;
   IF v_c.status <> 'paused' THEN
     UPDATE public.call_campaigns c SET status = 'paused' WHERE c.id = v_c.id;
     UPDATE public.call_queue q SET via_campaign = true
@@ -233,13 +244,9 @@ SECURITY DEFINER
 SET search_path = ''
 AS $$
 DECLARE
-  v_c public.call_campaigns := public.campaign_for_update(p_campaign_id);
+  v_c public.call_campaigns := public.campaign_for_update(p_campaign_id, true);
   v_lane boolean;
 BEGIN
-  IF v_c.status IN ('completed', 'canceled') THEN
-    RAISE EXCEPTION USING ERRCODE = 'CQ043',
-      MESSAGE = 'campaign_closed: campaign ' || p_campaign_id || ' is ' || v_c.status;
-  END IF;
   IF v_c.status <> 'running' THEN
     UPDATE public.call_campaigns c
        SET status = 'running', started_at = coalesce(c.started_at, now())
@@ -267,8 +274,7 @@ BEGIN
   IF v_c.status = 'canceled' THEN
     RETURN 'canceled';
   ELSIF v_c.status = 'completed' THEN
-    RAISE EXCEPTION USING ERRCODE = 'CQ043',
-      MESSAGE = 'campaign_closed: campaign ' || p_campaign_id || ' is ' || v_c.status;
+    PERFORM public.campaign_closed(v_c);
   END IF;
   UPDATE public.call_campaigns c SET status = 'canceled', ended_at = now() WHERE c.id = v_c.id;
   -- undialed claims come back as queued and are canceled by the lane trigger
@@ -296,13 +302,9 @@ SECURITY DEFINER
 SET search_path = ''
 AS $$
 DECLARE
-  v_c public.call_campaigns := public.campaign_for_update(p_campaign_id);
+  v_c public.call_campaigns := public.campaign_for_update(p_campaign_id, true);
   v_lane boolean;
 BEGIN
-  IF v_c.status IN ('completed', 'canceled') THEN
-    RAISE EXCEPTION USING ERRCODE = 'CQ043',
-      MESSAGE = 'campaign_closed: campaign ' || p_campaign_id || ' is ' || v_c.status;
-  END IF;
   IF p_calls_per_minute NOT BETWEEN 1 AND 100000 OR p_max_in_flight NOT BETWEEN 1 AND 100000
      OR p_ends_at <= p_starts_at THEN
     RAISE EXCEPTION USING ERRCODE = 'CQ046',
@@ -688,7 +690,8 @@ CREATE POLICY notifications_select_own ON public.call_notifications FOR SELECT T
 
 REVOKE ALL ON FUNCTION
   public.schedule_calls_core(uuid, uuid, uuid, jsonb, boolean), public.try_timestamptz(text),
-  public.campaign_for_update(uuid), public.campaign_lane(public.call_campaigns),
+  public.campaign_for_update(uuid, boolean), public.campaign_closed(public.call_campaigns),
+  public.campaign_lane(public.call_campaigns),
   public.call_queue_campaign_lane(), public.claim_candidates(integer, timestamptz, uuid[], boolean),
   public.campaign_recall_undialed(uuid, text), public.pause_campaign(uuid),
   public.resume_campaign(uuid), public.cancel_campaign(uuid),
