@@ -1,6 +1,12 @@
 """Where the worker's time goes while it places a burst of calls (py-spy, if installed).
 
     .venv/bin/python -m bench.profile [--calls 2000] [--seconds 10]
+    .venv/bin/python -m bench.profile --waits [--calls 2000]
+
+``--waits`` needs no py-spy: it samples pg_stat_activity every 10 ms while a burst goes from
+schedule to its last ending, and prints where the backends wait, by statement and by the table
+whose row lock a waiting backend holds or wants (a ``Lock:transactionid`` waiter holds the
+tuple lock of the row it queues on).
 
 Starts a stack like ``bench.e2e`` (simulator answering at once), schedules a burst of calls due
 now, samples the worker process with ``py-spy record --format raw`` while it works through them,
@@ -160,6 +166,85 @@ def run(
     return out
 
 
+WAIT_SAMPLE = """
+WITH l AS MATERIALIZED (
+  SELECT l.pid, string_agg(DISTINCT c.relname, ',') AS rel FROM pg_locks l
+    JOIN pg_class c ON c.oid = l.relation
+   WHERE l.locktype = 'tuple' GROUP BY l.pid
+), a AS MATERIALIZED (
+  SELECT a.pid, a.query, a.wait_event_type, a.wait_event, pg_blocking_pids(a.pid) AS blockers
+    FROM pg_stat_activity a
+   WHERE a.datname = %s AND a.pid <> pg_backend_pid() AND a.state = 'active'
+)
+SELECT coalesce(a.wait_event_type || ':' || a.wait_event, 'CPU'),
+       coalesce(substring(a.query FROM '(?i)(?:SELECT|FROM)\\s+([a-z_]+)\\('),
+                left(regexp_replace(a.query, '\\s+', ' ', 'g'), 30)),
+       l.rel,
+       (SELECT string_agg(DISTINCT coalesce(substring(b.query FROM
+                 '(?i)(?:SELECT|FROM)\\s+([a-z_]+)\\('), left(b.query, 30)), ',')
+          FROM a b WHERE b.pid = ANY (a.blockers))
+  FROM a LEFT JOIN l ON l.pid = a.pid
+"""
+
+
+def waits(calls: int = 2000) -> dict[str, Any]:
+    """Where PostgreSQL backends wait while a burst of ``calls`` is placed and ended."""
+    import threading
+
+    import psycopg
+
+    out: dict[str, Any] = {}
+    with Stack(max_concurrent_calls=2 * calls) as stack:
+        stack.fleet.start_worker("worker")
+        stack.fleet.start_beat("beat")
+        stack.warm_up()
+        assert stack.db is not None
+        counts: Counter[tuple[str, str, str, str]] = Counter()
+        samples = 0
+        stop = threading.Event()
+
+        def sample() -> None:
+            nonlocal samples
+            with psycopg.connect(stack.url, autocommit=True) as conn:
+                while not stop.is_set():
+                    for ev, stmt, rel, by in conn.execute(WAIT_SAMPLE, (stack.db.name,)):
+                        counts[(ev, stmt, rel or "", by or "")] += 1
+                    samples += 1
+                    time.sleep(0.01)
+
+        th = threading.Thread(target=sample, daemon=True)
+        t0 = time.time()
+        th.start()
+        ids = stack.schedule(calls)
+        ok, _ = stack.wait_settled(ids, 300)
+        elapsed = time.time() - t0
+        stop.set()
+        th.join(5)
+        total = sum(counts.values()) or 1
+        out = {
+            "calls": calls,
+            "settled": ok,
+            "seconds_to_settled": round(elapsed, 2),
+            "samples": samples,
+            "active_backends_avg": round(total / max(samples, 1), 2),
+            "by_wait": _share(counts, lambda k: k[0], total),
+            "by_statement": _share(counts, lambda k: k[1], total),
+            "lock_waits_by_statement_and_table": _share(
+                Counter({k: v for k, v in counts.items() if k[0].startswith("Lock")}),
+                lambda k: f"{k[1]} on {k[2] or '?'} ({k[0]}), behind {k[3] or '?'}",
+                total,
+            ),
+        }
+    return out
+
+
+def _share(counts: Counter[Any], key: Any, total: int, top: int = 12) -> dict[str, float]:
+    agg: Counter[str] = Counter()
+    for k, v in counts.items():
+        agg[key(k)] += v
+    return {k: round(v / total, 3) for k, v in agg.most_common(top)}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m bench.profile",
@@ -174,7 +259,15 @@ def main(argv: list[str] | None = None) -> int:
         default=0.0,
         help="schedule this many calls per second, one at a time, instead of a burst",
     )
+    parser.add_argument(
+        "--waits",
+        action="store_true",
+        help="sample PostgreSQL's wait events (no py-spy) while a burst is placed and ended",
+    )
     ns = parser.parse_args(argv)
+    if ns.waits:
+        print(json.dumps(waits(ns.calls), indent=2))
+        return 0
     res = run(ns.calls, ns.seconds, steady=ns.steady)
     log(
         f"profile: {res['placed_during_profile']} calls placed, "

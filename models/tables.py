@@ -455,6 +455,20 @@ class TenantCallCounters(Base):
     updated_at: Mapped[datetime] = _updated()
 
 
+class UserCallUsageDelta(Base):
+    """An ending's minutes not yet folded into its period's ``user_call_usage`` row (SQL:
+    settle_call_usage, fold_call_usage; exact figures: the view user_call_usage_live)."""
+
+    __tablename__ = "user_call_usage_deltas"
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    usage_id: Mapped[uuid.UUID]
+    user_id: Mapped[uuid.UUID]
+    minutes_used: Mapped[int] = mapped_column(Integer)
+    minutes_released: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = _created()
+
+
 class CallEvent(Base):
     """One row of the append-only call-event log (written by triggers and record_call_event)."""
 
@@ -511,6 +525,7 @@ ALL_MODELS: tuple[type[Base], ...] = (
     CallAssignment,
     CallRetry,
     TenantCallCounters,
+    UserCallUsageDelta,
     ProviderCreatePacing,
     CallEvent,
     OpsSettings,

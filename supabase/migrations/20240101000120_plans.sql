@@ -60,3 +60,32 @@ CREATE TABLE public.provider_create_pacing (
 ) WITH (fillfactor = 50);
 
 ALTER TABLE public.provider_create_pacing ENABLE ROW LEVEL SECURITY;
+
+-- Minutes billed by calls' endings that are not yet folded into their period's user_call_usage
+-- row. An ending (settle_call_usage) adds a row here instead of updating the period's row,
+-- which every dial gate of the tenant also writes (calls_made) and holds through its commit:
+-- so a tenant's endings never queue on its gates or on each other. fold_call_usage moves the
+-- rows into user_call_usage (deleted here, added there, in one transaction): the ending itself
+-- when the period's row is free at its end (SKIP LOCKED), the tenant's next dial gate, and
+-- beat's reconcile_tenant_counters. Exact figures at any moment are user_call_usage plus these
+-- rows: usage_totals() and the view user_call_usage_live.
+--   minutes_used      minutes billed (the provider's duration, rounded up per call)
+--   minutes_released  the call's reservation, given back (subtracted from minutes_reserved)
+-- No foreign key to user_call_usage on purpose: its check would lock the period's row (FOR KEY
+-- SHARE) on every ending, the very row this table keeps the endings off. Usage rows are never
+-- deleted while a tenant exists (users ON DELETE RESTRICT).
+CREATE TABLE public.user_call_usage_deltas (
+  id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+  usage_id uuid NOT NULL,
+  user_id uuid NOT NULL,
+  minutes_used integer NOT NULL CHECK (minutes_used >= 0),
+  minutes_released integer NOT NULL CHECK (minutes_released >= 0),
+  created_at timestamptz NOT NULL DEFAULT now()
+) WITH (
+  autovacuum_vacuum_scale_factor = 0,
+  autovacuum_vacuum_threshold = 1000,
+  autovacuum_vacuum_cost_delay = 0
+);
+CREATE INDEX user_call_usage_deltas_usage_idx ON public.user_call_usage_deltas (usage_id);
+
+ALTER TABLE public.user_call_usage_deltas ENABLE ROW LEVEL SECURITY;

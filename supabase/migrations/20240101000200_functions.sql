@@ -221,10 +221,8 @@ BEGIN
   -- of the backlog: dials counted this period plus calls still needing a dial stay below
   -- call_limit; minutes billed plus reserved stay below minute_limit.
   IF v_subscribed AND (v_sub.call_limit IS NOT NULL OR v_sub.minute_limit IS NOT NULL) THEN
-    SELECT coalesce(max(u.calls_made), 0), coalesce(max(u.minutes_used + u.minutes_reserved), 0)
-      INTO v_base, v_minutes
-      FROM public.user_call_usage u
-     WHERE u.user_id = p_user_id AND u.period_start = v_sub.current_period_start;
+    SELECT u.calls_made, u.minutes_used + u.minutes_reserved INTO v_base, v_minutes
+      FROM public.usage_totals(p_user_id, v_sub.current_period_start) u;
     v_base := v_base + coalesce((SELECT sum(c.queued + c.claimed)::integer
                                    FROM public.tenant_call_counters c
                                   WHERE c.user_id = p_user_id), 0);
@@ -1054,6 +1052,9 @@ BEGIN
       PERFORM public.release_assignment(p_assignment_id, 'subscription_inactive');
       RETURN false;
     END IF;
+    -- the row is locked: the endings settled on it since the last fold are folded in, so the
+    -- checks below read the exact figures
+    PERFORM public.fold_call_usage(v_usage);
     SELECT * INTO v_p FROM public.tenant_plan(v_uid);
     SELECT u.calls_made, u.minutes_used, u.minutes_reserved INTO v_u
       FROM public.user_call_usage u WHERE u.id = v_usage;
@@ -1247,6 +1248,7 @@ DECLARE
   v_a record;
   v_q record;
   v_hid uuid;
+  v_usage uuid;
 BEGIN
   -- An ending commits without waiting for its WAL flush (transaction-local), so the tenant's
   -- counter row and the provider's stats row it updates are not held locked through a disk
@@ -1286,11 +1288,11 @@ BEGIN
           v_q.metadata)
   RETURNING id INTO v_hid;
 
-  -- The tenant's hot rows as late as possible (each ending of a tenant waits for the previous
-  -- one's commit on them): billing (usage row: the reservation is settled, the reported minutes
-  -- are billed; the dial itself was counted at the gate), then the queue row's status (its
-  -- trigger updates the tenant's counter row).
-  PERFORM public.settle_call_usage(p_assignment_id, v_q.user_id, p_duration_seconds);
+  -- Billing: the reservation is settled and the reported minutes billed, as a pending row of
+  -- the period (settle_call_usage; the dial itself was counted at the gate). Then the tenant's
+  -- hot row as late as possible (each ending of a tenant waits for the previous one's commit
+  -- on it): the queue row's status (its trigger updates the tenant's counter row).
+  v_usage := public.settle_call_usage(p_assignment_id, v_q.user_id, p_duration_seconds);
   UPDATE public.call_queue q
      SET status = 'completed', completed_at = now(), lease_expires_at = NULL
    WHERE q.id = v_q.id;
@@ -1300,6 +1302,8 @@ BEGIN
   UPDATE public.provider_availability pa
      SET successful_calls = pa.successful_calls + 1, total_calls = pa.total_calls + 1
    WHERE pa.provider_id = v_a.provider_id;
+  -- the period's row only if nobody holds it (never waits), right before the commit
+  PERFORM public.fold_call_usage(v_usage, true);
   RETURN v_hid;
 END
 $$;
@@ -1360,6 +1364,7 @@ DECLARE
   v_rule record;
   v_plan record;
   v_usage record;
+  v_settled uuid;
   v_waiting integer;
 BEGIN
   -- no wait for the WAL flush, as complete_call (a retry is dialed only after a synchronous
@@ -1387,7 +1392,8 @@ BEGIN
    WHERE a.id = p_assignment_id;
 
   -- billing: the dial was counted at the gate; settle the reservation, bill reported minutes
-  PERFORM public.settle_call_usage(p_assignment_id, v_q.user_id, p_duration_seconds);
+  -- (a pending row of the period, folded at the end)
+  v_settled := public.settle_call_usage(p_assignment_id, v_q.user_id, p_duration_seconds);
 
   v_final := p_failure_kind IN ('permanent', 'canceled') OR v_q.attempts >= v_q.max_attempts;
   -- A retry needs a dial (and a minute) the plan still has after every call already waiting
@@ -1396,11 +1402,9 @@ BEGIN
   IF NOT v_final THEN
     SELECT * INTO v_plan FROM public.tenant_plan(v_q.user_id);
     IF FOUND AND (v_plan.call_limit IS NOT NULL OR v_plan.minute_limit IS NOT NULL) THEN
-      SELECT coalesce(max(u.calls_made), 0) AS calls,
-             coalesce(max(u.minutes_used + u.minutes_reserved), 0) AS minutes
+      SELECT u.calls_made AS calls, u.minutes_used + u.minutes_reserved AS minutes
         INTO v_usage
-        FROM public.user_call_usage u
-       WHERE u.user_id = v_q.user_id AND u.period_start = v_plan.period_start;
+        FROM public.usage_totals(v_q.user_id, v_plan.period_start) u;
       SELECT coalesce(sum(c.queued + c.claimed), 0) INTO v_waiting
         FROM public.tenant_call_counters c WHERE c.user_id = v_q.user_id;
       IF v_plan.call_limit IS NOT NULL AND v_usage.calls + v_waiting >= v_plan.call_limit THEN
@@ -1451,6 +1455,7 @@ BEGIN
     END IF;
     PERFORM public.free_provider_slot(p_assignment_id);
     PERFORM public.fail_on_provider(v_a.provider_id, p_failure_kind, p_error);
+    PERFORM public.fold_call_usage(v_settled, true);  -- as complete_call: never waits
     RETURN 'retry_scheduled';
   END IF;
 
@@ -1473,6 +1478,7 @@ BEGIN
    WHERE q.id = v_q.id;
   PERFORM public.free_provider_slot(p_assignment_id);
   PERFORM public.fail_on_provider(v_a.provider_id, p_failure_kind, p_error);
+  PERFORM public.fold_call_usage(v_settled, true);
   RETURN CASE WHEN p_failure_kind = 'canceled' THEN 'canceled' ELSE 'failed' END;
 END
 $$;

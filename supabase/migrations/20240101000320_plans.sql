@@ -2,8 +2,9 @@
 -- Tables: 20240101000120_plans.sql. The model is described in supabase/README.md.
 --
 -- Lock order (extends the one in 20240101000200): call_queue row -> call_assignments row ->
--- user_call_usage row -> tenant_call_counters row(s) (several always in user_id order) ->
--- provider_availability row(s).
+-- user_call_usage row(s) -> tenant_call_counters row(s) (several of a kind always in user_id
+-- order) -> provider_availability row(s). An ending takes its period's usage row last, with
+-- SKIP LOCKED (fold_call_usage): it never waits for it.
 
 -- ---------------------------------------------------------------------------------------------
 -- Counters: a statement trigger on call_queue adds each statement's net change per tenant.
@@ -243,7 +244,8 @@ CREATE TRIGGER call_queue_count_truncate AFTER TRUNCATE ON public.call_queue
 -- reconcile_tenant_counters: counters := a recount of call_queue (per stripe; queued as the
 -- tenant's sum, see tenant_call_counters), and each usage period's
 -- minutes_reserved := the reservations of its live assignments. Locks the rows first (usage,
--- then counters, in key order), then counts in a fresh snapshot. Returns rows corrected.
+-- then counters, each in user_id order), folds the usage rows' pending endings
+-- (fold_call_usage), then counts in a fresh snapshot. Returns rows corrected.
 CREATE OR REPLACE FUNCTION public.reconcile_tenant_counters() RETURNS integer
 LANGUAGE plpgsql
 SET search_path = ''
@@ -251,20 +253,30 @@ AS $$
 DECLARE
   v_n integer;
   v_m integer;
+  v_usage uuid[];
 BEGIN
-  PERFORM 1 FROM public.user_call_usage u
-   WHERE u.minutes_reserved <> 0
-      OR u.id IN (SELECT a.usage_id FROM public.call_assignments a
-                   WHERE a.state = ANY (public.live_assignment_states()) AND a.usage_id IS NOT NULL)
-   ORDER BY u.id FOR NO KEY UPDATE;
-  WITH r AS (
-    SELECT u.id, coalesce((SELECT sum(a.reserved_minutes) FROM public.call_assignments a
-                            WHERE a.usage_id = u.id
-                              AND a.state = ANY (public.live_assignment_states())), 0)::int AS m
-      FROM public.user_call_usage u
+  v_usage := ARRAY(
+    SELECT u.id FROM public.user_call_usage u
      WHERE u.minutes_reserved <> 0
         OR u.id IN (SELECT a.usage_id FROM public.call_assignments a
                      WHERE a.state = ANY (public.live_assignment_states()) AND a.usage_id IS NOT NULL)
+        OR u.id IN (SELECT x.usage_id FROM public.user_call_usage_deltas x)
+     ORDER BY u.user_id, u.period_start FOR NO KEY UPDATE);
+  PERFORM public.fold_call_usage(i.id)
+     FROM unnest(v_usage) AS i(id)
+    WHERE EXISTS (SELECT 1 FROM public.user_call_usage_deltas x WHERE x.usage_id = i.id);
+  -- an ending committed after the fold is still a delta: its reservation stays in the row
+  -- until folded (the live view subtracts it), so it is counted here, in the same snapshot as
+  -- the live assignments
+  WITH r AS (
+    SELECT u.id,
+           (coalesce((SELECT sum(a.reserved_minutes) FROM public.call_assignments a
+                       WHERE a.usage_id = u.id
+                         AND a.state = ANY (public.live_assignment_states())), 0)
+            + coalesce((SELECT sum(x.minutes_released) FROM public.user_call_usage_deltas x
+                         WHERE x.usage_id = u.id), 0))::int AS m
+      FROM public.user_call_usage u
+     WHERE u.id = ANY (v_usage)
   )
   UPDATE public.user_call_usage u SET minutes_reserved = r.m
     FROM r WHERE u.id = r.id AND u.minutes_reserved <> r.m;
@@ -374,9 +386,14 @@ $$;
 -- provider reported, rounded up per call, are billed to the period the dial was counted in
 -- (the current period when the attempt never passed the gate). Called once per assignment by
 -- complete_call and handle_failed_call under the assignment's row lock.
+-- A dial counted at the gate (usage_id set) is settled as a row of user_call_usage_deltas (when
+-- there is anything to settle), not on the period's row: the period's row is what the tenant's
+-- gates write, and an ending waiting for it queued behind every gate and every other ending of
+-- the tenant. The caller folds it in at its end (fold_call_usage, SKIP LOCKED) when that row is
+-- free; else the next gate or beat does. Returns the usage row billed, NULL when none.
 CREATE OR REPLACE FUNCTION public.settle_call_usage(
   p_assignment_id uuid, p_user_id uuid, p_duration_seconds double precision
-) RETURNS void
+) RETURNS uuid
 LANGUAGE plpgsql
 SET search_path = ''
 AS $$
@@ -387,25 +404,108 @@ DECLARE
 BEGIN
   SELECT a.usage_id, a.reserved_minutes INTO v_a
     FROM public.call_assignments a WHERE a.id = p_assignment_id;
-  v_usage := v_a.usage_id;
-  IF v_usage IS NULL AND v_minutes > 0 THEN
-    v_usage := public.lock_current_usage(p_user_id);
-    IF v_usage IS NULL THEN  -- no live subscription: account the calendar month
-      INSERT INTO public.user_call_usage AS u (user_id, period_start, period_end)
-      VALUES (p_user_id, date_trunc('month', now()), date_trunc('month', now()) + interval '1 month')
-      ON CONFLICT (user_id, period_start) DO UPDATE SET updated_at = now()
-      RETURNING u.id INTO v_usage;
+  IF v_a.usage_id IS NOT NULL THEN
+    IF v_minutes = 0 AND v_a.reserved_minutes = 0 THEN
+      RETURN NULL;  -- nothing to bill, nothing to give back
     END IF;
+    INSERT INTO public.user_call_usage_deltas (usage_id, user_id, minutes_used, minutes_released)
+    VALUES (v_a.usage_id, p_user_id, v_minutes, v_a.reserved_minutes);
+    UPDATE public.call_assignments a SET reserved_minutes = 0
+     WHERE a.id = p_assignment_id AND a.reserved_minutes <> 0;
+    RETURN v_a.usage_id;
   END IF;
-  IF v_usage IS NULL THEN
-    RETURN;
+  IF v_minutes = 0 THEN
+    RETURN NULL;
   END IF;
-  UPDATE public.user_call_usage u
-     SET minutes_used = u.minutes_used + v_minutes,
-         minutes_reserved = greatest(u.minutes_reserved - coalesce(v_a.reserved_minutes, 0), 0)
+  -- never gated (no period billed yet): the current period's row, directly (rare)
+  v_usage := public.lock_current_usage(p_user_id);
+  IF v_usage IS NULL THEN  -- no live subscription: account the calendar month
+    INSERT INTO public.user_call_usage AS u (user_id, period_start, period_end)
+    VALUES (p_user_id, date_trunc('month', now()), date_trunc('month', now()) + interval '1 month')
+    ON CONFLICT (user_id, period_start) DO UPDATE SET updated_at = now()
+    RETURNING u.id INTO v_usage;
+  END IF;
+  UPDATE public.user_call_usage u SET minutes_used = u.minutes_used + v_minutes
    WHERE u.id = v_usage;
-  UPDATE public.call_assignments a SET reserved_minutes = 0
-   WHERE a.id = p_assignment_id AND a.reserved_minutes <> 0;
+  RETURN NULL;
+END
+$$;
+
+-- fold_call_usage: the endings settled on a period (user_call_usage_deltas) moved into its
+-- user_call_usage row: its deltas deleted and added to it, in one transaction, under the row's
+-- lock (so two folds never both count a delta; a delta committed meanwhile waits for the next
+-- fold). p_skip_locked: only if the row is free now (an ending's own fold: it never waits, and
+-- takes the row last, after the tenant's counter and provider rows, hence never in a cycle).
+-- TRUE when the row was folded.
+CREATE OR REPLACE FUNCTION public.fold_call_usage(
+  p_usage_id uuid, p_skip_locked boolean DEFAULT false
+) RETURNS boolean
+LANGUAGE plpgsql
+SET search_path = ''
+AS $$
+BEGIN
+  IF p_usage_id IS NULL OR NOT EXISTS (SELECT 1 FROM public.user_call_usage_deltas x
+                                        WHERE x.usage_id = p_usage_id) THEN
+    RETURN false;
+  END IF;
+  IF p_skip_locked THEN
+    PERFORM 1 FROM public.user_call_usage u WHERE u.id = p_usage_id
+       FOR NO KEY UPDATE SKIP LOCKED;
+  ELSE
+    PERFORM 1 FROM public.user_call_usage u WHERE u.id = p_usage_id FOR NO KEY UPDATE;
+  END IF;
+  IF NOT FOUND THEN
+    RETURN false;
+  END IF;
+  WITH d AS (
+    DELETE FROM public.user_call_usage_deltas x WHERE x.usage_id = p_usage_id
+    RETURNING x.minutes_used, x.minutes_released
+  )
+  UPDATE public.user_call_usage u
+     SET minutes_used = u.minutes_used + s.used,
+         minutes_reserved = greatest(u.minutes_reserved - s.released, 0)
+    FROM (SELECT sum(d.minutes_used)::int AS used, sum(d.minutes_released)::int AS released
+            FROM d HAVING count(*) > 0) s
+   WHERE u.id = p_usage_id;
+  RETURN true;
+END
+$$;
+
+-- user_call_usage_live: user_call_usage with the endings not folded into it yet added (the
+-- figures of user_call_usage itself trail by what user_call_usage_deltas holds: while a
+-- tenant's calls end faster than its row is free, until its next gate or beat's reconcile).
+-- Same columns; the caller's RLS applies to both tables (an app user reads its own periods).
+CREATE VIEW public.user_call_usage_live WITH (security_invoker = true) AS
+  SELECT u.id, u.user_id, u.subscription_id, u.period_start, u.period_end, u.calls_made,
+         u.minutes_used + coalesce(d.used, 0) AS minutes_used,
+         greatest(u.minutes_reserved - coalesce(d.released, 0), 0) AS minutes_reserved,
+         u.calls_limit, u.minutes_limit, u.calls_remaining,
+         CASE WHEN u.minutes_limit IS NULL THEN NULL
+              ELSE greatest(u.minutes_limit - u.minutes_used - coalesce(d.used, 0), 0)
+         END AS minutes_remaining,
+         u.created_at, u.updated_at
+    FROM public.user_call_usage u
+    LEFT JOIN LATERAL (
+      SELECT sum(x.minutes_used)::int AS used, sum(x.minutes_released)::int AS released
+        FROM public.user_call_usage_deltas x WHERE x.usage_id = u.id) d ON true;
+
+-- usage_totals: a period's usage as billed so far, exact at any moment: its user_call_usage
+-- row plus the endings not folded into it yet, read in one snapshot. Zeros when the period has
+-- no row yet.
+CREATE OR REPLACE FUNCTION public.usage_totals(
+  p_user_id uuid, p_period_start timestamptz,
+  OUT calls_made integer, OUT minutes_used integer, OUT minutes_reserved integer)
+LANGUAGE plpgsql STABLE
+SET search_path = ''
+AS $$
+BEGIN
+  SELECT u.calls_made, u.minutes_used, u.minutes_reserved
+    INTO calls_made, minutes_used, minutes_reserved
+    FROM public.user_call_usage_live u
+   WHERE u.user_id = p_user_id AND u.period_start = p_period_start;
+  calls_made := coalesce(calls_made, 0);
+  minutes_used := coalesce(minutes_used, 0);
+  minutes_reserved := coalesce(minutes_reserved, 0);
 END
 $$;
 
@@ -662,16 +762,21 @@ END
 $$;
 
 -- ---------------------------------------------------------------------------------------------
--- dial_gates: the dial gates of a chunk of calls (mark_call_dialing of each, in the given order),
--- then what the adapter must send with each dial won (the call's max duration from its minute
--- reservation, the caller id); won = false: do not dial. paced: the provider's creates go
--- through reserve_provider_create first. Every call's first half (dial_gate_check: its rows
--- locked, campaign and calling rules) runs before any second half (dial_gate_apply: the
--- tenant's usage and counter rows), so the chunk holds the tenant's rows only for the second
--- halves, and for a tenant whose plan has no call or minute limit, the dials are counted into its
--- usage row and its calls' queue rows moved (its counter row) in one statement each at the end
--- (dial_gate_apply's p_defer), so those rows are held from there to the commit only. Calls a
--- rule refused (released, held, canceled) are acted on last, after those writes (lock order:
+-- dial_gates: the dial gates of a chunk of calls (mark_call_dialing of each), then what the
+-- adapter must send with each dial won (the call's max duration from its minute reservation,
+-- the caller id); won = false: do not dial. paced: the provider's creates go through
+-- reserve_provider_create first. Every call's first half (dial_gate_check: its rows locked,
+-- campaign and calling rules) runs before any second half (dial_gate_apply: the tenant's usage
+-- and counter rows), so the chunk holds the tenants' rows only for the second halves.
+-- A chunk of several tenants locks their usage rows first (user_id order), then does the
+-- second halves tenant by tenant, in user_id order (the chunk's order within a tenant): it
+-- takes usage rows before counter rows and each kind in user_id order, as every claim takes
+-- counter rows and beat's reconcile takes both, so it never waits in a cycle with a claim, a
+-- reconcile or another chunk. For a tenant whose plan has no call or
+-- minute limit, its dials are counted into its usage row and its calls' queue rows moved (its
+-- counter row) in one statement each at the end of its turn (dial_gate_apply's p_defer), so
+-- those rows are held from there to the commit only. Calls a rule refused (released, held,
+-- canceled) are acted on at the end of their tenant's turn, after those writes (lock order:
 -- usage rows before counter rows).
 CREATE OR REPLACE FUNCTION public.dial_gates(p_assignment_ids uuid[])
 RETURNS TABLE (assignment_id uuid, won boolean, max_duration_seconds integer, caller_id text,
@@ -687,73 +792,103 @@ DECLARE
   v_not_before timestamptz[] := '{}';
   v_at timestamptz[] := '{}';
   v_later boolean[];
+  v_user uuid[];
+  v_order integer[];
   v_won uuid[] := '{}';
   v_deferred uuid[];
   v_refused integer[] := '{}';
   v_i integer;
+  v_k integer;
+  v_tenants uuid[];
+  v_t uuid;
 BEGIN
   -- a second call of the chunk to the same contact is checked after the first one's dial is
-  -- recorded (the attempt cap counts it), in the second pass
-  SELECT array_agg(d.k > 1 ORDER BY d.ord) INTO v_later
-    FROM (SELECT u.ord, row_number() OVER (PARTITION BY q.user_id, q.recipient_phone
-                                           ORDER BY u.ord) AS k
+  -- recorded (the attempt cap counts it), in the second pass; each call's tenant, and the
+  -- order of the second pass (by tenant, then as given)
+  SELECT array_agg(d.k > 1 ORDER BY d.ord), array_agg(d.user_id ORDER BY d.ord),
+         array_agg(d.ord::int ORDER BY d.user_id NULLS LAST, d.ord)
+    INTO v_later, v_user, v_order
+    FROM (SELECT u.ord, q.user_id,
+                 row_number() OVER (PARTITION BY q.user_id, q.recipient_phone ORDER BY u.ord) AS k
             FROM unnest(p_assignment_ids) WITH ORDINALITY AS u(id, ord)
             LEFT JOIN public.call_assignments a ON a.id = u.id
             LEFT JOIN public.call_queue q ON q.id = a.queue_id) d;
-  -- first pass: every call's first half; second pass: the second halves, in order (a call
-  -- checked late does its first half right before its second)
+  -- first pass: every call's first half; second pass: the second halves, tenant by tenant
+  -- (a call checked late does its first half right before its second)
   FOR v_pass IN 1 .. 2 LOOP
-    FOR i IN 1 .. v_n LOOP
-      IF v_later[i] = (v_pass = 2) THEN
-        SELECT * INTO v_c FROM public.dial_gate_check(p_assignment_ids[i]);
-        v_ok[i] := v_c.gateable;
-        v_verdict[i] := v_c.verdict;
-        v_not_before[i] := v_c.not_before;
-        v_at[i] := v_c.at;
+    IF v_pass = 2 THEN
+      -- a chunk of several tenants takes their usage rows first, in user_id order, as beat's
+      -- reconcile does (all usage rows before any counter row); one tenant's chunk takes its
+      -- row at its first gate, or at the end of its turn when it defers
+      v_tenants := ARRAY(SELECT DISTINCT v_user[i] FROM generate_subscripts(v_user, 1) AS i
+                          WHERE v_user[i] IS NOT NULL AND (v_later[i] OR v_ok[i])
+                          ORDER BY 1);
+      IF cardinality(v_tenants) > 1 THEN
+        FOREACH v_t IN ARRAY v_tenants LOOP
+          PERFORM public.lock_current_usage(v_t);
+        END LOOP;
+      END IF;
+    END IF;
+    FOR v_k IN 1 .. v_n LOOP
+      v_i := CASE v_pass WHEN 1 THEN v_k ELSE v_order[v_k] END;
+      IF v_later[v_i] = (v_pass = 2) THEN
+        SELECT * INTO v_c FROM public.dial_gate_check(p_assignment_ids[v_i]);
+        v_ok[v_i] := v_c.gateable;
+        v_verdict[v_i] := v_c.verdict;
+        v_not_before[v_i] := v_c.not_before;
+        v_at[v_i] := v_c.at;
       END IF;
       CONTINUE WHEN v_pass = 1;
-      assignment_id := p_assignment_ids[i];
+      assignment_id := p_assignment_ids[v_i];
       won := false;
       max_duration_seconds := NULL;
       caller_id := NULL;
       paced := NULL;
-      IF v_ok[i] AND v_verdict[i] IS NULL THEN
-        won := public.dial_gate_apply(p_assignment_ids[i], NULL, NULL, v_at[i], p_defer => true);
-      ELSIF v_ok[i] THEN
-        v_refused := v_refused || i;  -- acted on at the end (it writes the tenant's rows)
+      IF v_ok[v_i] AND v_verdict[v_i] IS NULL THEN
+        won := public.dial_gate_apply(p_assignment_ids[v_i], NULL, NULL, v_at[v_i],
+                                      p_defer => true);
+      ELSIF v_ok[v_i] THEN
+        v_refused := v_refused || v_i;  -- acted on at the end of the tenant's turn
       END IF;
       IF won THEN
         SELECT a.max_duration_seconds, a.caller_id,
                public.provider_creates_per_second(a.provider_id) IS NOT NULL
           INTO max_duration_seconds, caller_id, paced
-          FROM public.call_assignments a WHERE a.id = p_assignment_ids[i];
-      END IF;
-      IF won THEN
-        v_won := v_won || p_assignment_ids[i];
+          FROM public.call_assignments a WHERE a.id = p_assignment_ids[v_i];
+        v_won := v_won || p_assignment_ids[v_i];
       END IF;
       RETURN NEXT;
+      CONTINUE WHEN v_k < v_n AND v_user[v_order[v_k + 1]] IS NOT DISTINCT FROM v_user[v_i];
+      -- the end of the tenant's turn: the dials deferred by dial_gate_apply (queue rows not
+      -- moved yet) counted into the usage row (locked), the endings settled on it since folded
+      -- in, then the queue rows moved, one statement each
+      SELECT array_agg(a.id) INTO v_deferred
+        FROM public.call_assignments a JOIN public.call_queue q ON q.id = a.queue_id
+       WHERE a.id = ANY (v_won) AND q.status <> 'dialing';
+      IF v_deferred IS NOT NULL THEN
+        PERFORM 1 FROM public.user_call_usage u
+         WHERE u.id IN (SELECT a.usage_id FROM public.call_assignments a
+                         WHERE a.id = ANY (v_deferred))
+         ORDER BY u.id FOR NO KEY UPDATE;
+        UPDATE public.user_call_usage u SET calls_made = u.calls_made + d.n
+          FROM (SELECT a.usage_id, count(*)::int AS n FROM public.call_assignments a
+                 WHERE a.id = ANY (v_deferred) GROUP BY a.usage_id) d
+         WHERE u.id = d.usage_id;
+        -- the rows are held to the commit anyway: the endings settled on them since, folded in
+        PERFORM public.fold_call_usage(d.usage_id)
+           FROM (SELECT DISTINCT a.usage_id FROM public.call_assignments a
+                  WHERE a.id = ANY (v_deferred)) d;
+        PERFORM public.queue_to_dialing(ARRAY(
+          SELECT a.queue_id FROM public.call_assignments a WHERE a.id = ANY (v_deferred)));
+      END IF;
+      -- calls a rule refused: released, held or canceled (usage before counters, as everywhere)
+      FOREACH v_i IN ARRAY v_refused LOOP
+        PERFORM public.dial_gate_apply(p_assignment_ids[v_i], v_verdict[v_i], v_not_before[v_i],
+                                       v_at[v_i]);
+      END LOOP;
+      v_won := '{}';
+      v_refused := '{}';
     END LOOP;
-  END LOOP;
-  -- the dials deferred by dial_gate_apply (queue rows not moved yet): counted into their usage
-  -- rows (locked in key order), then their queue rows moved, one statement each
-  SELECT array_agg(a.id) INTO v_deferred
-    FROM public.call_assignments a JOIN public.call_queue q ON q.id = a.queue_id
-   WHERE a.id = ANY (v_won) AND q.status <> 'dialing';
-  IF v_deferred IS NOT NULL THEN
-    PERFORM 1 FROM public.user_call_usage u
-     WHERE u.id IN (SELECT a.usage_id FROM public.call_assignments a WHERE a.id = ANY (v_deferred))
-     ORDER BY u.id FOR NO KEY UPDATE;
-    UPDATE public.user_call_usage u SET calls_made = u.calls_made + d.n
-      FROM (SELECT a.usage_id, count(*)::int AS n FROM public.call_assignments a
-             WHERE a.id = ANY (v_deferred) GROUP BY a.usage_id) d
-     WHERE u.id = d.usage_id;
-    PERFORM public.queue_to_dialing(ARRAY(
-      SELECT a.queue_id FROM public.call_assignments a WHERE a.id = ANY (v_deferred)));
-  END IF;
-  -- calls a rule refused: released, held or canceled (usage before counters, as everywhere)
-  FOREACH v_i IN ARRAY v_refused LOOP
-    PERFORM public.dial_gate_apply(p_assignment_ids[v_i], v_verdict[v_i], v_not_before[v_i],
-                                   v_at[v_i]);
   END LOOP;
 END
 $$;
@@ -891,6 +1026,7 @@ REVOKE ALL ON FUNCTION
   public.count_tenant_calls(), public.zero_tenant_counters(), public.reconcile_tenant_counters(),
   public.tenant_plan(uuid), public.lock_current_usage(uuid),
   public.settle_call_usage(uuid, uuid, double precision), public.return_dial(uuid),
+  public.fold_call_usage(uuid, boolean), public.usage_totals(uuid, timestamptz),
   public.claimable_calls(integer, uuid[], smallint[]), public.dial_gate(uuid), public.dial_gates(uuid[]),
   public.refuse_dial(uuid, text),
   public.fail_on_provider(uuid, text, text), public.provider_creates_per_second(uuid),
@@ -902,12 +1038,25 @@ GRANT EXECUTE ON FUNCTION
   public.plan_rate_burst(integer), public.plan_rate_allowance(integer, timestamptz, timestamptz),
   public.reconcile_tenant_counters(), public.tenant_plan(uuid), public.lock_current_usage(uuid),
   public.settle_call_usage(uuid, uuid, double precision), public.return_dial(uuid),
+  public.fold_call_usage(uuid, boolean), public.usage_totals(uuid, timestamptz),
   public.claimable_calls(integer, uuid[], smallint[]), public.dial_gate(uuid), public.dial_gates(uuid[]),
   public.refuse_dial(uuid, text),
   public.fail_on_provider(uuid, text, text), public.provider_creates_per_second(uuid),
   public.reserve_provider_create(uuid, double precision),
   public.defer_dial(uuid, double precision)
   TO service_role, callq_worker;
+-- pending endings: the worker writes them; an app user reads its own (through
+-- user_call_usage_live, whose RLS is the caller's)
+REVOKE ALL ON public.user_call_usage_deltas FROM PUBLIC, anon, authenticated;
+GRANT ALL ON public.user_call_usage_deltas TO service_role;
+GRANT SELECT, INSERT, UPDATE, DELETE ON public.user_call_usage_deltas TO callq_worker;
+GRANT SELECT ON public.user_call_usage_deltas TO authenticated;
+CREATE POLICY worker_all ON public.user_call_usage_deltas FOR ALL TO callq_worker
+  USING (true) WITH CHECK (true);
+CREATE POLICY usage_deltas_select_own ON public.user_call_usage_deltas FOR SELECT
+  TO authenticated USING (user_id = (SELECT auth.uid()));
+REVOKE ALL ON public.user_call_usage_live FROM PUBLIC, anon, authenticated;
+GRANT SELECT ON public.user_call_usage_live TO authenticated, service_role, callq_worker;
 REVOKE ALL ON public.provider_create_pacing FROM PUBLIC, anon, authenticated;
 GRANT ALL ON public.provider_create_pacing TO service_role;
 GRANT SELECT, INSERT, UPDATE, DELETE ON public.provider_create_pacing TO callq_worker;

@@ -196,6 +196,122 @@ def test_concurrent_assign_and_finish_keep_slots_exact(db_url: str) -> None:
         assert per_queue == 1
 
 
+def test_concurrent_gates_and_endings_bill_exactly_within_the_plan(db_url: str) -> None:
+    """Eight connections claim, gate (dial_gates chunks) and end the calls of two tenants at
+    once (one with call and minute limits, one without: both gate paths), with durations within
+    each call's max duration, while a ninth folds pending endings and checks the exact figures
+    (user_call_usage_live) throughout: dials never above call_limit, minutes billed plus
+    reserved never above minute_limit. At the end, after beat's reconcile, nothing is pending
+    and each period's row holds exactly the dials that passed the gate and the minutes the
+    provider reported, rounded up per call; no tenant is billed for the other's calls."""
+    call_limit, minute_limit = 120, 300
+    with connect(db_url) as conn:
+        limited = make_user(
+            conn, call_limit=call_limit, minute_limit=minute_limit, max_concurrent=12
+        )
+        free = make_user(conn, call_limit=None, minute_limit=None, max_concurrent=12)
+        make_provider(conn, max_calls=64)
+        for user in (limited, free):
+            # straight into the queue, more than the plan allows: the gate is the backstop
+            conn.execute(
+                "INSERT INTO call_queue (user_id, template_id, recipient_name, recipient_phone,"
+                " scheduled_time) SELECT %s, %s, 'R ' || i, '+1555' || lpad(i::text, 7, '0'),"
+                " now() FROM generate_series(1, 160) AS i",
+                (user, make_template(conn, user)),
+            )
+    billed: dict[uuid.UUID, int] = {limited: 0, free: 0}
+    lock = threading.Lock()
+    stop = threading.Event()
+    violations: list[Any] = []
+
+    def watch() -> None:
+        with connect(db_url) as conn:
+            ids = [r[0] for r in conn.execute("SELECT id FROM user_call_usage").fetchall()]
+            while not stop.is_set():
+                for usage_id in ids:  # one row per transaction, as the gates take them
+                    conn.execute("SELECT fold_call_usage(%s)", (usage_id,))
+                row = conn.execute(
+                    "SELECT calls_made, minutes_used, minutes_reserved FROM user_call_usage_live"
+                    " WHERE user_id = %s",
+                    (limited,),
+                ).fetchone()
+                if row and (row[0] > call_limit or row[1] + row[2] > minute_limit):
+                    violations.append(row)
+                ids = [r[0] for r in conn.execute("SELECT id FROM user_call_usage").fetchall()]
+
+    def work(i: int) -> None:
+        rng = random.Random(i)
+        with connect(db_url) as conn:
+            empty = 0
+            while empty < 3:
+                rows = conn.execute(
+                    "SELECT assignment_id FROM claim_and_assign_calls(%s, %s)",
+                    (rng.randint(1, 6), f"w{i}"),
+                ).fetchall()
+                if not rows:
+                    empty += 1
+                    continue
+                empty = 0
+                won = conn.execute(
+                    "SELECT g.assignment_id, g.max_duration_seconds, q.user_id"
+                    " FROM dial_gates(%s::uuid[]) g"
+                    " JOIN call_assignments a ON a.id = g.assignment_id"
+                    " JOIN call_queue q ON q.id = a.queue_id WHERE g.won",
+                    (sorted(str(r[0]) for r in rows),),
+                ).fetchall()
+                for aid, cap, user in won:
+                    seconds = rng.uniform(0, cap or 900)
+                    if rng.random() < 0.7:
+                        conn.execute("SELECT complete_call(%s, %s)", (aid, seconds))
+                    else:
+                        conn.execute(
+                            "SELECT handle_failed_call(%s, 'no_answer', NULL, NULL, %s)",
+                            (aid, seconds),
+                        )
+                    minutes = one(
+                        conn, "SELECT ceil(greatest(%s::float8, 0)::numeric / 60)::int", (seconds,)
+                    )
+                    with lock:
+                        billed[user] += minutes
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        _run_threads(work)
+    finally:
+        stop.set()
+        watcher.join(timeout=30)
+    assert not violations, violations[:5]
+    with connect(db_url) as conn:
+        assert (
+            one(
+                conn,
+                "SELECT count(*) FROM call_assignments WHERE state IN"
+                " ('assigned', 'dialing', 'placed')",
+            )
+            == 0
+        )
+        assert one(conn, "SELECT reconcile_tenant_counters()") == 0  # nothing to correct
+        assert one(conn, "SELECT count(*) FROM user_call_usage_deltas") == 0  # all folded
+        for user in (limited, free):
+            row = conn.execute(
+                "SELECT calls_made, minutes_used, minutes_reserved FROM user_call_usage"
+                " WHERE user_id = %s",
+                (user,),
+            ).fetchone()
+            dials = one(
+                conn,
+                "SELECT count(*) FROM call_assignments a JOIN call_queue q ON q.id = a.queue_id"
+                " WHERE q.user_id = %s AND a.dialing_at IS NOT NULL AND a.state <> 'released'",
+                (user,),
+            )
+            assert row == (dials, billed[user], 0)
+        dials = one(conn, "SELECT calls_made FROM user_call_usage WHERE user_id = %s", (limited,))
+        assert dials <= call_limit
+        assert billed[limited] <= minute_limit
+        assert billed[free] > 0
+
+
 def test_concurrent_schedules_respect_the_call_limit(db_url: str) -> None:
     with connect(db_url) as conn:
         user = make_user(conn, call_limit=5)

@@ -12,7 +12,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from .dbutil import Conn, make_provider, make_template, make_user, one, schedule
+from .dbutil import Conn, connect, make_provider, make_template, make_user, one, schedule
 from .dbutil import set_clock as pin_clock
 
 
@@ -122,6 +122,94 @@ def test_minutes_reserved_at_the_gate_become_the_max_duration(conn: Conn) -> Non
     one(conn, "SELECT complete_call(%s, 295)", (got[1][1],))
     one(conn, "SELECT complete_call(%s, 170)", (a3,))
     assert usage(conn, user) == (3, 2 + 5 + 3, 0)  # exactly the plan, never above
+
+
+def live_usage(conn: Conn, user: uuid.UUID) -> tuple[int, int, int]:
+    """The exact figures: user_call_usage plus the endings not folded into it yet."""
+    row = conn.execute(
+        "SELECT calls_made, minutes_used, minutes_reserved FROM user_call_usage_live"
+        " WHERE user_id = %s",
+        (user,),
+    ).fetchone()
+    return (0, 0, 0) if row is None else (int(row[0]), int(row[1]), int(row[2]))
+
+
+def test_endings_bill_off_the_period_row_and_every_reader_adds_them(
+    conn: Conn, db_url: str
+) -> None:
+    """While another transaction holds the period's usage row (a gate of the tenant, through
+    its commit), an ending neither waits for it nor loses its minutes: they wait as a pending
+    row that the view, schedule_call and the retry check add, until the next gate or beat's
+    reconcile folds them into the row."""
+    make_provider(conn, max_calls=50)
+    user, tpl = tenant(conn, call_limit=None, minute_limit=10, max_concurrent=2)
+    for _ in range(2):
+        schedule(conn, user, tpl)
+    got = claim(conn)
+    assert [gate(conn, aid)[0] for _, aid in got] == [True, True]
+    assert usage(conn, user) == (2, 0, 10)
+    with connect(db_url) as holder:
+        holder.execute("BEGIN")
+        holder.execute(
+            "SELECT 1 FROM user_call_usage WHERE user_id = %s FOR NO KEY UPDATE", (user,)
+        )
+        conn.execute("SET statement_timeout = '10s'")  # a wait for the row fails, not hangs
+        one(conn, "SELECT complete_call(%s, 61)", (got[0][1],))
+        assert one(conn, "SELECT count(*) FROM user_call_usage_deltas") == 1
+        assert usage(conn, user) == (2, 0, 10)  # the row trails ...
+        assert live_usage(conn, user) == (2, 2, 5)  # ... the exact figures do not
+        # the row alone says all 10 minutes are spoken for; with the ending, 7 are
+        schedule(conn, user, tpl)
+        holder.execute("COMMIT")
+    conn.execute("RESET statement_timeout")
+    # the tenant's next gate locks the row and folds the ending in before its checks
+    ((_, a3),) = claim(conn)
+    assert gate(conn, a3) == (True, 3 * 60 - 5)  # what is left: 10 - 2 - 5
+    assert one(conn, "SELECT count(*) FROM user_call_usage_deltas") == 0
+    assert usage(conn, user) == live_usage(conn, user) == (3, 2, 8)
+    # an ending with the row free folds itself; one while it is held waits for beat's reconcile
+    one(conn, "SELECT complete_call(%s, 295)", (got[1][1],))
+    assert usage(conn, user) == (3, 7, 3)
+    with connect(db_url) as holder:
+        holder.execute("BEGIN")
+        holder.execute(
+            "SELECT 1 FROM user_call_usage WHERE user_id = %s FOR NO KEY UPDATE", (user,)
+        )
+        assert one(conn, "SELECT handle_failed_call(%s, 'voicemail', NULL, NULL, 100)", (a3,))
+        assert usage(conn, user) == (3, 7, 3)
+        holder.execute("COMMIT")
+    assert live_usage(conn, user) == (3, 9, 0)
+    assert one(conn, "SELECT reconcile_tenant_counters()") == 0  # folded, nothing to correct
+    assert one(conn, "SELECT count(*) FROM user_call_usage_deltas") == 0
+    assert usage(conn, user) == (3, 9, 0)  # exactly what the provider reported, rounded up
+
+
+def test_pending_endings_count_against_the_limits(conn: Conn, db_url: str) -> None:
+    """A pending ending's minutes count for schedule_call (CQ030), for the retry check, and for
+    the gate's share, as if they were on the row."""
+    make_provider(conn, max_calls=50)
+    user, tpl = tenant(conn, call_limit=None, minute_limit=4, max_concurrent=1)
+    first = schedule(conn, user, tpl)
+    ((_, a1),) = claim(conn)
+    assert gate(conn, a1) == (True, 4 * 60 - 5)
+    with connect(db_url) as holder:
+        holder.execute("BEGIN")
+        holder.execute(
+            "SELECT 1 FROM user_call_usage WHERE user_id = %s FOR NO KEY UPDATE", (user,)
+        )
+        # 4 minutes spoken: the retry would need a minute the plan no longer has
+        assert one(conn, "SELECT handle_failed_call(%s, 'busy', NULL, NULL, 200)", (a1,)) == (
+            "failed"
+        )
+        assert "minute_limit_reached" in one(
+            conn, "SELECT last_error FROM call_queue WHERE id = %s", (first,)
+        )
+        assert usage(conn, user) == (1, 0, 4)  # still on the pending row only
+        with pytest.raises(psycopg.Error) as err:
+            schedule(conn, user, tpl)
+        assert err.value.sqlstate == "CQ030"
+        holder.execute("COMMIT")
+    assert live_usage(conn, user) == (1, 4, 0)
 
 
 def test_no_minute_left_holds_or_fails_the_call(conn: Conn) -> None:

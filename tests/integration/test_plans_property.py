@@ -12,6 +12,10 @@ rule moves on. After every step, for each tenant:
     calls in flight never exceed max_concurrent_calls (plain calls and paced campaigns' alike);
     with calls_per_minute, no 60 s window of claim times holds more than the rate (plus the
     burst less one);
+    minutes billed (user_call_usage_live: the period's row plus the endings not folded into it
+    yet) equal the minutes of every ending so far, rounded up per call, whether the ending
+    folded itself, waited for the next gate (it ended while another transaction held the row),
+    or for a fold; after beat's reconcile nothing is pending and the row alone is exact;
     tenant counters and reserved minutes equal a recount; provider slots equal live assignments.
 """
 
@@ -66,13 +70,18 @@ class PlanMachine(RuleBasedStateMachine):
     def __init__(self, db_url: str) -> None:
         super().__init__()
         self.conns = [connect(db_url) for _ in range(3)]
+        # holds a period's usage row, as a gate does through its commit
+        self.holder = connect(db_url)
         c = self.conns[0]
         for conn in self.conns:
             conn.execute("SET callq.retry_delay_scale = '0'")
+            conn.execute("SET statement_timeout = '30s'")  # a wait on the holder fails, not hangs
         self.tenants: list[Any] = []
         # each example starts from an empty queue (tenants are new each time)
         c.execute("TRUNCATE call_queue CASCADE")  # frees every provider slot
         c.execute("UPDATE user_call_usage SET minutes_reserved = 0")
+        c.execute("TRUNCATE user_call_usage_deltas")
+        self.billed: dict[Any, int] = {}  # minutes each tenant's endings reported, rounded up
         # the claim's clock (callq_now) is pinned and moved by the tick rule: claim times are
         # exact, for the calls-per-minute invariant
         self.now = one(c, "SELECT date_trunc('second', now())")
@@ -84,7 +93,7 @@ class PlanMachine(RuleBasedStateMachine):
 
     def teardown(self) -> None:
         set_clock(self.conns[0], None)
-        for conn in self.conns:
+        for conn in [*self.conns, self.holder]:
             conn.close()
 
     def _record(self, conn: Conn, queue_ids: list[Any]) -> None:
@@ -216,6 +225,18 @@ class PlanMachine(RuleBasedStateMachine):
     def _duration(self, cap: int | None, frac: float) -> float:
         return frac * ((cap + 5) if cap else 900)
 
+    def _bill(self, aid: Any, seconds: float) -> None:
+        """Note what ending a live attempt bills (rounded by the database's own rule)."""
+        conn = self.conns[0]
+        uid = one(
+            conn,
+            "SELECT q.user_id FROM call_assignments a JOIN call_queue q ON q.id = a.queue_id"
+            " WHERE a.id = %s",
+            (aid,),
+        )
+        minutes = one(conn, "SELECT ceil(greatest(%s::float8, 0)::numeric / 60)::int", (seconds,))
+        self.billed[uid] = self.billed.get(uid, 0) + minutes
+
     @rule(c=st.integers(0, 2), pick=st.integers(0, 20), frac=st.floats(0, 1), dup=st.booleans())
     def complete(self, c: int, pick: int, frac: float, dup: bool) -> None:
         live = [r for r in self._live(c) if r[1] in ("dialing", "placed")]
@@ -225,6 +246,7 @@ class PlanMachine(RuleBasedStateMachine):
                 self.conns[c].execute(
                     "SELECT complete_call(%s, %s)", (aid, self._duration(cap, frac))
                 )
+            self._bill(aid, self._duration(cap, frac))
 
     @rule(
         c=st.integers(0, 2),
@@ -240,6 +262,43 @@ class PlanMachine(RuleBasedStateMachine):
                 "SELECT handle_failed_call(%s, %s, NULL, 0, %s)",
                 (aid, kind, self._duration(cap, frac)),
             )
+            self._bill(aid, self._duration(cap, frac))
+
+    @rule(
+        c=st.integers(0, 2),
+        pick=st.integers(0, 20),
+        kind=st.sampled_from(("completed", *KINDS)),
+        frac=st.floats(0, 1),
+    )
+    def end_while_the_period_row_is_held(self, c: int, pick: int, kind: str, frac: float) -> None:
+        """An ending while another transaction holds the period's usage row (a gate of the
+        tenant, through its commit): it does not wait for it; its minutes stay pending."""
+        live = [r for r in self._live(c) if r[1] in ("dialing", "placed")]
+        if not live:
+            return
+        aid, _, cap = live[pick % len(live)]
+        seconds = self._duration(cap, frac)
+        self.holder.execute("BEGIN")
+        try:
+            self.holder.execute(
+                "SELECT 1 FROM user_call_usage u JOIN call_assignments a ON a.usage_id = u.id"
+                " WHERE a.id = %s FOR NO KEY UPDATE OF u",
+                (aid,),
+            )
+            if kind == "completed":
+                self.conns[c].execute("SELECT complete_call(%s, %s)", (aid, seconds))
+            else:
+                self.conns[c].execute(
+                    "SELECT handle_failed_call(%s, %s, NULL, 0, %s)", (aid, kind, seconds)
+                )
+        finally:
+            self.holder.execute("COMMIT")
+        self._bill(aid, seconds)
+
+    @rule(c=st.integers(0, 2))
+    def fold(self, c: int) -> None:
+        """Pending endings folded into their periods' rows (as a gate or beat does)."""
+        self.conns[c].execute("SELECT fold_call_usage(id) FROM user_call_usage ORDER BY user_id")
 
     @rule(c=st.integers(0, 2), pick=st.integers(0, 20))
     def release(self, c: int, pick: int) -> None:
@@ -274,12 +333,27 @@ class PlanMachine(RuleBasedStateMachine):
     # -- invariants --------------------------------------------------------------------------
 
     @invariant()
+    def billed_minutes_are_exact(self) -> None:
+        """Checked first (invariants run by name): before the recount's fold, so pending
+        endings are still pending here."""
+        conn = self.conns[0]
+        for uid, *_ in self.tenants:
+            minutes = one(
+                conn,
+                "SELECT coalesce(sum(minutes_used), 0) FROM user_call_usage_live"
+                " WHERE user_id = %s",
+                (uid,),
+            )
+            assert minutes == self.billed.get(uid, 0)
+
+    @invariant()
     def plan_holds(self) -> None:
         conn = self.conns[0]
         for uid, _, (call_limit, minute_limit, cap, _rate) in self.tenants:
             row = conn.execute(
                 "SELECT coalesce(sum(calls_made), 0), coalesce(sum(minutes_used), 0),"
-                " coalesce(sum(minutes_reserved), 0) FROM user_call_usage WHERE user_id = %s",
+                " coalesce(sum(minutes_reserved), 0) FROM user_call_usage_live"
+                " WHERE user_id = %s",
                 (uid,),
             ).fetchone()
             assert row is not None
@@ -319,6 +393,17 @@ class PlanMachine(RuleBasedStateMachine):
     def counters_and_slots_match_a_recount(self) -> None:
         conn = self.conns[0]
         assert one(conn, "SELECT reconcile_tenant_counters()") == 0
+        # the recount folded every pending ending: the period rows alone are exact
+        assert one(conn, "SELECT count(*) FROM user_call_usage_deltas") == 0
+        assert (
+            one(
+                conn,
+                "SELECT count(*) FROM user_call_usage u JOIN user_call_usage_live l USING (id)"
+                " WHERE (u.minutes_used, u.minutes_reserved)"
+                " <> (l.minutes_used, l.minutes_reserved)",
+            )
+            == 0
+        )
         assert one(conn, "SELECT reconcile_provider_slots()") == 0
         assert slot_violations(conn) == []
 
