@@ -188,53 +188,64 @@ SELECT coalesce(a.wait_event_type || ':' || a.wait_event, 'CPU'),
 
 
 def waits(calls: int = 2000) -> dict[str, Any]:
-    """Where PostgreSQL backends wait while a burst of ``calls`` is placed and ended."""
+    """Where PostgreSQL backends wait while a burst of ``calls`` is placed (until the
+    simulator saw every create: what bench.e2e times), then ended (until every call settled)."""
     import threading
 
     import psycopg
 
-    out: dict[str, Any] = {}
+    from worker.embedded import wait_until
+
+    out: dict[str, Any] = {"calls": calls}
     with Stack(max_concurrent_calls=2 * calls) as stack:
         stack.fleet.start_worker("worker")
         stack.fleet.start_beat("beat")
         stack.warm_up()
-        assert stack.db is not None
-        counts: Counter[tuple[str, str, str, str]] = Counter()
-        samples = 0
+        assert stack.db is not None and stack.sim is not None
+        sim, dbname = stack.sim, stack.db.name
+        phases: dict[str, Counter[tuple[str, str, str, str]]] = {
+            "placing": Counter(),
+            "ending": Counter(),
+        }
+        samples = Counter[str]()
+        phase = ["placing"]
         stop = threading.Event()
 
         def sample() -> None:
-            nonlocal samples
             with psycopg.connect(stack.url, autocommit=True) as conn:
                 while not stop.is_set():
-                    for ev, stmt, rel, by in conn.execute(WAIT_SAMPLE, (stack.db.name,)):
-                        counts[(ev, stmt, rel or "", by or "")] += 1
-                    samples += 1
+                    now = phase[0]
+                    for ev, stmt, rel, by in conn.execute(WAIT_SAMPLE, (dbname,)):
+                        phases[now][(ev, stmt, rel or "", by or "")] += 1
+                    samples[now] += 1
                     time.sleep(0.01)
 
         th = threading.Thread(target=sample, daemon=True)
-        t0 = time.time()
+        before = sim.stats()["total_creates"]
         th.start()
+        t0 = time.time()
         ids = stack.schedule(calls)
+        wait_until(lambda: sim.stats()["total_creates"] - before >= calls, timeout=300)
+        out["seconds_to_placed"] = round(time.time() - t0, 2)
+        phase[0] = "ending"
         ok, _ = stack.wait_settled(ids, 300)
-        elapsed = time.time() - t0
+        out["seconds_to_settled"] = round(time.time() - t0, 2)
+        out["settled"] = ok
         stop.set()
         th.join(5)
-        total = sum(counts.values()) or 1
-        out = {
-            "calls": calls,
-            "settled": ok,
-            "seconds_to_settled": round(elapsed, 2),
-            "samples": samples,
-            "active_backends_avg": round(total / max(samples, 1), 2),
-            "by_wait": _share(counts, lambda k: k[0], total),
-            "by_statement": _share(counts, lambda k: k[1], total),
-            "lock_waits_by_statement_and_table": _share(
-                Counter({k: v for k, v in counts.items() if k[0].startswith("Lock")}),
-                lambda k: f"{k[1]} on {k[2] or '?'} ({k[0]}), behind {k[3] or '?'}",
-                total,
-            ),
-        }
+        for name, counts in phases.items():
+            total = sum(counts.values()) or 1
+            out[name] = {
+                "samples": samples[name],
+                "active_backends_avg": round(total / max(samples[name], 1), 2),
+                "by_wait": _share(counts, lambda k: k[0], total),
+                "by_statement": _share(counts, lambda k: k[1], total),
+                "lock_waits_by_statement_and_table": _share(
+                    Counter({k: v for k, v in counts.items() if k[0].startswith("Lock")}),
+                    lambda k: f"{k[1]} on {k[2] or '?'} ({k[0]}), behind {k[3] or '?'}",
+                    total,
+                ),
+            }
     return out
 
 
