@@ -51,10 +51,13 @@ FROM generate_series(1, %(n)s) g
 
 # The claim before the plans: oldest due calls first, whoever they belong to, no plan cap.
 UNFAIR_CLAIM = """
-CREATE OR REPLACE FUNCTION public.claimable_calls(p_limit integer, p_exclude uuid[] DEFAULT NULL)
-RETURNS uuid[] LANGUAGE sql SET search_path = '' AS $$
-  SELECT array_agg(x.id ORDER BY x.priority, x.scheduled_time, x.created_at)
-    FROM (SELECT q.id, q.priority, q.scheduled_time, q.created_at
+CREATE OR REPLACE FUNCTION public.claimable_calls(
+  p_limit integer, p_exclude uuid[] DEFAULT NULL, p_exclude_stripes smallint[] DEFAULT NULL,
+  OUT ids uuid[], OUT stripes smallint[])
+LANGUAGE sql SET search_path = '' AS $$
+  SELECT array_agg(x.id ORDER BY x.priority, x.scheduled_time, x.created_at),
+         array_agg(x.counter_stripe ORDER BY x.priority, x.scheduled_time, x.created_at)
+    FROM (SELECT q.id, q.priority, q.scheduled_time, q.created_at, q.counter_stripe
             FROM public.call_queue q
            WHERE q.status = 'queued' AND NOT q.via_campaign
              AND q.scheduled_time <= public.callq_now()
