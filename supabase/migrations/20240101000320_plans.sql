@@ -549,7 +549,9 @@ $$;
 -- through their campaign's lane (claim_candidates) for what is left of the batch. Then, per
 -- tenant (user_id order), the room is taken from its counter stripes (tenant_call_counters):
 -- stripes with room under their share are locked with SKIP LOCKED (another claimer's are
--- passed over, never waited for), as few as the calls need, and each call kept is given one
+-- passed over, never waited for), as many as the calls need and up to half of them for a
+-- large claim (its calls' later writes spread over several rows, and the other half stays for
+-- a concurrent claimer), and each call kept is given one
 -- (stripes: the stripe its claim must stamp on it, call_queue.counter_stripe); calls beyond
 -- the room stay queued. Concurrent claimers of one tenant so take different stripes and never
 -- exceed a plan's cap. A tenant whose plan limits calls per minute has its stripe 0 (the rate)
@@ -583,6 +585,7 @@ DECLARE
   v_left integer;
   v_k integer;
   v_take integer;
+  v_block integer;
   v_stripes smallint[];
   v_rooms integer[];
   v_out uuid[] := '{}';
@@ -711,7 +714,9 @@ BEGIN
            AND c.claimed + c.dialed < v_t.cap / v_n + (c.stripe < v_t.cap % v_n)::integer
            AND NOT (c.stripe = ANY (v_stripes))
          ORDER BY c.stripe
-         LIMIT CASE WHEN v_round = 1 THEN ceil(v_left::numeric / greatest(v_t.cap / v_n, 1))::integer
+         LIMIT CASE WHEN v_round = 1
+                    THEN greatest(ceil(v_left::numeric / greatest(v_t.cap / v_n, 1))::integer,
+                                  least(v_left, v_n / 2))
                     ELSE v_n END
            FOR UPDATE OF c SKIP LOCKED
       LOOP
@@ -722,15 +727,22 @@ BEGIN
       END LOOP;
       EXIT WHEN v_room >= v_left;
     END LOOP;
-    -- the tenant's calls in order, each to the next stripe with room left
+    -- the tenant's calls in order, in even blocks over the stripes taken, then what is left to
+    -- the stripes with room left: the calls' later steps (gate, ending) write several rows,
+    -- not one (a chunk of consecutive calls, a few)
     v_k := 1;
-    FOR v_i IN 1..coalesce(cardinality(v_stripes), 0) LOOP
-      EXIT WHEN v_left <= 0;
-      v_take := least(v_rooms[v_i], v_left);
-      v_out := v_out || v_t.calls[v_k:v_k + v_take - 1];
-      v_out_stripes := v_out_stripes || array_fill(v_stripes[v_i], ARRAY[v_take]);
-      v_k := v_k + v_take;
-      v_left := v_left - v_take;
+    v_block := ceil(v_left::numeric / greatest(cardinality(v_stripes), 1))::integer;
+    FOR v_pass IN 1..2 LOOP
+      FOR v_i IN 1..coalesce(cardinality(v_stripes), 0) LOOP
+        EXIT WHEN v_left <= 0;
+        v_take := least(v_rooms[v_i], v_left, CASE WHEN v_pass = 1 THEN v_block ELSE v_left END);
+        CONTINUE WHEN v_take <= 0;
+        v_out := v_out || v_t.calls[v_k:v_k + v_take - 1];
+        v_out_stripes := v_out_stripes || array_fill(v_stripes[v_i], ARRAY[v_take]);
+        v_rooms[v_i] := v_rooms[v_i] - v_take;
+        v_k := v_k + v_take;
+        v_left := v_left - v_take;
+      END LOOP;
     END LOOP;
   END LOOP;
   IF cardinality(v_out) = 0 THEN
