@@ -367,16 +367,16 @@ def provider_429(cfg: DrillConfig) -> DrillResult:
 
 
 def two_beats(cfg: DrillConfig) -> DrillResult:
-    """Two beat processes (two pollers, two LISTEN wake-ups) and two workers."""
+    """Two beat processes (two pollers) and two workers (one listening, one standing by)."""
 
     def body(stack: Stack, result: DrillResult) -> list[Any]:
         stack.fleet.start_worker("w1")
         stack.fleet.start_worker("w2")
         stack.fleet.start_beat("beat1")
         stack.fleet.start_beat("beat2")
-        stack.wait_ready(workers=2, beats=2)
+        stack.wait_ready(workers=2)
         ids = []
-        for k in range(5):  # several bursts: both listeners wake for each
+        for k in range(5):  # several bursts, each a wake-up and a claim
             ids += stack.schedule(cfg.calls // 5, start=k * 10_000)
             time.sleep(0.5)  # pacing: the bursts half a second apart
         return ids
@@ -393,7 +393,7 @@ def duplicate_task(cfg: DrillConfig) -> DrillResult:
         assert stack.sim is not None
         stack.fleet.start_worker("w1", concurrency=16)
         stack.fleet.start_worker("w2", concurrency=16)
-        stack.wait_ready(workers=2, beats=0)
+        stack.wait_ready(workers=2, listeners=0)
         ids = stack.schedule(cfg.calls)
         # Claim and assign as beat's poll would, then deliver each dispatch twice.
         with stack.connect() as conn:
@@ -436,6 +436,8 @@ def duplicate_task(cfg: DrillConfig) -> DrillResult:
         "callq.dispatch delivered twice per assignment",
         cfg,
         body,
+        # the drill claims the calls itself: no worker may claim them on the NOTIFY first
+        env={"CALLQ_LISTEN_ENABLED": "false"},
         max_concurrent_calls=max(20, cfg.calls),
     )
 

@@ -255,7 +255,8 @@ class Stack:
             client.close()
 
     def listeners(self) -> int:
-        """Database sessions listening for due calls (one per running beat)."""
+        """Database sessions listening for due calls: one per fleet (the worker holding the
+        listener lock), or one per beat with ``CALLQ_LISTEN_IN=beat``."""
         with self.connect() as conn:
             row = conn.execute(
                 "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
@@ -263,14 +264,14 @@ class Stack:
             ).fetchone()
         return int(row[0]) if row else 0
 
-    def wait_ready(self, *, workers: int = 1, beats: int = 1, timeout: float = 60.0) -> None:
-        """Until ``workers`` workers consume from the broker and ``beats`` beats listen (instead
-        of a fixed warm-up sleep)."""
+    def wait_ready(self, *, workers: int = 1, listeners: int = 1, timeout: float = 60.0) -> None:
+        """Until ``workers`` workers consume from the broker and ``listeners`` sessions listen
+        (instead of a fixed warm-up sleep)."""
         wait_until(
-            lambda: self.consumers() >= workers and (beats == 0 or self.listeners() >= beats),
+            lambda: self.consumers() >= workers and self.listeners() >= listeners,
             timeout=timeout,
             interval=0.1,
-            what=f"{workers} worker(s) consuming and {beats} beat(s) listening",
+            what=f"{workers} worker(s) consuming and {listeners} listener(s)",
         )
 
     def diagnose(self, ids: list[Any], limit: int = 10) -> list[dict[str, Any]]:

@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import logging
+import threading
+from collections.abc import Callable
 from typing import Any
 
 import psycopg
@@ -11,8 +13,8 @@ from celery import Celery, Task, signals
 
 from worker import logs, runtime
 from worker.celery_config import SettingsConfig
-from worker.listener import start_listener
-from worker.settings import get_settings
+from worker.listener import LEADER_KEY, start_listener
+from worker.settings import Settings, get_settings
 
 
 def _survive_broker_restart() -> None:
@@ -41,6 +43,37 @@ def _survive_broker_restart() -> None:
 
     restore_unacked._callq_safe = True  # type: ignore[attr-defined]
     kombu_redis.QoS.restore_unacked = restore_unacked  # type: ignore[method-assign]
+
+
+def _reuse_redis_clients() -> None:
+    """One Redis client object per broker channel instead of one per operation.
+
+    kombu's Redis transport builds a new ``redis.Redis`` for every operation outside the event
+    loop's own client: each message a worker receives costs two (the unacked-index write when
+    it arrives and the ack), each message sent one, and each construction copies redis-py's
+    table of ~170 response callbacks. That was most of an idle worker's CPU between beat's
+    ticks (bench/notes/tracking_session4.md). A ``redis.Redis`` over a connection pool is
+    thread-safe (each command takes a connection from the pool, each pipeline is its own
+    object), so the channel keeps one per pool; a new pool (a reconnect) gets a new client.
+    """
+    from kombu.transport import redis as kombu_redis
+
+    original: Any = kombu_redis.Channel._create_client
+    if getattr(original, "_callq_reused", False):
+        return
+
+    def create_client(self: Any, asynchronous: bool = False) -> Any:
+        if asynchronous:
+            return original(self, asynchronous=True)
+        pool = self.pool
+        cached = self.__dict__.get("_callq_client")
+        if cached is None or cached[0] is not pool:
+            cached = (pool, original(self))
+            self.__dict__["_callq_client"] = cached
+        return cached[1]
+
+    create_client._callq_reused = True  # type: ignore[attr-defined]
+    kombu_redis.Channel._create_client = create_client  # type: ignore[method-assign]
 
 
 class DatabaseError(Exception):
@@ -73,6 +106,7 @@ def database_error(exc: psycopg.Error) -> DatabaseError:
 
 
 _survive_broker_restart()
+_reuse_redis_clients()
 app = Celery("callq", task_cls=CallqTask)
 app.config_from_object(SettingsConfig())
 
@@ -103,20 +137,91 @@ def _after_fork(**_: Any) -> None:
 
 @signals.worker_shutdown.connect
 def _on_shutdown(**_: Any) -> None:
+    _stop_listener()
     runtime.reset()
+
+
+# The worker's listener thread and the event that stops it (one per process).
+_listener: tuple[threading.Thread, threading.Event] | None = None
+# Pools whose tasks run in the worker's own process: its listener claims right there.
+_IN_PROCESS_POOLS = ("celery.concurrency.thread", "celery.concurrency.solo")
+
+
+@signals.worker_ready.connect
+def _start_worker_listener(sender: Any = None, **_: Any) -> None:
+    """A worker that consumes the dispatch queue listens (``CALLQ_LISTEN_IN=worker``): one per
+    fleet at a time (an advisory lock), the others stand by to take over."""
+    global _listener
+    s = get_settings()
+    if not s.listen_enabled or s.listen_in != "worker" or _listener is not None:
+        return
+    if "dispatch" not in app.amqp.queues.consume_from:
+        return  # e.g. the notify worker
+    pool = type(getattr(sender, "pool", None)).__module__
+    # A prefork pool's children claim: the parent only sends them a poll, as beat would.
+    wake = _claim_here if pool in _IN_PROCESS_POOLS else _send_poll
+    stop = threading.Event()
+    thread = _listen(s, wake, leader_key=LEADER_KEY, stop=stop)
+    if thread is not None:
+        _listener = (thread, stop)
+
+
+def _stop_listener() -> None:
+    global _listener
+    if _listener is not None:
+        thread, stop = _listener
+        stop.set()
+        thread.join(timeout=10)  # a claim under way finishes placing its calls
+        _listener = None
+
+
+def _claim_here() -> None:
+    """The worker listener's wake-up: run ``callq.poll`` in this process, no broker message
+    (by name: the app never imports its tasks module, which imports the app); the claimed
+    calls are placed on the "listen" lane while the listener waits for the next NOTIFY."""
+    logs.clear()
+    logs.bind(task="callq.poll", via="listener")
+    try:
+        app.tasks["callq.poll"](hand_off=True)
+    finally:
+        logs.clear()
+
+
+def _send_poll() -> None:
+    app.send_task("callq.poll")
 
 
 @signals.beat_init.connect
 def _start_listener(sender: Any = None, **_: Any) -> None:
     s = get_settings()
+    if s.listen_enabled and s.listen_in == "beat":
+        _listen(s, _send_poll)
+
+
+def _listen(
+    s: Settings,
+    wake: Callable[[], object],
+    *,
+    leader_key: int | None = None,
+    stop: threading.Event | None = None,
+) -> threading.Thread | None:
+    """Start the listener thread, or log why LISTEN is off (a transaction pooler and no
+    direct URL: beat's tick claims the calls)."""
     url = s.listen_url()
-    if s.listen_enabled and url:
-        # By name: the app never imports its tasks module (which imports the app).
-        start_listener(url, on_notify=lambda: app.send_task("callq.poll"))
-    elif s.listen_enabled and s.database_url:
+    if url:
+        return start_listener(
+            url,
+            on_notify=wake,
+            min_interval_seconds=s.listen_min_interval_seconds,
+            leader_key=leader_key,
+            standby_seconds=s.listen_standby_seconds,
+            stop=stop,
+        )
+    if s.database_url:
         logs.get_logger("callq.listener").warning(
             "listener.off", reason="transaction pooler and no CALLQ_LISTEN_DATABASE_URL"
         )
+    return None
 
 
 _ASSIGNMENT_TASKS = {"callq.dispatch", "callq.reconcile"}

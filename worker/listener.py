@@ -1,15 +1,25 @@
 """LISTEN/NOTIFY wake-up: a call scheduled for now is claimed without waiting for beat's tick.
 
-``schedule_call`` runs ``pg_notify('callq_queue', '')`` for a call due now. A thread in the beat
-process listens and sends one ``callq.poll`` per burst of notifications. Beat's periodic poll
-stays on as the fallback (Supabase's transaction pooler does not carry LISTEN).
+``schedule_call`` runs ``pg_notify('callq_queue', '')`` for a call due now. A thread listens and
+calls ``on_notify`` once per burst of notifications: in a worker (the default), ``on_notify``
+claims and places the due calls in the worker's own process, with no broker message between
+the notification and the claim; in beat (``CALLQ_LISTEN_IN=beat``) it sends one ``callq.poll``.
+Beat's periodic poll stays on as the fallback (Supabase's transaction pooler does not carry
+LISTEN, and a call due later is never notified).
+
+One listener per fleet is enough: with ``leader_key``, the thread listens only while its
+session holds that advisory lock, and the other workers' threads stand by and take over when
+the holder's session ends (its process died or lost its connection).
 """
 
 from __future__ import annotations
 
+import select
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import psycopg
 
@@ -17,7 +27,22 @@ from models.session import libpq_url
 from worker import logs
 
 CHANNEL = "callq_queue"
+# The advisory lock a worker's listener holds while it listens (one listener per database).
+LEADER_KEY = 0x63616C6C71  # "callq"
 log = logs.get_logger("callq.listener")
+
+
+@dataclass(frozen=True)
+class _Listener:
+    """What one listener thread does (the arguments of :func:`start_listener`)."""
+
+    database_url: str
+    on_notify: Callable[[], object]
+    coalesce_seconds: float
+    min_interval_seconds: float
+    leader_key: int | None
+    standby_seconds: float
+    stop: threading.Event
 
 
 def start_listener(
@@ -26,56 +51,95 @@ def start_listener(
     *,
     coalesce_seconds: float = 0.005,
     min_interval_seconds: float = 0.02,
+    leader_key: int | None = None,
+    standby_seconds: float = 5.0,
+    stop: threading.Event | None = None,
 ) -> threading.Thread:
-    """Start the daemon thread that calls ``on_notify`` (send a poll) per burst of notifications."""
+    """Start the daemon thread that calls ``on_notify`` per burst of notifications.
+
+    ``leader_key``: listen only while holding this advisory lock (tried again every
+    ``standby_seconds``). ``stop``: set it to end the thread (tests, shutdown).
+    """
+    listener = _Listener(
+        database_url,
+        on_notify,
+        coalesce_seconds,
+        min_interval_seconds,
+        leader_key,
+        standby_seconds,
+        stop or threading.Event(),
+    )
     thread = threading.Thread(
-        target=_run_forever,
-        args=(database_url, on_notify, coalesce_seconds, min_interval_seconds),
-        name="callq-listener",
-        daemon=True,
+        target=_run_forever, args=(listener,), name="callq-listener", daemon=True
     )
     thread.start()
     return thread
 
 
-def _run_forever(
-    database_url: str,
-    on_notify: Callable[[], object],
-    coalesce_seconds: float,
-    min_interval_seconds: float,
-) -> None:
+def _run_forever(listener: _Listener) -> None:
     backoff = 0.5
-    while True:
+    while not listener.stop.is_set():
         try:
-            _listen(database_url, on_notify, coalesce_seconds, min_interval_seconds)
+            _listen(listener)
         except psycopg.Error as exc:
             log.warning("listener.disconnected", error=type(exc).__name__, retry_in=backoff)
-            time.sleep(backoff)
+            listener.stop.wait(backoff)
             backoff = min(backoff * 2, 30.0)
 
 
-def _listen(
-    database_url: str,
-    on_notify: Callable[[], object],
-    coalesce_seconds: float,
-    min_interval_seconds: float,
-) -> None:
+def _call(on_notify: Callable[[], object]) -> None:
+    """One wake-up; a failed claim is logged by type and left to beat's tick and the reaper
+    (the listener itself goes on)."""
+    try:
+        on_notify()
+    except Exception as exc:
+        log.warning("listener.wake_failed", error=type(exc).__name__)
+
+
+def _lead(conn: psycopg.Connection[Any], key: int, every: float, stop: threading.Event) -> bool:
+    """Wait until this session holds the listener lock (True), or ``stop`` is set."""
+    announced = False
+    while not stop.is_set():
+        row = conn.execute("SELECT pg_try_advisory_lock(%s)", (key,)).fetchone()
+        if row is not None and row[0]:
+            return True
+        if not announced:
+            log.info("listener.standby")
+            announced = True
+        stop.wait(every)
+    return False
+
+
+def _listen(listener: _Listener) -> None:
     """Call ``on_notify`` once per burst of notifications, and at most once per
     ``min_interval_seconds``: calls that trickle in one by one are claimed together."""
-    with psycopg.connect(libpq_url(database_url), autocommit=True) as conn:
+    stop, key = listener.stop, listener.leader_key
+    with psycopg.connect(libpq_url(listener.database_url), autocommit=True) as conn:
+        if key is not None and not _lead(conn, key, listener.standby_seconds, stop):
+            return
         conn.execute(f"LISTEN {CHANNEL}")
         log.info("listener.started")
         # A notification may have been missed while disconnected: poll once on (re)connect.
-        on_notify()
+        _call(listener.on_notify)
         last_sent = time.monotonic()
-        while True:
-            got = False
-            for _ in conn.notifies(timeout=1.0, stop_after=1):
-                got = True
-            if not got:
+        while not stop.is_set():
+            if not _drain(conn, 1.0):
                 continue
-            wait = max(coalesce_seconds, last_sent + min_interval_seconds - time.monotonic())
-            for _ in conn.notifies(timeout=wait):
-                pass
-            on_notify()
+            # the burst: gather what follows for a moment, and wake at most once per interval
+            wait = max(
+                listener.coalesce_seconds,
+                last_sent + listener.min_interval_seconds - time.monotonic(),
+            )
+            deadline = time.monotonic() + wait
+            while (left := deadline - time.monotonic()) > 0:
+                _drain(conn, left)
+            _call(listener.on_notify)
             last_sent = time.monotonic()
+
+
+def _drain(conn: psycopg.Connection[Any], timeout: float) -> bool:
+    """Wait up to ``timeout`` seconds for input on the connection (nothing runs meanwhile:
+    psycopg's own wait looks every 0.1 s, ten wake-ups a second for an idle listener); True
+    when notifications came, which are consumed."""
+    readable, _, _ = select.select([conn.fileno()], [], [], timeout)
+    return bool(readable) and any(True for _ in conn.notifies(timeout=0))

@@ -22,9 +22,10 @@ _providers: dict[str, tuple[str, Provider]] = {}
 # One pool of threads per lane, so one kind of work never queues behind another: "dispatch"
 # (creates of dispatch_batch chunks), "fresh" (the creates of the chunk a poll places itself:
 # the calls it just claimed, so a newcomer's first call never waits behind a backlog's creates),
-# "track" (provider reads, webhook endings).
+# "track" (provider reads, webhook endings), "listen" (the chunks the worker's LISTEN thread
+# claimed, placed off that thread so it can claim the next notification's calls meanwhile).
 _executors: dict[str, ThreadPoolExecutor] = {}
-LANES = ("dispatch", "fresh", "track")
+LANES = ("dispatch", "fresh", "track", "listen")
 T = TypeVar("T")
 R = TypeVar("R")
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from functools import cached_property, lru_cache
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -44,6 +44,13 @@ class Settings(BaseSettings):
     claim_max_batches: int = Field(default=20, ge=1)
     lease_seconds: int = Field(default=120, ge=5)
     listen_enabled: bool = True
+    # Which process listens: "worker" (one worker per fleet holds the listener and claims in
+    # its own process, no broker message per wake-up) or "beat" (beat sends a callq.poll).
+    listen_in: Literal["worker", "beat"] = "worker"
+    # At most one claim per this many seconds from the listener (a burst of notifications is
+    # one claim); a standby worker tries to take the listener over this often.
+    listen_min_interval_seconds: float = Field(default=0.02, ge=0, le=1)
+    listen_standby_seconds: float = Field(default=5.0, gt=0)
 
     # Tracking placed calls
     track_initial_delay_seconds: float = Field(default=2.0, ge=0)

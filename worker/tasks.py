@@ -18,6 +18,7 @@ the call's ``next_poll_at``, read by the tick) and returns the count of each ste
 
 from __future__ import annotations
 
+import contextvars
 import os
 import socket
 import time
@@ -68,7 +69,7 @@ POLL_CHUNK = 100  # placed calls polled by one task
 
 
 @app.task(name="callq.poll", ignore_result=True)
-def poll(batch: int = 0) -> int:
+def poll(batch: int = 0, hand_off: bool = False) -> int:
     """Claim one batch of due calls; place its first chunk here, send the rest as chunks of ids.
 
     A full batch sends the next poll (up to ``claim_max_batches`` in a row) behind its own
@@ -79,6 +80,10 @@ def poll(batch: int = 0) -> int:
     its batch, which its poll places at once on the fresh lane. Placing the first chunk in this
     task also saves a broker round trip for every small claim (calls that trickle in one by
     one).
+
+    ``hand_off``: the worker's LISTEN thread claims in process (worker/celery_app.py) and hands
+    the first chunk to the "listen" lane, so it can claim the next notification's calls while
+    these are being placed.
     """
     s = get_settings()
     assigned = runtime.database().claim_and_assign(s.claim_batch_size, WORKER_ID, s.lease_seconds)
@@ -93,9 +98,28 @@ def poll(batch: int = 0) -> int:
     for start in range(chunk, len(ids), chunk):
         dispatch_batch.apply_async((ids[start : start + chunk],))
     log.info("calls.assigned", count=len(ids))
-    # the fresh calls' creates do not queue behind the backlog's (their own pool of threads)
-    _send_next(dispatch_chunk(ids[:chunk], lane="fresh"))
+    if hand_off:
+        runtime.executor("listen").submit(
+            contextvars.copy_context().run, _place_handed_off, ids[:chunk]
+        )
+    else:
+        _place_fresh(ids[:chunk])
     return len(ids)
+
+
+def _place_fresh(assignment_ids: list[str]) -> None:
+    """Place the chunk a claim took first; the fresh calls' creates do not queue behind the
+    backlog's (their own pool of threads)."""
+    _send_next(dispatch_chunk(assignment_ids, lane="fresh"))
+
+
+def _place_handed_off(assignment_ids: list[str]) -> None:
+    """``_place_fresh`` off the claiming thread. What an error leaves unplaced keeps its claim
+    lease, and the reaper gives it back (as after a poll task that failed)."""
+    try:
+        _place_fresh(assignment_ids)
+    except Exception as exc:
+        log.warning("calls.placement_failed", count=len(assignment_ids), error=type(exc).__name__)
 
 
 @app.task(name="callq.dispatch_batch", ignore_result=True)

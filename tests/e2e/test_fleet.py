@@ -202,3 +202,89 @@ def test_create_that_timed_out_but_placed_the_call_is_found_not_redialed(
     ).fetchone()
     assert vapi_calls is not None and vapi_calls[0] >= 1  # found at Vapi, not re-sent elsewhere
     assert slots_held(conn) == 0
+
+
+def _listeners(conn: psycopg.Connection[Any]) -> int:
+    """Sessions of this database listening for due calls."""
+    row = conn.execute(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+        " AND query ILIKE 'LISTEN %%'"
+    ).fetchone()
+    return int(row[0]) if row else 0
+
+
+def _dialed_once(sim: Simulator, ids: list[Any]) -> bool:
+    dials = creates_by_queue(sim)
+    return all(dials.get(str(q)) == 1 for q in ids)
+
+
+def test_the_worker_claims_notified_calls_itself(
+    conn: psycopg.Connection[Any], seeded: Seeded, sim: Simulator, fleet: Fleet
+) -> None:
+    """No beat runs, so no poll message exists: the worker's LISTEN thread claims and places
+    the calls scheduled for now in its own process. Beat, started afterwards, tracks them."""
+    fleet.start_worker()
+    wait_until(lambda: _listeners(conn) == 1, timeout=60, what="the worker listening")
+    ids = schedule_calls(conn, seeded, 5)
+    wait_until(lambda: _dialed_once(sim, ids), timeout=60, what="each call dialed, no beat")
+    fleet.start_beat()
+    wait_until(lambda: all_terminal(conn, ids), timeout=120, what="every call terminal")
+
+    assert status_counts(conn, ids) == {"completed": 5}
+    assert _dialed_once(sim, ids)
+    assert slots_held(conn) == 0
+
+
+def test_one_worker_listens_and_a_standby_takes_over(
+    conn: psycopg.Connection[Any], seeded: Seeded, sim: Simulator, fleet: Fleet
+) -> None:
+    """Two workers, one listener (an advisory lock); the standby takes the listener over when
+    the first worker dies, and claims what is scheduled then, still without beat."""
+    standby = Fleet(env={**fleet.env, "CALLQ_LISTEN_STANDBY_SECONDS": "0.2"}, log_dir=fleet.log_dir)
+    try:
+        standby.start_worker("first")
+        wait_until(lambda: _listeners(conn) == 1, timeout=60, what="the first worker listening")
+        standby.start_worker("second")
+        assert fleet.log_dir is not None
+        log = fleet.log_dir / "second.log"
+        wait_until(
+            lambda: log.exists() and "listener.standby" in log.read_text(errors="replace"),
+            timeout=60,
+            what="the second worker standing by",
+        )
+        assert _listeners(conn) == 1
+        standby.kill("first")
+        ids = schedule_calls(conn, seeded, 5)
+        wait_until(lambda: _dialed_once(sim, ids), timeout=60, what="the standby claiming")
+        assert _listeners(conn) == 1
+        standby.start_beat()
+        wait_until(lambda: all_terminal(conn, ids), timeout=120, what="every call terminal")
+    finally:
+        standby.stop()
+
+    assert status_counts(conn, ids) == {"completed": 5}
+    assert _dialed_once(sim, ids)
+    assert slots_held(conn) == 0
+
+
+def test_beat_listens_when_told_to(
+    conn: psycopg.Connection[Any], seeded: Seeded, sim: Simulator, fleet: Fleet
+) -> None:
+    """``CALLQ_LISTEN_IN=beat``: the worker does not listen; beat's listener sends a poll per
+    wake-up (its periodic poll is a minute away, so the calls are not claimed by that)."""
+    env = {**fleet.env, "CALLQ_LISTEN_IN": "beat", "CALLQ_POLL_INTERVAL_SECONDS": "60"}
+    old = Fleet(env=env, log_dir=fleet.log_dir)
+    try:
+        old.start_worker()
+        old.start_beat()
+        wait_until(lambda: _listeners(conn) == 1, timeout=60, what="beat listening")
+        ids = schedule_calls(conn, seeded, 5)
+        wait_until(lambda: _dialed_once(sim, ids), timeout=60, what="each call dialed")
+        wait_until(lambda: all_terminal(conn, ids), timeout=120, what="every call terminal")
+    finally:
+        old.stop()
+    assert fleet.log_dir is not None
+    assert "listener.started" in (fleet.log_dir / "beat.log").read_text(errors="replace")
+    assert "listener.started" not in (fleet.log_dir / "worker.log").read_text(errors="replace")
+    assert status_counts(conn, ids) == {"completed": 5}
+    assert slots_held(conn) == 0

@@ -1,0 +1,106 @@
+"""The LISTEN wake-up (worker/listener.py) against a real PostgreSQL: one listener per database
+(the advisory lock), a standby that takes over when the holder's session ends, and a failed
+wake-up that does not end the thread."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+
+import psycopg
+
+from worker.embedded import wait_until
+from worker.listener import CHANNEL, LEADER_KEY, start_listener
+
+
+def _notify(db_url: str) -> None:
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute("SELECT pg_notify(%s, '')", (CHANNEL,))
+
+
+def _sessions(db_url: str, query: str) -> int:
+    """Sessions of this database whose last statement matches ``query`` (ILIKE)."""
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+            " AND query ILIKE %s AND pid <> pg_backend_pid()",
+            (query,),
+        ).fetchone()
+    return int(row[0]) if row else 0
+
+
+class Counter:
+    """Counts the wake-ups of one listener."""
+
+    def __init__(self) -> None:
+        self.n = 0
+        self._lock = threading.Lock()
+
+    def __call__(self) -> None:
+        with self._lock:
+            self.n += 1
+
+    def above(self, n: int) -> Callable[[], bool]:
+        return lambda: self.n > n
+
+
+def test_one_listener_per_database_and_a_standby_takes_over(db_url: str) -> None:
+    first, second = Counter(), Counter()
+    stop_first, stop_second = threading.Event(), threading.Event()
+
+    def start(wake: Counter, stop: threading.Event) -> threading.Thread:
+        return start_listener(db_url, wake, leader_key=LEADER_KEY, standby_seconds=0.1, stop=stop)
+
+    leader = start(first, stop_first)
+    standby: threading.Thread | None = None
+    try:
+        wait_until(first.above(0), timeout=30, what="the leader's wake-up on connect")
+        standby = start(second, stop_second)
+        wait_until(
+            lambda: _sessions(db_url, "%pg_try_advisory_lock%") == 1,
+            timeout=30,
+            what="the second listener standing by",
+        )
+        assert _sessions(db_url, "LISTEN %") == 1
+        seen = first.n
+        _notify(db_url)
+        wait_until(first.above(seen), timeout=30, what="the leader's wake-up on a NOTIFY")
+        assert second.n == 0  # standing by: it never listened, never claimed
+
+        stop_first.set()  # the leader's session ends: its lock goes with it
+        leader.join(timeout=30)
+        assert not leader.is_alive()
+        wait_until(second.above(0), timeout=30, what="the standby taking over")
+        seen = second.n
+        _notify(db_url)
+        wait_until(second.above(seen), timeout=30, what="the new leader's wake-up on a NOTIFY")
+        assert _sessions(db_url, "LISTEN %") == 1
+    finally:
+        stop_first.set()
+        stop_second.set()
+        leader.join(timeout=30)
+        if standby is not None:
+            standby.join(timeout=30)
+
+
+def test_a_failed_wake_up_leaves_the_listener_running(db_url: str) -> None:
+    calls = Counter()
+
+    def wake() -> None:
+        calls()
+        if calls.n == 2:  # the first NOTIFY's claim fails (the database, a bug)
+            raise RuntimeError("claim failed")
+
+    stop = threading.Event()
+    thread = start_listener(db_url, wake, stop=stop)
+    try:
+        wait_until(calls.above(0), timeout=30, what="the wake-up on connect")
+        _notify(db_url)
+        wait_until(calls.above(1), timeout=30, what="the failing wake-up")
+        _notify(db_url)
+        wait_until(calls.above(2), timeout=30, what="a wake-up after the failed one")
+        assert thread.is_alive()
+    finally:
+        stop.set()
+        thread.join(timeout=30)
+    assert not thread.is_alive()
