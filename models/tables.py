@@ -456,16 +456,18 @@ class TenantCallCounters(Base):
 
 
 class UserCallUsageDelta(Base):
-    """An ending's minutes not yet folded into its period's ``user_call_usage`` row (SQL:
-    settle_call_usage, fold_call_usage; exact figures: the view user_call_usage_live)."""
+    """Usage not yet folded into its period's ``user_call_usage`` row: an ending's minutes, or
+    a gate chunk's dials of a plan without limits (SQL: settle_call_usage, dial_gates,
+    fold_call_usage; exact figures: the view user_call_usage_live)."""
 
     __tablename__ = "user_call_usage_deltas"
 
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
     usage_id: Mapped[uuid.UUID]
     user_id: Mapped[uuid.UUID]
-    minutes_used: Mapped[int] = mapped_column(Integer)
-    minutes_released: Mapped[int] = mapped_column(Integer)
+    calls_made: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    minutes_used: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    minutes_released: Mapped[int] = mapped_column(Integer, server_default=text("0"))
     created_at: Mapped[datetime] = _created()
 
 

@@ -61,14 +61,18 @@ CREATE TABLE public.provider_create_pacing (
 
 ALTER TABLE public.provider_create_pacing ENABLE ROW LEVEL SECURITY;
 
--- Minutes billed by calls' endings that are not yet folded into their period's user_call_usage
--- row. An ending (settle_call_usage) adds a row here instead of updating the period's row,
--- which every dial gate of the tenant also writes (calls_made) and holds through its commit:
--- so a tenant's endings never queue on its gates or on each other. fold_call_usage moves the
+-- Usage not yet folded into its period's user_call_usage row: minutes billed by calls' endings,
+-- and the dials of gate chunks of tenants whose plan has no call or minute limit. An ending
+-- (settle_call_usage) adds a row here instead of updating the period's row, which every dial
+-- gate of the tenant also writes (calls_made) and holds through its commit: so a tenant's
+-- endings never queue on its gates or on each other; and a chunk's dials of a plan without
+-- limits (nothing to check them against) are counted here too (dial_gates), so that tenant's
+-- gate chunks do not queue on the row either. fold_call_usage moves the
 -- rows into user_call_usage (deleted here, added there, in one transaction): the ending itself
 -- when the period's row is free at its end (SKIP LOCKED), the tenant's next dial gate, and
 -- beat's reconcile_tenant_counters. Exact figures at any moment are user_call_usage plus these
 -- rows: usage_totals() and the view user_call_usage_live.
+--   calls_made        dials counted (a gate chunk's, plan without limits)
 --   minutes_used      minutes billed (the provider's duration, rounded up per call)
 --   minutes_released  the call's reservation, given back (subtracted from minutes_reserved)
 -- No foreign key to user_call_usage on purpose: its check would lock the period's row (FOR KEY
@@ -78,8 +82,9 @@ CREATE TABLE public.user_call_usage_deltas (
   id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
   usage_id uuid NOT NULL,
   user_id uuid NOT NULL,
-  minutes_used integer NOT NULL CHECK (minutes_used >= 0),
-  minutes_released integer NOT NULL CHECK (minutes_released >= 0),
+  calls_made integer NOT NULL DEFAULT 0 CHECK (calls_made >= 0),
+  minutes_used integer NOT NULL DEFAULT 0 CHECK (minutes_used >= 0),
+  minutes_released integer NOT NULL DEFAULT 0 CHECK (minutes_released >= 0),
   created_at timestamptz NOT NULL DEFAULT now()
 ) WITH (
   autovacuum_vacuum_scale_factor = 0,

@@ -991,8 +991,9 @@ $$;
 -- The second half, for a call dial_gate_check found gateable (its rows still locked).
 -- p_defer (dial_gates): for a tenant whose plan has no call or minute limit (nothing to check
 -- against the usage row), the usage row is neither locked nor updated and the queue row stays
--- as it is: the caller counts the chunk's dials and moves its queue rows in one statement each
--- at its end, so the tenant's usage and counter rows are held from there to the commit only.
+-- as it is: the caller counts the chunk's dials as a pending row of the period and moves its
+-- queue rows in one statement at its end, so the tenant's counter rows are held from there to
+-- the commit only, and its usage row not at all.
 CREATE OR REPLACE FUNCTION public.dial_gate_apply(
   p_assignment_id uuid, p_verdict text, p_not_before timestamptz, p_at timestamptz,
   p_defer boolean DEFAULT false

@@ -431,7 +431,7 @@ BEGIN
 END
 $$;
 
--- fold_call_usage: the endings settled on a period (user_call_usage_deltas) moved into its
+-- fold_call_usage: the pending usage of a period (user_call_usage_deltas) moved into its
 -- user_call_usage row: its deltas deleted and added to it, in one transaction, under the row's
 -- lock (so two folds never both count a delta; a delta committed meanwhile waits for the next
 -- fold). p_skip_locked: only if the row is free now (an ending's own fold: it never waits, and
@@ -459,34 +459,42 @@ BEGIN
   END IF;
   WITH d AS (
     DELETE FROM public.user_call_usage_deltas x WHERE x.usage_id = p_usage_id
-    RETURNING x.minutes_used, x.minutes_released
+    RETURNING x.calls_made, x.minutes_used, x.minutes_released
   )
   UPDATE public.user_call_usage u
-     SET minutes_used = u.minutes_used + s.used,
+     SET calls_made = u.calls_made + s.calls,
+         minutes_used = u.minutes_used + s.used,
          minutes_reserved = greatest(u.minutes_reserved - s.released, 0)
-    FROM (SELECT sum(d.minutes_used)::int AS used, sum(d.minutes_released)::int AS released
+    FROM (SELECT sum(d.calls_made)::int AS calls, sum(d.minutes_used)::int AS used,
+                 sum(d.minutes_released)::int AS released
             FROM d HAVING count(*) > 0) s
    WHERE u.id = p_usage_id;
   RETURN true;
 END
 $$;
 
--- user_call_usage_live: user_call_usage with the endings not folded into it yet added (the
--- figures of user_call_usage itself trail by what user_call_usage_deltas holds: while a
--- tenant's calls end faster than its row is free, until its next gate or beat's reconcile).
+-- user_call_usage_live: user_call_usage with the pending usage not folded into it yet added
+-- (the figures of user_call_usage itself trail by what user_call_usage_deltas holds: while a
+-- tenant's calls end, or its unlimited plan's chunks dial, faster than its row is free, until
+-- the row is free, its next gate with limits, or beat's reconcile).
 -- Same columns; the caller's RLS applies to both tables (an app user reads its own periods).
 CREATE VIEW public.user_call_usage_live WITH (security_invoker = true) AS
-  SELECT u.id, u.user_id, u.subscription_id, u.period_start, u.period_end, u.calls_made,
+  SELECT u.id, u.user_id, u.subscription_id, u.period_start, u.period_end,
+         u.calls_made + coalesce(d.calls, 0) AS calls_made,
          u.minutes_used + coalesce(d.used, 0) AS minutes_used,
          greatest(u.minutes_reserved - coalesce(d.released, 0), 0) AS minutes_reserved,
-         u.calls_limit, u.minutes_limit, u.calls_remaining,
+         u.calls_limit, u.minutes_limit,
+         CASE WHEN u.calls_limit IS NULL THEN NULL
+              ELSE greatest(u.calls_limit - u.calls_made - coalesce(d.calls, 0), 0)
+         END AS calls_remaining,
          CASE WHEN u.minutes_limit IS NULL THEN NULL
               ELSE greatest(u.minutes_limit - u.minutes_used - coalesce(d.used, 0), 0)
          END AS minutes_remaining,
          u.created_at, u.updated_at
     FROM public.user_call_usage u
     LEFT JOIN LATERAL (
-      SELECT sum(x.minutes_used)::int AS used, sum(x.minutes_released)::int AS released
+      SELECT sum(x.calls_made)::int AS calls, sum(x.minutes_used)::int AS used,
+             sum(x.minutes_released)::int AS released
         FROM public.user_call_usage_deltas x WHERE x.usage_id = u.id) d ON true;
 
 -- usage_totals: a period's usage as billed so far, exact at any moment: its user_call_usage
@@ -523,6 +531,9 @@ BEGIN
   IF v_a.usage_id IS NULL THEN
     RETURN;
   END IF;
+  -- the row is locked for the update anyway: its pending usage folded in first (the dial
+  -- given back may still be a pending row)
+  PERFORM public.fold_call_usage(v_a.usage_id);
   UPDATE public.user_call_usage u
      SET calls_made = greatest(u.calls_made - 1, 0),
          minutes_reserved = greatest(u.minutes_reserved - v_a.reserved_minutes, 0)
@@ -785,9 +796,10 @@ $$;
 -- takes usage rows before counter rows and each kind in user_id order, as every claim takes
 -- counter rows and beat's reconcile takes both, so it never waits in a cycle with a claim, a
 -- reconcile or another chunk. For a tenant whose plan has no call or
--- minute limit, its dials are counted into its usage row and its calls' queue rows moved (its
--- counter row) in one statement each at the end of its turn (dial_gate_apply's p_defer), so
--- those rows are held from there to the commit only. Calls a rule refused (released, held,
+-- minute limit, its dials are counted as one pending row of its period
+-- (user_call_usage_deltas: the usage row is not locked) and its calls' queue rows moved (its
+-- counter rows) in one statement at the end of its turn (dial_gate_apply's p_defer), so its
+-- counter rows are held from there to the commit only. Calls a rule refused (released, held,
 -- canceled) are acted on at the end of their tenant's turn, after those writes (lock order:
 -- usage rows before counter rows).
 CREATE OR REPLACE FUNCTION public.dial_gates(p_assignment_ids uuid[])
@@ -831,7 +843,7 @@ BEGIN
     IF v_pass = 2 THEN
       -- a chunk of several tenants takes their usage rows first, in user_id order, as beat's
       -- reconcile does (all usage rows before any counter row); one tenant's chunk takes its
-      -- row at its first gate, or at the end of its turn when it defers
+      -- row at its first gate (a plan with limits) or not at all
       v_tenants := ARRAY(SELECT DISTINCT v_user[i] FROM generate_subscripts(v_user, 1) AS i
                           WHERE v_user[i] IS NOT NULL AND (v_later[i] OR v_ok[i])
                           ORDER BY 1);
@@ -872,26 +884,23 @@ BEGIN
       RETURN NEXT;
       CONTINUE WHEN v_k < v_n AND v_user[v_order[v_k + 1]] IS NOT DISTINCT FROM v_user[v_i];
       -- the end of the tenant's turn: the dials deferred by dial_gate_apply (queue rows not
-      -- moved yet) counted into the usage row (locked), the endings settled on it since folded
-      -- in, then the queue rows moved, one statement each
+      -- moved yet, plan without limits) counted as a pending row of the period (no lock: the
+      -- tenant's chunks do not queue on its usage row), the queue rows moved in one statement,
+      -- then the period's row folded if it is free (SKIP LOCKED: never waits)
       SELECT array_agg(a.id) INTO v_deferred
         FROM public.call_assignments a JOIN public.call_queue q ON q.id = a.queue_id
        WHERE a.id = ANY (v_won) AND q.status <> 'dialing';
       IF v_deferred IS NOT NULL THEN
-        PERFORM 1 FROM public.user_call_usage u
-         WHERE u.id IN (SELECT a.usage_id FROM public.call_assignments a
-                         WHERE a.id = ANY (v_deferred))
-         ORDER BY u.id FOR NO KEY UPDATE;
-        UPDATE public.user_call_usage u SET calls_made = u.calls_made + d.n
-          FROM (SELECT a.usage_id, count(*)::int AS n FROM public.call_assignments a
-                 WHERE a.id = ANY (v_deferred) GROUP BY a.usage_id) d
-         WHERE u.id = d.usage_id;
-        -- the rows are held to the commit anyway: the endings settled on them since, folded in
-        PERFORM public.fold_call_usage(d.usage_id)
-           FROM (SELECT DISTINCT a.usage_id FROM public.call_assignments a
-                  WHERE a.id = ANY (v_deferred)) d;
+        INSERT INTO public.user_call_usage_deltas (usage_id, user_id, calls_made)
+        SELECT a.usage_id, v_user[v_i], count(*)::int
+          FROM public.call_assignments a
+         WHERE a.id = ANY (v_deferred) AND a.usage_id IS NOT NULL
+         GROUP BY a.usage_id;
         PERFORM public.queue_to_dialing(ARRAY(
           SELECT a.queue_id FROM public.call_assignments a WHERE a.id = ANY (v_deferred)));
+        PERFORM public.fold_call_usage(d.usage_id, true)
+           FROM (SELECT DISTINCT a.usage_id FROM public.call_assignments a
+                  WHERE a.id = ANY (v_deferred)) d;
       END IF;
       -- calls a rule refused: released, held or canceled (usage before counters, as everywhere)
       FOREACH v_i IN ARRAY v_refused LOOP

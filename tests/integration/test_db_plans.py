@@ -184,6 +184,45 @@ def test_endings_bill_off_the_period_row_and_every_reader_adds_them(
     assert usage(conn, user) == (3, 9, 0)  # exactly what the provider reported, rounded up
 
 
+def test_a_plan_without_limits_counts_dials_without_waiting_for_the_period_row(
+    conn: Conn, db_url: str
+) -> None:
+    """A plan without call or minute limits has nothing to check its dials against: a gate
+    chunk counts them as a pending row of the period instead of locking the period's row, so
+    its chunks never queue on it; every dial is still counted once, and one given back
+    (released, never sent) is subtracted exactly."""
+    make_provider(conn, max_calls=50)
+    user, tpl = tenant(conn, call_limit=None, minute_limit=None, max_concurrent=10)
+    schedule(conn, user, tpl)
+    ((_, first),) = claim(conn)
+    assert gate(conn, first) == (True, None)  # the period's first dial creates its row
+    assert usage(conn, user) == live_usage(conn, user) == (1, 0, 0)
+    for _ in range(3):
+        schedule(conn, user, tpl)
+    chunk = sorted(str(aid) for _, aid in claim(conn))
+    with connect(db_url) as holder:
+        holder.execute("BEGIN")
+        holder.execute(
+            "SELECT 1 FROM user_call_usage WHERE user_id = %s FOR NO KEY UPDATE", (user,)
+        )
+        conn.execute("SET statement_timeout = '10s'")  # a wait for the row fails, not hangs
+        won = conn.execute(
+            "SELECT count(*) FROM dial_gates(%s::uuid[]) WHERE won", (chunk,)
+        ).fetchone()
+        assert won == (3,)
+        assert usage(conn, user) == (1, 0, 0)  # the row trails ...
+        assert live_usage(conn, user) == (4, 0, 0)  # ... the exact figures do not
+        holder.execute("COMMIT")
+    conn.execute("RESET statement_timeout")
+    # a dial given back while still pending: exactly one less
+    assert one(conn, "SELECT release_assignment(%s, 'connect_error')", (chunk[0],)) is True
+    assert usage(conn, user) == live_usage(conn, user) == (3, 0, 0)
+    one(conn, "SELECT complete_call(%s, 61)", (chunk[1],))  # folds itself: the row is free
+    assert usage(conn, user) == (3, 2, 0)
+    assert one(conn, "SELECT reconcile_tenant_counters()") == 0
+    assert one(conn, "SELECT count(*) FROM user_call_usage_deltas") == 0
+
+
 def test_pending_endings_count_against_the_limits(conn: Conn, db_url: str) -> None:
     """A pending ending's minutes count for schedule_call (CQ030), for the retry check, and for
     the gate's share, as if they were on the row."""

@@ -5,8 +5,9 @@ placements, completions, failures with retries and failovers, releases, cancels 
 runs, for two tenants on small plans (some with calls per minute), with a pinned clock that a
 rule moves on. After every step, for each tenant:
 
-    dials counted (calls_made) never exceed call_limit, and equal the attempts that passed the
-    gate and were not given back;
+    dials counted (calls_made, with the pending rows) never exceed call_limit, and equal the
+    attempts that passed the gate and were not given back (also for plans without limits, whose
+    gate chunks count dials as pending rows);
     minutes billed, and billed + reserved, never exceed minute_limit (durations within the
     max duration sent, plus the 5 s margin);
     calls in flight never exceed max_concurrent_calls (plain calls and paced campaigns' alike);
@@ -48,7 +49,12 @@ KINDS = ("busy", "no_answer", "voicemail", "provider_error", "rate_limited", "pe
 
 
 def _tenant(
-    conn: Conn, call_limit: int, minute_limit: int, cap: int, per_call: int, rate: int | None
+    conn: Conn,
+    call_limit: int | None,
+    minute_limit: int | None,
+    cap: int,
+    per_call: int,
+    rate: int | None,
 ) -> Any:
     uid = uuid.uuid4()
     conn.execute("INSERT INTO auth.users (id, email) VALUES (%s, %s)", (uid, f"{uid.hex}@x.io"))
@@ -113,17 +119,25 @@ class PlanMachine(RuleBasedStateMachine):
     @rule(
         call_limit=st.integers(1, 6),
         minute_limit=st.integers(1, 8),
+        # a plan without call and minute limits: its gate chunks count their dials as a
+        # pending row of the period
+        unlimited=st.booleans(),
         cap=st.integers(1, 3),
         per_call=st.integers(1, 4),
         rate=st.sampled_from([None, 1, 2, 3, 150]),
     )
     def add_tenant(
-        self, call_limit: int, minute_limit: int, cap: int, per_call: int, rate: int | None
+        self,
+        call_limit: int,
+        minute_limit: int,
+        unlimited: bool,
+        cap: int,
+        per_call: int,
+        rate: int | None,
     ) -> None:
         if len(self.tenants) < 2:
-            self.tenants.append(
-                _tenant(self.conns[0], call_limit, minute_limit, cap, per_call, rate)
-            )
+            limits = (None, None) if unlimited else (call_limit, minute_limit)
+            self.tenants.append(_tenant(self.conns[0], *limits, cap, per_call, rate))
 
     @rule(t=st.integers(0, 1), c=st.integers(0, 2), n=st.integers(1, 3))
     def schedule(self, t: int, c: int, n: int) -> None:
@@ -295,6 +309,36 @@ class PlanMachine(RuleBasedStateMachine):
             self.holder.execute("COMMIT")
         self._bill(aid, seconds)
 
+    @rule(c=st.integers(0, 2), pick=st.integers(0, 20))
+    def gate_while_the_period_row_is_held(self, c: int, pick: int) -> None:
+        """A gate of a plan without limits while another transaction holds the period's usage
+        row: it does not wait for it; its dial stays pending. (A plan with limits waits: its
+        gate must read the row.)"""
+        live = [r for r in self._live(c) if r[1] == "assigned"]
+        if not live:
+            return
+        aid = live[pick % len(live)][0]
+        unlimited = one(
+            self.conns[0],
+            "SELECT p.call_limit IS NULL AND p.minute_limit IS NULL"
+            " FROM call_assignments a JOIN call_queue q ON q.id = a.queue_id"
+            " JOIN tenant_plan(q.user_id) p ON true WHERE a.id = %s",
+            (aid,),
+        )
+        if not unlimited:
+            return
+        self.holder.execute("BEGIN")
+        try:
+            self.holder.execute(
+                "SELECT 1 FROM user_call_usage u JOIN call_queue q ON q.user_id = u.user_id"
+                " JOIN call_assignments a ON a.queue_id = q.id"
+                " WHERE a.id = %s FOR NO KEY UPDATE OF u",
+                (aid,),
+            )
+            self.conns[c].execute("SELECT * FROM dial_gate(%s)", (aid,)).fetchall()
+        finally:
+            self.holder.execute("COMMIT")
+
     @rule(c=st.integers(0, 2))
     def fold(self, c: int) -> None:
         """Pending endings folded into their periods' rows (as a gate or beat does)."""
@@ -358,9 +402,8 @@ class PlanMachine(RuleBasedStateMachine):
             ).fetchone()
             assert row is not None
             dials, minutes, reserved = (int(x) for x in row)
-            assert dials <= call_limit
-            assert minutes <= minute_limit
-            assert minutes + reserved <= minute_limit
+            assert call_limit is None or dials <= call_limit
+            assert minute_limit is None or minutes + reserved <= minute_limit
             counted = one(
                 conn,
                 "SELECT count(*) FROM call_assignments a JOIN call_queue q ON q.id = a.queue_id"
