@@ -12,6 +12,12 @@ database, own Redis, simulator, one worker, one beat), every call answered and l
 Figures per run: provider reads per call (the simulator's count of single-call GETs), history
 lag (``call_history.created_at - ended_at``, the provider's end time; p50 and p99) and worker
 CPU per call (the worker and its children, from the first schedule to the last history row).
+
+Informative beside the CPU figure: the worker's idle CPU per second (measured over
+``IDLE_SECONDS`` before the first schedule, beat's ticks running), the run's length, and the
+CPU per call net of that idle rate over the run. A trickle run lasts ``calls / RATE`` seconds
+longer than a together run and pays the idle rate over them; the net figure is the work the
+calls themselves cost.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ CALL_SECONDS = 60.0
 RATE = 8.0  # calls per second when they trickle in
 WEBHOOK_SECRET = "sim-webhook-secret"  # the simulator signs with this by default
 PROBE_SUFFIX = "9999"  # numbers ending so fail at once, for good (the readiness probe)
+IDLE_SECONDS = 10.0  # the idle worker's CPU is measured over this long before a run
 
 
 @dataclass(frozen=True)
@@ -123,11 +130,16 @@ def measure(run: Run, calls: int) -> dict[str, Any]:
     stack, worker = _start(run, calls)
     try:
         assert stack.sim is not None
+        idle0 = _cpu({"worker": [worker]})["worker"]
+        time.sleep(IDLE_SECONDS)  # a measuring window, not a wait for a condition
         reads0 = stack.sim.stats()["counters"].get("call_reads_vapi", 0)
         cpu0 = _cpu({"worker": [worker]})["worker"]
+        idle_rate = (cpu0 - idle0) / IDLE_SECONDS
+        t0 = time.monotonic()
         ids = _schedule(stack, run, calls)
         settled, _ = stack.wait_settled(ids, CALL_SECONDS + calls / RATE + 180)
         cpu = _cpu({"worker": [worker]})["worker"] - cpu0
+        seconds = time.monotonic() - t0
         reads = stack.sim.stats()["counters"].get("call_reads_vapi", 0) - reads0
         lags = _lags(stack, ids)
     finally:
@@ -139,6 +151,9 @@ def measure(run: Run, calls: int) -> dict[str, Any]:
         "lag_p50_s": percentile(lags, 50),
         "lag_p99_s": percentile(lags, 99),
         "cpu_ms_per_call": cpu / calls * 1000,
+        "seconds": seconds,
+        "idle_cpu_ms_per_s": idle_rate * 1000,
+        "cpu_ms_per_call_net_of_idle": (cpu - idle_rate * seconds) / calls * 1000,
     }
     log(f"tracking: {run.name}: {out}")
     return out
