@@ -44,7 +44,7 @@ CELERY_COMMANDS = {
 }
 CELERY_HELP = {
     "worker": "a Celery worker (supervised: restarted after an exit it did not ask for)",
-    "beat": "Celery beat: the claim tick, maintenance, and the LISTEN wake-up",
+    "beat": "Celery beat: the claim tick and maintenance (LISTEN too with CALLQ_LISTEN_IN=beat)",
     "flower": "Flower, the Celery UI (FLOWER_BASIC_AUTH=user:password)",
 }
 # Commands whose processes need the database (and its schema) before they start.

@@ -80,7 +80,7 @@ class Fleet:
         return self._spawn(name, args)
 
     def start_beat(self, name: str = "beat") -> subprocess.Popen[bytes]:
-        """A Celery beat process (with the LISTEN/NOTIFY wake-up thread)."""
+        """A Celery beat process (its ticks; the LISTEN wake-up only with CALLQ_LISTEN_IN=beat)."""
         args = [sys.executable, "-m", "celery", "-A", "worker", "beat", "--loglevel", "WARNING"]
         return self._spawn(name, args)
 

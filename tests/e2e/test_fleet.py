@@ -288,3 +288,20 @@ def test_beat_listens_when_told_to(
     assert "listener.started" not in (fleet.log_dir / "worker.log").read_text(errors="replace")
     assert status_counts(conn, ids) == {"completed": 5}
     assert slots_held(conn) == 0
+
+
+def test_a_prefork_worker_listens_and_its_children_claim(
+    conn: psycopg.Connection[Any], seeded: Seeded, sim: Simulator, fleet: Fleet
+) -> None:
+    """A prefork worker's parent listens and sends a poll per wake-up; a child claims (the
+    parent never claims: what it opened would be shared with the children it forks)."""
+    fleet.start_worker(pool="prefork", concurrency=2)
+    wait_until(lambda: _listeners(conn) == 1, timeout=60, what="the worker listening")
+    ids = schedule_calls(conn, seeded, 5)
+    wait_until(lambda: _dialed_once(sim, ids), timeout=60, what="each call dialed, no beat")
+    fleet.start_beat()
+    wait_until(lambda: all_terminal(conn, ids), timeout=120, what="every call terminal")
+
+    assert status_counts(conn, ids) == {"completed": 5}
+    assert _dialed_once(sim, ids)
+    assert slots_held(conn) == 0
