@@ -218,12 +218,15 @@ def _dialed_once(sim: Simulator, ids: list[Any]) -> bool:
     return all(dials.get(str(q)) == 1 for q in ids)
 
 
+@pytest.mark.parametrize("pool", ["threads", "prefork"])
 def test_the_worker_claims_notified_calls_itself(
-    conn: psycopg.Connection[Any], seeded: Seeded, sim: Simulator, fleet: Fleet
+    conn: psycopg.Connection[Any], seeded: Seeded, sim: Simulator, fleet: Fleet, pool: str
 ) -> None:
     """No beat runs, so no poll message exists: the worker's LISTEN thread claims and places
-    the calls scheduled for now in its own process. Beat, started afterwards, tracks them."""
-    fleet.start_worker()
+    the calls scheduled for now in its own process (threads), or its parent sends a poll per
+    wake-up and a child claims (prefork: the parent never claims, what it opened would be
+    shared with the children it forks). Beat, started afterwards, tracks the calls."""
+    fleet.start_worker(pool=pool, concurrency=16 if pool == "threads" else 2)
     wait_until(lambda: _listeners(conn) == 1, timeout=60, what="the worker listening")
     ids = schedule_calls(conn, seeded, 5)
     wait_until(lambda: _dialed_once(sim, ids), timeout=60, what="each call dialed, no beat")
@@ -287,21 +290,4 @@ def test_beat_listens_when_told_to(
     assert "listener.started" in (fleet.log_dir / "beat.log").read_text(errors="replace")
     assert "listener.started" not in (fleet.log_dir / "worker.log").read_text(errors="replace")
     assert status_counts(conn, ids) == {"completed": 5}
-    assert slots_held(conn) == 0
-
-
-def test_a_prefork_worker_listens_and_its_children_claim(
-    conn: psycopg.Connection[Any], seeded: Seeded, sim: Simulator, fleet: Fleet
-) -> None:
-    """A prefork worker's parent listens and sends a poll per wake-up; a child claims (the
-    parent never claims: what it opened would be shared with the children it forks)."""
-    fleet.start_worker(pool="prefork", concurrency=2)
-    wait_until(lambda: _listeners(conn) == 1, timeout=60, what="the worker listening")
-    ids = schedule_calls(conn, seeded, 5)
-    wait_until(lambda: _dialed_once(sim, ids), timeout=60, what="each call dialed, no beat")
-    fleet.start_beat()
-    wait_until(lambda: all_terminal(conn, ids), timeout=120, what="every call terminal")
-
-    assert status_counts(conn, ids) == {"completed": 5}
-    assert _dialed_once(sim, ids)
     assert slots_held(conn) == 0
