@@ -141,6 +141,8 @@ def run(
                 "-o",
                 str(raw),
                 "--nonblocking",
+                # the worker command starts Celery as a child process
+                "--subprocesses",
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
