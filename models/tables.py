@@ -337,7 +337,7 @@ class CallQueue(Base):
     campaign_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("call_campaigns.id"))
     via_campaign: Mapped[bool] = mapped_column(Boolean, server_default=text("false"))
     counter_stripe: Mapped[int] = mapped_column(
-        SmallInteger, server_default=text("(floor((random() * (16)::double precision)))::smallint")
+        SmallInteger, server_default=text("((txid_current() % (16)::bigint))::smallint")
     )
     last_error: Mapped[str | None]
     excluded_provider_ids: Mapped[list[uuid.UUID]] = mapped_column(

@@ -41,11 +41,13 @@ CREATE TABLE public.tenant_call_counters (
 CREATE INDEX tenant_call_counters_waiting_idx ON public.tenant_call_counters (user_id)
   WHERE queued > 0;
 
--- The stripe a call counts in (see tenant_call_counters): any, on insert (spread, so that
--- concurrent inserts of one tenant seldom meet on a row); the claim's stripe from its claim on.
--- 16 stripes: public.counter_stripes() (20240101000320_plans.sql) says so to the functions.
+-- The stripe a call counts in (see tenant_call_counters): on insert, its transaction's (every
+-- call a transaction inserts counts in one row, so two transactions that schedule calls one by
+-- one never take two rows each in opposite orders; concurrent transactions spread); the
+-- claim's stripe from its claim on. 16 stripes: public.counter_stripes()
+-- (20240101000320_plans.sql) says so to the functions.
 ALTER TABLE public.call_queue
-  ADD COLUMN counter_stripe smallint NOT NULL DEFAULT floor(random() * 16)::smallint
+  ADD COLUMN counter_stripe smallint NOT NULL DEFAULT (txid_current() % 16)::smallint
     CHECK (counter_stripe >= 0 AND counter_stripe < 16);
 
 ALTER TABLE public.tenant_call_counters ENABLE ROW LEVEL SECURITY;

@@ -244,8 +244,9 @@ CREATE TRIGGER call_queue_count_truncate AFTER TRUNCATE ON public.call_queue
 -- reconcile_tenant_counters: counters := a recount of call_queue (per stripe; queued as the
 -- tenant's sum, see tenant_call_counters), and each usage period's
 -- minutes_reserved := the reservations of its live assignments. Locks the rows first (usage,
--- then counters, each in user_id order), folds the usage rows' pending endings
--- (fold_call_usage), then counts in a fresh snapshot. Returns rows corrected.
+-- then counters, each in user_id order; counter stripes in use are skipped, not waited for:
+-- the next round corrects them), folds the usage rows' pending endings (fold_call_usage), then
+-- counts in a fresh snapshot. Returns rows corrected.
 CREATE OR REPLACE FUNCTION public.reconcile_tenant_counters() RETURNS integer
 LANGUAGE plpgsql
 SET search_path = ''
@@ -254,6 +255,8 @@ DECLARE
   v_n integer;
   v_m integer;
   v_usage uuid[];
+  v_users uuid[];
+  v_stripes smallint[];
 BEGIN
   v_usage := ARRAY(
     SELECT u.id FROM public.user_call_usage u
@@ -282,14 +285,26 @@ BEGIN
     FROM r WHERE u.id = r.id AND u.minutes_reserved <> r.m;
   GET DIAGNOSTICS v_m = ROW_COUNT;
 
-  PERFORM 1 FROM public.tenant_call_counters c ORDER BY c.user_id, c.stripe FOR NO KEY UPDATE;
-  INSERT INTO public.tenant_call_counters (user_id, stripe)
-  SELECT u.user_id, g.g::smallint
-    FROM (SELECT DISTINCT q.user_id FROM public.call_queue q
-           WHERE q.status = ANY (public.live_call_statuses())) u
-   CROSS JOIN generate_series(0, public.counter_stripes() - 1) AS g(g)
-   ORDER BY 1, 2
-  ON CONFLICT (user_id, stripe) DO NOTHING;
+  -- the counter stripes it can lock now (one in use is left for the next round: waiting for it
+  -- could close a cycle with a transaction that takes a tenant's stripes in another order)
+  SELECT array_agg(c.user_id), array_agg(c.stripe) INTO v_users, v_stripes
+    FROM (SELECT c.user_id, c.stripe FROM public.tenant_call_counters c
+           ORDER BY c.user_id, c.stripe FOR NO KEY UPDATE SKIP LOCKED) c;
+  WITH ins AS (
+    INSERT INTO public.tenant_call_counters (user_id, stripe)
+    SELECT u.user_id, g.g::smallint
+      FROM (SELECT DISTINCT q.user_id FROM public.call_queue q
+             WHERE q.status = ANY (public.live_call_statuses())) u
+     CROSS JOIN generate_series(0, public.counter_stripes() - 1) AS g(g)
+     -- (a tenant's stripes are made together: one that has any has all, and checking the key
+     -- of a stripe in use would wait for it)
+     WHERE NOT EXISTS (SELECT 1 FROM public.tenant_call_counters c WHERE c.user_id = u.user_id)
+     ORDER BY 1, 2
+    ON CONFLICT (user_id, stripe) DO NOTHING
+    RETURNING user_id, stripe
+  )
+  SELECT v_users || array_agg(ins.user_id), v_stripes || array_agg(ins.stripe)
+    INTO v_users, v_stripes FROM ins;
   -- claimed and dialed per stripe; queued as the tenant's sum (any drift lands on stripe 0)
   WITH flight AS (
     SELECT q.user_id, q.counter_stripe AS stripe,
@@ -321,6 +336,7 @@ BEGIN
      SET queued = live.queued, claimed = live.claimed, dialed = live.dialed, updated_at = now()
     FROM live
    WHERE c.user_id = live.user_id AND c.stripe = live.stripe
+     AND (c.user_id, c.stripe) IN (SELECT * FROM unnest(v_users, v_stripes))
      AND (c.queued, c.claimed, c.dialed) IS DISTINCT FROM (live.queued, live.claimed, live.dialed);
   GET DIAGNOSTICS v_n = ROW_COUNT;
   RETURN v_n + v_m;

@@ -19,6 +19,7 @@ from .dbutil import (
     make_template,
     make_user,
     one,
+    schedule,
     slot_violations,
     slots,
 )
@@ -420,3 +421,35 @@ def test_claimers_of_one_tenant_never_wait_and_hold_the_cap(
         )
         assert counted == flight
         assert one(conn, "SELECT reconcile_tenant_counters()") == 0
+
+
+def test_a_transaction_scheduling_one_by_one_takes_one_stripe_and_reconcile_never_waits(
+    db_url: str,
+) -> None:
+    """An app transaction schedules calls one at a time (as a bulk SELECT schedule_call(...)
+    does) while beat's reconcile runs: its calls count in one counter stripe, so it holds one
+    row, and reconcile passes over the stripe in use instead of waiting for it (with random
+    stripes the two took a tenant's rows in opposite orders and deadlocked)."""
+    with connect(db_url) as conn:
+        user = make_user(conn, call_limit=None, max_concurrent=50)
+        tpl = make_template(conn, user)
+        schedule(conn, user, tpl, recipient_phone="+15550000000")  # the tenant's stripes exist
+    app, beat = connect(db_url), connect(db_url)
+    try:
+        app.execute("BEGIN")
+        ids = [schedule(app, user, tpl, recipient_phone=f"+1555{i:07d}") for i in range(1, 13)]
+        stripes = app.execute(
+            "SELECT DISTINCT counter_stripe FROM call_queue WHERE id = ANY(%s)", (ids,)
+        ).fetchall()
+        assert len(stripes) == 1
+        beat.execute("SET lock_timeout = '5s'")
+        assert one(beat, "SELECT reconcile_tenant_counters()") == 0
+        app.execute("COMMIT")
+        counted = one(
+            beat, "SELECT sum(queued) FROM tenant_call_counters WHERE user_id = %s", (user,)
+        )
+        assert counted == 13
+        assert one(beat, "SELECT reconcile_tenant_counters()") == 0
+    finally:
+        app.close()
+        beat.close()
