@@ -16,6 +16,7 @@ from decimal import Decimal
 from typing import Any
 from uuid import UUID
 
+import psycopg
 from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool
 
@@ -23,6 +24,8 @@ from models.calls import CallRow, ProviderRow
 from models.session import connect_kwargs, libpq_url
 
 Params = Mapping[str, Any]
+# How many times a statement chosen as a deadlock's victim is run (Database._run).
+DEADLOCK_ATTEMPTS = 3
 
 # -- queries: purpose line, then the statement -------------------------------------------------
 
@@ -263,15 +266,30 @@ class Database:
 
     def scalar(self, query: str, params: Params | None = None) -> Any:
         """The first column of the first row, or None."""
-        with self._ensure_open().connection() as conn:
-            row = conn.execute(query, params).fetchone()
-            return None if row is None else row[0]
+        rows = self._run(query, params)
+        return None if not rows else next(iter(rows[0].values()))
 
     def rows(self, query: str, params: Params | None = None) -> list[dict[str, Any]]:
         """Every row, as column -> value."""
-        with self._ensure_open().connection() as conn, conn.cursor(row_factory=dict_row) as cur:
-            cur.execute(query, params)
-            return list(cur.fetchall())
+        return self._run(query, params)
+
+    def _run(self, query: str, params: Params | None) -> list[dict[str, Any]]:
+        """One statement in a transaction of its own (autocommit). A statement PostgreSQL chose
+        as a deadlock's victim was rolled back whole, so it runs again (at most
+        ``DEADLOCK_ATTEMPTS`` times): the rows several statements of a function take, a
+        tenant's counter stripes among them, are not always taken in one order."""
+        for attempt in range(1, DEADLOCK_ATTEMPTS + 1):
+            try:
+                with (
+                    self._ensure_open().connection() as conn,
+                    conn.cursor(row_factory=dict_row) as cur,
+                ):
+                    cur.execute(query, params)
+                    return list(cur.fetchall()) if cur.description is not None else []
+            except psycopg.errors.DeadlockDetected:
+                if attempt == DEADLOCK_ATTEMPTS:
+                    raise
+        raise AssertionError("unreachable")
 
     # -- named operations -------------------------------------------------------------------
 

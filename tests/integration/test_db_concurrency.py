@@ -453,3 +453,39 @@ def test_a_transaction_scheduling_one_by_one_takes_one_stripe_and_reconcile_neve
     finally:
         app.close()
         beat.close()
+
+
+def test_a_statement_chosen_as_a_deadlock_victim_runs_again(db_url: str) -> None:
+    """The worker's statements run in transactions of their own; one PostgreSQL rolled back as
+    a deadlock's victim is run again (up to DEADLOCK_ATTEMPTS times), and nothing else is."""
+    from models.queries import DEADLOCK_ATTEMPTS, Database
+
+    name = f"victim_{uuid.uuid4().hex[:8]}"
+    with connect(db_url) as conn:
+        conn.execute(f"CREATE SEQUENCE {name}_calls")
+        conn.execute(
+            f"CREATE FUNCTION {name}(p_fail integer) RETURNS bigint LANGUAGE plpgsql"
+            " SET search_path = '' AS $$ DECLARE n bigint; BEGIN"
+            f" n := nextval('public.{name}_calls');"
+            " IF n <= p_fail THEN RAISE EXCEPTION 'deadlock' USING ERRCODE = '40P01'; END IF;"
+            " RETURN n; END $$"
+        )
+    db = Database(db_url, max_size=1)
+    try:
+        assert db.scalar(f"SELECT {name}(%(fail)s)", {"fail": DEADLOCK_ATTEMPTS - 1}) == (
+            DEADLOCK_ATTEMPTS
+        )
+        with pytest.raises(psycopg.errors.DeadlockDetected):
+            db.scalar(f"SELECT {name}(%(fail)s)", {"fail": 2 * DEADLOCK_ATTEMPTS + 1})
+        # any other error is not run again: the sequence moved once
+        with connect(db_url) as conn:
+            before = one(conn, f"SELECT last_value FROM {name}_calls")
+        with pytest.raises(psycopg.errors.DivisionByZero):
+            db.scalar(f"SELECT {name}(0) / 0")
+        with connect(db_url) as conn:
+            assert one(conn, f"SELECT last_value FROM {name}_calls") == before + 1
+    finally:
+        db.close()
+        with connect(db_url) as conn:
+            conn.execute(f"DROP FUNCTION {name}(integer)")
+            conn.execute(f"DROP SEQUENCE {name}_calls")
