@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import psutil
 import psycopg
 
 from bench.common import PG_BIN, ScratchDB, log, url_parts
@@ -242,10 +243,10 @@ def _measure(
 def _backend_cpu_seconds(pid: int) -> float | None:
     """User + system CPU of a server backend on this machine (None when it is not local)."""
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
+        t = psutil.Process(pid).cpu_times()
+    except psutil.Error:
         return None
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return float(t.user + t.system)
 
 
 def server_cpu_per_row(db: ScratchDB, setup: tuple[Any, ...], kind: str) -> dict[str, float]:

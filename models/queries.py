@@ -278,18 +278,17 @@ class Database:
         as a deadlock's victim was rolled back whole, so it runs again (at most
         ``DEADLOCK_ATTEMPTS`` times): the rows several statements of a function take, a
         tenant's counter stripes among them, are not always taken in one order."""
-        for attempt in range(1, DEADLOCK_ATTEMPTS + 1):
+        for _ in range(DEADLOCK_ATTEMPTS - 1):
             try:
-                with (
-                    self._ensure_open().connection() as conn,
-                    conn.cursor(row_factory=dict_row) as cur,
-                ):
-                    cur.execute(query, params)
-                    return list(cur.fetchall()) if cur.description is not None else []
+                return self._run_once(query, params)
             except psycopg.errors.DeadlockDetected:
-                if attempt == DEADLOCK_ATTEMPTS:
-                    raise
-        raise AssertionError("unreachable")
+                continue
+        return self._run_once(query, params)
+
+    def _run_once(self, query: str, params: Params | None) -> list[dict[str, Any]]:
+        with self._ensure_open().connection() as conn, conn.cursor(row_factory=dict_row) as cur:
+            cur.execute(query, params)
+            return list(cur.fetchall()) if cur.description is not None else []
 
     # -- named operations -------------------------------------------------------------------
 
