@@ -377,6 +377,20 @@ class ProviderAvailability(Base):
     updated_at: Mapped[datetime] = _updated()
 
 
+class ProviderCallTally(Base):
+    """An attempt that ended on a provider, not yet added to its statistics in
+    ``provider_availability`` (SQL: tally_provider_call, reconcile_provider_slots; exact
+    figures: the view provider_stats)."""
+
+    __tablename__ = "provider_call_tallies"
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    provider_id: Mapped[uuid.UUID]
+    successful_calls: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    failed_calls: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    created_at: Mapped[datetime] = _created()
+
+
 class ProviderSlot(Base):
     """One call a provider may carry at once, with the number it dials from (free when
     assignment_id is NULL); taken with SKIP LOCKED by the claim functions."""
@@ -523,6 +537,7 @@ ALL_MODELS: tuple[type[Base], ...] = (
     CallNotification,
     CallQueue,
     ProviderAvailability,
+    ProviderCallTally,
     ProviderSlot,
     CallAssignment,
     CallRetry,

@@ -142,6 +142,24 @@ CREATE TABLE public.provider_availability (
   autovacuum_vacuum_cost_delay = 0
 );
 
+-- provider_call_tallies: attempts ended on a provider not yet added to its statistics
+-- (provider_availability.total_calls, successful_calls, failed_calls). An ending adds itself to
+-- the provider's row when nobody holds it and leaves a row here otherwise (tally_provider_call:
+-- it never waits); reconcile_provider_slots (beat) folds them in; the view provider_stats reads
+-- both. With every ending of every tenant updating the one row, endings queued on it.
+CREATE TABLE public.provider_call_tallies (
+  id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+  provider_id uuid NOT NULL,
+  successful_calls integer NOT NULL DEFAULT 0 CHECK (successful_calls IN (0, 1)),
+  failed_calls integer NOT NULL DEFAULT 0 CHECK (failed_calls IN (0, 1)),
+  created_at timestamptz NOT NULL DEFAULT now()
+) WITH (
+  autovacuum_vacuum_scale_factor = 0,
+  autovacuum_vacuum_threshold = 1000,
+  autovacuum_vacuum_cost_delay = 0
+);
+CREATE INDEX provider_call_tallies_provider_idx ON public.provider_call_tallies (provider_id);
+
 -- 12. call_assignments: one row per attempt on a provider.
 CREATE TABLE public.call_assignments (
   id uuid PRIMARY KEY DEFAULT gen_random_uuid(),
@@ -400,3 +418,4 @@ ALTER TABLE public.provider_availability ENABLE ROW LEVEL SECURITY;
 ALTER TABLE public.call_assignments ENABLE ROW LEVEL SECURITY;
 ALTER TABLE public.call_retries ENABLE ROW LEVEL SECURITY;
 ALTER TABLE public.provider_slots ENABLE ROW LEVEL SECURITY;
+ALTER TABLE public.provider_call_tallies ENABLE ROW LEVEL SECURITY;

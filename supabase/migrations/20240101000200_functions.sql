@@ -46,6 +46,43 @@ CREATE VIEW public.provider_load WITH (security_invoker = true) AS
              AND NOT public.provider_over_capacity(p.id))::integer AS available_slots
     FROM public.call_service_providers p;
 
+-- Each provider's statistics as of now: its row's figures plus the endings not yet folded in
+-- (provider_call_tallies).
+CREATE VIEW public.provider_stats WITH (security_invoker = true) AS
+  SELECT pa.provider_id,
+         pa.total_calls + coalesce(t.total, 0) AS total_calls,
+         pa.successful_calls + coalesce(t.successful, 0) AS successful_calls,
+         pa.failed_calls + coalesce(t.failed, 0) AS failed_calls
+    FROM public.provider_availability pa
+    LEFT JOIN (SELECT x.provider_id, count(*) AS total, sum(x.successful_calls) AS successful,
+                      sum(x.failed_calls) AS failed
+                 FROM public.provider_call_tallies x GROUP BY x.provider_id) t
+      ON t.provider_id = pa.provider_id;
+
+-- tally_provider_call: one attempt ended on the provider (p_successful / p_failed 0 or 1; a
+-- canceled one is neither), counted in its statistics without waiting: on its row when nobody
+-- holds it, else as a row of provider_call_tallies.
+CREATE OR REPLACE FUNCTION public.tally_provider_call(
+  p_provider_id uuid, p_successful integer, p_failed integer
+) RETURNS void
+LANGUAGE plpgsql
+SET search_path = ''
+AS $$
+BEGIN
+  UPDATE public.provider_availability pa
+     SET total_calls = pa.total_calls + 1,
+         successful_calls = pa.successful_calls + p_successful,
+         failed_calls = pa.failed_calls + p_failed
+   WHERE pa.id = (SELECT x.id FROM public.provider_availability x
+                   WHERE x.provider_id = p_provider_id
+                     FOR NO KEY UPDATE SKIP LOCKED);
+  IF NOT FOUND THEN
+    INSERT INTO public.provider_call_tallies (provider_id, successful_calls, failed_calls)
+    VALUES (p_provider_id, p_successful, p_failed);
+  END IF;
+END
+$$;
+
 -- Give back the slot an assignment holds (nothing when it holds none): free again, at the back
 -- of the rotation. A retired slot (beyond a lowered capacity) is deleted instead; and while the
 -- provider still carries such calls, a freed slot goes to one of them (its retired slot is
@@ -1290,19 +1327,19 @@ BEGIN
   RETURNING id INTO v_hid;
 
   -- Billing: the reservation is settled and the reported minutes billed, as a pending row of
-  -- the period (settle_call_usage; the dial itself was counted at the gate). Then the tenant's
-  -- hot row as late as possible (each ending of a tenant waits for the previous one's commit
-  -- on it): the queue row's status (its trigger updates the tenant's counter row).
+  -- the period (settle_call_usage; the dial itself was counted at the gate). The provider's
+  -- rows: the call's own slot, its statistics (never waited for).
   v_usage := public.settle_call_usage(p_assignment_id, v_q.user_id, p_duration_seconds);
+  PERFORM public.free_provider_slot(p_assignment_id);
+  PERFORM public.tally_provider_call(v_a.provider_id, 1, 0);
+  -- Then the tenant's counter stripe as late as possible (the endings of the calls counted in
+  -- one stripe wait for each other's commit on it): the queue row's status, whose trigger
+  -- updates it. Nothing this ending holds is wanted by a holder of the stripe: the slot is the
+  -- call's own (its assignment row, locked above, comes first on every path), the statistics
+  -- and the period's row are taken with SKIP LOCKED.
   UPDATE public.call_queue q
      SET status = 'completed', completed_at = now(), lease_expires_at = NULL
    WHERE q.id = v_q.id;
-
-  -- provider rows last (lock order: the queue trigger's tenant counters come first)
-  PERFORM public.free_provider_slot(p_assignment_id);
-  UPDATE public.provider_availability pa
-     SET successful_calls = pa.successful_calls + 1, total_calls = pa.total_calls + 1
-   WHERE pa.provider_id = v_a.provider_id;
   -- the period's row only if nobody holds it (never waits), right before the commit
   PERFORM public.fold_call_usage(v_usage, true);
   RETURN v_hid;
@@ -1494,10 +1531,7 @@ LANGUAGE plpgsql
 SET search_path = ''
 AS $$
 BEGIN
-  UPDATE public.provider_availability pa
-     SET total_calls = pa.total_calls + 1,
-         failed_calls = pa.failed_calls + (p_failure_kind <> 'canceled')::int
-   WHERE pa.provider_id = p_provider_id;
+  PERFORM public.tally_provider_call(p_provider_id, 0, (p_failure_kind <> 'canceled')::int);
   IF p_failure_kind = 'provider_error' THEN
     PERFORM public.record_provider_health(p_provider_id, false, NULL, p_error);
   ELSIF p_failure_kind = 'rate_limited' THEN
@@ -1597,6 +1631,26 @@ BEGIN
    WHERE pa.provider_id = l.provider_id
      AND (pa.current_calls, pa.available_slots)
          IS DISTINCT FROM (l.current_calls, l.available_slots);
+  -- the endings' pending tallies, into their providers' statistics (rows other transactions
+  -- hold are left for the next run)
+  WITH rows_ AS (
+    SELECT pa.id, pa.provider_id FROM public.provider_availability pa
+     WHERE pa.provider_id IN (SELECT DISTINCT t.provider_id FROM public.provider_call_tallies t)
+     ORDER BY pa.provider_id
+       FOR NO KEY UPDATE SKIP LOCKED
+  ), taken AS (
+    DELETE FROM public.provider_call_tallies t USING rows_ r
+     WHERE t.provider_id = r.provider_id
+    RETURNING t.provider_id, t.successful_calls, t.failed_calls
+  )
+  UPDATE public.provider_availability pa
+     SET total_calls = pa.total_calls + s.total,
+         successful_calls = pa.successful_calls + s.successful,
+         failed_calls = pa.failed_calls + s.failed
+    FROM (SELECT k.provider_id, count(*) AS total, sum(k.successful_calls) AS successful,
+                 sum(k.failed_calls) AS failed
+            FROM taken k GROUP BY k.provider_id) s
+   WHERE pa.provider_id = s.provider_id;
   RETURN v_n;
 END
 $$;

@@ -48,23 +48,26 @@ REVOKE ALL ON public.users, public.subscription_plans, public.user_subscriptions
   public.user_call_usage, public.call_templates, public.call_history, public.template_favorites,
   public.call_feedback, public.call_service_providers, public.call_queue,
   public.provider_availability, public.call_assignments, public.call_retries,
-  public.provider_slots, public.eligible_providers, public.provider_load
+  public.provider_slots, public.eligible_providers, public.provider_load,
+  public.provider_call_tallies, public.provider_stats
   FROM PUBLIC, anon, authenticated;
 
 GRANT ALL ON public.users, public.subscription_plans, public.user_subscriptions,
   public.user_call_usage, public.call_templates, public.call_history, public.template_favorites,
   public.call_feedback, public.call_service_providers, public.call_queue,
   public.provider_availability, public.call_assignments, public.call_retries,
-  public.provider_slots, public.eligible_providers, public.provider_load
+  public.provider_slots, public.eligible_providers, public.provider_load,
+  public.provider_call_tallies, public.provider_stats
   TO service_role;
 
 GRANT SELECT, INSERT, UPDATE, DELETE ON public.users, public.subscription_plans,
   public.user_subscriptions, public.user_call_usage, public.call_templates, public.call_history,
   public.template_favorites, public.call_feedback, public.call_service_providers,
   public.call_queue, public.provider_availability, public.call_assignments, public.call_retries,
-  public.provider_slots
+  public.provider_slots, public.provider_call_tallies
   TO callq_worker;
-GRANT SELECT ON public.eligible_providers, public.provider_load TO callq_worker;
+GRANT SELECT ON public.eligible_providers, public.provider_load, public.provider_stats
+  TO callq_worker;
 
 -- authenticated: rows are filtered by the policies; columns limited here. No API role may
 -- write an id (choosing an existing id would reveal that it exists), an owner column after the
@@ -88,7 +91,8 @@ GRANT INSERT (call_id, user_id, rating, comment) ON public.call_feedback TO auth
 GRANT UPDATE (rating, comment) ON public.call_feedback TO authenticated;
 -- live state of the worker: admins read it (drain a provider with is_active = false instead)
 GRANT SELECT ON public.provider_availability, public.call_assignments, public.call_retries,
-  public.provider_slots, public.provider_load TO authenticated;
+  public.provider_slots, public.provider_load, public.provider_call_tallies, public.provider_stats
+  TO authenticated;
 -- Providers: credentials (api_key, api_secret, webhook_secret) are not readable by any API role;
 -- admins change only the operational columns. Inserting or deleting a provider and writing
 -- its credentials, base_url, provider_type, capabilities or config is for ops (service_role).
@@ -122,13 +126,13 @@ BEGIN
   FOREACH t IN ARRAY ARRAY['users', 'subscription_plans', 'user_subscriptions',
     'user_call_usage', 'call_templates', 'call_history', 'template_favorites', 'call_feedback',
     'call_service_providers', 'call_queue', 'provider_availability', 'call_assignments',
-    'call_retries', 'provider_slots']
+    'call_retries', 'provider_slots', 'provider_call_tallies']
   LOOP
     EXECUTE format('CREATE POLICY worker_all ON public.%I FOR ALL TO callq_worker '
                    'USING (true) WITH CHECK (true)', t);
   END LOOP;
   FOREACH t IN ARRAY ARRAY['call_service_providers', 'provider_availability',
-    'call_assignments', 'call_retries', 'provider_slots']
+    'call_assignments', 'call_retries', 'provider_slots', 'provider_call_tallies']
   LOOP
     EXECUTE format('CREATE POLICY admin_select ON public.%I FOR SELECT TO authenticated '
                    'USING ((SELECT public.is_admin()))', t);
@@ -242,7 +246,7 @@ REVOKE ALL ON FUNCTION
   public.record_provider_health(uuid, boolean, double precision, text),
   public.handle_failed_call(uuid, text, text, int, double precision, text),
   public.reap_expired_leases(), public.reconcile_provider_slots(),
-  public.rollover_usage_periods()
+  public.rollover_usage_periods(), public.tally_provider_call(uuid, integer, integer)
   FROM PUBLIC, anon, authenticated;
 
 -- the policies call is_admin() as the querying role
@@ -270,7 +274,7 @@ GRANT EXECUTE ON FUNCTION
   public.record_provider_health(uuid, boolean, double precision, text),
   public.handle_failed_call(uuid, text, text, int, double precision, text),
   public.reap_expired_leases(), public.reconcile_provider_slots(),
-  public.rollover_usage_periods()
+  public.rollover_usage_periods(), public.tally_provider_call(uuid, integer, integer)
   TO service_role, callq_worker;
 
 -- provider_load (admins read it) asks provider_over_capacity with the reader's rights

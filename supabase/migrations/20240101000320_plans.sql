@@ -25,24 +25,31 @@ $$;
 -- moves the tenant's rate_tat on by T (from p_now when it lies in the past), rounded up to the
 -- microsecond. Hence in any 60 s window a tenant gets at most calls_per_minute + b - 1 claims
 -- (b = 1, so exactly calls_per_minute, below 120 per minute). NULL: no limit.
+-- (PL/pgSQL, both: a SQL function that pins search_path is never inlined, and called with a
+-- column it is parsed and planned again at every statement that calls it; a PL/pgSQL one keeps
+-- its expression's plan for the session)
 CREATE OR REPLACE FUNCTION public.plan_rate_burst(p_calls_per_minute integer) RETURNS integer
-LANGUAGE sql IMMUTABLE PARALLEL SAFE
+LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE
 SET search_path = ''
 AS $$
-  SELECT greatest(p_calls_per_minute / 60, 1);
+BEGIN
+  RETURN greatest(p_calls_per_minute / 60, 1);
+END
 $$;
 
 CREATE OR REPLACE FUNCTION public.plan_rate_allowance(
   p_calls_per_minute integer, p_tat timestamptz, p_now timestamptz
 ) RETURNS integer
-LANGUAGE sql IMMUTABLE PARALLEL SAFE
+LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE
 SET search_path = ''
 AS $$
+BEGIN
   -- calls j = 1.. conform while tat + (j - 1) T - (b - 1) T <= now, i.e. j <= b - (tat - now) / T
-  SELECT CASE WHEN p_calls_per_minute IS NOT NULL THEN
+  RETURN CASE WHEN p_calls_per_minute IS NOT NULL THEN
            greatest(public.plan_rate_burst(p_calls_per_minute)
                     - ceil(greatest(extract(epoch FROM coalesce(p_tat, p_now) - p_now), 0)
                            * p_calls_per_minute / 60)::integer, 0) END;
+END
 $$;
 
 -- Stripes per tenant (tenant_call_counters, 20240101000120); the bound of

@@ -41,6 +41,7 @@ DOMAIN_TABLES = [
     "provider_create_pacing",  # plans (issue 9)
     "provider_slots",  # slots as rows (issue 12)
     "user_call_usage_deltas",  # endings billed off the period's row (issue 12)
+    "provider_call_tallies",  # endings counted off the provider's row (issue 12)
 ]
 # The calling rules' tables: settings, reference data and rule rows (no SQLAlchemy models: only
 # the SQL functions use them).

@@ -373,6 +373,43 @@ def test_complete_call_writes_history_usage_stats_once(conn: Conn, setup: Any) -
     assert one(conn, "SELECT count(*) FROM call_history") == 1
 
 
+def test_endings_count_provider_stats_without_waiting_for_its_row(
+    db_url: str, conn: Conn, setup: Any
+) -> None:
+    """While another transaction holds the provider's row, endings do not wait for it: each is
+    a pending tally, exact in provider_stats at once and folded in by reconcile_provider_slots."""
+    p = make_provider(conn)
+    done = [placed_call(conn, setup, p)[1] for _ in range(3)]
+    failed = placed_call(conn, setup, p)[1]
+    canceled = placed_call(conn, setup, p)[1]
+    with psycopg.connect(db_url) as holder:
+        holder.execute(
+            "SELECT 1 FROM provider_availability WHERE provider_id = %s FOR UPDATE", (p,)
+        )
+        conn.execute("SET lock_timeout = '2s'")
+        try:
+            for aid in done:
+                one(conn, "SELECT complete_call(%s, 30)", (aid,))
+            assert one(conn, "SELECT handle_failed_call(%s, 'permanent')", (failed,)) == "failed"
+            assert one(conn, "SELECT handle_failed_call(%s, 'canceled')", (canceled,)) == "canceled"
+        finally:
+            conn.execute("RESET lock_timeout")
+        assert one(conn, "SELECT count(*) FROM provider_call_tallies") == 5
+        assert conn.execute(
+            "SELECT total_calls, successful_calls, failed_calls FROM provider_stats"
+            " WHERE provider_id = %s",
+            (p,),
+        ).fetchone() == (5, 3, 1)
+        # reconcile leaves the tallies of a row another transaction holds for its next run
+        one(conn, "SELECT reconcile_provider_slots()")
+        assert one(conn, "SELECT count(*) FROM provider_call_tallies") == 5
+    one(conn, "SELECT reconcile_provider_slots()")
+    assert one(conn, "SELECT count(*) FROM provider_call_tallies") == 0
+    stats = "SELECT total_calls, successful_calls, failed_calls FROM {} WHERE provider_id = %s"
+    for view in ("provider_availability", "provider_stats"):
+        assert conn.execute(stats.format(view), (p,)).fetchone() == (5, 3, 1)
+
+
 def test_usage_accumulates_in_the_current_period(conn: Conn, setup: Any) -> None:
     p = make_provider(conn)
     for duration in (1, 60, 121):
