@@ -118,6 +118,18 @@ def e2e_rows(results: dict[str, Any]) -> list[Row]:
                 _met(thr["ratio"] >= 0.5),
             )
         )
+        first = thr.get("first_burst")
+        if first:
+            rows.append(
+                (
+                    "end to end, a fresh worker's first burst (its connections planning), calls/s",
+                    _f(first["rate"]),
+                    _f(noop),
+                    _f(first["rate"] / noop if noop else None, 2),
+                    "informative",
+                    "",
+                )
+            )
     lat = e2e.get("latency")
     if lat:
         for phase, label in (

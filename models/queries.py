@@ -26,6 +26,7 @@ from models.session import connect_kwargs, libpq_url
 Params = Mapping[str, Any]
 # How many times a statement chosen as a deadlock's victim is run (Database._run).
 DEADLOCK_ATTEMPTS = 3
+POOL_MAX_IDLE_SECONDS = 7 * 24 * 3600.0  # never, in practice: see Database.__init__
 
 # -- queries: purpose line, then the statement -------------------------------------------------
 
@@ -244,8 +245,20 @@ class Database:
 
     def __init__(self, url: str, *, max_size: int = 8, pooled: bool | None = None) -> None:
         kwargs = {"autocommit": True, **connect_kwargs(url, pooled)}
+        # The pool grows on demand and keeps what it grew: no connection is closed for being
+        # idle (psycopg_pool's default closed them after 10 minutes). A new server session
+        # plans every statement and compiles every PL/pgSQL function again on first use, about
+        # 40 ms of server CPU per connection for the call path, so a pool that shrank while
+        # idle paid it again in the next burst: about 0.6 ms per call of a 1,000-call burst
+        # (bench/notes/e2e_session5.md). Connections are still renewed after max_lifetime
+        # (an hour) and checked when broken.
         self._pool = ConnectionPool(
-            libpq_url(url), min_size=1, max_size=max_size, open=False, kwargs=kwargs
+            libpq_url(url),
+            min_size=1,
+            max_size=max_size,
+            max_idle=POOL_MAX_IDLE_SECONDS,
+            open=False,
+            kwargs=kwargs,
         )
         self._lock = threading.Lock()
         self._opened = False

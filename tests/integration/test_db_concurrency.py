@@ -489,3 +489,30 @@ def test_a_statement_chosen_as_a_deadlock_victim_runs_again(db_url: str) -> None
         with connect(db_url) as conn:
             conn.execute(f"DROP FUNCTION {name}(integer)")
             conn.execute(f"DROP SEQUENCE {name}_calls")
+
+
+def test_the_worker_pool_grows_on_demand_and_keeps_its_sessions(db_url: str) -> None:
+    """A burst grows the pool to its size; the sessions it opened stay (the same server
+    backends serve the next statements), and idleness never closes them: a new session plans
+    every statement again."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from models.queries import Database
+
+    db = Database(db_url, max_size=3)
+    try:
+        assert db.scalar("SELECT 1") == 1
+        with ThreadPoolExecutor(3) as pool:
+            pids = set(
+                pool.map(
+                    lambda _: db.scalar("SELECT pg_backend_pid() FROM pg_sleep(0.3)"), range(3)
+                )
+            )
+        assert len(pids) == 3  # grown: three sessions at once
+        stats = db._ensure_open().get_stats()
+        assert stats["pool_size"] == 3
+        assert db._ensure_open().max_idle >= 24 * 3600  # idleness never shrinks it
+        later = {db.scalar("SELECT pg_backend_pid()") for _ in range(9)}
+        assert later == pids  # the same sessions, none opened anew
+    finally:
+        db.close()
