@@ -20,7 +20,7 @@ import psycopg
 from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool
 
-from models.calls import CallRow, ProviderRow
+from models.calls import AssignmentState, CallRow, ProviderRow
 from models.session import connect_kwargs, libpq_url
 
 Params = Mapping[str, Any]
@@ -47,14 +47,17 @@ TEMPLATE_JOIN = (
     "LEFT JOIN LATERAL jsonb_populate_record(NULL::call_templates, q.template_snapshot) t ON true"
 )
 
-# Everything a dispatch, a poll or a reconcile needs about assignment ``a`` (``CallRow``).
-CALL_COLUMNS = f"""
-a.id AS assignment_id, a.state, a.provider_call_id, a.dialing_at, a.attempt, a.poll_count,
-q.id AS queue_id, q.status AS queue_status, q.recipient_name, q.recipient_phone,
-q.recipient_email, q.custom_variables,
+# What a call's create sends, from its queue row ``q``, template ``t`` and provider ``p``.
+CALL_DETAIL_COLUMNS = f"""
+q.recipient_name, q.recipient_phone, q.recipient_email, q.custom_variables,
 t.name AS template_name, t.script, t.first_message, t.voicemail_detection,
 t.voicemail_action, t.voicemail_message, t.record_calls,
 {PROVIDER_COLUMNS}
+"""
+# Everything a dispatch, a poll or a reconcile needs about assignment ``a`` (``CallRow``).
+CALL_COLUMNS = f"""
+a.id AS assignment_id, a.state, a.provider_call_id, a.dialing_at, a.attempt, a.poll_count,
+q.id AS queue_id, q.status AS queue_status, {CALL_DETAIL_COLUMNS}
 """
 CALL_FROM = f"""
 FROM call_assignments a
@@ -84,13 +87,34 @@ WHERE g.won
 ORDER BY g.n
 """
 
+# Claim due calls (CLAIM_AND_ASSIGN) and, for a claim of at most %(gate)s calls of one tenant,
+# win their dial gates in the same transaction (claim_and_gate_calls): every call claimed, in
+# claim order, with its assignment's state after the gates, and for the calls whose gate was won
+# (state 'dialing') what GATE_AND_LOAD loads (the other rows' details are NULL). The queue and
+# provider rows are read from the statement's snapshot, taken before the claim (what a create
+# sends was written before it).
+CLAIM_AND_GATE = f"""
+SELECT g.assignment_id, g.state, NULL::text AS provider_call_id, g.dialing_at, g.attempt,
+       0 AS poll_count, g.queue_id, g.queue_status, g.provider_id AS claimed_provider_id,
+       {CALL_DETAIL_COLUMNS}, g.max_duration_seconds, g.caller_id, g.paced
+FROM claim_and_gate_calls(%(limit)s, %(worker)s, %(lease_seconds)s, %(gate)s) WITH ORDINALITY
+  AS g(queue_id, assignment_id, provider_id, state, queue_status, attempt, dialing_at,
+       max_duration_seconds, caller_id, paced, n)
+LEFT JOIN call_queue q ON q.id = g.queue_id AND g.state = 'dialing'
+LEFT JOIN call_service_providers p ON p.id = g.provider_id AND g.state = 'dialing'
+{TEMPLATE_JOIN}
+ORDER BY g.n
+"""
+
 # Every active provider (health probes, webhook authentication).
 LOAD_PROVIDERS = f"SELECT {PROVIDER_COLUMNS} FROM call_service_providers p WHERE p.is_active"
 
-# Record the provider's ids of calls that were dialed: dialing -> placed (in the order given).
+# Record the provider's ids of calls that were dialed (dialing -> placed, in the order given)
+# and their first polls; returns the calls whose first poll was set, with their poll token.
 MARK_PLACED = """
-SELECT mark_call_placed(x.id, x.provider_call_id)
-FROM unnest(%(assignment_ids)s::uuid[], %(provider_call_ids)s::text[]) AS x(id, provider_call_id)
+SELECT assignment_id, poll_count
+FROM mark_calls_placed(%(assignment_ids)s::uuid[], %(provider_call_ids)s::text[],
+                       %(first_poll_seconds)s::float8[])
 """
 
 # End a call with a conversation: history, usage, provider stats, slot freed (idempotent).
@@ -223,6 +247,21 @@ class Assigned:
 
 
 @dataclass(frozen=True, slots=True)
+class Claim:
+    """What one claim took: every call assigned (claim order), and of those the claim gated
+    itself, the calls whose gate it won (ready to dial) and the ids of those a gate refused."""
+
+    assigned: list[Assigned]
+    won: list[CallRow]
+    refused: list[UUID]
+
+    @property
+    def gated(self) -> bool:
+        """True when the claim passed its calls' gates itself (they need no gate_and_load)."""
+        return bool(self.won or self.refused)
+
+
+@dataclass(frozen=True, slots=True)
 class Reaped:
     """A row the reaper touched, and what the worker should do about it."""
 
@@ -311,6 +350,22 @@ class Database:
         rows = self.rows(CLAIM_AND_ASSIGN, params)
         return [Assigned(r["queue_id"], r["assignment_id"], r["provider_id"]) for r in rows]
 
+    def claim_and_gate(self, limit: int, worker: str, lease_seconds: int, gate: int) -> Claim:
+        """Claim up to ``limit`` due calls; a claim of at most ``gate`` calls of one tenant also
+        passes their dial gates, in the same transaction (one round trip for a lone call)."""
+        params = {"limit": limit, "worker": worker, "lease_seconds": lease_seconds, "gate": gate}
+        rows = self.rows(CLAIM_AND_GATE, params)
+        assigned = [
+            Assigned(r["queue_id"], r["assignment_id"], r["claimed_provider_id"]) for r in rows
+        ]
+        won = [CallRow.from_row(r) for r in rows if r["state"] == AssignmentState.DIALING]
+        refused = [
+            r["assignment_id"]
+            for r in rows
+            if r["state"] not in (AssignmentState.DIALING, AssignmentState.ASSIGNED)
+        ]
+        return Claim(assigned, won, refused)
+
     def load_call(self, assignment_id: UUID | str) -> CallRow | None:
         """The call behind an assignment, or None when there is no such assignment."""
         return self.load_calls([assignment_id]).get(str(assignment_id))
@@ -333,12 +388,18 @@ class Database:
         """Every active provider."""
         return [ProviderRow.from_row(r) for r in self.rows(LOAD_PROVIDERS)]
 
-    def mark_placed(self, placed: Mapping[str, str]) -> None:
-        """dialing -> placed for each assignment id -> provider call id (sorted by id)."""
+    def mark_placed(self, placed: Mapping[str, tuple[str, float]]) -> dict[str, int]:
+        """dialing -> placed for each assignment id -> (provider call id, seconds to its first
+        poll), sorted by id, in one statement; the poll token of each call whose first poll was
+        set (a call placed before, a repeated request, keeps its polls and is left out)."""
         ids = sorted(placed)
-        params = {"assignment_ids": ids, "provider_call_ids": [placed[i] for i in ids]}
-        if ids:
-            self.rows(MARK_PLACED, params)
+        params = {
+            "assignment_ids": ids,
+            "provider_call_ids": [placed[i][0] for i in ids],
+            "first_poll_seconds": [placed[i][1] for i in ids],
+        }
+        rows = self.rows(MARK_PLACED, params) if ids else []
+        return {str(r["assignment_id"]): int(r["poll_count"]) for r in rows}
 
     def complete(
         self,

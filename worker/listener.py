@@ -38,7 +38,6 @@ class _Listener:
 
     database_url: str
     on_notify: Callable[[], object]
-    coalesce_seconds: float
     min_interval_seconds: float
     leader_key: int | None
     standby_seconds: float
@@ -49,13 +48,13 @@ def start_listener(
     database_url: str,
     on_notify: Callable[[], object],
     *,
-    coalesce_seconds: float = 0.005,
     min_interval_seconds: float = 0.02,
     leader_key: int | None = None,
     standby_seconds: float = 5.0,
     stop: threading.Event | None = None,
 ) -> threading.Thread:
-    """Start the daemon thread that calls ``on_notify`` per burst of notifications.
+    """Start the daemon thread that calls ``on_notify`` per burst of notifications: at once
+    when the last call was ``min_interval_seconds`` ago or more, else when that interval is up.
 
     ``leader_key``: listen only while holding this advisory lock (tried again every
     ``standby_seconds``). ``stop``: set it to end the thread (tests, shutdown).
@@ -63,7 +62,6 @@ def start_listener(
     listener = _Listener(
         database_url,
         on_notify,
-        coalesce_seconds,
         min_interval_seconds,
         leader_key,
         standby_seconds,
@@ -112,7 +110,10 @@ def _lead(conn: psycopg.Connection[Any], key: int, every: float, stop: threading
 
 def _listen(listener: _Listener) -> None:
     """Call ``on_notify`` once per burst of notifications, and at most once per
-    ``min_interval_seconds``: calls that trickle in one by one are claimed together."""
+    ``min_interval_seconds``. A notification after a quiet spell is acted on at once (a call
+    that trickles in alone is claimed without a timer's wait, which costs a wake-up of the
+    thread and the call's latency); one within the interval waits out the rest of it and
+    gathers what comes meanwhile (a burst is one claim)."""
     stop, key = listener.stop, listener.leader_key
     with psycopg.connect(libpq_url(listener.database_url), autocommit=True) as conn:
         if key is not None and not _lead(conn, key, listener.standby_seconds, stop):
@@ -125,12 +126,8 @@ def _listen(listener: _Listener) -> None:
         while not stop.is_set():
             if not _drain(conn, 1.0):
                 continue
-            # the burst: gather what follows for a moment, and wake at most once per interval
-            wait = max(
-                listener.coalesce_seconds,
-                last_sent + listener.min_interval_seconds - time.monotonic(),
-            )
-            deadline = time.monotonic() + wait
+            # within the interval of the last wake-up: gather the burst until the interval is up
+            deadline = last_sent + listener.min_interval_seconds
             while (left := deadline - time.monotonic()) > 0:
                 _drain(conn, left)
             _call(listener.on_notify)

@@ -56,6 +56,7 @@ from dispatch.steps import (
     tally,
 )
 from models.calls import AssignmentState, CallRow
+from models.queries import Claim
 from providers.base import CallHandle, CallState, CallStatus, WebhookEvent, clamp_status
 from providers.errors import ConfigError, ProviderError, ProviderUnprovenMatchError
 from worker import logs, notify, runtime
@@ -79,45 +80,53 @@ def poll(batch: int = 0, hand_off: bool = False) -> int:
     (fair share): a newcomer's call claimed while a backlog drains lands in the first chunk of
     its batch, which its poll places at once on the fresh lane. Placing the first chunk in this
     task also saves a broker round trip for every small claim (calls that trickle in one by
-    one).
+    one), and a claim that fits in one chunk passes its calls' gates in its own statement
+    (``claim_and_gate_calls``): a lone call is claimed, gated and placed in two statements.
 
     ``hand_off``: the worker's LISTEN thread claims in process (worker/celery_app.py) and hands
     the first chunk to the "listen" lane, so it can claim the next notification's calls while
     these are being placed.
     """
     s = get_settings()
-    assigned = runtime.database().claim_and_assign(s.claim_batch_size, WORKER_ID, s.lease_seconds)
-    ids = [str(item.assignment_id) for item in assigned]
+    chunk = s.dispatch_chunk_size
+    claim = runtime.database().claim_and_gate(
+        s.claim_batch_size, WORKER_ID, s.lease_seconds, gate=chunk
+    )
+    ids = [str(item.assignment_id) for item in claim.assigned]
     if not ids:
         return 0
     if len(ids) >= s.claim_batch_size and batch + 1 < s.claim_max_batches:
         # behind this batch's chunks (not a poll's priority): the next batch is claimed when
         # these are being placed, so claims run only as far ahead as the fleet dials
         poll.apply_async((batch + 1,), priority=WORK_PRIORITY)
-    chunk = s.dispatch_chunk_size
     for start in range(chunk, len(ids), chunk):
         dispatch_batch.apply_async((ids[start : start + chunk],))
     log.info("calls.assigned", count=len(ids))
     if hand_off:
         runtime.executor("listen").submit(
-            contextvars.copy_context().run, _place_handed_off, ids[:chunk]
+            contextvars.copy_context().run, _place_handed_off, claim, ids[:chunk]
         )
     else:
-        _place_fresh(ids[:chunk])
+        _place_fresh(claim, ids[:chunk])
     return len(ids)
 
 
-def _place_fresh(assignment_ids: list[str]) -> None:
-    """Place the chunk a claim took first; the fresh calls' creates do not queue behind the
-    backlog's (their own pool of threads)."""
-    _send_next(dispatch_chunk(assignment_ids, lane="fresh"))
+def _place_fresh(claim: Claim, assignment_ids: list[str]) -> None:
+    """Place the chunk a claim took first (the calls whose gates the claim passed itself, else
+    through their gates); the fresh calls' creates do not queue behind the backlog's (their own
+    pool of threads)."""
+    if claim.gated:
+        steps = _gate_refused(len(claim.refused)) + place_won(claim.won, lane="fresh")
+    else:
+        steps = dispatch_chunk(assignment_ids, lane="fresh")
+    _send_next(steps)
 
 
-def _place_handed_off(assignment_ids: list[str]) -> None:
+def _place_handed_off(claim: Claim, assignment_ids: list[str]) -> None:
     """``_place_fresh`` off the claiming thread. What an error leaves unplaced keeps its claim
     lease, and the reaper gives it back (as after a poll task that failed)."""
     try:
-        _place_fresh(assignment_ids)
+        _place_fresh(claim, assignment_ids)
     except Exception as exc:
         log.warning("calls.placement_failed", count=len(assignment_ids), error=type(exc).__name__)
 
@@ -229,30 +238,37 @@ def dispatch_chunk(assignment_ids: Sequence[str], lane: str = "dispatch") -> lis
     """Place a chunk of assigned calls: the gates in one statement, the creates concurrently,
     the record of the placed calls in one statement. A call whose gate another task won (a
     duplicate delivery, a released assignment) is skipped: nobody is dialed twice."""
-    db = runtime.database()
-    calls = db.gate_and_load(assignment_ids)
+    calls = runtime.database().gate_and_load(assignment_ids)
     won = {str(call.assignment_id) for call in calls}
-    steps: list[Step] = [Skipped(SkipReason.GATE_CLOSED) for a in assignment_ids if a not in won]
-    if steps:
-        log.info("calls.dispatch_skipped", reason=SkipReason.GATE_CLOSED, count=len(steps))
+    return _gate_refused(sum(a not in won for a in assignment_ids)) + place_won(calls, lane)
+
+
+def _gate_refused(count: int) -> list[Step]:
+    """The steps of calls whose gate was closed to this task (logged once for the chunk)."""
+    if count:
+        log.info("calls.dispatch_skipped", reason=SkipReason.GATE_CLOSED, count=count)
+    return [Skipped(SkipReason.GATE_CLOSED)] * count
+
+
+def place_won(calls: Sequence[CallRow], lane: str = "dispatch") -> list[Step]:
+    """Create calls whose gates were won, concurrently, and record the placed ones and their
+    first polls in one statement."""
+    db = runtime.database()
+    steps: list[Step] = []
     created = runtime.map_in_context(_create, calls, lane)
+    # the placed calls' provider ids and first polls, recorded in one statement
     placed = {
-        str(call.assignment_id): result.provider_call_id
+        str(call.assignment_id): (result.provider_call_id, _poll_delay(call, 0))
         for call, result in zip(calls, created, strict=True)
         if isinstance(result, CallHandle)
     }
-    db.mark_placed(placed)
-    # mark_call_placed leaves the poll token at 0; the first poll's time is set with it.
-    first = {
-        str(c.assignment_id): _poll_delay(c, 0) for c in calls if str(c.assignment_id) in placed
-    }
-    tokens = db.touch_polls([(a, 0, delay) for a, delay in first.items()])
+    tokens = db.mark_placed(placed)
     for call, result in zip(calls, created, strict=True):
         assignment_id = str(call.assignment_id)
         if isinstance(result, CallHandle):
             log.info("call.placed", **_ids(call))
             token = tokens.get(assignment_id, 0)
-            steps.append(Placed(NextPoll(assignment_id, token, first[assignment_id])))
+            steps.append(Placed(NextPoll(assignment_id, token, placed[assignment_id][1])))
         else:
             steps.append(result)
     return steps
@@ -460,9 +476,8 @@ def reconcile_one(assignment_id: str, lookup: int) -> Step:
             return Reconciling(assignment_id, lookup, s.track_max_delay_seconds)
         found = None
     if found is not None:
-        db.mark_placed({assignment_id: found.provider_call_id})
+        token = db.mark_placed({assignment_id: (found.provider_call_id, 0.0)}).get(assignment_id, 0)
         log.info("call.reconciled", found=True)
-        token = db.touch_polls([(assignment_id, 0, 0.0)]).get(assignment_id, 0)
         return Placed(NextPoll(assignment_id, token, 0.0))
     if not last:
         return Reconciling(assignment_id, lookup + 1, s.reconcile_delay_seconds)

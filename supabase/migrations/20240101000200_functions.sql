@@ -1192,6 +1192,32 @@ BEGIN
 END
 $$;
 
+-- mark_calls_placed: mark_call_placed of each call (in the order given; callers sort the ids),
+-- and for each one now placed and not yet polled (poll token 0), its first poll: due in its
+-- p_first_poll_seconds, token 1. Returns the calls whose first poll was set, with their token.
+-- One statement for what a placement records after its creates (a call placed alone pays one
+-- round trip, not two).
+CREATE OR REPLACE FUNCTION public.mark_calls_placed(
+  p_assignment_ids uuid[], p_provider_call_ids text[], p_first_poll_seconds double precision[]
+) RETURNS TABLE (assignment_id uuid, poll_count integer)
+LANGUAGE plpgsql
+SET search_path = ''
+AS $$
+#variable_conflict use_column
+BEGIN
+  FOR v_i IN 1 .. coalesce(cardinality(p_assignment_ids), 0) LOOP
+    PERFORM public.mark_call_placed(p_assignment_ids[v_i], p_provider_call_ids[v_i]);
+  END LOOP;
+  RETURN QUERY
+  UPDATE public.call_assignments a
+     SET last_polled_at = now(), next_poll_at = now() + make_interval(secs => x.delay),
+         poll_count = 1
+    FROM unnest(p_assignment_ids, p_first_poll_seconds) AS x(id, delay)
+   WHERE a.id = x.id AND a.state = 'placed' AND a.poll_count = 0
+  RETURNING a.id, a.poll_count;
+END
+$$;
+
 -- Add a provider to a call's exclusion list; if that would exclude every active provider,
 -- clear the list instead so the call is not stranded.
 CREATE OR REPLACE FUNCTION public.exclude_provider(p_excluded uuid[], p_provider_id uuid)

@@ -949,6 +949,64 @@ BEGIN
 END
 $$;
 
+-- claim_and_gate_calls: claim_and_assign_calls, and when the claim took at most p_gate calls,
+-- all of one tenant, their dial gates (dial_gates) in the same transaction: a call that
+-- trickles in alone is claimed and passes its gate in one round trip. Returns every call
+-- claimed, in claim order, with its assignment as it stands after the gates: 'dialing' (the
+-- gate won: dial it now), 'assigned' (not gated here: the caller passes the gates as for any
+-- chunk), anything else (the gate refused it: released, held or ended).
+-- Lock order: the claim holds the tenant's counter stripes, and a gate takes the tenant's usage
+-- row, which everybody else takes before counter rows; so the gates run here only when that
+-- row is free now (SKIP LOCKED, held from then on), never waiting for it with stripes held.
+-- A gate won commits synchronously (as mark_call_dialing: nothing is dialed before its WAL is
+-- flushed); a claim alone does not (claim_and_assign_calls).
+CREATE OR REPLACE FUNCTION public.claim_and_gate_calls(
+  p_limit integer, p_worker text, p_lease_seconds integer, p_gate integer
+) RETURNS TABLE (queue_id uuid, assignment_id uuid, provider_id uuid, state text,
+                 queue_status text, attempt integer, dialing_at timestamptz,
+                 max_duration_seconds integer, caller_id text, paced boolean)
+LANGUAGE plpgsql
+SET search_path = ''
+AS $$
+#variable_conflict use_column
+DECLARE
+  v_q uuid[];
+  v_a uuid[];
+  v_p uuid[];
+  v_users uuid[];
+  v_plan record;
+BEGIN
+  SELECT coalesce(array_agg(c.queue_id ORDER BY c.n), '{}'),
+         coalesce(array_agg(c.assignment_id ORDER BY c.n), '{}'),
+         coalesce(array_agg(c.provider_id ORDER BY c.n), '{}')
+    INTO v_q, v_a, v_p
+    FROM public.claim_and_assign_calls(p_limit, p_worker, p_lease_seconds)
+         WITH ORDINALITY AS c(queue_id, assignment_id, provider_id, n);
+  IF cardinality(v_a) BETWEEN 1 AND p_gate THEN
+    SELECT array_agg(DISTINCT q.user_id) INTO v_users
+      FROM public.call_queue q WHERE q.id = ANY (v_q);
+    IF cardinality(v_users) = 1 THEN
+      SELECT * INTO v_plan FROM public.tenant_plan(v_users[1]);
+      PERFORM 1 FROM public.user_call_usage u
+        WHERE u.user_id = v_users[1] AND u.period_start = v_plan.period_start
+          FOR NO KEY UPDATE SKIP LOCKED;
+      IF FOUND THEN
+        PERFORM set_config('synchronous_commit', 'on', true);
+        -- sorted, as every chunk's gates (Database.gate_and_load)
+        PERFORM 1 FROM public.dial_gates(ARRAY(SELECT x FROM unnest(v_a) AS x ORDER BY x));
+      END IF;
+    END IF;
+  END IF;
+  RETURN QUERY
+  SELECT m.qid, m.aid, m.pid, a.state, q.status, a.attempt, a.dialing_at, a.max_duration_seconds,
+         a.caller_id, public.provider_creates_per_second(a.provider_id) IS NOT NULL
+    FROM unnest(v_q, v_a, v_p) WITH ORDINALITY AS m(qid, aid, pid, n)
+    JOIN public.call_assignments a ON a.id = m.aid
+    JOIN public.call_queue q ON q.id = m.qid
+   ORDER BY m.n;
+END
+$$;
+
 -- refuse_dial: the plan has no dial (or no minute) left for this call: it ends as failed
 -- without being dialed (assignment released, slot freed, history with the reason).
 CREATE OR REPLACE FUNCTION public.refuse_dial(p_assignment_id uuid, p_reason text) RETURNS void
@@ -1072,6 +1130,7 @@ REVOKE ALL ON FUNCTION
   public.settle_call_usage(uuid, uuid, double precision), public.return_dial(uuid),
   public.fold_call_usage(uuid, boolean), public.usage_totals(uuid, timestamptz),
   public.claimable_calls(integer, uuid[], smallint[]), public.dial_gate(uuid), public.dial_gates(uuid[]),
+  public.claim_and_gate_calls(integer, text, integer, integer),
   public.refuse_dial(uuid, text),
   public.fail_on_provider(uuid, text, text), public.provider_creates_per_second(uuid),
   public.reserve_provider_create(uuid, double precision),
@@ -1084,6 +1143,7 @@ GRANT EXECUTE ON FUNCTION
   public.settle_call_usage(uuid, uuid, double precision), public.return_dial(uuid),
   public.fold_call_usage(uuid, boolean), public.usage_totals(uuid, timestamptz),
   public.claimable_calls(integer, uuid[], smallint[]), public.dial_gate(uuid), public.dial_gates(uuid[]),
+  public.claim_and_gate_calls(integer, text, integer, integer),
   public.refuse_dial(uuid, text),
   public.fail_on_provider(uuid, text, text), public.provider_creates_per_second(uuid),
   public.reserve_provider_create(uuid, double precision),

@@ -552,3 +552,62 @@ def test_create_pacing_is_shared_and_bounded(conn: Conn) -> None:
     assert waits[3] is None  # past the bound: nothing taken, the caller defers the call
     vapi = make_provider(conn)
     assert one(conn, "SELECT reserve_provider_create(%s, 0)", (vapi,)) == 0  # no published rate
+
+
+def claim_and_gate(conn: Conn, n: int = 50, gate_at_most: int = 5) -> list[tuple[str, str]]:
+    """claim_and_gate_calls: (assignment state, queue status) of each call claimed."""
+    rows = conn.execute(
+        "SELECT state, queue_status FROM claim_and_gate_calls(%s, 'w', 60, %s)", (n, gate_at_most)
+    )
+    return [(r[0], r[1]) for r in rows.fetchall()]
+
+
+def test_a_small_claim_passes_its_gates_in_the_same_transaction(conn: Conn) -> None:
+    """A claim of at most p_gate calls of one tenant is gated by claim_and_gate_calls itself,
+    as dial_gates would (the dial counted, the contact attempt recorded, the minutes reserved
+    as the max duration); a larger claim is left for the chunk's gates."""
+    make_provider(conn, max_calls=50)
+    user, tpl = tenant(conn, call_limit=10, minute_limit=100)
+    schedule(conn, user, tpl)
+    gate(conn, claim(conn)[0][1])  # the period's usage row exists from the first dial on
+    schedule(conn, user, tpl)
+    assert claim_and_gate(conn) == [("dialing", "dialing")]
+    assert usage(conn, user)[0] == 2
+    assert one(conn, "SELECT count(*) FROM contact_attempts WHERE user_id = %s", (user,)) == 2
+    row = conn.execute(
+        "SELECT max_duration_seconds, caller_id, paced FROM claim_and_gate_calls(1, 'w', 60, 5)"
+    ).fetchall()
+    assert row == []  # nothing left to claim
+    for _ in range(3):
+        schedule(conn, user, tpl)
+    assert claim_and_gate(conn, gate_at_most=2) == [("assigned", "assigned")] * 3
+    assert usage(conn, user)[0] == 2  # not gated: no dial counted yet
+
+
+def test_claim_and_gate_never_waits_for_the_usage_row_nor_gates_two_tenants(
+    conn: Conn, db_url: str
+) -> None:
+    """The claim holds the tenant's counter stripes, which everybody else takes after its usage
+    row: it gates only when that row is free now, else leaves the calls assigned (gated later,
+    after its commit, as any chunk). A claim of two tenants is not gated either."""
+    make_provider(conn, max_calls=50)
+    user, tpl = tenant(conn, call_limit=10, minute_limit=100)
+    other, other_tpl = tenant(conn, call_limit=10, minute_limit=100)
+    for u, t in ((user, tpl), (other, other_tpl)):
+        schedule(conn, u, t)
+    for _, aid in claim(conn):
+        assert gate(conn, aid)[0]  # both periods' usage rows exist
+    schedule(conn, user, tpl)
+    with connect(db_url) as holder:
+        holder.execute("BEGIN")
+        holder.execute(
+            "SELECT 1 FROM user_call_usage WHERE user_id = %s FOR NO KEY UPDATE", (user,)
+        )
+        conn.execute("SET lock_timeout = '5s'")  # a wait for the row fails, not hangs
+        assert claim_and_gate(conn) == [("assigned", "assigned")]
+        holder.execute("COMMIT")
+    conn.execute("RESET lock_timeout")
+    assert usage(conn, user)[0] == 1  # not gated: no dial counted yet
+    schedule(conn, user, tpl)
+    schedule(conn, other, other_tpl)
+    assert sorted(claim_and_gate(conn)) == [("assigned", "assigned")] * 2

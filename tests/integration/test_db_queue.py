@@ -299,6 +299,26 @@ def test_mark_placed(conn: Conn, setup: Any) -> None:
     assert status(conn, qid) == "in_progress"
 
 
+def test_mark_calls_placed_sets_each_first_poll_once(conn: Conn, setup: Any) -> None:
+    p = make_provider(conn)
+    (q1, a1), (q2, a2) = assigned_call(conn, setup, p), assigned_call(conn, setup, p)
+    one(conn, "SELECT mark_call_dialing(%s)", (a1,))  # a2 is not dialing: nothing happens to it
+    placed = "SELECT * FROM mark_calls_placed(%s::uuid[], %s::text[], %s::float8[])"
+    rows = conn.execute(placed, ([a1, a2], ["pc-1", "pc-2"], [30.0, 5.0])).fetchall()
+    assert rows == [(a1, 1)]  # placed, first poll set: token 1
+    row = conn.execute(
+        "SELECT state, provider_call_id, poll_count,"
+        " next_poll_at - last_polled_at BETWEEN interval '29 s' AND interval '31 s'"
+        " FROM call_assignments WHERE id = %s",
+        (a1,),
+    ).fetchone()
+    assert row == ("placed", "pc-1", 1, True)
+    assert (status(conn, q1), status(conn, q2)) == ("in_progress", "assigned")
+    # a repeated request (the same provider id) keeps the call's polls: no new first poll
+    assert conn.execute(placed, ([a1], ["pc-1"], [0.0])).fetchall() == []
+    assert one(conn, "SELECT poll_count FROM call_assignments WHERE id = %s", (a1,)) == 1
+
+
 def test_release_gives_the_slot_back_without_counting_an_attempt(conn: Conn, setup: Any) -> None:
     a = make_provider(conn, priority=1)
     b = make_provider(conn, priority=2)

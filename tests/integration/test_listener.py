@@ -1,14 +1,18 @@
 """The LISTEN wake-up (worker/listener.py) against a real PostgreSQL: one listener per database
-(the advisory lock), a standby that takes over when the holder's session ends, and a failed
-wake-up that does not end the thread."""
+(the advisory lock), a standby that takes over when the holder's session ends, a failed
+wake-up that does not end the thread, and when a wake-up waits (a lone notification: never; one
+within the interval of the last wake-up: until the interval is up)."""
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from typing import Any
 
 import psycopg
+import pytest
 
+from worker import listener as listener_module
 from worker.embedded import wait_until
 from worker.listener import CHANNEL, LEADER_KEY, start_listener
 
@@ -104,3 +108,37 @@ def test_a_failed_wake_up_leaves_the_listener_running(db_url: str) -> None:
         stop.set()
         thread.join(timeout=30)
     assert not thread.is_alive()
+
+
+def _waits_around_a_wake_up(db_url: str, min_interval: float) -> list[float]:
+    """The timeouts of the listener's waits for input until it has acted on a NOTIFY sent right
+    after its wake-up on connect."""
+    waits: list[float] = []
+    real_drain = listener_module._drain
+
+    def drain(conn: psycopg.Connection[Any], timeout: float) -> bool:
+        waits.append(timeout)
+        return real_drain(conn, timeout)
+
+    wakes, stop = Counter(), threading.Event()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(listener_module, "_drain", drain)
+        thread = start_listener(db_url, wakes, min_interval_seconds=min_interval, stop=stop)
+        try:
+            wait_until(wakes.above(0), timeout=30, what="the wake-up on connect")
+            _notify(db_url)
+            wait_until(wakes.above(1), timeout=30, what="the wake-up on a NOTIFY")
+        finally:
+            stop.set()
+            thread.join(timeout=30)
+    return waits
+
+
+def test_a_lone_notification_wakes_at_once_and_a_burst_waits_out_the_interval(
+    db_url: str,
+) -> None:
+    # no interval: every notification comes after a quiet spell, acted on without a timer's
+    # wait (only the idle waits for input, 1 s each)
+    assert set(_waits_around_a_wake_up(db_url, 0.0)) == {1.0}
+    # a long interval: the NOTIFY right after the wake-up on connect waits it out, gathering
+    assert any(w < 1.0 for w in _waits_around_a_wake_up(db_url, 0.5))

@@ -29,6 +29,7 @@ from dispatch.steps import (
     Step,
 )
 from dispatch.steps import tally as tally_of
+from models import queries
 from providers.base import CallState, CallStatus, WebhookEvent
 from providers.simulator import Simulator
 from tests.conftest import broker_messages
@@ -36,6 +37,7 @@ from worker import runtime, tasks
 from worker.celery_app import app
 from worker.embedded import wait_until
 from worker.seed import Seeded, schedule_calls
+from worker.settings import get_settings
 
 ANSWERED_AT_ONCE = {"outcome_mix": {"completed": 1.0}, "answer_at_once": True}
 LONG_CALLS = {"outcome_mix": {"completed": 1.0}, "call_seconds": 600}
@@ -295,6 +297,50 @@ def test_a_chunk_sets_its_first_polls_without_a_message_and_logs_its_task_id(
     assert len(placed) == 3
     assert {e.get("task_id") for e in placed} == {"task-under-test"}
     assert {e.get("assignment_id") for e in placed} == set(ids)
+
+
+def test_a_lone_call_is_claimed_gated_and_placed_in_two_statements(
+    worker_db: str,
+    seeded: Seeded,
+    sim: Simulator,
+    broker: redis.Redis,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The poll's claim passes a small claim's gates itself (claim_and_gate_calls), and the
+    placement records the provider's id and the first poll together: a call that trickles in
+    alone costs two statements, not four. A claim larger than a chunk goes through the chunk's
+    gates as before."""
+    sim.configure(LONG_CALLS)
+    statements: list[str] = []
+    run_once = queries.Database._run_once
+
+    def record(db: queries.Database, query: str, params: Any) -> list[dict[str, Any]]:
+        statements.append(query)
+        return run_once(db, query, params)
+
+    monkeypatch.setattr(queries.Database, "_run_once", record)
+    with psycopg.connect(worker_db, autocommit=True) as conn:
+        schedule_calls(conn, seeded, 1, start=700)  # the period's first dial makes its row
+        assert tasks.poll() == 1
+        schedule_calls(conn, seeded, 1, start=701)
+        statements.clear()
+        assert tasks.poll() == 1
+        assert statements == [queries.CLAIM_AND_GATE, queries.MARK_PLACED]
+        monkeypatch.setenv("CALLQ_DISPATCH_CHUNK_SIZE", "2")
+        get_settings.cache_clear()
+        schedule_calls(conn, seeded, 3, start=702)
+        statements.clear()
+        assert tasks.poll() == 3  # the first chunk here, the last call sent as a chunk
+        assert statements == [queries.CLAIM_AND_GATE, queries.GATE_AND_LOAD, queries.MARK_PLACED]
+        assert len(queued(broker, "dispatch")) == 1
+    get_settings.cache_clear()
+    assert sim.stats()["total_creates"] == 4
+    with psycopg.connect(worker_db) as conn:
+        placed = conn.execute(
+            "SELECT count(*) FROM call_assignments WHERE state = 'placed' AND poll_count = 1"
+            " AND next_poll_at > now()"
+        ).fetchone()
+    assert placed == (4,)
 
 
 def test_a_final_report_ends_the_call_without_another_read(
