@@ -283,8 +283,12 @@ CREATE INDEX provider_slots_free_idx ON public.provider_slots (provider_id, free
 -- Freeing by assignment id; one slot per assignment.
 CREATE UNIQUE INDEX provider_slots_assignment_idx ON public.provider_slots (assignment_id)
   WHERE assignment_id IS NOT NULL;
--- Retired slots (almost always none): a freed slot goes to their calls first.
-CREATE INDEX provider_slots_retired_idx ON public.provider_slots (provider_id) WHERE retired;
+-- Retired slots (almost always none): a freed slot goes to their calls first, the highest
+-- slot_no first. In slot_no order, so that look-up is one probe whatever the statistics say
+-- (without slot_no, a plan made before any ANALYZE walked every slot of the provider backwards
+-- through the primary key at each ending: 1.7 ms with 15,000 slots).
+CREATE INDEX provider_slots_retired_idx ON public.provider_slots (provider_id, slot_no)
+  WHERE retired;
 
 -- What is wrong with config.caller_ids (NULL: nothing, or no pool). A pool is a non-empty array
 -- of {"id": "<number or number id>", "max_concurrent": <integer, optional>}, each id once.

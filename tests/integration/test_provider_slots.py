@@ -30,6 +30,7 @@ from hypothesis.stateful import (
     rule,
     run_state_machine_as_test,
 )
+from psycopg import sql
 
 from providers.errors import ConfigError
 from providers.simulator import Simulator
@@ -398,3 +399,31 @@ def test_no_slot_is_taken_while_calls_beyond_a_lowered_capacity_are_in_flight(
         assert conn.execute(load, (p,)).fetchone() == (0, 1)
         assert len(conn.execute("SELECT * FROM claim_and_assign_calls(5)").fetchall()) == 1
         assert slot_violations(conn) == []
+
+
+def test_an_ending_finds_retired_slots_in_one_probe_whatever_the_statistics(conn: Conn) -> None:
+    """free_provider_slot asks for the provider's highest retired slot at every ending. Its plan
+    must not walk the provider's slots: planned before any ANALYZE, the look-up once went
+    backwards through every slot of the provider (1.7 ms per ending with 15,000 slots)."""
+    p = make_provider(conn, max_calls=5000)
+    conn.execute(
+        "PREPARE retired(uuid) AS SELECT x.slot_no FROM provider_slots x"
+        " WHERE x.provider_id = $1 AND x.retired ORDER BY x.slot_no DESC LIMIT 1"
+    )
+    conn.execute("SET plan_cache_mode = force_generic_plan")
+    try:
+        for analyze in (False, True):
+            if analyze:
+                conn.execute("ANALYZE provider_slots")
+            plan = one(
+                conn,
+                sql.SQL("EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) EXECUTE retired({})").format(
+                    sql.Literal(str(p))
+                ),
+            )
+            top = plan[0]["Plan"]
+            pages = top.get("Shared Hit Blocks", 0) + top.get("Shared Read Blocks", 0)
+            assert pages <= 3, (analyze, pages)
+    finally:
+        conn.execute("RESET plan_cache_mode")
+        conn.execute("DEALLOCATE retired")
