@@ -1154,49 +1154,14 @@ BEGIN
 END
 $$;
 
--- mark_call_placed: dialing -> placed; queue -> in_progress; first poll deadline set.
--- TRUE also when repeated with the same provider call id (a retried request).
-CREATE OR REPLACE FUNCTION public.mark_call_placed(p_assignment_id uuid, p_provider_call_id text)
-RETURNS boolean
-LANGUAGE plpgsql
-SET search_path = ''
-AS $$
-DECLARE
-  v_a record;
-BEGIN
-  -- no wait for the WAL flush, as complete_call: lost in a crash, the call is back to dialing
-  -- and the reaper's reconcile finds it at the provider by its correlation id
-  PERFORM set_config('synchronous_commit', 'off', true);
-  SELECT a.queue_id, a.state, a.provider_call_id INTO v_a
-    FROM public.call_assignments a WHERE a.id = p_assignment_id;
-  IF NOT FOUND THEN
-    RETURN false;
-  END IF;
-  PERFORM 1 FROM public.call_queue q WHERE q.id = v_a.queue_id FOR UPDATE;
-
-  UPDATE public.call_assignments a
-     SET state = 'placed', placed_at = now(), provider_call_id = p_provider_call_id,
-         next_poll_at = now() + make_interval(secs => public.poll_deadline_seconds())
-   WHERE a.id = p_assignment_id AND a.state = 'dialing';
-  IF NOT FOUND THEN
-    RETURN EXISTS (SELECT 1 FROM public.call_assignments a
-                    WHERE a.id = p_assignment_id AND a.state = 'placed'
-                      AND a.provider_call_id IS NOT DISTINCT FROM p_provider_call_id);
-  END IF;
-
-  UPDATE public.call_queue q
-     -- no lease while placed: the poll deadline (next_poll_at) tells the reaper a call is lost
-     SET status = 'in_progress', lease_expires_at = NULL
-   WHERE q.id = v_a.queue_id;
-  RETURN true;
-END
-$$;
-
--- mark_calls_placed: mark_call_placed of each call (in the order given; callers sort the ids),
--- and for each one now placed and not yet polled (poll token 0), its first poll: due in its
--- p_first_poll_seconds, token 1. Returns the calls whose first poll was set, with their token.
--- One statement for what a placement records after its creates (a call placed alone pays one
--- round trip, not two).
+-- mark_calls_placed: the calls were dialed and their providers know them by these ids: each
+-- assignment dialing -> placed with its provider call id and the poll deadline, its queue row
+-- -> in_progress (no lease while placed); then, for each call now placed and not yet polled
+-- (poll token 0) whose p_first_poll_seconds is not NULL, its first poll: due in that many
+-- seconds, token 1. A call no longer dialing is left as it is (a repeated request finds it
+-- placed). The queue rows are locked in the order given (callers sort the ids). Returns the
+-- calls whose first poll was set, with their token. Set-based: one statement per step for a
+-- whole chunk (per call, the statements and the queue's statement triggers ran once each).
 CREATE OR REPLACE FUNCTION public.mark_calls_placed(
   p_assignment_ids uuid[], p_provider_call_ids text[], p_first_poll_seconds double precision[]
 ) RETURNS TABLE (assignment_id uuid, poll_count integer)
@@ -1204,17 +1169,56 @@ LANGUAGE plpgsql
 SET search_path = ''
 AS $$
 #variable_conflict use_column
+DECLARE
+  v_queue uuid[];
 BEGIN
-  FOR v_i IN 1 .. coalesce(cardinality(p_assignment_ids), 0) LOOP
-    PERFORM public.mark_call_placed(p_assignment_ids[v_i], p_provider_call_ids[v_i]);
-  END LOOP;
+  -- no wait for the WAL flush, as complete_call: lost in a crash, the call is back to dialing
+  -- and the reaper's reconcile finds it at the provider by its correlation id
+  PERFORM set_config('synchronous_commit', 'off', true);
+  PERFORM 1
+     FROM (SELECT q.id
+             FROM unnest(p_assignment_ids) WITH ORDINALITY AS u(id, n)
+             JOIN public.call_assignments a ON a.id = u.id
+             JOIN public.call_queue q ON q.id = a.queue_id
+            ORDER BY u.n
+              FOR UPDATE OF q) locked;
+  WITH placed AS (
+    UPDATE public.call_assignments a
+       SET state = 'placed', placed_at = now(), provider_call_id = x.provider_call_id,
+           next_poll_at = now() + make_interval(secs => public.poll_deadline_seconds())
+      FROM unnest(p_assignment_ids, p_provider_call_ids) AS x(id, provider_call_id)
+     WHERE a.id = x.id AND a.state = 'dialing'
+    RETURNING a.queue_id
+  )
+  SELECT array_agg(p.queue_id) INTO v_queue FROM placed p;
+  IF v_queue IS NOT NULL THEN
+    UPDATE public.call_queue q
+       SET status = 'in_progress', lease_expires_at = NULL
+     WHERE q.id = ANY (v_queue);
+  END IF;
   RETURN QUERY
   UPDATE public.call_assignments a
      SET last_polled_at = now(), next_poll_at = now() + make_interval(secs => x.delay),
          poll_count = 1
     FROM unnest(p_assignment_ids, p_first_poll_seconds) AS x(id, delay)
-   WHERE a.id = x.id AND a.state = 'placed' AND a.poll_count = 0
+   WHERE a.id = x.id AND a.state = 'placed' AND a.poll_count = 0 AND x.delay IS NOT NULL
   RETURNING a.id, a.poll_count;
+END
+$$;
+
+-- mark_call_placed: mark_calls_placed of one call, its first poll left to the poll deadline.
+-- TRUE when the call is placed with this provider call id (now, or by an earlier request).
+CREATE OR REPLACE FUNCTION public.mark_call_placed(p_assignment_id uuid, p_provider_call_id text)
+RETURNS boolean
+LANGUAGE plpgsql
+SET search_path = ''
+AS $$
+BEGIN
+  PERFORM 1 FROM public.mark_calls_placed(ARRAY[p_assignment_id], ARRAY[p_provider_call_id],
+                                          ARRAY[NULL::double precision]);
+  RETURN EXISTS (SELECT 1 FROM public.call_assignments a
+                  WHERE a.id = p_assignment_id AND a.state = 'placed'
+                    AND a.provider_call_id IS NOT DISTINCT FROM p_provider_call_id);
 END
 $$;
 
