@@ -689,15 +689,14 @@ DECLARE
 BEGIN
   -- fair order, plan concurrency, subscription, calling windows (locked, with their stripes)
   SELECT c.ids, c.stripes INTO v_ids, v_st FROM public.claim_open_calls(p_limit, v_now) c;
-  -- "id = ANY (v_ids)" keeps the update a primary-key index scan of the chosen rows.
+  -- "id = ANY (v_ids)" keeps the update a primary-key index scan of the chosen rows (no join:
+  -- each row finds its stripe by its place in v_ids).
   RETURN QUERY
   UPDATE public.call_queue q
      SET status = 'claimed', claimed_by = p_worker, claimed_at = now(),
          lease_expires_at = now() + make_interval(secs => p_lease_seconds),
-         counter_stripe = m.stripe
-    FROM unnest(v_ids, v_st) AS m(id, stripe)
-   WHERE q.id = ANY (v_ids) AND q.id = m.id
-     AND q.status = 'queued'
+         counter_stripe = v_st[array_position(v_ids, q.id)]
+   WHERE q.id = ANY (v_ids) AND q.status = 'queued'
   RETURNING q.id, q.user_id, q.template_id, q.priority, q.scheduled_time, q.attempts;
 END
 $$;
@@ -764,28 +763,31 @@ BEGIN
   -- unflushed assignment in a crash is harmless (nothing is dialed before mark_call_dialing
   -- commits synchronously, which flushes the WAL up to this assignment).
   PERFORM set_config('synchronous_commit', 'off', true);
-  SELECT q.status, q.attempts INTO v_q
-    FROM public.call_queue q WHERE q.id = p_queue_id FOR UPDATE;
-  IF NOT FOUND OR v_q.status NOT IN ('queued', 'claimed') THEN
+  -- (the call locked and the provider checked in one statement: each statement costs its
+  -- executor start-up, as much as the work of these look-ups)
+  SELECT q.status, q.attempts,
+         EXISTS (SELECT 1 FROM public.call_service_providers p
+                  WHERE p.id = p_provider_id AND p.is_active) AS provider_active
+    INTO v_q
+    FROM public.call_queue q WHERE q.id = p_queue_id FOR UPDATE OF q;
+  IF NOT FOUND OR v_q.status NOT IN ('queued', 'claimed') OR NOT v_q.provider_active THEN
     RETURN NULL;
   END IF;
   -- No provider row is locked (the slot is taken with SKIP LOCKED, which never waits), so
   -- nothing needs the tenant's counters first: the queue trigger locks them only when the
   -- call's class changes (queued -> assigned), and assigning a claimed call touches them not.
-  IF NOT EXISTS (SELECT 1 FROM public.call_service_providers p
-                  WHERE p.id = p_provider_id AND p.is_active) THEN
-    RETURN NULL;
-  END IF;
   SELECT t.caller_id INTO v_caller FROM public.take_provider_slot(p_provider_id, v_id) t;
   IF NOT FOUND THEN
     RETURN NULL;
   END IF;
 
-  INSERT INTO public.call_assignments (id, queue_id, provider_id, state, attempt, caller_id)
-  VALUES (v_id, p_queue_id, p_provider_id, 'assigned', v_q.attempts + 1, v_caller);
-
-  -- A claimed call keeps the lease its claim chose; a call assigned straight from the
-  -- queue gets the default one.
+  -- The assignment and the queue row in one statement (the assignment's triggers run at its
+  -- end and see the row assigned). A claimed call keeps the lease its claim chose; a call
+  -- assigned straight from the queue gets the default one.
+  WITH a AS (
+    INSERT INTO public.call_assignments (id, queue_id, provider_id, state, attempt, caller_id)
+    VALUES (v_id, p_queue_id, p_provider_id, 'assigned', v_q.attempts + 1, v_caller)
+  )
   UPDATE public.call_queue q
      SET status = 'assigned',
          claimed_at = coalesce(q.claimed_at, now()),

@@ -126,49 +126,54 @@ DECLARE
   v_one record;
   v_from integer := 0;
   v_to integer := 0;
-  v_n bigint;
   v_now timestamptz;
+  v_single boolean := false;
+  v_cpm integer;
 BEGIN
-  IF TG_OP <> 'DELETE' THEN  -- (a DELETE has no new_rows)
-    v_n := (SELECT count(*) FROM new_rows);
+  -- one statement finds a statement's only row (none when it changed several)
+  IF TG_OP = 'UPDATE' THEN
+    SELECT n.user_id, o.user_id AS old_user_id, n.status, o.status AS old_status,
+           n.counter_stripe AS stripe, o.counter_stripe AS old_stripe INTO v_one
+      FROM old_rows o, new_rows n
+     WHERE (SELECT count(*) FROM new_rows) = 1;
+    v_single := FOUND;
+    v_from := public.call_status_class(v_one.old_status);
+  ELSIF TG_OP = 'INSERT' THEN
+    SELECT n.user_id, n.user_id AS old_user_id, n.status, n.counter_stripe AS stripe,
+           n.counter_stripe AS old_stripe INTO v_one
+      FROM new_rows n
+     WHERE (SELECT count(*) FROM new_rows) = 1;
+    v_single := FOUND;
   END IF;
-  IF v_n = 1 THEN
-    IF TG_OP = 'UPDATE' THEN
-      SELECT n.user_id, o.user_id AS old_user_id, n.status, o.status AS old_status,
-             n.counter_stripe AS stripe, o.counter_stripe AS old_stripe INTO v_one
-        FROM old_rows o, new_rows n;
-      v_from := public.call_status_class(v_one.old_status);
-    ELSE
-      SELECT n.user_id, n.user_id AS old_user_id, n.status, n.counter_stripe AS stripe,
-             n.counter_stripe AS old_stripe INTO v_one
-        FROM new_rows n;
-    END IF;
+  IF v_single THEN
     v_to := public.call_status_class(v_one.status);
     IF v_one.user_id IS NOT DISTINCT FROM v_one.old_user_id
        AND (v_one.stripe = v_one.old_stripe OR v_from = 1) THEN
       IF v_from = v_to THEN
         RETURN NULL;
       END IF;
+      -- A claim (queued -> taken) also moves the plan's rate on, as apply_counter_deltas does
+      -- (stripe 0's: a claimer of a tenant with a rate holds it already, claimable_calls); the
+      -- update returns the rate when it must (no other statement when the plan has none).
       UPDATE public.tenant_call_counters c
          SET queued = c.queued + (v_to = 1)::int - (v_from = 1)::int,
              claimed = c.claimed + (v_to = 2)::int - (v_from = 2)::int,
              dialed = c.dialed + (v_to = 3)::int - (v_from = 3)::int,
              updated_at = now()
-       WHERE c.user_id = v_one.user_id AND c.stripe = v_one.stripe;
+       WHERE c.user_id = v_one.user_id AND c.stripe = v_one.stripe
+      RETURNING (SELECT pl.calls_per_minute
+                   FROM public.user_subscriptions s
+                   JOIN public.subscription_plans pl ON pl.id = s.plan_id
+                  WHERE v_from = 1 AND v_to >= 2
+                    AND s.user_id = c.user_id AND s.status IN ('active', 'trialing'))
+        INTO v_cpm;
       IF FOUND THEN
-        -- a claim (queued -> taken) moves the plan's rate on, as apply_counter_deltas does
-        -- (stripe 0's: a claimer of a tenant with a rate holds it already, claimable_calls)
-        IF v_from = 1 AND v_to >= 2 THEN
+        IF v_cpm IS NOT NULL THEN
           v_now := public.callq_now();
           UPDATE public.tenant_call_counters c
              SET rate_tat = greatest(coalesce(c.rate_tat, v_now), v_now)
-                            + ceil(60000000.0 / pl.calls_per_minute)::float8
-                              * interval '1 microsecond'
-            FROM public.user_subscriptions s
-            JOIN public.subscription_plans pl ON pl.id = s.plan_id
-           WHERE c.user_id = v_one.user_id AND c.stripe = 0
-             AND s.user_id = c.user_id AND s.status IN ('active', 'trialing')
-             AND pl.calls_per_minute IS NOT NULL;
+                            + ceil(60000000.0 / v_cpm)::float8 * interval '1 microsecond'
+           WHERE c.user_id = v_one.user_id AND c.stripe = 0;
         END IF;
         RETURN NULL;
       END IF;
@@ -578,10 +583,10 @@ $$;
 --     trigger moves rate_tat on for each call the claim takes): the rest stay queued;
 --   * within a priority level, tenants take turns: each tenant's k-th call ranks with the other
 --     tenants' k-th call, then by scheduled_time, so one tenant's backlog does not delay another.
--- Candidates come from the per-tenant index (one probe per tenant and priority: a tenant's far
--- future calls are never walked). Calls of running campaigns with pacing or a window come
--- through their campaign's lane (claim_candidates) for what is left of the batch. Then, per
--- tenant (user_id order), the room is taken from its counter stripes (tenant_call_counters):
+-- Candidates come from the per-tenant index (one probe per tenant and priority, down to the
+-- level that fills its room: a tenant's far future calls are never walked). Calls of running
+-- campaigns with pacing or a window come through their campaign's lane (claim_candidates)
+-- for what is left of the batch. Then, per tenant (user_id order), the room is taken from its counter stripes (tenant_call_counters):
 -- stripes with room under their share are locked with SKIP LOCKED (another claimer's are
 -- passed over, never waited for), as many as the calls need and up to half of them for a
 -- large claim (its calls' later writes spread over several rows, and the other half stays for
@@ -624,12 +629,13 @@ DECLARE
   v_rooms integer[];
   v_out uuid[] := '{}';
   v_out_stripes smallint[] := '{}';
+  v_tenants integer := 0;
 BEGIN
   IF p_limit IS NULL OR p_limit <= 0 THEN
     RETURN;
   END IF;
   -- (the tenants' room is materialized: computed once per tenant, not once per candidate row)
-  WITH t AS MATERIALIZED (
+  WITH RECURSIVE t AS MATERIALIZED (
     SELECT c.user_id,
            -- the batch and as many again, at least 8 more: rows concurrent claimers locked are
            -- skipped, and a small claim among several still finds one they left
@@ -646,32 +652,43 @@ BEGIN
         ON s.user_id = c.user_id AND s.status IN ('active', 'trialing')
       JOIN public.subscription_plans pl ON pl.id = s.plan_id
      WHERE c.flight < pl.max_concurrent_calls
+  ),
+  -- Each tenant's first "room" due calls in (priority, scheduled_time, created_at) order: a
+  -- walk down the priorities (one index probe each), stopping once the room is filled, so a
+  -- tenant whose most urgent level fills the claim costs one probe, not ten. Each step keeps
+  -- its level's calls in order (k: their turn within the level).
+  walk AS (
+    SELECT t.user_id, t.room, 0 AS prio, 0 AS taken,
+           NULL::uuid[] AS ids, NULL::timestamptz[] AS sts, NULL::timestamptz[] AS cas
+      FROM t WHERE t.room > 0
+    UNION ALL
+    SELECT w.user_id, w.room, w.prio + 1, w.taken + coalesce(cardinality(x.ids), 0),
+           x.ids, x.sts, x.cas
+      FROM walk w
+     CROSS JOIN LATERAL (
+       SELECT array_agg(q.id ORDER BY q.scheduled_time, q.created_at) AS ids,
+              array_agg(q.scheduled_time ORDER BY q.scheduled_time, q.created_at) AS sts,
+              array_agg(q.created_at ORDER BY q.scheduled_time, q.created_at) AS cas
+         FROM (SELECT q.id, q.scheduled_time, q.created_at
+                 FROM public.call_queue q
+                WHERE q.user_id = w.user_id AND q.status = 'queued' AND q.priority = w.prio + 1
+                  AND q.scheduled_time <= v_now
+                  -- a paused, draft or paced campaign's calls: see claim_candidates
+                  AND NOT q.via_campaign
+                  AND (p_exclude IS NULL OR NOT (q.id = ANY (p_exclude)))
+                ORDER BY q.scheduled_time, q.created_at
+                LIMIT w.room - w.taken) q) x
+     WHERE w.prio < 10 AND w.taken < w.room
   )
+  -- within a priority level, tenants take turns: each one's k-th call ranks with the others'
   SELECT array_agg(r.id ORDER BY r.priority, r.k, r.scheduled_time, r.created_at) INTO v_cand
     FROM (
-      SELECT f.id, f.priority, f.k, f.scheduled_time, f.created_at
-        FROM (
-          SELECT x.id, x.priority, x.scheduled_time, x.created_at, t.room,
-                 -- turn within the priority level, and place in the tenant's whole claim
-                 row_number() OVER (PARTITION BY t.user_id, x.priority
-                                    ORDER BY x.scheduled_time, x.created_at) AS k,
-                 row_number() OVER (PARTITION BY t.user_id
-                                    ORDER BY x.priority, x.scheduled_time, x.created_at) AS n
-            FROM t
-           CROSS JOIN generate_series(1, 10) AS p(prio)
-           CROSS JOIN LATERAL (
-             SELECT q.id, q.priority, q.scheduled_time, q.created_at
-               FROM public.call_queue q
-              WHERE q.user_id = t.user_id AND q.status = 'queued' AND q.priority = p.prio
-                AND q.scheduled_time <= v_now
-                -- a paused, draft or paced campaign's calls: see claim_candidates
-                AND NOT q.via_campaign
-                AND (p_exclude IS NULL OR NOT (q.id = ANY (p_exclude)))
-              ORDER BY q.scheduled_time, q.created_at
-              LIMIT t.room) x
-        ) f
-       WHERE f.n <= f.room
-       ORDER BY f.priority, f.k, f.scheduled_time, f.created_at
+      SELECT x.id, w.prio AS priority, x.k, x.scheduled_time, x.created_at
+        FROM walk w
+       CROSS JOIN LATERAL unnest(w.ids, w.sts, w.cas) WITH ORDINALITY
+                          AS x(id, scheduled_time, created_at, k)
+       WHERE w.prio > 0
+       ORDER BY 2, 3, 4, 5
        LIMIT v_span
     ) r;
 
@@ -713,6 +730,7 @@ BEGIN
      GROUP BY q.user_id, pl.max_concurrent_calls, pl.calls_per_minute
      ORDER BY q.user_id
   LOOP
+    v_tenants := v_tenants + 1;
     -- the tenant's room: its cap less all its calls in flight (the latest committed counts),
     -- and what its plan's rate allows now (stripe 0, locked)
     SELECT v_t.cap - sum(c.claimed + c.dialed)::integer - v_t.excluded INTO v_left
@@ -782,11 +800,15 @@ BEGIN
   IF cardinality(v_out) = 0 THEN
     RETURN;
   END IF;
-  -- in claim order
-  SELECT array_agg(x.id ORDER BY array_position(v_ids, x.id)),
-         array_agg(x.stripe ORDER BY array_position(v_ids, x.id))
-    INTO v_ids, v_out_stripes
-    FROM unnest(v_out, v_out_stripes) AS x(id, stripe);
+  -- in claim order (one tenant's calls are in it already: a single claim's case)
+  IF v_tenants > 1 THEN
+    SELECT array_agg(x.id ORDER BY array_position(v_ids, x.id)),
+           array_agg(x.stripe ORDER BY array_position(v_ids, x.id))
+      INTO v_ids, v_out_stripes
+      FROM unnest(v_out, v_out_stripes) AS x(id, stripe);
+  ELSE
+    v_ids := v_out;
+  END IF;
 
   -- each call kept from a paced campaign spends one of its tokens
   IF v_lane IS NOT NULL AND cardinality(v_lane) > 0 AND v_ids IS NOT NULL THEN

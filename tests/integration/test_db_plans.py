@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import random
 import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -406,6 +407,45 @@ def test_claims_rotate_between_tenants_within_a_priority(conn: Conn) -> None:
     assert set(b_ids) <= set(got)  # B's calls do not wait behind A's 300
     owners = [one(conn, "SELECT user_id FROM call_queue WHERE id = %s", (q,)) for q in got[1:7]]
     assert owners == [a_user, b_user] * 3  # round robin within priority 5
+
+
+def test_fair_order_takes_each_tenants_first_calls_down_the_priorities(conn: Conn) -> None:
+    """claimable_calls' candidates equal the fair order's definition: each tenant's first
+    min(room, batch + max(batch, 8)) due calls by (priority, time), then by (priority, turn
+    within the level, time) across tenants; here with levels too short to fill a tenant's room,
+    so the walk down the priorities goes on, and a tenant whose cap is its room."""
+    rng = random.Random(12)
+    now = datetime.now(UTC)
+    tick = itertools.count()
+    due: dict[uuid.UUID, tuple[int, list[tuple[int, datetime, uuid.UUID]]]] = {}
+    for cap in (1000, 3, 1000):
+        user, tpl = tenant(conn, call_limit=None, minute_limit=None, max_concurrent=cap)
+        due[user] = (cap, [])
+        for _ in range(rng.randint(5, 30)):
+            prio = rng.choice([1, 2, 2, 3, 5, 5, 5, 9, 10])
+            later = rng.random() < 0.2  # not due yet: never a candidate
+            at = now + timedelta(
+                hours=1 if later else -1, seconds=rng.randint(1, 3000), milliseconds=next(tick)
+            )
+            qid = one(
+                conn,
+                "INSERT INTO call_queue (user_id, template_id, recipient_name, recipient_phone,"
+                " priority, scheduled_time) VALUES (%s, %s, 'A', '+15551234567', %s, %s)"
+                " RETURNING id",
+                (user, tpl, prio, at),
+            )
+            if not later:
+                due[user][1].append((prio, at, qid))
+    for batch in (1, 3, 7, 20, 60):
+        span = batch + max(batch, 8)
+        ranked = []
+        for cap, calls in due.values():
+            mine = sorted(calls)[: min(cap, span)]
+            for prio, group in itertools.groupby(mine, key=lambda c: c[0]):
+                ranked += [(prio, k, at, qid) for k, (_, at, qid) in enumerate(group, 1)]
+        want = [qid for *_, qid in sorted(ranked)][:batch]
+        got = one(conn, "SELECT ids FROM claimable_calls(%s)", (batch,))
+        assert got == want, batch
 
 
 def test_past_due_or_canceled_subscription_holds_calls(conn: Conn) -> None:
