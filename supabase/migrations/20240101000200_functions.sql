@@ -1359,19 +1359,19 @@ BEGIN
   RETURNING id INTO v_hid;
 
   -- Billing: the reservation is settled and the reported minutes billed, as a pending row of
-  -- the period (settle_call_usage; the dial itself was counted at the gate). The provider's
-  -- rows: the call's own slot, its statistics (never waited for).
+  -- the period (settle_call_usage; the dial itself was counted at the gate). Then the tenant's
+  -- counter stripe as late as possible (the endings of the calls counted in one stripe wait for
+  -- each other's commit on it): the queue row's status (its trigger updates the stripe).
   v_usage := public.settle_call_usage(p_assignment_id, v_q.user_id, p_duration_seconds);
-  PERFORM public.free_provider_slot(p_assignment_id);
-  PERFORM public.tally_provider_call(v_a.provider_id, 1, 0);
-  -- Then the tenant's counter stripe as late as possible (the endings of the calls counted in
-  -- one stripe wait for each other's commit on it): the queue row's status, whose trigger
-  -- updates it. Nothing this ending holds is wanted by a holder of the stripe: the slot is the
-  -- call's own (its assignment row, locked above, comes first on every path), the statistics
-  -- and the period's row are taken with SKIP LOCKED.
   UPDATE public.call_queue q
      SET status = 'completed', completed_at = now(), lease_expires_at = NULL
    WHERE q.id = v_q.id;
+  -- Provider rows after the counters, as on every path (lock order: handle_failed_call and
+  -- release_assignment hold the stripe when they free their slot, and reconcile_provider_slots
+  -- locks every taken slot: a slot freed before the stripe closed a cycle through it). The
+  -- statistics never wait (tally_provider_call).
+  PERFORM public.free_provider_slot(p_assignment_id);
+  PERFORM public.tally_provider_call(v_a.provider_id, 1, 0);
   -- the period's row only if nobody holds it (never waits), right before the commit
   PERFORM public.fold_call_usage(v_usage, true);
   RETURN v_hid;
