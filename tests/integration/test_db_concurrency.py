@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import threading
+import time
 import uuid
 from collections import Counter
 from collections.abc import Callable
@@ -52,14 +53,17 @@ def _run_threads(target: Callable[[int], None], n: int = WORKERS) -> None:
         except BaseException as exc:
             errors.append(exc)
 
-    threads = [threading.Thread(target=wrapped, args=(i,)) for i in range(n)]
+    # daemons, and one deadline for all: a thread that died (a deadlock's victim) can leave the
+    # others waiting for its calls; the test then fails in 120 s instead of hanging the run
+    threads = [threading.Thread(target=wrapped, args=(i,), daemon=True) for i in range(n)]
     for t in threads:
         t.start()
+    deadline = time.monotonic() + 120
     for t in threads:
-        t.join(timeout=120)
-    assert not any(t.is_alive() for t in threads), "worker thread hung"
+        t.join(timeout=max(0.0, deadline - time.monotonic()))
     if errors:
         raise errors[0]
+    assert not any(t.is_alive() for t in threads), "worker thread hung"
 
 
 def test_eight_connections_claim_500_calls_each_exactly_once(db_url: str) -> None:
