@@ -90,20 +90,20 @@ ORDER BY g.n
 # Claim due calls (CLAIM_AND_ASSIGN) and, for a claim of at most %(gate)s calls of one tenant,
 # win their dial gates in the same transaction (claim_and_gate_calls): every call claimed, in
 # claim order, with its assignment's state after the gates, and for the calls whose gate was won
-# (state 'dialing') what GATE_AND_LOAD loads (the other rows' details are NULL). The queue and
-# provider rows are read from the statement's snapshot, taken before the claim (what a create
-# sends was written before it).
+# (state 'dialing') what GATE_AND_LOAD loads (the other rows' details are NULL). The queue
+# row's part comes from the function (``q`` here): the claim may take a call committed after
+# this statement's snapshot, in which a join on call_queue would not find it.
 CLAIM_AND_GATE = f"""
-SELECT g.assignment_id, g.state, NULL::text AS provider_call_id, g.dialing_at, g.attempt,
-       0 AS poll_count, g.queue_id, g.queue_status, g.provider_id AS claimed_provider_id,
-       {CALL_DETAIL_COLUMNS}, g.max_duration_seconds, g.caller_id, g.paced
+SELECT q.assignment_id, q.state, NULL::text AS provider_call_id, q.dialing_at, q.attempt,
+       0 AS poll_count, q.queue_id, q.queue_status, q.provider_id AS claimed_provider_id,
+       {CALL_DETAIL_COLUMNS}, q.max_duration_seconds, q.caller_id, q.paced
 FROM claim_and_gate_calls(%(limit)s, %(worker)s, %(lease_seconds)s, %(gate)s) WITH ORDINALITY
-  AS g(queue_id, assignment_id, provider_id, state, queue_status, attempt, dialing_at,
-       max_duration_seconds, caller_id, paced, n)
-LEFT JOIN call_queue q ON q.id = g.queue_id AND g.state = 'dialing'
-LEFT JOIN call_service_providers p ON p.id = g.provider_id AND g.state = 'dialing'
+  AS q(queue_id, assignment_id, provider_id, state, queue_status, attempt, dialing_at,
+       max_duration_seconds, caller_id, paced, recipient_name, recipient_phone,
+       recipient_email, custom_variables, template_snapshot, n)
+LEFT JOIN call_service_providers p ON p.id = q.provider_id AND q.state = 'dialing'
 {TEMPLATE_JOIN}
-ORDER BY g.n
+ORDER BY q.n
 """
 
 # Every active provider (health probes, webhook authentication).

@@ -982,11 +982,16 @@ $$;
 -- row is free now (SKIP LOCKED, held from then on), never waiting for it with stripes held.
 -- A gate won commits synchronously (as mark_call_dialing: nothing is dialed before its WAL is
 -- flushed); a claim alone does not (claim_and_assign_calls).
+-- What a dialed call's create sends from its queue row comes back with it (NULL for the other
+-- rows): the claim may take a call committed after the caller's statement began, which a join
+-- in that statement would not see.
 CREATE OR REPLACE FUNCTION public.claim_and_gate_calls(
   p_limit integer, p_worker text, p_lease_seconds integer, p_gate integer
 ) RETURNS TABLE (queue_id uuid, assignment_id uuid, provider_id uuid, state text,
                  queue_status text, attempt integer, dialing_at timestamptz,
-                 max_duration_seconds integer, caller_id text, paced boolean)
+                 max_duration_seconds integer, caller_id text, paced boolean,
+                 recipient_name text, recipient_phone text, recipient_email text,
+                 custom_variables jsonb, template_snapshot jsonb)
 LANGUAGE plpgsql
 SET search_path = ''
 AS $$
@@ -1021,10 +1026,13 @@ BEGIN
   END IF;
   RETURN QUERY
   SELECT m.qid, m.aid, m.pid, a.state, q.status, a.attempt, a.dialing_at, a.max_duration_seconds,
-         a.caller_id, public.provider_creates_per_second(a.provider_id) IS NOT NULL
+         a.caller_id, public.provider_creates_per_second(a.provider_id) IS NOT NULL,
+         d.recipient_name, d.recipient_phone, d.recipient_email, d.custom_variables,
+         d.template_snapshot
     FROM unnest(v_q, v_a, v_p) WITH ORDINALITY AS m(qid, aid, pid, n)
     JOIN public.call_assignments a ON a.id = m.aid
     JOIN public.call_queue q ON q.id = m.qid
+    LEFT JOIN public.call_queue d ON d.id = m.qid AND a.state = 'dialing'
    ORDER BY m.n;
 END
 $$;

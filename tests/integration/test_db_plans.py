@@ -12,6 +12,9 @@ from typing import Any
 
 import psycopg
 import pytest
+from psycopg.rows import dict_row
+
+from models import queries
 
 from .dbutil import Conn, connect, make_provider, make_template, make_user, one, schedule
 from .dbutil import set_clock as pin_clock
@@ -651,3 +654,31 @@ def test_claim_and_gate_never_waits_for_the_usage_row_nor_gates_two_tenants(
     schedule(conn, user, tpl)
     schedule(conn, other, other_tpl)
     assert sorted(claim_and_gate(conn)) == [("assigned", "assigned")] * 2
+
+
+def test_a_call_committed_after_the_claims_statement_began_is_sent_whole(
+    conn: Conn, db_url: str
+) -> None:
+    """The claim inside CLAIM_AND_GATE sees calls committed after the statement's snapshot was
+    taken (a new snapshot per statement of the function); what their creates send must come
+    from the function too, not from a join in the statement, which would not see them (the
+    create went out without a number). A cursor declared before the call's commit runs the
+    statement with the older snapshot, fetched after it."""
+    make_provider(conn, max_calls=50)
+    user, tpl = tenant(conn, call_limit=10, minute_limit=100)
+    schedule(conn, user, tpl)
+    gate(conn, claim(conn)[0][1])  # the period's usage row exists
+    params = {"limit": 10, "worker": "w", "lease_seconds": 60, "gate": 5}
+    with psycopg.connect(db_url) as early, early.cursor("claim", row_factory=dict_row) as cur:
+        cur.execute(queries.CLAIM_AND_GATE, params)  # DECLARE: the statement's snapshot
+        late = schedule(conn, user, tpl, recipient_phone="+15557654321")
+        # due before the cursor's transaction began (its now()), committed after its snapshot
+        conn.execute(
+            "UPDATE call_queue SET scheduled_time = now() - interval '1 minute' WHERE id = %s",
+            (late,),
+        )
+        rows = cur.fetchall()  # the function runs now and claims the call
+    assert [(r["state"], r["recipient_phone"], r["recipient_name"]) for r in rows] == [
+        ("dialing", "+15557654321", "John Doe")
+    ]
+    assert rows[0]["script"] is not None and rows[0]["provider_name"] is not None
