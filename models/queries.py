@@ -30,12 +30,6 @@ POOL_MAX_IDLE_SECONDS = 7 * 24 * 3600.0  # never, in practice: see Database.__in
 
 # -- queries: purpose line, then the statement -------------------------------------------------
 
-# Claim due calls and put each on a provider with a free slot, in one statement.
-CLAIM_AND_ASSIGN = """
-SELECT queue_id, assignment_id, provider_id
-FROM claim_and_assign_calls(%(limit)s, %(worker)s, %(lease_seconds)s)
-"""
-
 # The provider columns every provider read returns (``ProviderRow.from_row``).
 PROVIDER_COLUMNS = """
 p.id AS provider_id, p.name AS provider_name, p.provider_type, p.api_key, p.api_secret,
@@ -87,10 +81,12 @@ WHERE g.won
 ORDER BY g.n
 """
 
-# Claim due calls (CLAIM_AND_ASSIGN) and, for a claim of at most %(gate)s calls of one tenant,
-# win their dial gates in the same transaction (claim_and_gate_calls): every call claimed, in
+# Claim due calls and put each on a provider (claim_and_assign_calls) and, for a claim of at
+# most %(gate)s calls of one tenant, win their dial gates in the same transaction
+# (claim_and_gate_calls; gate 0: never): every call claimed, in
 # claim order, with its assignment's state after the gates, and for the calls whose gate was won
-# (state 'dialing') what GATE_AND_LOAD loads (the other rows' details are NULL). The queue
+# (state 'dialing') what GATE_AND_LOAD loads (the other rows' provider and template are NULL:
+# they are not dialed from this result). The queue
 # row's part comes from the function (``q`` here): the claim may take a call committed after
 # this statement's snapshot, in which a join on call_queue would not find it.
 CLAIM_AND_GATE = f"""
@@ -345,10 +341,8 @@ class Database:
     # -- named operations -------------------------------------------------------------------
 
     def claim_and_assign(self, limit: int, worker: str, lease_seconds: int) -> list[Assigned]:
-        """Claim up to ``limit`` due calls and assign each to a provider."""
-        params = {"limit": limit, "worker": worker, "lease_seconds": lease_seconds}
-        rows = self.rows(CLAIM_AND_ASSIGN, params)
-        return [Assigned(r["queue_id"], r["assignment_id"], r["provider_id"]) for r in rows]
+        """Claim up to ``limit`` due calls and assign each to a provider (no gate passed)."""
+        return self.claim_and_gate(limit, worker, lease_seconds, gate=0).assigned
 
     def claim_and_gate(self, limit: int, worker: str, lease_seconds: int, gate: int) -> Claim:
         """Claim up to ``limit`` due calls; a claim of at most ``gate`` calls of one tenant also

@@ -1027,12 +1027,11 @@ BEGIN
   RETURN QUERY
   SELECT m.qid, m.aid, m.pid, a.state, q.status, a.attempt, a.dialing_at, a.max_duration_seconds,
          a.caller_id, public.provider_creates_per_second(a.provider_id) IS NOT NULL,
-         d.recipient_name, d.recipient_phone, d.recipient_email, d.custom_variables,
-         d.template_snapshot
+         q.recipient_name, q.recipient_phone, q.recipient_email, q.custom_variables,
+         q.template_snapshot
     FROM unnest(v_q, v_a, v_p) WITH ORDINALITY AS m(qid, aid, pid, n)
     JOIN public.call_assignments a ON a.id = m.aid
     JOIN public.call_queue q ON q.id = m.qid
-    LEFT JOIN public.call_queue d ON d.id = m.qid AND a.state = 'dialing'
    ORDER BY m.n;
 END
 $$;

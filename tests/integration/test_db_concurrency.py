@@ -506,12 +506,18 @@ def test_the_worker_pool_grows_on_demand_and_keeps_its_sessions(db_url: str) -> 
     db = Database(db_url, max_size=3)
     try:
         assert db.scalar("SELECT 1") == 1
+        together = threading.Barrier(3, timeout=30)
+
+        def session(_: int) -> int:
+            # three threads hold a connection at once: the pool must grow to three
+            with db._ensure_open().connection() as conn:
+                together.wait()
+                row = conn.execute("SELECT pg_backend_pid()").fetchone()
+                assert row is not None
+                return int(row[0])
+
         with ThreadPoolExecutor(3) as pool:
-            pids = set(
-                pool.map(
-                    lambda _: db.scalar("SELECT pg_backend_pid() FROM pg_sleep(0.3)"), range(3)
-                )
-            )
+            pids = set(pool.map(session, range(3)))
         assert len(pids) == 3  # grown: three sessions at once
         stats = db._ensure_open().get_stats()
         assert stats["pool_size"] == 3
