@@ -114,7 +114,11 @@ def _steady(stack: Stack, per_second: float, seconds: float) -> None:
 
 
 def run(
-    calls: int = 2000, seconds: float = 10.0, rate: int = 200, steady: float = 0.0
+    calls: int = 2000,
+    seconds: float = 10.0,
+    rate: int = 200,
+    steady: float = 0.0,
+    gil: bool = False,
 ) -> dict[str, Any]:
     spy = _py_spy()
     if spy is None:
@@ -143,6 +147,7 @@ def run(
                 "--nonblocking",
                 # the worker command starts Celery as a child process
                 "--subprocesses",
+                *(["--gil"] if gil else []),
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -273,6 +278,11 @@ def main(argv: list[str] | None = None) -> int:
         help="schedule this many calls per second, one at a time, instead of a burst",
     )
     parser.add_argument(
+        "--gil",
+        action="store_true",
+        help="sample only the thread holding the GIL: Python's own CPU, not threads waiting",
+    )
+    parser.add_argument(
         "--waits",
         action="store_true",
         help="sample PostgreSQL's wait events (no py-spy) while a burst is placed and ended",
@@ -281,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
     if ns.waits:
         print(json.dumps(waits(ns.calls), indent=2))
         return 0
-    res = run(ns.calls, ns.seconds, steady=ns.steady)
+    res = run(ns.calls, ns.seconds, steady=ns.steady, gil=ns.gil)
     log(
         f"profile: {res['placed_during_profile']} calls placed, "
         f"{res['rate_during_profile']:.0f}/s while sampled"

@@ -19,6 +19,7 @@ from typing import Any, ClassVar
 import httpx
 
 from providers._http import Sender, timed
+from providers._transport import new_client
 from providers._util import (
     as_float,
     as_id,
@@ -284,7 +285,7 @@ class SynthflowProvider:
         self.config = config
         self.base_url = (config.base_url or BASE_URL).rstrip("/")
         self._owns_client = client is None
-        self._client = client or httpx.Client()
+        self._client = client or new_client()
         self._sender = Sender.for_config(PROVIDER, self._client, config, DEFAULT_CREATES_PER_SECOND)
 
     def __repr__(self) -> str:
