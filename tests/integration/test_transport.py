@@ -335,9 +335,9 @@ def test_tls_verified_against_the_given_context(tmp_path: Path) -> None:
             assert c.get(_url(script, scheme="https")).json()["id"] == "c1"
             assert c.get(_url(script, scheme="https")).status_code == 200
         assert script.accepted == 1
-        with new_client() as untrusting:  # the default bundle does not know this certificate
-            with pytest.raises(httpx.ConnectError):
-                untrusting.get(_url(script, scheme="https"))
+        # the default bundle does not know this certificate
+        with new_client() as untrusting, pytest.raises(httpx.ConnectError):
+            untrusting.get(_url(script, scheme="https"))
         assert len(script.seen) == 2
     finally:
         script.close()
