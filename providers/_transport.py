@@ -54,14 +54,14 @@ class ThreadLocalTransport(httpx.BaseTransport):
             _send(conn, request)
         except BaseException as exc:
             self._drop(origin, conn)
-            raise _mapped(exc, request, httpx.WriteTimeout, httpx.WriteError) from exc
+            raise _mapped(exc, request, httpx.WriteTimeout, httpx.WriteError) from None
         try:
             sock.settimeout(timeouts.get("read"))
             response = conn.getresponse()
             content = response.read()
         except BaseException as exc:
             self._drop(origin, conn)
-            raise _mapped(exc, request, httpx.ReadTimeout, httpx.RemoteProtocolError) from exc
+            raise _mapped(exc, request, httpx.ReadTimeout, httpx.RemoteProtocolError) from None
         if response.will_close:
             self._drop(origin, conn)
         return httpx.Response(
@@ -157,14 +157,18 @@ def _mapped(
     error: type[httpx.TransportError],
 ) -> BaseException:
     """An error once the connection was open, as httpx names it (never a connect error: some
-    of the request may have reached the server). The text carries the error's type only."""
+    of the request may have reached the server). The text carries the error's type only, and
+    it is raised without its cause: http.client's texts quote what was sent or received (a
+    header's value, a status line)."""
     if isinstance(exc, httpx.HTTPError) or not isinstance(exc, Exception):
         return exc
     if isinstance(exc, TimeoutError):
         return timeout(f"timed out ({type(exc).__name__})", request=request)
-    if isinstance(exc, http.client.HTTPException | OSError):
-        return error(f"connection failed ({type(exc).__name__})", request=request)
-    return exc
+    if isinstance(exc, ValueError) and error is httpx.WriteError:
+        # http.client refused a header (a control character): its text quotes the value,
+        # which may be a key; nothing of the request was sent
+        return httpx.LocalProtocolError(f"invalid request ({type(exc).__name__})", request=request)
+    return error(f"connection failed ({type(exc).__name__})", request=request)
 
 
 def _default_port(request: httpx.Request) -> int:

@@ -341,3 +341,15 @@ def test_tls_verified_against_the_given_context(tmp_path: Path) -> None:
         assert len(script.seen) == 2
     finally:
         script.close()
+
+
+def test_a_header_http_client_refuses_is_an_error_without_its_value(
+    server: Script, client: httpx.Client
+) -> None:
+    with pytest.raises(httpx.LocalProtocolError) as info:
+        client.get(_url(server), headers={"Authorization": "Bearer sk-secret\r\nX-Evil: 1"})
+    assert "sk-secret" not in str(info.value)
+    assert "sk-secret" not in repr(info.value)
+    assert info.value.__cause__ is None and info.value.__suppress_context__
+    assert server.seen == []
+    assert client.get(_url(server)).status_code == 200  # the next request is unaffected
