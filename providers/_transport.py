@@ -21,6 +21,7 @@ closed while idle is noticed before it is used (its socket reads as closed) and 
 from __future__ import annotations
 
 import http.client
+import os
 import select
 import ssl
 import threading
@@ -40,6 +41,7 @@ class ThreadLocalTransport(httpx.BaseTransport):
         self._all: set[http.client.HTTPConnection] = set()
         self._lock = threading.Lock()  # only around opening and closing connections
         self._closed = False
+        self._pid = os.getpid()
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
         if self._closed:
@@ -83,6 +85,8 @@ class ThreadLocalTransport(httpx.BaseTransport):
         self, origin: _Origin, timeout: float | None, request: httpx.Request
     ) -> http.client.HTTPConnection:
         """This thread's open connection to ``origin``, or a new one."""
+        if self._pid != os.getpid():
+            self._forget_parent()
         conns: dict[_Origin, http.client.HTTPConnection] = self._local.__dict__.setdefault(
             "conns", {}
         )
@@ -119,6 +123,14 @@ class ThreadLocalTransport(httpx.BaseTransport):
         with self._lock:
             self._all.add(conn)
         return conn
+
+    def _forget_parent(self) -> None:
+        """In a forked child: never share the parent's sockets (both would read one stream).
+        Their copies here are only let go of; the parent's connections stay open."""
+        with self._lock:
+            self._pid = os.getpid()
+            self._all = set()
+            self._local = threading.local()
 
     def _drop(self, origin: _Origin, conn: http.client.HTTPConnection) -> None:
         conns: dict[_Origin, http.client.HTTPConnection] = self._local.__dict__.get("conns", {})

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import socket
 import ssl
 import subprocess
@@ -353,3 +354,19 @@ def test_a_header_http_client_refuses_is_an_error_without_its_value(
     assert info.value.__cause__ is None and info.value.__suppress_context__
     assert server.seen == []
     assert client.get(_url(server)).status_code == 200  # the next request is unaffected
+
+
+def test_a_forked_child_opens_its_own_connection(server: Script, client: httpx.Client) -> None:
+    assert client.get(_url(server)).status_code == 200
+    pid = os.fork()
+    if pid == 0:  # the child: its request must not go over the parent's socket
+        code = 1
+        try:
+            code = 0 if client.get(_url(server)).json()["id"] == "c1" else 1
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert client.get(_url(server)).status_code == 200  # the parent's connection still works
+    assert server.accepted == 2
+    assert len(server.seen) == 3
