@@ -25,6 +25,7 @@ import os
 import select
 import ssl
 import threading
+import urllib.request
 from typing import Any
 
 import httpx
@@ -200,5 +201,14 @@ def _default_ssl_context() -> ssl.SSLContext:
 
 
 def new_client(**kwargs: Any) -> httpx.Client:
-    """An ``httpx.Client`` over ``ThreadLocalTransport`` (the adapters' default client)."""
+    """The adapters' default client: over ``ThreadLocalTransport``, or over httpx's own
+    transport when the environment names an HTTP proxy (``HTTP_PROXY``, ``HTTPS_PROXY``,
+    ``ALL_PROXY``), which only httpx's transport goes through."""
+    if _environment_proxy():
+        return httpx.Client(**kwargs)
     return httpx.Client(transport=ThreadLocalTransport(), **kwargs)
+
+
+def _environment_proxy() -> bool:
+    proxies = urllib.request.getproxies()
+    return any(proxies.get(scheme) for scheme in ("http", "https", "all"))
