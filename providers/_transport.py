@@ -20,12 +20,14 @@ closed while idle is noticed before it is used (its socket reads as closed) and 
 
 from __future__ import annotations
 
+import functools
 import http.client
 import os
 import select
 import ssl
 import threading
 import urllib.request
+import weakref
 from typing import Any
 
 import httpx
@@ -39,7 +41,8 @@ class ThreadLocalTransport(httpx.BaseTransport):
     def __init__(self, *, ssl_context: ssl.SSLContext | None = None) -> None:
         self._ssl_context = ssl_context
         self._local = threading.local()
-        self._all: set[http.client.HTTPConnection] = set()
+        # every open connection, for close(); weak: a thread that ends takes its own with it
+        self._all: weakref.WeakSet[http.client.HTTPConnection] = weakref.WeakSet()
         self._lock = threading.Lock()  # only around opening and closing connections
         self._closed = False
         self._pid = os.getpid()
@@ -55,6 +58,11 @@ class ThreadLocalTransport(httpx.BaseTransport):
         try:
             sock.settimeout(timeouts.get("write"))
             _send(conn, request)
+        except ValueError:
+            # http.client refused a header (a control character) before sending anything; its
+            # text quotes the value, which may be a key
+            self._drop(origin, conn)
+            raise httpx.LocalProtocolError("invalid request header", request=request) from None
         except BaseException as exc:
             self._drop(origin, conn)
             raise _mapped(exc, request, httpx.WriteTimeout, httpx.WriteError) from None
@@ -78,7 +86,7 @@ class ThreadLocalTransport(httpx.BaseTransport):
     def close(self) -> None:
         with self._lock:
             self._closed = True
-            conns, self._all = self._all, set()
+            conns, self._all = list(self._all), weakref.WeakSet()
         for conn in conns:
             conn.close()
 
@@ -88,9 +96,7 @@ class ThreadLocalTransport(httpx.BaseTransport):
         """This thread's open connection to ``origin``, or a new one."""
         if self._pid != os.getpid():
             self._forget_parent()
-        conns: dict[_Origin, http.client.HTTPConnection] = self._local.__dict__.setdefault(
-            "conns", {}
-        )
+        conns: _ThreadConns = self._local.__dict__.setdefault("conns", _ThreadConns())
         conn = conns.get(origin)
         if conn is not None and _usable(conn):
             return conn
@@ -117,7 +123,7 @@ class ThreadLocalTransport(httpx.BaseTransport):
         except TimeoutError as exc:
             conn.close()
             raise httpx.ConnectTimeout("connect timed out", request=request) from exc
-        except (OSError, ssl.SSLError) as exc:
+        except OSError as exc:  # refused, unresolvable, a failed TLS handshake (ssl.SSLError)
             conn.close()
             message = f"could not connect ({type(exc).__name__})"
             raise httpx.ConnectError(message, request=request) from exc
@@ -130,7 +136,7 @@ class ThreadLocalTransport(httpx.BaseTransport):
         Their copies here are only let go of; the parent's connections stay open."""
         with self._lock:
             self._pid = os.getpid()
-            self._all = set()
+            self._all = weakref.WeakSet()
             self._local = threading.local()
 
     def _drop(self, origin: _Origin, conn: http.client.HTTPConnection) -> None:
@@ -140,6 +146,14 @@ class ThreadLocalTransport(httpx.BaseTransport):
         with self._lock:
             self._all.discard(conn)
         conn.close()
+
+
+class _ThreadConns(dict[_Origin, http.client.HTTPConnection]):
+    """One thread's connections, closed when the thread ends (its thread-local data goes)."""
+
+    def __del__(self) -> None:
+        for conn in self.values():
+            conn.close()
 
 
 def _send(conn: http.client.HTTPConnection, request: httpx.Request) -> None:
@@ -173,14 +187,10 @@ def _mapped(
     of the request may have reached the server). The text carries the error's type only, and
     it is raised without its cause: http.client's texts quote what was sent or received (a
     header's value, a status line)."""
-    if isinstance(exc, httpx.HTTPError) or not isinstance(exc, Exception):
+    if not isinstance(exc, Exception):  # KeyboardInterrupt, SystemExit: as they are
         return exc
     if isinstance(exc, TimeoutError):
         return timeout(f"timed out ({type(exc).__name__})", request=request)
-    if isinstance(exc, ValueError) and error is httpx.WriteError:
-        # http.client refused a header (a control character): its text quotes the value,
-        # which may be a key; nothing of the request was sent
-        return httpx.LocalProtocolError(f"invalid request ({type(exc).__name__})", request=request)
     return error(f"connection failed ({type(exc).__name__})", request=request)
 
 
@@ -188,16 +198,10 @@ def _default_port(request: httpx.Request) -> int:
     return 443 if request.url.scheme == "https" else 80
 
 
-_ssl_lock = threading.Lock()
-_ssl_default: list[ssl.SSLContext] = []
-
-
+@functools.cache
 def _default_ssl_context() -> ssl.SSLContext:
     """httpx's own default verification (certifi's bundle), made once."""
-    with _ssl_lock:
-        if not _ssl_default:
-            _ssl_default.append(httpx.create_ssl_context())
-        return _ssl_default[0]
+    return httpx.create_ssl_context()
 
 
 def new_client(**kwargs: Any) -> httpx.Client:

@@ -9,6 +9,7 @@ count what reached it.
 
 from __future__ import annotations
 
+import gc
 import gzip
 import json
 import os
@@ -19,6 +20,7 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import httpx
 import pytest
@@ -145,8 +147,8 @@ class Script:
         return ("\r\n".join(head) + "\r\n\r\n").encode() + self.body
 
 
-def _read_request(reader: object) -> Seen | None:
-    readline = reader.readline  # type: ignore[attr-defined]
+def _read_request(reader: BinaryIO) -> Seen | None:
+    readline = reader.readline
     line = readline()
     if not line:
         return None
@@ -159,7 +161,7 @@ def _read_request(reader: object) -> Seen | None:
         name, value = raw.split(":", 1)
         headers[name.strip().lower()] = value.strip()
     length = int(headers.get("content-length", "0"))
-    body = reader.read(length) if length else b""  # type: ignore[attr-defined]
+    body = reader.read(length) if length else b""
     return Seen(method, target, headers, body)
 
 
@@ -391,3 +393,14 @@ def test_an_http_proxy_in_the_environment_is_honoured(
     with new_client() as c:
         assert c.get("http://provider.invalid/call?x=1").json()["id"] == "c1"
     assert server.seen[0].target == "http://provider.invalid/call?x=1"
+
+
+def test_a_thread_that_ends_lets_its_connection_go(server: Script, client: httpx.Client) -> None:
+    """The transport keeps no connection of a thread that ended (threads of a pool that
+    shrinks): the server sees it closed, without the transport being closed."""
+    t = threading.Thread(target=lambda: client.get(_url(server)).raise_for_status())
+    t.start()
+    t.join(10)
+    assert len(server.seen) == 1
+    gc.collect()
+    wait_until(lambda: server.closed >= 1, timeout=5, interval=0.01, what="the server's close")
