@@ -57,6 +57,7 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "webhook_secret": "sim-webhook-secret",
     "vapi_webhook_auth": "hmac",  # "hmac" | "header" (X-Vapi-Secret) | "bearer"
     "retell_webhook_url": None,
+    "webhook_senders": 8,  # threads posting webhooks: one call's in order, calls concurrently
     "synthflow_echo_variables": True,
     "record_times": True,
     "clock_resolution_ms": 1,  # createdAt granularity; a coarse clock makes equal timestamps

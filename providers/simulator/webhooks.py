@@ -1,4 +1,4 @@
-"""End-of-call webhooks from the simulator: one thread, started on first use, sends each call's
+"""End-of-call webhooks from the simulator: sender threads, started on first use, send each call's
 webhooks when it ends (Vapi: status-update + end-of-call-report, signed per config; SynthFlow:
 the post-call body with ``Synthflow-Signature``).
 """
@@ -12,6 +12,7 @@ import hmac
 import json
 import threading
 import time
+import zlib
 
 import httpx
 
@@ -23,16 +24,16 @@ ANALYSIS_DELAY = 0.05  # call_analyzed follows call_ended once post-call analysi
 
 
 class WebhookSender:
-    """Posts each call's webhooks when they fall due (one thread, started on first use)."""
+    """Posts each call's webhooks when they fall due, from ``webhook_senders`` threads (config,
+    started on first use): a call's webhooks always go out from the same thread, in order, and
+    different calls' concurrently, as a provider's many senders do (one thread for every call
+    made a thousand calls ending together a queue of two thousand posts in a row)."""
 
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
-        self._heap: list[tuple[float, int, SimCall, str]] = []
-        self._cond = threading.Condition()
-        self._seq = 0
-        self._thread: threading.Thread | None = None
+        self._lanes: list[_Lane] = []
+        self._lock = threading.Lock()
         self._stopped = False
-        self._client: httpx.Client | None = None
 
     def url_for(self, call: SimCall) -> str | None:
         """Where this call's webhooks go, if anywhere (a per-call URL first)."""
@@ -58,49 +59,29 @@ class WebhookSender:
             events = [(call.end_at, "call_ended"), (call.end_at + ANALYSIS_DELAY, "call_analyzed")]
             if call.answer_at is not None and call.answer_at < call.end_at:
                 events.append((call.answer_at, "call_started"))
-        with self._cond:
-            if self._thread is None:
-                self._client = httpx.Client(timeout=5.0)
-                self._thread = threading.Thread(target=self._run, name="sim-webhooks", daemon=True)
-                self._thread.start()
-            for when, kind in events:
-                self._seq += 1
-                heapq.heappush(self._heap, (when, self._seq, call, kind))
-            self._cond.notify()
+        with self._lock:
+            if self._stopped:
+                return
+            if not self._lanes:
+                count = max(1, int(self._engine.config.get("webhook_senders") or 1))
+                self._lanes = [_Lane(self, n) for n in range(count)]
+            lane = self._lanes[zlib.crc32(call.id.encode()) % len(self._lanes)]
+        lane.push(call, events)
 
     def stop(self) -> None:
-        """Stop the thread (pending webhooks are dropped)."""
-        with self._cond:
+        """Stop the threads (pending webhooks are dropped)."""
+        with self._lock:
             self._stopped = True
-            self._cond.notify()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-        if self._client is not None:
-            self._client.close()
+            lanes = list(self._lanes)
+        for lane in lanes:
+            lane.stop()
 
-    def _run(self) -> None:
-        while True:
-            with self._cond:
-                while not self._stopped and (not self._heap or self._heap[0][0] > time.time()):
-                    timeout = self._heap[0][0] - time.time() if self._heap else None
-                    self._cond.wait(timeout)
-                if self._stopped:
-                    return
-                _, _, call, kind = heapq.heappop(self._heap)
-            # a canceled call's end moved earlier: its old end entry must not fire twice
-            due = call.end_at <= time.time()
-            if kind == "call_started":  # only if the callee answered before any cancel
-                due = call.answer_at is not None and call.answer_at <= call.end_at
-            if due and kind not in call.webhooks_sent:
-                call.webhooks_sent.add(kind)
-                self._deliver(call, kind)
-
-    def _deliver(self, call: SimCall, kind: str) -> None:
+    def deliver(self, client: httpx.Client, call: SimCall, kind: str) -> None:
+        """Post one event's webhooks (Vapi's status-update and end-of-call-report in order)."""
         url = self.url_for(call)
-        assert self._client is not None
         try:
             for body, headers in self._payloads(call, kind):
-                self._client.post(url or "", content=body, headers=headers)
+                client.post(url or "", content=body, headers=headers)
             self._engine.count("webhooks_sent")
         except httpx.HTTPError:
             self._engine.count("webhooks_failed")
@@ -135,6 +116,52 @@ class WebhookSender:
             headers["x-timestamp"] = timestamp
             headers["x-signature"] = hmac.new(secret.encode(), message, hashlib.sha256).hexdigest()
         return body, headers
+
+
+class _Lane:
+    """One sender thread: its calls' webhooks in the order they fall due, one post at a time."""
+
+    def __init__(self, sender: WebhookSender, number: int) -> None:
+        self._sender = sender
+        self._heap: list[tuple[float, int, SimCall, str]] = []
+        self._cond = threading.Condition()
+        self._seq = 0
+        self._stopped = False
+        self.client = httpx.Client(timeout=5.0)
+        name = f"sim-webhooks-{number}"
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def push(self, call: SimCall, events: list[tuple[float, str]]) -> None:
+        with self._cond:
+            for when, kind in events:
+                self._seq += 1
+                heapq.heappush(self._heap, (when, self._seq, call, kind))
+            self._cond.notify()
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopped = True
+            self._cond.notify()
+        self._thread.join(timeout=5)
+        self.client.close()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._stopped and (not self._heap or self._heap[0][0] > time.time()):
+                    timeout = self._heap[0][0] - time.time() if self._heap else None
+                    self._cond.wait(timeout)
+                if self._stopped:
+                    return
+                _, _, call, kind = heapq.heappop(self._heap)
+            # a canceled call's end moved earlier: its old end entry must not fire twice
+            due = call.end_at <= time.time()
+            if kind == "call_started":  # only if the callee answered before any cancel
+                due = call.answer_at is not None and call.answer_at <= call.end_at
+            if due and kind not in call.webhooks_sent:
+                call.webhooks_sent.add(kind)
+                self._sender.deliver(self.client, call, kind)
 
 
 def vapi_messages(call: SimCall, now: float) -> list[dict[str, object]]:

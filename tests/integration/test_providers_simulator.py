@@ -9,6 +9,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import httpx
@@ -16,6 +17,7 @@ import pytest
 
 from providers.simulator import Simulator
 from tests.conftest import running_simulator
+from worker.embedded import wait_until
 
 VAPI_AUTH = {"Authorization": "Bearer sim-vapi-key"}
 SF_AUTH = {"Authorization": "Bearer sim-synthflow-key"}
@@ -244,3 +246,69 @@ def test_concurrent_creates_on_keep_alive_connections(sim: Simulator) -> None:
         th.join()
     assert not errors
     assert sim.stats()["total_creates"] == threads * per_thread
+
+
+class _SlowReceiver:
+    """Records (call id, message type) per webhook; holds every delivery of the first call it
+    hears of until ``release`` is set."""
+
+    def __init__(self) -> None:
+        self.got: list[tuple[str, str]] = []
+        self.slow_call = ""
+        self.release = threading.Event()
+        self.lock = threading.Lock()
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                message = json.loads(body)["message"]
+                call_id = message["call"]["id"]
+                with outer.lock:
+                    outer.slow_call = outer.slow_call or call_id
+                if call_id == outer.slow_call:
+                    outer.release.wait(10)
+                outer.got.append((call_id, message["type"]))
+                self.send_response(200)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+
+    def reports(self) -> set[str]:
+        return {c for c, kind in list(self.got) if kind == "end-of-call-report"}
+
+
+def test_webhooks_go_out_concurrently_across_calls_and_in_order_within_one() -> None:
+    """A provider posts different calls' webhooks from many senders: one slow delivery holds
+    up only the calls that share its sender, and each call's status-update comes before its
+    end-of-call-report."""
+    receiver = _SlowReceiver()
+    config = {"queue_seconds": 0.01, "ring_seconds": 0.01, "call_seconds": 0.3,
+              "outcome_mix": {"completed": 1}, "vapi_webhook_auth": "header",
+              "webhook_url": receiver.url, "webhook_senders": 8}  # fmt: skip
+    try:
+        with running_simulator(config) as s, httpx.Client(base_url=s.base_url, timeout=10) as c:
+            ids = [
+                c.post("/vapi/call", json=vapi_body(n), headers=VAPI_AUTH).json()["id"]
+                for n in range(25)
+            ]
+            wait_until(lambda: receiver.slow_call, timeout=10, what="a first delivery")
+            others = set(ids) - {receiver.slow_call}  # one sender thread blocks on that call
+            wait_until(lambda: len(receiver.reports() & others) >= 12, timeout=10,
+                       what="other calls' reports while one delivery hangs")  # fmt: skip
+            assert receiver.slow_call not in receiver.reports()
+            receiver.release.set()
+            wait_until(lambda: receiver.reports() >= set(ids), timeout=10, what="every report")
+        for call_id in ids:
+            kinds = [kind for c_id, kind in receiver.got if c_id == call_id]
+            assert kinds == ["status-update", "end-of-call-report"], (call_id, kinds)
+    finally:
+        receiver.release.set()
+        receiver.server.shutdown()
+        receiver.server.server_close()
