@@ -161,6 +161,19 @@ def next_poll_delay(poll_count: int, initial: float, factor: float, maximum: flo
     return float(min(maximum, initial * factor ** max(0, poll_count)))
 
 
+# A safety-net poll waits its interval stretched by up to this share, drawn per poll.
+SAFETY_NET_SPREAD = 0.25
+
+
+def safety_net_delay(interval: float, draw: float) -> float:
+    """Seconds before the next safety-net poll of a call whose end its provider reports by
+    webhook: ``interval`` stretched by ``draw`` (in [0, 1)) times ``SAFETY_NET_SPREAD``. Calls
+    placed together would otherwise poll together for as long as they last (a thousand reads
+    in one tick every interval), and at each whole multiple of the interval with the webhooks
+    of the calls that end there."""
+    return interval * (1.0 + SAFETY_NET_SPREAD * min(max(draw, 0.0), 1.0))
+
+
 def _error_text(exc: ProviderError) -> str:
     code = exc.code or (f"http_{exc.http_status}" if exc.http_status else type(exc).__name__)
     return f"{exc.provider or 'provider'}: {code}"

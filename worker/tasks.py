@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextvars
 import os
+import random
 import socket
 import time
 from collections.abc import Sequence
@@ -41,6 +42,7 @@ from dispatch.policy import (
     decide_setup_error,
     decide_unproven_match,
     next_poll_delay,
+    safety_net_delay,
 )
 from dispatch.request import build_call_request
 from dispatch.steps import (
@@ -411,7 +413,7 @@ def _poll_delay(call: CallRow, polls_done: int) -> float:
     tells us a call's end by webhook."""
     s = get_settings()
     if runtime.expects_webhooks(call.provider):
-        return s.track_webhook_delay_seconds
+        return safety_net_delay(s.track_webhook_delay_seconds, random.random())
     return next_poll_delay(
         polls_done, s.track_initial_delay_seconds, s.track_backoff_factor, s.track_max_delay_seconds
     )

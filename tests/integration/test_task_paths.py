@@ -299,6 +299,27 @@ def test_a_chunk_sets_its_first_polls_without_a_message_and_logs_its_task_id(
     assert {e.get("assignment_id") for e in placed} == set(ids)
 
 
+def test_safety_net_polls_of_calls_placed_together_are_spread(
+    worker_db: str, seeded: Seeded, sim: Simulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Calls whose provider reports their end by webhook, placed in one chunk, poll again
+    within [interval, 1.25 interval), not all in the same tick."""
+    monkeypatch.setattr(runtime, "expects_webhooks", lambda provider: True)
+    sim.configure(LONG_CALLS)
+    ids = claim(worker_db, seeded, 15)
+    assert tally_of(tasks.dispatch_chunk(ids)) == {"placed": 15}
+    interval = get_settings().track_webhook_delay_seconds
+    with psycopg.connect(worker_db) as conn:
+        rows = conn.execute(
+            "SELECT extract(epoch FROM next_poll_at - placed_at)::float8 FROM call_assignments"
+            " WHERE id = ANY(%s::uuid[])",
+            (ids,),
+        ).fetchall()
+    delays = [float(r[0]) for r in rows]
+    assert all(interval - 1 <= d <= interval * 1.25 + 1 for d in delays), delays
+    assert max(delays) - min(delays) > interval * 0.1  # spread over more than a few ticks
+
+
 def test_a_lone_call_is_claimed_gated_and_placed_in_two_statements(
     worker_db: str,
     seeded: Seeded,

@@ -6,6 +6,8 @@ from typing import Any
 from uuid import uuid4
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from dispatch.policy import (
     Complete,
@@ -15,6 +17,7 @@ from dispatch.policy import (
     decide_error,
     decide_outcome,
     next_poll_delay,
+    safety_net_delay,
 )
 from dispatch.request import build_call_request
 from models.calls import CallRow
@@ -139,3 +142,15 @@ def test_request_features_from_the_rows(
     bare = build_call_request(call_row(**template))
     assert (bare.max_duration_seconds, bare.caller_id, bare.record) == (None, None, None)
     assert "+15550001111" not in repr(req)
+
+
+@given(
+    interval=st.floats(min_value=0.1, max_value=3600),
+    draw=st.floats(min_value=0, max_value=1, exclude_max=True),
+)
+def test_a_safety_net_delay_stretches_its_interval_by_at_most_a_quarter(
+    interval: float, draw: float
+) -> None:
+    delay = safety_net_delay(interval, draw)
+    assert interval <= delay < interval * 1.25 + 1e-9
+    assert safety_net_delay(interval, 0.0) == interval
