@@ -73,8 +73,10 @@ class WebhookSender:
         with self._lock:
             self._stopped = True
             lanes = list(self._lanes)
-        for lane in lanes:
+        for lane in lanes:  # all told first: a lane in a slow post holds up no other
             lane.stop()
+        for lane in lanes:
+            lane.join()
 
     def deliver(self, client: httpx.Client, call: SimCall, kind: str) -> None:
         """Post one event's webhooks (Vapi's status-update and end-of-call-report in order)."""
@@ -140,9 +142,13 @@ class _Lane:
             self._cond.notify()
 
     def stop(self) -> None:
+        """Tell the thread to stop after its current post (pending webhooks are dropped)."""
         with self._cond:
             self._stopped = True
             self._cond.notify()
+
+    def join(self) -> None:
+        """Wait for the thread (at most one post's timeout), then close its client."""
         self._thread.join(timeout=5)
         self.client.close()
 
