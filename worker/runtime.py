@@ -22,10 +22,11 @@ _providers: dict[str, tuple[str, Provider]] = {}
 # One pool of threads per lane, so one kind of work never queues behind another: "dispatch"
 # (creates of dispatch_batch chunks), "fresh" (the creates of the chunk a poll places itself:
 # the calls it just claimed, so a newcomer's first call never waits behind a backlog's creates),
-# "track" (provider reads, webhook endings), "listen" (the chunks the worker's LISTEN thread
-# claimed, placed off that thread so it can claim the next notification's calls meanwhile).
+# "track" (provider reads), "listen" (the chunks the worker's LISTEN thread claimed, placed off
+# that thread so it can claim the next notification's calls meanwhile), "end" (the webhook
+# server's endings: database work only, so fewer threads, CALLQ_WEBHOOK_END_THREADS).
 _executors: dict[str, ThreadPoolExecutor] = {}
-LANES = ("dispatch", "fresh", "track", "listen")
+LANES = ("dispatch", "fresh", "track", "listen", "end")
 T = TypeVar("T")
 R = TypeVar("R")
 
@@ -52,7 +53,8 @@ def executor(lane: str = "dispatch") -> ThreadPoolExecutor:
         with _lock:
             pool = _executors.get(lane)
             if pool is None:
-                threads = get_settings().dispatch_threads
+                s = get_settings()
+                threads = s.webhook_end_threads if lane == "end" else s.dispatch_threads
                 pool = ThreadPoolExecutor(threads, thread_name_prefix=f"callq-{lane}")
                 _executors[lane] = pool
     return pool

@@ -107,6 +107,9 @@ class Settings(BaseSettings):
     webhook_keepalive_seconds: int = Field(default=5, ge=1)
     webhook_max_connections: int = Field(default=512, ge=1)
     webhook_secret_ttl_seconds: float = Field(default=10.0, gt=0)
+    # Calls the webhook server ends at once (each ending is about 2 ms of database CPU; more at
+    # once only wait on each other's counter rows: bench/notes/tracking_session7.md)
+    webhook_end_threads: int = Field(default=4, ge=1, le=64)
 
     # Notifications to the apps (call.ended): the outbox is drained on beat by the "notify"
     # queue, which runs in its own worker (callq worker -Q notify) so a slow receiver never

@@ -194,7 +194,7 @@ def check_reported(items: Sequence[tuple[str, str]]) -> list[Step]:
 
 def end_from_reports(reports: Sequence[tuple[str, WebhookEvent]]) -> list[Step]:
     """End calls from their providers' final reports (trusted webhooks) without reading them
-    again: one look-up for the batch, the endings concurrently.
+    again: one look-up for the batch, the endings a few at a time (the "end" lane).
 
     Runs in the webhook server: the reports' data (transcript, recording) never goes through
     the broker. A report for a call that already ended changes nothing.
@@ -202,7 +202,7 @@ def end_from_reports(reports: Sequence[tuple[str, WebhookEvent]]) -> list[Step]:
     keys = [(provider_id, event.provider_call_id) for provider_id, event in reports]
     found = runtime.database().assignments_for_provider_calls(keys)
     items = [(found.get(key), event) for key, (_, event) in zip(keys, reports, strict=True)]
-    return runtime.map_in_context(_end_reported, items, "track")
+    return runtime.map_in_context(_end_reported, items, "end")
 
 
 def _end_reported(item: tuple[UUID | None, WebhookEvent]) -> Step:

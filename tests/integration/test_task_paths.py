@@ -6,6 +6,7 @@ No worker process: each test claims a call with the real SQL, runs the step func
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -362,6 +363,39 @@ def test_a_lone_call_is_claimed_gated_and_placed_in_two_statements(
             " AND next_poll_at > now()"
         ).fetchone()
     assert placed == (4,)
+
+
+NO_PROVIDER = "00000000-0000-0000-0000-000000000000"
+
+
+def test_reports_end_their_calls_a_few_at_a_time(
+    worker_db: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A burst of final reports is ended by CALLQ_WEBHOOK_END_THREADS endings at once (more
+    only wait on each other's rows in the database), every report ended once."""
+    running, most, lock = 0, 0, threading.Lock()
+    ended: list[str] = []
+
+    def end(item: tuple[Any, WebhookEvent]) -> Step:
+        nonlocal running, most
+        with lock:
+            running += 1
+            most = max(most, running)
+        threading.Event().wait(0.02)  # an ending's database work, held long enough to overlap
+        with lock:
+            running -= 1
+            ended.append(item[1].provider_call_id)
+        return Ended(Outcome.COMPLETED)
+
+    monkeypatch.setattr(tasks, "_end_reported", end)
+    limit = get_settings().webhook_end_threads
+    ids = [f"c{n}" for n in range(5 * limit)]
+    final = "end-of-call-report"
+    done = CallState.COMPLETED
+    reports = [(NO_PROVIDER, WebhookEvent(c, CallStatus(c, done), final)) for c in ids]
+    steps = tasks.end_from_reports(reports)
+    assert len(steps) == len(reports) and sorted(ended) == sorted(ids)
+    assert 1 < most <= limit
 
 
 def test_a_final_report_ends_the_call_without_another_read(
