@@ -4,20 +4,24 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 
 class Receiver:
-    """Collects webhook deliveries."""
+    """Collects webhook deliveries. ``hold``, if given, sees each body before it is recorded
+    and answered (a slow endpoint: it may block)."""
 
-    def __init__(self) -> None:
+    def __init__(self, hold: Callable[[bytes], None] | None = None) -> None:
         self.deliveries: list[tuple[dict[str, str], bytes]] = []
         received = self.deliveries
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                if hold is not None:
+                    hold(body)
                 received.append((dict(self.headers.items()), body))
                 self.send_response(200)
                 self.send_header("Content-Length", "0")

@@ -9,7 +9,6 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import httpx
@@ -17,6 +16,7 @@ import pytest
 
 from providers.simulator import Simulator
 from tests.conftest import running_simulator
+from tests.integration.receiver import Receiver
 from worker.embedded import wait_until
 
 VAPI_AUTH = {"Authorization": "Bearer sim-vapi-key"}
@@ -248,47 +248,41 @@ def test_concurrent_creates_on_keep_alive_connections(sim: Simulator) -> None:
     assert sim.stats()["total_creates"] == threads * per_thread
 
 
-class _SlowReceiver:
-    """Records (call id, message type) per webhook; holds every delivery of the first call it
-    hears of until ``release`` is set."""
+class _SlowEndpoint:
+    """Holds every delivery of the first call it hears of until ``release`` is set."""
 
     def __init__(self) -> None:
-        self.got: list[tuple[str, str]] = []
         self.slow_call = ""
         self.release = threading.Event()
-        self.lock = threading.Lock()
-        outer = self
+        self._lock = threading.Lock()
 
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                message = json.loads(body)["message"]
-                call_id = message["call"]["id"]
-                with outer.lock:
-                    outer.slow_call = outer.slow_call or call_id
-                if call_id == outer.slow_call:
-                    outer.release.wait(10)
-                outer.got.append((call_id, message["type"]))
-                self.send_response(200)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
+    def __call__(self, body: bytes) -> None:
+        call_id = json.loads(body)["message"]["call"]["id"]
+        with self._lock:
+            self.slow_call = self.slow_call or call_id
+        if call_id == self.slow_call:
+            self.release.wait(10)
 
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+def _messages(receiver: Receiver) -> list[tuple[str, str]]:
+    """(call id, message type) of each delivery so far, in arrival order."""
+    out = []
+    for _, body in list(receiver.deliveries):
+        message = json.loads(body)["message"]
+        out.append((message["call"]["id"], message["type"]))
+    return out
 
-    def reports(self) -> set[str]:
-        return {c for c, kind in list(self.got) if kind == "end-of-call-report"}
+
+def _reports(receiver: Receiver) -> set[str]:
+    return {c for c, kind in _messages(receiver) if kind == "end-of-call-report"}
 
 
 def test_webhooks_go_out_concurrently_across_calls_and_in_order_within_one() -> None:
     """A provider posts different calls' webhooks from many senders: one slow delivery holds
     up only the calls that share its sender, and each call's status-update comes before its
     end-of-call-report."""
-    receiver = _SlowReceiver()
+    slow = _SlowEndpoint()
+    receiver = Receiver(hold=slow)
     config = {"queue_seconds": 0.01, "ring_seconds": 0.01, "call_seconds": 0.3,
               "outcome_mix": {"completed": 1}, "vapi_webhook_auth": "header",
               "webhook_url": receiver.url, "webhook_senders": 8}  # fmt: skip
@@ -298,17 +292,16 @@ def test_webhooks_go_out_concurrently_across_calls_and_in_order_within_one() -> 
                 c.post("/vapi/call", json=vapi_body(n), headers=VAPI_AUTH).json()["id"]
                 for n in range(25)
             ]
-            wait_until(lambda: receiver.slow_call, timeout=10, what="a first delivery")
-            others = set(ids) - {receiver.slow_call}  # one sender thread blocks on that call
-            wait_until(lambda: len(receiver.reports() & others) >= 12, timeout=10,
+            wait_until(lambda: slow.slow_call, timeout=10, what="a first delivery")
+            others = set(ids) - {slow.slow_call}  # one sender thread blocks on that call
+            wait_until(lambda: len(_reports(receiver) & others) >= 12, timeout=10,
                        what="other calls' reports while one delivery hangs")  # fmt: skip
-            assert receiver.slow_call not in receiver.reports()
-            receiver.release.set()
-            wait_until(lambda: receiver.reports() >= set(ids), timeout=10, what="every report")
+            assert slow.slow_call not in _reports(receiver)
+            slow.release.set()
+            wait_until(lambda: _reports(receiver) >= set(ids), timeout=10, what="every report")
         for call_id in ids:
-            kinds = [kind for c_id, kind in receiver.got if c_id == call_id]
+            kinds = [kind for c_id, kind in _messages(receiver) if c_id == call_id]
             assert kinds == ["status-update", "end-of-call-report"], (call_id, kinds)
     finally:
-        receiver.release.set()
-        receiver.server.shutdown()
-        receiver.server.server_close()
+        slow.release.set()
+        receiver.close()
