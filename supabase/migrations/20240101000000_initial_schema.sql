@@ -150,6 +150,32 @@ CREATE INDEX call_templates_created_by_idx ON public.call_templates (created_by)
 CREATE INDEX call_templates_public_idx ON public.call_templates (category) WHERE is_public;
 CREATE INDEX call_templates_tags_idx ON public.call_templates USING gin (tags);
 
+-- (row checks of the hot tables: see call_queue_row_check, 20240101000100)
+CREATE OR REPLACE FUNCTION public.call_history_row_check(
+  p_recipient_phone text, p_status text, p_duration_seconds numeric, p_cost numeric,
+  p_attempts integer, p_started_at timestamptz, p_ended_at timestamptz
+) RETURNS boolean
+LANGUAGE plpgsql IMMUTABLE
+SET search_path = ''
+AS $$
+DECLARE
+  v_broken text := CASE
+    WHEN NOT (p_recipient_phone ~ '^\+[1-9][0-9]{6,14}$') THEN 'recipient_phone: an E.164 number'
+    WHEN NOT (p_status IN ('completed', 'failed', 'canceled', 'busy', 'no_answer', 'voicemail'))
+      THEN 'status: a final call status'
+    WHEN NOT (p_duration_seconds >= 0) THEN 'duration_seconds: at least 0'
+    WHEN NOT (p_cost >= 0) THEN 'cost: at least 0'
+    WHEN NOT (p_attempts >= 0) THEN 'attempts: at least 0'
+    WHEN NOT (p_ended_at >= p_started_at) THEN 'ended_at: not before started_at'
+  END;
+BEGIN
+  IF v_broken IS NOT NULL THEN
+    RAISE EXCEPTION USING ERRCODE = 'check_violation', MESSAGE = 'call_history.' || v_broken;
+  END IF;
+  RETURN true;
+END
+$$;
+
 -- 6. call_history: one row per finished call (queue item). FKs to the queue, providers and
 -- assignments are added in 20240101000100 once those tables exist.
 CREATE TABLE public.call_history (
@@ -162,23 +188,23 @@ CREATE TABLE public.call_history (
   provider_id uuid,
   -- NULL once the user closed the account (anonymised; the row stays for billing)
   recipient_name text,
-  recipient_phone text CHECK (recipient_phone ~ '^\+[1-9][0-9]{6,14}$'),
+  recipient_phone text,
   recipient_email text,
-  status text NOT NULL
-    CHECK (status IN ('completed', 'failed', 'canceled', 'busy', 'no_answer', 'voicemail')),
+  status text NOT NULL,
   started_at timestamptz,
   ended_at timestamptz,
-  duration_seconds numeric(12, 3) CHECK (duration_seconds >= 0),
+  duration_seconds numeric(12, 3),
   recording_url text,
   transcript text,
-  cost numeric(12, 4) CHECK (cost >= 0),
+  cost numeric(12, 4),
   provider_call_id text,
-  attempts integer NOT NULL DEFAULT 0 CHECK (attempts >= 0),
+  attempts integer NOT NULL DEFAULT 0,
   error text,
   metadata jsonb NOT NULL DEFAULT '{}'::jsonb,
   created_at timestamptz NOT NULL DEFAULT now(),
   updated_at timestamptz NOT NULL DEFAULT now(),
-  CHECK (ended_at IS NULL OR started_at IS NULL OR ended_at >= started_at)
+  CONSTRAINT call_history_row_check CHECK (public.call_history_row_check(
+    recipient_phone, status, duration_seconds, cost, attempts, started_at, ended_at))
 );
 -- a user's history, newest first
 CREATE INDEX call_history_user_created_idx ON public.call_history (user_id, created_at DESC);

@@ -30,6 +30,59 @@ CREATE TABLE public.call_service_providers (
 CREATE INDEX call_service_providers_selection_idx
   ON public.call_service_providers (priority) WHERE is_active;
 
+-- Row checks of the hot tables (call_queue and call_assignments here, call_history in
+-- 20240101000000, call_events in 20240101000130): one CHECK per table, calling a function that
+-- holds the table's column rules. PostgreSQL reads a table's CHECK expressions back from their
+-- stored text at the start of every INSERT or UPDATE statement; a one-row statement of the call
+-- path spent more on reading a dozen column CHECKs than on its own writes (15 % of
+-- complete_call's server CPU; bench/notes/row_checks.md). A PL/pgSQL function's expression is
+-- planned once per session. Each function returns true or raises check_violation (23514)
+-- naming the rule broken, never a value: unlike a plain CHECK ("Failing row contains ..."), the
+-- error carries no phone number, name or script. A rule that is NULL holds, as in a CHECK.
+CREATE OR REPLACE FUNCTION public.call_queue_row_check(
+  p_recipient_name text, p_recipient_phone text, p_recipient_email text, p_status text,
+  p_priority integer, p_attempts integer, p_max_attempts integer, p_custom_variables jsonb,
+  p_metadata jsonb, p_idempotency_key text, p_required_capabilities jsonb,
+  p_recipient_timezones text[]
+) RETURNS boolean
+LANGUAGE plpgsql IMMUTABLE
+SET search_path = ''
+AS $$
+DECLARE
+  v_broken text := CASE
+    WHEN NOT (length(btrim(p_recipient_name)) BETWEEN 1 AND 200)
+      THEN 'recipient_name: 1 to 200 characters'
+    WHEN NOT (p_recipient_phone ~ '^\+[1-9][0-9]{6,14}$')
+      THEN 'recipient_phone: an E.164 number'
+    WHEN NOT (p_recipient_email IS NULL
+              OR p_recipient_email ~ '^[^@[:space:]]+@[^@[:space:]]+\.[^@[:space:]]+$')
+      THEN 'recipient_email: an address'
+    WHEN NOT (p_status IN ('queued', 'claimed', 'assigned', 'dialing', 'in_progress',
+                           'completed', 'failed', 'canceled'))
+      THEN 'status: a call status'
+    WHEN NOT (p_priority BETWEEN 1 AND 10) THEN 'priority: 1 to 10'
+    WHEN NOT (p_attempts >= 0) THEN 'attempts: at least 0'
+    WHEN NOT (p_max_attempts BETWEEN 1 AND 20) THEN 'max_attempts: 1 to 20'
+    WHEN NOT (jsonb_typeof(p_custom_variables) = 'object') THEN 'custom_variables: an object'
+    WHEN NOT (jsonb_typeof(p_metadata) = 'object') THEN 'metadata: an object'
+    WHEN NOT (p_idempotency_key IS NULL OR length(p_idempotency_key) BETWEEN 1 AND 200)
+      THEN 'idempotency_key: 1 to 200 characters'
+    WHEN NOT (p_required_capabilities IS NULL OR jsonb_typeof(p_required_capabilities) = 'object')
+      THEN 'required_capabilities: an object'
+    WHEN NOT (cardinality(p_recipient_timezones) >= 1) THEN 'recipient_timezones: at least one'
+    -- NULL only on a finished call of a closed account (anonymised)
+    WHEN NOT (p_status IN ('completed', 'failed', 'canceled')
+              OR (p_recipient_name IS NOT NULL AND p_recipient_phone IS NOT NULL))
+      THEN 'recipient_name, recipient_phone: required until the call is finished'
+  END;
+BEGIN
+  IF v_broken IS NOT NULL THEN
+    RAISE EXCEPTION USING ERRCODE = 'check_violation', MESSAGE = 'call_queue.' || v_broken;
+  END IF;
+  RETURN true;
+END
+$$;
+
 -- 10. call_queue
 CREATE TABLE public.call_queue (
   id uuid PRIMARY KEY DEFAULT gen_random_uuid(),
@@ -42,22 +95,18 @@ CREATE TABLE public.call_queue (
   -- 20240101000310): what the worker sends; a later edit or deletion does not change the call
   template_snapshot jsonb,
   -- NULL only on a finished call of a closed account (anonymised)
-  recipient_name text CHECK (length(btrim(recipient_name)) BETWEEN 1 AND 200),
-  recipient_phone text CHECK (recipient_phone ~ '^\+[1-9][0-9]{6,14}$'),
-  recipient_email text
-    CHECK (recipient_email IS NULL OR recipient_email ~ '^[^@[:space:]]+@[^@[:space:]]+\.[^@[:space:]]+$'),
-  status text NOT NULL DEFAULT 'queued'
-    CHECK (status IN ('queued', 'claimed', 'assigned', 'dialing', 'in_progress',
-                      'completed', 'failed', 'canceled')),
-  priority integer NOT NULL DEFAULT 5 CHECK (priority BETWEEN 1 AND 10),
+  recipient_name text,
+  recipient_phone text,
+  recipient_email text,
+  status text NOT NULL DEFAULT 'queued',
+  priority integer NOT NULL DEFAULT 5,
   scheduled_time timestamptz NOT NULL DEFAULT now(),
-  attempts integer NOT NULL DEFAULT 0 CHECK (attempts >= 0),
-  max_attempts integer NOT NULL DEFAULT 3 CHECK (max_attempts BETWEEN 1 AND 20),
-  custom_variables jsonb NOT NULL DEFAULT '{}'::jsonb
-    CHECK (jsonb_typeof(custom_variables) = 'object'),
-  metadata jsonb NOT NULL DEFAULT '{}'::jsonb CHECK (jsonb_typeof(metadata) = 'object'),
+  attempts integer NOT NULL DEFAULT 0,
+  max_attempts integer NOT NULL DEFAULT 3,
+  custom_variables jsonb NOT NULL DEFAULT '{}'::jsonb,
+  metadata jsonb NOT NULL DEFAULT '{}'::jsonb,
   -- the app's id for this contact (idempotency key): unique per user and campaign
-  idempotency_key text CHECK (idempotency_key IS NULL OR length(idempotency_key) BETWEEN 1 AND 200),
+  idempotency_key text,
   -- the campaign the call belongs to (FK added in 20240101000150_campaigns.sql)
   campaign_id uuid,
   -- true: claimed only through its campaign's lane (pacing, time window) or not at all (draft,
@@ -65,13 +114,12 @@ CREATE TABLE public.call_queue (
   via_campaign boolean NOT NULL DEFAULT false,
   last_error text,
   excluded_provider_ids uuid[] NOT NULL DEFAULT '{}',
-  required_capabilities jsonb
-    CHECK (required_capabilities IS NULL OR jsonb_typeof(required_capabilities) = 'object'),
+  required_capabilities jsonb,
   -- calling rules (20240101000340): the recipient's IANA zone(s), given to schedule_call or
   -- derived from the number (a calling window must hold in every one); set on insert by the
   -- trigger call_queue_timezones when not given. hold_reason: why a rule last moved the call
   -- ('calling_window', 'attempt_cap', 'no_calling_window'); cleared when it is dialed.
-  recipient_timezones text[] NOT NULL CHECK (cardinality(recipient_timezones) >= 1),
+  recipient_timezones text[] NOT NULL,
   hold_reason text,
   claimed_by text,
   claimed_at timestamptz,
@@ -79,8 +127,9 @@ CREATE TABLE public.call_queue (
   created_at timestamptz NOT NULL DEFAULT now(),
   updated_at timestamptz NOT NULL DEFAULT now(),
   completed_at timestamptz,
-  CHECK (status IN ('completed', 'failed', 'canceled')
-         OR (recipient_name IS NOT NULL AND recipient_phone IS NOT NULL))
+  CONSTRAINT call_queue_row_check CHECK (public.call_queue_row_check(
+    recipient_name, recipient_phone, recipient_email, status, priority, attempts, max_attempts,
+    custom_variables, metadata, idempotency_key, required_capabilities, recipient_timezones))
 ) WITH (
   fillfactor = 70,
   autovacuum_vacuum_scale_factor = 0,
@@ -160,6 +209,32 @@ CREATE TABLE public.provider_call_tallies (
 );
 CREATE INDEX provider_call_tallies_provider_idx ON public.provider_call_tallies (provider_id);
 
+-- (row checks: see call_queue_row_check)
+CREATE OR REPLACE FUNCTION public.call_assignments_row_check(
+  p_state text, p_attempt integer, p_poll_count integer, p_reserved_minutes integer,
+  p_max_duration_seconds integer
+) RETURNS boolean
+LANGUAGE plpgsql IMMUTABLE
+SET search_path = ''
+AS $$
+DECLARE
+  v_broken text := CASE
+    WHEN NOT (p_state IN ('assigned', 'dialing', 'placed', 'completed', 'failed', 'canceled',
+                          'released'))
+      THEN 'state: an assignment state'
+    WHEN NOT (p_attempt >= 1) THEN 'attempt: at least 1'
+    WHEN NOT (p_poll_count >= 0) THEN 'poll_count: at least 0'
+    WHEN NOT (p_reserved_minutes >= 0) THEN 'reserved_minutes: at least 0'
+    WHEN NOT (p_max_duration_seconds > 0) THEN 'max_duration_seconds: more than 0'
+  END;
+BEGIN
+  IF v_broken IS NOT NULL THEN
+    RAISE EXCEPTION USING ERRCODE = 'check_violation', MESSAGE = 'call_assignments.' || v_broken;
+  END IF;
+  RETURN true;
+END
+$$;
+
 -- 12. call_assignments: one row per attempt on a provider.
 CREATE TABLE public.call_assignments (
   id uuid PRIMARY KEY DEFAULT gen_random_uuid(),
@@ -167,28 +242,28 @@ CREATE TABLE public.call_assignments (
   -- a provider with call records is deactivated, not deleted
   provider_id uuid NOT NULL REFERENCES public.call_service_providers (id) ON DELETE RESTRICT,
   provider_call_id text,
-  state text NOT NULL DEFAULT 'assigned'
-    CHECK (state IN ('assigned', 'dialing', 'placed', 'completed', 'failed', 'canceled',
-                     'released')),
-  attempt integer NOT NULL DEFAULT 1 CHECK (attempt >= 1),
+  state text NOT NULL DEFAULT 'assigned',
+  attempt integer NOT NULL DEFAULT 1,
   assigned_at timestamptz NOT NULL DEFAULT now(),
   dialing_at timestamptz,
   placed_at timestamptz,
   ended_at timestamptz,
   last_polled_at timestamptz,
   next_poll_at timestamptz,
-  poll_count integer NOT NULL DEFAULT 0 CHECK (poll_count >= 0),
+  poll_count integer NOT NULL DEFAULT 0,
   outcome text,
   error text,
   -- billing (set by the dial gate, mark_call_dialing): the usage period the dial was counted
   -- in, the minutes it reserved there, and the call's cap sent to the provider
   usage_id uuid REFERENCES public.user_call_usage (id) ON DELETE SET NULL,
-  reserved_minutes integer NOT NULL DEFAULT 0 CHECK (reserved_minutes >= 0),
-  max_duration_seconds integer CHECK (max_duration_seconds > 0),
+  reserved_minutes integer NOT NULL DEFAULT 0,
+  max_duration_seconds integer,
   -- the outbound number (or number id) this attempt dials from, when the provider has a pool
   caller_id text,
   created_at timestamptz NOT NULL DEFAULT now(),
-  updated_at timestamptz NOT NULL DEFAULT now()
+  updated_at timestamptz NOT NULL DEFAULT now(),
+  CONSTRAINT call_assignments_row_check CHECK (public.call_assignments_row_check(
+    state, attempt, poll_count, reserved_minutes, max_duration_seconds))
 ) WITH (
   fillfactor = 75,
   autovacuum_vacuum_scale_factor = 0,

@@ -281,5 +281,23 @@ GRANT EXECUTE ON FUNCTION
   public.rollover_usage_periods(), public.tally_provider_call(uuid, integer, integer)
   TO service_role, callq_worker;
 
+-- The hot tables' row checks (call_queue_row_check & co., 20240101000100) run with the rights
+-- of whoever writes the row, so every role that may write one of those tables executes them.
+-- They read nothing: true, or the name of the rule a row breaks.
+REVOKE ALL ON FUNCTION
+  public.call_queue_row_check(text, text, text, text, integer, integer, integer, jsonb, jsonb,
+                              text, jsonb, text[]),
+  public.call_assignments_row_check(text, integer, integer, integer, integer),
+  public.call_history_row_check(text, text, numeric, numeric, integer, timestamptz, timestamptz),
+  public.call_events_row_check(text, jsonb)
+  FROM PUBLIC, anon;
+GRANT EXECUTE ON FUNCTION
+  public.call_queue_row_check(text, text, text, text, integer, integer, integer, jsonb, jsonb,
+                              text, jsonb, text[]),
+  public.call_assignments_row_check(text, integer, integer, integer, integer),
+  public.call_history_row_check(text, text, numeric, numeric, integer, timestamptz, timestamptz),
+  public.call_events_row_check(text, jsonb)
+  TO authenticated, service_role, callq_worker;
+
 -- provider_load (admins read it) asks provider_over_capacity with the reader's rights
 GRANT EXECUTE ON FUNCTION public.provider_over_capacity(uuid) TO authenticated;
