@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import signal
 import socket
 import sys
 import tempfile
@@ -163,12 +164,20 @@ def _keep_running(fleet: Fleet, db_url: str) -> None:
         f"  queue:    DATABASE_URL='{db_url}' callq queue",
         flush=True,
     )
+    # Ctrl-C (or a SIGTERM) only sets an event: a KeyboardInterrupt raised in the middle of
+    # Popen.poll() can leave that child's wait lock taken, and stopping the fleet then hangs.
+    stop = threading.Event()
+    handled = (signal.SIGINT, signal.SIGTERM)
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in handled}
     try:
-        while all(p.poll() is None for p in fleet.procs.values()):
-            time.sleep(0.5)
-        print("a process of the stack exited; stopping", file=sys.stderr)
-    except KeyboardInterrupt:
+        while not stop.wait(0.5):
+            if any(p.poll() is not None for p in fleet.procs.values()):
+                print("a process of the stack exited; stopping", file=sys.stderr, flush=True)
+                return
         print("\nstopping...", flush=True)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def free_port() -> int:

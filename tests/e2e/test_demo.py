@@ -105,7 +105,15 @@ def test_demo_keep_serves_flower_and_metrics_until_ctrl_c(
         )
         assert wait_until(lambda: get(flower.group(1)), timeout=60, what="Flower")
         proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=60) == 0
+        try:
+            code = proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            rest, _ = proc.communicate(timeout=10)
+            pytest.fail(
+                f"the demo did not stop on Ctrl-C; its output after the banner:\n{rest[-3000:]}"
+            )
+        assert code == 0, proc.stdout.read()[-3000:]
         assert get(metrics.group(1)) == ""  # stopped with the demo
     finally:
         if proc.poll() is None:
