@@ -165,7 +165,8 @@ def _keep_running(fleet: Fleet, db_url: str) -> None:
         flush=True,
     )
     # Ctrl-C (or a SIGTERM) only sets an event: a KeyboardInterrupt raised in the middle of
-    # Popen.poll() can leave that child's wait lock taken, and stopping the fleet then hangs.
+    # Popen.poll() can leave that child's wait lock taken, and stopping the fleet then waits
+    # out every timeout for it.
     stop = threading.Event()
     handled = (signal.SIGINT, signal.SIGTERM)
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in handled}

@@ -7,6 +7,7 @@ keeps one CHECK per hot table; and hypothesis holds the functions to a model of 
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import psycopg
@@ -146,8 +147,6 @@ def test_each_hot_table_has_one_row_check(conn: Conn) -> None:
 def _queue_rules_hold(name: str | None, phone: str | None, priority: int, attempts: int,
                       max_attempts: int, status: str) -> bool:  # fmt: skip
     """The model: call_queue's documented rules (supabase/README.md) for these columns."""
-    import re
-
     ok = True
     if name is not None:
         ok &= 1 <= len(name.strip(" ")) <= 200
