@@ -462,8 +462,14 @@ $$;
 -- fold_call_usage: the pending usage of a period (user_call_usage_deltas) moved into its
 -- user_call_usage row: its deltas deleted and added to it, in one transaction, under the row's
 -- lock (so two folds never both count a delta; a delta committed meanwhile waits for the next
--- fold). p_skip_locked: only if the row is free now (an ending's own fold: it never waits, and
--- takes the row last, after the tenant's counter and provider rows, hence never in a cycle).
+-- fold). p_skip_locked: only if the row is free now (an ending's own fold, taken last, after the
+-- tenant's counter stripe and provider rows). SKIP LOCKED alone does not keep that from waiting:
+-- when the row's version this statement sees has been updated since, PostgreSQL follows its
+-- update chain and waits for the newest version's locker whatever the wait policy
+-- (heap_lock_updated_tuple). A dial gate holds this row and then wants the tenant's stripe,
+-- which the ending holds: that wait closed a deadlock (bench/FINDINGS.md 16). So the try is
+-- bounded: a lock not had within 2 ms counts as locked (the block's subtransaction undoes the
+-- setting; after a lock, the caller's own lock_timeout is put back).
 -- TRUE when the row was folded.
 CREATE OR REPLACE FUNCTION public.fold_call_usage(
   p_usage_id uuid, p_skip_locked boolean DEFAULT false
@@ -471,18 +477,30 @@ CREATE OR REPLACE FUNCTION public.fold_call_usage(
 LANGUAGE plpgsql
 SET search_path = ''
 AS $$
+DECLARE
+  v_timeout text;
+  v_locked boolean;
 BEGIN
   IF p_usage_id IS NULL OR NOT EXISTS (SELECT 1 FROM public.user_call_usage_deltas x
                                         WHERE x.usage_id = p_usage_id) THEN
     RETURN false;
   END IF;
   IF p_skip_locked THEN
-    PERFORM 1 FROM public.user_call_usage u WHERE u.id = p_usage_id
-       FOR NO KEY UPDATE SKIP LOCKED;
+    v_timeout := current_setting('lock_timeout');
+    BEGIN
+      PERFORM set_config('lock_timeout', '2ms', true);
+      PERFORM 1 FROM public.user_call_usage u WHERE u.id = p_usage_id
+         FOR NO KEY UPDATE SKIP LOCKED;
+      v_locked := FOUND;
+      PERFORM set_config('lock_timeout', v_timeout, true);
+    EXCEPTION WHEN lock_not_available THEN
+      RETURN false;
+    END;
   ELSE
     PERFORM 1 FROM public.user_call_usage u WHERE u.id = p_usage_id FOR NO KEY UPDATE;
+    v_locked := FOUND;
   END IF;
-  IF NOT FOUND THEN
+  IF NOT v_locked THEN
     RETURN false;
   END IF;
   WITH d AS (

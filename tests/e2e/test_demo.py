@@ -75,6 +75,8 @@ def test_demo_keep_serves_flower_and_metrics_until_ctrl_c(
         "PYTHONPATH": str(REPO),
         "DATABASE_URL": empty_db_url,
         "CALLQ_BROKER_URL": redis_url.rsplit("/", 1)[0] + "/6",
+        # a demo that does not stop is sent SIGABRT: every thread's stack goes to its output
+        "PYTHONFAULTHANDLER": "1",
     }
     proc = subprocess.Popen(
         [sys.executable, "-m", "worker.cli", "demo", "--calls", "3", "--keep"],
@@ -108,10 +110,14 @@ def test_demo_keep_serves_flower_and_metrics_until_ctrl_c(
         try:
             code = proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
-            proc.kill()
-            rest, _ = proc.communicate(timeout=10)
+            proc.send_signal(signal.SIGABRT)  # the stacks of its threads, then it dies
+            try:
+                rest, _ = proc.communicate(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                rest, _ = proc.communicate(timeout=10)
             pytest.fail(
-                f"the demo did not stop on Ctrl-C; its output after the banner:\n{rest[-3000:]}"
+                f"the demo did not stop on Ctrl-C; its output after the banner:\n{rest[-6000:]}"
             )
         assert code == 0, proc.stdout.read()[-3000:]
         assert get(metrics.group(1)) == ""  # stopped with the demo

@@ -188,6 +188,47 @@ def test_endings_bill_off_the_period_row_and_every_reader_adds_them(
     assert usage(conn, user) == (3, 9, 0)  # exactly what the provider reported, rounded up
 
 
+def test_an_endings_fold_gives_up_where_taking_the_row_would_wait(conn: Conn, db_url: str) -> None:
+    """An ending folds its usage last, holding its tenant's counter stripe, and a gate holding
+    the period's row waits for that stripe: the fold must never wait. SKIP LOCKED does not
+    ensure it (PostgreSQL waits for the newest version's locker when the row was updated since
+    the statement's snapshot, bench/FINDINGS.md 16; no test can time that), so the try is
+    bounded. A table lock that takes every row lock's turn stands in for such a wait: the fold
+    gives up at once, the ending's minutes stay pending, and the caller's lock_timeout is
+    what it was, whether the row was taken or not."""
+    make_provider(conn, max_calls=50)
+    user, tpl = tenant(conn, call_limit=None, minute_limit=10, max_concurrent=2)
+    for _ in range(2):
+        schedule(conn, user, tpl)
+    got = claim(conn)
+    assert [gate(conn, aid)[0] for _, aid in got] == [True, True]
+    period = one(conn, "SELECT id FROM user_call_usage WHERE user_id = %s", (user,))
+    with connect(db_url) as holder:
+        holder.execute("BEGIN")
+        holder.execute(
+            "SELECT 1 FROM user_call_usage WHERE user_id = %s FOR NO KEY UPDATE", (user,)
+        )
+        one(conn, "SELECT complete_call(%s, 61)", (got[0][1],))  # pending: the row is held
+        # the row free, the table not: reads go on, a row lock would wait
+        holder.execute("COMMIT")
+        holder.execute("BEGIN")
+        holder.execute("LOCK TABLE user_call_usage IN EXCLUSIVE MODE")
+        with conn.transaction():
+            conn.execute("SET LOCAL statement_timeout = '10s'")  # a wait fails, not hangs
+            conn.execute("SET LOCAL lock_timeout = '7s'")
+            assert one(conn, "SELECT fold_call_usage(%s, true)", (period,)) is False
+            assert one(conn, "SHOW lock_timeout") == "7s"
+        holder.execute("COMMIT")
+    assert one(conn, "SELECT count(*) FROM user_call_usage_deltas") == 1
+    assert usage(conn, user) == (2, 0, 10)
+    with conn.transaction():
+        conn.execute("SET LOCAL lock_timeout = '7s'")
+        assert one(conn, "SELECT fold_call_usage(%s, true)", (period,)) is True
+        assert one(conn, "SHOW lock_timeout") == "7s"
+    assert one(conn, "SELECT count(*) FROM user_call_usage_deltas") == 0
+    assert usage(conn, user) == live_usage(conn, user) == (2, 2, 5)
+
+
 def test_a_plan_without_limits_counts_dials_without_waiting_for_the_period_row(
     conn: Conn, db_url: str
 ) -> None:
