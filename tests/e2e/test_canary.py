@@ -19,6 +19,7 @@ import httpx
 import psycopg
 import pytest
 import redis
+from psycopg import sql
 
 from providers.simulator import Simulator, shapes
 from tests.e2e.conftest import all_terminal
@@ -111,9 +112,11 @@ def test_no_personal_data_or_key_anywhere(
         "UPDATE call_templates SET script = script || %s, first_message = %s WHERE id = %s",
         (f" {SCRIPT}", "Hello {{recipient_name}}", seeded.template_id),
     )
-    conn.execute(
-        "ALTER TABLE call_history ADD CONSTRAINT canary_trap"
-        " CHECK (recipient_phone <> %s) NOT VALID".replace("%s", f"'{TRAP_NUMBER}'")
+    conn.execute(  # DDL takes no parameters: the number as a quoted literal
+        sql.SQL(
+            "ALTER TABLE call_history ADD CONSTRAINT canary_trap"
+            " CHECK (recipient_phone <> {}) NOT VALID"
+        ).format(sql.Literal(TRAP_NUMBER))
     )
     ids = [
         conn.execute(
