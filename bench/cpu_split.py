@@ -20,18 +20,26 @@ from bench.stack import Stack
 
 
 def _cpu(procs: dict[str, list[psutil.Process]]) -> dict[str, float]:
+    """CPU seconds (user + system) per name: its processes and their descendants, each process
+    counted once (the postmaster and its backends are listed together, and each backend is also
+    the postmaster's child)."""
     out: dict[str, float] = {}
     for name, plist in procs.items():
-        total = 0.0
+        members: dict[int, psutil.Process] = {}
         for p in plist:
             try:
-                t = p.cpu_times()
-                total += t.user + t.system
+                members.setdefault(p.pid, p)
                 for c in p.children(recursive=True):
-                    ct = c.cpu_times()
-                    total += ct.user + ct.system
+                    members.setdefault(c.pid, c)
             except psutil.NoSuchProcess:
                 pass
+        total = 0.0
+        for proc in members.values():
+            try:
+                t = proc.cpu_times()
+            except psutil.NoSuchProcess:
+                continue
+            total += t.user + t.system
         out[name] = total
     return out
 

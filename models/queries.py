@@ -171,7 +171,8 @@ TAKE_DUE_POLLS = """
 UPDATE call_assignments a
 SET next_poll_at = now() + make_interval(secs => poll_deadline_seconds())
 FROM (SELECT d.id FROM call_assignments d
-      WHERE d.state = 'placed' AND d.next_poll_at <= now()
+      WHERE d.state = 'placed'
+        AND d.next_poll_at <= now() - make_interval(secs => %(defer)s::float8)
       ORDER BY d.next_poll_at LIMIT %(limit)s
       FOR UPDATE SKIP LOCKED) due
 WHERE a.id = due.id
@@ -467,9 +468,10 @@ class Database:
         params = {"assignment_ids": [a for a, _ in observed], "kinds": [k for _, k in observed]}
         return len(self.rows(RECORD_PROVIDER_STATES, params))
 
-    def take_due_polls(self, limit: int) -> list[tuple[str, int]]:
-        """Up to ``limit`` placed calls whose poll is due, as (assignment id, poll token)."""
-        rows = self.rows(TAKE_DUE_POLLS, {"limit": limit})
+    def take_due_polls(self, limit: int, defer: float = 0.0) -> list[tuple[str, int]]:
+        """Up to ``limit`` placed calls whose poll is due (overdue by ``defer`` seconds), as
+        (assignment id, poll token)."""
+        rows = self.rows(TAKE_DUE_POLLS, {"limit": limit, "defer": defer})
         return [(str(r["id"]), int(r["poll_count"])) for r in rows]
 
     def assignments_for_provider_calls(

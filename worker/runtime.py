@@ -6,8 +6,10 @@ import contextvars
 import hashlib
 import json
 import threading
-from collections.abc import Callable, Iterable
+import time
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from typing import TypeVar
 
 from models.calls import ProviderRow
@@ -29,6 +31,10 @@ _executors: dict[str, ThreadPoolExecutor] = {}
 LANES = ("dispatch", "fresh", "track", "listen", "end")
 T = TypeVar("T")
 R = TypeVar("R")
+# Placements in flight in this process, and when the last one ended (``is_placing``).
+_placing = 0
+_placed_at = float("-inf")
+PLACING_GRACE_SECONDS = 1.0  # between a burst's chunks the process still counts as placing
 
 
 def database(settings: Settings | None = None) -> Database:
@@ -159,3 +165,23 @@ def _fingerprint(row: ProviderRow) -> str:
     )
     blob = json.dumps({f: getattr(row, f) for f in fields}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
+
+
+@contextmanager
+def placing() -> Iterator[None]:
+    """Mark a placement (a chunk's gates, creates and their record) in flight in this process."""
+    global _placing, _placed_at
+    with _lock:
+        _placing += 1
+    try:
+        yield
+    finally:
+        with _lock:
+            _placing -= 1
+            _placed_at = time.monotonic()
+
+
+def is_placing() -> bool:
+    """Whether this process is placing calls now or ended a placement within the last second:
+    its tracking tick then leaves the polls that can wait (``track_defer_seconds``)."""
+    return _placing > 0 or time.monotonic() - _placed_at < PLACING_GRACE_SECONDS

@@ -161,7 +161,8 @@ def track_due() -> dict[str, int]:
     countdown), the first chunk here and the rest as ``track_batch`` messages. Calls that
     trickle in cost no more per poll than calls that come together."""
     s = get_settings()
-    due = runtime.database().take_due_polls(s.track_tick_limit)
+    defer = s.track_defer_seconds if runtime.is_placing() else 0.0
+    due = runtime.database().take_due_polls(s.track_tick_limit, defer)
     for start in range(POLL_CHUNK, len(due), POLL_CHUNK):
         track_batch.apply_async(([list(item) for item in due[start : start + POLL_CHUNK]],))
     steps = track_chunk(due[:POLL_CHUNK])
@@ -240,9 +241,10 @@ def dispatch_chunk(assignment_ids: Sequence[str], lane: str = "dispatch") -> lis
     """Place a chunk of assigned calls: the gates in one statement, the creates concurrently,
     the record of the placed calls in one statement. A call whose gate another task won (a
     duplicate delivery, a released assignment) is skipped: nobody is dialed twice."""
-    calls = runtime.database().gate_and_load(assignment_ids)
-    won = {str(call.assignment_id) for call in calls}
-    return _gate_refused(sum(a not in won for a in assignment_ids)) + place_won(calls, lane)
+    with runtime.placing():
+        calls = runtime.database().gate_and_load(assignment_ids)
+        won = {str(call.assignment_id) for call in calls}
+        return _gate_refused(sum(a not in won for a in assignment_ids)) + _place(calls, lane)
 
 
 def _gate_refused(count: int) -> list[Step]:
@@ -255,6 +257,12 @@ def _gate_refused(count: int) -> list[Step]:
 def place_won(calls: Sequence[CallRow], lane: str = "dispatch") -> list[Step]:
     """Create calls whose gates were won, concurrently, and record the placed ones and their
     first polls in one statement."""
+    with runtime.placing():
+        return _place(calls, lane)
+
+
+def _place(calls: Sequence[CallRow], lane: str) -> list[Step]:
+    """``place_won``'s body (its caller marks the placement in flight)."""
     db = runtime.database()
     steps: list[Step] = []
     created = runtime.map_in_context(_create, calls, lane)

@@ -430,9 +430,39 @@ def test_the_tracking_tick_polls_the_due_calls_in_one_task(
     sim.configure(LONG_CALLS)
     ids = claim(worker_db, seeded, 3)
     assert tally_of(tasks.dispatch_chunk(ids)) == {"placed": 3}
+    wait_until(lambda: not runtime.is_placing(), timeout=5, what="the placement's grace")
     assert tasks.track_due.run() == {}  # nothing due yet
     with psycopg.connect(worker_db, autocommit=True) as conn:
         conn.execute("UPDATE call_assignments SET next_poll_at = now() WHERE id = %s", (ids[0],))
     assert tasks.track_due.run() == {"polling": 1}
     assert due_in(worker_db, ids[:1])[0] > 2.0  # the next poll, a longer wait away
     assert queued(broker, "track") == []
+
+
+def test_while_placing_the_tick_leaves_the_polls_that_can_wait(
+    worker_db: str, seeded: Seeded, sim: Simulator
+) -> None:
+    """A burst is placed before polls that can wait take its cores: while this process places
+    calls (and for a second after), its tick takes only polls overdue by
+    ``track_defer_seconds``; then it takes every due one. Nothing is dropped: a deferred poll
+    stays due."""
+    sim.configure(LONG_CALLS)
+    ids = claim(worker_db, seeded, 3)
+    assert tally_of(tasks.dispatch_chunk(ids)) == {"placed": 3}
+    defer = get_settings().track_defer_seconds
+    assert defer > 0
+    with psycopg.connect(worker_db, autocommit=True) as conn:
+        for aid, overdue in zip(ids, (0.0, defer - 1.0, defer + 1.0), strict=True):
+            conn.execute(
+                "UPDATE call_assignments SET next_poll_at = now() - make_interval(secs => %s)"
+                " WHERE id = %s",
+                (overdue, aid),
+            )
+    with runtime.placing():
+        assert runtime.is_placing()
+        assert tasks.track_due.run() == {"polling": 1}  # only the one overdue by more
+    assert runtime.is_placing()  # the grace between a burst's chunks
+    assert [d > 2.0 for d in due_in(worker_db, ids)] == [False, False, True]
+    wait_until(lambda: not runtime.is_placing(), timeout=5, what="the placement's grace")
+    assert tasks.track_due.run() == {"polling": 2}
+    assert all(d > 2.0 for d in due_in(worker_db, ids))
