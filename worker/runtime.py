@@ -31,10 +31,11 @@ _executors: dict[str, ThreadPoolExecutor] = {}
 LANES = ("dispatch", "fresh", "track", "listen", "end")
 T = TypeVar("T")
 R = TypeVar("R")
-# Placements in flight in this process, and when the last one ended (``is_placing``).
+# Calls being placed in this process, and when the last burst's chunk ended (``is_placing``).
 _placing = 0
-_placed_at = float("-inf")
-PLACING_GRACE_SECONDS = 1.0  # between a burst's chunks the process still counts as placing
+_burst_at = float("-inf")
+BURST_CALLS = 10  # a chunk of this many calls or more is a burst's
+BURST_GRACE_SECONDS = 1.0  # between a burst's chunks the process still counts as placing
 
 
 def database(settings: Settings | None = None) -> Database:
@@ -168,20 +169,24 @@ def _fingerprint(row: ProviderRow) -> str:
 
 
 @contextmanager
-def placing() -> Iterator[None]:
-    """Mark a placement (a chunk's gates, creates and their record) in flight in this process."""
-    global _placing, _placed_at
+def placing(calls: int) -> Iterator[None]:
+    """Mark ``calls`` calls being placed (a chunk's gates, creates and their record) in this
+    process."""
+    global _placing, _burst_at
     with _lock:
-        _placing += 1
+        _placing += calls
     try:
         yield
     finally:
         with _lock:
-            _placing -= 1
-            _placed_at = time.monotonic()
+            _placing -= calls
+            if calls >= BURST_CALLS:
+                _burst_at = time.monotonic()
 
 
 def is_placing() -> bool:
-    """Whether this process is placing calls now or ended a placement within the last second:
-    its tracking tick then leaves the polls that can wait (``track_defer_seconds``)."""
-    return _placing > 0 or time.monotonic() - _placed_at < PLACING_GRACE_SECONDS
+    """Whether this process is placing a burst: ``BURST_CALLS`` calls or more in flight now, or
+    a burst's chunk ended within the last second. Its tracking tick then leaves the polls that
+    can wait (``track_defer_seconds``). Calls that trickle in, placed one or a few at a time,
+    defer no poll."""
+    return _placing >= BURST_CALLS or time.monotonic() - _burst_at < BURST_GRACE_SECONDS

@@ -63,9 +63,9 @@ class Settings(BaseSettings):
     # Beat's tracking tick: each tick polls the placed calls whose next poll is due.
     track_tick_seconds: float = Field(default=1.0, gt=0)
     track_tick_limit: int = Field(default=2000, ge=1)
-    # While the worker process that runs a tick is placing calls (gates, creates, their record),
-    # the tick takes only the polls overdue by this much: a burst is placed before the polls
-    # of calls that can wait a few seconds take its cores. 0: the tick takes every due poll.
+    # While the worker process that runs a tick is placing a burst (runtime.is_placing), the
+    # tick takes only the polls overdue by this much: a burst is placed before the polls of
+    # calls that can wait a few seconds take its cores. 0: the tick takes every due poll.
     track_defer_seconds: float = Field(default=3.0, ge=0, le=30)
     reconcile_lookups: int = Field(default=3, ge=1)
     reconcile_delay_seconds: float = Field(default=5.0, ge=0)

@@ -241,7 +241,7 @@ def dispatch_chunk(assignment_ids: Sequence[str], lane: str = "dispatch") -> lis
     """Place a chunk of assigned calls: the gates in one statement, the creates concurrently,
     the record of the placed calls in one statement. A call whose gate another task won (a
     duplicate delivery, a released assignment) is skipped: nobody is dialed twice."""
-    with runtime.placing():
+    with runtime.placing(len(assignment_ids)):
         calls = runtime.database().gate_and_load(assignment_ids)
         won = {str(call.assignment_id) for call in calls}
         return _gate_refused(sum(a not in won for a in assignment_ids)) + _place(calls, lane)
@@ -257,7 +257,7 @@ def _gate_refused(count: int) -> list[Step]:
 def place_won(calls: Sequence[CallRow], lane: str = "dispatch") -> list[Step]:
     """Create calls whose gates were won, concurrently, and record the placed ones and their
     first polls in one statement."""
-    with runtime.placing():
+    with runtime.placing(len(calls)):
         return _place(calls, lane)
 
 

@@ -443,9 +443,9 @@ def test_while_placing_the_tick_leaves_the_polls_that_can_wait(
     worker_db: str, seeded: Seeded, sim: Simulator
 ) -> None:
     """A burst is placed before polls that can wait take its cores: while this process places
-    calls (and for a second after), its tick takes only polls overdue by
-    ``track_defer_seconds``; then it takes every due one. Nothing is dropped: a deferred poll
-    stays due."""
+    a burst (a chunk of ``BURST_CALLS`` or more, and for a second after), its tick takes only
+    polls overdue by ``track_defer_seconds``; then it takes every due one. Nothing is dropped:
+    a deferred poll stays due. A call placed alone defers nothing."""
     sim.configure(LONG_CALLS)
     ids = claim(worker_db, seeded, 3)
     assert tally_of(tasks.dispatch_chunk(ids)) == {"placed": 3}
@@ -458,7 +458,9 @@ def test_while_placing_the_tick_leaves_the_polls_that_can_wait(
                 " WHERE id = %s",
                 (overdue, aid),
             )
-    with runtime.placing():
+    with runtime.placing(1):
+        assert not runtime.is_placing()  # calls trickling in
+    with runtime.placing(runtime.BURST_CALLS):
         assert runtime.is_placing()
         assert tasks.track_due.run() == {"polling": 1}  # only the one overdue by more
     assert runtime.is_placing()  # the grace between a burst's chunks
