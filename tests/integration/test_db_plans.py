@@ -138,6 +138,19 @@ def live_usage(conn: Conn, user: uuid.UUID) -> tuple[int, int, int]:
     return (0, 0, 0) if row is None else (int(row[0]), int(row[1]), int(row[2]))
 
 
+def two_gated_calls(
+    conn: Conn,
+) -> tuple[uuid.UUID, uuid.UUID, list[tuple[uuid.UUID, uuid.UUID]]]:
+    """A tenant with 10 minutes a period and two calls past their gates (5 minutes each)."""
+    make_provider(conn, max_calls=50)
+    user, tpl = tenant(conn, call_limit=None, minute_limit=10, max_concurrent=2)
+    for _ in range(2):
+        schedule(conn, user, tpl)
+    got = claim(conn)
+    assert [gate(conn, aid)[0] for _, aid in got] == [True, True]
+    return user, tpl, got
+
+
 def test_endings_bill_off_the_period_row_and_every_reader_adds_them(
     conn: Conn, db_url: str
 ) -> None:
@@ -145,12 +158,7 @@ def test_endings_bill_off_the_period_row_and_every_reader_adds_them(
     its commit), an ending neither waits for it nor loses its minutes: they wait as a pending
     row that the view, schedule_call and the retry check add, until the next gate or beat's
     reconcile folds them into the row."""
-    make_provider(conn, max_calls=50)
-    user, tpl = tenant(conn, call_limit=None, minute_limit=10, max_concurrent=2)
-    for _ in range(2):
-        schedule(conn, user, tpl)
-    got = claim(conn)
-    assert [gate(conn, aid)[0] for _, aid in got] == [True, True]
+    user, tpl, got = two_gated_calls(conn)
     assert usage(conn, user) == (2, 0, 10)
     with connect(db_url) as holder:
         holder.execute("BEGIN")
@@ -196,12 +204,7 @@ def test_an_endings_fold_gives_up_where_taking_the_row_would_wait(conn: Conn, db
     bounded. A table lock that takes every row lock's turn stands in for such a wait: the fold
     gives up at once, the ending's minutes stay pending, and the caller's lock_timeout is
     what it was, whether the row was taken or not."""
-    make_provider(conn, max_calls=50)
-    user, tpl = tenant(conn, call_limit=None, minute_limit=10, max_concurrent=2)
-    for _ in range(2):
-        schedule(conn, user, tpl)
-    got = claim(conn)
-    assert [gate(conn, aid)[0] for _, aid in got] == [True, True]
+    user, _, got = two_gated_calls(conn)
     period = one(conn, "SELECT id FROM user_call_usage WHERE user_id = %s", (user,))
     with connect(db_url) as holder:
         holder.execute("BEGIN")
