@@ -140,9 +140,11 @@ def map_in_context(fn: Callable[[T], R], items: Iterable[T], lane: str = "dispat
 
 
 def reset() -> None:
-    """Close everything (process shutdown, tests)."""
-    global _db
+    """Close everything (process shutdown, tests); forget the last burst (``is_placing``; the
+    count of calls in flight balances itself)."""
+    global _db, _burst_at
     with _lock:
+        _burst_at = float("-inf")
         for pool in _executors.values():
             pool.shutdown(wait=True)
         _executors.clear()

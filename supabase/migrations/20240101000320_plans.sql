@@ -469,7 +469,8 @@ $$;
 -- (heap_lock_updated_tuple). A dial gate holds this row and then wants the tenant's stripe,
 -- which the ending holds: that wait closed a deadlock (bench/FINDINGS.md 16). So the try is
 -- bounded: a lock not had within 2 ms counts as locked (the block's subtransaction undoes the
--- setting; after a lock, the caller's own lock_timeout is put back).
+-- setting; after a lock, the caller's own lock_timeout is put back). The settings are
+-- assignments, not PERFORMs: an expression costs less than a statement, on every ending.
 -- TRUE when the row was folded.
 CREATE OR REPLACE FUNCTION public.fold_call_usage(
   p_usage_id uuid, p_skip_locked boolean DEFAULT false
@@ -479,6 +480,7 @@ SET search_path = ''
 AS $$
 DECLARE
   v_timeout text;
+  v_set text;
   v_locked boolean;
 BEGIN
   IF p_usage_id IS NULL OR NOT EXISTS (SELECT 1 FROM public.user_call_usage_deltas x
@@ -488,11 +490,11 @@ BEGIN
   IF p_skip_locked THEN
     v_timeout := current_setting('lock_timeout');
     BEGIN
-      PERFORM set_config('lock_timeout', '2ms', true);
+      v_set := set_config('lock_timeout', '2ms', true);
       PERFORM 1 FROM public.user_call_usage u WHERE u.id = p_usage_id
          FOR NO KEY UPDATE SKIP LOCKED;
       v_locked := FOUND;
-      PERFORM set_config('lock_timeout', v_timeout, true);
+      v_set := set_config('lock_timeout', v_timeout, true);
     EXCEPTION WHEN lock_not_available THEN
       RETURN false;
     END;
