@@ -200,76 +200,10 @@ def run(
     stack = Stack(max_concurrent_calls=1000)
     stack.start()
     try:
-        with stack.connect() as conn:
-            if unfair:
-                conn.execute(UNFAIR_CLAIM)
-            b_user, b_tpl = add_tenant(conn, cap)
-            conn.execute(
-                "UPDATE subscription_plans SET max_concurrent_calls = %s WHERE id = %s",
-                (cap, stack.seeded.plan_id),
-            )
-        stack.fleet.start_worker("worker")
-        stack.fleet.start_beat("beat")
-        assert stack.sim is not None
-        sim = stack.sim
-        warm = stack.schedule(20, start=900_000)
-        wait_until(lambda: sim.stats()["total_creates"] >= len(warm), timeout=60)
-        idle: dict[str, float] = {}
-        with stack.connect() as conn:
-            for i in range(b_calls):
-                before = sim.stats()["total_creates"]
-                idle[_schedule_b(conn, b_user, b_tpl, i, stack.zone)] = time.time()
-                wait_until(
-                    lambda b=before: sim.stats()["total_creates"] > b,  # type: ignore[misc]
-                    timeout=10,
-                    interval=0.02,
-                )
-                time.sleep(0.2)
-        idle_fig = _latencies(stack, idle, 30)
-        idle_fig["stages"] = _stages(stack, idle)
-        log(f"fairness: B idle p50 {idle_fig['p50_ms']:.1f} ms p99 {idle_fig['p99_ms']:.1f} ms")
-        stack.sim.reset()
-        loaded: dict[str, float] = {}
-        with stack.connect() as conn:
-            t_a = time.time()
-            conn.execute(
-                A_BULK,
-                {
-                    "user": stack.seeded.user_id,
-                    "template": stack.seeded.template_id,
-                    "n": a_calls,
-                    "zone": stack.zone,
-                },
-            )
-            t_a = time.time()
-            log(f"fairness: A scheduled {a_calls} calls")
-            time.sleep(1.0)
-            for i in range(b_calls):
-                loaded[_schedule_b(conn, b_user, b_tpl, 1000 + i, stack.zone)] = time.time()
-                time.sleep(0.05)
-        loaded_fig = _latencies(stack, loaded, 900)
-        loaded_fig["stages"] = _stages(stack, loaded)
-        log(
-            f"fairness: B loaded p50 {loaded_fig['p50_ms']:.1f} ms p99 "
-            f"{loaded_fig['p99_ms']:.1f} ms; stages {loaded_fig['stages']}"
-        )
-        with stack.connect() as conn:
-            a_ids = {
-                str(r[0])
-                for r in conn.execute(
-                    "SELECT id FROM call_queue WHERE user_id = %s"
-                    " AND recipient_name LIKE 'Bulk %%'",
-                    (stack.seeded.user_id,),
-                )
-            }
-        wait_until(lambda: _dialed(stack, list(a_ids)) >= a_calls, timeout=3600, interval=1.0)
-        # dialed = passed the gate; wait (bounded) for the last creates to reach the simulator
-        wait_until(lambda: a_ids <= set(_arrivals(stack)), timeout=60, interval=1.0)
-        arrivals = _arrivals(stack)
-        a_times = [arrivals[q] for q in a_ids if q in arrivals]
-        drain = (max(a_times) - t_a) if a_times else float("nan")
-        log(f"fairness: A drained {len(a_times)} of {a_calls} in {drain:.1f} s")
-        a_stages = _stages(stack, dict.fromkeys(a_ids, t_a))
+        b_user, b_tpl = _prepare(stack, cap, unfair)
+        idle_fig = _b_idle(stack, b_user, b_tpl, b_calls)
+        t_a, loaded_fig = _b_while_a_drains(stack, b_user, b_tpl, b_calls, a_calls)
+        drain, arrived, a_stages = _a_drain(stack, a_calls, t_a)
         return {
             "claim": "unfair (before plans)" if unfair else "fair",
             "a_calls": a_calls,
@@ -278,11 +212,107 @@ def run(
             "b_idle": idle_fig,
             "b_loaded": loaded_fig,
             "a_drain_seconds": drain,
-            "a_arrived": len(a_times),
+            "a_arrived": arrived,
             "a_stages": a_stages,
         }
     finally:
         stack.stop()
+
+
+def _prepare(stack: Stack, cap: int, unfair: bool) -> tuple[Any, Any]:
+    """Tenant B beside the seeded tenant A (both plans capped at ``cap`` calls in flight), the
+    worker and beat started and warm. Returns B's user and template ids."""
+    with stack.connect() as conn:
+        if unfair:
+            conn.execute(UNFAIR_CLAIM)
+        b_user, b_tpl = add_tenant(conn, cap)
+        conn.execute(
+            "UPDATE subscription_plans SET max_concurrent_calls = %s WHERE id = %s",
+            (cap, stack.seeded.plan_id),
+        )
+    stack.fleet.start_worker("worker")
+    stack.fleet.start_beat("beat")
+    assert stack.sim is not None
+    sim = stack.sim
+    warm = stack.schedule(20, start=900_000)
+    wait_until(lambda: sim.stats()["total_creates"] >= len(warm), timeout=60)
+    return b_user, b_tpl
+
+
+def _b_idle(stack: Stack, b_user: Any, b_tpl: Any, b_calls: int) -> dict[str, Any]:
+    """B's schedule -> create latency with nothing else queued: one call at a time, each
+    placed before the next (0.2 s apart)."""
+    assert stack.sim is not None
+    sim = stack.sim
+    idle: dict[str, float] = {}
+    with stack.connect() as conn:
+        for i in range(b_calls):
+            before = sim.stats()["total_creates"]
+            idle[_schedule_b(conn, b_user, b_tpl, i, stack.zone)] = time.time()
+            wait_until(
+                lambda b=before: sim.stats()["total_creates"] > b,  # type: ignore[misc]
+                timeout=10,
+                interval=0.02,
+            )
+            time.sleep(0.2)  # pacing: B's calls come apart, not a wait for anything
+    fig = _latencies(stack, idle, 30)
+    fig["stages"] = _stages(stack, idle)
+    log(f"fairness: B idle p50 {fig['p50_ms']:.1f} ms p99 {fig['p99_ms']:.1f} ms")
+    return fig
+
+
+def _b_while_a_drains(
+    stack: Stack, b_user: Any, b_tpl: Any, b_calls: int, a_calls: int
+) -> tuple[float, dict[str, Any]]:
+    """A schedules ``a_calls`` due calls in one statement; a second later B schedules its calls
+    (0.05 s apart). Returns when A's calls were committed and B's latencies."""
+    assert stack.sim is not None
+    stack.sim.reset()
+    loaded: dict[str, float] = {}
+    with stack.connect() as conn:
+        conn.execute(
+            A_BULK,
+            {
+                "user": stack.seeded.user_id,
+                "template": stack.seeded.template_id,
+                "n": a_calls,
+                "zone": stack.zone,
+            },
+        )
+        t_a = time.time()
+        log(f"fairness: A scheduled {a_calls} calls")
+        time.sleep(1.0)  # pacing: B arrives while A's backlog is draining
+        for i in range(b_calls):
+            loaded[_schedule_b(conn, b_user, b_tpl, 1000 + i, stack.zone)] = time.time()
+            time.sleep(0.05)
+    fig = _latencies(stack, loaded, 900)
+    fig["stages"] = _stages(stack, loaded)
+    log(
+        f"fairness: B loaded p50 {fig['p50_ms']:.1f} ms p99 {fig['p99_ms']:.1f} ms;"
+        f" stages {fig['stages']}"
+    )
+    return t_a, fig
+
+
+def _a_drain(stack: Stack, a_calls: int, t_a: float) -> tuple[float, int, dict[str, Any]]:
+    """Seconds from A's commit until its last call reached the simulator, how many arrived,
+    and the stages of A's calls."""
+    with stack.connect() as conn:
+        a_ids = {
+            str(r[0])
+            for r in conn.execute(
+                "SELECT id FROM call_queue WHERE user_id = %s AND recipient_name LIKE 'Bulk %%'",
+                (stack.seeded.user_id,),
+            )
+        }
+    wait_until(lambda: _dialed(stack, list(a_ids)) >= a_calls, timeout=3600, interval=1.0)
+    # dialed = passed the gate; wait (bounded) for the last creates to reach the simulator
+    wait_until(lambda: a_ids <= set(_arrivals(stack)), timeout=60, interval=1.0)
+    arrivals = _arrivals(stack)
+    a_times = [arrivals[q] for q in a_ids if q in arrivals]
+    drain = (max(a_times) - t_a) if a_times else float("nan")
+    log(f"fairness: A drained {len(a_times)} of {a_calls} in {drain:.1f} s")
+    return drain, len(a_times), _stages(stack, dict.fromkeys(a_ids, t_a))
 
 
 def main(argv: list[str] | None = None) -> int:

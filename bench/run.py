@@ -103,61 +103,61 @@ def claim_rows(results: dict[str, Any]) -> list[Row]:
 
 def e2e_rows(results: dict[str, Any]) -> list[Row]:
     """End to end and latency (bench.e2e)."""
-    rows: list[Row] = []
     e2e = results.get("e2e") or {}
-    thr = e2e.get("throughput")
-    if thr:
-        noop = max(thr["noop"]["rate"], thr["noop_after"]["rate"])
+    return _throughput_rows(e2e.get("throughput")) + _latency_rows(
+        e2e.get("latency"), e2e.get("latency_sweep") or {}
+    )
+
+
+def _throughput_rows(thr: dict[str, Any] | None) -> list[Row]:
+    if not thr:
+        return []
+    noop = max(thr["noop"]["rate"], thr["noop_after"]["rate"])
+    rows: list[Row] = [
+        (
+            "end to end: schedule_call -> create at simulator, calls/s vs no-op tasks/s",
+            _f(thr["ours"]["rate"]),
+            _f(noop),
+            _f(thr["ratio"], 2),
+            ">= 0.5",
+            _met(thr["ratio"] >= 0.5),
+        )
+    ]
+    first = thr.get("first_burst")
+    if first:
         rows.append(
             (
-                "end to end: schedule_call -> create at simulator, calls/s vs no-op tasks/s",
-                _f(thr["ours"]["rate"]),
+                "end to end, a fresh worker's first burst (its connections planning), calls/s",
+                _f(first["rate"]),
                 _f(noop),
-                _f(thr["ratio"], 2),
-                ">= 0.5",
-                _met(thr["ratio"] >= 0.5),
+                _f(first["rate"] / noop if noop else None, 2),
+                "informative",
+                "",
             )
         )
-        first = thr.get("first_burst")
-        if first:
-            rows.append(
-                (
-                    "end to end, a fresh worker's first burst (its connections planning), calls/s",
-                    _f(first["rate"]),
-                    _f(noop),
-                    _f(first["rate"] / noop if noop else None, 2),
-                    "informative",
-                    "",
-                )
-            )
-    lat = e2e.get("latency")
+    return rows
+
+
+def _latency_rows(lat: dict[str, Any] | None, sweep: dict[str, Any]) -> list[Row]:
+    rows: list[Row] = []
     if lat:
-        for phase, label in (
-            ("idle", "idle, one call at a time"),
-            ("load", f"under load ({_f(lat['load'].get('rate'))} calls/s)"),
-        ):
+        labels = {
+            "idle": "idle, one call at a time",
+            "load": f"under load ({_f(lat['load'].get('rate'))} calls/s)",
+        }
+        for phase, label in labels.items():
             v = lat[phase]
-            rows.append(
-                (
-                    f"latency commit -> create, {label}, p50 ms",
-                    _f(v["p50_ms"], 1),
-                    "",
-                    "",
-                    "<= 100 ms",
-                    _met(v["p50_ms"] <= 100 if v["arrived"] else None),
+            for pct, target, limit in (("p50", "<= 100 ms", 100), ("p99", "<= 500 ms", 500)):
+                rows.append(
+                    (
+                        f"latency commit -> create, {label}, {pct} ms",
+                        _f(v[f"{pct}_ms"], 1),
+                        "",
+                        "",
+                        target,
+                        _met(v[f"{pct}_ms"] <= limit if v["arrived"] else None),
+                    )
                 )
-            )
-            rows.append(
-                (
-                    f"latency commit -> create, {label}, p99 ms",
-                    _f(v["p99_ms"], 1),
-                    "",
-                    "",
-                    "<= 500 ms",
-                    _met(v["p99_ms"] <= 500 if v["arrived"] else None),
-                )
-            )
-    sweep = e2e.get("latency_sweep") or {}
     for rate, v in sweep.items():
         rows.append(
             (

@@ -650,79 +650,88 @@ DECLARE
   v_out uuid[] := '{}';
   v_out_stripes smallint[] := '{}';
   v_tenants integer := 0;
+  v_skip uuid[] := p_exclude;
+  v_got uuid[];
 BEGIN
   IF p_limit IS NULL OR p_limit <= 0 THEN
     RETURN;
   END IF;
-  -- (the tenants' room is materialized: computed once per tenant, not once per candidate row)
-  WITH RECURSIVE t AS MATERIALIZED (
-    SELECT c.user_id,
-           -- the batch and as many again, at least 8 more: rows concurrent claimers locked are
-           -- skipped, and a small claim among several still finds one they left
-           least(pl.max_concurrent_calls - c.flight, v_span,
-                 public.plan_rate_allowance(pl.calls_per_minute, c.rate_tat, v_now)) AS room
-      -- tenants with a stripe counting calls waiting, then each one's stripes (by key: never
-      -- a scan of every tenant's)
-      FROM (SELECT DISTINCT w.user_id FROM public.tenant_call_counters w WHERE w.queued > 0) u
-     CROSS JOIN LATERAL (
-       SELECT u.user_id, sum(x.claimed + x.dialed)::integer AS flight,
-              max(x.rate_tat) FILTER (WHERE x.stripe = 0) AS rate_tat
-         FROM public.tenant_call_counters x WHERE x.user_id = u.user_id) c
-      JOIN public.user_subscriptions s
-        ON s.user_id = c.user_id AND s.status IN ('active', 'trialing')
-      JOIN public.subscription_plans pl ON pl.id = s.plan_id
-     WHERE c.flight < pl.max_concurrent_calls
-  ),
-  -- Each tenant's first "room" due calls in (priority, scheduled_time, created_at) order: a
-  -- walk down the priorities (one index probe each), stopping once the room is filled, so a
-  -- tenant whose most urgent level fills the claim costs one probe, not ten. Each step keeps
-  -- its level's calls in order (k: their turn within the level).
-  walk AS (
-    SELECT t.user_id, t.room, 0 AS prio, 0 AS taken,
-           NULL::uuid[] AS ids, NULL::timestamptz[] AS sts, NULL::timestamptz[] AS cas
-      FROM t WHERE t.room > 0
-    UNION ALL
-    SELECT w.user_id, w.room, w.prio + 1, w.taken + coalesce(cardinality(x.ids), 0),
-           x.ids, x.sts, x.cas
-      FROM walk w
-     CROSS JOIN LATERAL (
-       SELECT array_agg(q.id ORDER BY q.scheduled_time, q.created_at) AS ids,
-              array_agg(q.scheduled_time ORDER BY q.scheduled_time, q.created_at) AS sts,
-              array_agg(q.created_at ORDER BY q.scheduled_time, q.created_at) AS cas
-         FROM (SELECT q.id, q.scheduled_time, q.created_at
-                 FROM public.call_queue q
-                WHERE q.user_id = w.user_id AND q.status = 'queued' AND q.priority = w.prio + 1
-                  AND q.scheduled_time <= v_now
-                  -- a paused, draft or paced campaign's calls: see claim_candidates
-                  AND NOT q.via_campaign
-                  AND (p_exclude IS NULL OR NOT (q.id = ANY (p_exclude)))
-                ORDER BY q.scheduled_time, q.created_at
-                LIMIT w.room - w.taken) q) x
-     WHERE w.prio < 10 AND w.taken < w.room
-  )
-  -- within a priority level, tenants take turns: each one's k-th call ranks with the others'
-  SELECT array_agg(r.id ORDER BY r.priority, r.k, r.scheduled_time, r.created_at) INTO v_cand
-    FROM (
-      SELECT x.id, w.prio AS priority, x.k, x.scheduled_time, x.created_at
+  -- Candidates, then the ones not locked by another claimer. Concurrent claimers walk the same
+  -- first candidates: a claim that lost some of its span to them (it found the span full but
+  -- locked less than its batch) walks on past them, a few times at most, in a newer snapshot.
+  FOR v_try IN 1..4 LOOP
+    -- (the tenants' room is materialized: computed once per tenant, not once per candidate row)
+    WITH RECURSIVE t AS MATERIALIZED (
+      SELECT c.user_id,
+             -- the batch and as many again, at least 8 more: rows concurrent claimers locked are
+             -- skipped, and a small claim among several still finds one they left
+             least(pl.max_concurrent_calls - c.flight, v_span,
+                   public.plan_rate_allowance(pl.calls_per_minute, c.rate_tat, v_now)) AS room
+        -- tenants with a stripe counting calls waiting, then each one's stripes (by key: never
+        -- a scan of every tenant's)
+        FROM (SELECT DISTINCT w.user_id FROM public.tenant_call_counters w WHERE w.queued > 0) u
+       CROSS JOIN LATERAL (
+         SELECT u.user_id, sum(x.claimed + x.dialed)::integer AS flight,
+                max(x.rate_tat) FILTER (WHERE x.stripe = 0) AS rate_tat
+           FROM public.tenant_call_counters x WHERE x.user_id = u.user_id) c
+        JOIN public.user_subscriptions s
+          ON s.user_id = c.user_id AND s.status IN ('active', 'trialing')
+        JOIN public.subscription_plans pl ON pl.id = s.plan_id
+       WHERE c.flight < pl.max_concurrent_calls
+    ),
+    -- Each tenant's first "room" due calls in (priority, scheduled_time, created_at) order: a
+    -- walk down the priorities (one index probe each), stopping once the room is filled, so a
+    -- tenant whose most urgent level fills the claim costs one probe, not ten. Each step keeps
+    -- its level's calls in order (k: their turn within the level).
+    walk AS (
+      SELECT t.user_id, t.room, 0 AS prio, 0 AS taken,
+             NULL::uuid[] AS ids, NULL::timestamptz[] AS sts, NULL::timestamptz[] AS cas
+        FROM t WHERE t.room > 0
+      UNION ALL
+      SELECT w.user_id, w.room, w.prio + 1, w.taken + coalesce(cardinality(x.ids), 0),
+             x.ids, x.sts, x.cas
         FROM walk w
-       CROSS JOIN LATERAL unnest(w.ids, w.sts, w.cas) WITH ORDINALITY
-                          AS x(id, scheduled_time, created_at, k)
-       WHERE w.prio > 0
-       ORDER BY 2, 3, 4, 5
-       LIMIT v_span
-    ) r;
+       CROSS JOIN LATERAL (
+         SELECT array_agg(q.id ORDER BY q.scheduled_time, q.created_at) AS ids,
+                array_agg(q.scheduled_time ORDER BY q.scheduled_time, q.created_at) AS sts,
+                array_agg(q.created_at ORDER BY q.scheduled_time, q.created_at) AS cas
+           FROM (SELECT q.id, q.scheduled_time, q.created_at
+                   FROM public.call_queue q
+                  WHERE q.user_id = w.user_id AND q.status = 'queued' AND q.priority = w.prio + 1
+                    AND q.scheduled_time <= v_now
+                    -- a paused, draft or paced campaign's calls: see claim_candidates
+                    AND NOT q.via_campaign
+                    AND (v_skip IS NULL OR NOT (q.id = ANY (v_skip)))
+                  ORDER BY q.scheduled_time, q.created_at
+                  LIMIT w.room - w.taken) q) x
+       WHERE w.prio < 10 AND w.taken < w.room
+    )
+    -- within a priority level, tenants take turns: each one's k-th call ranks with the others'
+    SELECT array_agg(r.id ORDER BY r.priority, r.k, r.scheduled_time, r.created_at) INTO v_cand
+      FROM (
+        SELECT x.id, w.prio AS priority, x.k, x.scheduled_time, x.created_at
+          FROM walk w
+         CROSS JOIN LATERAL unnest(w.ids, w.sts, w.cas) WITH ORDINALITY
+                            AS x(id, scheduled_time, created_at, k)
+         WHERE w.prio > 0
+         ORDER BY 2, 3, 4, 5
+         LIMIT v_span
+      ) r;
 
-  IF v_cand IS NOT NULL THEN
+    EXIT WHEN v_cand IS NULL;
     -- "id = ANY": primary-key look-ups of the candidates (a join with unnest() may be planned
     -- as a scan of the tenant's live rows, which grows with its backlog)
-    SELECT array_agg(l.id ORDER BY l.ord) INTO v_ids
+    SELECT array_agg(l.id ORDER BY l.ord) INTO v_got
       FROM (SELECT q.id, array_position(v_cand, q.id) AS ord
               FROM public.call_queue q
              WHERE q.id = ANY (v_cand) AND q.status = 'queued' AND q.scheduled_time <= v_now
              ORDER BY 2
-             LIMIT p_limit
+             LIMIT p_limit - coalesce(cardinality(v_ids), 0)
                FOR UPDATE OF q SKIP LOCKED) l;
-  END IF;
+    v_ids := coalesce(v_ids, '{}') || coalesce(v_got, '{}');
+    EXIT WHEN cardinality(v_ids) >= p_limit OR cardinality(v_cand) < v_span;
+    v_skip := coalesce(v_skip, '{}') || v_cand;
+  END LOOP;
   -- paced campaigns' calls, through their lanes (locked, pacing held across the fleet), for
   -- what is left of the batch
   IF coalesce(cardinality(v_ids), 0) < p_limit THEN

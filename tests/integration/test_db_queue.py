@@ -162,6 +162,29 @@ def test_claim_skips_rows_locked_by_another_transaction(
         assert one(conn, "SELECT queue_id FROM get_next_call_in_queue()") == second
 
 
+@pytest.mark.parametrize(
+    ("calls", "limit", "held"),
+    [(30, 1, 9), (40, 5, 13), (60, 5, 26), (20, 5, 18), (160, 50, 100), (12, 5, 0)],
+)
+def test_a_claim_walks_past_the_calls_concurrent_claimers_hold(
+    db_url: str, conn: Conn, calls: int, limit: int, held: int
+) -> None:
+    """Concurrent claimers walk the same first candidates (a claim's span: its batch and as many
+    again, at least 8 more). A claim whose span others hold, in part or whole, walks on and
+    still fills its batch with the next calls in claim order, none of them held."""
+    user = make_user(conn, call_limit=None, max_concurrent=1000)
+    template = make_template(conn, user)
+    start = datetime.now(UTC) - timedelta(hours=1)
+    ids = [
+        schedule(conn, user, template, priority=1, scheduled_time=start + timedelta(seconds=i))
+        for i in range(calls)
+    ]
+    with psycopg.connect(db_url) as other:  # a claimer holding the first calls, uncommitted
+        other.execute("SELECT id FROM call_queue WHERE id = ANY(%s) FOR UPDATE", (ids[:held],))
+        got = conn.execute("SELECT queue_id FROM claim_due_calls(%s, 'w', 30)", (limit,)).fetchall()
+    assert sorted(r[0] for r in got) == sorted(ids[held : held + limit])
+
+
 # --- provider selection and assignment --------------------------------------------------------
 
 
