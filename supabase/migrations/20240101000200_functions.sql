@@ -818,6 +818,7 @@ CREATE OR REPLACE FUNCTION public.claim_and_assign_calls(
 ) RETURNS TABLE (queue_id uuid, assignment_id uuid, provider_id uuid)
 LANGUAGE plpgsql
 SET search_path = ''
+SET plan_cache_mode = force_generic_plan
 AS $$
 #variable_conflict use_column
 DECLARE
@@ -851,11 +852,16 @@ BEGIN
   -- slots never taken), and nothing is dialed before mark_call_dialing commits synchronously,
   -- which flushes the WAL up to and including this claim. (Transaction-local setting.)
   PERFORM set_config('synchronous_commit', 'off', true);
-  SELECT count(*) INTO v_free
-    FROM (SELECT 1 FROM public.eligible_providers e
-            JOIN public.provider_slots s
-              ON s.provider_id = e.provider_id AND s.assignment_id IS NULL
-           LIMIT p_limit) f;
+  -- free slots, up to the batch per provider: each provider's first ones in the free slots'
+  -- index (ordered as the index is, so a generic plan walks it too, never the table)
+  SELECT coalesce(sum(f.n), 0) INTO v_free
+    FROM public.eligible_providers e
+   CROSS JOIN LATERAL (
+     SELECT count(*) AS n
+       FROM (SELECT 1 FROM public.provider_slots s
+              WHERE s.provider_id = e.provider_id AND s.assignment_id IS NULL
+              ORDER BY s.freed_at, s.slot_no
+              LIMIT p_limit) x) f;
   IF v_free = 0 THEN
     RETURN;
   END IF;
@@ -896,8 +902,9 @@ BEGIN
            LIMIT v_k
              FOR UPDATE SKIP LOCKED
         ), t AS (
+          -- (= ANY of the locked slots: a primary-key look-up in any plan, generic ones too)
           UPDATE public.provider_slots s SET assignment_id = gen_random_uuid()
-            FROM f WHERE s.provider_id = v_p.provider_id AND s.slot_no = f.slot_no
+           WHERE s.provider_id = v_p.provider_id AND s.slot_no = ANY (ARRAY(SELECT f.slot_no FROM f))
           RETURNING s.assignment_id, s.caller_id
         )
         SELECT v_mp || array_agg(v_p.provider_id), v_ma || array_agg(t.assignment_id),

@@ -1023,6 +1023,7 @@ CREATE OR REPLACE FUNCTION public.claim_and_gate_calls(
                  custom_variables jsonb, template_snapshot jsonb)
 LANGUAGE plpgsql
 SET search_path = ''
+SET plan_cache_mode = force_generic_plan
 AS $$
 #variable_conflict use_column
 DECLARE
