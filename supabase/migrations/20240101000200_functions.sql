@@ -1176,6 +1176,9 @@ CREATE OR REPLACE FUNCTION public.mark_calls_placed(
 ) RETURNS TABLE (assignment_id uuid, poll_count integer)
 LANGUAGE plpgsql
 SET search_path = ''
+-- (each statement reaches its rows by primary key, from the arrays given: one generic plan,
+-- never planned again; a lone call's chunk re-planned them at every call)
+SET plan_cache_mode = force_generic_plan
 AS $$
 #variable_conflict use_column
 DECLARE
