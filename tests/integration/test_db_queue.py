@@ -11,6 +11,8 @@ from typing import Any
 
 import psycopg
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from .dbutil import (
     Conn,
@@ -162,16 +164,21 @@ def test_claim_skips_rows_locked_by_another_transaction(
         assert one(conn, "SELECT queue_id FROM get_next_call_in_queue()") == second
 
 
-@pytest.mark.parametrize(
-    ("calls", "limit", "held"),
-    [(30, 1, 9), (40, 5, 13), (60, 5, 26), (20, 5, 18), (160, 50, 100), (12, 5, 0)],
+@settings(
+    max_examples=25,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
+@given(data=st.data(), limit=st.sampled_from([1, 2, 5, 20, 50]))
 def test_a_claim_walks_past_the_calls_concurrent_claimers_hold(
-    db_url: str, conn: Conn, calls: int, limit: int, held: int
+    db_url: str, conn: Conn, data: st.DataObject, limit: int
 ) -> None:
     """Concurrent claimers walk the same first candidates (a claim's span: its batch and as many
-    again, at least 8 more). A claim whose span others hold, in part or whole, walks on and
-    still fills its batch with the next calls in claim order, none of them held."""
+    again, at least 8 more). A claim whose span others hold, in part or whole, walks on past
+    them, up to four spans, and takes the next calls in claim order, none of them held."""
+    span = limit + max(limit, 8)
+    calls = data.draw(st.integers(1, 3 * span + 10), label="calls")
+    held = data.draw(st.integers(0, calls), label="held")
     user = make_user(conn, call_limit=None, max_concurrent=1000)
     template = make_template(conn, user)
     start = datetime.now(UTC) - timedelta(hours=1)
@@ -179,10 +186,15 @@ def test_a_claim_walks_past_the_calls_concurrent_claimers_hold(
         schedule(conn, user, template, priority=1, scheduled_time=start + timedelta(seconds=i))
         for i in range(calls)
     ]
-    with psycopg.connect(db_url) as other:  # a claimer holding the first calls, uncommitted
-        other.execute("SELECT id FROM call_queue WHERE id = ANY(%s) FOR UPDATE", (ids[:held],))
-        got = conn.execute("SELECT queue_id FROM claim_due_calls(%s, 'w', 30)", (limit,)).fetchall()
-    assert sorted(r[0] for r in got) == sorted(ids[held : held + limit])
+    try:
+        with psycopg.connect(db_url) as other:  # a claimer holding the first calls, uncommitted
+            other.execute("SELECT id FROM call_queue WHERE id = ANY(%s) FOR UPDATE", (ids[:held],))
+            got = conn.execute(
+                "SELECT queue_id FROM claim_due_calls(%s, 'w', 30)", (limit,)
+            ).fetchall()
+        assert sorted(r[0] for r in got) == sorted(ids[held : min(held + limit, 4 * span)])
+    finally:  # no due call of this example is left for the next one's claim
+        conn.execute("DELETE FROM call_queue WHERE user_id = %s", (user,))
 
 
 # --- provider selection and assignment --------------------------------------------------------
