@@ -139,18 +139,13 @@ def latency(
     stack: Stack, *, idle_calls: int, load_rate: float, load_seconds: float, start: int
 ) -> dict[str, Any]:
     """Commit -> create latency, idle (one at a time) and under a steady schedule rate."""
-    assert stack.sim is not None
-    sim = stack.sim
-    commits: dict[str, float] = {}
-    with stack.connect() as conn:
-        for i in range(idle_calls):
-            before = sim.stats()["total_creates"]
-            qid, t = stack.schedule_one(conn, start + i)
-            commits[qid] = t
-            # one at a time: the create arrives (bounded wait), then an idle gap
-            with contextlib.suppress(TimeoutError):
-                wait_until(lambda b=before: sim.stats()["total_creates"] > b, timeout=10)
-            time.sleep(IDLE_GAP_SECONDS)
+    # one at a time: the create arrives (bounded wait), then an idle gap
+    commits = stack.one_at_a_time(
+        lambda conn, i: stack.schedule_one(conn, start + i),
+        idle_calls,
+        IDLE_GAP_SECONDS,
+        strict=False,
+    )
     idle_ids = set(commits)
     # Steady load: a pacing thread schedules at load_rate for load_seconds.
     load_commits: dict[str, float] = {}

@@ -242,19 +242,11 @@ def _prepare(stack: Stack, cap: int, unfair: bool) -> tuple[Any, Any]:
 def _b_idle(stack: Stack, b_user: Any, b_tpl: Any, b_calls: int) -> dict[str, Any]:
     """B's schedule -> create latency with nothing else queued: one call at a time, each
     placed before the next (0.2 s apart)."""
-    assert stack.sim is not None
-    sim = stack.sim
-    idle: dict[str, float] = {}
-    with stack.connect() as conn:
-        for i in range(b_calls):
-            before = sim.stats()["total_creates"]
-            idle[_schedule_b(conn, b_user, b_tpl, i, stack.zone)] = time.time()
-            wait_until(
-                lambda b=before: sim.stats()["total_creates"] > b,  # type: ignore[misc]
-                timeout=10,
-                interval=0.02,
-            )
-            time.sleep(0.2)  # pacing: B's calls come apart, not a wait for anything
+    idle = stack.one_at_a_time(
+        lambda conn, i: (_schedule_b(conn, b_user, b_tpl, i, stack.zone), time.time()),
+        b_calls,
+        0.2,
+    )
     fig = _latencies(stack, idle, 30)
     fig["stages"] = _stages(stack, idle)
     log(f"fairness: B idle p50 {fig['p50_ms']:.1f} ms p99 {fig['p99_ms']:.1f} ms")

@@ -12,6 +12,7 @@ import shutil
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -175,6 +176,34 @@ class Stack:
         t = time.time()
         assert row is not None
         return str(row[0]), t
+
+    def one_at_a_time(
+        self,
+        schedule: Callable[[psycopg.Connection[Any], int], tuple[str, float]],
+        count: int,
+        gap: float,
+        *,
+        strict: bool = True,
+    ) -> dict[str, float]:
+        """``count`` calls, each scheduled by ``schedule(conn, i)`` (queue id, commit time) once
+        the one before reached the simulator (a wait of at most 10 s; ``strict``: a call not
+        placed by then is an error) and ``gap`` seconds passed. Returns each call's commit time.
+        """
+        assert self.sim is not None
+        sim = self.sim
+        commits: dict[str, float] = {}
+        with self.connect() as conn:
+            for i in range(count):
+                before = sim.stats()["total_creates"]
+                qid, t = schedule(conn, i)
+                commits[qid] = t
+                try:
+                    wait_until(lambda b=before: sim.stats()["total_creates"] > b, timeout=10)  # type: ignore[misc]
+                except TimeoutError:
+                    if strict:
+                        raise
+                time.sleep(gap)  # pacing: the calls come apart, not a wait for anything
+        return commits
 
     def warm_up(self, *, suffix: str | None = None, timeout: float = 90.0) -> None:
         """One call through the whole path: the fleet is up (instead of a fixed warm-up sleep).
