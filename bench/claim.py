@@ -60,6 +60,7 @@ SCRIPTS = {
 FILL_PER_SECOND = {
     ("bare", "single"): 25_000,
     ("ours", "single"): 8_000,
+    ("ourscaa", "single"): 8_000,
     ("bare", "batch"): 100_000,
     ("ours", "batch"): 40_000,
 }
@@ -357,8 +358,7 @@ def run(*, quick: bool = False, admin_url: str | None = None) -> dict[str, Any]:
             for clients in clients_list:
                 for side in sides:
                     workload = f"{side}_{kind}"
-                    n = fill["ours_single" if workload == "ourscaa_single" else workload]
-                    r = _measure(db, workload, clients, seconds, n, setup)
+                    r = _measure(db, workload, clients, seconds, fill[workload], setup)
                     results.append(r)
         cpu = {kind: server_cpu_per_row(db, setup, kind) for kind in ("single", "batch")}
     finally:

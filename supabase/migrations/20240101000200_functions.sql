@@ -852,16 +852,16 @@ BEGIN
   -- slots never taken), and nothing is dialed before mark_call_dialing commits synchronously,
   -- which flushes the WAL up to and including this claim. (Transaction-local setting.)
   PERFORM set_config('synchronous_commit', 'off', true);
-  -- free slots, up to the batch per provider: each provider's first ones in the free slots'
-  -- index (ordered as the index is, so a generic plan walks it too, never the table)
-  SELECT coalesce(sum(f.n), 0) INTO v_free
-    FROM public.eligible_providers e
-   CROSS JOIN LATERAL (
-     SELECT count(*) AS n
-       FROM (SELECT 1 FROM public.provider_slots s
+  -- free slots, up to the batch in all: each provider's first ones in the free slots' index
+  -- (ordered as the index is, so a generic plan walks it too, never the table)
+  SELECT count(*) INTO v_free
+    FROM (SELECT 1 FROM public.eligible_providers e
+           CROSS JOIN LATERAL (
+             SELECT 1 FROM public.provider_slots s
               WHERE s.provider_id = e.provider_id AND s.assignment_id IS NULL
               ORDER BY s.freed_at, s.slot_no
-              LIMIT p_limit) x) f;
+              LIMIT p_limit) x
+           LIMIT p_limit) f;
   IF v_free = 0 THEN
     RETURN;
   END IF;
