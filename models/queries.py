@@ -165,6 +165,11 @@ WHERE NOT EXISTS (SELECT 1 FROM call_events e
                   WHERE e.queue_id = a.queue_id AND e.assignment_id = a.id AND e.kind = x.kind)
 """
 
+# Whether beat's ticks find work: a due call, a due poll, a due notification (worker/beat.py).
+DUE_WORK = """
+SELECT calls, polls, notifications FROM due_work()
+"""
+
 # Take the placed calls whose next poll is due, oldest first: their poll deadline moves ahead,
 # so no other tick takes them while they are polled; returns (assignment, poll token).
 TAKE_DUE_POLLS = """
@@ -467,6 +472,11 @@ class Database:
             return 0
         params = {"assignment_ids": [a for a, _ in observed], "kinds": [k for _, k in observed]}
         return len(self.rows(RECORD_PROVIDER_STATES, params))
+
+    def due_work(self) -> dict[str, bool]:
+        """Which of beat's ticks find work now: ``calls``, ``polls``, ``notifications``."""
+        rows = self.rows(DUE_WORK)
+        return {name: bool(value) for name, value in rows[0].items()}
 
     def take_due_polls(self, limit: int, defer: float = 0.0) -> list[tuple[str, int]]:
         """Up to ``limit`` placed calls whose poll is due (overdue by ``defer`` seconds), as

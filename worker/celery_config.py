@@ -76,8 +76,9 @@ def celery_config(s: Settings) -> dict[str, Any]:
         ),
         "task_routes": TASK_ROUTES,
         "beat_schedule": beat_schedule(s),
-        # The schedule lives here; beat's own schedule file only needs a private place.
-        "beat_scheduler": "celery.beat:Scheduler",
+        # The schedule lives here; beat's own schedule file only needs a private place. Beat
+        # skips the ticks that would find nothing (worker/beat.py).
+        "beat_scheduler": "worker.beat:Scheduler",
         "beat_schedule_filename": os.path.join(tempfile.gettempdir(), f"callq-beat-{os.getpid()}"),
         "include": ["worker.tasks"],
     }

@@ -1,0 +1,172 @@
+"""Beat skips the ticks that would find nothing (worker/beat.py, ``due_work()``).
+
+The property that matters: whenever a tick's task would take something, ``due_work()`` says its
+work waits (a tick held back for work that waits would delay calls, polls or notifications).
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from celery import beat
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from models.queries import TAKE_DUE_POLLS
+from worker import runtime
+from worker.beat import WORK_OF, Scheduler
+from worker.celery_app import app
+
+from .dbutil import Conn, make_provider, make_template, make_user, one, schedule
+
+
+def due(conn: Conn) -> dict[str, bool]:
+    row = conn.execute("SELECT calls, polls, notifications FROM due_work()").fetchone()
+    assert row is not None
+    return dict(zip(("calls", "polls", "notifications"), row, strict=True))
+
+
+@settings(
+    max_examples=20,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(
+    calls=st.lists(
+        st.tuples(st.integers(-3600, 3600), st.integers(1, 10)), min_size=0, max_size=12
+    ),
+)
+def test_due_calls_are_seen_whenever_the_claim_would_take_one(
+    conn: Conn, calls: list[tuple[int, int]]
+) -> None:
+    """Calls due or ahead by any offset, at any priority: ``calls`` is true exactly when one
+    is due, and a claim finds nothing when it is false."""
+    user = make_user(conn, call_limit=None, max_concurrent=1000)
+    template = make_template(conn, user)
+    now = datetime.now(UTC)
+    try:
+        for offset, priority in calls:
+            schedule(
+                conn,
+                user,
+                template,
+                priority=priority,
+                scheduled_time=now + timedelta(seconds=offset if offset > 0 else offset - 1),
+            )
+        waits = due(conn)["calls"]
+        assert waits == any(offset <= 0 for offset, _ in calls)
+        claimed = conn.execute("SELECT queue_id FROM claim_due_calls(50, 'w', 30)").fetchall()
+        assert bool(claimed) == waits
+        assert due(conn)["calls"] is False  # every due call claimed: nothing left to claim
+    finally:
+        conn.execute("DELETE FROM call_queue WHERE user_id = %s", (user,))
+
+
+def test_due_polls_and_notifications_follow_their_times(conn: Conn) -> None:
+    user = make_user(conn, call_limit=None)
+    template = make_template(conn, user)
+    provider = make_provider(conn, max_calls=5)
+    assert due(conn) == {"calls": False, "polls": False, "notifications": False}
+
+    qid = schedule(conn, user, template)
+    aid = one(conn, "SELECT assign_call_to_provider(%s, %s)", (qid, provider))
+    assert one(conn, "SELECT mark_call_dialing(%s)", (aid,)) is True
+    assert one(conn, "SELECT mark_call_placed(%s, %s)", (aid, f"pc-{aid}")) is True
+    conn.execute(
+        "UPDATE call_assignments SET next_poll_at = now() + interval '1 minute' WHERE id = %s",
+        (aid,),
+    )
+    assert due(conn)["polls"] is False
+    assert conn.execute(TAKE_DUE_POLLS, {"limit": 10, "defer": 0.0}).fetchall() == []
+    conn.execute(
+        "UPDATE call_assignments SET next_poll_at = now() - interval '1 second' WHERE id = %s",
+        (aid,),
+    )
+    assert due(conn)["polls"] is True
+    assert len(conn.execute(TAKE_DUE_POLLS, {"limit": 10, "defer": 0.0}).fetchall()) == 1
+
+    endpoint = one(
+        conn,
+        "INSERT INTO notification_endpoints (user_id, url, secret)"
+        " VALUES (%s, 'https://example.com/hook', 'secret') RETURNING id",
+        (user,),
+    )
+    conn.execute(
+        "INSERT INTO call_notifications (endpoint_id, user_id, queue_id, next_attempt_at)"
+        " VALUES (%s, %s, %s, now() + interval '1 minute')",
+        (endpoint, user, qid),
+    )
+    assert due(conn)["notifications"] is False
+    assert conn.execute("SELECT * FROM claim_notifications(10)").fetchall() == []
+    conn.execute("UPDATE call_notifications SET next_attempt_at = now() - interval '1 second'")
+    assert due(conn)["notifications"] is True
+    assert len(conn.execute("SELECT * FROM claim_notifications(10)").fetchall()) == 1
+
+
+def test_a_running_campaign_lets_the_poll_through(conn: Conn) -> None:
+    """A campaign's calls are the claim's to judge (lanes, pacing): any running campaign sends
+    the poll."""
+    user = make_user(conn, call_limit=None)
+    template = make_template(conn, user)
+    campaign = one(
+        conn,
+        "INSERT INTO call_campaigns (user_id, template_id, name) VALUES (%s, %s, 'c') RETURNING id",
+        (user, template),
+    )
+    assert due(conn)["calls"] is False  # a draft campaign claims nothing
+    conn.execute("UPDATE call_campaigns SET status = 'running' WHERE id = %s", (campaign,))
+    assert due(conn)["calls"] is True
+
+
+class _Entry:
+    def __init__(self, task: str) -> None:
+        self.task = task
+        self.name = task
+
+
+@pytest.fixture
+def scheduler(worker_db: str, monkeypatch: pytest.MonkeyPatch) -> tuple[Scheduler, list[str]]:
+    """Our scheduler with Celery's sending replaced by a record of what it would send."""
+    sent: list[str] = []
+
+    def send(self: Any, entry: Any, producer: Any = None, advance: bool = True, **_: Any) -> str:
+        sent.append(entry.task)
+        return entry.task
+
+    monkeypatch.setattr(beat.Scheduler, "apply_async", send)
+    monkeypatch.setattr(beat.Scheduler, "setup_schedule", lambda self: None)
+    return Scheduler(app=app, lazy=True), sent
+
+
+def test_beat_sends_a_tick_only_when_its_work_waits(
+    worker_db: str, conn: Conn, scheduler: tuple[Scheduler, list[str]], monkeypatch: Any
+) -> None:
+    sched, sent = scheduler
+    monkeypatch.setattr("worker.beat.ANSWER_SECONDS", 0.0)  # ask again at every tick
+    for task in [*WORK_OF, "callq.health_check", "callq.reap"]:
+        sched.apply_async(_Entry(task), advance=False)
+    assert sent == ["callq.health_check", "callq.reap"]  # nothing waits: only the others
+
+    user = make_user(conn, call_limit=None)
+    schedule(conn, user, make_template(conn, user))
+    sent.clear()
+    for task in WORK_OF:
+        sched.apply_async(_Entry(task), advance=False)
+    assert sent == ["callq.poll"]
+
+
+def test_beat_sends_every_tick_when_the_database_cannot_answer(
+    scheduler: tuple[Scheduler, list[str]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sched, sent = scheduler
+
+    class Down:
+        def due_work(self) -> dict[str, bool]:
+            raise OSError("connection refused")
+
+    monkeypatch.setattr(runtime, "database", lambda: Down())
+    for task in WORK_OF:
+        sched.apply_async(_Entry(task), advance=False)
+    assert sent == list(WORK_OF)
