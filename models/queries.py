@@ -379,6 +379,8 @@ class Database:
 
     def load_calls(self, assignment_ids: Sequence[UUID | str]) -> dict[str, CallRow]:
         """The calls behind these assignments, by assignment id (missing ones left out)."""
+        if not assignment_ids:
+            return {}
         rows = self.rows(LOAD_CALLS, {"assignment_ids": [str(a) for a in assignment_ids]})
         return {str(r["assignment_id"]): CallRow.from_row(r) for r in rows}
 

@@ -132,8 +132,8 @@ def map_in_context(fn: Callable[[T], R], items: Iterable[T], lane: str = "dispat
     pays for no thread hand-off.
     """
     items = list(items)
-    if len(items) == 1:  # nothing to overlap: no hand-off to the pool and back
-        return [contextvars.copy_context().run(fn, items[0])]
+    if len(items) <= 1:  # nothing to overlap: no hand-off to the pool and back
+        return [contextvars.copy_context().run(fn, item) for item in items]
     pool = executor(lane)
     futures = [pool.submit(contextvars.copy_context().run, fn, item) for item in items]
     return [future.result() for future in futures]

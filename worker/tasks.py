@@ -163,8 +163,6 @@ def track_due() -> dict[str, int]:
     s = get_settings()
     defer = s.track_defer_seconds if runtime.is_placing() else 0.0
     due = runtime.database().take_due_polls(s.track_tick_limit, defer)
-    if not due:
-        return {}
     for start in range(POLL_CHUNK, len(due), POLL_CHUNK):
         track_batch.apply_async(([list(item) for item in due[start : start + POLL_CHUNK]],))
     steps = track_chunk(due[:POLL_CHUNK])

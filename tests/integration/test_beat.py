@@ -14,7 +14,7 @@ from celery import beat
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from models.queries import TAKE_DUE_POLLS
+from models.queries import DUE_WORK, TAKE_DUE_POLLS
 from worker import runtime
 from worker.beat import WORK_OF, Scheduler
 from worker.celery_app import app
@@ -23,7 +23,7 @@ from .dbutil import Conn, make_provider, make_template, make_user, one, schedule
 
 
 def due(conn: Conn) -> dict[str, bool]:
-    row = conn.execute("SELECT calls, polls, notifications FROM due_work()").fetchone()
+    row = conn.execute(DUE_WORK).fetchone()
     assert row is not None
     return dict(zip(("calls", "polls", "notifications"), row, strict=True))
 
@@ -42,7 +42,8 @@ def test_due_calls_are_seen_whenever_the_claim_would_take_one(
     conn: Conn, calls: list[tuple[int, int]]
 ) -> None:
     """Calls due or ahead by any offset, at any priority: ``calls`` is true exactly when one
-    is due, and a claim finds nothing when it is false."""
+    is due, and a claim finds nothing when it is false. A call ahead is at least a minute
+    ahead, so none falls due while the example runs."""
     user = make_user(conn, call_limit=None, max_concurrent=1000)
     template = make_template(conn, user)
     now = datetime.now(UTC)
@@ -53,7 +54,7 @@ def test_due_calls_are_seen_whenever_the_claim_would_take_one(
                 user,
                 template,
                 priority=priority,
-                scheduled_time=now + timedelta(seconds=offset if offset > 0 else offset - 1),
+                scheduled_time=now + timedelta(seconds=offset + 60 if offset > 0 else offset - 1),
             )
         waits = due(conn)["calls"]
         assert waits == any(offset <= 0 for offset, _ in calls)
