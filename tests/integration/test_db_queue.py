@@ -494,10 +494,13 @@ def test_complete_call_errors(conn: Conn, setup: Any) -> None:
 
 
 def _retry_delay(conn: Conn, qid: uuid.UUID) -> float:
+    """The delay the retry was scheduled with: its due time against the failing transaction's
+    own clock (``updated_at``), not against a later statement's, which has moved on by the
+    time it runs (a slow machine read 14.99 s for a delay of at least 15)."""
     return float(
         one(
             conn,
-            "SELECT extract(epoch FROM scheduled_time - now()) FROM call_queue WHERE id = %s",
+            "SELECT extract(epoch FROM scheduled_time - updated_at) FROM call_queue WHERE id = %s",
             (qid,),
         )
     )
