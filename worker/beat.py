@@ -43,6 +43,13 @@ class Scheduler(beat.Scheduler):  # type: ignore[misc]
         self._failing = False
         super().__init__(*args, **kwargs)
 
+    def apply_entry(self, entry: Any, producer: Any = None) -> None:
+        # Celery logs "Sending due task" before apply_async: a skipped tick is not logged so.
+        work = WORK_OF.get(entry.task)
+        if work is not None and not self.work_waits(work):
+            return
+        super().apply_entry(entry, producer)
+
     def apply_async(
         self, entry: Any, producer: Any = None, advance: bool = True, **kwargs: Any
     ) -> Any:

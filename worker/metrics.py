@@ -18,9 +18,12 @@ The figures come from PostgreSQL, so they are right whatever the number of worke
                                                when a broker is configured)
 
 Counters and the histogram are fed from ``call_events``: each scrape reads the events appended
-since the last one (by id). Only events older than ``EVENT_SETTLE_SECONDS`` are read, so that
-an event whose transaction commits after a later id was read is not skipped (worker
-transactions last milliseconds). Like any counter, they start at zero with the process.
+since the last one, by id. Ids are taken when a row is inserted, not when its transaction
+commits, so a scrape may see an event while one with a lower id is still uncommitted: every id
+below the newest read that was not seen is a gap, looked for again at each scrape for
+``GAP_SECONDS`` (a rolled-back insert leaves a gap forever; the newest ``MAX_GAPS`` are kept).
+So an event is counted once, whatever the order its transaction commits in. Like any
+counter, they start at zero with the process.
 """
 
 from __future__ import annotations
@@ -37,7 +40,11 @@ from prometheus_client.registry import Collector
 
 from models.session import connect
 
-EVENT_SETTLE_SECONDS = 2.0
+# How long an id below the newest read is looked for again (its transaction may commit later),
+# and how many such ids are kept (the newest).
+GAP_SECONDS = 600.0
+MAX_GAPS = 10_000
+EVENT_BATCH = 50_000
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600)
 LIVE = ("queued", "claimed", "assigned", "dialing", "in_progress")
 STATUS_VALUE = {"online": 1.0, "degraded": 0.5, "offline": 0.0}
@@ -61,13 +68,13 @@ TRACKING = """
 SELECT count(*), coalesce(extract(epoch FROM now() - min(next_poll_at)), 0)
   FROM call_assignments WHERE state = 'placed' AND next_poll_at < now()
 """
+# Every kind is read (an id not returned is a gap); _count picks the kinds that feed a metric.
 NEW_EVENTS = """
 SELECT e.id, e.kind, e.outcome, coalesce(p.name, '-'),
        extract(epoch FROM e.created_at - e.due_at)
   FROM call_events e LEFT JOIN call_service_providers p ON p.id = e.provider_id
- WHERE e.id > %(after)s AND e.created_at < now() - make_interval(secs => %(settle)s)
-   AND e.kind IN ('ended', 'placed', 'completed', 'failed', 'canceled')
- ORDER BY e.id LIMIT 50000
+ WHERE e.id > %(after)s OR e.id = ANY(%(gaps)s::bigint[])
+ ORDER BY e.id LIMIT %(limit)s
 """
 LAST_EVENT = "SELECT coalesce(max(id), 0) FROM call_events"
 
@@ -85,6 +92,7 @@ class CallqCollector(Collector):
         self._url, self._pooled, self._ping = url, pooled, ping
         self._lock = threading.Lock()
         self._after: int | None = None
+        self._gaps: dict[int, float] = {}  # id -> when it was first missed (monotonic)
         self.registry = CollectorRegistry(auto_describe=False)
         # First: a scrape collects in registration order, and this collector feeds the
         # counters below before they are read.
@@ -121,15 +129,51 @@ class CallqCollector(Collector):
         if self._after is None:  # counters start with the process
             self._after = int(conn.execute(LAST_EVENT).fetchone()[0])
             return
-        rows = conn.execute(NEW_EVENTS, {"after": self._after, "settle": EVENT_SETTLE_SECONDS})
-        for event_id, kind, outcome, provider, latency in rows:
-            self._after = max(self._after, int(event_id))
-            if kind == "ended":
-                self.ended.labels(outcome or "-", provider).inc()
-            elif kind == "placed" and latency is not None:
-                self.latency.observe(max(float(latency), 0.0))
-            elif kind in ("completed", "failed", "canceled"):
-                self.finished.labels(kind).inc()
+        now = time.monotonic()
+        self._gaps = {i: t for i, t in self._gaps.items() if now - t < GAP_SECONDS}
+        while True:
+            params = {"after": self._after, "gaps": list(self._gaps), "limit": EVENT_BATCH}
+            rows = conn.execute(NEW_EVENTS, params).fetchall()
+            newer: list[int] = []
+            for event_id, kind, outcome, provider, latency in rows:
+                event_id = int(event_id)
+                if event_id > self._after:
+                    newer.append(event_id)
+                elif self._gaps.pop(event_id, None) is None:
+                    continue  # not a gap: counted already
+                self._count(kind, outcome, provider, latency)
+            if newer:
+                self._missed(self._after, newer, now)
+                self._after = newer[-1]
+            if len(rows) < EVENT_BATCH:
+                return
+
+    def _count(self, kind: str, outcome: str | None, provider: str, latency: Any) -> None:
+        if kind == "ended":
+            self.ended.labels(outcome or "-", provider).inc()
+        elif kind == "placed" and latency is not None:
+            self.latency.observe(max(float(latency), 0.0))
+        elif kind in ("completed", "failed", "canceled"):
+            self.finished.labels(kind).inc()
+
+    def _missed(self, after: int, newer: list[int], now: float) -> None:
+        """Record as gaps the ids above ``after`` and below the newest of ``newer`` (ids read,
+        ascending) that were not read, the newest first, at most ``MAX_GAPS`` in all."""
+        previous = after
+        spans = []
+        for event_id in newer:
+            if event_id - previous > 1:
+                spans.append((previous + 1, event_id))
+            previous = event_id
+        budget = MAX_GAPS
+        for low, high in reversed(spans):
+            for missing in range(high - 1, max(low, high - budget) - 1, -1):
+                self._gaps[missing] = now
+            budget -= high - low
+            if budget <= 0:
+                break
+        if len(self._gaps) > MAX_GAPS:
+            self._gaps = dict(sorted(self._gaps.items())[-MAX_GAPS:])
 
     def _gauges(self, conn: Any) -> Iterator[Metric]:
         counts = dict(conn.execute(QUEUE).fetchall())

@@ -6,6 +6,7 @@ work waits (a tick held back for work that waits would delay calls, polls or not
 
 from __future__ import annotations
 
+import logging
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -142,19 +143,28 @@ def scheduler(worker_db: str, monkeypatch: pytest.MonkeyPatch) -> tuple[Schedule
 
 
 def test_beat_sends_a_tick_only_when_its_work_waits(
-    worker_db: str, conn: Conn, scheduler: tuple[Scheduler, list[str]], monkeypatch: Any
+    worker_db: str,
+    conn: Conn,
+    scheduler: tuple[Scheduler, list[str]],
+    monkeypatch: Any,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
+    """Through ``apply_entry``, what beat's tick calls: a skipped tick is neither sent nor
+    logged as sent."""
     sched, sent = scheduler
     monkeypatch.setattr("worker.beat.ANSWER_SECONDS", 0.0)  # ask again at every tick
+    caplog.set_level(logging.INFO, logger="celery.beat")
     for task in [*WORK_OF, "callq.health_check", "callq.reap"]:
-        sched.apply_async(_Entry(task), advance=False)
+        sched.apply_entry(_Entry(task))
     assert sent == ["callq.health_check", "callq.reap"]  # nothing waits: only the others
+    logged = [r.getMessage() for r in caplog.records if "Sending due task" in r.getMessage()]
+    assert len(logged) == 2 and all("callq.health_check" in m or "callq.reap" in m for m in logged)
 
     user = make_user(conn, call_limit=None)
     schedule(conn, user, make_template(conn, user))
     sent.clear()
     for task in WORK_OF:
-        sched.apply_async(_Entry(task), advance=False)
+        sched.apply_entry(_Entry(task))
     assert sent == ["callq.poll"]
 
 
@@ -169,5 +179,5 @@ def test_beat_sends_every_tick_when_the_database_cannot_answer(
 
     monkeypatch.setattr(runtime, "database", lambda: Down())
     for task in WORK_OF:
-        sched.apply_async(_Entry(task), advance=False)
+        sched.apply_entry(_Entry(task))
     assert sent == list(WORK_OF)
