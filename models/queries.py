@@ -167,8 +167,11 @@ WHERE NOT EXISTS (SELECT 1 FROM call_events e
 """
 
 # Whether beat's ticks find work: a due call, a due poll, a due notification (worker/beat.py).
+# With a tracker key held (the leading worker tracks in process), polls only once one is
+# overdue by the fallback seconds.
 DUE_WORK = """
-SELECT calls, polls, notifications FROM due_work()
+SELECT calls, polls, notifications
+FROM due_work(%(tracker_key)s::bigint, %(fallback_seconds)s::float8)
 """
 
 # Take the placed calls whose next poll is due, oldest first: their poll deadline moves ahead,
@@ -482,9 +485,14 @@ class Database:
         params = {"assignment_ids": [a for a, _ in observed], "kinds": [k for _, k in observed]}
         return len(self.rows(RECORD_PROVIDER_STATES, params))
 
-    def due_work(self) -> dict[str, bool]:
-        """Which of beat's ticks find work now: ``calls``, ``polls``, ``notifications``."""
-        rows = self.rows(DUE_WORK)
+    def due_work(
+        self, tracker_key: int | None = None, fallback_seconds: float = 0.0
+    ) -> dict[str, bool]:
+        """Which of beat's ticks find work now: ``calls``, ``polls``, ``notifications``; while
+        a session holds ``tracker_key``, ``polls`` only for a poll overdue by
+        ``fallback_seconds``."""
+        params = {"tracker_key": tracker_key, "fallback_seconds": fallback_seconds}
+        rows = self.rows(DUE_WORK, params)
         return {name: bool(value) for name, value in rows[0].items()}
 
     def take_due_polls(self, limit: int, defer: float = 0.0) -> list[tuple[str, int]]:

@@ -12,6 +12,10 @@ The question covers everything the task could take (the task still decides what 
 a skipped tick is one that would have found nothing. When the question fails (the database
 unreachable, say), the tick is sent as before: its task meets the same error and says so.
 Every other tick (health, reaper, rollover, pruning) is sent on its schedule.
+
+While the leading worker tracks in its own process (worker/listener.py, it holds
+``TRACKER_KEY``), the tracking tick is a fallback: ``due_work()`` reports polls only once one
+is overdue by ``CALLQ_TRACK_FALLBACK_SECONDS``.
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ from typing import Any
 from celery import beat
 
 from worker import logs, runtime
+from worker.listener import TRACKER_KEY
+from worker.settings import get_settings
 
 log = logs.get_logger("callq.beat")
 
@@ -65,7 +71,8 @@ class Scheduler(beat.Scheduler):  # type: ignore[misc]
         now = time.monotonic()
         if self._answer is None or now - self._answer[0] > ANSWER_SECONDS:
             try:
-                self._answer = (now, runtime.database().due_work())
+                fallback = get_settings().track_fallback_seconds
+                self._answer = (now, runtime.database().due_work(TRACKER_KEY, fallback))
             except Exception as exc:  # the tick goes out and its task meets the error
                 if not self._failing:
                     log.warning("beat.due_work_failed", error=type(exc).__name__)

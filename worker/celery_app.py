@@ -13,7 +13,7 @@ from celery import Celery, Task, signals
 
 from worker import logs, runtime
 from worker.celery_config import SettingsConfig
-from worker.listener import LEADER_KEY, start_listener
+from worker.listener import LEADER_KEY, TRACKER_KEY, start_listener
 from worker.settings import Settings, get_settings
 
 
@@ -158,10 +158,13 @@ def _start_worker_listener(sender: Any = None, **_: Any) -> None:
     if "dispatch" not in app.amqp.queues.consume_from:
         return  # e.g. the notify worker
     pool = type(getattr(sender, "pool", None)).__module__
-    # A prefork pool's children claim: the parent only sends them a poll, as beat would.
-    wake = _claim_here if pool in _IN_PROCESS_POOLS else _send_poll
+    in_process = pool in _IN_PROCESS_POOLS
+    # A prefork pool's children claim: the parent only sends them a poll, as beat would (and
+    # tracks nothing: beat's tracking tick does).
+    wake = _claim_here if in_process else _send_poll
+    tick = _track_here if in_process and s.track_in_worker else None
     stop = threading.Event()
-    thread = _listen(s, wake, leader_key=LEADER_KEY, stop=stop)
+    thread = _listen(s, wake, leader_key=LEADER_KEY, stop=stop, on_tick=tick)
     if thread is not None:
         _listener = (thread, stop)
 
@@ -187,6 +190,20 @@ def _claim_here() -> None:
         logs.clear()
 
 
+def _track_here() -> None:
+    """The leading worker's tracking tick, in this process, no broker message (beat's tick
+    steps in only for a poll overdue by CALLQ_TRACK_FALLBACK_SECONDS): one index probe, then
+    ``callq.track_due`` when a poll is due."""
+    if not runtime.database().due_work()["polls"]:
+        return
+    logs.clear()
+    logs.bind(task="callq.track_due", via="tracker")
+    try:
+        app.tasks["callq.track_due"]()
+    finally:
+        logs.clear()
+
+
 def _send_poll() -> None:
     app.send_task("callq.poll")
 
@@ -204,9 +221,10 @@ def _listen(
     *,
     leader_key: int | None = None,
     stop: threading.Event | None = None,
+    on_tick: Callable[[], object] | None = None,
 ) -> threading.Thread | None:
-    """Start the listener thread, or log why LISTEN is off (a transaction pooler and no
-    direct URL: beat's tick claims the calls)."""
+    """Start the listener thread (and, with ``on_tick``, its ticker while it leads), or log
+    why LISTEN is off (a transaction pooler and no direct URL: beat's ticks do the work)."""
     url = s.listen_url()
     if url:
         return start_listener(
@@ -216,6 +234,9 @@ def _listen(
             leader_key=leader_key,
             standby_seconds=s.listen_standby_seconds,
             stop=stop,
+            on_tick=on_tick,
+            tick_seconds=s.track_tick_seconds,
+            tick_key=TRACKER_KEY if on_tick is not None else None,
         )
     if s.database_url:
         logs.get_logger("callq.listener").warning(

@@ -10,6 +10,12 @@ LISTEN, and a call due later is never notified).
 One listener per fleet is enough: with ``leader_key``, the thread listens only while its
 session holds that advisory lock, and the other workers' threads stand by and take over when
 the holder's session ends (its process died or lost its connection).
+
+The leader may also tick: with ``on_tick``, a second thread calls it every ``tick_seconds``
+while the listener leads (in a worker: the tracking tick, in process, no broker message), and
+the listener's session holds ``tick_key`` meanwhile, so that beat can tell a tracker runs
+(``due_work()``) and send its own tick only as a fallback. The lock goes with the session: a
+leader that dies or loses its connection stops ticking and beat's tick takes over at once.
 """
 
 from __future__ import annotations
@@ -29,6 +35,8 @@ from worker import logs
 CHANNEL = "callq_queue"
 # The advisory lock a worker's listener holds while it listens (one listener per database).
 LEADER_KEY = 0x63616C6C71  # "callq"
+# Held on the same session while the leader's ticker runs (worker: the in-process tracker).
+TRACKER_KEY = 0x63616C6C74  # "callt"
 log = logs.get_logger("callq.listener")
 
 
@@ -42,6 +50,9 @@ class _Listener:
     leader_key: int | None
     standby_seconds: float
     stop: threading.Event
+    on_tick: Callable[[], object] | None = None
+    tick_seconds: float = 1.0
+    tick_key: int | None = None
 
 
 def start_listener(
@@ -52,12 +63,17 @@ def start_listener(
     leader_key: int | None = None,
     standby_seconds: float = 5.0,
     stop: threading.Event | None = None,
+    on_tick: Callable[[], object] | None = None,
+    tick_seconds: float = 1.0,
+    tick_key: int | None = None,
 ) -> threading.Thread:
     """Start the daemon thread that calls ``on_notify`` per burst of notifications: at once
     when the last call was ``min_interval_seconds`` ago or more, else when that interval is up.
 
     ``leader_key``: listen only while holding this advisory lock (tried again every
     ``standby_seconds``). ``stop``: set it to end the thread (tests, shutdown).
+    ``on_tick``: also call this every ``tick_seconds`` while listening, from a thread of its
+    own, holding ``tick_key`` on the listener's session meanwhile.
     """
     listener = _Listener(
         database_url,
@@ -66,6 +82,9 @@ def start_listener(
         leader_key,
         standby_seconds,
         stop or threading.Event(),
+        on_tick,
+        tick_seconds,
+        tick_key,
     )
     thread = threading.Thread(
         target=_run_forever, args=(listener,), name="callq-listener", daemon=True
@@ -85,13 +104,34 @@ def _run_forever(listener: _Listener) -> None:
             backoff = min(backoff * 2, 30.0)
 
 
-def _call(on_notify: Callable[[], object]) -> None:
-    """One wake-up; a failed claim is logged by type and left to beat's tick and the reaper
-    (the listener itself goes on)."""
+def _call(callback: Callable[[], object], failed: str = "listener.wake_failed") -> None:
+    """One wake-up (or tick); a failure is logged by type and left to beat's tick and the
+    reaper (the thread itself goes on)."""
     try:
-        on_notify()
+        callback()
     except Exception as exc:
-        log.warning("listener.wake_failed", error=type(exc).__name__)
+        log.warning(failed, error=type(exc).__name__)
+
+
+def _tick(listener: _Listener, conn: psycopg.Connection[Any]) -> threading.Event | None:
+    """Start the ticker beside a leading listener; the event that stops it (None: no ticker,
+    or another session holds the tick key)."""
+    on_tick, key = listener.on_tick, listener.tick_key
+    if on_tick is None:
+        return None
+    if key is not None:
+        row = conn.execute("SELECT pg_try_advisory_lock(%s)", (key,)).fetchone()
+        if row is None or not row[0]:
+            log.warning("listener.ticker_off", reason="another session holds the tick key")
+            return None
+    done = threading.Event()
+
+    def run() -> None:
+        while not done.wait(listener.tick_seconds) and not listener.stop.is_set():
+            _call(on_tick, "listener.tick_failed")
+
+    threading.Thread(target=run, name="callq-ticker", daemon=True).start()
+    return done
 
 
 def _lead(conn: psycopg.Connection[Any], key: int, every: float, stop: threading.Event) -> bool:
@@ -118,20 +158,25 @@ def _listen(listener: _Listener) -> None:
     with psycopg.connect(libpq_url(listener.database_url), autocommit=True) as conn:
         if key is not None and not _lead(conn, key, listener.standby_seconds, stop):
             return
-        conn.execute(f"LISTEN {CHANNEL}")
-        log.info("listener.started")
-        # A notification may have been missed while disconnected: poll once on (re)connect.
-        _call(listener.on_notify)
-        last_sent = time.monotonic()
-        while not stop.is_set():
-            if not _drain(conn, 1.0):
-                continue
-            # within the interval of the last wake-up: gather the burst until the interval is up
-            deadline = last_sent + listener.min_interval_seconds
-            while (left := deadline - time.monotonic()) > 0:
-                _drain(conn, left)
+        ticker = _tick(listener, conn)  # before LISTEN: the session shows LISTEN as its last
+        try:
+            conn.execute(f"LISTEN {CHANNEL}")
+            log.info("listener.started")
+            # A notification may have been missed while disconnected: poll once on (re)connect.
             _call(listener.on_notify)
             last_sent = time.monotonic()
+            while not stop.is_set():
+                if not _drain(conn, 1.0):
+                    continue
+                # within the interval of the last wake-up: gather the burst until it is up
+                deadline = last_sent + listener.min_interval_seconds
+                while (left := deadline - time.monotonic()) > 0:
+                    _drain(conn, left)
+                _call(listener.on_notify)
+                last_sent = time.monotonic()
+        finally:
+            if ticker is not None:
+                ticker.set()
 
 
 def _drain(conn: psycopg.Connection[Any], timeout: float) -> bool:

@@ -19,14 +19,26 @@ from models.queries import DUE_WORK, TAKE_DUE_POLLS
 from worker import runtime
 from worker.beat import WORK_OF, Scheduler
 from worker.celery_app import app
+from worker.listener import TRACKER_KEY
 
-from .dbutil import Conn, make_provider, make_template, make_user, one, schedule
+from .dbutil import Conn, connect, make_provider, make_template, make_user, one, schedule
 
 
-def due(conn: Conn) -> dict[str, bool]:
-    row = conn.execute(DUE_WORK).fetchone()
+def due(conn: Conn, tracker_key: int | None = None, fallback: float = 0.0) -> dict[str, bool]:
+    params = {"tracker_key": tracker_key, "fallback_seconds": fallback}
+    row = conn.execute(DUE_WORK, params).fetchone()
     assert row is not None
     return dict(zip(("calls", "polls", "notifications"), row, strict=True))
+
+
+def placed_call(conn: Conn) -> Any:
+    """A placed call's assignment id."""
+    user = make_user(conn, call_limit=None)
+    qid = schedule(conn, user, make_template(conn, user))
+    aid = one(conn, "SELECT assign_call_to_provider(%s, %s)", (qid, make_provider(conn)))
+    assert one(conn, "SELECT mark_call_dialing(%s)", (aid,)) is True
+    assert one(conn, "SELECT mark_call_placed(%s, %s)", (aid, f"pc-{aid}")) is True
+    return aid
 
 
 @settings(
@@ -107,6 +119,37 @@ def test_due_polls_and_notifications_follow_their_times(conn: Conn) -> None:
     assert len(conn.execute("SELECT * FROM claim_notifications(10)").fetchall()) == 1
 
 
+def test_a_tracker_makes_the_tracking_tick_a_fallback(
+    conn: Conn, db_url: str, pg_admin_url: str
+) -> None:
+    """While a session of this database holds the tracker key (the leading worker tracks in
+    process), polls are reported only once one is overdue by the fallback; without it (or held
+    in another database: advisory locks are per database) as soon as one is due. Every
+    combination of a grid of overdue times and fallbacks, each at least 2 s from the edge."""
+    aid = placed_call(conn)
+    with connect(db_url) as tracker, connect(pg_admin_url) as elsewhere:
+        elsewhere.execute("SELECT pg_advisory_lock(%s)", (TRACKER_KEY,))
+        for held in (False, True):
+            if held:
+                tracker.execute("SELECT pg_advisory_lock(%s)", (TRACKER_KEY,))
+            for overdue in (-30, 2, 20, 200):
+                conn.execute(
+                    "UPDATE call_assignments SET next_poll_at = now() - make_interval(secs => %s)"
+                    " WHERE id = %s",
+                    (overdue, aid),
+                )
+                for fallback in (0, 10, 100):
+                    expected = overdue >= (fallback if held else 0)
+                    assert due(conn, TRACKER_KEY, fallback)["polls"] is expected, (
+                        held,
+                        overdue,
+                        fallback,
+                    )
+                    assert due(conn)["polls"] is (overdue >= 0)  # the tracker's own question
+        tracker.execute("SELECT pg_advisory_unlock(%s)", (TRACKER_KEY,))
+        assert due(conn, TRACKER_KEY, 100)["polls"] is True  # released: beat ticks again
+
+
 def test_a_running_campaign_lets_the_poll_through(conn: Conn) -> None:
     """A campaign's calls are the claim's to judge (lanes, pacing): any running campaign sends
     the poll."""
@@ -174,10 +217,30 @@ def test_beat_sends_every_tick_when_the_database_cannot_answer(
     sched, sent = scheduler
 
     class Down:
-        def due_work(self) -> dict[str, bool]:
+        def due_work(self, *_: Any) -> dict[str, bool]:
             raise OSError("connection refused")
 
     monkeypatch.setattr(runtime, "database", lambda: Down())
     for task in WORK_OF:
         sched.apply_entry(_Entry(task))
     assert sent == list(WORK_OF)
+
+
+def test_beat_holds_the_tracking_tick_while_a_tracker_keeps_up(
+    worker_db: str, conn: Conn, scheduler: tuple[Scheduler, list[str]], monkeypatch: Any
+) -> None:
+    """A poll 1 s overdue: beat sends no tracking tick while the tracker key is held (the
+    tracker takes it), and sends one once the key is released (the leader gone)."""
+    sched, sent = scheduler
+    monkeypatch.setattr("worker.beat.ANSWER_SECONDS", 0.0)
+    aid = placed_call(conn)
+    conn.execute(
+        "UPDATE call_assignments SET next_poll_at = now() - interval '1 second' WHERE id = %s",
+        (aid,),
+    )
+    with connect(worker_db) as tracker:
+        tracker.execute("SELECT pg_advisory_lock(%s)", (TRACKER_KEY,))
+        sched.apply_entry(_Entry("callq.track_due"))
+        assert sent == []
+    sched.apply_entry(_Entry("callq.track_due"))  # the session ended: its lock with it
+    assert sent == ["callq.track_due"]

@@ -14,7 +14,7 @@ import pytest
 
 from worker import listener as listener_module
 from worker.embedded import wait_until
-from worker.listener import CHANNEL, LEADER_KEY, start_listener
+from worker.listener import CHANNEL, LEADER_KEY, TRACKER_KEY, start_listener
 
 
 def _notify(db_url: str) -> None:
@@ -85,6 +85,69 @@ def test_one_listener_per_database_and_a_standby_takes_over(db_url: str) -> None
         leader.join(timeout=30)
         if standby is not None:
             standby.join(timeout=30)
+
+
+def _tracker_key_holders(db_url: str) -> int:
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted"
+            " AND objsubid = 1 AND classid = (%(k)s::bigint >> 32)::oid"
+            " AND objid = (%(k)s::bigint & 4294967295)::oid",
+            {"k": TRACKER_KEY},
+        ).fetchone()
+    return int(row[0]) if row else 0
+
+
+def test_only_the_leader_ticks_holding_the_tracker_key(db_url: str) -> None:
+    """The leader's ticker calls ``on_tick`` over and over, a failing tick included, while its
+    session holds the tracker key; the standby neither ticks nor holds it. When the leader
+    stops, its ticker stops and the key is free until the standby leads and ticks."""
+    first, second = Counter(), Counter()
+    stop_first, stop_second = threading.Event(), threading.Event()
+
+    def failing_once() -> None:
+        first()
+        if first.n == 2:
+            raise RuntimeError("tick failed")
+
+    def start(tick: Callable[[], None], stop: threading.Event) -> threading.Thread:
+        return start_listener(
+            db_url,
+            lambda: None,
+            leader_key=LEADER_KEY,
+            standby_seconds=0.1,
+            stop=stop,
+            on_tick=tick,
+            tick_seconds=0.05,
+            tick_key=TRACKER_KEY,
+        )
+
+    leader = start(failing_once, stop_first)
+    standby: threading.Thread | None = None
+    try:
+        wait_until(first.above(3), timeout=30, what="the leader ticking past a failed tick")
+        assert _tracker_key_holders(db_url) == 1
+        standby = start(second, stop_second)
+        wait_until(
+            lambda: _sessions(db_url, "%pg_try_advisory_lock%") == 1,
+            timeout=30,
+            what="the second listener standing by",
+        )
+        assert second.n == 0 and _tracker_key_holders(db_url) == 1
+
+        stop_first.set()
+        leader.join(timeout=30)
+        stopped_at = first.n
+        wait_until(second.above(3), timeout=30, what="the new leader ticking")
+        assert first.n <= stopped_at + 1  # at most a tick under way when it stopped
+        assert _tracker_key_holders(db_url) == 1
+    finally:
+        stop_first.set()
+        stop_second.set()
+        leader.join(timeout=30)
+        if standby is not None:
+            standby.join(timeout=30)
+    wait_until(lambda: _tracker_key_holders(db_url) == 0, timeout=30, what="the key released")
 
 
 def test_a_failed_wake_up_leaves_the_listener_running(db_url: str) -> None:
