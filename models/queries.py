@@ -168,10 +168,10 @@ WHERE NOT EXISTS (SELECT 1 FROM call_events e
 
 # Whether beat's ticks find work: a due call, a due poll, a due notification (worker/beat.py).
 # With a tracker key held (the leading worker tracks in process), polls only once one is
-# overdue by the fallback seconds.
+# overdue by the fallback seconds, and with wake_tracker a due poll wakes the tracker (NOTIFY).
 DUE_WORK = """
 SELECT calls, polls, notifications
-FROM due_work(%(tracker_key)s::bigint, %(fallback_seconds)s::float8)
+FROM due_work(%(tracker_key)s::bigint, %(fallback_seconds)s::float8, %(wake_tracker)s::boolean)
 """
 
 # Take the placed calls whose next poll is due, oldest first: their poll deadline moves ahead,
@@ -486,12 +486,19 @@ class Database:
         return len(self.rows(RECORD_PROVIDER_STATES, params))
 
     def due_work(
-        self, tracker_key: int | None = None, fallback_seconds: float = 0.0
+        self,
+        tracker_key: int | None = None,
+        fallback_seconds: float = 0.0,
+        wake_tracker: bool = False,
     ) -> dict[str, bool]:
-        """Which of beat's ticks find work now: ``calls``, ``polls``, ``notifications``; while
-        a session holds ``tracker_key``, ``polls`` only for a poll overdue by
-        ``fallback_seconds``."""
-        params = {"tracker_key": tracker_key, "fallback_seconds": fallback_seconds}
+        """Which of beat's ticks find work now: ``calls``, ``polls``, ``notifications``. While
+        a session holds ``tracker_key``: ``polls`` only for a poll overdue by
+        ``fallback_seconds``, and with ``wake_tracker`` a due poll wakes the tracker."""
+        params = {
+            "tracker_key": tracker_key,
+            "fallback_seconds": fallback_seconds,
+            "wake_tracker": wake_tracker,
+        }
         rows = self.rows(DUE_WORK, params)
         return {name: bool(value) for name, value in rows[0].items()}
 

@@ -14,8 +14,8 @@ unreachable, say), the tick is sent as before: its task meets the same error and
 Every other tick (health, reaper, rollover, pruning) is sent on its schedule.
 
 While the leading worker tracks in its own process (worker/listener.py, it holds
-``TRACKER_KEY``), the tracking tick is a fallback: ``due_work()`` reports polls only once one
-is overdue by ``CALLQ_TRACK_FALLBACK_SECONDS``.
+``TRACKER_KEY``), the tracking tick's question wakes it with a NOTIFY when a poll is due, and
+the tick's own message goes out only for a poll overdue by ``CALLQ_TRACK_FALLBACK_SECONDS``.
 """
 
 from __future__ import annotations
@@ -50,29 +50,25 @@ class Scheduler(beat.Scheduler):  # type: ignore[misc]
         super().__init__(*args, **kwargs)
 
     def apply_entry(self, entry: Any, producer: Any = None) -> None:
-        # Celery logs "Sending due task" before apply_async: a skipped tick is not logged so.
+        # Beat's tick sends through here (Celery logs "Sending due task" before apply_async:
+        # a skipped tick is not logged so).
         work = WORK_OF.get(entry.task)
         if work is not None and not self.work_waits(work):
             return
         super().apply_entry(entry, producer)
 
-    def apply_async(
-        self, entry: Any, producer: Any = None, advance: bool = True, **kwargs: Any
-    ) -> Any:
-        work = WORK_OF.get(entry.task)
-        if work is not None and not self.work_waits(work):
-            if advance:
-                self.reserve(entry)
-            return None
-        return super().apply_async(entry, producer, advance, **kwargs)
-
     def work_waits(self, work: str) -> bool:
-        """Whether ``work`` (a key of ``due_work()``) waits; True when that cannot be told."""
+        """Whether ``work`` (a key of ``due_work()``) waits; True when that cannot be told.
+        The tracking tick always asks anew, and its question wakes the leading worker's
+        tracker when a poll is due (which then answers False until one is overdue by the
+        fallback)."""
         now = time.monotonic()
-        if self._answer is None or now - self._answer[0] > ANSWER_SECONDS:
+        wake = work == "polls"
+        if wake or self._answer is None or now - self._answer[0] > ANSWER_SECONDS:
             try:
                 fallback = get_settings().track_fallback_seconds
-                self._answer = (now, runtime.database().due_work(TRACKER_KEY, fallback))
+                answer = runtime.database().due_work(TRACKER_KEY, fallback, wake_tracker=wake)
+                self._answer = (now, answer)
             except Exception as exc:  # the tick goes out and its task meets the error
                 if not self._failing:
                     log.warning("beat.due_work_failed", error=type(exc).__name__)

@@ -191,11 +191,9 @@ def _claim_here() -> None:
 
 
 def _track_here() -> None:
-    """The leading worker's tracking tick, in this process, no broker message (beat's tick
-    steps in only for a poll overdue by CALLQ_TRACK_FALLBACK_SECONDS): one index probe, then
-    ``callq.track_due`` when a poll is due."""
-    if not runtime.database().due_work()["polls"]:
-        return
+    """The leading worker's tracking tick, in this process, no broker message: beat wakes it
+    (NOTIFY) when a poll is due, and sends its own tick only for a poll overdue by
+    CALLQ_TRACK_FALLBACK_SECONDS."""
     logs.clear()
     logs.bind(task="callq.track_due", via="tracker")
     try:
@@ -235,7 +233,6 @@ def _listen(
             standby_seconds=s.listen_standby_seconds,
             stop=stop,
             on_tick=on_tick,
-            tick_seconds=s.track_tick_seconds,
             tick_key=TRACKER_KEY if on_tick is not None else None,
         )
     if s.database_url:

@@ -290,9 +290,28 @@ def _celery(command: str, extra: list[str]) -> int:
     if command in NEEDS_DATABASE and not asking_help:
         require_database()
     argv = [sys.executable, "-m", "celery", "-A", "worker", *CELERY_COMMANDS[command], *extra]
+    pool = requested_pool(extra) if command == "worker" else None
+    if pool is not None:
+        # Celery takes "-P prefork" (its own default) as "no pool asked for" and uses the
+        # configured worker_pool (CALLQ_WORKER_POOL, threads): the setting follows the flag.
+        os.environ["CALLQ_WORKER_POOL"] = pool
     if command != "worker" or asking_help:
         os.execv(sys.executable, argv)
     return supervise(argv)
+
+
+def requested_pool(args: list[str]) -> str | None:
+    """The pool a worker's arguments ask for (``-P x``, ``-Px``, ``--pool x``, ``--pool=x``;
+    the last one wins), or None."""
+    pool = None
+    for i, arg in enumerate(args):
+        if arg in ("-P", "--pool") and i + 1 < len(args):
+            pool = args[i + 1]
+        elif arg.startswith("--pool="):
+            pool = arg.split("=", 1)[1]
+        elif arg.startswith("-P") and len(arg) > 2:
+            pool = arg[2:]
+    return pool
 
 
 def supervise(argv: list[str], *, max_restarts_per_minute: int = 10) -> int:

@@ -11,11 +11,12 @@ One listener per fleet is enough: with ``leader_key``, the thread listens only w
 session holds that advisory lock, and the other workers' threads stand by and take over when
 the holder's session ends (its process died or lost its connection).
 
-The leader may also tick: with ``on_tick``, a second thread calls it every ``tick_seconds``
-while the listener leads (in a worker: the tracking tick, in process, no broker message), and
-the listener's session holds ``tick_key`` meanwhile, so that beat can tell a tracker runs
-(``due_work()``) and send its own tick only as a fallback. The lock goes with the session: a
-leader that dies or loses its connection stops ticking and beat's tick takes over at once.
+The leader may also tick: with ``on_tick``, its session holds ``tick_key`` and listens on
+``TRACK_CHANNEL`` too, and a second thread calls ``on_tick`` once per burst of those
+notifications (in a worker: the tracking tick, in process, no broker message; beat sends the
+NOTIFY when a poll is due, ``due_work()``, and its own message only as a fallback). The lock
+goes with the session: a leader that dies or loses its connection stops ticking, and beat's
+tick takes over at once.
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ from models.session import libpq_url
 from worker import logs
 
 CHANNEL = "callq_queue"
+# Beat's wake-up of the leading worker's tracker (due_work() with p_wake_tracker).
+TRACK_CHANNEL = "callq_track"
 # The advisory lock a worker's listener holds while it listens (one listener per database).
 LEADER_KEY = 0x63616C6C71  # "callq"
 # Held on the same session while the leader's ticker runs (worker: the in-process tracker).
@@ -51,7 +54,6 @@ class _Listener:
     standby_seconds: float
     stop: threading.Event
     on_tick: Callable[[], object] | None = None
-    tick_seconds: float = 1.0
     tick_key: int | None = None
 
 
@@ -64,7 +66,6 @@ def start_listener(
     standby_seconds: float = 5.0,
     stop: threading.Event | None = None,
     on_tick: Callable[[], object] | None = None,
-    tick_seconds: float = 1.0,
     tick_key: int | None = None,
 ) -> threading.Thread:
     """Start the daemon thread that calls ``on_notify`` per burst of notifications: at once
@@ -72,8 +73,9 @@ def start_listener(
 
     ``leader_key``: listen only while holding this advisory lock (tried again every
     ``standby_seconds``). ``stop``: set it to end the thread (tests, shutdown).
-    ``on_tick``: also call this every ``tick_seconds`` while listening, from a thread of its
-    own, holding ``tick_key`` on the listener's session meanwhile.
+    ``on_tick``: while listening, also listen on ``TRACK_CHANNEL`` and call this once per
+    burst of its notifications (and once on connect), from a thread of its own, holding
+    ``tick_key`` on the listener's session meanwhile.
     """
     listener = _Listener(
         database_url,
@@ -83,7 +85,6 @@ def start_listener(
         standby_seconds,
         stop or threading.Event(),
         on_tick,
-        tick_seconds,
         tick_key,
     )
     thread = threading.Thread(
@@ -113,9 +114,21 @@ def _call(callback: Callable[[], object], failed: str = "listener.wake_failed") 
         log.warning(failed, error=type(exc).__name__)
 
 
-def _tick(listener: _Listener, conn: psycopg.Connection[Any]) -> threading.Event | None:
-    """Start the ticker beside a leading listener; the event that stops it (None: no ticker,
-    or another session holds the tick key)."""
+@dataclass(frozen=True)
+class _Ticker:
+    """The thread beside a leading listener that calls ``on_tick`` when woken."""
+
+    wake: threading.Event
+    done: threading.Event
+
+    def stop(self) -> None:
+        self.done.set()
+        self.wake.set()
+
+
+def _tick(listener: _Listener, conn: psycopg.Connection[Any]) -> _Ticker | None:
+    """Start the ticker beside a leading listener, woken once now (None: no ticker, or another
+    session holds the tick key)."""
     on_tick, key = listener.on_tick, listener.tick_key
     if on_tick is None:
         return None
@@ -124,14 +137,20 @@ def _tick(listener: _Listener, conn: psycopg.Connection[Any]) -> threading.Event
         if row is None or not row[0]:
             log.warning("listener.ticker_off", reason="another session holds the tick key")
             return None
-    done = threading.Event()
+    conn.execute(f"LISTEN {TRACK_CHANNEL}")
+    ticker = _Ticker(threading.Event(), threading.Event())
 
     def run() -> None:
-        while not done.wait(listener.tick_seconds) and not listener.stop.is_set():
+        while True:
+            ticker.wake.wait()
+            if ticker.done.is_set() or listener.stop.is_set():
+                return
+            ticker.wake.clear()  # wake-ups while it ticks: one more tick after
             _call(on_tick, "listener.tick_failed")
 
     threading.Thread(target=run, name="callq-ticker", daemon=True).start()
-    return done
+    ticker.wake.set()  # a wake-up may have been missed while no tracker ran
+    return ticker
 
 
 def _lead(conn: psycopg.Connection[Any], key: int, every: float, stop: threading.Event) -> bool:
@@ -166,22 +185,31 @@ def _listen(listener: _Listener) -> None:
             _call(listener.on_notify)
             last_sent = time.monotonic()
             while not stop.is_set():
-                if not _drain(conn, 1.0):
+                if not _woken(_drain(conn, 1.0), ticker):
                     continue
                 # within the interval of the last wake-up: gather the burst until it is up
                 deadline = last_sent + listener.min_interval_seconds
                 while (left := deadline - time.monotonic()) > 0:
-                    _drain(conn, left)
+                    _woken(_drain(conn, left), ticker)
                 _call(listener.on_notify)
                 last_sent = time.monotonic()
         finally:
             if ticker is not None:
-                ticker.set()
+                ticker.stop()
 
 
-def _drain(conn: psycopg.Connection[Any], timeout: float) -> bool:
+def _woken(channels: frozenset[str], ticker: _Ticker | None) -> bool:
+    """Hand a tracker wake-up to the ticker; whether due calls were announced."""
+    if ticker is not None and TRACK_CHANNEL in channels:
+        ticker.wake.set()
+    return CHANNEL in channels
+
+
+def _drain(conn: psycopg.Connection[Any], timeout: float) -> frozenset[str]:
     """Wait up to ``timeout`` seconds for input on the connection (nothing runs meanwhile:
-    psycopg's own wait looks every 0.1 s, ten wake-ups a second for an idle listener); True
-    when notifications came, which are consumed."""
+    psycopg's own wait looks every 0.1 s, ten wake-ups a second for an idle listener); the
+    channels of the notifications that came, which are consumed."""
     readable, _, _ = select.select([conn.fileno()], [], [], timeout)
-    return bool(readable) and any(True for _ in conn.notifies(timeout=0))
+    if not readable:
+        return frozenset()
+    return frozenset(n.channel for n in conn.notifies(timeout=0))

@@ -1,43 +1,59 @@
 -- The leading worker tracks in its own process (worker/listener.py): while its listener holds
--- the listener lock, a tracker thread beside it runs the tracking tick every
--- CALLQ_TRACK_TICK_SECONDS with no broker message, holding a second advisory lock (the tracker
--- key) on the listener's session. Beat's tracking tick is then a fallback: due_work() reports
--- polls to beat only once one is overdue by p_fallback_seconds (the tracker stalled, or falls
--- behind and the fleet's other workers should help). Without a tracker (LISTEN off behind a
--- transaction pooler, a prefork pool, CALLQ_TRACK_IN_WORKER=false, the leader gone: its
--- session's locks go with it) beat's tick takes every due poll as before.
+-- the listener lock, its session also holds a second advisory lock (the tracker key) and
+-- listens on 'callq_track'. Beat's tracking tick then wakes it with a NOTIFY instead of
+-- sending a broker message (a worker spends about 2.5 ms of CPU on an isolated message,
+-- bench/FINDINGS.md 21), and sends its message only as a fallback, for a poll overdue by
+-- p_fallback_seconds (the tracker stalled or fell behind). Without a tracker (LISTEN off
+-- behind a transaction pooler, a prefork pool, CALLQ_TRACK_IN_WORKER=false, the leader gone:
+-- its session's locks go with it) beat's tick takes every due poll as before.
 --
--- The tracker's own question is due_work() with no key: polls due now.
+--   p_tracker_key      the tracker's advisory lock (a bigint key); NULL: no tracker asked for
+--   p_fallback_seconds how overdue a poll must be for beat's message while a tracker runs
+--   p_wake_tracker     NOTIFY 'callq_track' when a poll is due and a tracker runs (beat's
+--                      tracking tick asks with true, its other ticks with false)
 DROP FUNCTION IF EXISTS public.due_work();
 CREATE FUNCTION public.due_work(p_tracker_key bigint DEFAULT NULL,
-                                p_fallback_seconds double precision DEFAULT 0)
+                                p_fallback_seconds double precision DEFAULT 0,
+                                p_wake_tracker boolean DEFAULT false)
 RETURNS TABLE (calls boolean, polls boolean, notifications boolean)
-LANGUAGE sql STABLE
+LANGUAGE plpgsql
 SET search_path = ''
 AS $$
-  SELECT
+DECLARE
+  -- an advisory lock on a bigint key: classid the high half, objid the low half, objsubid 1
+  v_tracked boolean := p_tracker_key IS NOT NULL AND EXISTS (
+    SELECT 1 FROM pg_catalog.pg_locks l
+     WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
+       AND l.database = (SELECT d.oid FROM pg_catalog.pg_database d
+                          WHERE d.datname = pg_catalog.current_database())
+       AND l.classid = (p_tracker_key >> 32)::oid
+       AND l.objid = (p_tracker_key & 4294967295)::oid);
+  v_polls boolean := EXISTS (SELECT 1 FROM public.call_assignments a
+                              WHERE a.state = 'placed' AND a.next_poll_at <= now());
+BEGIN
+  IF v_tracked AND v_polls THEN
+    IF p_wake_tracker THEN
+      PERFORM pg_catalog.pg_notify('callq_track', '');
+    END IF;
+    v_polls := EXISTS (SELECT 1 FROM public.call_assignments a
+                        WHERE a.state = 'placed'
+                          AND a.next_poll_at <= now()
+                                                - make_interval(secs => greatest(p_fallback_seconds, 0)));
+  END IF;
+  RETURN QUERY SELECT
     EXISTS (SELECT 1 FROM public.call_queue q
              WHERE q.status = 'queued' AND NOT q.via_campaign
                -- every priority call_queue allows (its CHECK): one index probe each
                AND q.priority = ANY (ARRAY(SELECT generate_series(1, 100)))
                AND q.scheduled_time <= public.callq_now())
     OR EXISTS (SELECT 1 FROM public.call_campaigns k WHERE k.status = 'running'),
-    EXISTS (SELECT 1 FROM public.call_assignments a
-             WHERE a.state = 'placed'
-               AND a.next_poll_at <= now() - make_interval(secs => CASE
-                     WHEN p_tracker_key IS NOT NULL AND EXISTS (
-                       -- an advisory lock on a bigint key: classid the high half, objid the
-                       -- low half, objsubid 1
-                       SELECT 1 FROM pg_catalog.pg_locks l
-                        WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
-                          AND l.database = (SELECT d.oid FROM pg_catalog.pg_database d
-                                             WHERE d.datname = pg_catalog.current_database())
-                          AND l.classid = (p_tracker_key >> 32)::oid
-                          AND l.objid = (p_tracker_key & 4294967295)::oid)
-                     THEN greatest(p_fallback_seconds, 0) ELSE 0 END)),
+    v_polls,
     EXISTS (SELECT 1 FROM public.call_notifications n
              WHERE n.status = 'pending' AND n.next_attempt_at <= now());
+END
 $$;
 
-REVOKE EXECUTE ON FUNCTION public.due_work(bigint, double precision) FROM PUBLIC, anon, authenticated;
-GRANT EXECUTE ON FUNCTION public.due_work(bigint, double precision) TO service_role, callq_worker;
+REVOKE EXECUTE ON FUNCTION public.due_work(bigint, double precision, boolean)
+  FROM PUBLIC, anon, authenticated;
+GRANT EXECUTE ON FUNCTION public.due_work(bigint, double precision, boolean)
+  TO service_role, callq_worker;

@@ -225,20 +225,18 @@ def test_the_worker_claims_notified_calls_itself(
     """No beat runs, so no poll message exists: the worker's LISTEN thread claims and places
     the calls scheduled for now in its own process (threads), or its parent sends a poll per
     wake-up and a child claims (prefork: the parent never claims, what it opened would be
-    shared with the children it forks). The leading worker of a threads pool also tracks the
-    calls to their end in its own process, still without beat; a prefork fleet's calls are
-    tracked by beat's tick, started afterwards."""
+    shared with the children it forks). Beat, started afterwards, wakes the leading worker of a
+    threads pool to track the calls in its own process (a NOTIFY, no tracking message); a
+    prefork fleet's calls are tracked by beat's tick messages."""
     fleet.start_worker(pool=pool, concurrency=16 if pool == "threads" else 2)
     wait_until(lambda: _listeners(conn) == 1, timeout=60, what="the worker listening")
     ids = schedule_calls(conn, seeded, 5)
     wait_until(lambda: _dialed_once(sim, ids), timeout=60, what="each call dialed, no beat")
-    if pool == "threads":
-        wait_until(lambda: all_terminal(conn, ids), timeout=120, what="every call ended, no beat")
-        assert fleet.log_dir is not None
-        assert '"via": "tracker"' in (fleet.log_dir / "worker.log").read_text(errors="replace")
-    else:
-        fleet.start_beat()
-        wait_until(lambda: all_terminal(conn, ids), timeout=120, what="every call terminal")
+    fleet.start_beat()
+    wait_until(lambda: all_terminal(conn, ids), timeout=120, what="every call terminal")
+    assert fleet.log_dir is not None
+    tracked_here = '"via": "tracker"' in (fleet.log_dir / "worker.log").read_text(errors="replace")
+    assert tracked_here is (pool == "threads")
 
     assert status_counts(conn, ids) == {"completed": 5}
     assert _dialed_once(sim, ids)

@@ -19,13 +19,15 @@ from models.queries import DUE_WORK, TAKE_DUE_POLLS
 from worker import runtime
 from worker.beat import WORK_OF, Scheduler
 from worker.celery_app import app
-from worker.listener import TRACKER_KEY
+from worker.listener import TRACK_CHANNEL, TRACKER_KEY
 
 from .dbutil import Conn, connect, make_provider, make_template, make_user, one, schedule
 
 
-def due(conn: Conn, tracker_key: int | None = None, fallback: float = 0.0) -> dict[str, bool]:
-    params = {"tracker_key": tracker_key, "fallback_seconds": fallback}
+def due(
+    conn: Conn, tracker_key: int | None = None, fallback: float = 0.0, wake: bool = False
+) -> dict[str, bool]:
+    params = {"tracker_key": tracker_key, "fallback_seconds": fallback, "wake_tracker": wake}
     row = conn.execute(DUE_WORK, params).fetchone()
     assert row is not None
     return dict(zip(("calls", "polls", "notifications"), row, strict=True))
@@ -119,15 +121,31 @@ def test_due_polls_and_notifications_follow_their_times(conn: Conn) -> None:
     assert len(conn.execute("SELECT * FROM claim_notifications(10)").fetchall()) == 1
 
 
+def woken(listening: Conn, sender: Conn) -> int:
+    """Tracker wake-ups (NOTIFY on the tracking channel) that reached ``listening`` since the
+    last look: ``sender`` then sends a marker, and notifications arrive in commit order, so
+    every earlier wake-up is in by the time the marker is."""
+    sender.execute("SELECT pg_notify(%s, 'marker')", (TRACK_CHANNEL,))
+    count = 0
+    for n in listening.notifies(timeout=30):
+        if n.payload == "marker":
+            return count
+        count += n.channel == TRACK_CHANNEL
+    raise AssertionError("the marker notification never came")
+
+
 def test_a_tracker_makes_the_tracking_tick_a_fallback(
     conn: Conn, db_url: str, pg_admin_url: str
 ) -> None:
     """While a session of this database holds the tracker key (the leading worker tracks in
-    process), polls are reported only once one is overdue by the fallback; without it (or held
-    in another database: advisory locks are per database) as soon as one is due. Every
-    combination of a grid of overdue times and fallbacks, each at least 2 s from the edge."""
+    process), polls are reported only once one is overdue by the fallback, and the tracking
+    tick's question wakes the tracker when a poll is due; without the key (or with it held in
+    another database: advisory locks are per database), polls as soon as one is due and no
+    wake-up. Every combination of a grid of overdue times and fallbacks, each at least 2 s
+    from the edge."""
     aid = placed_call(conn)
-    with connect(db_url) as tracker, connect(pg_admin_url) as elsewhere:
+    with connect(db_url) as tracker, connect(pg_admin_url) as elsewhere, connect(db_url) as ear:
+        ear.execute(f"LISTEN {TRACK_CHANNEL}")
         elsewhere.execute("SELECT pg_advisory_lock(%s)", (TRACKER_KEY,))
         for held in (False, True):
             if held:
@@ -139,15 +157,16 @@ def test_a_tracker_makes_the_tracking_tick_a_fallback(
                     (overdue, aid),
                 )
                 for fallback in (0, 10, 100):
+                    case = (held, overdue, fallback)
                     expected = overdue >= (fallback if held else 0)
-                    assert due(conn, TRACKER_KEY, fallback)["polls"] is expected, (
-                        held,
-                        overdue,
-                        fallback,
-                    )
-                    assert due(conn)["polls"] is (overdue >= 0)  # the tracker's own question
+                    assert due(conn, TRACKER_KEY, fallback)["polls"] is expected, case
+                    assert woken(ear, conn) == 0, case  # only the tracking tick's question wakes
+                    assert due(conn, TRACKER_KEY, fallback, wake=True)["polls"] is expected, case
+                    assert woken(ear, conn) == int(held and overdue >= 0), case
+                    assert due(conn)["polls"] is (overdue >= 0)  # no tracker asked for
         tracker.execute("SELECT pg_advisory_unlock(%s)", (TRACKER_KEY,))
-        assert due(conn, TRACKER_KEY, 100)["polls"] is True  # released: beat ticks again
+        assert due(conn, TRACKER_KEY, 100, wake=True)["polls"] is True  # released: beat ticks
+        assert woken(ear, conn) == 0
 
 
 def test_a_running_campaign_lets_the_poll_through(conn: Conn) -> None:
@@ -229,8 +248,8 @@ def test_beat_sends_every_tick_when_the_database_cannot_answer(
 def test_beat_holds_the_tracking_tick_while_a_tracker_keeps_up(
     worker_db: str, conn: Conn, scheduler: tuple[Scheduler, list[str]], monkeypatch: Any
 ) -> None:
-    """A poll 1 s overdue: beat sends no tracking tick while the tracker key is held (the
-    tracker takes it), and sends one once the key is released (the leader gone)."""
+    """A poll 1 s overdue: beat sends no tracking tick while the tracker key is held but wakes
+    the tracker (NOTIFY), and sends its tick once the key is released (the leader gone)."""
     sched, sent = scheduler
     monkeypatch.setattr("worker.beat.ANSWER_SECONDS", 0.0)
     aid = placed_call(conn)
@@ -240,7 +259,9 @@ def test_beat_holds_the_tracking_tick_while_a_tracker_keeps_up(
     )
     with connect(worker_db) as tracker:
         tracker.execute("SELECT pg_advisory_lock(%s)", (TRACKER_KEY,))
+        tracker.execute(f"LISTEN {TRACK_CHANNEL}")
         sched.apply_entry(_Entry("callq.track_due"))
         assert sent == []
+        assert woken(tracker, conn) == 1  # woken instead
     sched.apply_entry(_Entry("callq.track_due"))  # the session ended: its lock with it
     assert sent == ["callq.track_due"]

@@ -14,12 +14,12 @@ import pytest
 
 from worker import listener as listener_module
 from worker.embedded import wait_until
-from worker.listener import CHANNEL, LEADER_KEY, TRACKER_KEY, start_listener
+from worker.listener import CHANNEL, LEADER_KEY, TRACK_CHANNEL, TRACKER_KEY, start_listener
 
 
-def _notify(db_url: str) -> None:
+def _notify(db_url: str, channel: str = CHANNEL) -> None:
     with psycopg.connect(db_url, autocommit=True) as conn:
-        conn.execute("SELECT pg_notify(%s, '')", (CHANNEL,))
+        conn.execute("SELECT pg_notify(%s, '')", (channel,))
 
 
 def _sessions(db_url: str, query: str) -> int:
@@ -99,9 +99,10 @@ def _tracker_key_holders(db_url: str) -> int:
 
 
 def test_only_the_leader_ticks_holding_the_tracker_key(db_url: str) -> None:
-    """The leader's ticker calls ``on_tick`` over and over, a failing tick included, while its
-    session holds the tracker key; the standby neither ticks nor holds it. When the leader
-    stops, its ticker stops and the key is free until the standby leads and ticks."""
+    """The leader's ticker calls ``on_tick`` once on connect and once per NOTIFY on the
+    tracking channel (a failing tick included: the next NOTIFY ticks again), while its session
+    holds the tracker key; the standby neither ticks nor holds it. When the leader stops, the
+    key goes with its session and the standby, now leading, ticks."""
     first, second = Counter(), Counter()
     stop_first, stop_second = threading.Event(), threading.Event()
 
@@ -118,28 +119,34 @@ def test_only_the_leader_ticks_holding_the_tracker_key(db_url: str) -> None:
             standby_seconds=0.1,
             stop=stop,
             on_tick=tick,
-            tick_seconds=0.05,
             tick_key=TRACKER_KEY,
         )
 
     leader = start(failing_once, stop_first)
     standby: threading.Thread | None = None
     try:
-        wait_until(first.above(3), timeout=30, what="the leader ticking past a failed tick")
+        wait_until(first.above(0), timeout=30, what="the leader's tick on connect")
         assert _tracker_key_holders(db_url) == 1
+        for n in (1, 2, 3):  # the second tick fails
+            _notify(db_url, TRACK_CHANNEL)
+            wait_until(first.above(n), timeout=30, what=f"tick {n + 1}, on a NOTIFY")
+        _notify(db_url)  # due calls: the listener's wake-up, not a tick
         standby = start(second, stop_second)
         wait_until(
             lambda: _sessions(db_url, "%pg_try_advisory_lock%") == 1,
             timeout=30,
             what="the second listener standing by",
         )
+        _notify(db_url, TRACK_CHANNEL)
+        wait_until(first.above(4), timeout=30, what="the leader's tick, with a standby")
         assert second.n == 0 and _tracker_key_holders(db_url) == 1
 
         stop_first.set()
         leader.join(timeout=30)
-        stopped_at = first.n
-        wait_until(second.above(3), timeout=30, what="the new leader ticking")
-        assert first.n <= stopped_at + 1  # at most a tick under way when it stopped
+        wait_until(second.above(0), timeout=30, what="the new leader's tick on connect")
+        _notify(db_url, TRACK_CHANNEL)
+        wait_until(second.above(1), timeout=30, what="the new leader's tick on a NOTIFY")
+        assert first.n == 5
         assert _tracker_key_holders(db_url) == 1
     finally:
         stop_first.set()
