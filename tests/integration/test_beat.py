@@ -236,7 +236,7 @@ def test_beat_sends_every_tick_when_the_database_cannot_answer(
     sched, sent = scheduler
 
     class Down:
-        def due_work(self, *_: Any) -> dict[str, bool]:
+        def due_work(self, *_: Any, **__: Any) -> dict[str, bool]:
             raise OSError("connection refused")
 
     monkeypatch.setattr(runtime, "database", lambda: Down())

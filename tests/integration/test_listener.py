@@ -88,9 +88,12 @@ def test_one_listener_per_database_and_a_standby_takes_over(db_url: str) -> None
 
 
 def _tracker_key_holders(db_url: str) -> int:
+    """Sessions of this database holding the tracker key (advisory locks are per database;
+    other tests on the server hold theirs)."""
     with psycopg.connect(db_url, autocommit=True) as conn:
         row = conn.execute(
             "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted"
+            " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
             " AND objsubid = 1 AND classid = (%(k)s::bigint >> 32)::oid"
             " AND objid = (%(k)s::bigint & 4294967295)::oid",
             {"k": TRACKER_KEY},
