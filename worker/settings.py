@@ -62,10 +62,12 @@ class Settings(BaseSettings):
     track_backoff_factor: float = Field(default=1.6, ge=1)
     # The tracking tick: each tick polls the placed calls whose next poll is due.
     track_tick_seconds: float = Field(default=1.0, gt=0)
-    # The leading worker (the one whose listener holds the lock; threads or solo pool) runs the
-    # tracking tick in its own process, with no broker message; beat's tick then only steps in
-    # for a poll overdue by track_fallback_seconds (worker/listener.py). False: beat's tick only.
-    track_in_worker: bool = True
+    # True: the leading worker (the one whose listener holds the lock; threads or solo pool)
+    # runs the tracking tick in its own process when beat wakes it (NOTIFY), with no broker
+    # message; beat's message then only steps in for a poll overdue by track_fallback_seconds
+    # (worker/listener.py). Off by default: a tracking tick that fails in process is a log line
+    # (listener.tick_failed), not a failed task in Flower.
+    track_in_worker: bool = False
     track_fallback_seconds: float = Field(default=5.0, ge=0, le=300)
     track_tick_limit: int = Field(default=2000, ge=1)
     # While the worker process that runs a tick is placing a burst (runtime.is_placing), the
