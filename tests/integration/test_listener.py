@@ -80,11 +80,17 @@ def test_one_listener_per_database_and_a_standby_takes_over(db_url: str) -> None
         wait_until(second.above(seen), timeout=30, what="the new leader's wake-up on a NOTIFY")
         assert _sessions(db_url, "LISTEN %") == 1
     finally:
-        stop_first.set()
-        stop_second.set()
-        leader.join(timeout=30)
-        if standby is not None:
-            standby.join(timeout=30)
+        _stop(leader, stop_first, standby, stop_second)
+
+
+def _stop(*pairs: threading.Thread | threading.Event | None) -> None:
+    """Stop listeners given as (thread, its stop event) pairs; a thread may be None."""
+    events = [e for e in pairs if isinstance(e, threading.Event)]
+    for event in events:
+        event.set()
+    for thread in pairs:
+        if isinstance(thread, threading.Thread):
+            thread.join(timeout=30)
 
 
 def _tracker_key_holders(db_url: str) -> int:
@@ -152,11 +158,7 @@ def test_only_the_leader_ticks_holding_the_tracker_key(db_url: str) -> None:
         assert first.n == 5
         assert _tracker_key_holders(db_url) == 1
     finally:
-        stop_first.set()
-        stop_second.set()
-        leader.join(timeout=30)
-        if standby is not None:
-            standby.join(timeout=30)
+        _stop(leader, stop_first, standby, stop_second)
     wait_until(lambda: _tracker_key_holders(db_url) == 0, timeout=30, what="the key released")
 
 
