@@ -193,11 +193,12 @@ def _claim_here() -> None:
 def _track_here() -> None:
     """The leading worker's tracking tick, in this process, no broker message: beat wakes it
     (NOTIFY) when a poll is due, and sends its own tick only for a poll overdue by
-    CALLQ_TRACK_FALLBACK_SECONDS."""
+    CALLQ_TRACK_FALLBACK_SECONDS. A chunk that fails here goes on as a broker message (a
+    failure that persists shows in Flower)."""
     logs.clear()
     logs.bind(task="callq.track_due", via="tracker")
     try:
-        app.tasks["callq.track_due"]()
+        app.tasks["callq.track_due"](hand_back=True)
     finally:
         logs.clear()
 

@@ -40,6 +40,7 @@ TRACK_CHANNEL = "callq_track"
 LEADER_KEY = 0x63616C6C71  # "callq"
 # Held on the same session while the leader's ticker runs (worker: the in-process tracker).
 TRACKER_KEY = 0x63616C6C74  # "callt"
+TICK_KEY_WAIT = "3s"  # the longest wait for the tick key (a lock_timeout)
 log = logs.get_logger("callq.listener")
 
 
@@ -132,11 +133,9 @@ def _tick(listener: _Listener, conn: psycopg.Connection[Any]) -> _Ticker | None:
     on_tick, key = listener.on_tick, listener.tick_key
     if on_tick is None:
         return None
-    if key is not None:
-        row = conn.execute("SELECT pg_try_advisory_lock(%s)", (key,)).fetchone()
-        if row is None or not row[0]:
-            log.warning("listener.ticker_off", reason="another session holds the tick key")
-            return None
+    if key is not None and not _take_tick_key(conn, key):
+        log.warning("listener.ticker_off", reason="another session holds the tick key")
+        return None
     conn.execute(f"LISTEN {TRACK_CHANNEL}")
     ticker = _Ticker(threading.Event(), threading.Event())
 
@@ -151,6 +150,18 @@ def _tick(listener: _Listener, conn: psycopg.Connection[Any]) -> _Ticker | None:
     threading.Thread(target=run, name="callq-ticker", daemon=True).start()
     ticker.wake.set()  # a wake-up may have been missed while no tracker ran
     return ticker
+
+
+def _take_tick_key(conn: psycopg.Connection[Any], key: int) -> bool:
+    """Take the tick key for this session, waiting up to ``TICK_KEY_WAIT`` (beat's question,
+    ``due_work()``, holds it shared for the moment of its transaction)."""
+    try:
+        with conn.transaction():
+            conn.execute(f"SET LOCAL lock_timeout = '{TICK_KEY_WAIT}'")
+            conn.execute("SELECT pg_advisory_lock(%s)", (key,))
+    except psycopg.errors.LockNotAvailable:
+        return False
+    return True
 
 
 def _lead(conn: psycopg.Connection[Any], key: int, every: float, stop: threading.Event) -> bool:

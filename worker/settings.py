@@ -65,9 +65,9 @@ class Settings(BaseSettings):
     # True: the leading worker (the one whose listener holds the lock; threads or solo pool)
     # runs the tracking tick in its own process when beat wakes it (NOTIFY), with no broker
     # message; beat's message then only steps in for a poll overdue by track_fallback_seconds
-    # (worker/listener.py). Off by default: a tracking tick that fails in process is a log line
-    # (listener.tick_failed), not a failed task in Flower.
-    track_in_worker: bool = False
+    # (worker/listener.py). A chunk whose tracking fails in process goes on as a track_batch
+    # message, so a failure that persists is a failed task in Flower all the same.
+    track_in_worker: bool = True
     track_fallback_seconds: float = Field(default=5.0, ge=0, le=300)
     track_tick_limit: int = Field(default=2000, ge=1)
     # While the worker process that runs a tick is placing a burst (runtime.is_placing), the

@@ -156,16 +156,27 @@ def track_batch(items: list[list[Any]]) -> dict[str, int]:
 
 
 @app.task(name="callq.track_due", ignore_result=True)
-def track_due() -> dict[str, int]:
+def track_due(hand_back: bool = False) -> dict[str, int]:
     """Beat's tracking tick: poll the placed calls whose next poll is due (a column, not a
     countdown), the first chunk here and the rest as ``track_batch`` messages. Calls that
-    trickle in cost no more per poll than calls that come together."""
+    trickle in cost no more per poll than calls that come together.
+
+    ``hand_back``: the leading worker's tracker runs this in process (worker/celery_app.py),
+    where a failure is only a log line; a chunk that fails there is sent on as a
+    ``track_batch`` message (same poll tokens), so a failure that persists is a failed task in
+    Flower, as it is when beat's message runs the tick.
+    """
     s = get_settings()
     defer = s.track_defer_seconds if runtime.is_placing() else 0.0
     due = runtime.database().take_due_polls(s.track_tick_limit, defer)
     for start in range(POLL_CHUNK, len(due), POLL_CHUNK):
         track_batch.apply_async(([list(item) for item in due[start : start + POLL_CHUNK]],))
-    steps = track_chunk(due[:POLL_CHUNK])
+    try:
+        steps = track_chunk(due[:POLL_CHUNK])
+    except Exception:
+        if hand_back and due:
+            track_batch.apply_async(([list(item) for item in due[:POLL_CHUNK]],))
+        raise
     _send_next(steps)
     return tally(steps)
 

@@ -226,9 +226,8 @@ def test_the_worker_claims_notified_calls_itself(
     the calls scheduled for now in its own process (threads), or its parent sends a poll per
     wake-up and a child claims (prefork: the parent never claims, what it opened would be
     shared with the children it forks). Beat, started afterwards, wakes the leading worker of a
-    threads pool (CALLQ_TRACK_IN_WORKER=true) to track the calls in its own process (a NOTIFY,
-    no tracking message); a prefork fleet's calls are tracked by beat's tick messages."""
-    fleet.env = {**fleet.env, "CALLQ_TRACK_IN_WORKER": "true"}
+    threads pool (the default, CALLQ_TRACK_IN_WORKER) to track the calls in its own process (a
+    NOTIFY, no tracking message); a prefork fleet's calls are tracked by beat's tick messages."""
     fleet.start_worker(pool=pool, concurrency=16 if pool == "threads" else 2)
     wait_until(lambda: _listeners(conn) == 1, timeout=60, what="the worker listening")
     ids = schedule_calls(conn, seeded, 5)

@@ -162,6 +162,53 @@ def test_only_the_leader_ticks_holding_the_tracker_key(db_url: str) -> None:
     wait_until(lambda: _tracker_key_holders(db_url) == 0, timeout=30, what="the key released")
 
 
+def test_the_leader_waits_out_a_question_holding_the_tracker_key_shared(db_url: str) -> None:
+    """Beat's question (``due_work()``) holds the tracker key shared for its transaction: a
+    leader connecting meanwhile waits for it and then ticks, rather than running without a
+    tracker; a session holding the key for longer than the wait keeps the ticker off."""
+    ticks = Counter()
+    stop = threading.Event()
+    with psycopg.connect(db_url) as beat:
+        beat.execute("SELECT pg_advisory_xact_lock_shared(%s)", (TRACKER_KEY,))
+        thread = start_listener(
+            db_url, lambda: None, leader_key=LEADER_KEY, stop=stop, on_tick=ticks,
+            tick_key=TRACKER_KEY,
+        )  # fmt: skip
+        try:
+            wait_until(
+                lambda: _sessions(db_url, "%pg_advisory_lock(%") == 1,
+                timeout=30,
+                what="the leader waiting for the tracker key",
+            )
+            assert ticks.n == 0
+            beat.commit()  # the question's transaction ends
+            wait_until(ticks.above(0), timeout=30, what="the leader's tick on connect")
+            assert _tracker_key_holders(db_url) == 1
+        finally:
+            _stop(thread, stop)
+
+
+def test_a_session_holding_the_tracker_key_keeps_the_ticker_off(
+    db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(listener_module, "TICK_KEY_WAIT", "200ms")
+    ticks, wakes = Counter(), Counter()
+    stop = threading.Event()
+    with psycopg.connect(db_url, autocommit=True) as other:
+        other.execute("SELECT pg_advisory_lock(%s)", (TRACKER_KEY,))
+        thread = start_listener(
+            db_url, wakes, leader_key=LEADER_KEY, stop=stop, on_tick=ticks, tick_key=TRACKER_KEY
+        )
+        try:
+            wait_until(wakes.above(0), timeout=30, what="the leader listening without a ticker")
+            _notify(db_url, TRACK_CHANNEL)
+            _notify(db_url)
+            wait_until(wakes.above(1), timeout=30, what="the leader's wake-up on a NOTIFY")
+            assert ticks.n == 0
+        finally:
+            _stop(thread, stop)
+
+
 def test_a_failed_wake_up_leaves_the_listener_running(db_url: str) -> None:
     calls = Counter()
 

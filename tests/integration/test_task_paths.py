@@ -467,3 +467,46 @@ def test_while_placing_the_tick_leaves_the_polls_that_can_wait(
     wait_until(lambda: not runtime.is_placing(), timeout=5, what="the placement's grace")
     assert tasks.track_due.run() == {"polling": 2}
     assert all(d > 2.0 for d in due_in(worker_db, ids))
+
+
+@pytest.mark.parametrize("hand_back", [True, False])
+def test_a_tick_that_fails_in_process_sends_its_chunk_on_as_a_message(
+    worker_db: str,
+    seeded: Seeded,
+    sim: Simulator,
+    broker: redis.Redis,
+    monkeypatch: pytest.MonkeyPatch,
+    hand_back: bool,
+) -> None:
+    """The leading worker's tracker (``hand_back``) runs the tick in process, where a failure
+    is a log line: the chunk it took goes on as a ``track_batch`` message with the same poll
+    tokens, which fails as a task (Flower shows it). Beat's own message fails as a task
+    already and sends nothing more."""
+    sim.configure(LONG_CALLS)
+    ids = claim(worker_db, seeded, 2)
+    assert tally_of(tasks.dispatch_chunk(ids)) == {"placed": 2}
+    with psycopg.connect(worker_db, autocommit=True) as conn:
+        conn.execute("UPDATE call_assignments SET next_poll_at = now() WHERE id = ANY(%s)", (ids,))
+        tokens = dict(
+            conn.execute(
+                "SELECT id::text, poll_count FROM call_assignments WHERE id = ANY(%s)", (ids,)
+            ).fetchall()
+        )
+
+    def broken(call: Any) -> Any:
+        raise RuntimeError("the database refused the ending")
+
+    monkeypatch.setattr(tasks, "_poll", broken)
+    with pytest.raises(RuntimeError):
+        tasks.track_due.run(hand_back=hand_back)
+    sent = queued(broker, "track")
+    if not hand_back:
+        assert sent == []
+        return
+    [(name, args)] = sent
+    assert name == "callq.track_batch"
+    assert sorted(map(tuple, args[0])) == sorted(tokens.items())
+    with pytest.raises(RuntimeError):  # the message's task meets the same failure
+        tasks.track_batch.run(args[0])
+    monkeypatch.undo()
+    assert tally_of(tasks.track_chunk([(a, t) for a, t in tokens.items()])) == {"polling": 2}
