@@ -352,7 +352,31 @@ def tracking_rows(tr: dict[str, Any]) -> list[Row]:
                     _met(ratio <= 1),
                 )
             )
-    return rows
+    return rows + _lone_rows(tr.get("lone") or {})
+
+
+def _lone_rows(lone: dict[str, Any]) -> list[Row]:
+    """A lone call placed in process (bench.lone): the same work after an idle gap, back to
+    back, and in a batch (informative: no target)."""
+    if not lone:
+        return []
+    cpu = {mode: v["cpu_ms_per_call"] for mode, v in lone.items()}
+    pairs = (
+        ("125ms_apart", "back_to_back", "125 ms apart vs back to back (the same work)"),
+        ("back_to_back", "batch_of_50", "back to back vs a batch of 50"),
+        ("125ms_apart", "batch_of_50", "125 ms apart vs a batch of 50"),
+    )
+    return [
+        (
+            f"a lone call placed in process (claim + create + record), CPU ms per call, {label}",
+            _f(cpu[a], 2),
+            _f(cpu[b], 2),
+            _f(cpu[a] / cpu[b], 2),
+            "",
+            "n/a",
+        )
+        for a, b, label in pairs
+    ]
 
 
 def webhook_rows(wh: dict[str, Any]) -> list[Row]:

@@ -13,6 +13,10 @@ Figures per run: provider reads per call (the simulator's count of single-call G
 lag (``call_history.created_at - ended_at``, the provider's end time; p50 and p99) and worker
 CPU per call (the worker and its children, from the first schedule to the last history row).
 
+Then ``bench.lone``: a lone call's claim, create and record in process, back to back, 10 ms and
+125 ms apart and in a batch of 50, which tells the trickle's extra CPU that is the lone call's
+own work from what the machine charges for waking from idle.
+
 Informative beside the CPU figure: the worker's idle CPU per second (measured over
 ``IDLE_SECONDS`` before the first schedule, beat's ticks running), the run's length, and the
 CPU per call net of that idle rate over the run. A trickle run lasts ``calls / RATE`` seconds
@@ -29,6 +33,7 @@ from typing import Any
 
 import psutil
 
+from bench import lone
 from bench.common import log, percentile
 from bench.cpu_split import _cpu
 from bench.stack import Stack
@@ -167,6 +172,8 @@ def run(*, quick: bool = False) -> dict[str, Any]:
         for trickle in (False, True):
             scenario = Run(webhooks, trickle)
             results[scenario.name] = measure(scenario, calls)
+    # what of the trickle's extra CPU is the machine waking from idle (bench/lone.py)
+    results["lone"] = lone.run(quick=quick)
     return results
 
 
