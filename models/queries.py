@@ -188,6 +188,14 @@ WHERE a.id = due.id
 RETURNING a.id, a.poll_count
 """
 
+# A tick's first chunk: TAKE_DUE_POLLS and LOAD_CALLS in one round trip. The calls are read
+# from the statement's snapshot, before the take's own update, which moves only their poll
+# deadline: each row's poll_count is the token its take returned.
+TAKE_DUE_CALLS = f"""
+WITH due AS ({TAKE_DUE_POLLS.strip()})
+SELECT {CALL_COLUMNS} {CALL_FROM} JOIN due ON due.id = a.id
+"""
+
 # The assignment each (provider, provider call id) belongs to, the newest if several (webhooks).
 FIND_ASSIGNMENTS_BY_PROVIDER_CALLS = """
 SELECT x.provider_id, x.call_id AS provider_call_id, f.id
@@ -507,6 +515,12 @@ class Database:
         (assignment id, poll token)."""
         rows = self.rows(TAKE_DUE_POLLS, {"limit": limit, "defer": defer})
         return [(str(r["id"]), int(r["poll_count"])) for r in rows]
+
+    def take_due_calls(self, limit: int, defer: float = 0.0) -> list[CallRow]:
+        """``take_due_polls`` with each call loaded (its ``poll_count`` is its poll token), in
+        one statement: the chunk a tracking tick polls itself."""
+        rows = self.rows(TAKE_DUE_CALLS, {"limit": limit, "defer": defer})
+        return [CallRow.from_row(r) for r in rows]
 
     def assignments_for_provider_calls(
         self, calls: Sequence[tuple[str, str]]

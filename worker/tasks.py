@@ -168,14 +168,20 @@ def track_due(hand_back: bool = False) -> dict[str, int]:
     """
     s = get_settings()
     defer = s.track_defer_seconds if runtime.is_placing() else 0.0
-    due = runtime.database().take_due_polls(s.track_tick_limit, defer)
-    for start in range(POLL_CHUNK, len(due), POLL_CHUNK):
-        track_batch.apply_async(([list(item) for item in due[start : start + POLL_CHUNK]],))
+    db = runtime.database()
+    # the chunk polled here, taken and loaded in one statement; a full chunk: the rest as ids
+    calls = db.take_due_calls(min(s.track_tick_limit, POLL_CHUNK), defer)
+    rest = []
+    if len(calls) >= POLL_CHUNK and s.track_tick_limit > POLL_CHUNK:
+        rest = db.take_due_polls(s.track_tick_limit - POLL_CHUNK, defer)
+    for start in range(0, len(rest), POLL_CHUNK):
+        track_batch.apply_async(([list(item) for item in rest[start : start + POLL_CHUNK]],))
+    items = [(str(call.assignment_id), call.poll_count) for call in calls]
     try:
-        steps = track_chunk(due[:POLL_CHUNK])
+        steps = _track_loaded(items, {str(call.assignment_id): call for call in calls})
     except Exception:
-        if hand_back and due:
-            track_batch.apply_async(([list(item) for item in due[:POLL_CHUNK]],))
+        if hand_back and items:
+            track_batch.apply_async(([list(item) for item in items],))
         raise
     _send_next(steps)
     return tally(steps)
@@ -365,8 +371,11 @@ def track_chunk(items: Sequence[tuple[str, int | None]]) -> list[Step]:
     """Poll placed calls ((assignment id, poll token) each): the loads in one statement, the
     provider reads concurrently, the poll tokens of the calls still going in one statement.
     A token of None is a one-off check (a webhook) outside the polling chain."""
-    db = runtime.database()
-    calls = db.load_calls([assignment_id for assignment_id, _ in items])
+    return _track_loaded(items, runtime.database().load_calls([a for a, _ in items]))
+
+
+def _track_loaded(items: Sequence[tuple[str, int | None]], calls: dict[str, CallRow]) -> list[Step]:
+    """``track_chunk`` with its calls loaded (by assignment id; a missing one is not placed)."""
     live = [c for c in calls.values() if c.state is AssignmentState.PLACED]
     steps: list[Step] = [Skipped(SkipReason.NOT_PLACED)] * (len(items) - len(live))
     results = runtime.map_in_context(_poll, live, "track")

@@ -510,3 +510,47 @@ def test_a_tick_that_fails_in_process_sends_its_chunk_on_as_a_message(
         tasks.track_batch.run(args[0])
     monkeypatch.undo()
     assert tally_of(tasks.track_chunk([(a, t) for a, t in tokens.items()])) == {"polling": 2}
+
+
+def test_a_tick_takes_and_loads_its_chunk_in_one_statement_and_sends_the_rest(
+    worker_db: str,
+    seeded: Seeded,
+    sim: Simulator,
+    broker: redis.Redis,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The tracking tick takes the chunk it polls itself and loads its calls in one statement
+    (TAKE_DUE_CALLS: the tokens are the loaded rows' poll counts); beyond a full chunk it takes
+    the rest as ids and tokens and sends them as ``track_batch`` messages."""
+    sim.configure(LONG_CALLS)
+    ids = claim(worker_db, seeded, 3)
+    assert tally_of(tasks.dispatch_chunk(ids)) == {"placed": 3}
+    with psycopg.connect(worker_db, autocommit=True) as conn:
+        conn.execute("UPDATE call_assignments SET next_poll_at = now() WHERE id = ANY(%s)", (ids,))
+        tokens = dict(
+            conn.execute(
+                "SELECT id::text, poll_count FROM call_assignments WHERE id = ANY(%s)", (ids,)
+            ).fetchall()
+        )
+    statements: list[str] = []
+    run_once = queries.Database._run_once
+
+    def record(db: queries.Database, query: str, params: Any) -> list[dict[str, Any]]:
+        statements.append(query)
+        return run_once(db, query, params)
+
+    monkeypatch.setattr(queries.Database, "_run_once", record)
+    monkeypatch.setattr(tasks, "POLL_CHUNK", 2)
+    assert tasks.track_due.run() == {"polling": 2}
+    assert statements[:2] == [queries.TAKE_DUE_CALLS, queries.TAKE_DUE_POLLS]
+    assert queries.LOAD_CALLS not in statements
+    assert statements[-1] == queries.TOUCH_POLLS
+    [(name, args)] = queued(broker, "track")
+    assert name == "callq.track_batch"
+    [[sent_id, sent_token]] = args[0]
+    assert tokens[sent_id] == sent_token
+    polled = [a for a in ids if a != sent_id]
+    assert all(d > 2.0 for d in due_in(worker_db, polled))  # their next polls, set
+    assert tasks.track_batch.run(args[0]) == {"polling": 1}
+    reads = sum(n for k, n in sim.stats()["counters"].items() if k.startswith("call_reads_"))
+    assert reads == 3  # each call read once
