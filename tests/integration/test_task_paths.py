@@ -88,6 +88,32 @@ def queue_row(db_url: str, assignment_id: str) -> tuple[str, list[UUID], int]:
     return row[0], list(row[1]), row[2]
 
 
+def record_statements(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The statements this process's database runs from now on, in order."""
+    statements: list[str] = []
+    run_once = queries.Database._run_once
+
+    def record(db: queries.Database, query: str, params: Any) -> list[dict[str, Any]]:
+        statements.append(query)
+        return run_once(db, query, params)
+
+    monkeypatch.setattr(queries.Database, "_run_once", record)
+    return statements
+
+
+def polls_due_now(db_url: str, seeded: Seeded, sim: Simulator, count: int) -> dict[str, int]:
+    """``count`` long calls placed with their next poll due now: assignment id -> poll token."""
+    sim.configure(LONG_CALLS)
+    ids = claim(db_url, seeded, count)
+    assert tally_of(tasks.dispatch_chunk(ids)) == {"placed": count}
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute("UPDATE call_assignments SET next_poll_at = now() WHERE id = ANY(%s)", (ids,))
+        rows = conn.execute(
+            "SELECT id::text, poll_count FROM call_assignments WHERE id = ANY(%s)", (ids,)
+        ).fetchall()
+    return {str(a): int(t) for a, t in rows}
+
+
 def test_placed_then_completed(worker_db: str, seeded: Seeded, sim: Simulator) -> None:
     sim.configure(ANSWERED_AT_ONCE)
     [aid] = claim(worker_db, seeded)
@@ -327,14 +353,7 @@ def test_a_lone_call_is_claimed_gated_and_placed_in_two_statements(
     alone costs two statements, not four. A claim larger than a chunk goes through the chunk's
     gates as before."""
     sim.configure(LONG_CALLS)
-    statements: list[str] = []
-    run_once = queries.Database._run_once
-
-    def record(db: queries.Database, query: str, params: Any) -> list[dict[str, Any]]:
-        statements.append(query)
-        return run_once(db, query, params)
-
-    monkeypatch.setattr(queries.Database, "_run_once", record)
+    statements = record_statements(monkeypatch)
     with psycopg.connect(worker_db, autocommit=True) as conn:
         schedule_calls(conn, seeded, 1, start=700)  # the period's first dial makes its row
         assert tasks.poll() == 1
@@ -482,16 +501,7 @@ def test_a_tick_that_fails_in_process_sends_its_chunk_on_as_a_message(
     is a log line: the chunk it took goes on as a ``track_batch`` message with the same poll
     tokens, which fails as a task (Flower shows it). Beat's own message fails as a task
     already and sends nothing more."""
-    sim.configure(LONG_CALLS)
-    ids = claim(worker_db, seeded, 2)
-    assert tally_of(tasks.dispatch_chunk(ids)) == {"placed": 2}
-    with psycopg.connect(worker_db, autocommit=True) as conn:
-        conn.execute("UPDATE call_assignments SET next_poll_at = now() WHERE id = ANY(%s)", (ids,))
-        tokens = dict(
-            conn.execute(
-                "SELECT id::text, poll_count FROM call_assignments WHERE id = ANY(%s)", (ids,)
-            ).fetchall()
-        )
+    tokens = polls_due_now(worker_db, seeded, sim, 2)
 
     def broken(call: Any) -> Any:
         raise RuntimeError("the database refused the ending")
@@ -522,24 +532,9 @@ def test_a_tick_takes_and_loads_its_chunk_in_one_statement_and_sends_the_rest(
     """The tracking tick takes the chunk it polls itself and loads its calls in one statement
     (TAKE_DUE_CALLS: the tokens are the loaded rows' poll counts); beyond a full chunk it takes
     the rest as ids and tokens and sends them as ``track_batch`` messages."""
-    sim.configure(LONG_CALLS)
-    ids = claim(worker_db, seeded, 3)
-    assert tally_of(tasks.dispatch_chunk(ids)) == {"placed": 3}
-    with psycopg.connect(worker_db, autocommit=True) as conn:
-        conn.execute("UPDATE call_assignments SET next_poll_at = now() WHERE id = ANY(%s)", (ids,))
-        tokens = dict(
-            conn.execute(
-                "SELECT id::text, poll_count FROM call_assignments WHERE id = ANY(%s)", (ids,)
-            ).fetchall()
-        )
-    statements: list[str] = []
-    run_once = queries.Database._run_once
-
-    def record(db: queries.Database, query: str, params: Any) -> list[dict[str, Any]]:
-        statements.append(query)
-        return run_once(db, query, params)
-
-    monkeypatch.setattr(queries.Database, "_run_once", record)
+    tokens = polls_due_now(worker_db, seeded, sim, 3)
+    ids = list(tokens)
+    statements = record_statements(monkeypatch)
     monkeypatch.setattr(tasks, "POLL_CHUNK", 2)
     assert tasks.track_due.run() == {"polling": 2}
     assert statements[:2] == [queries.TAKE_DUE_CALLS, queries.TAKE_DUE_POLLS]
