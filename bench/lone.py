@@ -27,6 +27,7 @@ import argparse
 import json
 import os
 import resource
+import subprocess
 import sys
 import threading
 import time
@@ -92,13 +93,13 @@ def _mode(
         t1, s1 = _cpu()
         total, system = total + t1 - t0, system + s1 - s0
 
+    if mode == "batch_of_50":
+        for start in range(0, calls, BATCH):
+            stack.schedule(BATCH, start=first + start)
+            time.sleep(GAPS["125ms_apart"])  # a window's spacing, not a wait for a condition
+            timed_poll()
+        return total, system
     with stack.connect() as conn:
-        if mode == "batch_of_50":
-            for start in range(0, calls, BATCH):
-                stack.schedule(BATCH, start=first + start)
-                time.sleep(GAPS["125ms_apart"])  # a window's spacing, not a wait for a condition
-                timed_poll()
-            return total, system
         for i in range(calls):
             stack.schedule_one(conn, first + i)
             time.sleep(GAPS[mode])  # the quiet being measured, not a wait for a condition
@@ -147,8 +148,6 @@ def measure(calls: int) -> dict[str, Any]:
 
 def run(*, quick: bool = False) -> dict[str, Any]:
     """``measure`` in a process of its own (it sets the worker's settings in its environment)."""
-    import subprocess
-
     calls = 200 if quick else 400
     proc = subprocess.run(
         [sys.executable, "-m", "bench.lone", "--calls", str(calls)],

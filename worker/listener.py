@@ -157,7 +157,7 @@ def _take_tick_key(conn: psycopg.Connection[Any], key: int) -> bool:
     ``due_work()``, holds it shared for the moment of its transaction)."""
     try:
         with conn.transaction():
-            conn.execute(f"SET LOCAL lock_timeout = '{TICK_KEY_WAIT}'")
+            conn.execute("SELECT set_config('lock_timeout', %s, true)", (TICK_KEY_WAIT,))
             conn.execute("SELECT pg_advisory_lock(%s)", (key,))
     except psycopg.errors.LockNotAvailable:
         return False

@@ -171,9 +171,8 @@ def track_due(hand_back: bool = False) -> dict[str, int]:
     db = runtime.database()
     # the chunk polled here, taken and loaded in one statement; a full chunk: the rest as ids
     calls = db.take_due_calls(min(s.track_tick_limit, POLL_CHUNK), defer)
-    rest = []
-    if len(calls) >= POLL_CHUNK and s.track_tick_limit > POLL_CHUNK:
-        rest = db.take_due_polls(s.track_tick_limit - POLL_CHUNK, defer)
+    left = s.track_tick_limit - len(calls)
+    rest = db.take_due_polls(left, defer) if len(calls) == POLL_CHUNK and left > 0 else []
     for start in range(0, len(rest), POLL_CHUNK):
         track_batch.apply_async(([list(item) for item in rest[start : start + POLL_CHUNK]],))
     items = [(str(call.assignment_id), call.poll_count) for call in calls]

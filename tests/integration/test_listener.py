@@ -165,7 +165,7 @@ def test_only_the_leader_ticks_holding_the_tracker_key(db_url: str) -> None:
 def test_the_leader_waits_out_a_question_holding_the_tracker_key_shared(db_url: str) -> None:
     """Beat's question (``due_work()``) holds the tracker key shared for its transaction: a
     leader connecting meanwhile waits for it and then ticks, rather than running without a
-    tracker; a session holding the key for longer than the wait keeps the ticker off."""
+    tracker."""
     ticks = Counter()
     stop = threading.Event()
     with psycopg.connect(db_url) as beat:
@@ -191,6 +191,8 @@ def test_the_leader_waits_out_a_question_holding_the_tracker_key_shared(db_url: 
 def test_a_session_holding_the_tracker_key_keeps_the_ticker_off(
     db_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """A session holding the key for longer than the wait: the leader listens and claims
+    without a ticker (no tick on connect, none on a tracking NOTIFY)."""
     monkeypatch.setattr(listener_module, "TICK_KEY_WAIT", "200ms")
     ticks, wakes = Counter(), Counter()
     stop = threading.Event()
