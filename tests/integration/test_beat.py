@@ -7,6 +7,7 @@ work waits (a tick held back for work that waits would delay calls, polls or not
 from __future__ import annotations
 
 import logging
+import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -263,5 +264,11 @@ def test_beat_holds_the_tracking_tick_while_a_tracker_keeps_up(
         sched.apply_entry(_Entry("callq.track_due"))
         assert sent == []
         assert woken(tracker, conn) == 1  # woken instead
+        pid = tracker.info.backend_pid
+    # The server ends a closed session (and releases its locks) after the client has gone.
+    deadline = time.monotonic() + 10
+    while one(conn, "SELECT count(*) FROM pg_stat_activity WHERE pid = %s", (pid,)):
+        assert time.monotonic() < deadline, "the tracker's session never ended"
+        time.sleep(0.01)
     sched.apply_entry(_Entry("callq.track_due"))  # the session ended: its lock with it
     assert sent == ["callq.track_due"]
