@@ -9,6 +9,13 @@ Four workloads, each at 2 and 8 concurrent clients, each on a freshly filled que
     ours batch    SELECT count(*) FROM claim_and_assign_calls(50, 'bench', 60)
     bare batch    the same UPDATE with LIMIT 50
 
+and, informative, ``floor single``: the writes the description's path makes, with none of its
+rules (fair order, plans, calling windows, provider checks) and no triggers or foreign-key checks
+(``session_replication_role = replica``; the tables' CHECKs hold): the call claimed, its tenant's
+counter, a 'claimed' event; a slot, the assignment, the call assigned, an 'assigned' event. Two
+statements in one function (``bench_floor_single``), one call per transaction like ours. What
+any implementation of the path with these tables pays; bench/FINDINGS.md 24.
+
 ``bare_queue`` is ``call_queue``'s twin: same columns, defaults, CHECKs, indexes (so the same index
 churn) and storage/autovacuum options, but no triggers, foreign keys, providers or assignments.
 The rate is rows moved out of ``queued`` (counted in the table afterwards) per second of pgbench
@@ -47,6 +54,7 @@ SCRIPTS = {
     "ours_batch": "SELECT count(*) FROM claim_and_assign_calls(50, 'bench', 60);\n",
     # informative: the worker's hot path with a batch of one (claims straight to 'assigned')
     "ourscaa_single": "SELECT count(*) FROM claim_and_assign_calls(1, 'bench', 60);\n",
+    "floor_single": "SELECT bench_floor_single();\n",
     "bare_batch": (
         "WITH c AS (SELECT id FROM bare_queue WHERE status = 'queued' AND NOT via_campaign"
         " AND scheduled_time <= now()"
@@ -61,6 +69,7 @@ FILL_PER_SECOND = {
     ("bare", "single"): 25_000,
     ("ours", "single"): 8_000,
     ("ourscaa", "single"): 8_000,
+    ("floor", "single"): 12_000,
     ("bare", "batch"): 100_000,
     ("ours", "batch"): 40_000,
 }
@@ -111,7 +120,69 @@ def _setup(conn: psycopg.Connection[Any], max_slots: int) -> tuple[Any, Any]:
     ).fetchone()
     if opts and opts[0]:
         conn.execute(f"ALTER TABLE bare_queue SET ({', '.join(opts[0])})")
+    row = conn.execute(
+        "SELECT id FROM call_service_providers ORDER BY priority, id LIMIT 1"
+    ).fetchone()
+    assert row is not None
+    conn.execute(FLOOR_FUNCTION.replace("{provider}", str(row[0])))  # type: ignore[call-overload]
     return seeded.user_id, seeded.template_id
+
+
+# The floor: the path's writes as two statements (see the module's docstring). The provider is
+# the seeded first one, written in (a constant, like the bare claim's literals).
+FLOOR_FUNCTION = """
+CREATE FUNCTION bench_floor_single() RETURNS uuid LANGUAGE plpgsql SET search_path = '' AS $$
+DECLARE
+  v_q record;
+  v_a uuid := gen_random_uuid();
+  v_p uuid := '{provider}';
+BEGIN
+  PERFORM set_config('synchronous_commit', 'off', true);  -- as ours
+  WITH c AS (
+    UPDATE public.call_queue q
+       SET status = 'claimed', claimed_at = now(),
+           lease_expires_at = now() + interval '60 seconds', counter_stripe = 0
+     WHERE q.id = (SELECT f.id FROM public.call_queue f
+                    WHERE f.status = 'queued' AND NOT f.via_campaign AND f.scheduled_time <= now()
+                    ORDER BY f.priority, f.scheduled_time, f.created_at
+                    LIMIT 1 FOR UPDATE SKIP LOCKED)
+    RETURNING q.id, q.user_id, q.attempts),
+  k AS (
+    UPDATE public.tenant_call_counters t
+       SET queued = t.queued - 1, claimed = t.claimed + 1, updated_at = now()
+      FROM c WHERE t.user_id = c.user_id AND t.stripe = 0),
+  e AS (
+    INSERT INTO public.call_events (queue_id, user_id, kind, attempt)
+    SELECT c.id, c.user_id, 'claimed', c.attempts FROM c)
+  SELECT c.id, c.user_id, c.attempts INTO v_q FROM c;
+  IF NOT FOUND THEN
+    RETURN NULL;
+  END IF;
+  WITH s AS (
+    UPDATE public.provider_slots s SET assignment_id = v_a
+     WHERE s.provider_id = v_p
+       AND s.slot_no = (SELECT f.slot_no FROM public.provider_slots f
+                         WHERE f.provider_id = v_p AND f.assignment_id IS NULL
+                         ORDER BY f.freed_at, f.slot_no LIMIT 1 FOR UPDATE SKIP LOCKED)
+    RETURNING s.caller_id),
+  a AS (
+    INSERT INTO public.call_assignments (id, queue_id, provider_id, state, attempt, caller_id)
+    SELECT v_a, v_q.id, v_p, 'assigned', v_q.attempts + 1, s.caller_id FROM s),
+  u AS (
+    UPDATE public.call_queue q SET status = 'assigned'
+     WHERE q.id = v_q.id AND EXISTS (SELECT 1 FROM s)),
+  e AS (
+    INSERT INTO public.call_events (queue_id, user_id, kind, attempt, provider_id, assignment_id)
+    SELECT v_q.id, v_q.user_id, 'assigned', v_q.attempts + 1, v_p, v_a FROM s)
+  SELECT v_a INTO v_a FROM s;
+  RETURN v_a;
+END
+$$;
+"""
+
+# The floor runs without triggers or foreign-key checks (a superuser's setting: the benchmark's
+# own scratch database on a server it administers).
+FLOOR_OPTIONS = "-c session_replication_role=replica"
 
 
 def _refill(url: str, table: str, n: int, user_id: Any, template_id: Any, max_slots: int) -> None:
@@ -180,7 +251,9 @@ class WaitSampler:
         return {k: round(v / total, 3) for k, v in best}
 
 
-def _pgbench(url: str, script: str, clients: int, seconds: int) -> tuple[int, int, str]:
+def _pgbench(
+    url: str, script: str, clients: int, seconds: int, options: str = ""
+) -> tuple[int, int, str]:
     parts = url_parts(url)
     with tempfile.NamedTemporaryFile("w", suffix=".sql", delete=False) as f:
         f.write(script)
@@ -208,6 +281,8 @@ def _pgbench(url: str, script: str, clients: int, seconds: int) -> tuple[int, in
         parts["dbname"],
     ]
     env = {**os.environ}
+    if options:
+        env["PGOPTIONS"] = options
     if parts.get("password"):
         env["PGPASSWORD"] = parts["password"]
     try:
@@ -235,7 +310,8 @@ def _measure(
         script = SCRIPTS[workload]
         if side == "bare" and async_commit[kind]:
             script = "BEGIN;\nSET LOCAL synchronous_commit = off;\n" + script + "COMMIT;\n"
-        tx, failed, _ = _pgbench(db.url, script, clients, seconds)
+        options = FLOOR_OPTIONS if side == "floor" else ""
+        tx, failed, _ = _pgbench(db.url, script, clients, seconds, options)
     wall = time.monotonic() - t0
     r = ClaimResult(workload, clients, float(seconds), _count(db.url, table), tx, failed, n)
     r.waits = sampler.top()
@@ -258,13 +334,17 @@ def _backend_cpu_seconds(pid: int) -> float | None:
     return float(t.user + t.system)
 
 
-def server_cpu_per_row(db: ScratchDB, setup: tuple[Any, ...], kind: str) -> dict[str, float]:
-    """Server CPU ms per claimed row of ours and of the bare claim, one client, one backend:
-    what bounds the throughput ratio on a machine whose cores are all busy."""
+def server_cpu_per_row(
+    db: ScratchDB, setup: tuple[Any, ...], kind: str, floor: bool = False
+) -> dict[str, float]:
+    """Server CPU ms per claimed row of ours and of the bare claim (and of the floor, when
+    ``floor``), one client, one backend: what bounds the throughput ratio on a machine whose
+    cores are all busy."""
     user_id, template_id, max_slots, async_commit = setup
     runs = 1500 if kind == "single" else 60
     out: dict[str, float] = {}
-    for side in ("bare", "ours"):
+    sides = ("bare", "ours", "floor") if kind == "single" and floor else ("bare", "ours")
+    for side in sides:
         table = "bare_queue" if side == "bare" else "call_queue"
         _refill(
             db.url,
@@ -278,6 +358,8 @@ def server_cpu_per_row(db: ScratchDB, setup: tuple[Any, ...], kind: str) -> dict
         with psycopg.connect(db.url, autocommit=True) as conn:
             if side == "bare" and async_commit[kind]:
                 conn.execute("SET synchronous_commit = off")
+            if side == "floor":
+                conn.execute("SET session_replication_role = replica")
             row = conn.execute("SELECT pg_backend_pid()").fetchone()
             assert row is not None
             before = _backend_cpu_seconds(int(row[0]))
@@ -312,7 +394,7 @@ def _ratios(results: list[ClaimResult], clients_list: tuple[int, ...]) -> dict[s
         for clients in clients_list:
             bare = find(f"bare_{kind}", clients)
             assert bare is not None
-            for side, key in (("ours", kind), ("ourscaa", "caa1")):
+            for side, key in (("ours", kind), ("ourscaa", "caa1"), ("floor", "floor")):
                 ours = find(f"{side}_{kind}", clients)
                 if ours is not None:
                     ratios[f"{key}_c{clients}"] = _ratio(ours, bare)
@@ -339,6 +421,7 @@ def run(*, quick: bool = False, admin_url: str | None = None) -> dict[str, Any]:
     try:
         with psycopg.connect(db.url, autocommit=True) as conn:
             user_id, template_id = _setup(conn, max_slots)
+            floor = _superuser(conn)
             # The bare baseline commits with the same durability as the functions it is
             # compared with (claim_and_assign_calls turns synchronous_commit off for itself).
             async_commit = {
@@ -353,14 +436,17 @@ def run(*, quick: bool = False, admin_url: str | None = None) -> dict[str, Any]:
         }
         log(f"claim: bare baselines commit: {notes}")
         setup = (user_id, template_id, max_slots, async_commit)
+        if not floor:
+            log("claim: not a superuser here: the floor (no triggers) is not measured")
         for kind in ("single", "batch"):
             sides = ("bare", "ours", "ourscaa") if kind == "single" else ("bare", "ours")
+            sides += ("floor",) if kind == "single" and floor else ()
             for clients in clients_list:
                 for side in sides:
                     workload = f"{side}_{kind}"
                     r = _measure(db, workload, clients, seconds, fill[workload], setup)
                     results.append(r)
-        cpu = {kind: server_cpu_per_row(db, setup, kind) for kind in ("single", "batch")}
+        cpu = {kind: server_cpu_per_row(db, setup, kind, floor) for kind in ("single", "batch")}
     finally:
         db.drop()
     return {
@@ -370,6 +456,11 @@ def run(*, quick: bool = False, admin_url: str | None = None) -> dict[str, Any]:
         "bare_commit": notes,
         "server_cpu_ms_per_row": cpu,
     }
+
+
+def _superuser(conn: psycopg.Connection[Any]) -> bool:
+    row = conn.execute("SELECT rolsuper FROM pg_roles WHERE rolname = current_user").fetchone()
+    return bool(row and row[0])
 
 
 def _sets_async_commit(conn: psycopg.Connection[Any], names: tuple[str, ...]) -> bool:
