@@ -147,10 +147,13 @@ BEGIN
                     ORDER BY f.priority, f.scheduled_time, f.created_at
                     LIMIT 1 FOR UPDATE SKIP LOCKED)
     RETURNING q.id, q.user_id, q.attempts),
-  k AS (
+  k AS (  -- one of the tenant's counter stripes (a single counter row would serialize claims)
     UPDATE public.tenant_call_counters t
        SET queued = t.queued - 1, claimed = t.claimed + 1, updated_at = now()
-      FROM c WHERE t.user_id = c.user_id AND t.stripe = 0),
+     WHERE (t.user_id, t.stripe) = (
+             SELECT x.user_id, x.stripe
+               FROM public.tenant_call_counters x JOIN c ON x.user_id = c.user_id
+              ORDER BY x.stripe LIMIT 1 FOR UPDATE OF x SKIP LOCKED)),
   e AS (
     INSERT INTO public.call_events (queue_id, user_id, kind, attempt)
     SELECT c.id, c.user_id, 'claimed', c.attempts FROM c)
