@@ -131,7 +131,8 @@ def _setup(conn: psycopg.Connection[Any], max_slots: int) -> tuple[Any, Any]:
 # The floor: the path's writes as two statements (see the module's docstring). The provider is
 # the seeded first one, written in (a constant, like the bare claim's literals).
 FLOOR_FUNCTION = """
-CREATE OR REPLACE FUNCTION bench_floor_single() RETURNS uuid LANGUAGE plpgsql SET search_path = '' AS $$
+CREATE OR REPLACE FUNCTION bench_floor_single() RETURNS uuid
+LANGUAGE plpgsql SET search_path = '' AS $$
 DECLARE
   v_q record;
   v_a uuid := gen_random_uuid();
