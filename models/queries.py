@@ -54,12 +54,13 @@ CALL_COLUMNS = f"""
 a.id AS assignment_id, a.state, a.provider_call_id, a.dialing_at, a.attempt, a.poll_count,
 q.id AS queue_id, q.status AS queue_status, {CALL_DETAIL_COLUMNS}
 """
-CALL_FROM = f"""
-FROM call_assignments a
+# What CALL_COLUMNS reads beside an assignment row ``a``.
+CALL_JOINS = f"""
 JOIN call_queue q ON q.id = a.queue_id
 JOIN call_service_providers p ON p.id = a.provider_id
 {TEMPLATE_JOIN}
 """
+CALL_FROM = f"FROM call_assignments a {CALL_JOINS}"
 
 # Load the calls behind some assignments (those that exist), in one round trip.
 LOAD_CALLS = f"SELECT {CALL_COLUMNS} {CALL_FROM} WHERE a.id = ANY (%(assignment_ids)s::uuid[])"
@@ -75,9 +76,7 @@ SELECT {CALL_COLUMNS}, g.max_duration_seconds, g.caller_id, g.paced
 FROM dial_gates(%(assignment_ids)s::uuid[]) WITH ORDINALITY
   AS g(assignment_id, won, max_duration_seconds, caller_id, paced, n)
 JOIN call_assignments a ON a.id = g.assignment_id
-JOIN call_queue q ON q.id = a.queue_id
-JOIN call_service_providers p ON p.id = a.provider_id
-{TEMPLATE_JOIN}
+{CALL_JOINS}
 WHERE g.won
 ORDER BY g.n
 """
@@ -176,7 +175,7 @@ FROM due_work(%(tracker_key)s::bigint, %(fallback_seconds)s::float8, %(wake_trac
 
 # Take the placed calls whose next poll is due, oldest first: their poll deadline moves ahead,
 # so no other tick takes them while they are polled; returns (assignment, poll token).
-TAKE_DUE_POLLS = """
+_TAKE_DUE = """
 UPDATE call_assignments a
 SET next_poll_at = now() + make_interval(secs => poll_deadline_seconds())
 FROM (SELECT d.id FROM call_assignments d
@@ -185,15 +184,15 @@ FROM (SELECT d.id FROM call_assignments d
       ORDER BY d.next_poll_at LIMIT %(limit)s
       FOR UPDATE SKIP LOCKED) due
 WHERE a.id = due.id
-RETURNING a.id, a.poll_count
 """
+TAKE_DUE_POLLS = f"{_TAKE_DUE}RETURNING a.id, a.poll_count\n"
 
-# A tick's first chunk: TAKE_DUE_POLLS and LOAD_CALLS in one round trip. The calls are read
-# from the statement's snapshot, before the take's own update, which moves only their poll
-# deadline: each row's poll_count is the token its take returned.
+# A tick's first chunk: TAKE_DUE_POLLS and LOAD_CALLS in one round trip. The assignment
+# columns are the rows the take updated (its RETURNING: the versions it locked, each
+# poll_count the token it took); the queue row, provider and template are read beside them.
 TAKE_DUE_CALLS = f"""
-WITH due AS ({TAKE_DUE_POLLS.strip()})
-SELECT {CALL_COLUMNS} {CALL_FROM} JOIN due ON due.id = a.id
+WITH taken AS ({_TAKE_DUE}RETURNING a.*)
+SELECT {CALL_COLUMNS} FROM taken a {CALL_JOINS}
 """
 
 # The assignment each (provider, provider call id) belongs to, the newest if several (webhooks).

@@ -21,7 +21,11 @@ pytestmark = pytest.mark.e2e
 
 
 def test_flower_lists_workers_and_tasks_without_personal_data(
-    conn: psycopg.Connection[Any], seeded: Seeded, sim: Simulator, fleet: Fleet
+    conn: psycopg.Connection[Any],
+    seeded: Seeded,
+    sim: Simulator,
+    fleet: Fleet,
+    request: pytest.FixtureRequest,
 ) -> None:
     port = free_port()
     fleet.env = {**fleet.env, "FLOWER_UNAUTHENTICATED_API": "true"}
@@ -55,6 +59,7 @@ def test_flower_lists_workers_and_tasks_without_personal_data(
     # whatever the race.
     ids: list[Any] = []
     sender = Celery(broker=fleet.env["CALLQ_BROKER_URL"])
+    request.addfinalizer(sender.close)
 
     def tasks_seen() -> dict[str, Any]:
         ids.extend(schedule_calls(conn, seeded, 2, start=len(ids)))

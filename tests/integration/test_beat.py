@@ -7,7 +7,6 @@ work waits (a tick held back for work that waits would delay calls, polls or not
 from __future__ import annotations
 
 import logging
-import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -20,6 +19,7 @@ from models.queries import DUE_WORK, TAKE_DUE_POLLS
 from worker import runtime
 from worker.beat import WORK_OF, Scheduler
 from worker.celery_app import app
+from worker.embedded import wait_until
 from worker.listener import TRACK_CHANNEL, TRACKER_KEY
 
 from .dbutil import Conn, connect, make_provider, make_template, make_user, one, schedule
@@ -266,9 +266,11 @@ def test_beat_holds_the_tracking_tick_while_a_tracker_keeps_up(
         assert woken(tracker, conn) == 1  # woken instead
         pid = tracker.info.backend_pid
     # The server ends a closed session (and releases its locks) after the client has gone.
-    deadline = time.monotonic() + 10
-    while one(conn, "SELECT count(*) FROM pg_stat_activity WHERE pid = %s", (pid,)):
-        assert time.monotonic() < deadline, "the tracker's session never ended"
-        time.sleep(0.01)
+    wait_until(
+        lambda: not one(conn, "SELECT count(*) FROM pg_stat_activity WHERE pid = %s", (pid,)),
+        timeout=10,
+        interval=0.01,
+        what="the tracker's session to end",
+    )
     sched.apply_entry(_Entry("callq.track_due"))  # the session ended: its lock with it
     assert sent == ["callq.track_due"]
