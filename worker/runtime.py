@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import contextvars
 import hashlib
+import heapq
+import itertools
 import json
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
-from typing import TypeVar
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
 
 from models.calls import ProviderRow
 from models.queries import Database
@@ -36,6 +39,11 @@ _placing = 0
 _burst_at = float("-inf")
 BURST_CALLS = 10  # a chunk of this many calls or more is a burst's
 BURST_GRACE_SECONDS = 1.0  # between a burst's chunks the process still counts as placing
+# Work submitted to each lane and not yet finished (``submit``, ``pending``), and each lane's
+# waiting items (``map_in_context``); their own lock, never held while waiting (``reset`` holds
+# ``_lock`` while the pools' threads finish).
+_pending: dict[str, int] = {}
+_lanes_lock = threading.Lock()
 
 
 def database(settings: Settings | None = None) -> Database:
@@ -65,6 +73,33 @@ def executor(lane: str = "dispatch") -> ThreadPoolExecutor:
                 pool = ThreadPoolExecutor(threads, thread_name_prefix=f"callq-{lane}")
                 _executors[lane] = pool
     return pool
+
+
+def submit(lane: str, fn: Callable[..., object], *args: object) -> Future[object]:
+    """``fn(*args)`` on the lane's pool, in a copy of the caller's context (its log context);
+    counted in ``pending(lane)`` until it ends."""
+    pool = executor(lane)
+    with _lanes_lock:
+        _pending[lane] = _pending.get(lane, 0) + 1
+
+    def run() -> object:
+        try:
+            return fn(*args)
+        finally:
+            with _lanes_lock:
+                _pending[lane] -= 1
+
+    try:
+        return pool.submit(contextvars.copy_context().run, run)
+    except BaseException:  # (a pool shut down): never runs, never counted
+        with _lanes_lock:
+            _pending[lane] -= 1
+        raise
+
+
+def pending(lane: str) -> int:
+    """How many pieces of work ``submit`` gave the lane that have not finished yet."""
+    return _pending.get(lane, 0)
 
 
 def provider_config(row: ProviderRow) -> ProviderConfig:
@@ -130,13 +165,78 @@ def map_in_context(fn: Callable[[T], R], items: Iterable[T], lane: str = "dispat
     binds (the call's ids) stays in its own copy and never leaks into the next item. A single
     item runs in the caller's thread (in its own copy too): a call that trickles in alone
     pays for no thread hand-off.
+
+    The lane's threads take items best rank first, an item's rank being its place in
+    ``items`` (``_RankedQueue``): a chunk in claim order has its first calls, a newcomer's
+    among them, placed before the last calls of chunks that came earlier.
     """
     items = list(items)
     if len(items) <= 1:  # nothing to overlap: no hand-off to the pool and back
         return [contextvars.copy_context().run(fn, item) for item in items]
     pool = executor(lane)
-    futures = [pool.submit(contextvars.copy_context().run, fn, item) for item in items]
+    queue = _ranked_queue(lane)
+    futures: list[Future[R]] = []
+    for rank, item in enumerate(items):
+        future: Future[R] = Future()
+        job = _Job(future, contextvars.copy_context(), fn, item)
+        queue.put(rank, job)
+        futures.append(future)
+        try:
+            pool.submit(queue.run_best)
+        except BaseException:  # (a pool shut down): no thread will take this item
+            queue.remove(job)
+            raise
     return [future.result() for future in futures]
+
+
+@dataclass
+class _Job(Generic[T, R]):
+    future: Future[R]
+    context: contextvars.Context
+    fn: Callable[[T], R]
+    item: T
+
+    def run(self) -> None:
+        if not self.future.set_running_or_notify_cancel():
+            return
+        try:
+            self.future.set_result(self.context.run(self.fn, self.item))
+        except BaseException as exc:
+            self.future.set_exception(exc)
+
+
+class _RankedQueue:
+    """A lane's waiting items, best rank first: an item's rank is its place in its chunk, which
+    is the claim's fair order, so the first calls of a chunk claimed now (a newcomer's among
+    them) go before the last calls of chunks that came earlier. Each pool task runs the best
+    item waiting when a thread takes it up (one task per item, so none is left behind)."""
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[int, int, _Job[Any, Any]]] = []
+        self._seq = itertools.count()
+        self._lock = threading.Lock()
+
+    def put(self, rank: int, job: _Job[Any, Any]) -> None:
+        with self._lock:
+            heapq.heappush(self._heap, (rank, next(self._seq), job))
+
+    def remove(self, job: _Job[Any, Any]) -> None:
+        with self._lock:
+            self._heap = [entry for entry in self._heap if entry[2] is not job]
+            heapq.heapify(self._heap)
+
+    def run_best(self) -> None:
+        with self._lock:
+            job = heapq.heappop(self._heap)[2]
+        job.run()
+
+
+_ranked: dict[str, _RankedQueue] = {}
+
+
+def _ranked_queue(lane: str) -> _RankedQueue:
+    with _lanes_lock:
+        return _ranked.setdefault(lane, _RankedQueue())
 
 
 def reset() -> None:

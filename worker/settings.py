@@ -51,6 +51,10 @@ class Settings(BaseSettings):
     # one claim); a standby worker tries to take the listener over this often.
     listen_min_interval_seconds: float = Field(default=0.02, ge=0, le=1)
     listen_standby_seconds: float = Field(default=5.0, gt=0)
+    # What the listener claims while the calls of its earlier claims are still being placed (a
+    # backlog drains): a small batch, which the fair order fills with each waiting tenant's
+    # first calls. The backlog itself is claimed by its chained polls, as fast as it is placed.
+    listen_busy_batch_size: int = Field(default=10, ge=1, le=5000)
 
     # Tracking placed calls
     track_initial_delay_seconds: float = Field(default=2.0, ge=0)

@@ -18,7 +18,6 @@ the call's ``next_poll_at``, read by the tick) and returns the count of each ste
 
 from __future__ import annotations
 
-import contextvars
 import os
 import random
 import socket
@@ -87,13 +86,18 @@ def poll(batch: int = 0, hand_off: bool = False) -> int:
 
     ``hand_off``: the worker's LISTEN thread claims in process (worker/celery_app.py) and hands
     the first chunk to the "listen" lane, so it can claim the next notification's calls while
-    these are being placed.
+    these are being placed. While calls it handed off are still being placed, it claims only
+    ``listen_busy_batch_size`` calls: enough for each newcomer's first call, not another slice
+    of the backlog (which its chained polls claim).
     """
     s = get_settings()
     chunk = s.dispatch_chunk_size
-    claim = runtime.database().claim_and_gate(
-        s.claim_batch_size, WORKER_ID, s.lease_seconds, gate=chunk
-    )
+    # While the listener's earlier calls are still being placed, a wake-up claims a small batch:
+    # the fair order fills it with each waiting tenant's first calls, and the backlog that keeps
+    # the lane busy is claimed by its own chained polls, only as fast as the fleet places it.
+    busy = hand_off and runtime.pending("listen") > 0
+    limit = min(s.listen_busy_batch_size, s.claim_batch_size) if busy else s.claim_batch_size
+    claim = runtime.database().claim_and_gate(limit, WORKER_ID, s.lease_seconds, gate=chunk)
     ids = [str(item.assignment_id) for item in claim.assigned]
     if not ids:
         return 0
@@ -105,9 +109,7 @@ def poll(batch: int = 0, hand_off: bool = False) -> int:
         dispatch_batch.apply_async((ids[start : start + chunk],))
     log.info("calls.assigned", count=len(ids))
     if hand_off:
-        runtime.executor("listen").submit(
-            contextvars.copy_context().run, _place_handed_off, claim, ids[:chunk]
-        )
+        runtime.submit("listen", _place_handed_off, claim, ids[:chunk])
     else:
         _place_fresh(claim, ids[:chunk])
     return len(ids)
@@ -258,7 +260,12 @@ def dispatch_chunk(assignment_ids: Sequence[str], lane: str = "dispatch") -> lis
     the record of the placed calls in one statement. A call whose gate another task won (a
     duplicate delivery, a released assignment) is skipped: nobody is dialed twice."""
     with runtime.placing(len(assignment_ids)):
-        calls = runtime.database().gate_and_load(assignment_ids)
+        # (the gates are taken in id order; the creates go in the chunk's, the claim's order)
+        order = {str(a): n for n, a in enumerate(assignment_ids)}
+        calls = sorted(
+            runtime.database().gate_and_load(assignment_ids),
+            key=lambda call: order[str(call.assignment_id)],
+        )
         won = {str(call.assignment_id) for call in calls}
         return _gate_refused(sum(a not in won for a in assignment_ids)) + _place(calls, lane)
 

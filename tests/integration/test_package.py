@@ -130,7 +130,7 @@ def test_installed_commands_run_from_elsewhere(
     assert worker_help.returncode == 0 and "usage" in worker_help.stdout.lower()
 
     demo = installed.run(
-        "callq", "demo", "--calls", "10", "--timeout", "150",
+        "callq", "demo", "--calls", "4", "--timeout", "150",
         env={**db, "CALLQ_BROKER_URL": redis_url}, timeout=240,
     )  # fmt: skip
     assert demo.returncode == 0, demo.stdout[-2000:] + demo.stderr[-2000:]

@@ -18,6 +18,7 @@ import redis
 from structlog.contextvars import merge_contextvars
 from structlog.testing import capture_logs
 
+from bench.fairness import add_tenant
 from dispatch.steps import (
     Ended,
     NextPoll,
@@ -549,3 +550,65 @@ def test_a_tick_takes_and_loads_its_chunk_in_one_statement_and_sends_the_rest(
     assert tasks.track_batch.run(args[0]) == {"polling": 1}
     reads = sum(n for k, n in sim.stats()["counters"].items() if k.startswith("call_reads_"))
     assert reads == 3  # each call read once
+
+
+def test_a_busy_listener_claims_a_small_batch_and_the_newcomer_first(
+    worker_db: str,
+    seeded: Seeded,
+    sim: Simulator,
+    broker: redis.Redis,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """While calls the listener handed off are still being placed, its next wake-up claims
+    ``listen_busy_batch_size`` calls, not a batch: a backlog's next slice is left to its
+    chained polls, and a newcomer's call, first in the fair order, is among the few claimed."""
+    monkeypatch.setenv("CALLQ_LISTEN_BUSY_BATCH_SIZE", "3")
+    get_settings.cache_clear()
+    sim.configure(LONG_CALLS)
+    with psycopg.connect(worker_db, autocommit=True) as conn:
+        schedule_calls(conn, seeded, 12, start=800)  # the backlog
+        other, template = add_tenant(conn, cap=100)
+        newcomer = conn.execute(
+            "SELECT schedule_call(%s, %s, 'New', '+15557000001')", (other, template)
+        ).fetchone()
+    assert newcomer is not None
+    release = threading.Event()
+    runtime.submit("listen", release.wait, 30)  # an earlier hand-off still being placed
+    try:
+        assert tasks.poll(hand_off=True) == 3
+    finally:
+        release.set()
+    wait_until(lambda: runtime.pending("listen") == 0, timeout=30)
+    with psycopg.connect(worker_db) as conn:
+        status = conn.execute("SELECT status FROM call_queue WHERE id = %s", newcomer).fetchone()
+        left = conn.execute("SELECT count(*) FROM call_queue WHERE status = 'queued'").fetchone()
+    assert status is not None and status[0] != "queued"
+    assert left == (10,)
+    assert queued(broker, "dispatch") == []  # no chained poll, no other chunk: nothing sent
+    assert tasks.poll(hand_off=True) == 10  # idle again: a wake-up claims a whole batch
+    wait_until(lambda: runtime.pending("listen") == 0, timeout=30)
+    get_settings.cache_clear()
+
+
+def test_a_chunk_is_placed_in_its_claim_order(
+    worker_db: str, seeded: Seeded, sim: Simulator
+) -> None:
+    """The gates go in id order (lock order); the creates in the chunk's own order, the rank
+    the lane's threads take them by."""
+    sim.configure(LONG_CALLS)
+    ids = claim(worker_db, seeded, 12)
+    order = list(reversed(sorted(ids)))
+    seen: list[str] = []
+    create = tasks._create
+
+    def spy(call: Any) -> Any:
+        seen.append(str(call.assignment_id))
+        return create(call)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(tasks, "_create", spy)
+        mp.setattr(
+            runtime, "map_in_context", lambda fn, items, lane="dispatch": [fn(i) for i in items]
+        )
+        assert tally_of(tasks.dispatch_chunk(order)) == {"placed": 12}
+    assert seen == order
