@@ -178,14 +178,12 @@ def map_in_context(fn: Callable[[T], R], items: Iterable[T], lane: str = "dispat
     futures: list[Future[R]] = []
     for rank, item in enumerate(items):
         future: Future[R] = Future()
-        job = _Job(future, contextvars.copy_context(), fn, item)
-        queue.put(rank, job)
+        queue.put(rank, _Job(future, contextvars.copy_context(), fn, item))
         futures.append(future)
         try:
             pool.submit(queue.run_best)
-        except BaseException:  # (a pool shut down): no thread will take this item
-            queue.remove(job)
-            raise
+        except RuntimeError:  # the pool is shut down: this thread takes the item's turn itself
+            queue.run_best()  # (every item put is matched by one run_best: none is left behind)
     return [future.result() for future in futures]
 
 
@@ -219,11 +217,6 @@ class _RankedQueue:
     def put(self, rank: int, job: _Job[Any, Any]) -> None:
         with self._lock:
             heapq.heappush(self._heap, (rank, next(self._seq), job))
-
-    def remove(self, job: _Job[Any, Any]) -> None:
-        with self._lock:
-            self._heap = [entry for entry in self._heap if entry[2] is not job]
-            heapq.heapify(self._heap)
 
     def run_best(self) -> None:
         with self._lock:
