@@ -396,12 +396,16 @@ class Database:
 
     def gate_and_load(self, assignment_ids: Sequence[UUID | str]) -> list[CallRow]:
         """Win the dial gate of each call and load it; calls another task won are left out.
+        The calls won come back in the order given (a chunk's claim order, which its creates
+        follow).
 
         The gates are taken in sorted order, so two tasks with overlapping chunks never wait
         on each other in a cycle.
         """
-        ids = sorted({str(a) for a in assignment_ids})
-        return [CallRow.from_row(r) for r in self.rows(GATE_AND_LOAD, {"assignment_ids": ids})]
+        place = {str(a): n for n, a in enumerate(assignment_ids)}
+        rows = self.rows(GATE_AND_LOAD, {"assignment_ids": sorted(place)})
+        rows.sort(key=lambda r: place[str(r["assignment_id"])])
+        return [CallRow.from_row(r) for r in rows]
 
     def active_providers(self) -> list[ProviderRow]:
         """Every active provider."""

@@ -260,12 +260,7 @@ def dispatch_chunk(assignment_ids: Sequence[str], lane: str = "dispatch") -> lis
     the record of the placed calls in one statement. A call whose gate another task won (a
     duplicate delivery, a released assignment) is skipped: nobody is dialed twice."""
     with runtime.placing(len(assignment_ids)):
-        # (the gates are taken in id order; the creates go in the chunk's, the claim's order)
-        order = {str(a): n for n, a in enumerate(assignment_ids)}
-        calls = sorted(
-            runtime.database().gate_and_load(assignment_ids),
-            key=lambda call: order[str(call.assignment_id)],
-        )
+        calls = runtime.database().gate_and_load(assignment_ids)  # in the chunk's order
         won = {str(call.assignment_id) for call in calls}
         return _gate_refused(sum(a not in won for a in assignment_ids)) + _place(calls, lane)
 

@@ -587,14 +587,13 @@ def test_a_busy_listener_claims_a_small_batch_and_the_newcomer_first(
     assert queued(broker, "dispatch") == []  # no chained poll, no other chunk: nothing sent
     assert tasks.poll(hand_off=True) == 10  # idle again: a wake-up claims a whole batch
     wait_until(lambda: runtime.pending("listen") == 0, timeout=30)
-    get_settings.cache_clear()
 
 
 def test_a_chunk_is_placed_in_its_claim_order(
     worker_db: str, seeded: Seeded, sim: Simulator
 ) -> None:
     """The gates go in id order (lock order); the creates in the chunk's own order, the rank
-    the lane's threads take them by."""
+    the lane's threads take them by (gate_and_load returns the calls won in the order given)."""
     sim.configure(LONG_CALLS)
     ids = claim(worker_db, seeded, 12)
     order = list(reversed(sorted(ids)))
